@@ -1,0 +1,74 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "macros.h"
+#include "track.h"
+
+/* Ring-full wake-ups in a row that harvest nothing before we call the ring jammed. */
+#define WEDGE_STREAK 32
+
+int tracker_init(Tracker *t, VmmLink *link)
+{
+        memset(t, 0, sizeof(*t));
+        t->link = link;
+        t->lay = vmm_link_layout(link);
+        switch (t->lay->mode) {
+        case DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING:
+                t->ops = &tracker_ring_ops;
+                break;
+        case DR__CONTROL__TRACKING_MODE__TRACKING_MODE_BITMAP:
+                t->ops = &tracker_bitmap_ops;
+                break;
+        default:
+                return -EINVAL;
+        }
+        return 0;
+}
+
+int64_t tracker_sync(Tracker *t, uint64_t *dirty)
+{
+        int64_t n;
+        int r;
+
+        n = t->ops->collect(t, dirty);
+        if (n < 0)
+                return n;
+        r = t->ops->reset(t);
+        if (r < 0)
+                return r;
+        return n;
+}
+
+int64_t tracker_ring_full(Tracker *t, uint64_t *dirty)
+{
+        uint64_t v, before = t->stats.entries, resets_before = t->stats.resets;
+        int64_t n;
+
+        if (t->lay->ring_full_fd >= 0 && read(t->lay->ring_full_fd, &v, sizeof(v)) == sizeof(v))
+                t->stats.ring_full_events += v;
+        /* A vCPU waits in the agent until the next RESET_RINGS, even when its ring
+         * turned out empty: always send one, so it re-enters and KVM re-checks. */
+        t->force_reset = true;
+        n = tracker_sync(t, dirty);
+        t->force_reset = false;
+        if (n < 0)
+                return n;
+
+        if (t->stats.entries == before && t->stats.resets == resets_before) {
+                /* A vCPU says its ring is full, yet there is nothing in any ring and
+                 * KVM reset nothing: the jam KVM-HOST.md describes. Do not spin. */
+                if (++t->empty_full_streak >= WEDGE_STREAK) {
+                        snprintf(t->error, sizeof(t->error),
+                                 "dirty ring jammed: a vCPU keeps stopping on ring-full with nothing to "
+                                 "harvest (%u wake-ups); restart the VM with bitmap tracking "
+                                 "(--tracking bitmap / tracking=bitmap)",
+                                 t->empty_full_streak);
+                        return -EDEADLK;
+                }
+        } else
+                t->empty_full_streak = 0;
+        return n;
+}

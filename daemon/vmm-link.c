@@ -1,0 +1,608 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "fdpass.h"
+#include "log.h"
+#include "macros.h"
+#include "vmm-link.h"
+
+#define VMM_DIRTY_MAGIC       "DRVMDIRT"
+#define VMM_DIRTY_HEADER_SIZE 64u
+#define STATE_MAX_SIZE        (64u << 20)
+
+struct VmmLink {
+        int sock;
+        uint64_t next_id;
+        VmmLayout layout;
+        uint64_t vmm_dirty_seen_seq;
+        char last_error[256];
+};
+
+const VmmLayout *vmm_link_layout(const VmmLink *l)
+{
+        return &l->layout;
+}
+
+const char *vmm_link_last_error(const VmmLink *l)
+{
+        return l->last_error;
+}
+
+int vmm_link_fd(const VmmLink *l)
+{
+        return l->sock;
+}
+
+static void layout_release(VmmLayout *lay)
+{
+        for (size_t i = 0; i < lay->n_regions; i++) {
+                VmmRegion *r = &lay->regions[i];
+                if (r->ram)
+                        munmap((void *) r->ram, r->size);
+                r->fd = safe_close(r->fd);
+        }
+        for (size_t i = 0; i < lay->n_vcpus; i++) {
+                VmmVcpu *v = &lay->vcpus[i];
+                if (v->ring)
+                        munmap(v->ring, (size_t) lay->ring_entries * sizeof(struct kvm_dirty_gfn));
+                v->fd = safe_close(v->fd);
+        }
+        if (lay->bitmap)
+                munmap(lay->bitmap, lay->bitmap_size);
+        if (lay->vmm_dirty)
+                munmap(lay->vmm_dirty, lay->vmm_dirty_size);
+        lay->ring_full_fd = safe_close(lay->ring_full_fd);
+        lay->bitmap_fd = safe_close(lay->bitmap_fd);
+        lay->vmm_dirty_fd = safe_close(lay->vmm_dirty_fd);
+        lay->state_fd = safe_close(lay->state_fd);
+        lay->n_regions = lay->n_vcpus = 0;
+}
+
+VmmLink *vmm_link_free(VmmLink *l)
+{
+        if (!l)
+                return NULL;
+        layout_release(&l->layout);
+        safe_close(l->sock);
+        free(l);
+        return NULL;
+}
+
+/*
+ * Sends req and waits for its reply. Fds that arrive with the reply are
+ * returned through fds/ret_n_fds (owned by the caller) or closed.
+ */
+static int link_call(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply **ret, int *fds, size_t max_fds,
+                     size_t *ret_n_fds)
+{
+        uint8_t buf[DR__CONTROL__CONTROL_LIMIT__CONTROL_MAX_MESSAGE];
+        Dr__Control__Reply *reply;
+        size_t len, n_fds = 0;
+        ssize_t n;
+        int r;
+
+        req->id = ++l->next_id;
+        len = dr__control__request__get_packed_size(req);
+        if (len > sizeof(buf))
+                return -EMSGSIZE;
+        dr__control__request__pack(req, buf);
+        r = fdpass_send(l->sock, buf, len, NULL, 0);
+        if (r < 0)
+                return r;
+
+        n = fdpass_recv(l->sock, buf, sizeof(buf), fds, max_fds, &n_fds);
+        if (n < 0)
+                return (int) n;
+        if (n == 0)
+                return -ECONNRESET;
+        reply = dr__control__reply__unpack(NULL, (size_t) n, buf);
+        if (!reply) {
+                fdpass_close_all(fds, n_fds);
+                snprintf(l->last_error, sizeof(l->last_error), "agent sent an undecodable reply");
+                return -EBADMSG;
+        }
+        if (reply->id != req->id) {
+                snprintf(l->last_error, sizeof(l->last_error), "reply id %llu does not match request %llu",
+                         (unsigned long long) reply->id, (unsigned long long) req->id);
+                dr__control__reply__free_unpacked(reply, NULL);
+                fdpass_close_all(fds, n_fds);
+                return -EPROTO;
+        }
+        if (reply->error != 0) {
+                r = reply->error < 0 ? reply->error : -EPROTO;
+                snprintf(l->last_error, sizeof(l->last_error), "%s",
+                         reply->error_message ? reply->error_message : strerror(-r));
+                dr__control__reply__free_unpacked(reply, NULL);
+                fdpass_close_all(fds, n_fds);
+                return r;
+        }
+        l->last_error[0] = 0;
+        if (ret_n_fds)
+                *ret_n_fds = n_fds;
+        else
+                fdpass_close_all(fds, n_fds);
+        *ret = reply;
+        return 0;
+}
+
+/* Calls and expects a reply body of `want` (NOT_SET for none). */
+static int link_simple(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply__BodyCase want,
+                       Dr__Control__Reply **ret)
+{
+        Dr__Control__Reply *reply = NULL;
+        int r;
+
+        r = link_call(l, req, &reply, NULL, 0, NULL);
+        if (r < 0)
+                return r;
+        if (want != DR__CONTROL__REPLY__BODY__NOT_SET && reply->body_case != want) {
+                dr__control__reply__free_unpacked(reply, NULL);
+                snprintf(l->last_error, sizeof(l->last_error), "agent replied with the wrong body");
+                return -EPROTO;
+        }
+        if (ret)
+                *ret = reply;
+        else
+                dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
+}
+
+static int fd_at(int *fds, size_t n_fds, uint32_t index)
+{
+        int fd;
+
+        if (index >= n_fds || fds[index] < 0)
+                return -EBADMSG;
+        fd = fds[index];
+        fds[index] = -EBADF; /* taken */
+        return fd;
+}
+
+/* Validates the layout (the VMM is not trusted) and maps what it describes. */
+static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size_t n_fds)
+{
+        VmmLayout *lay = &l->layout;
+        uint64_t page;
+
+        if (m->page_size != 4096)
+                return -EBADMSG;
+        if (m->n_regions == 0 || m->n_regions > VMM_LINK_MAX_REGIONS || m->n_vcpus == 0 ||
+            m->n_vcpus > VMM_LINK_MAX_VCPUS)
+                return -EBADMSG;
+        if (m->mode != DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING &&
+            m->mode != DR__CONTROL__TRACKING_MODE__TRACKING_MODE_BITMAP)
+                return -EBADMSG;
+        lay->mode = m->mode;
+        lay->page_size = m->page_size;
+        lay->tsc_khz = m->has_tsc_khz ? m->tsc_khz : 0;
+        page = m->page_size;
+
+        for (size_t i = 0; i < m->n_regions; i++) {
+                const Dr__Control__Region *mr = m->regions[i];
+                VmmRegion *r = &lay->regions[i];
+                struct stat st;
+                void *p;
+                int fd;
+
+                if (mr->size == 0 || mr->size % page || mr->guest_phys % page || mr->fd_offset % page ||
+                    mr->guest_phys + mr->size < mr->guest_phys)
+                        return -EBADMSG;
+                fd = fd_at(fds, n_fds, mr->fd_index);
+                if (fd < 0)
+                        return fd;
+                r->fd = fd;
+                lay->n_regions = i + 1;
+                if (fstat(fd, &st) < 0)
+                        return -errno;
+                if ((uint64_t) st.st_size < mr->fd_offset + mr->size)
+                        return -EBADMSG;
+                r->slot = mr->slot;
+                r->guest_phys = mr->guest_phys;
+                r->size = mr->size;
+                r->n_pages = mr->size / page;
+                r->first_page = lay->total_pages;
+                r->fd_offset = mr->fd_offset;
+                r->bitmap_offset = mr->has_bitmap_offset ? mr->bitmap_offset : 0;
+                r->vmm_dirty_offset = mr->has_vmm_dirty_offset ? mr->vmm_dirty_offset : UINT64_MAX;
+                lay->total_pages += r->n_pages;
+                p = mmap(NULL, r->size, PROT_READ, MAP_SHARED, fd, (off_t) r->fd_offset);
+                if (p == MAP_FAILED)
+                        return -errno;
+                r->ram = p;
+                for (size_t j = 0; j < i; j++)
+                        if (lay->regions[j].slot == r->slot)
+                                return -EBADMSG;
+        }
+
+        if (lay->mode == DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING) {
+                if (!m->has_ring_entries || !IS_POWER_OF_2(m->ring_entries) || m->ring_entries > 65536 ||
+                    !m->has_ring_full_fd_index)
+                        return -EBADMSG;
+                lay->ring_entries = m->ring_entries;
+        }
+
+        for (size_t i = 0; i < m->n_vcpus; i++) {
+                VmmVcpu *v = &lay->vcpus[i];
+                int fd = fd_at(fds, n_fds, m->vcpus[i]->fd_index);
+                if (fd < 0)
+                        return fd;
+                v->fd = fd;
+                v->index = m->vcpus[i]->index;
+                lay->n_vcpus = i + 1;
+                if (lay->ring_entries) {
+                        void *p = mmap(NULL, (size_t) lay->ring_entries * sizeof(struct kvm_dirty_gfn),
+                                       PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                                       (off_t) KVM_DIRTY_LOG_PAGE_OFFSET * page);
+                        if (p == MAP_FAILED)
+                                return -errno;
+                        v->ring = p;
+                }
+        }
+
+        if (lay->ring_entries) {
+                int fd = fd_at(fds, n_fds, m->ring_full_fd_index);
+                if (fd < 0)
+                        return fd;
+                lay->ring_full_fd = fd;
+        }
+
+        if (lay->mode == DR__CONTROL__TRACKING_MODE__TRACKING_MODE_BITMAP) {
+                void *p;
+                int fd;
+
+                if (!m->has_bitmap_fd_index || !m->has_bitmap_size)
+                        return -EBADMSG;
+                fd = fd_at(fds, n_fds, m->bitmap_fd_index);
+                if (fd < 0)
+                        return fd;
+                lay->bitmap_fd = fd;
+                lay->bitmap_size = m->bitmap_size;
+                for (size_t i = 0; i < lay->n_regions; i++) {
+                        VmmRegion *r = &lay->regions[i];
+                        if (r->bitmap_offset % 8 ||
+                            r->bitmap_offset + DIV_ROUND_UP(r->n_pages, 64) * 8 > lay->bitmap_size)
+                                return -EBADMSG;
+                }
+                p = mmap(NULL, lay->bitmap_size, PROT_READ, MAP_SHARED, fd, 0);
+                if (p == MAP_FAILED)
+                        return -errno;
+                lay->bitmap = p;
+        }
+
+        {
+                void *p;
+                int fd = fd_at(fds, n_fds, m->vmm_dirty_fd_index);
+                if (fd < 0)
+                        return fd;
+                lay->vmm_dirty_fd = fd;
+                lay->vmm_dirty_size = m->vmm_dirty_size;
+                if (lay->vmm_dirty_size < VMM_DIRTY_HEADER_SIZE)
+                        return -EBADMSG;
+                for (size_t i = 0; i < lay->n_regions; i++) {
+                        VmmRegion *r = &lay->regions[i];
+                        if (r->vmm_dirty_offset % 8 || r->vmm_dirty_offset < VMM_DIRTY_HEADER_SIZE ||
+                            r->vmm_dirty_offset + DIV_ROUND_UP(r->n_pages, 64) * 8 > lay->vmm_dirty_size)
+                                return -EBADMSG;
+                }
+                p = mmap(NULL, lay->vmm_dirty_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+                if (p == MAP_FAILED)
+                        return -errno;
+                lay->vmm_dirty = p;
+                if (memcmp(lay->vmm_dirty, VMM_DIRTY_MAGIC, 8) != 0)
+                        return -EBADMSG;
+        }
+
+        lay->state_fd = fd_at(fds, n_fds, m->state_fd_index);
+        if (lay->state_fd < 0)
+                return lay->state_fd;
+        return 0;
+}
+
+int vmm_link_open(const char *path, const char *client, VmmLink **ret)
+{
+        _cleanup_(vmm_link_freep) VmmLink *l = NULL;
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__Hello hello = DR__CONTROL__HELLO__INIT;
+        Dr__Control__GetLayout gl = DR__CONTROL__GET_LAYOUT__INIT;
+        Dr__Control__Reply *reply = NULL;
+        int fds[FDPASS_MAX_FDS];
+        size_t n_fds = 0;
+        int r;
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        strcpy(sa.sun_path, path);
+
+        l = calloc(1, sizeof(*l));
+        if (!l)
+                return -ENOMEM;
+        l->sock = -EBADF;
+        l->layout.ring_full_fd = l->layout.bitmap_fd = l->layout.vmm_dirty_fd = l->layout.state_fd = -EBADF;
+        for (size_t i = 0; i < VMM_LINK_MAX_REGIONS; i++)
+                l->layout.regions[i].fd = -EBADF;
+        for (size_t i = 0; i < VMM_LINK_MAX_VCPUS; i++)
+                l->layout.vcpus[i].fd = -EBADF;
+
+        l->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (l->sock < 0)
+                return -errno;
+        if (connect(l->sock, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                return -errno;
+
+        hello.version = DR__CONTROL__CONTROL_VERSION__CONTROL_VERSION_CURRENT;
+        hello.client = (char *) client;
+        req.body_case = DR__CONTROL__REQUEST__BODY_HELLO;
+        req.hello = &hello;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_HELLO, &reply);
+        if (r < 0)
+                return r;
+        if (reply->hello->version != DR__CONTROL__CONTROL_VERSION__CONTROL_VERSION_CURRENT) {
+                dr__control__reply__free_unpacked(reply, NULL);
+                return -EPROTONOSUPPORT;
+        }
+        dr__control__reply__free_unpacked(reply, NULL);
+
+        req = (Dr__Control__Request) DR__CONTROL__REQUEST__INIT;
+        req.body_case = DR__CONTROL__REQUEST__BODY_GET_LAYOUT;
+        req.get_layout = &gl;
+        r = link_call(l, &req, &reply, fds, ELEMENTSOF(fds), &n_fds);
+        if (r < 0)
+                return r;
+        if (reply->body_case != DR__CONTROL__REPLY__BODY_LAYOUT)
+                r = -EPROTO;
+        else
+                r = layout_adopt(l, reply->layout, fds, n_fds);
+        dr__control__reply__free_unpacked(reply, NULL);
+        fdpass_close_all(fds, n_fds);
+        if (r < 0) {
+                if (!l->last_error[0])
+                        snprintf(l->last_error, sizeof(l->last_error), "agent sent an invalid layout");
+                return r;
+        }
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+#define SIMPLE_REQUEST(l, field, CASE, msgtype, INIT)                     \
+        ({                                                                \
+                Dr__Control__Request _req = DR__CONTROL__REQUEST__INIT;   \
+                msgtype _m = INIT;                                        \
+                _req.body_case = DR__CONTROL__REQUEST__BODY_##CASE;       \
+                _req.field = &_m;                                         \
+                link_simple((l), &_req, DR__CONTROL__REPLY__BODY__NOT_SET, NULL); \
+        })
+
+int vmm_link_start_tracking(VmmLink *l)
+{
+        return SIMPLE_REQUEST(l, start_tracking, START_TRACKING, Dr__Control__StartTracking,
+                              DR__CONTROL__START_TRACKING__INIT);
+}
+
+int vmm_link_stop_tracking(VmmLink *l)
+{
+        return SIMPLE_REQUEST(l, stop_tracking, STOP_TRACKING, Dr__Control__StopTracking,
+                              DR__CONTROL__STOP_TRACKING__INIT);
+}
+
+int vmm_link_reset_rings(VmmLink *l, uint64_t *ret_count)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__ResetRings m = DR__CONTROL__RESET_RINGS__INIT;
+        Dr__Control__Reply *reply;
+        int r;
+
+        req.body_case = DR__CONTROL__REQUEST__BODY_RESET_RINGS;
+        req.reset_rings = &m;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_RESET_RINGS, &reply);
+        if (r < 0)
+                return r;
+        if (ret_count)
+                *ret_count = reply->reset_rings->count;
+        dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
+}
+
+int vmm_link_pause(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__Pause m = DR__CONTROL__PAUSE__INIT;
+        Dr__Control__Reply *reply;
+        int r;
+
+        if (timeout_ms) {
+                m.has_timeout_ms = true;
+                m.timeout_ms = timeout_ms;
+        }
+        req.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
+        req.pause = &m;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_PAUSE, &reply);
+        if (r < 0)
+                return r;
+        if (ret_pause_ns)
+                *ret_pause_ns = reply->pause->pause_ns;
+        dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
+}
+
+int vmm_link_resume(VmmLink *l, uint64_t epoch)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__Resume m = DR__CONTROL__RESUME__INIT;
+
+        m.has_epoch = true;
+        m.epoch = epoch;
+        req.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
+        req.resume = &m;
+        return link_simple(l, &req, DR__CONTROL__REPLY__BODY__NOT_SET, NULL);
+}
+
+int vmm_link_save_state(VmmLink *l, uint8_t **ret_buf, size_t *ret_len)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__SaveState m = DR__CONTROL__SAVE_STATE__INIT;
+        Dr__Control__Reply *reply;
+        _cleanup_free_ uint8_t *buf = NULL;
+        uint64_t len;
+        ssize_t n;
+        int r;
+
+        req.body_case = DR__CONTROL__REQUEST__BODY_SAVE_STATE;
+        req.save_state = &m;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_SAVE_STATE, &reply);
+        if (r < 0)
+                return r;
+        len = reply->save_state->length;
+        dr__control__reply__free_unpacked(reply, NULL);
+        if (len == 0 || len > STATE_MAX_SIZE)
+                return -EBADMSG;
+        buf = malloc(len);
+        if (!buf)
+                return -ENOMEM;
+        n = pread(l->layout.state_fd, buf, len, 0);
+        if (n < 0)
+                return -errno;
+        if ((uint64_t) n != len)
+                return -EBADMSG;
+        *ret_buf = TAKE_PTR(buf);
+        *ret_len = len;
+        return 0;
+}
+
+int vmm_link_get_dirty_log(VmmLink *l, uint32_t slot, bool clear, uint64_t *ret_pages)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__GetDirtyLog m = DR__CONTROL__GET_DIRTY_LOG__INIT;
+        Dr__Control__Reply *reply;
+        int r;
+
+        m.slot = slot;
+        m.has_clear = true;
+        m.clear = clear;
+        req.body_case = DR__CONTROL__REQUEST__BODY_GET_DIRTY_LOG;
+        req.get_dirty_log = &m;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_GET_DIRTY_LOG, &reply);
+        if (r < 0)
+                return r;
+        if (ret_pages)
+                *ret_pages = reply->get_dirty_log->dirty_pages;
+        dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
+}
+
+int vmm_link_release_output(VmmLink *l, uint64_t epoch, uint64_t *ret_bytes)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__ReleaseOutput m = DR__CONTROL__RELEASE_OUTPUT__INIT;
+        Dr__Control__Reply *reply;
+        int r;
+
+        m.epoch = epoch;
+        req.body_case = DR__CONTROL__REQUEST__BODY_RELEASE_OUTPUT;
+        req.release_output = &m;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_RELEASE_OUTPUT, &reply);
+        if (r < 0)
+                return r;
+        if (ret_bytes)
+                *ret_bytes = reply->release_output->bytes;
+        dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
+}
+
+int vmm_link_get_status(VmmLink *l, Dr__Control__StatusReply **ret)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__GetStatus m = DR__CONTROL__GET_STATUS__INIT;
+        Dr__Control__Reply *reply;
+        int r;
+
+        req.body_case = DR__CONTROL__REQUEST__BODY_GET_STATUS;
+        req.get_status = &m;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_STATUS, &reply);
+        if (r < 0)
+                return r;
+        /* Detach the body so the caller frees only the status. */
+        *ret = TAKE_PTR(reply->status);
+        reply->body_case = DR__CONTROL__REPLY__BODY__NOT_SET;
+        dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
+}
+
+uint64_t vmm_link_take_vmm_dirty(VmmLink *l, uint64_t *bits)
+{
+        VmmLayout *lay = &l->layout;
+        uint64_t seq, taken = 0;
+
+        /* Acquire pairs with the agent's release increment after it set bits:
+         * every bit set before that increment is visible to the scan below. */
+        seq = __atomic_load_n((uint64_t *) (lay->vmm_dirty + 8), __ATOMIC_ACQUIRE);
+        if (seq == l->vmm_dirty_seen_seq)
+                return 0;
+        l->vmm_dirty_seen_seq = seq;
+
+        for (size_t i = 0; i < lay->n_regions; i++) {
+                VmmRegion *r = &lay->regions[i];
+                uint64_t *w = (uint64_t *) (lay->vmm_dirty + r->vmm_dirty_offset);
+                uint64_t n_words = DIV_ROUND_UP(r->n_pages, 64);
+
+                for (uint64_t k = 0; k < n_words; k++) {
+                        uint64_t v;
+
+                        if (!__atomic_load_n(&w[k], __ATOMIC_RELAXED))
+                                continue;
+                        v = __atomic_exchange_n(&w[k], 0, __ATOMIC_ACQ_REL);
+                        if (k == n_words - 1 && r->n_pages % 64)
+                                v &= (1ULL << (r->n_pages % 64)) - 1;
+                        for (uint64_t b = v; b; b &= b - 1) {
+                                uint64_t page = r->first_page + k * 64 + (uint64_t) __builtin_ctzll(b);
+                                bits[page / 64] |= 1ULL << (page % 64);
+                                taken++;
+                        }
+                }
+        }
+        return taken;
+}
+
+int vmm_layout_page_index(const VmmLayout *lay, uint32_t slot, uint64_t offset, uint64_t *ret)
+{
+        /* x86 ring entries carry (address space << 16) | slot id; we use address space 0 only. */
+        for (size_t i = 0; i < lay->n_regions; i++) {
+                const VmmRegion *r = &lay->regions[i];
+                if (r->slot != slot)
+                        continue;
+                if (offset >= r->n_pages)
+                        return -ERANGE;
+                *ret = r->first_page + offset;
+                return 0;
+        }
+        return -ERANGE;
+}
+
+static const VmmRegion *region_of_page(const VmmLayout *lay, uint64_t page)
+{
+        for (size_t i = 0; i < lay->n_regions; i++) {
+                const VmmRegion *r = &lay->regions[i];
+                if (page >= r->first_page && page < r->first_page + r->n_pages)
+                        return r;
+        }
+        return NULL;
+}
+
+const uint8_t *vmm_layout_page_ptr(const VmmLayout *lay, uint64_t page)
+{
+        const VmmRegion *r = region_of_page(lay, page);
+        return r ? r->ram + (page - r->first_page) * lay->page_size : NULL;
+}
+
+uint64_t vmm_layout_page_gpa(const VmmLayout *lay, uint64_t page)
+{
+        const VmmRegion *r = region_of_page(lay, page);
+        return r ? r->guest_phys + (page - r->first_page) * lay->page_size : UINT64_MAX;
+}
