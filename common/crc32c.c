@@ -70,3 +70,8 @@ uint32_t crc32c(uint32_t crc, const void *buf, size_t len)
 #endif
         return ~crc32c_sw(crc, p, len);
 }
+
+uint32_t crc32c_portable(uint32_t crc, const void *buf, size_t len)
+{
+        return ~crc32c_sw(~crc, buf, len);
+}

@@ -11,3 +11,6 @@
  * Uses the SSE4.2 instruction when the CPU has it.
  */
 uint32_t crc32c(uint32_t crc, const void *buf, size_t len);
+
+/* The portable table-driven implementation, always available (tests compare the two). */
+uint32_t crc32c_portable(uint32_t crc, const void *buf, size_t len);
