@@ -1,0 +1,156 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * Writes the seed corpora for fuzz-frame and fuzz-control into DIR
+ * (tests/fuzz/corpus): one valid example of every message, so the fuzzers
+ * start from inputs that reach deep into the decoders. Run by hand when the
+ * protocol changes: build/tests/fuzz/gen-seeds tests/fuzz/corpus
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "control.pb-c.h"
+#include "frame.h"
+
+static const char *outdir;
+
+static void put(const char *target, const char *name, const void *buf, size_t len)
+{
+        char p[4096];
+        FILE *f;
+
+        snprintf(p, sizeof(p), "%s/%s", outdir, target);
+        mkdir(p, 0755);
+        snprintf(p, sizeof(p), "%s/%s/%s", outdir, target, name);
+        f = fopen(p, "we");
+        if (!f || fwrite(buf, 1, len, f) != len) {
+                perror(p);
+                exit(1);
+        }
+        fclose(f);
+}
+
+static void put_request(const char *name, Dr__Control__Request *r)
+{
+        uint8_t buf[4096];
+        size_t len = dr__control__request__get_packed_size(r);
+        buf[0] = 1;
+        dr__control__request__pack(r, buf + 1);
+        put("fuzz-control", name, buf, len + 1);
+}
+
+static void put_reply(const char *name, Dr__Control__Reply *r)
+{
+        uint8_t buf[4096];
+        size_t len = dr__control__reply__get_packed_size(r);
+        buf[0] = 0;
+        dr__control__reply__pack(r, buf + 1);
+        put("fuzz-control", name, buf, len + 1);
+}
+
+int main(int argc, char **argv)
+{
+        if (argc != 2) {
+                fprintf(stderr, "usage: gen-seeds DIR\n");
+                return 2;
+        }
+        outdir = argv[1];
+
+        {
+                uint8_t buf[FRAME_HEADER_SIZE * 3 + 64];
+                const char *p = "epoch payload";
+                frame_header_build(buf, 1, p, (uint32_t) strlen(p));
+                memcpy(buf + FRAME_HEADER_SIZE, p, strlen(p));
+                put("fuzz-frame", "one-frame", buf, FRAME_HEADER_SIZE + strlen(p));
+                frame_header_build(buf + FRAME_HEADER_SIZE + strlen(p), 2, NULL, 0);
+                put("fuzz-frame", "two-frames", buf, 2 * FRAME_HEADER_SIZE + strlen(p));
+        }
+
+        {
+                Dr__Control__Request r = DR__CONTROL__REQUEST__INIT;
+                Dr__Control__Hello h = DR__CONTROL__HELLO__INIT;
+                Dr__Control__Pause pa = DR__CONTROL__PAUSE__INIT;
+                Dr__Control__Resume re = DR__CONTROL__RESUME__INIT;
+                Dr__Control__GetDirtyLog gd = DR__CONTROL__GET_DIRTY_LOG__INIT;
+                Dr__Control__ClearDirtyLog cd = DR__CONTROL__CLEAR_DIRTY_LOG__INIT;
+                Dr__Control__ReleaseOutput ro = DR__CONTROL__RELEASE_OUTPUT__INIT;
+
+                r.id = 1;
+                h.version = 1;
+                h.client = "seed";
+                r.body_case = DR__CONTROL__REQUEST__BODY_HELLO;
+                r.hello = &h;
+                put_request("req-hello", &r);
+                pa.has_timeout_ms = 1;
+                pa.timeout_ms = 500;
+                r.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
+                r.pause = &pa;
+                put_request("req-pause", &r);
+                re.has_epoch = 1;
+                re.epoch = 7;
+                r.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
+                r.resume = &re;
+                put_request("req-resume", &r);
+                gd.slot = 1;
+                gd.has_clear = 1;
+                gd.clear = 1;
+                r.body_case = DR__CONTROL__REQUEST__BODY_GET_DIRTY_LOG;
+                r.get_dirty_log = &gd;
+                put_request("req-get-dirty-log", &r);
+                cd.slot = 0;
+                cd.first_page = 64;
+                cd.num_pages = 128;
+                r.body_case = DR__CONTROL__REQUEST__BODY_CLEAR_DIRTY_LOG;
+                r.clear_dirty_log = &cd;
+                put_request("req-clear-dirty-log", &r);
+                ro.epoch = 9;
+                r.body_case = DR__CONTROL__REQUEST__BODY_RELEASE_OUTPUT;
+                r.release_output = &ro;
+                put_request("req-release-output", &r);
+        }
+
+        {
+                Dr__Control__Reply r = DR__CONTROL__REPLY__INIT;
+                Dr__Control__Layout l = DR__CONTROL__LAYOUT__INIT;
+                Dr__Control__Region reg = DR__CONTROL__REGION__INIT, *regs[1] = { &reg };
+                Dr__Control__Vcpu v = DR__CONTROL__VCPU__INIT, *vs[1] = { &v };
+                Dr__Control__StatusReply st = DR__CONTROL__STATUS_REPLY__INIT;
+                Dr__Control__VcpuStatus vst = DR__CONTROL__VCPU_STATUS__INIT, *vsts[1] = { &vst };
+
+                r.id = 2;
+                reg.slot = 0;
+                reg.guest_phys = 0;
+                reg.size = 256 << 20;
+                reg.fd_index = 0;
+                v.index = 0;
+                v.fd_index = 1;
+                l.n_regions = 1;
+                l.regions = regs;
+                l.n_vcpus = 1;
+                l.vcpus = vs;
+                l.mode = DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING;
+                l.page_size = 4096;
+                l.has_ring_entries = 1;
+                l.ring_entries = 4096;
+                l.vmm_dirty_fd_index = 3;
+                l.vmm_dirty_size = 8256;
+                l.state_fd_index = 4;
+                r.body_case = DR__CONTROL__REPLY__BODY_LAYOUT;
+                r.layout = &l;
+                put_reply("reply-layout", &r);
+                vst.index = 0;
+                vst.state = DR__CONTROL__VCPU_RUN_STATE__VCPU_RUN_STATE_WEDGED;
+                st.n_vcpus = 1;
+                st.vcpus = vsts;
+                r.body_case = DR__CONTROL__REPLY__BODY_STATUS;
+                r.status = &st;
+                put_reply("reply-status", &r);
+                r.body_case = DR__CONTROL__REPLY__BODY__NOT_SET;
+                r.error = -16;
+                r.error_message = "busy";
+                put_reply("reply-error", &r);
+        }
+        return 0;
+}
