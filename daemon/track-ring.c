@@ -10,6 +10,31 @@
 #include "macros.h"
 #include "track.h"
 
+static bool entry_dirty(const struct kvm_dirty_gfn *e)
+{
+        /* Acquire: see ring_collect(). */
+        return __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY;
+}
+
+/*
+ * Where does this vCPU's ring continue? A fresh VM's ring starts at entry 0,
+ * but after an earlier client (or the agent, harvesting on its own while no
+ * client was attached) KVM's push index is anywhere, and a reset ring holds
+ * no trace of it. The published entries form one run that starts where KVM
+ * resumed pushing: the DIRTY entry whose predecessor is not DIRTY. Returns
+ * false while the ring is empty (nothing to find yet) or entirely DIRTY (no
+ * start visible: harvest it all and look again next time).
+ */
+static bool ring_find_start(const struct kvm_dirty_gfn *ring, uint32_t n, uint32_t *ret)
+{
+        for (uint32_t k = 0; k < n; k++)
+                if (entry_dirty(&ring[k]) && !entry_dirty(&ring[(k - 1) & (n - 1)])) {
+                        *ret = k;
+                        return true;
+                }
+        return false;
+}
+
 static int64_t ring_collect(Tracker *t, uint64_t *dirty)
 {
         const VmmLayout *lay = t->lay;
@@ -19,9 +44,22 @@ static int64_t ring_collect(Tracker *t, uint64_t *dirty)
         t->stats.collects++;
         for (size_t i = 0; i < lay->n_vcpus; i++) {
                 struct kvm_dirty_gfn *ring = lay->vcpus[i].ring;
-                uint32_t fetch = t->fetch[i];
+                uint32_t fetch = t->fetch[i], limit = UINT32_MAX, got = 0;
+                bool full_scan = false;
 
-                for (;;) {
+                if (!t->fetch_known[i]) {
+                        if (ring_find_start(ring, lay->ring_entries, &fetch))
+                                t->fetch_known[i] = true;
+                        else if (entry_dirty(&ring[0])) {
+                                /* Entirely DIRTY: take one lap from 0, position still unknown. */
+                                fetch = 0;
+                                limit = lay->ring_entries;
+                                full_scan = true;
+                        } else
+                                continue; /* empty */
+                }
+
+                for (; got < limit; got++) {
                         struct kvm_dirty_gfn *e = &ring[fetch & mask];
                         uint64_t page;
                         uint32_t flags;
@@ -53,7 +91,8 @@ static int64_t ring_collect(Tracker *t, uint64_t *dirty)
                         t->stats.marked++;
                         t->pending_reset++;
                 }
-                t->fetch[i] = fetch;
+                if (!full_scan)
+                        t->fetch[i] = fetch;
         }
         t->stats.new_pages += (uint64_t) added;
         return added;

@@ -15,6 +15,7 @@ int tracker_init(Tracker *t, VmmLink *link)
         memset(t, 0, sizeof(*t));
         t->link = link;
         t->lay = vmm_link_layout(link);
+        /* Where each ring continues is found on the first collect (track-ring.c). */
         switch (t->lay->mode) {
         case DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING:
                 t->ops = &tracker_ring_ops;

@@ -127,6 +127,15 @@ int dr_agent_vcpu_before_run(DrAgent *a, unsigned index);
 int dr_agent_vcpu_handle_exit(DrAgent *a, unsigned index, int run_result);
 
 /*
+ * Optional: called by a vCPU thread that will not call before_run() again
+ * (it stops on its own, e.g. after a guest shutdown), so that a Pause does
+ * not wait for it. Exits that usually end a vCPU (SHUTDOWN, SYSTEM_EVENT,
+ * INTERNAL_ERROR, FAIL_ENTRY, HLT) and KVM_RUN failures already count as
+ * stopped until the vCPU's next before_run().
+ */
+void dr_agent_vcpu_thread_exit(DrAgent *a, unsigned index);
+
+/*
  * The VMM wrote guest RAM [gpa, gpa+len) itself (device emulation, DMA,
  * loading). KVM does not log such writes; the agent reports them to the
  * daemon through the vmm_dirty bitmap. Cheap; any thread.
