@@ -515,6 +515,16 @@ static void test_save_state(Vm *vm, int fd, int state_fd)
  * spinning. If it does not jam, the harvester simply catches up.
  * Returns the vCPU thread's expected final result.
  */
+/* The DIRTY entry whose predecessor is not DIRTY; 0 if all are DIRTY; UINT64_MAX if none. */
+static uint64_t ring_run_start(const struct kvm_dirty_gfn *ring)
+{
+        for (uint64_t i = 0; i < RING_ENTRIES; i++)
+                if (ring[i].flags == KVM_DIRTY_GFN_F_DIRTY &&
+                    ring[(i + RING_ENTRIES - 1) % RING_ENTRIES].flags != KVM_DIRTY_GFN_F_DIRTY)
+                        return i;
+        return ring[0].flags == KVM_DIRTY_GFN_F_DIRTY ? 0 : UINT64_MAX;
+}
+
 static int test_ring_fill(Vm *vm, int fd, int vcpu_fd)
 {
         struct kvm_dirty_gfn *ring;
@@ -537,20 +547,20 @@ static int test_ring_fill(Vm *vm, int fd, int vcpu_fd)
         CHECK_EQ(state, DR__CONTROL__VCPU_RUN_STATE__VCPU_RUN_STATE_RING_FULL);
         usleep(50000);
 
-        /* Our index is unknown after the agent drained the ring at StopTracking: find the run's start. */
-        for (uint64_t i = 0; i < RING_ENTRIES && fetch == UINT64_MAX; i++)
-                if (ring[i].flags == KVM_DIRTY_GFN_F_DIRTY &&
-                    ring[(i + RING_ENTRIES - 1) % RING_ENTRIES].flags != KVM_DIRTY_GFN_F_DIRTY)
-                        fetch = i;
-        /* A jammed ring can be DIRTY all the way round: no start is visible, take a lap from 0. */
-        if (fetch == UINT64_MAX && ring[0].flags == KVM_DIRTY_GFN_F_DIRTY)
-                fetch = 0;
+        /* Our index is unknown after the agent drained the ring at StopTracking, and
+         * stays unknown after a lap over a ring that was DIRTY all the way round:
+         * find the run's start before every harvest (the same rule as
+         * daemon/track-ring.c). */
+        fetch = ring_run_start(ring);
         CHECK(fetch != UINT64_MAX);
 
         for (resets = 0; resets < 200; resets++) {
                 Dr__Control__Request rr = peer_empty_request(DR__CONTROL__REQUEST__BODY_RESET_RINGS);
+                uint64_t start = ring_run_start(ring);
 
-                for (;;) {
+                if (start != UINT64_MAX)
+                        fetch = start;
+                for (uint64_t lap = 0; lap < RING_ENTRIES; lap++) {
                         struct kvm_dirty_gfn *e = &ring[fetch % RING_ENTRIES];
                         if (__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) != KVM_DIRTY_GFN_F_DIRTY)
                                 break;

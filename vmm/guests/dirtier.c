@@ -12,7 +12,7 @@ enum pattern { PAT_SEQ, PAT_RANDOM, PAT_HOTCOLD };
 static const char *const pattern_names[] = { "seq", "random", "hotcold" };
 
 struct config {
-        uint64_t ws_pages, hot_pages, rate, report_ms, run_ms, jam;
+        uint64_t ws_pages, hot_pages, rate, report_ms, run_ms, jam, jam_after_ms;
         enum pattern pattern;
 };
 
@@ -39,6 +39,7 @@ static void config_load(void)
                 cfg.report_ms = 1000;
         cfg.run_ms = cfg_u64("run_ms", 0);
         cfg.jam = cfg_u64("jam", 0);
+        cfg.jam_after_ms = cfg_u64("jam_after_ms", 0);
         cfg_str("pattern", pat, sizeof(pat));
         cfg.pattern = PAT_SEQ;
         for (unsigned i = 0; i < ARRAY_SIZE(pattern_names); i++)
@@ -58,7 +59,7 @@ void guest_main(unsigned cpu)
 {
         if (cpu == 0) {
                 config_load();
-                if (cfg.jam > 0) {
+                if (cfg.jam > 0 && cfg.jam_after_ms == 0) {
                         pr("dirtier: jam pages=%lu", cfg.jam);
                         sys_jam(cfg.jam);
                 }
@@ -155,6 +156,13 @@ void guest_main(unsigned cpu)
                            ms ? w * 1000 / ms : 0);
                         t_report = now;
                         writes_report = seq;
+                }
+                /* A jam later in the run, so a harvester can attach (and turn dirty
+                 * logging on) first: the ring only jams while it is logging. */
+                if (cpu == 0 && cfg.jam && cfg.jam_after_ms && now - t_start >= ms_to_tsc(cfg.jam_after_ms)) {
+                        pr("dirtier: jam pages=%lu", cfg.jam);
+                        sys_jam(cfg.jam);
+                        cfg.jam = 0;
                 }
                 if (cpu == 0 && cfg.run_ms && now - t_start >= ms_to_tsc(cfg.run_ms)) {
                         pr("dirtier: done writes=%lu", seq);
