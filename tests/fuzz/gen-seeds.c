@@ -13,6 +13,7 @@
 
 #include "control.pb-c.h"
 #include "frame.h"
+#include "pages.h"
 
 static const char *outdir;
 
@@ -66,6 +67,24 @@ int main(int argc, char **argv)
                 put("fuzz-frame", "one-frame", buf, FRAME_HEADER_SIZE + strlen(p));
                 frame_header_build(buf + FRAME_HEADER_SIZE + strlen(p), 2, NULL, 0);
                 put("fuzz-frame", "two-frames", buf, 2 * FRAME_HEADER_SIZE + strlen(p));
+        }
+
+        {
+                static uint8_t buf[PAGE_BATCH_HEADER + 4 * PAGE_RECORD_MAX], page[PAGE_BYTES];
+                PageBatch b;
+                size_t len;
+
+                for (size_t i = 0; i < PAGE_BYTES; i += 97)
+                        page[i] = (uint8_t) i;
+                page_batch_init(&b, 3, buf, sizeof(buf), 8, true, NULL);
+                page_batch_add(&b, 5, page);
+                page_batch_add_zero(&b, 6);
+                len = page_batch_finish(&b);
+                put("fuzz-pages", "lz4-and-zero", buf, len);
+                page_batch_init(&b, 4, buf, sizeof(buf), 8, false, NULL);
+                page_batch_add(&b, 9, page);
+                len = page_batch_finish(&b);
+                put("fuzz-pages", "raw", buf, len);
         }
 
         {

@@ -23,8 +23,13 @@ def log(*a):
     print(*a, flush=True)
 
 
+LIVE = []  # every Vmm this test started and has not stopped
+
+
 def fail(msg):
     log("FAIL:", msg)
+    for v in LIVE:
+        v.kill()
     sys.exit(1)
 
 
@@ -40,6 +45,12 @@ class Vmm:
         log("+", " ".join(cmd))
         self.err = open(self.errlog, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.err)
+        LIVE.append(self)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def text(self):
         try:
@@ -78,6 +89,8 @@ class Vmm:
         fail("control socket never appeared")
 
     def stop(self, sig=signal.SIGTERM, timeout=15.0):
+        if self in LIVE:
+            LIVE.remove(self)
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -255,6 +268,7 @@ def main():
         if k not in ENV:
             fail(f"{k} not set: the VMM or guests were not built")
     with tempfile.TemporaryDirectory(prefix="dr-kvm-") as tmp:
+      try:
         if a.ring_full:
             test_ring_full(tmp)
         elif a.wedge:
@@ -263,6 +277,9 @@ def main():
             test_restore(tmp, a.restore_guest)
         else:
             test_harvest(tmp, a.mode, a.cpus)
+      finally:
+        for v in list(LIVE):
+            v.kill()
 
 
 if __name__ == "__main__":
