@@ -1,0 +1,138 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+#pragma once
+
+/*
+ * Link: one authenticated replication connection (proto/replication.proto),
+ * either side. A Link is one TCP connection's life: connect or accept,
+ * handshake (Hello / Challenge / Auth / Welcome with HMAC-SHA256 proofs),
+ * frames both ways, heartbeats, then down. Reconnecting is the owner's job
+ * (it makes a new Link).
+ *
+ * Threads: the Link reads on the caller's sd-event loop (non-blocking,
+ * incremental frame parser, length capped before allocation, CRC checked
+ * before dispatch) and writes on a writer thread of its own from a bounded
+ * queue. Callbacks run on the sd-event thread. link_send*() may be called
+ * from any thread; with block=true it waits while the queue is over its
+ * limit (that is how a slow link back-pressures the epoch pipeline and
+ * keeps memory bounded), with block=false it returns -EAGAIN instead.
+ *
+ * Heartbeats: the Link sends HEARTBEAT every heartbeat_ms (fields from
+ * cb.fill_heartbeat) and declares the peer lost when nothing at all (any
+ * frame counts) arrived for heartbeat_ms * heartbeat_misses: on_down with
+ * -ETIMEDOUT. During the handshake a separate handshake_timeout_ms applies.
+ *
+ * Errors end the link, never the process: a bad frame (magic, version,
+ * length, CRC, undecodable protobuf, unexpected type for the state) calls
+ * on_down with -EBADMSG/-EPROTO and a message naming what was wrong; an
+ * authentication failure with -EACCES ("wrong shared secret?"). The owner
+ * logs it (once) and decides what next.
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <systemd/sd-event.h>
+
+#include "macros.h"
+#include "replication.pb-c.h"
+
+typedef struct Link Link;
+
+typedef enum LinkSide {
+        LINK_PRIMARY = 1, /* connects, sends Hello and proves itself second */
+        LINK_STANDBY = 2, /* accepts, challenges, proves itself first */
+} LinkSide;
+
+typedef enum LinkState {
+        LINK_CONNECTING = 1,
+        LINK_HANDSHAKE,
+        LINK_UP,
+        LINK_DOWN,
+} LinkState;
+
+typedef struct LinkStats {
+        uint64_t frames_sent, frames_received;
+        uint64_t bytes_sent, bytes_received;
+        uint64_t queued_bytes;      /* in the send queue now */
+        uint64_t queue_high_water;
+        uint64_t heartbeats_sent, heartbeats_received;
+} LinkStats;
+
+typedef struct LinkCallbacks {
+        /* Standby: the primary's Hello arrived (not yet authenticated). Check VM
+         * name, UUID, layout; return <0 (and set *ret_reason) to refuse. */
+        int (*on_hello)(Link *l, const Dr__Repl__Hello *hello, const char **ret_reason, void *userdata);
+        /* Standby: fill the Welcome sent once the primary proved itself. */
+        void (*fill_welcome)(Link *l, Dr__Repl__Welcome *w, void *userdata);
+        /* Both: the handshake is complete. Primary: `welcome` is the standby's
+         * Welcome; standby: NULL. Return <0 to drop the link. */
+        int (*on_up)(Link *l, const Dr__Repl__Welcome *welcome, void *userdata);
+        /* Both: a frame after the handshake (never HELLO..WELCOME, never
+         * HEARTBEAT, which the Link consumes). payload valid during the call. */
+        int (*on_frame)(Link *l, uint16_t type, const uint8_t *payload, size_t len, void *userdata);
+        /* Both: fill the next outgoing heartbeat (seq is set by the Link). Optional. */
+        void (*fill_heartbeat)(Link *l, Dr__Repl__Heartbeat *hb, void *userdata);
+        /* Both: the peer's heartbeat arrived. Optional. */
+        void (*on_heartbeat)(Link *l, const Dr__Repl__Heartbeat *hb, void *userdata);
+        /* Both: the link went down (once). `error` is a negative errno, `reason`
+         * says what happened for a log line. The Link stays valid until freed. */
+        void (*on_down)(Link *l, int error, const char *reason, void *userdata);
+} LinkCallbacks;
+
+typedef struct LinkParams {
+        LinkSide side;
+        const uint8_t *secret; /* shared secret, borrowed for the Link's life */
+        size_t secret_len;
+        uint32_t heartbeat_ms;          /* default 50 */
+        uint32_t heartbeat_misses;      /* default 4 */
+        uint32_t handshake_timeout_ms;  /* default 5000 */
+        size_t send_queue_limit;        /* bytes; default 32 MiB */
+        uint32_t max_frame;             /* payload cap; default REPL_MAX_FRAME */
+        /* Primary: the Hello to send (the Link fills in nonce and version). */
+        const Dr__Repl__Hello *hello;
+        const char *peer_name;          /* for messages, e.g. "10.0.0.2:7788" */
+} LinkParams;
+
+/* Primary: starts a non-blocking connect; progress and failure arrive through callbacks. */
+int link_connect(sd_event *e, const struct sockaddr *sa, socklen_t salen, const LinkParams *p,
+                 const LinkCallbacks *cb, void *userdata, Link **ret);
+
+/* Standby: adopts an accepted socket (takes ownership of fd) and waits for Hello. */
+int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *cb, void *userdata,
+                Link **ret);
+
+/* Closes the connection (no callback), joins the writer thread, frees. Accepts NULL. */
+Link *link_free(Link *l);
+DEFINE_TRIVIAL_CLEANUP_FUNC(Link *, link_free);
+
+/* Queues a frame of `type` with a copy of payload. 0, -EAGAIN (!block and full), -ENOTCONN (down), -EMSGSIZE. */
+int link_send(Link *l, uint16_t type, const void *payload, size_t len, bool block);
+/* Packs a protobuf message and queues it. */
+int link_send_message(Link *l, uint16_t type, const ProtobufCMessage *m, bool block);
+/* Sends ERROR{code, message} and then takes the link down (on_down is called). */
+void link_fail(Link *l, int code, const char *fmt, ...) _printf_(3, 4);
+
+LinkState link_state(const Link *l);
+void link_get_stats(const Link *l, LinkStats *ret);
+const char *link_peer_name(const Link *l);
+/* The session id from the primary's Hello (standby side, after on_hello), 16 bytes. */
+const uint8_t *link_peer_session(const Link *l);
+
+/*
+ * Standby: a listening socket on the event loop that hands every accepted
+ * connection to on_accept (which typically calls link_accept). Bounded: at
+ * most `max_pending` connections in handshake at once; more are closed.
+ */
+typedef struct LinkListener LinkListener;
+int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, unsigned max_pending,
+                      int (*on_accept)(LinkListener *ll, int fd, const char *peer, void *userdata), void *userdata,
+                      LinkListener **ret);
+LinkListener *link_listener_free(LinkListener *ll);
+DEFINE_TRIVIAL_CLEANUP_FUNC(LinkListener *, link_listener_free);
+/* The bound address (useful with port 0). */
+int link_listener_address(const LinkListener *ll, struct sockaddr_storage *ret, socklen_t *ret_len);
+
+/* HMAC-SHA256 proof as the protocol defines it (exported for tests). out: 32 bytes. */
+int link_proof(const uint8_t *secret, size_t secret_len, const char *label, const uint8_t *nonce_a,
+               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, uint8_t out[32]);
