@@ -114,7 +114,13 @@ static int ring_reset(Tracker *t)
         /* KVM resets exactly the entries we marked (selftests: reset count ==
          * harvested count). Anything else means lost or phantom entries. */
         if (count != t->pending_reset) {
-                snprintf(t->error, sizeof(t->error), "RESET_RINGS reset %llu entries, %llu were harvested",
+                /* Seen when a ring jams (KVM-HOST.md): emulated kernel-mode bulk stores push
+                 * past the ring's reserved slots and overwrite entries not yet reset. Entries
+                 * may have been lost, so the dirty set cannot be trusted any more. */
+                snprintf(t->error, sizeof(t->error),
+                         "dirty ring overflowed: KVM reset %llu entries but %llu were harvested, so dirty "
+                         "pages may have been lost; restart the VM with bitmap tracking "
+                         "(--tracking bitmap / tracking=bitmap)",
                          (unsigned long long) count, (unsigned long long) t->pending_reset);
                 t->pending_reset = 0;
                 return -EUCLEAN;

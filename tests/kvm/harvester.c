@@ -329,7 +329,9 @@ static int cmd_wedge(void)
 
                 if (poll(&p, 1, 20) > 0) {
                         n = tracker_ring_full(&t, dirty);
-                        if (n == -EDEADLK) {
+                        if (n == -EDEADLK || n == -EUCLEAN) {
+                                /* A jam shows either as ring-full with nothing to harvest or
+                                 * as an overflowed ring (reset count != harvested count). */
                                 printf("harvester: wedge detected by harvester: %s\n", t.error);
                                 return 0;
                         }
@@ -337,6 +339,10 @@ static int cmd_wedge(void)
                                 return log_error_errno((int) n, "Harvest failed: %s", t.error), 1;
                 } else {
                         n = tracker_sync(&t, dirty);
+                        if (n == -EUCLEAN) {
+                                printf("harvester: wedge detected by harvester: %s\n", t.error);
+                                return 0;
+                        }
                         if (n < 0)
                                 return log_error_errno((int) n, "Harvest failed: %s", t.error), 1;
                 }
