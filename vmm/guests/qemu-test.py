@@ -125,8 +125,14 @@ def test_dirtier(tmp):
             rates = [int(m.group(3)) for m in per]
             print("%s: writes=%s rates=%s" % (pattern, writes, rates))
             if rate:
-                mid = rates[1:]  # the first interval includes start-up
-                check(all(rate * 0.6 <= r <= rate * 1.4 for r in mid), "rate %s not near %d" % (mid, rate))
+                # The first interval includes start-up. On a loaded host a vCPU can be
+                # descheduled for part of an interval and catch up within the throttle's
+                # one-second window in the next, so single intervals wander: check the
+                # median, and that no interval is far above the limit.
+                mid = sorted(rates[1:])
+                med = mid[len(mid) // 2]
+                check(rate * 0.75 <= med <= rate * 1.25, "median rate %d of %s not near %d" % (med, rates, rate))
+                check(max(mid) <= rate * 2, "an interval ran at %d, far above the %d limit" % (max(mid), rate))
             check(any(l.startswith("dirtier: done writes=") for l in g.lines()), "no done line")
         except Fail:
             g.dump()

@@ -140,7 +140,7 @@ static int uart_from_proto(Uart *u, const Dr__Devices__Uart *m)
                 .tx_hold_valid = m->has_tx_hold,
                 .tx_hold = (uint8_t) m->tx_hold,
         };
-        if (m->has_rx_fifo) {
+        if (m->has_rx_fifo && m->rx_fifo.len > 0) { /* an empty bytes field has data == NULL */
                 memcpy(st->rx, m->rx_fifo.data, m->rx_fifo.len);
                 st->rx_len = m->rx_fifo.len;
         }
