@@ -92,6 +92,9 @@ typedef struct LinkParams {
         /* Primary: the Hello to send (the Link fills in nonce and version). */
         const Dr__Repl__Hello *hello;
         const char *peer_name;          /* for messages, e.g. "10.0.0.2:7788" */
+        /* Standby, optional: the listener the fd came from. The Link then counts
+         * against its max_pending until the handshake ends (up, down or freed). */
+        struct LinkListener *listener;
 } LinkParams;
 
 /* Primary: starts a non-blocking connect; progress and failure arrive through callbacks. */
@@ -106,7 +109,8 @@ int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *c
 Link *link_free(Link *l);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Link *, link_free);
 
-/* Queues a frame of `type` with a copy of payload. 0, -EAGAIN (!block and full), -ENOTCONN (down), -EMSGSIZE. */
+/* Queues a frame of `type` with a copy of payload. 0, -EAGAIN (!block and full), -ENOTCONN (not up yet, or down),
+ * -EMSGSIZE. */
 int link_send(Link *l, uint16_t type, const void *payload, size_t len, bool block);
 /* Packs a protobuf message and queues it. */
 int link_send_message(Link *l, uint16_t type, const ProtobufCMessage *m, bool block);
@@ -123,6 +127,8 @@ const uint8_t *link_peer_session(const Link *l);
  * Standby: a listening socket on the event loop that hands every accepted
  * connection to on_accept (which typically calls link_accept). Bounded: at
  * most `max_pending` connections in handshake at once; more are closed.
+ * Links count against that only when link_accept gets the listener in
+ * LinkParams.listener. on_accept owns fd whatever it returns.
  */
 typedef struct LinkListener LinkListener;
 int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, unsigned max_pending,
@@ -133,6 +139,20 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(LinkListener *, link_listener_free);
 /* The bound address (useful with port 0). */
 int link_listener_address(const LinkListener *ll, struct sockaddr_storage *ret, socklen_t *ret_len);
 
-/* HMAC-SHA256 proof as the protocol defines it (exported for tests). out: 32 bytes. */
+/*
+ * HMAC-SHA256 proof as the protocol defines it (exported for tests). out: 32 bytes.
+ * The HMAC key is the secret; the message is five fields, each a le32 byte
+ * count followed by that many bytes, in this order:
+ *
+ *   label    "dirtyrep-standby" or "dirtyrep-primary" (no NUL)
+ *   nonce_a  REPL_NONCE_BYTES  (standby proof: P nonce; primary proof: S nonce)
+ *   nonce_b  REPL_NONCE_BYTES  (standby proof: S nonce; primary proof: P nonce)
+ *   vm_name  the Hello's vm_name (no NUL)
+ *   vm_uuid  16 bytes
+ *
+ * The length prefixes make the encoding injective, so no two different
+ * (label, nonces, identity) tuples hash the same bytes. Returns 0, -EINVAL
+ * (empty secret, no name) or -EIO (libcrypto failed).
+ */
 int link_proof(const uint8_t *secret, size_t secret_len, const char *label, const uint8_t *nonce_a,
                const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, uint8_t out[32]);

@@ -14,6 +14,7 @@
 #include "control.pb-c.h"
 #include "frame.h"
 #include "pages.h"
+#include "replication.pb-c.h"
 
 static const char *outdir;
 
@@ -170,6 +171,36 @@ int main(int argc, char **argv)
                 r.error = -16;
                 r.error_message = "busy";
                 put_reply("reply-error", &r);
+        }
+        {
+                /* fuzz-link: what a stranger may send a standby. */
+                static uint8_t nonce[32], uuid[16], session[16], buf[4096];
+                Dr__Repl__Hello h = DR__REPL__HELLO__INIT;
+                Dr__Repl__MemRegion mr = DR__REPL__MEM_REGION__INIT, *mrs[] = { &mr };
+                Dr__Repl__Auth a = DR__REPL__AUTH__INIT;
+                size_t n, m;
+
+                h.version = 1;
+                h.vm_name = "vm0";
+                h.vm_uuid = (ProtobufCBinaryData) { 16, uuid };
+                h.session = (ProtobufCBinaryData) { 16, session };
+                h.nonce = (ProtobufCBinaryData) { 32, nonce };
+                h.page_size = 4096;
+                mr.size = 1 << 20;
+                h.n_regions = 1;
+                h.regions = mrs;
+                n = dr__repl__hello__pack(&h, buf + FRAME_HEADER_SIZE);
+                frame_header_build(buf, 1, buf + FRAME_HEADER_SIZE, (uint32_t) n);
+                put("fuzz-link", "hello", buf, FRAME_HEADER_SIZE + n);
+                /* Hello followed by an Auth with a made-up proof. */
+                a.proof = (ProtobufCBinaryData) { 32, nonce };
+                m = dr__repl__auth__pack(&a, buf + 2 * FRAME_HEADER_SIZE + n);
+                frame_header_build(buf + FRAME_HEADER_SIZE + n, 3, buf + 2 * FRAME_HEADER_SIZE + n, (uint32_t) m);
+                put("fuzz-link", "hello-auth", buf, 2 * FRAME_HEADER_SIZE + n + m);
+                /* Data before the handshake. */
+                frame_header_build(buf, 6, NULL, 0);
+                put("fuzz-link", "pages-first", buf, FRAME_HEADER_SIZE);
+                put("fuzz-link", "garbage", "GET / HTTP/1.1\r\n\r\n\x00\xff", 20);
         }
         return 0;
 }

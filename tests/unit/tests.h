@@ -42,7 +42,15 @@ typedef struct TestCase {
                 }                                                                                \
         } while (0)
 
-#define ASSERT_OK(expr) ASSERT_EQ((expr) < 0 ? (expr) : 0, 0)
+/* Evaluates expr once: it may allocate or have side effects. */
+#define ASSERT_OK(expr)                                                                        \
+        do {                                                                                   \
+                intmax_t _r = (intmax_t) (expr);                                               \
+                if (_r < 0) {                                                                  \
+                        fprintf(stderr, "%s:%d: %s failed: %jd\n", __FILE__, __LINE__, #expr, _r); \
+                        exit(1);                                                               \
+                }                                                                              \
+        } while (0)
 
 extern const TestCase __start_dr_tests[];
 extern const TestCase __stop_dr_tests[];

@@ -21,7 +21,7 @@
 #include <sys/stat.h>
 
 #include "agent-internal.h"
-#include "config.h"
+#include "dirtyrep-build.h"
 #include "fdpass.h"
 #include "log.h"
 #include "macros.h"

@@ -23,7 +23,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "config.h"
+#include "dirtyrep-build.h"
 #include "kvm.h"
 #include "log.h"
 #include "multiboot.h"

@@ -1,0 +1,1573 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The replication link (link.h). Three parties touch a Link:
+ *
+ *  - the sd-event thread owns everything except the send queue: the socket's
+ *    read side, the parser, the state machine, the timers and all callbacks;
+ *  - the writer thread owns the socket's write side and drains the queue;
+ *  - any thread may call link_send*(), which only touches the queue.
+ *
+ * The queue (and the counters next to it) is protected by `mutex`. The writer
+ * never calls back: a write error is stored in `write_error` and signalled
+ * through `wake_fd` (an eventfd on the loop), whose handler takes the link
+ * down. link_free() stops the writer through `stop_fd`, so a writer stuck on
+ * a stalled peer wakes up at once.
+ *
+ * Handshake (proto/replication.proto):
+ *
+ *   standby: WAIT_HELLO --Hello--> WAIT_AUTH --Auth ok--> UP (sends Challenge, then Welcome)
+ *   primary: (connect) --> WAIT_CHALLENGE --Challenge ok--> WAIT_WELCOME --Welcome--> UP (sends Hello, Auth)
+ *
+ * Any other frame before UP is -EPROTO; ERROR is accepted in every state.
+ * Frames are limited to HANDSHAKE_MAX_FRAME until UP, so a stranger cannot
+ * make the standby allocate max_frame bytes per connection.
+ */
+#include <arpa/inet.h>
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "frame.h"
+#include "link-internal.h"
+#include "link.h"
+#include "log.h"
+#include "util.h"
+
+#define NONCE_BYTES           32u
+#define PROOF_BYTES           32u
+#define UUID_BYTES            16u
+#define SESSION_BYTES         16u
+#define VM_NAME_MAX           255u
+#define HANDSHAKE_MAX_FRAME   (64u * 1024u)
+#define SOCKET_BUFFER_BYTES   (4 * 1024 * 1024)
+#define RX_BUFFER_BYTES       (64u * 1024u)
+#define RX_READS_PER_DISPATCH 16u
+#define TX_IOV_MAX            64u
+#define PEER_MESSAGE_MAX      200u
+#define LISTEN_BACKLOG        64
+#define TIMER_ACCURACY_USEC   1000u
+
+#define DEFAULT_HEARTBEAT_MS 50u
+#define DEFAULT_MISSES       4u
+#define DEFAULT_HANDSHAKE_MS 5000u
+#define DEFAULT_QUEUE_LIMIT  ((size_t) 32 << 20)
+
+static void protobuf_c_message_freep(ProtobufCMessage **m)
+{
+        if (*m)
+                protobuf_c_message_free_unpacked(*m, NULL);
+}
+
+static const char LABEL_STANDBY[] = "dirtyrep-standby";
+static const char LABEL_PRIMARY[] = "dirtyrep-primary";
+
+typedef enum HandshakeStep {
+        STEP_NONE,
+        STEP_WAIT_HELLO,     /* standby */
+        STEP_WAIT_AUTH,      /* standby */
+        STEP_WAIT_CHALLENGE, /* primary */
+        STEP_WAIT_WELCOME,   /* primary */
+} HandshakeStep;
+
+typedef struct TxFrame {
+        struct TxFrame *next;
+        size_t len; /* header + payload */
+        uint8_t data[];
+} TxFrame;
+
+struct LinkListener {
+        sd_event *event;
+        int fd;
+        sd_event_source *io;
+        unsigned max_pending;
+        Link *pending; /* Links in handshake that count against max_pending */
+        unsigned n_pending;
+        uint64_t refused;
+        int (*on_accept)(LinkListener *ll, int fd, const char *peer, void *userdata);
+        void *userdata;
+};
+
+struct Link {
+        unsigned n_ref; /* loop thread only: keeps memory alive while a handler runs */
+        bool freed;
+        sd_event *event;
+        LinkSide side;
+        LinkState state; /* written on the loop thread, read anywhere (relaxed) */
+        HandshakeStep step;
+        LinkCallbacks cb;
+        void *userdata;
+
+        const uint8_t *secret;
+        size_t secret_len;
+        uint32_t heartbeat_ms, heartbeat_misses, handshake_timeout_ms, max_frame;
+        size_t send_queue_limit;
+        char *peer_name;
+        char down_reason[512];
+
+        LinkListener *listener; /* while counted against listener->max_pending */
+        Link *listener_next;
+
+        int fd, wake_fd, stop_fd;
+        sd_event_source *io_source, *wake_source, *deadline_source, *heartbeat_source, *connect_fail_source;
+        int connect_error;
+        uint64_t last_rx_usec;
+        uint64_t heartbeat_seq;
+
+        /* Reader. */
+        uint8_t rx_header[FRAME_HEADER_SIZE];
+        size_t rx_header_got;
+        bool rx_have_header;
+        FrameHeader rx_frame;
+        uint8_t *rx_payload;
+        size_t rx_payload_cap, rx_payload_got;
+        uint8_t *rx_buf; /* RX_BUFFER_BYTES */
+
+        /* Handshake. */
+        uint8_t nonce_local[NONCE_BYTES], nonce_peer[NONCE_BYTES];
+        char *vm_name;
+        uint8_t vm_uuid[UUID_BYTES];
+        uint8_t session[SESSION_BYTES];
+        bool have_session;
+        uint8_t *hello_payload; /* primary: the packed Hello, sent once connected */
+        size_t hello_len;
+
+        /* Writer and queue: everything below is under `mutex`. */
+        pthread_t writer;
+        bool writer_started;
+        pthread_mutex_t mutex;
+        pthread_cond_t cond_work;  /* writer: queue non-empty, closing or stop */
+        pthread_cond_t cond_space; /* senders: space or down; link_free: a waiter left */
+        TxFrame *q_head, **q_tail;
+        size_t queued_bytes; /* includes the batch the writer is sending */
+        bool accepting;      /* link_send() allowed: up and not down */
+        bool closing;        /* down: writer drains (a final ERROR), shuts the write side, exits */
+        bool stop;           /* link_free(): writer exits now */
+        int write_error;
+        unsigned n_waiters;
+        LinkStats stats;
+};
+
+static const char *frame_type_name(uint16_t type)
+{
+        static const char *const names[] = {
+                [DR__REPL__FRAME_TYPE__FRAME_HELLO] = "HELLO",
+                [DR__REPL__FRAME_TYPE__FRAME_CHALLENGE] = "CHALLENGE",
+                [DR__REPL__FRAME_TYPE__FRAME_AUTH] = "AUTH",
+                [DR__REPL__FRAME_TYPE__FRAME_WELCOME] = "WELCOME",
+                [DR__REPL__FRAME_TYPE__FRAME_EPOCH_BEGIN] = "EPOCH_BEGIN",
+                [DR__REPL__FRAME_TYPE__FRAME_PAGES] = "PAGES",
+                [DR__REPL__FRAME_TYPE__FRAME_STATE] = "STATE",
+                [DR__REPL__FRAME_TYPE__FRAME_EPOCH_END] = "EPOCH_END",
+                [DR__REPL__FRAME_TYPE__FRAME_ACK] = "ACK",
+                [DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT] = "HEARTBEAT",
+                [DR__REPL__FRAME_TYPE__FRAME_ERROR] = "ERROR",
+        };
+        if (type < ELEMENTSOF(names) && names[type])
+                return names[type];
+        return "unknown";
+}
+
+static void link_set_state(Link *l, LinkState s)
+{
+        /* Relaxed: link_state() from another thread is advisory; the queue's
+         * own flags (under mutex) decide what link_send() does. */
+        __atomic_store_n(&l->state, s, __ATOMIC_RELAXED);
+}
+
+LinkState link_state(const Link *l)
+{
+        return __atomic_load_n(&l->state, __ATOMIC_RELAXED);
+}
+
+const char *link_peer_name(const Link *l)
+{
+        return l->peer_name;
+}
+
+const uint8_t *link_peer_session(const Link *l)
+{
+        return l->have_session ? l->session : NULL;
+}
+
+void link_get_stats(const Link *l, LinkStats *ret)
+{
+        Link *m = (Link *) l; /* the mutex is not part of the logical state */
+
+        pthread_mutex_lock(&m->mutex);
+        *ret = m->stats;
+        ret->queued_bytes = m->queued_bytes;
+        pthread_mutex_unlock(&m->mutex);
+}
+
+int link_proof(const uint8_t *secret, size_t secret_len, const char *label, const uint8_t *nonce_a,
+               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, uint8_t out[32])
+{
+        _cleanup_free_ uint8_t *buf = NULL;
+        size_t label_len, name_len, n = 0;
+        unsigned out_len = 0;
+
+        if (!secret || secret_len == 0 || secret_len > INT_MAX || !label || !nonce_a || !nonce_b ||
+            !vm_name || !vm_uuid)
+                return -EINVAL;
+        label_len = strlen(label);
+        name_len = strlen(vm_name);
+        if (label_len > 64 || name_len > VM_NAME_MAX)
+                return -EINVAL;
+
+        buf = malloc(5 * 4 + label_len + 2 * NONCE_BYTES + name_len + UUID_BYTES);
+        if (!buf)
+                return -ENOMEM;
+#define APPEND(p, len)                                                                                      \
+        do {                                                                                                \
+                put_le32(buf + n, (uint32_t) (len));                                                        \
+                memcpy(buf + n + 4, (p), (len));                                                            \
+                n += 4 + (len);                                                                             \
+        } while (0)
+        APPEND(label, label_len);
+        APPEND(nonce_a, NONCE_BYTES);
+        APPEND(nonce_b, NONCE_BYTES);
+        APPEND(vm_name, name_len);
+        APPEND(vm_uuid, UUID_BYTES);
+#undef APPEND
+
+        if (!HMAC(EVP_sha256(), secret, (int) secret_len, buf, n, out, &out_len) || out_len != PROOF_BYTES)
+                return -EIO;
+        return 0;
+}
+
+/* ---- send queue (any thread) ---------------------------------------------------------- */
+
+static TxFrame *txframe_new(size_t payload_len)
+{
+        TxFrame *f = malloc(sizeof(TxFrame) + FRAME_HEADER_SIZE + payload_len);
+        if (!f)
+                return NULL;
+        f->next = NULL;
+        f->len = FRAME_HEADER_SIZE + payload_len;
+        return f;
+}
+
+static void txframe_free_list(TxFrame *f)
+{
+        while (f) {
+                TxFrame *next = f->next;
+                free(f);
+                f = next;
+        }
+}
+
+/*
+ * Seals f (builds its header over the payload already in place) and appends
+ * it. Takes ownership of f in every case. `internal` frames (handshake,
+ * heartbeats are not) bypass the limit and the "up" check: the Link sends
+ * them itself, on the loop thread, and must never block there.
+ */
+static int link_queue(Link *l, uint16_t type, TxFrame *f, bool block, bool internal)
+{
+        int r;
+
+        /* The CRC over up to max_frame bytes is computed outside the lock. */
+        frame_header_build(f->data, type, f->data + FRAME_HEADER_SIZE,
+                           (uint32_t) (f->len - FRAME_HEADER_SIZE));
+
+        pthread_mutex_lock(&l->mutex);
+        for (;;) {
+                if (l->closing || l->stop || (!internal && !l->accepting)) {
+                        r = -ENOTCONN;
+                        break;
+                }
+                /* An empty queue takes any frame, so a frame larger than the
+                 * limit cannot wait forever; memory stays below limit + one frame. */
+                if (internal || l->queued_bytes == 0 || l->queued_bytes + f->len <= l->send_queue_limit) {
+                        r = 0;
+                        break;
+                }
+                if (!block) {
+                        r = -EAGAIN;
+                        break;
+                }
+                l->n_waiters++;
+                pthread_cond_wait(&l->cond_space, &l->mutex);
+                l->n_waiters--;
+                if (l->stop && l->n_waiters == 0)
+                        pthread_cond_broadcast(&l->cond_space); /* link_free() waits for this */
+        }
+        if (r == 0) {
+                *l->q_tail = f;
+                l->q_tail = &f->next;
+                l->queued_bytes += f->len;
+                l->stats.queue_high_water = MAX(l->stats.queue_high_water, l->queued_bytes);
+                if (type == DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT)
+                        l->stats.heartbeats_sent++;
+                pthread_cond_signal(&l->cond_work);
+                f = NULL;
+        }
+        pthread_mutex_unlock(&l->mutex);
+        free(f);
+        return r;
+}
+
+int link_send(Link *l, uint16_t type, const void *payload, size_t len, bool block)
+{
+        TxFrame *f;
+
+        if (!l || (len > 0 && !payload))
+                return -EINVAL;
+        if (len > l->max_frame)
+                return -EMSGSIZE;
+        f = txframe_new(len);
+        if (!f)
+                return -ENOMEM;
+        if (len > 0)
+                memcpy(f->data + FRAME_HEADER_SIZE, payload, len);
+        return link_queue(l, type, f, block, false);
+}
+
+static int link_pack(Link *l, const ProtobufCMessage *m, TxFrame **ret)
+{
+        size_t len = protobuf_c_message_get_packed_size(m);
+        TxFrame *f;
+
+        if (len > l->max_frame)
+                return -EMSGSIZE;
+        f = txframe_new(len);
+        if (!f)
+                return -ENOMEM;
+        if (protobuf_c_message_pack(m, f->data + FRAME_HEADER_SIZE) != len) {
+                free(f);
+                return -EIO;
+        }
+        *ret = f;
+        return 0;
+}
+
+int link_send_message(Link *l, uint16_t type, const ProtobufCMessage *m, bool block)
+{
+        TxFrame *f;
+        int r;
+
+        if (!l || !m)
+                return -EINVAL;
+        r = link_pack(l, m, &f);
+        if (r < 0)
+                return r;
+        return link_queue(l, type, f, block, false);
+}
+
+static int link_send_internal(Link *l, uint16_t type, const ProtobufCMessage *m)
+{
+        TxFrame *f;
+        int r = link_pack(l, m, &f);
+        if (r < 0)
+                return r;
+        return link_queue(l, type, f, false, true);
+}
+
+/* ---- writer thread -------------------------------------------------------------------- */
+
+/* Waits until the socket is writable. -ECANCELED when link_free() asks the writer to stop. */
+static int writer_wait(Link *l)
+{
+        struct pollfd p[2] = {
+                {.fd = l->fd, .events = POLLOUT},
+                {.fd = l->stop_fd, .events = POLLIN},
+        };
+
+        for (;;) {
+                if (poll(p, 2, -1) < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (p[1].revents)
+                        return -ECANCELED;
+                return 0; /* writable, or an error the next sendmsg() reports */
+        }
+}
+
+/* Sends a private list of frames; frees them. 0 or negative errno. */
+static int writer_send_batch(Link *l, TxFrame *batch)
+{
+        size_t off = 0; /* bytes of batch's first frame already sent */
+        int r = 0;
+
+        while (batch) {
+                struct iovec iov[TX_IOV_MAX];
+                struct msghdr mh = {.msg_iov = iov};
+                size_t n = 0, done_bytes = 0, k;
+                uint64_t done_frames = 0;
+                ssize_t sent;
+
+                iov[n++] = (struct iovec){batch->data + off, batch->len - off};
+                for (TxFrame *f = batch->next; f && n < TX_IOV_MAX; f = f->next)
+                        iov[n++] = (struct iovec){f->data, f->len};
+                mh.msg_iovlen = n;
+
+                sent = sendmsg(l->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (sent < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN) {
+                                r = writer_wait(l);
+                                if (r < 0)
+                                        break;
+                                continue;
+                        }
+                        r = -errno;
+                        break;
+                }
+
+                for (k = (size_t) sent; batch && k >= batch->len - off;) {
+                        TxFrame *next = batch->next;
+                        k -= batch->len - off;
+                        done_bytes += batch->len;
+                        done_frames++;
+                        free(batch);
+                        batch = next;
+                        off = 0;
+                }
+                off += k;
+
+                pthread_mutex_lock(&l->mutex);
+                l->queued_bytes -= done_bytes;
+                l->stats.frames_sent += done_frames;
+                l->stats.bytes_sent += (uint64_t) sent;
+                if (done_frames > 0)
+                        pthread_cond_broadcast(&l->cond_space);
+                pthread_mutex_unlock(&l->mutex);
+        }
+
+        if (batch) {
+                size_t left = 0;
+                for (TxFrame *f = batch; f; f = f->next)
+                        left += f->len;
+                txframe_free_list(batch);
+                pthread_mutex_lock(&l->mutex);
+                l->queued_bytes -= left;
+                pthread_cond_broadcast(&l->cond_space);
+                pthread_mutex_unlock(&l->mutex);
+        }
+        return r;
+}
+
+static void *writer_main(void *userdata)
+{
+        Link *l = userdata;
+
+        pthread_mutex_lock(&l->mutex);
+        for (;;) {
+                TxFrame *batch;
+                int r;
+
+                while (!l->stop && !l->q_head && !l->closing)
+                        pthread_cond_wait(&l->cond_work, &l->mutex);
+                if (l->stop)
+                        break;
+                if (!l->q_head) {
+                        /* Down and drained (a final ERROR went out): tell the peer. */
+                        (void) shutdown(l->fd, SHUT_WR);
+                        break;
+                }
+                batch = l->q_head;
+                l->q_head = NULL;
+                l->q_tail = &l->q_head;
+                pthread_mutex_unlock(&l->mutex);
+
+                r = writer_send_batch(l, batch);
+
+                pthread_mutex_lock(&l->mutex);
+                if (r == -ECANCELED)
+                        break;
+                if (r < 0) {
+                        l->write_error = r;
+                        l->accepting = false;
+                        pthread_cond_broadcast(&l->cond_space);
+                        /* Wakes the loop, which takes the link down (the writer never calls back). */
+                        (void) eventfd_write(l->wake_fd, 1);
+                        break;
+                }
+        }
+        pthread_mutex_unlock(&l->mutex);
+        return NULL;
+}
+
+/* ---- going down ----------------------------------------------------------------------- */
+
+static void listener_release(Link *l);
+
+static TxFrame *error_frame(Link *l, int code, const char *message)
+{
+        Dr__Repl__Error e = DR__REPL__ERROR__INIT;
+        TxFrame *f = NULL;
+
+        e.code = code;
+        e.message = (char *) message;
+        if (link_pack(l, &e.base, &f) < 0)
+                return NULL;
+        frame_header_build(f->data, DR__REPL__FRAME_TYPE__FRAME_ERROR, f->data + FRAME_HEADER_SIZE,
+                           (uint32_t) (f->len - FRAME_HEADER_SIZE));
+        return f;
+}
+
+/*
+ * Takes the link down once: stops reading and the timers, drops what is
+ * still queued, optionally sends a last ERROR{error, reason} to the peer,
+ * then lets the writer shut the write side. Calls on_down.
+ */
+_printf_(4, 5) static void link_down(Link *l, int error, bool tell_peer, const char *fmt, ...)
+{
+        TxFrame *dropped, *err = NULL;
+        va_list ap;
+
+        if (l->state == LINK_DOWN)
+                return;
+        assert(error < 0);
+
+        va_start(ap, fmt);
+        vsnprintf(l->down_reason, sizeof(l->down_reason), fmt, ap);
+        va_end(ap);
+        link_set_state(l, LINK_DOWN);
+        l->step = STEP_NONE;
+        listener_release(l);
+
+        sd_event_source *sources[] = {l->io_source, l->deadline_source, l->heartbeat_source,
+                                      l->connect_fail_source};
+        FOREACH_ARRAY (s, sources, ELEMENTSOF(sources))
+                if (*s)
+                        (void) sd_event_source_set_enabled(*s, SD_EVENT_OFF);
+
+        if (tell_peer)
+                err = error_frame(l, error, l->down_reason);
+
+        pthread_mutex_lock(&l->mutex);
+        l->accepting = false;
+        dropped = l->q_head;
+        for (TxFrame *f = dropped; f; f = f->next)
+                l->queued_bytes -= f->len;
+        l->q_head = NULL;
+        l->q_tail = &l->q_head;
+        if (err && l->write_error == 0) {
+                *l->q_tail = err;
+                l->q_tail = &err->next;
+                l->queued_bytes += err->len;
+                err = NULL;
+        }
+        l->closing = true;
+        pthread_cond_signal(&l->cond_work);
+        pthread_cond_broadcast(&l->cond_space);
+        pthread_mutex_unlock(&l->mutex);
+        txframe_free_list(dropped);
+        free(err);
+
+        if (l->cb.on_down)
+                l->cb.on_down(l, error, l->down_reason, l->userdata);
+}
+
+void link_fail(Link *l, int code, const char *fmt, ...)
+{
+        char msg[sizeof(l->down_reason)];
+        va_list ap;
+
+        if (!l)
+                return;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+        link_down(l, code < 0 ? code : -EPROTO, true, "%s", msg);
+}
+
+/* ---- lifetime ------------------------------------------------------------------------- */
+
+static Link *link_ref(Link *l)
+{
+        l->n_ref++;
+        return l;
+}
+
+static void link_release(Link *l)
+{
+        pthread_mutex_destroy(&l->mutex);
+        pthread_cond_destroy(&l->cond_work);
+        pthread_cond_destroy(&l->cond_space);
+        free(l->rx_payload);
+        free(l->rx_buf);
+        free(l->vm_name);
+        free(l->hello_payload);
+        free(l->peer_name);
+        free(l);
+}
+
+static void link_unref(Link *l)
+{
+        assert(l->n_ref > 0);
+        if (--l->n_ref == 0)
+                link_release(l);
+}
+DEFINE_TRIVIAL_CLEANUP_FUNC_VOID(Link *, link_unref);
+
+Link *link_free(Link *l)
+{
+        if (!l)
+                return NULL;
+        assert(!l->freed);
+        l->freed = true;
+        link_set_state(l, LINK_DOWN);
+        listener_release(l);
+
+        l->io_source = sd_event_source_disable_unref(l->io_source);
+        l->wake_source = sd_event_source_disable_unref(l->wake_source);
+        l->deadline_source = sd_event_source_disable_unref(l->deadline_source);
+        l->heartbeat_source = sd_event_source_disable_unref(l->heartbeat_source);
+        l->connect_fail_source = sd_event_source_disable_unref(l->connect_fail_source);
+
+        pthread_mutex_lock(&l->mutex);
+        l->stop = true;
+        l->accepting = false;
+        pthread_cond_signal(&l->cond_work);
+        pthread_cond_broadcast(&l->cond_space);
+        pthread_mutex_unlock(&l->mutex);
+        if (l->stop_fd >= 0)
+                (void) eventfd_write(l->stop_fd, 1); /* a writer in poll() on a stalled peer */
+        if (l->writer_started)
+                pthread_join(l->writer, NULL);
+
+        /* Blocked senders were woken above; wait until the last one has left
+         * the condition variable before it is destroyed. */
+        pthread_mutex_lock(&l->mutex);
+        while (l->n_waiters > 0)
+                pthread_cond_wait(&l->cond_space, &l->mutex);
+        txframe_free_list(l->q_head);
+        l->q_head = NULL;
+        l->q_tail = &l->q_head;
+        l->queued_bytes = 0;
+        pthread_mutex_unlock(&l->mutex);
+
+        l->fd = safe_close(l->fd);
+        l->wake_fd = safe_close(l->wake_fd);
+        l->stop_fd = safe_close(l->stop_fd);
+        l->event = sd_event_unref(l->event);
+
+        /* Called from inside one of this Link's callbacks the memory lives on
+         * until that handler returns (it holds a reference). */
+        link_unref(l);
+        return NULL;
+}
+
+/* ---- timers --------------------------------------------------------------------------- */
+
+static uint64_t loop_now(Link *l)
+{
+        uint64_t t;
+        if (sd_event_now(l->event, CLOCK_MONOTONIC, &t) < 0)
+                t = now_usec();
+        return t;
+}
+
+static uint64_t liveness_window_usec(const Link *l)
+{
+        return (uint64_t) l->heartbeat_ms * l->heartbeat_misses * USEC_PER_MSEC;
+}
+
+static int on_deadline(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        _cleanup_(link_unrefp) Link *l = link_ref(userdata);
+
+        if (l->state != LINK_UP) {
+                link_down(l, -ETIMEDOUT, true, "handshake with %s timed out after %u ms", l->peer_name,
+                          l->handshake_timeout_ms);
+                return 0;
+        }
+        if (usec >= l->last_rx_usec + liveness_window_usec(l)) {
+                /* Bytes waiting in the socket mean the peer is alive and this
+                 * loop was late (the timer can dispatch before the read). */
+                struct pollfd pfd = {.fd = l->fd, .events = POLLIN};
+                if (poll(&pfd, 1, 0) > 0 && (pfd.revents & POLLIN))
+                        l->last_rx_usec = usec;
+        }
+        if (usec < l->last_rx_usec + liveness_window_usec(l)) {
+                /* Something arrived since the timer was armed: move it, do not fire. */
+                (void) sd_event_source_set_time(s, l->last_rx_usec + liveness_window_usec(l));
+                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                return 0;
+        }
+        link_down(l, -ETIMEDOUT, true,
+                  "peer %s lost: nothing received for %u ms (%u heartbeats of %u ms missed)", l->peer_name,
+                  (unsigned) ((usec - l->last_rx_usec) / USEC_PER_MSEC), l->heartbeat_misses,
+                  l->heartbeat_ms);
+        return 0;
+}
+
+static int on_heartbeat_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        _cleanup_(link_unrefp) Link *l = link_ref(userdata);
+        Dr__Repl__Heartbeat hb = DR__REPL__HEARTBEAT__INIT;
+        TxFrame *f;
+
+        if (l->state != LINK_UP)
+                return 0;
+        if (l->cb.fill_heartbeat)
+                l->cb.fill_heartbeat(l, &hb, l->userdata);
+        if (l->freed || l->state != LINK_UP)
+                return 0;
+        hb.seq = ++l->heartbeat_seq;
+        /* Never blocks the loop: with a full queue the peer is not reading and
+         * one heartbeat more would not help it. */
+        if (link_pack(l, &hb.base, &f) >= 0)
+                (void) link_queue(l, DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT, f, false, false);
+
+        (void) sd_event_source_set_time(s, usec + (uint64_t) l->heartbeat_ms * USEC_PER_MSEC);
+        (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        return 0;
+}
+
+/* The handshake is over: start heartbeats and the liveness watch, let senders in. */
+static int link_go_up(Link *l, const Dr__Repl__Welcome *welcome)
+{
+        uint64_t now = loop_now(l);
+        int r;
+
+        link_set_state(l, LINK_UP);
+        l->step = STEP_NONE;
+        listener_release(l);
+        l->last_rx_usec = now;
+
+        pthread_mutex_lock(&l->mutex);
+        l->accepting = !l->closing && l->write_error == 0;
+        pthread_mutex_unlock(&l->mutex);
+
+        r = sd_event_source_set_time(l->deadline_source, now + liveness_window_usec(l));
+        if (r >= 0)
+                r = sd_event_source_set_enabled(l->deadline_source, SD_EVENT_ONESHOT);
+        if (r >= 0)
+                r = sd_event_add_time(l->event, &l->heartbeat_source, CLOCK_MONOTONIC,
+                                      now + (uint64_t) l->heartbeat_ms * USEC_PER_MSEC, TIMER_ACCURACY_USEC,
+                                      on_heartbeat_timer, l);
+        if (r < 0) {
+                link_down(l, r, false, "failed to arm heartbeat timers: %s", strerror(-r));
+                return r;
+        }
+
+        if (l->cb.on_up) {
+                r = l->cb.on_up(l, welcome, l->userdata);
+                if (l->freed || l->state == LINK_DOWN)
+                        return -ENOTCONN;
+                if (r < 0) {
+                        link_down(l, r, true, "link to %s refused after the handshake: %s", l->peer_name,
+                                  strerror(-r));
+                        return r;
+                }
+        }
+        return 0;
+}
+
+/* ---- frame dispatch (loop thread) ----------------------------------------------------- */
+
+#define PROTO_FAIL(l, code, ...)                                                                            \
+        ({                                                                                                  \
+                link_down((l), (code), true, __VA_ARGS__);                                                  \
+                (code);                                                                                     \
+        })
+
+static void sanitize(char *dst, size_t size, const char *src)
+{
+        size_t i = 0;
+        for (; src && src[i] && i + 1 < size; i++)
+                dst[i] = (src[i] >= 0x20 && src[i] < 0x7f) ? src[i] : '?';
+        dst[i] = 0;
+}
+
+static int handle_peer_error(Link *l, const uint8_t *payload, size_t len)
+{
+        _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        char msg[PEER_MESSAGE_MAX + 1];
+        Dr__Repl__Error *e;
+        int code;
+
+        m = (ProtobufCMessage *) dr__repl__error__unpack(NULL, len, payload);
+        if (!m)
+                return PROTO_FAIL(l, -EBADMSG, "undecodable ERROR frame from %s", l->peer_name);
+        e = (Dr__Repl__Error *) m;
+        /* The peer's code is input too: only a plausible negative errno passes. */
+        code = (e->code < 0 && e->code > -4096) ? e->code : -EPROTO;
+        sanitize(msg, sizeof(msg), e->message);
+        link_down(l, code, false, "peer %s reported: %s", l->peer_name, msg);
+        return code;
+}
+
+static int handle_hello(Link *l, const uint8_t *payload, size_t len)
+{
+        _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        Dr__Repl__Challenge c = DR__REPL__CHALLENGE__INIT;
+        uint8_t proof[PROOF_BYTES];
+        const char *reason = NULL;
+        Dr__Repl__Hello *h;
+        int r;
+
+        m = (ProtobufCMessage *) dr__repl__hello__unpack(NULL, len, payload);
+        if (!m)
+                return PROTO_FAIL(l, -EBADMSG, "undecodable HELLO from %s", l->peer_name);
+        h = (Dr__Repl__Hello *) m;
+        if (h->version != DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT)
+                return PROTO_FAIL(l, -EPROTONOSUPPORT,
+                                  "peer %s speaks replication protocol version %u, this side only %u",
+                                  l->peer_name, h->version,
+                                  (unsigned) DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT);
+        if (h->nonce.len != NONCE_BYTES || h->vm_uuid.len != UUID_BYTES || h->session.len != SESSION_BYTES)
+                return PROTO_FAIL(l, -EBADMSG,
+                                  "malformed HELLO from %s: nonce %zu, vm_uuid %zu, session %zu bytes "
+                                  "(want %u, %u, %u)",
+                                  l->peer_name, h->nonce.len, h->vm_uuid.len, h->session.len, NONCE_BYTES,
+                                  UUID_BYTES, SESSION_BYTES);
+        if (!h->vm_name || strlen(h->vm_name) == 0 || strlen(h->vm_name) > VM_NAME_MAX)
+                return PROTO_FAIL(l, -EBADMSG, "malformed HELLO from %s: vm_name empty or over %u bytes",
+                                  l->peer_name, VM_NAME_MAX);
+
+        memcpy(l->nonce_peer, h->nonce.data, NONCE_BYTES);
+        memcpy(l->vm_uuid, h->vm_uuid.data, UUID_BYTES);
+        memcpy(l->session, h->session.data, SESSION_BYTES);
+        l->have_session = true;
+        l->vm_name = strdup(h->vm_name);
+        if (!l->vm_name)
+                return PROTO_FAIL(l, -ENOMEM, "out of memory");
+
+        if (l->cb.on_hello) {
+                r = l->cb.on_hello(l, h, &reason, l->userdata);
+                if (l->freed || l->state == LINK_DOWN)
+                        return -ENOTCONN;
+                if (r < 0)
+                        return PROTO_FAIL(l, r, "standby refused HELLO from %s for VM '%s': %s",
+                                          l->peer_name, l->vm_name, reason ?: strerror(-r));
+        }
+
+        if (getrandom(l->nonce_local, NONCE_BYTES, 0) != NONCE_BYTES)
+                return PROTO_FAIL(l, -EIO, "getrandom() failed");
+        r = link_proof(l->secret, l->secret_len, LABEL_STANDBY, l->nonce_peer, l->nonce_local, l->vm_name,
+                       l->vm_uuid, proof);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to compute the standby proof: %s", strerror(-r));
+
+        c.nonce = (ProtobufCBinaryData){NONCE_BYTES, l->nonce_local};
+        c.proof = (ProtobufCBinaryData){PROOF_BYTES, proof};
+        r = link_send_internal(l, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE, &c.base);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to queue CHALLENGE: %s", strerror(-r));
+        l->step = STEP_WAIT_AUTH;
+        return 0;
+}
+
+static int handle_challenge(Link *l, const uint8_t *payload, size_t len)
+{
+        _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        Dr__Repl__Auth a = DR__REPL__AUTH__INIT;
+        uint8_t expected[PROOF_BYTES], proof[PROOF_BYTES];
+        Dr__Repl__Challenge *c;
+        int r;
+
+        m = (ProtobufCMessage *) dr__repl__challenge__unpack(NULL, len, payload);
+        if (!m)
+                return PROTO_FAIL(l, -EBADMSG, "undecodable CHALLENGE from %s", l->peer_name);
+        c = (Dr__Repl__Challenge *) m;
+        if (c->nonce.len != NONCE_BYTES || c->proof.len != PROOF_BYTES)
+                return PROTO_FAIL(l, -EBADMSG, "malformed CHALLENGE from %s: nonce %zu, proof %zu bytes",
+                                  l->peer_name, c->nonce.len, c->proof.len);
+        memcpy(l->nonce_peer, c->nonce.data, NONCE_BYTES);
+
+        r = link_proof(l->secret, l->secret_len, LABEL_STANDBY, l->nonce_local, l->nonce_peer, l->vm_name,
+                       l->vm_uuid, expected);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to compute the standby proof: %s", strerror(-r));
+        if (CRYPTO_memcmp(expected, c->proof.data, PROOF_BYTES) != 0)
+                return PROTO_FAIL(l, -EACCES,
+                                  "authentication failed: the standby %s does not know the shared secret "
+                                  "(check SecretFile= on both hosts)",
+                                  l->peer_name);
+
+        r = link_proof(l->secret, l->secret_len, LABEL_PRIMARY, l->nonce_peer, l->nonce_local, l->vm_name,
+                       l->vm_uuid, proof);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to compute the primary proof: %s", strerror(-r));
+        a.proof = (ProtobufCBinaryData){PROOF_BYTES, proof};
+        r = link_send_internal(l, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to queue AUTH: %s", strerror(-r));
+        l->step = STEP_WAIT_WELCOME;
+        return 0;
+}
+
+static int handle_auth(Link *l, const uint8_t *payload, size_t len)
+{
+        _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        Dr__Repl__Welcome w = DR__REPL__WELCOME__INIT;
+        uint8_t expected[PROOF_BYTES];
+        Dr__Repl__Auth *a;
+        int r;
+
+        m = (ProtobufCMessage *) dr__repl__auth__unpack(NULL, len, payload);
+        if (!m)
+                return PROTO_FAIL(l, -EBADMSG, "undecodable AUTH from %s", l->peer_name);
+        a = (Dr__Repl__Auth *) m;
+        r = link_proof(l->secret, l->secret_len, LABEL_PRIMARY, l->nonce_local, l->nonce_peer, l->vm_name,
+                       l->vm_uuid, expected);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to compute the primary proof: %s", strerror(-r));
+        if (a->proof.len != PROOF_BYTES || CRYPTO_memcmp(expected, a->proof.data, PROOF_BYTES) != 0)
+                return PROTO_FAIL(l, -EACCES,
+                                  "authentication failed: the peer %s does not know the shared secret "
+                                  "(check SecretFile=)",
+                                  l->peer_name);
+
+        if (l->cb.fill_welcome)
+                l->cb.fill_welcome(l, &w, l->userdata);
+        if (l->freed || l->state == LINK_DOWN)
+                return -ENOTCONN;
+        r = link_send_internal(l, DR__REPL__FRAME_TYPE__FRAME_WELCOME, &w.base);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to queue WELCOME: %s", strerror(-r));
+        return link_go_up(l, NULL);
+}
+
+static int handle_welcome(Link *l, const uint8_t *payload, size_t len)
+{
+        _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        Dr__Repl__Welcome *w;
+
+        m = (ProtobufCMessage *) dr__repl__welcome__unpack(NULL, len, payload);
+        if (!m)
+                return PROTO_FAIL(l, -EBADMSG, "undecodable WELCOME from %s", l->peer_name);
+        w = (Dr__Repl__Welcome *) m;
+        if (w->has_session && w->session.len != 0 && w->session.len != SESSION_BYTES)
+                return PROTO_FAIL(l, -EBADMSG, "malformed WELCOME from %s: session is %zu bytes",
+                                  l->peer_name, w->session.len);
+        return link_go_up(l, w);
+}
+
+static int handle_heartbeat(Link *l, const uint8_t *payload, size_t len)
+{
+        _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+
+        m = (ProtobufCMessage *) dr__repl__heartbeat__unpack(NULL, len, payload);
+        if (!m)
+                return PROTO_FAIL(l, -EBADMSG, "undecodable HEARTBEAT from %s", l->peer_name);
+        pthread_mutex_lock(&l->mutex);
+        l->stats.heartbeats_received++;
+        pthread_mutex_unlock(&l->mutex);
+        if (l->cb.on_heartbeat)
+                l->cb.on_heartbeat(l, (Dr__Repl__Heartbeat *) m, l->userdata);
+        return (l->freed || l->state == LINK_DOWN) ? -ENOTCONN : 0;
+}
+
+/* What the peer may send once up: the primary sends epochs, the standby acks them. */
+static bool data_frame_allowed(const Link *l, uint16_t type)
+{
+        if (l->side == LINK_STANDBY)
+                return type == DR__REPL__FRAME_TYPE__FRAME_EPOCH_BEGIN ||
+                       type == DR__REPL__FRAME_TYPE__FRAME_PAGES ||
+                       type == DR__REPL__FRAME_TYPE__FRAME_STATE ||
+                       type == DR__REPL__FRAME_TYPE__FRAME_EPOCH_END;
+        return type == DR__REPL__FRAME_TYPE__FRAME_ACK;
+}
+
+static int link_dispatch(Link *l, uint16_t type, const uint8_t *payload, size_t len)
+{
+        static const char *const step_names[] = {
+                [STEP_NONE] = "up",
+                [STEP_WAIT_HELLO] = "waiting for HELLO",
+                [STEP_WAIT_AUTH] = "waiting for AUTH",
+                [STEP_WAIT_CHALLENGE] = "waiting for CHALLENGE",
+                [STEP_WAIT_WELCOME] = "waiting for WELCOME",
+        };
+        int r;
+
+        if (type == DR__REPL__FRAME_TYPE__FRAME_ERROR)
+                return handle_peer_error(l, payload, len);
+
+        switch (l->step) {
+        case STEP_WAIT_HELLO:
+                if (type == DR__REPL__FRAME_TYPE__FRAME_HELLO)
+                        return handle_hello(l, payload, len);
+                break;
+        case STEP_WAIT_AUTH:
+                if (type == DR__REPL__FRAME_TYPE__FRAME_AUTH)
+                        return handle_auth(l, payload, len);
+                break;
+        case STEP_WAIT_CHALLENGE:
+                if (type == DR__REPL__FRAME_TYPE__FRAME_CHALLENGE)
+                        return handle_challenge(l, payload, len);
+                break;
+        case STEP_WAIT_WELCOME:
+                if (type == DR__REPL__FRAME_TYPE__FRAME_WELCOME)
+                        return handle_welcome(l, payload, len);
+                break;
+        case STEP_NONE:
+                if (l->state != LINK_UP)
+                        break;
+                if (type == DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT)
+                        return handle_heartbeat(l, payload, len);
+                if (!data_frame_allowed(l, type))
+                        break;
+                if (!l->cb.on_frame)
+                        return 0;
+                r = l->cb.on_frame(l, type, payload, len, l->userdata);
+                if (l->freed || l->state == LINK_DOWN)
+                        return -ENOTCONN;
+                if (r < 0)
+                        return PROTO_FAIL(l, r, "%s frame from %s rejected: %s", frame_type_name(type),
+                                          l->peer_name, strerror(-r));
+                return 0;
+        }
+
+        return PROTO_FAIL(l, -EPROTO, "unexpected %s frame (type %u) from %s while %s",
+                          frame_type_name(type), type, l->peer_name, step_names[l->step]);
+}
+
+/* ---- incremental parser (loop thread) ------------------------------------------------- */
+
+static int link_parse_header(Link *l)
+{
+        uint32_t cap = l->state == LINK_UP ? l->max_frame : MIN(l->max_frame, HANDSHAKE_MAX_FRAME);
+        int r;
+
+        r = frame_header_parse(l->rx_header, cap, &l->rx_frame);
+        if (r == -EMSGSIZE)
+                return PROTO_FAIL(l, -EMSGSIZE, "frame from %s announces %u payload bytes, limit is %u",
+                                  l->peer_name, get_le32(l->rx_header + 8), cap);
+        if (r < 0) {
+                if (get_le32(l->rx_header) == FRAME_MAGIC && get_le16(l->rx_header + 4) != FRAME_VERSION)
+                        return PROTO_FAIL(l, -EPROTONOSUPPORT,
+                                          "peer %s uses frame version %u, this side only %u", l->peer_name,
+                                          get_le16(l->rx_header + 4), FRAME_VERSION);
+                return PROTO_FAIL(l, -EBADMSG, "bad frame header from %s (magic, version or reserved bytes)",
+                                  l->peer_name);
+        }
+
+        /* Only now, with the length checked, is anything allocated for the payload. */
+        if (l->rx_frame.length > l->rx_payload_cap) {
+                free(l->rx_payload);
+                l->rx_payload_cap = 0;
+                l->rx_payload = malloc(l->rx_frame.length);
+                if (!l->rx_payload)
+                        return PROTO_FAIL(l, -ENOMEM, "out of memory for a %u byte frame",
+                                          l->rx_frame.length);
+                l->rx_payload_cap = l->rx_frame.length;
+        }
+        l->rx_have_header = true;
+        l->rx_payload_got = 0;
+        return 0;
+}
+
+static int link_frame_complete(Link *l)
+{
+        FrameHeader h = l->rx_frame;
+
+        l->rx_have_header = false;
+        l->rx_header_got = 0;
+        if (frame_verify_payload(l->rx_header, &h, l->rx_payload) < 0)
+                return PROTO_FAIL(l, -EBADMSG, "CRC mismatch in %s frame (%u bytes) from %s",
+                                  frame_type_name(h.type), h.length, l->peer_name);
+        pthread_mutex_lock(&l->mutex);
+        l->stats.frames_received++;
+        pthread_mutex_unlock(&l->mutex);
+        return link_dispatch(l, h.type, l->rx_payload, h.length);
+}
+
+/* Consumes len bytes of stream. 0 when all were consumed, negative when the link went down. */
+static int link_feed(Link *l, const uint8_t *data, size_t len)
+{
+        int r;
+
+        while (!l->freed && l->state != LINK_DOWN) {
+                size_t n;
+
+                if (!l->rx_have_header) {
+                        if (len == 0)
+                                return 0;
+                        n = MIN(len, FRAME_HEADER_SIZE - l->rx_header_got);
+                        memcpy(l->rx_header + l->rx_header_got, data, n);
+                        l->rx_header_got += n;
+                        data += n;
+                        len -= n;
+                        if (l->rx_header_got < FRAME_HEADER_SIZE)
+                                return 0;
+                        r = link_parse_header(l);
+                        if (r < 0)
+                                return r;
+                }
+                if (l->rx_payload_got < l->rx_frame.length) {
+                        if (len == 0)
+                                return 0;
+                        n = MIN(len, l->rx_frame.length - l->rx_payload_got);
+                        memcpy(l->rx_payload + l->rx_payload_got, data, n);
+                        l->rx_payload_got += n;
+                        data += n;
+                        len -= n;
+                        if (l->rx_payload_got < l->rx_frame.length)
+                                return 0;
+                }
+                r = link_frame_complete(l);
+                if (r < 0)
+                        return r;
+        }
+        return -ENOTCONN;
+}
+
+int link_feed_for_fuzzing(Link *l, const void *data, size_t len)
+{
+        _cleanup_(link_unrefp) _unused_ Link *ref = link_ref(l);
+        return link_feed(l, data, len);
+}
+
+/* ---- socket events (loop thread) ------------------------------------------------------ */
+
+/* Liveness counts bytes, not whole frames: a 4 MiB frame on a slow link is
+ * progress long before it is complete. */
+static void link_note_rx(Link *l, size_t n)
+{
+        l->last_rx_usec = loop_now(l);
+        pthread_mutex_lock(&l->mutex);
+        l->stats.bytes_received += n;
+        pthread_mutex_unlock(&l->mutex);
+}
+
+static void link_read(Link *l)
+{
+        for (unsigned i = 0; i < RX_READS_PER_DISPATCH && !l->freed && l->state != LINK_DOWN; i++) {
+                size_t want = l->rx_have_header ? l->rx_frame.length - l->rx_payload_got : 0;
+                bool direct = want >= RX_BUFFER_BYTES;
+                ssize_t n;
+
+                /* Large payloads are read straight into place, small frames in bulk. */
+                if (direct)
+                        n = recv(l->fd, l->rx_payload + l->rx_payload_got, want, MSG_DONTWAIT);
+                else
+                        n = recv(l->fd, l->rx_buf, RX_BUFFER_BYTES, MSG_DONTWAIT);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN)
+                                return;
+                        link_down(l, -errno, false, "reading from %s failed: %s", l->peer_name,
+                                  strerror(errno));
+                        return;
+                }
+                if (n == 0) {
+                        link_down(l, -ECONNRESET, false, "peer %s closed the connection%s", l->peer_name,
+                                  (l->rx_header_got > 0 || l->rx_have_header) ? " in the middle of a frame"
+                                                                              : "");
+                        return;
+                }
+                link_note_rx(l, (size_t) n);
+                if (direct) {
+                        l->rx_payload_got += (size_t) n;
+                        if (l->rx_payload_got == l->rx_frame.length && link_frame_complete(l) < 0)
+                                return;
+                } else if (link_feed(l, l->rx_buf, (size_t) n) < 0)
+                        return;
+        }
+}
+
+static int link_connected(Link *l)
+{
+        int r, err = 0;
+        socklen_t sl = sizeof(err);
+
+        if (getsockopt(l->fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
+                err = errno;
+        if (err != 0) {
+                link_down(l, -err, false, "connecting to %s failed: %s", l->peer_name, strerror(err));
+                return -err;
+        }
+        r = sd_event_source_set_io_events(l->io_source, EPOLLIN);
+        if (r < 0) {
+                link_down(l, r, false, "failed to watch the connection to %s: %s", l->peer_name,
+                          strerror(-r));
+                return r;
+        }
+        link_set_state(l, LINK_HANDSHAKE);
+        l->step = STEP_WAIT_CHALLENGE;
+        {
+                TxFrame *f = txframe_new(l->hello_len);
+                if (!f) {
+                        link_down(l, -ENOMEM, false, "out of memory");
+                        return -ENOMEM;
+                }
+                memcpy(f->data + FRAME_HEADER_SIZE, l->hello_payload, l->hello_len);
+                r = link_queue(l, DR__REPL__FRAME_TYPE__FRAME_HELLO, f, false, true);
+        }
+        if (r < 0) {
+                link_down(l, r, false, "failed to queue HELLO: %s", strerror(-r));
+                return r;
+        }
+        return 0;
+}
+
+static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        _cleanup_(link_unrefp) Link *l = link_ref(userdata);
+
+        if (l->state == LINK_CONNECTING) {
+                (void) link_connected(l);
+                return 0;
+        }
+        link_read(l);
+        return 0;
+}
+
+static int on_writer_wake(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        _cleanup_(link_unrefp) Link *l = link_ref(userdata);
+        eventfd_t v;
+        int r;
+
+        (void) eventfd_read(fd, &v);
+        pthread_mutex_lock(&l->mutex);
+        r = l->write_error;
+        pthread_mutex_unlock(&l->mutex);
+        if (r < 0)
+                link_down(l, r, false, "sending to %s failed: %s", l->peer_name, strerror(-r));
+        return 0;
+}
+
+static int on_connect_failed(sd_event_source *s, void *userdata)
+{
+        _cleanup_(link_unrefp) Link *l = link_ref(userdata);
+        link_down(l, l->connect_error, false, "connecting to %s failed: %s", l->peer_name,
+                  strerror(-l->connect_error));
+        return 0;
+}
+
+/* ---- construction --------------------------------------------------------------------- */
+
+static void socket_tune(int fd)
+{
+        int one = 1, size = SOCKET_BUFFER_BYTES;
+
+        /* Best effort: the kernel clamps the buffers to net.core.[rw]mem_max. */
+        (void) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        (void) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+        (void) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+}
+
+static void format_sockaddr(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
+{
+        char host[INET6_ADDRSTRLEN] = "?";
+
+        if (sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
+                const struct sockaddr_in *in = (const struct sockaddr_in *) sa;
+                inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+                snprintf(buf, size, "%s:%u", host, ntohs(in->sin_port));
+        } else if (sa->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
+                const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) sa;
+                inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+                snprintf(buf, size, "[%s]:%u", host, ntohs(in6->sin6_port));
+        } else
+                snprintf(buf, size, "(address family %u)", sa->sa_family);
+}
+
+static int link_new(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *cb, void *userdata,
+                    const char *peer, Link **ret)
+{
+        _cleanup_(link_freep) Link *l = NULL;
+        int r;
+
+        l = calloc(1, sizeof(*l));
+        if (!l) {
+                safe_close(fd);
+                return -ENOMEM;
+        }
+        l->n_ref = 1;
+        l->fd = fd;
+        l->wake_fd = l->stop_fd = -EBADF;
+        l->q_tail = &l->q_head;
+        pthread_mutex_init(&l->mutex, NULL);
+        pthread_cond_init(&l->cond_work, NULL);
+        pthread_cond_init(&l->cond_space, NULL);
+        l->event = sd_event_ref(e);
+        l->side = p->side;
+        l->state = LINK_CONNECTING;
+        l->cb = *cb;
+        l->userdata = userdata;
+        l->secret = p->secret;
+        l->secret_len = p->secret_len;
+        l->heartbeat_ms = p->heartbeat_ms ?: DEFAULT_HEARTBEAT_MS;
+        l->heartbeat_misses = p->heartbeat_misses ?: DEFAULT_MISSES;
+        l->handshake_timeout_ms = p->handshake_timeout_ms ?: DEFAULT_HANDSHAKE_MS;
+        l->send_queue_limit = p->send_queue_limit ?: DEFAULT_QUEUE_LIMIT;
+        l->max_frame = MIN(p->max_frame ?: (uint32_t) DR__REPL__REPL_LIMIT__REPL_MAX_FRAME,
+                           (uint32_t) DR__REPL__REPL_LIMIT__REPL_MAX_FRAME);
+        l->peer_name = strdup(p->peer_name ?: peer);
+        l->rx_buf = malloc(RX_BUFFER_BYTES);
+        if (!l->peer_name || !l->rx_buf)
+                return -ENOMEM;
+
+        l->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (l->wake_fd < 0 || l->stop_fd < 0)
+                return -errno;
+
+        r = sd_event_add_io(e, &l->wake_source, l->wake_fd, EPOLLIN, on_writer_wake, l);
+        if (r < 0)
+                return r;
+        r = sd_event_add_io(e, &l->io_source, l->fd, p->side == LINK_PRIMARY ? EPOLLOUT : EPOLLIN, on_io, l);
+        if (r < 0)
+                return r;
+        r = sd_event_add_time(e, &l->deadline_source, CLOCK_MONOTONIC,
+                              loop_now(l) + (uint64_t) l->handshake_timeout_ms * USEC_PER_MSEC,
+                              TIMER_ACCURACY_USEC, on_deadline, l);
+        if (r < 0)
+                return r;
+
+        r = -pthread_create(&l->writer, NULL, writer_main, l);
+        if (r < 0)
+                return r;
+        l->writer_started = true;
+
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+static int params_check(const LinkParams *p, const LinkCallbacks *cb, LinkSide side)
+{
+        if (!p || !cb || p->side != side || !p->secret || p->secret_len == 0 || p->secret_len > INT_MAX)
+                return -EINVAL;
+        if (side == LINK_PRIMARY) {
+                const Dr__Repl__Hello *h = p->hello;
+                if (!h || isempty(h->vm_name) || strlen(h->vm_name) > VM_NAME_MAX ||
+                    h->vm_uuid.len != UUID_BYTES || h->session.len != SESSION_BYTES)
+                        return -EINVAL;
+        }
+        return 0;
+}
+
+int link_connect(sd_event *e, const struct sockaddr *sa, socklen_t salen, const LinkParams *p,
+                 const LinkCallbacks *cb, void *userdata, Link **ret)
+{
+        _cleanup_(link_freep) Link *l = NULL;
+        _cleanup_close_ int fd = -EBADF;
+        Dr__Repl__Hello h;
+        char peer[64];
+        int r;
+
+        if (!e || !sa || !ret)
+                return -EINVAL;
+        r = params_check(p, cb, LINK_PRIMARY);
+        if (r < 0)
+                return r;
+
+        fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        socket_tune(fd); /* before connect(), so the window scale covers the large buffers */
+
+        format_sockaddr(sa, salen, peer, sizeof(peer));
+        r = link_new(e, TAKE_FD(fd), p, cb, userdata, peer, &l);
+        if (r < 0)
+                return r;
+
+        l->vm_name = strdup(p->hello->vm_name);
+        if (!l->vm_name)
+                return -ENOMEM;
+        memcpy(l->vm_uuid, p->hello->vm_uuid.data, UUID_BYTES);
+        memcpy(l->session, p->hello->session.data, SESSION_BYTES);
+        l->have_session = true;
+        if (getrandom(l->nonce_local, NONCE_BYTES, 0) != NONCE_BYTES)
+                return -EIO;
+
+        /* A shallow copy: the caller's Hello is only borrowed for this call. */
+        h = *p->hello;
+        h.version = DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT;
+        h.nonce = (ProtobufCBinaryData){NONCE_BYTES, l->nonce_local};
+        l->hello_len = dr__repl__hello__get_packed_size(&h);
+        if (l->hello_len > HANDSHAKE_MAX_FRAME)
+                return -EMSGSIZE;
+        l->hello_payload = malloc(l->hello_len);
+        if (!l->hello_payload)
+                return -ENOMEM;
+        dr__repl__hello__pack(&h, l->hello_payload);
+
+        if (connect(l->fd, sa, salen) < 0) {
+                if (errno != EINPROGRESS) {
+                        /* Failure is reported like any other: through on_down, from the loop. */
+                        l->connect_error = -errno;
+                        r = sd_event_add_defer(e, &l->connect_fail_source, on_connect_failed, l);
+                        if (r < 0)
+                                return r;
+                        (void) sd_event_source_set_enabled(l->io_source, SD_EVENT_OFF);
+                }
+        }
+        /* On success or EINPROGRESS, EPOLLOUT on io_source says the connection is ready. */
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *cb, void *userdata,
+                Link **ret)
+{
+        _cleanup_close_ int owned = fd;
+        _cleanup_(link_freep) Link *l = NULL;
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        char peer[64] = "peer";
+        int r;
+
+        if (!e || fd < 0 || !ret)
+                return -EINVAL;
+        r = params_check(p, cb, LINK_STANDBY);
+        if (r < 0)
+                return r;
+
+        /* The fd may come from anywhere (socket activation, a test): make it ours. */
+        r = fcntl(fd, F_GETFL);
+        if (r < 0 || fcntl(fd, F_SETFL, r | O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+                return -errno;
+        socket_tune(fd);
+        if (!p->peer_name && getpeername(fd, (struct sockaddr *) &ss, &sl) >= 0)
+                format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
+
+        r = link_new(e, TAKE_FD(owned), p, cb, userdata, peer, &l);
+        if (r < 0)
+                return r;
+        link_set_state(l, LINK_HANDSHAKE);
+        l->step = STEP_WAIT_HELLO;
+
+        if (p->listener) {
+                l->listener = p->listener;
+                l->listener_next = p->listener->pending;
+                p->listener->pending = l;
+                p->listener->n_pending++;
+        }
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+/* ---- listener ------------------------------------------------------------------------- */
+
+static void listener_release(Link *l)
+{
+        LinkListener *ll = l->listener;
+
+        if (!ll)
+                return;
+        for (Link **p = &ll->pending; *p; p = &(*p)->listener_next)
+                if (*p == l) {
+                        *p = l->listener_next;
+                        ll->n_pending--;
+                        break;
+                }
+        l->listener = NULL;
+        l->listener_next = NULL;
+}
+
+static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        LinkListener *ll = userdata;
+
+        for (unsigned i = 0; i < 32; i++) {
+                struct sockaddr_storage ss;
+                socklen_t sl = sizeof(ss);
+                char peer[64];
+                int cfd;
+
+                cfd = accept4(fd, (struct sockaddr *) &ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                if (cfd < 0) {
+                        if (errno == EINTR || errno == ECONNABORTED)
+                                continue;
+                        if (errno != EAGAIN)
+                                /* EMFILE and friends: the listener is where this is decided. */
+                                log_warning_errno(-errno, "Failed to accept a replication connection: %m");
+                        return 0;
+                }
+                format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
+                if (ll->n_pending >= ll->max_pending) {
+                        /* Debug only: a flood of strangers must not flood the journal. */
+                        ll->refused++;
+                        log_debug("Refusing replication connection from %s: %u handshakes already pending "
+                                  "(%" PRIu64 " refused so far).",
+                                  peer, ll->n_pending, ll->refused);
+                        safe_close(cfd);
+                        continue;
+                }
+                socket_tune(cfd);
+                (void) ll->on_accept(ll, cfd, peer, ll->userdata);
+        }
+        return 0;
+}
+
+int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, unsigned max_pending,
+                      int (*on_accept)(LinkListener *ll, int fd, const char *peer, void *userdata),
+                      void *userdata, LinkListener **ret)
+{
+        _cleanup_(link_listener_freep) LinkListener *ll = NULL;
+        int one = 1, size = SOCKET_BUFFER_BYTES, r;
+
+        if (!e || !sa || !on_accept || !ret || max_pending == 0)
+                return -EINVAL;
+        ll = calloc(1, sizeof(*ll));
+        if (!ll)
+                return -ENOMEM;
+        ll->fd = -EBADF;
+        ll->event = sd_event_ref(e);
+        ll->max_pending = max_pending;
+        ll->on_accept = on_accept;
+        ll->userdata = userdata;
+
+        ll->fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (ll->fd < 0)
+                return -errno;
+        if (setsockopt(ll->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0)
+                return -errno;
+        /* Accepted sockets inherit the receive buffer, and with it the window scale. */
+        (void) setsockopt(ll->fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+        if (bind(ll->fd, sa, salen) < 0 || listen(ll->fd, LISTEN_BACKLOG) < 0)
+                return -errno;
+        r = sd_event_add_io(e, &ll->io, ll->fd, EPOLLIN, on_listener_io, ll);
+        if (r < 0)
+                return r;
+        *ret = TAKE_PTR(ll);
+        return 0;
+}
+
+LinkListener *link_listener_free(LinkListener *ll)
+{
+        if (!ll)
+                return NULL;
+        /* Links outlive their listener; they just stop counting against it. */
+        while (ll->pending) {
+                Link *l = ll->pending;
+                ll->pending = l->listener_next;
+                l->listener = NULL;
+                l->listener_next = NULL;
+        }
+        ll->io = sd_event_source_disable_unref(ll->io);
+        safe_close(ll->fd);
+        sd_event_unref(ll->event);
+        free(ll);
+        return NULL;
+}
+
+int link_listener_address(const LinkListener *ll, struct sockaddr_storage *ret, socklen_t *ret_len)
+{
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+
+        if (getsockname(ll->fd, (struct sockaddr *) &ss, &sl) < 0)
+                return -errno;
+        *ret = ss;
+        *ret_len = sl;
+        return 0;
+}

@@ -1,0 +1,882 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The replication link over real TCP sockets on 127.0.0.1, one sd-event loop
+ * driving both ends. Where a misbehaving peer is needed, a plain socket plays
+ * it, computing its proofs with link_proof() like an honest peer would.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <systemd/sd-event.h>
+
+#include "crc32c.h"
+#include "frame.h"
+#include "link.h"
+#include "macros.h"
+#include "tests.h"
+#include "util.h"
+
+#define MAX_FRAME ((uint32_t) DR__REPL__REPL_LIMIT__REPL_MAX_FRAME)
+
+/* Runs the loop until cond holds or ms pass; evaluates to cond. */
+#define RUN_UNTIL(e, cond, ms)                                                                              \
+        ({                                                                                                  \
+                uint64_t _end = now_usec() + (uint64_t) (ms) *1000u;                                        \
+                while (!(cond) && now_usec() < _end)                                                        \
+                        ASSERT_TRUE(sd_event_run((e), 5000) >= 0);                                          \
+                (cond);                                                                                     \
+        })
+
+typedef struct Seen {
+        uint16_t type;
+        uint32_t len, crc;
+} Seen;
+
+/* What one end observed through its callbacks. */
+typedef struct Side {
+        unsigned ups, downs, frames, hellos, heartbeats;
+        int down_error;
+        char down_reason[512];
+        bool have_welcome;
+        uint64_t welcome_last_committed;
+        uint64_t hb_last_committed;
+        Seen seen[16];
+        int refuse_hello;    /* on_hello returns this */
+        Link **free_on_down; /* on_down frees the Link it is called for */
+} Side;
+
+typedef struct Fixture {
+        sd_event *e;
+        LinkListener *ll;
+        struct sockaddr_storage addr;
+        socklen_t addr_len;
+        LinkParams sp; /* standby params for on_accept */
+        Link *standby, *primary;
+        Side s, p;
+        uint8_t session[16];
+} Fixture;
+
+static const uint8_t SECRET[] = "correct horse battery staple";
+static const uint8_t WRONG[] = "correct horse battery stapler";
+static const uint8_t UUID[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+
+static int s_on_hello(Link *l, const Dr__Repl__Hello *h, const char **ret_reason, void *userdata)
+{
+        Side *s = userdata;
+        s->hellos++;
+        if (s->refuse_hello < 0) {
+                *ret_reason = "wrong VM";
+                return s->refuse_hello;
+        }
+        ASSERT_TRUE(streq(h->vm_name, "vm0"));
+        ASSERT_EQ(h->page_size, 4096);
+        return 0;
+}
+
+static void s_fill_welcome(Link *l, Dr__Repl__Welcome *w, void *userdata)
+{
+        w->has_last_committed = true;
+        w->last_committed = 41;
+}
+
+static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
+{
+        Side *s = userdata;
+        s->ups++;
+        if (w) {
+                s->have_welcome = true;
+                s->welcome_last_committed = w->has_last_committed ? w->last_committed : 0;
+        }
+        return 0;
+}
+
+static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, void *userdata)
+{
+        Side *s = userdata;
+        if (s->frames < ELEMENTSOF(s->seen))
+                s->seen[s->frames] = (Seen){type, (uint32_t) len, crc32c(0, payload, len)};
+        s->frames++;
+        return 0;
+}
+
+static void fill_heartbeat(Link *l, Dr__Repl__Heartbeat *hb, void *userdata)
+{
+        hb->has_last_committed = true;
+        hb->last_committed = 41;
+}
+
+static void on_heartbeat(Link *l, const Dr__Repl__Heartbeat *hb, void *userdata)
+{
+        Side *s = userdata;
+        s->heartbeats++;
+        s->hb_last_committed = hb->has_last_committed ? hb->last_committed : 0;
+}
+
+static void on_down(Link *l, int error, const char *reason, void *userdata)
+{
+        Side *s = userdata;
+        s->downs++;
+        s->down_error = error;
+        snprintf(s->down_reason, sizeof(s->down_reason), "%s", reason);
+        fprintf(stderr, "  down (%d): %s\n", error, reason);
+        if (s->free_on_down) {
+                ASSERT_TRUE(*s->free_on_down == l);
+                *s->free_on_down = link_free(l);
+        }
+}
+
+static const LinkCallbacks standby_cb = {
+        .on_hello = s_on_hello,
+        .fill_welcome = s_fill_welcome,
+        .on_up = on_up,
+        .on_frame = on_frame,
+        .fill_heartbeat = fill_heartbeat,
+        .on_heartbeat = on_heartbeat,
+        .on_down = on_down,
+};
+
+static const LinkCallbacks primary_cb = {
+        .on_up = on_up,
+        .on_frame = on_frame,
+        .on_heartbeat = on_heartbeat,
+        .on_down = on_down,
+};
+
+static int on_accept(LinkListener *ll, int fd, const char *peer, void *userdata)
+{
+        Fixture *f = userdata;
+        LinkParams p = f->sp;
+
+        ASSERT_TRUE(!f->standby); /* one connection per test */
+        p.peer_name = peer;
+        p.listener = ll;
+        ASSERT_OK(link_accept(f->e, fd, &p, &standby_cb, &f->s, &f->standby));
+        return 0;
+}
+
+static void fixture_init(Fixture *f, const uint8_t *standby_secret, size_t len)
+{
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+
+        memset(f, 0, sizeof(*f));
+        ASSERT_OK(sd_event_new(&f->e));
+        f->sp = (LinkParams){
+                .side = LINK_STANDBY,
+                .secret = standby_secret,
+                .secret_len = len,
+                .heartbeat_ms = 20,
+                .heartbeat_misses = 10,
+                .handshake_timeout_ms = 2000,
+        };
+        ASSERT_OK(link_listener_new(f->e, (struct sockaddr *) &sin, sizeof(sin), 4, on_accept, f, &f->ll));
+        ASSERT_OK(link_listener_address(f->ll, &f->addr, &f->addr_len));
+        ASSERT_TRUE(ntohs(((struct sockaddr_in *) &f->addr)->sin_port) != 0);
+        ASSERT_EQ(getrandom(f->session, sizeof(f->session), 0), sizeof(f->session));
+}
+
+static void fixture_done(Fixture *f)
+{
+        f->primary = link_free(f->primary);
+        f->standby = link_free(f->standby);
+        f->ll = link_listener_free(f->ll);
+        f->e = sd_event_unref(f->e);
+}
+
+static void hello_init(Fixture *f, Dr__Repl__Hello *h)
+{
+        *h = (Dr__Repl__Hello) DR__REPL__HELLO__INIT;
+        h->vm_name = (char *) "vm0";
+        h->vm_uuid = (ProtobufCBinaryData){16, (uint8_t *) UUID};
+        h->session = (ProtobufCBinaryData){16, f->session};
+        h->page_size = 4096;
+}
+
+static void primary_connect(Fixture *f, const uint8_t *secret, size_t len, LinkParams *override)
+{
+        Dr__Repl__Hello h;
+        LinkParams p = {
+                .side = LINK_PRIMARY,
+                .secret = secret,
+                .secret_len = len,
+                .heartbeat_ms = 20,
+                .heartbeat_misses = 10,
+                .handshake_timeout_ms = 2000,
+        };
+
+        hello_init(f, &h);
+        if (override)
+                p = *override;
+        p.hello = &h;
+        ASSERT_OK(link_connect(f->e, (struct sockaddr *) &f->addr, f->addr_len, &p, &primary_cb, &f->p,
+                               &f->primary));
+        ASSERT_EQ(link_state(f->primary), LINK_CONNECTING);
+}
+
+static void fill_random(uint8_t *buf, size_t len, uint32_t seed)
+{
+        for (size_t i = 0; i < len; i++) {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                buf[i] = (uint8_t) seed;
+        }
+}
+
+TEST(handshake_and_frames)
+{
+        static const size_t sizes[] = {0, 1, 4096, 100000, MAX_FRAME - 1, MAX_FRAME};
+        _cleanup_free_ uint8_t *buf = malloc(MAX_FRAME + 1);
+        Fixture f;
+        LinkStats ps, ss;
+
+        ASSERT_TRUE(buf);
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        /* Both ends share this thread, which also fills 8 MiB below (slow under
+         * sanitizers): a generous liveness window, heartbeats still every 20 ms. */
+        f.sp.heartbeat_misses = 100;
+        primary_connect(&f, SECRET, sizeof(SECRET),
+                        &(LinkParams){.side = LINK_PRIMARY,
+                                      .secret = SECRET,
+                                      .secret_len = sizeof(SECRET),
+                                      .heartbeat_ms = 20,
+                                      .heartbeat_misses = 100});
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.ups == 1 && f.s.ups == 1, 3000));
+        ASSERT_EQ(link_state(f.primary), LINK_UP);
+        ASSERT_EQ(link_state(f.standby), LINK_UP);
+        ASSERT_EQ(f.s.hellos, 1);
+        ASSERT_TRUE(f.p.have_welcome);
+        ASSERT_EQ(f.p.welcome_last_committed, 41);
+        ASSERT_TRUE(link_peer_session(f.standby));
+        ASSERT_TRUE(memcmp(link_peer_session(f.standby), f.session, 16) == 0);
+        ASSERT_TRUE(strstr(link_peer_name(f.primary), "127.0.0.1:"));
+
+        /* Primary -> standby: data frames of every interesting size, intact. */
+        for (size_t i = 0; i < ELEMENTSOF(sizes); i++) {
+                fill_random(buf, sizes[i], (uint32_t) (i + 1) * 7919u);
+                ASSERT_OK(link_send(f.primary, DR__REPL__FRAME_TYPE__FRAME_PAGES, buf, sizes[i], false));
+        }
+        ASSERT_EQ(link_send(f.primary, DR__REPL__FRAME_TYPE__FRAME_PAGES, buf, MAX_FRAME + 1, false),
+                  -EMSGSIZE);
+        {
+                Dr__Repl__EpochEnd end = DR__REPL__EPOCH_END__INIT;
+                end.epoch = 42;
+                end.page_records = 7;
+                ASSERT_OK(link_send_message(f.primary, DR__REPL__FRAME_TYPE__FRAME_EPOCH_END, &end.base,
+                                            true));
+        }
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.frames == ELEMENTSOF(sizes) + 1, 5000));
+        for (size_t i = 0; i < ELEMENTSOF(sizes); i++) {
+                fill_random(buf, sizes[i], (uint32_t) (i + 1) * 7919u);
+                ASSERT_EQ(f.s.seen[i].type, DR__REPL__FRAME_TYPE__FRAME_PAGES);
+                ASSERT_EQ(f.s.seen[i].len, sizes[i]);
+                ASSERT_EQ(f.s.seen[i].crc, crc32c(0, buf, sizes[i]));
+        }
+        ASSERT_EQ(f.s.seen[ELEMENTSOF(sizes)].type, DR__REPL__FRAME_TYPE__FRAME_EPOCH_END);
+
+        /* Standby -> primary. */
+        {
+                Dr__Repl__Ack ack = DR__REPL__ACK__INIT;
+                ack.epoch = 42;
+                ASSERT_OK(link_send_message(f.standby, DR__REPL__FRAME_TYPE__FRAME_ACK, &ack.base, false));
+        }
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.frames == 1, 2000));
+        ASSERT_EQ(f.p.seen[0].type, DR__REPL__FRAME_TYPE__FRAME_ACK);
+
+        /* Heartbeats flow both ways and carry what fill_heartbeat put in. */
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.heartbeats >= 3 && f.s.heartbeats >= 3, 2000));
+        ASSERT_EQ(f.p.hb_last_committed, 41);
+
+        link_get_stats(f.primary, &ps);
+        link_get_stats(f.standby, &ss);
+        ASSERT_TRUE(ps.frames_sent >= ELEMENTSOF(sizes) + 2);
+        ASSERT_TRUE(ss.frames_received >= ELEMENTSOF(sizes) + 2);
+        ASSERT_TRUE(ss.bytes_received >= 2ull * MAX_FRAME);
+        ASSERT_TRUE(ps.queue_high_water >= MAX_FRAME);
+        ASSERT_TRUE(ps.heartbeats_sent >= 1 && ss.heartbeats_received >= 3);
+        ASSERT_EQ(f.p.downs + f.s.downs, 0);
+
+        /* link_fail: the peer hears why. */
+        link_fail(f.standby, -ESTALE, "epoch %u out of order", 9);
+        ASSERT_EQ(f.s.down_error, -ESTALE);
+        ASSERT_EQ(link_send(f.standby, DR__REPL__FRAME_TYPE__FRAME_ACK, NULL, 0, false), -ENOTCONN);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs == 1, 2000));
+        ASSERT_EQ(f.p.down_error, -ESTALE);
+        ASSERT_TRUE(strstr(f.p.down_reason, "epoch 9 out of order"));
+        ASSERT_EQ(link_state(f.primary), LINK_DOWN);
+        ASSERT_EQ(f.s.downs, 1);
+        fixture_done(&f);
+}
+
+static void wrong_secret(const uint8_t *ps, size_t pl, const uint8_t *ss, size_t sl)
+{
+        Fixture f;
+
+        fixture_init(&f, ss, sl);
+        primary_connect(&f, ps, pl, NULL);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs == 1 && f.s.downs == 1, 3000));
+        ASSERT_EQ(f.p.down_error, -EACCES);
+        ASSERT_EQ(f.s.down_error, -EACCES);
+        ASSERT_TRUE(strstr(f.p.down_reason, "shared secret"));
+        ASSERT_TRUE(strstr(f.s.down_reason, "shared secret"));
+        ASSERT_EQ(f.p.ups + f.s.ups, 0);
+        ASSERT_EQ(f.s.frames, 0);
+        ASSERT_EQ(link_send(f.primary, DR__REPL__FRAME_TYPE__FRAME_PAGES, "x", 1, false), -ENOTCONN);
+        /* Stays down: nothing more is reported. */
+        RUN_UNTIL(f.e, false, 100);
+        ASSERT_EQ(f.p.downs + f.s.downs, 2);
+        fixture_done(&f);
+}
+
+TEST(wrong_secret_primary)
+{
+        wrong_secret(WRONG, sizeof(WRONG), SECRET, sizeof(SECRET));
+}
+
+TEST(wrong_secret_standby)
+{
+        wrong_secret(SECRET, sizeof(SECRET), WRONG, sizeof(WRONG) - 3);
+}
+
+/* ---- a raw socket playing the primary ---------------------------------------------- */
+
+static int raw_connect(Fixture *f)
+{
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_TRUE(fd >= 0);
+        ASSERT_OK(RET_NERRNO(connect(fd, (struct sockaddr *) &f->addr, f->addr_len)));
+        ASSERT_TRUE(RUN_UNTIL(f->e, f->standby != NULL, 2000));
+        return fd;
+}
+
+static void raw_send(int fd, uint16_t type, const void *payload, size_t len)
+{
+        uint8_t h[FRAME_HEADER_SIZE];
+        frame_header_build(h, type, payload, (uint32_t) len);
+        ASSERT_OK(loop_write(fd, h, sizeof(h)));
+        if (len)
+                ASSERT_OK(loop_write(fd, payload, len));
+}
+
+static void raw_send_message(int fd, uint16_t type, const ProtobufCMessage *m)
+{
+        uint8_t buf[4096];
+        size_t len = protobuf_c_message_get_packed_size(m);
+        ASSERT_TRUE(len <= sizeof(buf));
+        protobuf_c_message_pack(m, buf);
+        raw_send(fd, type, buf, len);
+}
+
+/* Reads one frame while running the loop (the other end lives on it). Returns payload length. */
+static size_t raw_recv(sd_event *e, int fd, uint16_t *ret_type, uint8_t *buf, size_t cap)
+{
+        uint8_t h[FRAME_HEADER_SIZE];
+        size_t got = 0, need = FRAME_HEADER_SIZE;
+        FrameHeader fh = {};
+        uint64_t end = now_usec() + 3 * USEC_PER_SEC;
+
+        while (got < need) {
+                ssize_t n;
+                ASSERT_TRUE(now_usec() < end);
+                ASSERT_TRUE(sd_event_run(e, 1000) >= 0);
+                n = recv(fd, got < FRAME_HEADER_SIZE ? h + got : buf + (got - FRAME_HEADER_SIZE), need - got,
+                         MSG_DONTWAIT);
+                if (n < 0 && errno == EAGAIN)
+                        continue;
+                ASSERT_TRUE(n > 0);
+                got += (size_t) n;
+                if (got == FRAME_HEADER_SIZE) {
+                        ASSERT_OK(frame_header_parse(h, (uint32_t) cap, &fh));
+                        need += fh.length;
+                }
+        }
+        ASSERT_OK(frame_verify_payload(h, &fh, buf));
+        *ret_type = fh.type;
+        return fh.length;
+}
+
+static void raw_hello(Fixture *f, int fd, uint32_t version, uint8_t nonce[32])
+{
+        Dr__Repl__Hello h;
+
+        hello_init(f, &h);
+        h.version = version;
+        ASSERT_EQ(getrandom(nonce, 32, 0), 32);
+        h.nonce = (ProtobufCBinaryData){32, nonce};
+        raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_HELLO, &h.base);
+}
+
+/* The whole primary handshake by hand. bad_proof: send a proof made with the wrong secret. */
+static void raw_handshake(Fixture *f, int fd, bool bad_proof)
+{
+        uint8_t pnonce[32], buf[4096], expect[32], proof[32];
+        Dr__Repl__Auth a = DR__REPL__AUTH__INIT;
+        Dr__Repl__Challenge *c;
+        uint16_t type;
+        size_t len;
+
+        raw_hello(f, fd, 1, pnonce);
+        len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
+        ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE);
+        c = dr__repl__challenge__unpack(NULL, len, buf);
+        ASSERT_TRUE(c && c->nonce.len == 32 && c->proof.len == 32);
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", pnonce, c->nonce.data, "vm0", UUID,
+                             expect));
+        ASSERT_TRUE(memcmp(expect, c->proof.data, 32) == 0);
+        ASSERT_OK(link_proof(bad_proof ? WRONG : SECRET, sizeof(SECRET), "dirtyrep-primary", c->nonce.data,
+                             pnonce, "vm0", UUID, proof));
+        dr__repl__challenge__free_unpacked(c, NULL);
+        a.proof = (ProtobufCBinaryData){32, proof};
+        raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base);
+        if (bad_proof)
+                return;
+        len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
+        ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_WELCOME);
+        ASSERT_TRUE(RUN_UNTIL(f->e, f->s.ups == 1, 2000));
+}
+
+TEST(proof_layout)
+{
+        uint8_t a[32] = {1}, b[32] = {2}, p1[32], p2[32], p3[32];
+
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, p1));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, p2));
+        ASSERT_TRUE(memcmp(p1, p2, 32) == 0);
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", b, a, "vm0", UUID, p2));
+        ASSERT_TRUE(memcmp(p1, p2, 32) != 0);
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", a, b, "vm0", UUID, p3));
+        ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm1", UUID, p3));
+        ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
+        ASSERT_EQ(link_proof(SECRET, 0, "dirtyrep-primary", a, b, "vm0", UUID, p3), -EINVAL);
+}
+
+TEST(bad_crc)
+{
+        uint8_t payload[4096], h[FRAME_HEADER_SIZE];
+        Fixture f;
+        int fd;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        fd = raw_connect(&f);
+        raw_handshake(&f, fd, false);
+
+        fill_random(payload, sizeof(payload), 5);
+        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+        payload[1234] ^= 0x10; /* on the wire, after the CRC was computed */
+        ASSERT_OK(loop_write(fd, h, sizeof(h)));
+        ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+        ASSERT_EQ(f.s.down_error, -EBADMSG);
+        ASSERT_TRUE(strstr(f.s.down_reason, "CRC"));
+        ASSERT_EQ(f.s.frames, 0);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+/* Sends raw bytes as the first thing a stranger says; expects the standby down with err. */
+static void stranger_says(const void *bytes, size_t len, int err, const char *needle)
+{
+        Fixture f;
+        int fd;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        fd = raw_connect(&f);
+        ASSERT_OK(loop_write(fd, bytes, len));
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+        ASSERT_EQ(f.s.down_error, err);
+        if (needle)
+                ASSERT_TRUE(strstr(f.s.down_reason, needle));
+        ASSERT_EQ(f.s.hellos + f.s.frames + f.s.ups, 0);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+TEST(oversize_and_garbage)
+{
+        uint8_t h[FRAME_HEADER_SIZE];
+
+        /* Only a header claiming a huge payload: rejected before any payload is read. */
+        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, NULL, 0);
+        put_le32(h + 8, MAX_FRAME + 1);
+        stranger_says(h, sizeof(h), -EMSGSIZE, "limit");
+        /* During the handshake even a max_frame Hello is too big. */
+        put_le32(h + 8, MAX_FRAME);
+        stranger_says(h, sizeof(h), -EMSGSIZE, "limit");
+        /* Not a frame at all. */
+        stranger_says("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 27, -EBADMSG, "header");
+        /* A frame version from the future. */
+        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_HELLO, NULL, 0);
+        put_le16(h + 4, 2);
+        stranger_says(h, sizeof(h), -EPROTONOSUPPORT, "version");
+}
+
+TEST(oversize_after_handshake)
+{
+        uint8_t h[FRAME_HEADER_SIZE];
+        Fixture f;
+        int fd;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.sp.max_frame = 65536;
+        fd = raw_connect(&f);
+        raw_handshake(&f, fd, false);
+        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, NULL, 0);
+        put_le32(h + 8, 65537);
+        ASSERT_OK(loop_write(fd, h, sizeof(h)));
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+        ASSERT_EQ(f.s.down_error, -EMSGSIZE);
+        ASSERT_EQ(f.s.frames, 0);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+TEST(out_of_state)
+{
+        uint8_t h[FRAME_HEADER_SIZE + 8] = {}, nonce[32];
+        Fixture f;
+        int fd;
+
+        /* PAGES as the first frame. */
+        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, h + FRAME_HEADER_SIZE, 8);
+        stranger_says(h, sizeof(h), -EPROTO, "unexpected PAGES");
+
+        /* Hello, then PAGES before AUTH; then a second Hello. */
+        for (int second_hello = 0; second_hello <= 1; second_hello++) {
+                fixture_init(&f, SECRET, sizeof(SECRET));
+                fd = raw_connect(&f);
+                raw_hello(&f, fd, 1, nonce);
+                if (second_hello)
+                        raw_hello(&f, fd, 1, nonce);
+                else
+                        ASSERT_OK(loop_write(fd, h, sizeof(h)));
+                ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+                ASSERT_EQ(f.s.down_error, -EPROTO);
+                ASSERT_TRUE(strstr(f.s.down_reason, second_hello ? "unexpected HELLO" : "unexpected PAGES"));
+                ASSERT_EQ(f.s.frames + f.s.ups, 0);
+                safe_close(fd);
+                fixture_done(&f);
+        }
+
+        /* Up: a Hello again, or a frame only a standby sends. */
+        for (int ack = 0; ack <= 1; ack++) {
+                Dr__Repl__Ack a = DR__REPL__ACK__INIT;
+                fixture_init(&f, SECRET, sizeof(SECRET));
+                fd = raw_connect(&f);
+                raw_handshake(&f, fd, false);
+                if (ack)
+                        raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_ACK, &a.base);
+                else
+                        raw_hello(&f, fd, 1, nonce);
+                ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+                ASSERT_EQ(f.s.down_error, -EPROTO);
+                ASSERT_EQ(f.s.frames, 0);
+                safe_close(fd);
+                fixture_done(&f);
+        }
+}
+
+TEST(bad_auth_proof)
+{
+        Fixture f;
+        int fd;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        fd = raw_connect(&f);
+        raw_handshake(&f, fd, true);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+        ASSERT_EQ(f.s.down_error, -EACCES);
+        ASSERT_TRUE(strstr(f.s.down_reason, "authentication failed"));
+        ASSERT_EQ(f.s.ups + f.s.frames, 0);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+TEST(version_mismatch)
+{
+        uint8_t nonce[32], buf[4096];
+        Dr__Repl__Error *e;
+        uint16_t type;
+        size_t len;
+        Fixture f;
+        int fd;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        fd = raw_connect(&f);
+        raw_hello(&f, fd, 2, nonce);
+        /* The refusal reaches the peer as an ERROR frame. */
+        len = raw_recv(f.e, fd, &type, buf, sizeof(buf));
+        ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_ERROR);
+        e = dr__repl__error__unpack(NULL, len, buf);
+        ASSERT_TRUE(e);
+        ASSERT_EQ(e->code, -EPROTONOSUPPORT);
+        ASSERT_TRUE(strstr(e->message, "version 2"));
+        dr__repl__error__free_unpacked(e, NULL);
+        ASSERT_EQ(f.s.down_error, -EPROTONOSUPPORT);
+        ASSERT_EQ(f.s.hellos, 0);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+TEST(hello_refused)
+{
+        Fixture f;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.s.refuse_hello = -ENOENT;
+        primary_connect(&f, SECRET, sizeof(SECRET), NULL);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs == 1 && f.s.downs == 1, 2000));
+        ASSERT_EQ(f.s.down_error, -ENOENT);
+        ASSERT_EQ(f.p.down_error, -ENOENT);
+        ASSERT_TRUE(strstr(f.p.down_reason, "wrong VM"));
+        fixture_done(&f);
+}
+
+TEST(silent_peer)
+{
+        uint64_t up, elapsed;
+        Fixture f;
+        int fd;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.sp.heartbeat_ms = 50;
+        f.sp.heartbeat_misses = 3;
+        fd = raw_connect(&f);
+        raw_handshake(&f, fd, false);
+        up = now_usec();
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+        elapsed = now_usec() - up;
+        ASSERT_EQ(f.s.down_error, -ETIMEDOUT);
+        fprintf(stderr, "  declared lost after %" PRIu64 " ms (window 150 ms)\n", elapsed / 1000);
+        ASSERT_TRUE(elapsed >= 120 * 1000 && elapsed < 1000 * 1000);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+TEST(handshake_timeout)
+{
+        uint64_t start;
+        Fixture f;
+        int fd;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.sp.handshake_timeout_ms = 100;
+        start = now_usec();
+        fd = raw_connect(&f);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+        ASSERT_EQ(f.s.down_error, -ETIMEDOUT);
+        ASSERT_TRUE(now_usec() - start >= 90 * 1000);
+        ASSERT_TRUE(strstr(f.s.down_reason, "handshake"));
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+TEST(free_from_callback)
+{
+        Fixture f;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.p.free_on_down = &f.primary;
+        f.s.free_on_down = &f.standby;
+        primary_connect(&f, WRONG, sizeof(WRONG), NULL);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs == 1 && f.s.downs == 1, 3000));
+        ASSERT_TRUE(!f.primary && !f.standby);
+        RUN_UNTIL(f.e, false, 50);
+        fixture_done(&f);
+}
+
+TEST(connect_refused)
+{
+        Fixture f;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.ll = link_listener_free(f.ll); /* the port is closed now */
+        primary_connect(&f, SECRET, sizeof(SECRET), NULL);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs == 1, 2000));
+        ASSERT_EQ(f.p.down_error, -ECONNREFUSED);
+        fixture_done(&f);
+}
+
+TEST(listener_max_pending)
+{
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        Fixture f;
+        int fd1, fd2;
+        char c;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.ll = link_listener_free(f.ll);
+        ASSERT_OK(link_listener_new(f.e, (struct sockaddr *) &sin, sizeof(sin), 1, on_accept, &f, &f.ll));
+        ASSERT_OK(link_listener_address(f.ll, &f.addr, &f.addr_len));
+        fd1 = raw_connect(&f); /* in handshake: counts against max_pending = 1 */
+        fd2 = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_OK(RET_NERRNO(connect(fd2, (struct sockaddr *) &f.addr, f.addr_len)));
+        /* The second one is closed by the listener (on_accept would assert otherwise). */
+        ASSERT_TRUE(RUN_UNTIL(f.e, recv(fd2, &c, 1, MSG_DONTWAIT) == 0, 2000));
+        ASSERT_EQ(link_state(f.standby), LINK_HANDSHAKE);
+        safe_close(fd1);
+        safe_close(fd2);
+        fixture_done(&f);
+}
+
+/* ---- back-pressure: a raw standby that stops reading -------------------------------- */
+
+typedef struct Sender {
+        Link *l;
+        int r;
+        bool done;
+} Sender;
+
+static void *sender_main(void *userdata)
+{
+        Sender *s = userdata;
+        static uint8_t payload[65536];
+        s->r = link_send(s->l, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload), true);
+        __atomic_store_n(&s->done, true, __ATOMIC_RELEASE);
+        return NULL;
+}
+
+/* A primary up against a raw standby that then never reads again. */
+static int stalled_setup(Fixture *f, int *ret_listen_fd)
+{
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        Dr__Repl__Challenge c = DR__REPL__CHALLENGE__INIT;
+        Dr__Repl__Welcome w = DR__REPL__WELCOME__INIT;
+        uint8_t buf[4096], snonce[32], proof[32];
+        socklen_t sl = sizeof(sin);
+        Dr__Repl__Hello *h;
+        Dr__Repl__Auth *a;
+        LinkParams p = {
+                .side = LINK_PRIMARY,
+                .secret = SECRET,
+                .secret_len = sizeof(SECRET),
+                .heartbeat_ms = 1000,
+                .heartbeat_misses = 30,
+                .send_queue_limit = 1 << 20,
+        };
+        uint16_t type;
+        size_t len;
+        int lfd, fd;
+
+        fixture_init(f, SECRET, sizeof(SECRET));
+        lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_TRUE(lfd >= 0);
+        ASSERT_OK(RET_NERRNO(bind(lfd, (struct sockaddr *) &sin, sizeof(sin))));
+        ASSERT_OK(RET_NERRNO(listen(lfd, 1)));
+        ASSERT_OK(RET_NERRNO(getsockname(lfd, (struct sockaddr *) &f->addr, &sl)));
+        f->addr_len = sl;
+        primary_connect(f, SECRET, sizeof(SECRET), &p);
+        fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        ASSERT_TRUE(fd >= 0);
+
+        len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
+        ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_HELLO);
+        h = dr__repl__hello__unpack(NULL, len, buf);
+        ASSERT_TRUE(h && h->nonce.len == 32 && h->version == 1);
+        ASSERT_EQ(getrandom(snonce, 32, 0), 32);
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", h->nonce.data, snonce, "vm0", UUID,
+                             proof));
+        c.nonce = (ProtobufCBinaryData){32, snonce};
+        c.proof = (ProtobufCBinaryData){32, proof};
+        raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE, &c.base);
+        len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
+        ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_AUTH);
+        a = dr__repl__auth__unpack(NULL, len, buf);
+        ASSERT_TRUE(a && a->proof.len == 32);
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", snonce, h->nonce.data, "vm0", UUID,
+                             proof));
+        ASSERT_TRUE(memcmp(proof, a->proof.data, 32) == 0);
+        dr__repl__auth__free_unpacked(a, NULL);
+        dr__repl__hello__free_unpacked(h, NULL);
+        raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_WELCOME, &w.base);
+        ASSERT_TRUE(RUN_UNTIL(f->e, f->p.ups == 1, 2000));
+        *ret_listen_fd = lfd;
+        return fd;
+}
+
+/* Fills the kernel buffers and the queue until non-blocking sends keep failing. */
+static void fill_until_full(Link *l)
+{
+        static uint8_t payload[65536];
+        unsigned again = 0;
+        uint64_t total = 0;
+        LinkStats st;
+
+        while (again < 40) {
+                int r = link_send(l, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload), false);
+                if (r == -EAGAIN) {
+                        again++;
+                        usleep(5000);
+                        continue;
+                }
+                ASSERT_OK(r);
+                again = 0;
+                total += sizeof(payload);
+                ASSERT_TRUE(total < (512ull << 20)); /* the peer does not read: this must end */
+        }
+        link_get_stats(l, &st);
+        fprintf(stderr,
+                "  queue full after %" PRIu64 " MiB: %" PRIu64 " bytes queued, high water %" PRIu64 "\n",
+                total >> 20, st.queued_bytes, st.queue_high_water);
+        /* Memory bounded: the limit plus at most one frame. */
+        ASSERT_TRUE(st.queue_high_water <= (1u << 20) + sizeof(payload) + FRAME_HEADER_SIZE + 1024);
+        ASSERT_TRUE(st.queued_bytes >= (1u << 20) - sizeof(payload) - 2 * FRAME_HEADER_SIZE);
+}
+
+TEST(backpressure_then_down)
+{
+        Sender s = {};
+        pthread_t t;
+        Fixture f;
+        int lfd, fd;
+
+        fd = stalled_setup(&f, &lfd);
+        fill_until_full(f.primary);
+
+        s.l = f.primary;
+        ASSERT_EQ(pthread_create(&t, NULL, sender_main, &s), 0);
+        usleep(100 * 1000);
+        ASSERT_TRUE(!__atomic_load_n(&s.done, __ATOMIC_ACQUIRE)); /* blocked at the limit */
+
+        link_fail(f.primary, -ECANCELED, "test stops the link");
+        ASSERT_EQ(pthread_join(t, NULL), 0);
+        ASSERT_EQ(s.r, -ENOTCONN);
+        ASSERT_EQ(f.p.down_error, -ECANCELED);
+        ASSERT_EQ(link_send(f.primary, DR__REPL__FRAME_TYPE__FRAME_PAGES, "x", 1, true), -ENOTCONN);
+        safe_close(fd);
+        safe_close(lfd);
+        fixture_done(&f);
+}
+
+TEST(free_with_blocked_sender)
+{
+        Sender s = {};
+        pthread_t t;
+        Fixture f;
+        int lfd, fd;
+        uint64_t start;
+
+        fd = stalled_setup(&f, &lfd);
+        fill_until_full(f.primary);
+
+        s.l = f.primary;
+        ASSERT_EQ(pthread_create(&t, NULL, sender_main, &s), 0);
+        usleep(100 * 1000);
+        ASSERT_TRUE(!__atomic_load_n(&s.done, __ATOMIC_ACQUIRE));
+
+        start = now_usec();
+        f.primary = link_free(f.primary); /* the writer is stuck on a full socket too */
+        ASSERT_EQ(pthread_join(t, NULL), 0);
+        ASSERT_EQ(s.r, -ENOTCONN);
+        ASSERT_TRUE(now_usec() - start < USEC_PER_SEC);
+        ASSERT_EQ(f.p.downs, 0); /* link_free() does not call back */
+        safe_close(fd);
+        safe_close(lfd);
+        fixture_done(&f);
+}
+
+DEFINE_TEST_MAIN
