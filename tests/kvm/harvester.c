@@ -10,6 +10,7 @@
  *   wedge     expects the dirty-ring jam (dirtier jam=...): succeeds when it
  *             is reported as an error, fails on a timeout.
  *   snapshot  pause, SaveState to a file and RAM (memfd layout) to a file.
+ *   epochs    the output-commit cycle: pause, resume as epoch n+1, release n.
  *   bench-pause / bench-harvest   measurements (used by bench/, not tests).
  *
  * Exit codes: 0 pass, 1 invariant violated or expectation not met, 2 usage
@@ -504,6 +505,44 @@ static int cmd_bench_harvest(void)
         return 0;
 }
 
+/*
+ * The daemon's output-commit cycle without replication: every interval,
+ * pause, resume as epoch n+1, then release epoch n's held output (as if the
+ * standby had just committed n). Guest output is held for up to an interval.
+ */
+static int cmd_epochs(void)
+{
+        _cleanup_(vmm_link_freep) VmmLink *link = NULL;
+        uint64_t epoch = 1, released = 0, end;
+        int r;
+
+        r = open_link(&link);
+        if (r < 0)
+                return r;
+        r = vmm_link_resume(link, epoch);
+        if (r < 0)
+                return log_error_errno(r, "Resume failed: %s", vmm_link_last_error(link));
+        end = now_usec() + (uint64_t) arg_seconds * USEC_PER_SEC;
+        while (now_usec() < end) {
+                uint64_t bytes = 0;
+
+                usleep(arg_interval_ms * 1000);
+                r = vmm_link_pause(link, 2000, NULL);
+                if (r < 0)
+                        return log_error_errno(r, "Pause failed: %s", vmm_link_last_error(link));
+                r = vmm_link_resume(link, epoch + 1);
+                if (r < 0)
+                        return log_error_errno(r, "Resume failed: %s", vmm_link_last_error(link));
+                r = vmm_link_release_output(link, epoch, &bytes);
+                if (r < 0)
+                        return log_error_errno(r, "ReleaseOutput failed: %s", vmm_link_last_error(link));
+                released += bytes;
+                epoch++;
+        }
+        printf("harvester: epochs=%" PRIu64 " released_bytes=%" PRIu64 "\n", epoch - 1, released);
+        return 0;
+}
+
 static int parse_ws(const char *s)
 {
         char *colon = strchr(s, ':');
@@ -523,11 +562,12 @@ static int parse_ws(const char *s)
 static void help(void)
 {
         printf("Usage: dr-harvester COMMAND --control PATH [OPTIONS]\n"
-               "Commands: check, wedge, snapshot, bench-pause, bench-harvest\n"
+               "Commands: check, wedge, snapshot, epochs, bench-pause, bench-harvest\n"
                "  --ws BASE:PAGES      working-set range to check (repeatable)\n"
                "  --rounds N --interval-ms MS --ring-full-only --expect-ring-full\n"
                "  --state FILE --ram FILE --resume   (snapshot)\n"
-               "  --count N (bench-pause) --seconds S (bench-harvest) --timeout-ms MS (wedge)\n");
+               "  --count N (bench-pause) --seconds S (bench-harvest, epochs) --timeout-ms MS (wedge)\n"
+               "  --interval-ms MS (check, epochs)\n");
 }
 
 int main(int argc, char **argv)
@@ -622,6 +662,8 @@ int main(int argc, char **argv)
                 r = cmd_wedge();
         else if (streq(cmd, "snapshot"))
                 r = cmd_snapshot();
+        else if (streq(cmd, "epochs"))
+                r = cmd_epochs();
         else if (streq(cmd, "bench-pause"))
                 r = cmd_bench_pause();
         else if (streq(cmd, "bench-harvest"))

@@ -4,6 +4,14 @@
  * Everything runs in CPL3 on CPU 0: the parser is a byte-at-a-time state
  * machine (input may be split anywhere, commands may be pipelined), every
  * length is bounded, and garbage gets an -ERR reply, never a crash.
+ *
+ * Multiplexing (docs/guest-abi.md): after answering everything it has read
+ * and with no partial command left, kv writes the turnaround marker 0xD5
+ * to COM2's scratch register, so dirtyrep-vmm may hand the line to another
+ * client. When the line's carrier drops (MSR.DCD = 0: the client left in
+ * the middle of a command) kv discards the partial command and writes the
+ * marker to acknowledge. Under QEMU the scratch write is harmless and DCD
+ * stays up.
  */
 #include "guest.h"
 
@@ -527,6 +535,40 @@ static void parser_feed(uint8_t c)
 
 /* ------------------------------------------------------------------ main */
 
+#define UART_IER 1
+#define UART_LSR 5
+#define UART_MSR 6
+#define UART_SCR 7
+#define IER_RDI  0x01
+#define IER_MSI  0x08
+#define LSR_DR   0x01
+#define MSR_DCD  0x80
+#define TURNAROUND 0xD5
+
+/* One emulated `out` on PVM hosts (a trap), a plain one elsewhere: once per transaction. */
+static void turnaround(void)
+{
+        outb(COM2 + UART_SCR, TURNAROUND);
+}
+
+/*
+ * Idle in the middle of a command: sleep until input or a modem-status
+ * change. Returns false when the carrier is down: the client that sent the
+ * partial command has gone.
+ */
+static bool wait_mid_command(void)
+{
+        bool up;
+
+        /* Enable first, then look: a change that comes in between keeps the IRQ pending and ends the hlt. */
+        outb(COM2 + UART_IER, IER_RDI | IER_MSI);
+        up = inb(COM2 + UART_MSR) & MSR_DCD; /* the read also clears the deltas (the IRQ cause) */
+        if (up && !(inb(COM2 + UART_LSR) & LSR_DR))
+                sys_wait();
+        outb(COM2 + UART_IER, 0);
+        return up && (inb(COM2 + UART_MSR) & MSR_DCD);
+}
+
 void guest_main(unsigned cpu)
 {
         if (cpu != 0) /* kv serves from CPU 0 only */
@@ -534,6 +576,7 @@ void guest_main(unsigned cpu)
                         sys_wait();
 
         uint64_t report_ms = cfg_u64("report_ms", 1000), run_ms = cfg_u64("run_ms", 0);
+        bool mux = cfg_u64("turnaround", 1) != 0; /* 0: never mark turnarounds (one client at a time) */
         uint8_t *heap = (uint8_t *) (uintptr_t) GUEST_WORK_BASE;
         uint64_t bucket_bytes = BUCKETS * sizeof(struct entry *);
 
@@ -550,13 +593,14 @@ void guest_main(unsigned cpu)
         parser_reset(P_START);
 
         /* COM2 was set up by ring 0 (kmain) */
-        pr("kv: ready heap=%lu", (uint64_t) (heap_end - heap_next));
+        pr("kv: ready heap=%lu turnaround=%u", (uint64_t) (heap_end - heap_next), mux ? 1 : 0);
 
         uint64_t report_ticks = ms_to_tsc(report_ms), idle_ticks = ms_to_tsc(2);
         uint64_t t_start = rdtsc(), t_report = t_start, last_rx = t_start;
         uint64_t rep_cmds = 0, rep_keys = 0;
         unsigned spin = 0;
         bool debug_rx = cfg_u64("debug_rx", 0) != 0;
+        bool answered = false; /* input consumed since the last turnaround marker */
 
         for (;;) {
                 uint8_t rx[512];
@@ -569,6 +613,11 @@ void guest_main(unsigned cpu)
                                 parser_feed(rx[i]);
                         spin = 0;
                         last_rx = 0; /* "recently": re-read below */
+                        answered = true;
+                } else if (mux && answered && ps.st == P_START) {
+                        /* Every reply is written and nothing is buffered: a transaction boundary. */
+                        turnaround();
+                        answered = false;
                 }
                 /* rdtsc only every few empty polls when busy */
                 if (n == 0 && ++spin < 16)
@@ -592,7 +641,14 @@ void guest_main(unsigned cpu)
                 if (!idle || run_ms)
                         continue;
                 /* Idle: sleep until COM2 has data (IRQ3), do not spin a host core. */
-                uart_rx_wait(COM2);
+                if (ps.st == P_START || !mux) {
+                        uart_rx_wait(COM2);
+                } else if (!wait_mid_command()) {
+                        pr("kv: hangup mid-command, partial command discarded");
+                        parser_reset(P_START);
+                        turnaround();
+                        answered = false;
+                }
                 last_rx = rdtsc();
         }
 }

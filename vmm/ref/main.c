@@ -95,7 +95,7 @@ static void help(void)
                "     --console FILE|-       COM1 output (default: stdout)\n"
                "     --console-commit       Hold COM1 output until its epoch committed, like COM2\n"
                "     --service-listen ADDR:PORT\n"
-               "                            Bridge COM2 to TCP (one client; port 0 picks one)\n"
+               "                            Bridge COM2 to TCP (up to 64 clients; port 0 picks one)\n"
                "     --restore STATE        Start from a saved VM state instead of a kernel\n"
                "     --ram FILE             RAM image for --restore (copied)\n"
                "     --ram-fd N             RAM for --restore as an inherited fd (a memfd is used in place)\n"

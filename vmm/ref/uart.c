@@ -75,6 +75,10 @@ struct Uart {
         int vm_fd;
         UartBackend backend;
         void *userdata;
+        UartTap tap;
+        bool tap_set;
+        void *tap_userdata;
+        bool carrier_down; /* uart_set_carrier(false): MSR.DCD reads 0 outside loopback */
 
         uint8_t ier, lcr, mcr, lsr_errs, msr, scr, dll, dlm, fcr;
         bool thr_interrupt;   /* THR-empty interrupt pending until IIR read or THR write */
@@ -187,7 +191,9 @@ static void uart_modem_status(Uart *u)
                 if (u->mcr & MCR_OUT2)
                         lines |= MSR_DCD;
         } else {
-                lines = MSR_DCD | MSR_DSR | MSR_CTS; /* a peer is always "connected" */
+                lines = MSR_DSR | MSR_CTS; /* a peer is always "connected"... */
+                if (!u->carrier_down)
+                        lines |= MSR_DCD; /* ...unless the multiplexer said it hung up */
         }
         u->msr = lines | (old & MSR_DELTAS);
         if ((old ^ lines) & MSR_CTS)
@@ -295,13 +301,20 @@ uint8_t uart_read(Uart *u, unsigned offset)
 
 static void uart_transmit(Uart *u, uint8_t byte)
 {
+        int r;
+
         if (u->mcr & MCR_LOOP) {
                 if (uart_rx_put_locked(u, &byte, 1) == 0)
                         u->lsr_errs |= LSR_OE;
                 u->thr_interrupt = true;
                 return;
         }
-        if (u->backend.tx(u->userdata, byte) == -ENOBUFS) {
+        if (u->tap_set)
+                u->tap.tx_enqueue(u->tap_userdata);
+        r = u->backend.tx(u->userdata, byte);
+        if (r < 0 && r != -ENOBUFS && u->tap_set)
+                u->tap.tx_cancel(u->tap_userdata); /* lost, like a byte on a broken line */
+        if (r == -ENOBUFS) {
                 /* Output queue full: the byte stays in THR, THRE reads 0 until uart_tx_kick(). */
                 u->tx_hold = byte;
                 u->tx_hold_valid = true;
@@ -329,6 +342,8 @@ void uart_write(Uart *u, unsigned offset, uint8_t value)
                         /* Writing a full THR overwrites it on real hardware too; count it as lost. */
                         log_debug("%s: THR written while full, byte 0x%02x dropped", u->name, u->tx_hold);
                         u->tx_hold_valid = false;
+                        if (u->tap_set)
+                                u->tap.tx_cancel(u->tap_userdata);
                 }
                 uart_transmit(u, value);
                 break;
@@ -362,6 +377,8 @@ void uart_write(Uart *u, unsigned offset, uint8_t value)
                 break; /* read-only */
         case UART_SCR:
                 u->scr = value;
+                if (u->tap_set)
+                        u->tap.scratch_write(u->tap_userdata, value, u->rx_len == 0);
                 break;
         }
         uart_update_irq(u);
@@ -390,10 +407,54 @@ size_t uart_rx_push(Uart *u, const uint8_t *buf, size_t len)
         return n;
 }
 
+void uart_set_tap(Uart *u, const UartTap *tap, void *userdata)
+{
+        pthread_mutex_lock(&u->lock);
+        u->tap_set = tap != NULL;
+        if (tap)
+                u->tap = *tap;
+        u->tap_userdata = userdata;
+        pthread_mutex_unlock(&u->lock);
+}
+
+size_t uart_rx_fill(Uart *u)
+{
+        uint8_t buf[UART_RX_FIFO_MAX];
+        size_t total = 0;
+
+        pthread_mutex_lock(&u->lock);
+        /* In loopback mode the receiver is cut off from the outside: leave the bytes with the feeder. */
+        while (u->tap_set && u->tap.rx_pull && !(u->mcr & MCR_LOOP) && u->rx_len < UART_RX_FIFO_MAX) {
+                size_t n = u->tap.rx_pull(u->tap_userdata, buf, UART_RX_FIFO_MAX - u->rx_len, u->rx_len == 0);
+
+                if (n == 0)
+                        break;
+                total += uart_rx_put_locked(u, buf, MIN(n, UART_RX_FIFO_MAX - u->rx_len));
+        }
+        if (total > 0)
+                uart_update_irq(u);
+        pthread_mutex_unlock(&u->lock);
+        return total;
+}
+
+void uart_set_carrier(Uart *u, bool up)
+{
+        pthread_mutex_lock(&u->lock);
+        if (u->carrier_down == !up) {
+                pthread_mutex_unlock(&u->lock);
+                return;
+        }
+        u->carrier_down = !up;
+        uart_modem_status(u);
+        uart_update_irq(u);
+        pthread_mutex_unlock(&u->lock);
+}
+
 void uart_tx_kick(Uart *u)
 {
         pthread_mutex_lock(&u->lock);
         if (u->tx_hold_valid && (!u->backend.tx_ready || u->backend.tx_ready(u->userdata))) {
+                /* Any other error keeps the byte for the next kick, as a refusal does. */
                 if (u->backend.tx(u->userdata, u->tx_hold) == 0)
                         u->tx_hold_valid = false;
         }
@@ -441,8 +502,13 @@ void uart_restore(Uart *u, const UartState *s)
         u->dlm = s->dlm;
         u->fcr = s->fcr & 0xc9;
         u->thr_interrupt = s->thr_interrupt;
+        /* A byte restored into THR goes to tx() before any new one: account for it like a THR write. */
+        if (u->tx_hold_valid && u->tap_set)
+                u->tap.tx_cancel(u->tap_userdata);
         u->tx_hold_valid = s->tx_hold_valid;
         u->tx_hold = s->tx_hold;
+        if (u->tx_hold_valid && u->tap_set)
+                u->tap.tx_enqueue(u->tap_userdata);
         uart_rx_clear(u);
         uart_rx_put_locked(u, s->rx, MIN(s->rx_len, (size_t) UART_RX_FIFO_MAX));
         /* Re-drive the line from the restored state; the irqchip state came back separately. */

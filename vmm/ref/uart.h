@@ -39,6 +39,26 @@ typedef struct UartBackend {
         void (*rx_drained)(void *userdata);
 } UartBackend;
 
+/*
+ * An observer of the line for a multiplexer (the service port). All four
+ * are called with the Uart lock held, from whichever thread touched the
+ * UART; they must not call back into the Uart. Optional as a whole.
+ */
+typedef struct UartTap {
+        /*
+         * The guest wrote a byte to THR that goes to backend.tx() next (now,
+         * or on a uart_tx_kick() retry if tx() refused it). Bytes reach tx()
+         * in exactly the order of these calls.
+         */
+        void (*tx_enqueue)(void *userdata);
+        /* The byte of the last tx_enqueue() never reaches tx(): overwritten in THR, or tx() failed. */
+        void (*tx_cancel)(void *userdata);
+        /* The guest wrote SCR (offset 7). rx_empty: the receive FIFO holds no byte the guest has not read. */
+        void (*scratch_write)(void *userdata, uint8_t value, bool rx_empty);
+        /* uart_rx_fill(): copy up to `room` bytes to feed into `buf`; returns the count. */
+        size_t (*rx_pull)(void *userdata, uint8_t *buf, size_t room, bool rx_empty);
+} UartTap;
+
 /* Register state as saved/restored (see proto/devices.proto). */
 typedef struct UartState {
         uint8_t ier, lcr, mcr, lsr, msr, scr, dll, dlm, fcr;
@@ -67,6 +87,18 @@ void uart_write(Uart *u, unsigned offset, uint8_t value);
 size_t uart_rx_space(Uart *u);
 /* Feeds received bytes; returns how many were taken (the rest did not fit). */
 size_t uart_rx_push(Uart *u, const uint8_t *buf, size_t len);
+
+/* Installs a tap (NULL: none). Before the vCPUs run. */
+void uart_set_tap(Uart *u, const UartTap *tap, void *userdata);
+/* Pulls bytes through tap->rx_pull() into the receive FIFO while it has room, atomically with respect to
+ * port I/O: no guest access sees a half-made decision. Returns the bytes added. */
+size_t uart_rx_fill(Uart *u);
+/*
+ * Carrier detect (MSR.DCD): the peer hung up (false) or a peer is there
+ * again (true). A change sets MSR.DDCD and raises the modem-status
+ * interrupt when the guest enabled it (IER.MSI).
+ */
+void uart_set_carrier(Uart *u, bool up);
 
 /* Output space may have come back: retry a held TX byte, signal THR empty. */
 void uart_tx_kick(Uart *u);
