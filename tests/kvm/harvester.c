@@ -86,6 +86,35 @@ static int open_link(VmmLink **ret)
         return 0;
 }
 
+/*
+ * Attaches, picks the tracking backend, allocates an empty dirty set and
+ * switches dirty logging on: what every tracking command starts with.
+ */
+static int attach_tracking(VmmLink **ret_link, Tracker *t, uint64_t **ret_dirty)
+{
+        _cleanup_(vmm_link_freep) VmmLink *link = NULL;
+        uint64_t *dirty;
+        int r;
+
+        r = open_link(&link);
+        if (r < 0)
+                return r;
+        r = tracker_init(t, link);
+        if (r < 0)
+                return log_error_errno(r, "Unknown tracking mode");
+        dirty = calloc(tracker_bitmap_words(t->lay), sizeof(uint64_t));
+        if (!dirty)
+                return log_oom();
+        r = vmm_link_start_tracking(link);
+        if (r < 0) {
+                free(dirty);
+                return log_error_errno(r, "StartTracking failed: %s", vmm_link_last_error(link));
+        }
+        *ret_link = TAKE_PTR(link);
+        *ret_dirty = dirty;
+        return 0;
+}
+
 /* VM-wide page numbers of the working-set ranges, validated against the layout. */
 static int ws_pages(const VmmLayout *lay, uint64_t **ret, size_t *ret_n)
 {
@@ -170,32 +199,25 @@ static int cmd_check(void)
         _cleanup_free_ uint64_t *pages = NULL, *dirty = NULL;
         _cleanup_free_ Stamp *s0 = NULL, *s1 = NULL;
         uint64_t written_total = 0, reported_total = 0, pause_ns, words;
+        unsigned empty_rounds = 0;
         size_t n_pages = 0;
         Tracker t;
         int64_t n;
         int r;
 
-        r = open_link(&link);
+        r = attach_tracking(&link, &t, &dirty);
         if (r < 0)
                 return r;
-        r = tracker_init(&t, link);
-        if (r < 0)
-                return log_error_errno(r, "Unknown tracking mode");
         r = ws_pages(t.lay, &pages, &n_pages);
         if (r < 0)
                 return r;
         if (n_pages == 0)
                 return log_error_errno(-EINVAL, "No working set given (--ws BASE:PAGES)");
         words = tracker_bitmap_words(t.lay);
-        dirty = calloc(words, sizeof(uint64_t));
         s0 = calloc(n_pages, sizeof(Stamp));
         s1 = calloc(n_pages, sizeof(Stamp));
-        if (!dirty || !s0 || !s1)
+        if (!s0 || !s1)
                 return log_oom();
-
-        r = vmm_link_start_tracking(link);
-        if (r < 0)
-                return log_error_errno(r, "StartTracking failed: %s", vmm_link_last_error(link));
 
         /* Baseline: everything dirtied so far is collected and re-protected, then stamps read. */
         r = vmm_link_pause(link, 2000, &pause_ns);
@@ -265,9 +287,9 @@ static int cmd_check(void)
                          round, written, reported, missed, bad, torn, spurious, pause_ns / 1000);
                 if (missed || bad)
                         return 1;
-                if (written == 0)
-                        return log_error_errno(-ENODATA, "round %u: the guest wrote nothing; is dirtier running?",
-                                               round), 1;
+                /* A round on a starved host can see no guest writes; a run where most
+                 * rounds saw none checked nothing. */
+                empty_rounds += written == 0;
                 written_total += written;
                 reported_total += reported;
                 memcpy(s0, s1, n_pages * sizeof(Stamp));
@@ -276,6 +298,9 @@ static int cmd_check(void)
                         return log_error_errno(r, "Resume failed: %s", vmm_link_last_error(link));
         }
 
+        if (empty_rounds > arg_rounds / 2)
+                return log_error_errno(-ENODATA, "%u of %u rounds saw no guest writes; is dirtier running?",
+                                       empty_rounds, arg_rounds), 1;
         if (t.ops == &tracker_ring_ops && t.stats.marked != t.stats.resets)
                 return log_error_errno(-EUCLEAN, "harvested %" PRIu64 " ring entries but KVM reset %" PRIu64,
                                        t.stats.marked, t.stats.resets), 1;
@@ -308,18 +333,11 @@ static int cmd_wedge(void)
         Tracker t;
         int r;
 
-        r = open_link(&link);
+        r = attach_tracking(&link, &t, &dirty);
         if (r < 0)
                 return r;
-        r = tracker_init(&t, link);
-        if (r < 0 || t.ops != &tracker_ring_ops)
+        if (t.ops != &tracker_ring_ops)
                 return log_error_errno(-EINVAL, "wedge needs ring tracking");
-        dirty = calloc(tracker_bitmap_words(t.lay), sizeof(uint64_t));
-        if (!dirty)
-                return log_oom();
-        r = vmm_link_start_tracking(link);
-        if (r < 0)
-                return log_error_errno(r, "StartTracking failed: %s", vmm_link_last_error(link));
 
         end = now_usec() + (uint64_t) arg_timeout_ms * USEC_PER_MSEC;
         while (now_usec() < end) {
@@ -466,19 +484,10 @@ static int cmd_bench_harvest(void)
         Tracker t;
         int r;
 
-        r = open_link(&link);
-        if (r < 0)
-                return r;
-        r = tracker_init(&t, link);
+        r = attach_tracking(&link, &t, &dirty);
         if (r < 0)
                 return r;
         words = tracker_bitmap_words(t.lay);
-        dirty = calloc(words, sizeof(uint64_t));
-        if (!dirty)
-                return log_oom();
-        r = vmm_link_start_tracking(link);
-        if (r < 0)
-                return log_error_errno(r, "StartTracking failed: %s", vmm_link_last_error(link));
         usleep(200 * 1000);
         (void) tracker_sync(&t, dirty);
         memset(&t.stats, 0, sizeof(t.stats));
