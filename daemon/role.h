@@ -1,0 +1,87 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+#pragma once
+
+/*
+ * The two roles a VM has in dirtyrepd, as the daemon's main loop (main.c,
+ * manager) drives them. Both run on the caller's sd-event loop; the primary
+ * adds one epoch thread per VM (harvest, pre-copy, seal, ship). Every
+ * failure is an error value and a status that says what happened: a role
+ * never exits the process, and one VM's failure never touches another's.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+#include "macros.h"
+
+typedef struct ReplStatus {
+        const char *role;      /* "primary" or "standby" */
+        /* One word an operator can act on:
+         * primary: "attaching" (waiting for the VMM), "connecting" (no standby),
+         *          "syncing" (full or incremental resync running), "protected"
+         *          (epochs committing), "failed" (see detail);
+         * standby: "listening" (no primary), "syncing", "protected", "failed". */
+        const char *state;
+        char detail[256];      /* last error, or what it is waiting for */
+        bool link_up;
+        char peer[80];
+        uint64_t last_sealed;    /* primary */
+        uint64_t last_committed; /* primary: acked by the standby; standby: applied */
+        uint64_t epochs_committed;
+        uint64_t full_syncs, incremental_syncs;
+        uint64_t pause_ns_p50, pause_ns_p99, pause_ns_max; /* primary: seal pauses, recent window */
+        uint64_t pages_last_epoch;
+        double dirty_pages_per_s;
+        uint64_t bytes_sent, bytes_received;
+        uint64_t inflight;
+        double compression_ratio; /* page bytes in / bytes on the wire */
+        uint64_t staging_bytes;   /* memory held for epochs not yet acked/committed */
+} ReplStatus;
+
+/*
+ * Page hash files (test and diagnostic hooks): one little-endian u32 CRC32C
+ * per guest page, in VM-wide page order (regions in layout order), nothing
+ * else. The primary's at a frozen seal and the standby's after committing
+ * that epoch must be byte-identical.
+ */
+
+typedef struct Primary Primary;
+
+/* Borrowed: d, vm (for the Primary's life); secret is copied. */
+int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret, size_t secret_len,
+                Primary **ret);
+/* Starts attaching to the VMM (retrying while its socket is absent) and connecting to the peer. */
+int primary_start(Primary *p);
+Primary *primary_free(Primary *p);
+DEFINE_TRIVIAL_CLEANUP_FUNC(Primary *, primary_free);
+void primary_get_status(Primary *p, ReplStatus *ret);
+
+/* Seals an epoch now instead of at the next interval; returns its number once sealed. */
+int primary_checkpoint(Primary *p, uint64_t *ret_epoch);
+
+/* Test hooks. freeze: seal now and leave the VM paused after that seal
+ * (epochs stop); thaw: resume. hash_ram: while frozen, write the page
+ * hash file of guest RAM (= RAM at the frozen seal). */
+int primary_freeze(Primary *p, uint64_t *ret_epoch);
+int primary_thaw(Primary *p);
+int primary_hash_ram(Primary *p, const char *path);
+
+typedef struct Standby Standby;
+
+int standby_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret, size_t secret_len,
+                Standby **ret);
+/* Starts listening on vm->listen. */
+int standby_start(Standby *s);
+Standby *standby_free(Standby *s);
+DEFINE_TRIVIAL_CLEANUP_FUNC(Standby *, standby_free);
+void standby_get_status(Standby *s, ReplStatus *ret);
+
+/* Test hooks on the committed replica: its page hash file, and its RAM (memfd
+ * layout) and VmState written to files (for dirtyrep-memcheck and
+ * dirtyrep-vmm --restore). Both report the epoch they reflect. */
+int standby_hash_replica(Standby *s, const char *path, uint64_t *ret_epoch);
+int standby_dump_replica(Standby *s, const char *ram_path, const char *state_path, uint64_t *ret_epoch);
+/* The bound listen address (useful with port 0). */
+int standby_listen_address(Standby *s, char *buf, size_t len);
