@@ -1,0 +1,497 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * dirtyrepd: one sd-event loop, many VMs, each either primary (attached to
+ * its VMM, streaming epochs) or standby (holding a replica). See
+ * docs/architecture.md and dirtyrepd(8).
+ *
+ * A VM that cannot be set up (bad secret file, address in use, ...) is
+ * logged and marked failed; the daemon keeps serving the others.
+ *
+ * --debug-socket PATH serves a root-only (0600) diagnostic socket with a
+ * line protocol, used by the integration tests and for field diagnosis:
+ *   status                     one JSON object per VM, one per line
+ *   checkpoint VM              seal an epoch now: "ok EPOCH"
+ *   freeze VM | thaw VM        primary: seal and keep the VM paused / resume
+ *   hash VM PATH               page-hash file (primary: frozen RAM; standby: replica)
+ *   dump VM RAMPATH STATEPATH  standby: committed replica RAM and VmState
+ * Answers "ok ..." or "error MESSAGE". One request per connection.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <systemd/sd-daemon.h>
+#include <systemd/sd-event.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "dirtyrep-build.h"
+#include "log.h"
+#include "macros.h"
+#include "role.h"
+
+#define DEBUG_LINE_MAX 4096
+#define DEBUG_CLIENTS_MAX 16
+
+typedef struct Vm {
+        const VmConfig *cfg;
+        Primary *primary;
+        Standby *standby;
+        char error[256]; /* set when setting the VM up failed */
+} Vm;
+
+typedef struct Manager {
+        sd_event *event;
+        Config *config;
+        Vm *vms;
+        size_t n_vms;
+        int debug_fd;
+        sd_event_source *debug_source;
+        unsigned debug_clients;
+} Manager;
+
+typedef struct DebugClient {
+        Manager *m;
+        sd_event_source *source;
+        int fd;
+        char buf[DEBUG_LINE_MAX];
+        size_t len;
+} DebugClient;
+
+static const char *arg_config = SYSCONFDIR "/dirtyrep/dirtyrep.conf";
+static const char *arg_config_dir = SYSCONFDIR "/dirtyrep/vm.d";
+static const char *arg_debug_socket;
+static bool arg_check_config;
+
+static Vm *manager_find_vm(Manager *m, const char *name)
+{
+        for (size_t i = 0; i < m->n_vms; i++)
+                if (streq(m->vms[i].cfg->name, name))
+                        return &m->vms[i];
+        return NULL;
+}
+
+static void vm_status(Vm *vm, ReplStatus *st)
+{
+        memset(st, 0, sizeof(*st));
+        if (vm->primary)
+                primary_get_status(vm->primary, st);
+        else if (vm->standby)
+                standby_get_status(vm->standby, st);
+        else {
+                st->role = vm_role_to_string(vm->cfg->role);
+                st->state = "failed";
+                snprintf(st->detail, sizeof(st->detail), "%s", vm->error);
+        }
+}
+
+/* JSON string body with the characters JSON requires escaped. */
+static void json_escape(const char *s, char *out, size_t size)
+{
+        size_t o = 0;
+
+        for (; *s && o + 7 < size; s++) {
+                unsigned char c = (unsigned char) *s;
+                if (c == '"' || c == '\\') {
+                        out[o++] = '\\';
+                        out[o++] = (char) c;
+                } else if (c < 0x20)
+                        o += (size_t) snprintf(out + o, size - o, "\\u%04x", c);
+                else
+                        out[o++] = (char) c;
+        }
+        out[o] = 0;
+}
+
+static int vm_status_json(Vm *vm, char *out, size_t size)
+{
+        char detail[600], peer[200];
+        ReplStatus st;
+
+        vm_status(vm, &st);
+        json_escape(st.detail, detail, sizeof(detail));
+        json_escape(st.peer, peer, sizeof(peer));
+        return snprintf(out, size,
+                        "{\"vm\": \"%s\", \"role\": \"%s\", \"state\": \"%s\", \"detail\": \"%s\", "
+                        "\"link_up\": %s, \"peer\": \"%s\", \"last_sealed\": %" PRIu64
+                        ", \"last_committed\": %" PRIu64 ", \"epochs_committed\": %" PRIu64
+                        ", \"full_syncs\": %" PRIu64 ", \"incremental_syncs\": %" PRIu64
+                        ", \"pause_ns_p50\": %" PRIu64 ", \"pause_ns_p99\": %" PRIu64 ", \"pause_ns_max\": %" PRIu64
+                        ", \"pages_last_epoch\": %" PRIu64 ", \"dirty_pages_per_s\": %.1f, \"bytes_sent\": %" PRIu64
+                        ", \"bytes_received\": %" PRIu64 ", \"inflight\": %" PRIu64
+                        ", \"compression_ratio\": %.3f, \"staging_bytes\": %" PRIu64 "}\n",
+                        vm->cfg->name, st.role ? st.role : "?", st.state ? st.state : "?", detail,
+                        st.link_up ? "true" : "false", peer, st.last_sealed, st.last_committed,
+                        st.epochs_committed, st.full_syncs, st.incremental_syncs, st.pause_ns_p50, st.pause_ns_p99,
+                        st.pause_ns_max, st.pages_last_epoch, st.dirty_pages_per_s, st.bytes_sent,
+                        st.bytes_received, st.inflight, st.compression_ratio, st.staging_bytes);
+}
+
+static DebugClient *debug_client_free(DebugClient *c)
+{
+        if (!c)
+                return NULL;
+        sd_event_source_disable_unref(c->source);
+        safe_close(c->fd);
+        c->m->debug_clients--;
+        free(c);
+        return NULL;
+}
+
+static void debug_reply(DebugClient *c, const char *fmt, ...) _printf_(2, 3);
+static void debug_reply(DebugClient *c, const char *fmt, ...)
+{
+        char buf[1024];
+        va_list ap;
+        int n;
+
+        va_start(ap, fmt);
+        n = vsnprintf(buf, sizeof(buf), fmt, ap);
+        va_end(ap);
+        if (n > 0)
+                (void) send(c->fd, buf, MIN((size_t) n, sizeof(buf) - 1), MSG_NOSIGNAL);
+}
+
+/* Splits line into at most max words on spaces. */
+static size_t split_words(char *line, char **words, size_t max)
+{
+        size_t n = 0;
+        for (char *save = NULL, *w = strtok_r(line, " \t", &save); w && n < max; w = strtok_r(NULL, " \t", &save))
+                words[n++] = w;
+        return n;
+}
+
+static void debug_execute(DebugClient *c, char *line)
+{
+        Manager *m = c->m;
+        char *w[5];
+        size_t n = split_words(line, w, ELEMENTSOF(w));
+        uint64_t epoch = 0;
+        Vm *vm;
+        int r;
+
+        if (n == 0) {
+                debug_reply(c, "error empty request\n");
+                return;
+        }
+        if (streq(w[0], "status")) {
+                for (size_t i = 0; i < m->n_vms; i++) {
+                        char out[2048];
+                        if (n > 1 && !streq(m->vms[i].cfg->name, w[1]))
+                                continue;
+                        vm_status_json(&m->vms[i], out, sizeof(out));
+                        (void) send(c->fd, out, strlen(out), MSG_NOSIGNAL);
+                }
+                return;
+        }
+        if (n < 2) {
+                debug_reply(c, "error '%s' needs a VM name\n", w[0]);
+                return;
+        }
+        vm = manager_find_vm(m, w[1]);
+        if (!vm) {
+                debug_reply(c, "error no VM named '%s'\n", w[1]);
+                return;
+        }
+
+        if (streq(w[0], "checkpoint") && vm->primary)
+                r = primary_checkpoint(vm->primary, &epoch);
+        else if (streq(w[0], "freeze") && vm->primary)
+                r = primary_freeze(vm->primary, &epoch);
+        else if (streq(w[0], "thaw") && vm->primary)
+                r = primary_thaw(vm->primary);
+        else if (streq(w[0], "hash") && n == 3 && vm->primary)
+                r = primary_hash_ram(vm->primary, w[2]);
+        else if (streq(w[0], "hash") && n == 3 && vm->standby)
+                r = standby_hash_replica(vm->standby, w[2], &epoch);
+        else if (streq(w[0], "dump") && n == 4 && vm->standby)
+                r = standby_dump_replica(vm->standby, w[2], w[3], &epoch);
+        else {
+                debug_reply(c, "error '%s' with %zu argument(s) is not a request for %s VM '%s'\n", w[0], n - 1,
+                            vm->primary ? "primary" : vm->standby ? "standby" : "failed", vm->cfg->name);
+                return;
+        }
+        if (r < 0)
+                debug_reply(c, "error %s: %s\n", w[0], strerror(-r));
+        else
+                debug_reply(c, "ok %" PRIu64 "\n", epoch);
+}
+
+static int on_debug_client(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        DebugClient *c = userdata;
+        ssize_t k;
+        char *nl;
+
+        k = recv(fd, c->buf + c->len, sizeof(c->buf) - 1 - c->len, MSG_DONTWAIT);
+        if (k < 0 && (errno == EAGAIN || errno == EINTR))
+                return 0;
+        if (k <= 0) {
+                debug_client_free(c);
+                return 0;
+        }
+        c->len += (size_t) k;
+        c->buf[c->len] = 0;
+        nl = strchr(c->buf, '\n');
+        if (!nl) {
+                if (c->len >= sizeof(c->buf) - 1) {
+                        debug_reply(c, "error request longer than %d bytes\n", DEBUG_LINE_MAX - 1);
+                        debug_client_free(c);
+                }
+                return 0;
+        }
+        *nl = 0;
+        debug_execute(c, c->buf);
+        debug_client_free(c);
+        return 0;
+}
+
+static int on_debug_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        Manager *m = userdata;
+        _cleanup_close_ int cfd = -EBADF;
+        struct ucred cred;
+        socklen_t len = sizeof(cred);
+        DebugClient *c;
+        int r;
+
+        cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cfd < 0)
+                return 0;
+        /* The socket is 0600, but say it twice: only root and our own uid. */
+        if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 ||
+            (cred.uid != 0 && cred.uid != getuid()))
+                return 0;
+        if (m->debug_clients >= DEBUG_CLIENTS_MAX)
+                return 0;
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return 0;
+        c->m = m;
+        c->fd = TAKE_FD(cfd);
+        m->debug_clients++;
+        r = sd_event_add_io(m->event, &c->source, c->fd, EPOLLIN, on_debug_client, c);
+        if (r < 0)
+                debug_client_free(c);
+        return 0;
+}
+
+static int debug_socket_open(Manager *m, const char *path)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int r;
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return log_error_errno(-ENAMETOOLONG, "Debug socket path too long: %s", path);
+        strcpy(sa.sun_path, path);
+        m->debug_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (m->debug_fd < 0)
+                return log_error_errno(-errno, "socket(): %m");
+        (void) unlink(path);
+        if (bind(m->debug_fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                return log_error_errno(-errno, "Failed to bind debug socket %s: %m", path);
+        /* Nobody can connect before listen(), so chmod here is race-free. */
+        if (chmod(path, 0600) < 0)
+                return log_error_errno(-errno, "chmod(%s): %m", path);
+        if (listen(m->debug_fd, 16) < 0)
+                return log_error_errno(-errno, "listen(%s): %m", path);
+        r = sd_event_add_io(m->event, &m->debug_source, m->debug_fd, EPOLLIN, on_debug_accept, m);
+        if (r < 0)
+                return log_error_errno(r, "Failed to watch the debug socket: %m");
+        return 0;
+}
+
+static void vm_setup(Manager *m, Vm *vm)
+{
+        const VmConfig *cfg = vm->cfg;
+        _cleanup_free_ char *err = NULL;
+        uint8_t *secret = NULL;
+        size_t secret_len = 0;
+        int r;
+
+        r = config_load_secret(cfg->secret_file, &secret, &secret_len, &err);
+        if (r < 0) {
+                snprintf(vm->error, sizeof(vm->error), "%s", err ? err : strerror(-r));
+                log_error("VM %s: %s", cfg->name, vm->error);
+                return;
+        }
+        if (cfg->role == VM_ROLE_PRIMARY) {
+                r = primary_new(m->event, m->config->daemon, cfg, secret, secret_len, &vm->primary);
+                if (r >= 0)
+                        r = primary_start(vm->primary);
+        } else {
+                r = standby_new(m->event, m->config->daemon, cfg, secret, secret_len, &vm->standby);
+                if (r >= 0)
+                        r = standby_start(vm->standby);
+        }
+        config_secret_free(secret, secret_len);
+        if (r < 0) {
+                snprintf(vm->error, sizeof(vm->error), "setting up the %s role failed: %s",
+                         vm_role_to_string(cfg->role), strerror(-r));
+                log_error("VM %s: %s", cfg->name, vm->error);
+                vm->primary = primary_free(vm->primary);
+                vm->standby = standby_free(vm->standby);
+                return;
+        }
+        log_info("VM %s: %s role started", cfg->name, vm_role_to_string(cfg->role));
+}
+
+static void manager_free(Manager *m)
+{
+        for (size_t i = 0; i < m->n_vms; i++) {
+                primary_free(m->vms[i].primary);
+                standby_free(m->vms[i].standby);
+        }
+        free(m->vms);
+        sd_event_source_disable_unref(m->debug_source);
+        safe_close(m->debug_fd);
+        if (arg_debug_socket)
+                (void) unlink(arg_debug_socket);
+        config_free(m->config);
+        sd_event_unref(m->event);
+}
+
+/* Logs a multi-line error report one line at a time (log records are bounded). */
+static void log_error_lines(const char *text)
+{
+        _cleanup_free_ char *copy = strdup(text ? text : "");
+        char *save = NULL;
+
+        if (!copy)
+                return;
+        for (char *l = strtok_r(copy, "\n", &save); l; l = strtok_r(NULL, "\n", &save))
+                log_error("%s", l);
+}
+
+static void help(void)
+{
+        printf("Usage: dirtyrepd [OPTIONS]\n\n"
+               "Replicates KVM virtual machines to a standby host.\n\n"
+               "  -h --help                Show this help\n"
+               "     --version             Show the version\n"
+               "  -c --config FILE         Main configuration (default %s)\n"
+               "  -d --config-dir DIR      Per-VM configuration files (default %s)\n"
+               "     --check-config        Validate the configuration and exit\n"
+               "     --debug-socket PATH   Serve the diagnostic socket (root only)\n",
+               SYSCONFDIR "/dirtyrep/dirtyrep.conf", SYSCONFDIR "/dirtyrep/vm.d");
+}
+
+static int parse_argv(int argc, char **argv)
+{
+        enum { ARG_VERSION = 0x100, ARG_CHECK, ARG_DEBUG };
+        static const struct option opts[] = {
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, ARG_VERSION },
+                { "config", required_argument, NULL, 'c' },
+                { "config-dir", required_argument, NULL, 'd' },
+                { "check-config", no_argument, NULL, ARG_CHECK },
+                { "debug-socket", required_argument, NULL, ARG_DEBUG },
+                {}
+        };
+        int c;
+
+        while ((c = getopt_long(argc, argv, "hc:d:", opts, NULL)) >= 0)
+                switch (c) {
+                case 'h':
+                        help();
+                        return 0;
+                case ARG_VERSION:
+                        printf("dirtyrepd %s\n", DIRTYREP_VERSION);
+                        return 0;
+                case 'c':
+                        arg_config = optarg;
+                        break;
+                case 'd':
+                        arg_config_dir = optarg;
+                        break;
+                case ARG_CHECK:
+                        arg_check_config = true;
+                        break;
+                case ARG_DEBUG:
+                        arg_debug_socket = optarg;
+                        break;
+                default:
+                        return -EINVAL;
+                }
+        if (optind < argc)
+                return log_error_errno(-EINVAL, "Unexpected argument '%s' (see --help)", argv[optind]);
+        return 1;
+}
+
+int main(int argc, char **argv)
+{
+        Manager m = { .debug_fd = -EBADF };
+        _cleanup_free_ char *errors = NULL;
+        sigset_t mask;
+        int r;
+
+        log_set_ident("dirtyrepd");
+        r = parse_argv(argc, argv);
+        if (r <= 0)
+                return r < 0 ? 1 : 0;
+
+        r = config_load(arg_config, arg_config_dir, &m.config, &errors);
+        if (r < 0) {
+                log_error_lines(errors);
+                log_error_errno(r, "Configuration is invalid (%s, %s/*.conf)", arg_config, arg_config_dir);
+                return 1;
+        }
+        if (arg_check_config) {
+                printf("Configuration OK: %zu VM(s)\n", m.config->n_vms);
+                for (size_t i = 0; i < m.config->n_vms; i++)
+                        printf("  %s: %s\n", m.config->vms[i]->name, vm_role_to_string(m.config->vms[i]->role));
+                config_free(m.config);
+                return 0;
+        }
+        log_set_max_level(m.config->daemon->log_level);
+
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGPIPE);
+        if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
+                return log_error_errno(-errno, "sigprocmask(): %m"), 1;
+
+        r = sd_event_default(&m.event);
+        if (r < 0) {
+                log_error_errno(r, "Failed to create the event loop: %m");
+                goto out;
+        }
+        (void) sd_event_add_signal(m.event, NULL, SIGTERM, NULL, NULL);
+        (void) sd_event_add_signal(m.event, NULL, SIGINT, NULL, NULL);
+
+        if (arg_debug_socket) {
+                r = debug_socket_open(&m, arg_debug_socket);
+                if (r < 0)
+                        goto out;
+        }
+
+        m.vms = calloc(m.config->n_vms ? m.config->n_vms : 1, sizeof(Vm));
+        if (!m.vms) {
+                r = log_oom();
+                goto out;
+        }
+        m.n_vms = m.config->n_vms;
+        for (size_t i = 0; i < m.n_vms; i++) {
+                m.vms[i].cfg = m.config->vms[i];
+                vm_setup(&m, &m.vms[i]);
+        }
+
+        (void) sd_notifyf(false, "READY=1\nSTATUS=Serving %zu VM(s)", m.n_vms);
+        log_info("dirtyrepd %s serving %zu VM(s)", DIRTYREP_VERSION, m.n_vms);
+        r = sd_event_loop(m.event);
+        if (r < 0)
+                log_error_errno(r, "Event loop failed: %m");
+        (void) sd_notify(false, "STOPPING=1");
+out:
+        manager_free(&m);
+        return r < 0 ? 1 : 0;
+}
