@@ -317,12 +317,20 @@ def test_faults(tmp, a):
     for fault in ("cut", "flip", "cut"):
         before = standby.status()["last_committed"]
         primary.wait(lambda s: s["last_committed"] >= before + 20, "20 more epochs")
+        syncs = primary.status()
+        syncs = syncs["full_syncs"] + syncs["incremental_syncs"]
+        crc_lines = standby.text().count("CRC")
         if fault == "cut":
             proxy.cut()
         else:
             proxy.mode = "flip"
-        standby.wait(lambda s: not s["link_up"] or s["last_committed"] > before, "the fault to land", timeout=20)
-        # The pair resyncs by itself and commits again.
+        # The link drops and the pair resyncs by itself (a new full or incremental
+        # sync), then commits again.
+        st = primary.wait(lambda s: s["full_syncs"] + s["incremental_syncs"] > syncs, f"a resync after {fault}",
+                          timeout=30)
+        log(f"{fault}: resynced ({st['full_syncs']} full, {st['incremental_syncs']} incremental so far)")
+        if fault == "flip" and standby.text().count("CRC") <= crc_lines and primary.text().count("CRC") == 0:
+            fail("the flipped bit was not reported as a CRC mismatch")
         after = standby.status()["last_committed"]
         primary.wait(lambda s: s["state"] == "protected" and s["last_committed"] >= after + 10,
                      f"recovery after {fault}", timeout=60)
