@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Replication benchmarks of dirtyrepd (issue 3's figures), on loopback.
+
+  bench/repl-bench.py [--build DIR] [--out FILE] [--quick]
+
+For each setting: dirtyrep-vmm runs the dirtier guest, a standby and a
+primary dirtyrepd replicate it, and after the pair is protected the
+primary's own status is sampled over a window:
+  - seal pause p50/p99/max (PAUSE request to RESUME reply, primary side),
+  - pages per epoch, link MB/s, compression ratio,
+  - primary daemon CPU per epoch (utime+stime from /proc).
+Sweeps: dirty rate (1k, 25k, 100k pages/s, unthrottled) x ring/bitmap at
+20 ms; epoch length (10, 20, 50, 100 ms) at 25k; guest RAM (1, 4, 16 GiB)
+x ring/bitmap at 25k and 20 ms (per-epoch cost vs RAM size); and full-sync
+throughput of a 1 GiB guest whose RAM was written first.
+One run on a shared machine: compare figures within a run, as ratios.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+import importlib.util  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("repl", os.path.join(ROOT, "tests/integration/test-replication.py"))
+repl = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(repl)
+
+
+def cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BVmm(repl.Proc):
+    def __init__(self, tmp, memory, tracking, append):
+        self.control = os.path.join(tmp, "vmm.sock")
+        self.console = os.path.join(tmp, "console.log")
+        super().__init__(tmp, "vmm", [os.environ["DR_VMM"], "--name", "t", "--kernel",
+                                      os.environ["DR_GUEST_DIRTIER"], "--memory", memory, "--tracking", tracking,
+                                      "--control", self.control, "--console", self.console, "--append", append])
+
+
+def wait_console(path, pattern, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            if re.search(pattern, open(path, errors="replace").read(), re.M):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"timeout waiting for /{pattern}/ in {path}")
+
+
+def run_one(memory="1G", tracking="ring", rate=25000, epoch_ms=20, window=6.0, ws="64M"):
+    with tempfile.TemporaryDirectory(prefix="dr-bench-") as tmp:
+        vmm = BVmm(tmp, memory, tracking, f"ws={ws} pattern=random rate={rate} report_ms=1000")
+        wait_console(vmm.console, "ws_base=")
+        primary, standby = repl.pair(tmp, vmm, tracking, epoch_ms=epoch_ms)
+        try:
+            primary.wait(lambda s: s["state"] == "protected", "protected", timeout=300)
+            time.sleep(1.0)
+            s0, c0, t0 = primary.status(), cpu_s(primary.proc.pid), time.time()
+            time.sleep(window)
+            s1, c1, t1 = primary.status(), cpu_s(primary.proc.pid), time.time()
+        finally:
+            for p in (primary, standby, vmm):
+                p.kill()
+    epochs = max(1, s1["last_sealed"] - s0["last_sealed"])
+    mb = (s1["bytes_sent"] - s0["bytes_sent"]) / 1e6
+    return {
+        "memory": memory, "tracking": tracking, "rate": rate, "epoch_ms": epoch_ms,
+        "pause_p50_ms": round(s1["pause_ns_p50"] / 1e6, 3),
+        "pause_p99_ms": round(s1["pause_ns_p99"] / 1e6, 3),
+        "pause_max_ms": round(s1["pause_ns_max"] / 1e6, 3),
+        "epochs_per_s": round(epochs / (t1 - t0), 1),
+        "pages_per_epoch": s1["pages_last_epoch"],
+        "dirty_pages_per_s": round(s1["dirty_pages_per_s"]),
+        "link_MBps": round(mb / (t1 - t0), 2),
+        "compression_ratio": round(s1["compression_ratio"], 1),
+        "daemon_cpu_ms_per_epoch": round((c1 - c0) * 1000 / epochs, 3),
+    }
+
+
+def full_sync(memory="1G", ws="900M"):
+    """Time of the first (full) epoch for a guest whose working set was written first."""
+    with tempfile.TemporaryDirectory(prefix="dr-bench-") as tmp:
+        vmm = BVmm(tmp, memory, "ring", f"ws={ws} pattern=seq rate=0 report_ms=200")
+        wait_console(vmm.console, r"pass=[1-9]")  # every page of the working set written at least once
+        t0 = time.time()
+        primary, standby = repl.pair(tmp, vmm, "ring")
+        try:
+            st = primary.wait(lambda s: s["last_committed"] >= 1, "the full sync", timeout=300)
+            t1 = time.time()
+        finally:
+            for p in (primary, standby, vmm):
+                p.kill()
+    gib = int(memory.rstrip("G"))
+    return {"memory": memory, "written_working_set": ws, "seconds": round(t1 - t0, 3),
+            "guest_RAM_MBps": round(gib * 1073.741824 / (t1 - t0), 1),
+            "bytes_sent": st["bytes_sent"], "compression_ratio": round(st["compression_ratio"], 1),
+            "note": "wall time from starting both daemons to the first commit (includes daemon start-up)"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/repl-bench.json"))
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    b = os.path.abspath(a.build)
+    os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
+    os.environ.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
+    os.environ.setdefault("DR_GUEST_DIRTIER", os.path.join(b, "vmm/guests/dirtier.elf"))
+    window = 4.0 if a.quick else 8.0
+    res = {"host": os.uname().release, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+
+    def go(**kw):
+        r = run_one(window=window, **kw)
+        print(json.dumps(r), flush=True)
+        res["runs"].append(r)
+        return r
+
+    rates = [1000, 25000, 100000, 0] if not a.quick else [25000, 0]
+    for tracking in ("ring", "bitmap"):
+        for rate in rates:
+            go(tracking=tracking, rate=rate)
+    for epoch_ms in ([10, 50, 100] if not a.quick else [50]):
+        go(epoch_ms=epoch_ms)
+    cost = {}
+    for tracking in ("ring", "bitmap"):
+        for memory in (["1G", "4G", "16G"] if not a.quick else ["1G", "16G"]):
+            cost[(tracking, memory)] = go(tracking=tracking, memory=memory)
+    for tracking in ("ring", "bitmap"):
+        c1, c16 = cost[(tracking, "1G")], cost[(tracking, "16G")]
+        res[f"{tracking}_cost_ratio_16g_vs_1g"] = {
+            "daemon_cpu_per_epoch": round(c16["daemon_cpu_ms_per_epoch"] / max(c1["daemon_cpu_ms_per_epoch"], 1e-9), 3),
+            "pause_p50": round(c16["pause_p50_ms"] / max(c1["pause_p50_ms"], 1e-9), 3),
+        }
+    res["full_sync"] = full_sync()
+    print(json.dumps(res["full_sync"]), flush=True)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
