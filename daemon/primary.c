@@ -1557,6 +1557,24 @@ void primary_get_status(Primary *p, ReplStatus *ret)
                 _r;                                                                                               \
         })
 
+/*
+ * Checkpoint and freeze wait on the loop thread for the epoch thread to seal.
+ * The loop is what delivers ACKs and link changes, so wait only for what can
+ * happen without it: with no link, or with the one extra in-flight epoch a
+ * synchronous request may take already used (by an earlier request whose
+ * ACKs are still queued on the loop), the seal cannot come; answer at once
+ * (-ENOTCONN, -EBUSY) and let the caller retry after the loop ran.
+ * Called with p->mutex held.
+ */
+static int seal_request_possible_locked(Primary *p)
+{
+        if (!p->link_up)
+                return -ENOTCONN;
+        if (p->inflight >= MAX(p->vm->max_inflight_epochs, 1u) + 1u)
+                return -EBUSY;
+        return 0;
+}
+
 int primary_checkpoint(Primary *p, uint64_t *ret_epoch)
 {
         uint64_t want;
@@ -1566,6 +1584,11 @@ int primary_checkpoint(Primary *p, uint64_t *ret_epoch)
         if (p->frozen) {
                 pthread_mutex_unlock(&p->mutex);
                 return -EBUSY;
+        }
+        r = seal_request_possible_locked(p);
+        if (r < 0) {
+                pthread_mutex_unlock(&p->mutex);
+                return r;
         }
         want = ++p->checkpoint_req;
         pthread_mutex_unlock(&p->mutex);
@@ -1588,6 +1611,11 @@ int primary_freeze(Primary *p, uint64_t *ret_epoch)
                         *ret_epoch = p->frozen_epoch;
                 pthread_mutex_unlock(&p->mutex);
                 return 0;
+        }
+        r = seal_request_possible_locked(p);
+        if (r < 0) {
+                pthread_mutex_unlock(&p->mutex);
+                return r;
         }
         p->freeze_req = true;
         pthread_mutex_unlock(&p->mutex);

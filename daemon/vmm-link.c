@@ -90,18 +90,28 @@ static int link_call(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply *
 
         req->id = ++l->next_id;
         len = dr__control__request__get_packed_size(req);
-        if (len > sizeof(buf))
+        if (len > sizeof(buf)) {
+                snprintf(l->last_error, sizeof(l->last_error), "request of %zu bytes is too large", len);
                 return -EMSGSIZE;
+        }
         dr__control__request__pack(req, buf);
         r = fdpass_send(l->sock, buf, len, NULL, 0);
-        if (r < 0)
+        if (r < 0) {
+                snprintf(l->last_error, sizeof(l->last_error), "sending to the VMM's agent failed: %s",
+                         strerror(-r));
                 return r;
+        }
 
         n = fdpass_recv(l->sock, buf, sizeof(buf), fds, max_fds, &n_fds);
-        if (n < 0)
+        if (n < 0) {
+                snprintf(l->last_error, sizeof(l->last_error), "receiving from the VMM's agent failed: %s",
+                         strerror((int) -n));
                 return (int) n;
-        if (n == 0)
+        }
+        if (n == 0) {
+                snprintf(l->last_error, sizeof(l->last_error), "the VMM's agent closed the control connection");
                 return -ECONNRESET;
+        }
         reply = dr__control__reply__unpack(NULL, (size_t) n, buf);
         if (!reply) {
                 fdpass_close_all(fds, n_fds);

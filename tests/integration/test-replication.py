@@ -182,8 +182,21 @@ def pair(tmp, vmm, tracking, epoch_ms=20, peer_port=None, listen_port=None, secr
     return primary, standby
 
 
+def freeze(primary):
+    """Freeze the primary after a seal; it answers busy/not connected at once while
+    it still has ACKs or a reconnect to process, so retry."""
+    for _ in range(200):
+        r = primary.req("freeze t")
+        if r.startswith("ok"):
+            return int(r.split()[1])
+        if "busy" not in r and "not connected" not in r.lower():
+            fail(f"freeze answered {r.strip()!r}")
+        time.sleep(0.05)
+    fail("the primary stayed busy for 10 s")
+
+
 def compare_at_freeze(tmp, primary, standby, guest, k):
-    e = primary.ok("freeze t")
+    e = freeze(primary)
     standby.wait(lambda s: s["last_committed"] >= e, f"standby to commit epoch {e}")
     ph, sh = os.path.join(tmp, f"p{k}.crc"), os.path.join(tmp, f"s{k}.crc")
     primary.ok(f"hash t {ph}")
