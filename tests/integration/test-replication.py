@@ -128,9 +128,18 @@ class Daemon(Proc):
             time.sleep(0.05)
 
     def req(self, line, timeout=30):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.connect(self.debug)
+        # The socket file exists from bind(); the daemon listens a moment later.
+        for attempt in range(100):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(self.debug)
+                break
+            except ConnectionRefusedError:
+                s.close()
+                if attempt == 99:
+                    raise
+                time.sleep(0.05)
         s.sendall(line.encode() + b"\n")
         out = b""
         while True:
