@@ -68,7 +68,7 @@
 typedef struct History {
         uint64_t epoch;
         bool full;      /* a full epoch: the standby's content before it is unknown */
-        uint64_t *bits; /* pages sent in that epoch */
+        DirtySet *bits; /* pages sent in that epoch */
 } History;
 
 struct Primary {
@@ -112,6 +112,10 @@ struct Primary {
         char detail[256];
         uint64_t sync_epoch; /* epoch of the running resync; protected once acked */
         bool syncing;
+        bool sync_full;             /* the running resync is a full one */
+        uint64_t sync_start_usec;   /* when it began */
+        uint64_t last_sync_usec;    /* how long the last completed one took, to its ACK */
+        bool last_sync_full;
         uint64_t last_sealed, epochs_committed, full_syncs, incremental_syncs;
         uint64_t pauses[PAUSE_WINDOW];
         uint64_t n_pauses;
@@ -138,15 +142,14 @@ typedef struct Epoch {
         VmmLink *vmm;
         Tracker t;
         const VmmLayout *lay;
-        uint64_t words;
-        uint64_t *col;   /* collected, ring entries not yet reset */
-        uint64_t *fresh; /* collected and re-protected: may be copied */
-        uint64_t fresh_n;
-        uint64_t col_n;
-        uint64_t *run;   /* sent (or to be sent) in the running epoch */
+        /* Dirty sets cost what is in them, not what RAM is (dirtyset.h): nothing
+         * below walks a RAM-sized bitmap between two seals. */
+        DirtySet col;    /* collected, ring entries not yet reset */
+        DirtySet fresh;  /* collected and re-protected: may be copied */
+        DirtySet *run;   /* sent (or to be sent) in the running epoch */
         History *hist;   /* sealed, not acked, oldest first */
         size_t n_hist;
-        uint64_t **pool; /* spare bitmaps */
+        DirtySet **pool; /* spare sets */
         size_t n_pool;
         uint64_t cur;    /* the running epoch */
         bool cur_full;
@@ -170,23 +173,6 @@ typedef struct Epoch {
 
 /* ---- small helpers ---------------------------------------------------------------------- */
 
-static inline bool bit_test(const uint64_t *b, uint64_t i)
-{
-        return b[i / 64] & (1ULL << (i % 64));
-}
-
-static inline void bit_set(uint64_t *b, uint64_t i)
-{
-        b[i / 64] |= 1ULL << (i % 64);
-}
-
-static uint64_t bits_count(const uint64_t *b, uint64_t words)
-{
-        uint64_t n = 0;
-        for (uint64_t i = 0; i < words; i++)
-                n += (uint64_t) __builtin_popcountll(b[i]);
-        return n;
-}
 
 static void wake(int fd)
 {
@@ -295,17 +281,7 @@ static int tracking_failed(Epoch *e, int r, const char *what)
 /* Moves what was collected into `fresh` once its entries are reset (ordering rule). */
 static void col_to_fresh(Epoch *e)
 {
-        if (e->col_n == 0)
-                return;
-        for (uint64_t i = 0; i < e->words; i++) {
-                uint64_t v = e->col[i];
-                if (v) {
-                        e->fresh_n += (uint64_t) __builtin_popcountll(v & ~e->fresh[i]);
-                        e->fresh[i] |= v;
-                        e->col[i] = 0;
-                }
-        }
-        e->col_n = 0;
+        (void) dirtyset_move(&e->fresh, &e->col);
 }
 
 static int do_reset(Epoch *e)
@@ -329,11 +305,10 @@ static int harvest_tick(Epoch *e, bool force)
 
         if (!force && now - e->last_collect_us < interval)
                 return 0;
-        n = e->t.ops->collect(&e->t, e->col);
+        n = e->t.ops->collect(&e->t, &e->col);
         e->last_collect_us = now;
         if (n < 0)
                 return tracking_failed(e, (int) n, "collecting dirty pages failed");
-        e->col_n += (uint64_t) n;
         e->dirty_since_seal += (uint64_t) n;
         /* Ring: reset in batches (one RESET_RINGS per agent round trip), well before a
          * ring fills; with pre-copy also every few ms, since only reset pages may be
@@ -361,10 +336,9 @@ static int harvest_wait(Epoch *e, int timeout_ms)
         }
         if (n == 2 && (pf[1].revents & POLLIN)) {
                 /* A vCPU stopped on a full ring and waits for RESET_RINGS: collect + reset now. */
-                int64_t r = tracker_ring_full(&e->t, e->col);
+                int64_t r = tracker_ring_full(&e->t, &e->col);
                 if (r < 0)
                         return tracking_failed(e, (int) r, "dirty ring full");
-                e->col_n += (uint64_t) r;
                 e->dirty_since_seal += (uint64_t) r;
                 e->last_reset_us = e->last_collect_us = now_usec();
                 col_to_fresh(e);
@@ -375,17 +349,17 @@ static int harvest_wait(Epoch *e, int timeout_ms)
 
 /* ---- history of sealed, unacked epochs -------------------------------------------------- */
 
-static uint64_t *pool_get(Epoch *e)
+static DirtySet *pool_get(Epoch *e)
 {
-        uint64_t *b;
+        DirtySet *b;
 
         assert(e->n_pool > 0);
         b = e->pool[--e->n_pool];
-        memset(b, 0, e->words * sizeof(uint64_t));
+        dirtyset_clear(b);
         return b;
 }
 
-static void pool_put(Epoch *e, uint64_t *b)
+static void pool_put(Epoch *e, DirtySet *b)
 {
         e->pool[e->n_pool++] = b;
 }
@@ -475,7 +449,7 @@ static int full_walk(Epoch *e)
                         if (r < 0)
                                 return r;
                 }
-                bit_set(e->run, page);
+                dirtyset_add(e->run, page);
         }
         r = batch_flush(e, &b, epoch, true);
         return r < 0 ? r : 0;
@@ -512,20 +486,18 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
                  * running epoch so far, and what is waiting to be copied. */
                 for (size_t i = 0; i < e->n_hist; i++)
                         if (e->hist[i].epoch > L)
-                                for (uint64_t w = 0; w < e->words; w++)
-                                        e->fresh[w] |= e->hist[i].bits[w];
-                for (uint64_t w = 0; w < e->words; w++)
-                        e->fresh[w] |= e->run[w];
-                memset(e->run, 0, e->words * sizeof(uint64_t));
-                e->fresh_n = bits_count(e->fresh, e->words);
+                                (void) dirtyset_merge(&e->fresh, e->hist[i].bits);
+                (void) dirtyset_move(&e->fresh, e->run);
                 hist_drop_upto(e, UINT64_MAX);
                 e->cur_full = false;
                 log_info("VM %s: incremental resync: epoch %" PRIu64 " on base %" PRIu64 ", %" PRIu64 " pages",
-                         p->vm->name, e->cur, L, e->fresh_n);
+                         p->vm->name, e->cur, L, e->fresh.n);
                 pthread_mutex_lock(&p->mutex);
                 p->incremental_syncs++;
                 p->sync_epoch = e->cur;
                 p->syncing = true;
+                p->sync_full = false;
+                p->sync_start_usec = now_usec();
                 p->inflight = 0;
                 pthread_mutex_unlock(&p->mutex);
                 return send_begin(e, false, L);
@@ -539,6 +511,8 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
         p->full_syncs++;
         p->sync_epoch = e->cur;
         p->syncing = true;
+        p->sync_full = true;
+        p->sync_start_usec = now_usec();
         p->inflight = 0;
         pthread_mutex_unlock(&p->mutex);
         r = send_begin(e, true, 0);
@@ -546,14 +520,13 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
                 return r;
         /* Ordering rule: collect -> reset -> copy. After this sync every later write is
          * logged again, so the walk may copy pages that are being written. */
-        n = tracker_sync(&e->t, e->col);
+        n = tracker_sync(&e->t, &e->col);
         if (n < 0)
                 return tracking_failed(e, (int) n, "collecting dirty pages failed");
         e->last_reset_us = e->last_collect_us = now_usec();
-        memset(e->col, 0, e->words * sizeof(uint64_t));
-        memset(e->fresh, 0, e->words * sizeof(uint64_t));
-        memset(e->run, 0, e->words * sizeof(uint64_t));
-        e->col_n = e->fresh_n = 0;
+        dirtyset_clear(&e->col);
+        dirtyset_clear(&e->fresh);
+        dirtyset_clear(e->run);
         return full_walk(e);
 }
 
@@ -562,7 +535,7 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
 /* Sends pages that were collected and reset while the VM runs, as PAGES of the running epoch. */
 static int precopy(Epoch *e)
 {
-        for (unsigned k = 0; k < PRECOPY_BATCHES && e->fresh_n > 0; k++) {
+        for (unsigned k = 0; k < PRECOPY_BATCHES && e->fresh.n > 0; k++) {
                 uint64_t taken[BATCH_RECORDS];
                 uint32_t n_taken = 0;
                 PageBatch b;
@@ -573,8 +546,9 @@ static int precopy(Epoch *e)
                                     e->p->vm->compression == CONFIG_COMPRESSION_LZ4, &e->pstats);
                 if (r < 0)
                         return r;
-                for (uint64_t w = 0; w < e->words && n_taken < BATCH_RECORDS; w++)
-                        for (uint64_t v = e->fresh[w]; v && n_taken < BATCH_RECORDS; v &= v - 1) {
+                for (uint64_t w = dirtyset_next_word(&e->fresh, 0); w < e->fresh.words && n_taken < BATCH_RECORDS;
+                     w = dirtyset_next_word(&e->fresh, w + 1))
+                        for (uint64_t v = e->fresh.w[w]; v && n_taken < BATCH_RECORDS; v &= v - 1) {
                                 uint64_t page = w * 64 + (uint64_t) __builtin_ctzll(v);
                                 /* The page's ring entry was reset before we got here (fresh
                                  * only holds reset pages): a write racing this copy is logged
@@ -593,10 +567,9 @@ static int precopy(Epoch *e)
                         return r;
                 e->page_records += n_taken;
                 for (uint32_t i = 0; i < n_taken; i++) {
-                        e->fresh[taken[i] / 64] &= ~(1ULL << (taken[i] % 64));
-                        bit_set(e->run, taken[i]);
+                        dirtyset_del(&e->fresh, taken[i]);
+                        dirtyset_add(e->run, taken[i]);
                 }
-                e->fresh_n -= n_taken;
         }
         return 0;
 }
@@ -667,21 +640,26 @@ static int seal(Epoch *e, bool freeze)
                 return log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
         }
         /* Ordering rule: collect, reset, and only then copy. */
-        n = tracker_sync(&e->t, e->col);
+        n = tracker_sync(&e->t, &e->col);
         if (n < 0) {
                 (void) vmm_link_resume(e->vmm, e->cur);
                 return tracking_failed(e, (int) n, "final harvest failed");
         }
-        e->col_n += (uint64_t) n;
         e->dirty_since_seal += (uint64_t) n;
         e->last_reset_us = e->last_collect_us = now_usec();
         col_to_fresh(e);
         /* Pages the VMM wrote itself (device emulation): KVM did not log them. */
-        e->fresh_n += vmm_link_take_vmm_dirty(e->vmm, e->fresh);
+        (void) vmm_link_take_vmm_dirty(e->vmm, &e->fresh);
 
         e->stage_n = 0;
-        for (uint64_t w = 0; w < e->words; w++) {
-                for (uint64_t v = e->fresh[w]; v; v &= v - 1) {
+        for (uint64_t w = dirtyset_next_word(&e->fresh, 0); w < e->fresh.words;
+             w = dirtyset_next_word(&e->fresh, w + 1)) {
+                /* Take the word first: shipping a full staging buffer may harvest into
+                 * `fresh` (ring-full while waiting for the link), never into this word's
+                 * bits we are copying now. */
+                uint64_t bits = dirtyset_take_word(&e->fresh, w);
+
+                for (uint64_t v = bits; v; v &= v - 1) {
                         uint64_t page = w * 64 + (uint64_t) __builtin_ctzll(v);
                         if (e->stage_n == e->stage_cap) {
                                 r = ship_staging(e, sealed);
@@ -693,10 +671,8 @@ static int seal(Epoch *e, bool freeze)
                                PAGE_BYTES);
                         e->stage_pages[e->stage_n++] = page;
                 }
-                e->run[w] |= e->fresh[w];
-                e->fresh[w] = 0;
+                (void) dirtyset_add_word(e->run, w, bits);
         }
-        e->fresh_n = 0;
 
         r = vmm_link_save_state(e->vmm, &state, &state_len);
         if (r < 0) {
@@ -719,7 +695,7 @@ static int seal(Epoch *e, bool freeze)
         }
         pause_ns = now_nsec() - t0;
 
-        distinct = bits_count(e->run, e->words);
+        distinct = e->run->n;
         dirty_pages = e->dirty_since_seal;
         span_us = MAX(now_usec() - e->epoch_start_us, 1u);
         e->dirty_since_seal = 0;
@@ -822,13 +798,13 @@ static int hash_ram(Epoch *e, const char *path)
 
 static void epoch_free(Epoch *e)
 {
-        free(e->col);
-        free(e->fresh);
-        free(e->run);
+        dirtyset_done(&e->col);
+        dirtyset_done(&e->fresh);
+        dirtyset_free(e->run);
         for (size_t i = 0; i < e->n_hist; i++)
-                free(e->hist[i].bits);
+                dirtyset_free(e->hist[i].bits);
         for (size_t i = 0; i < e->n_pool; i++)
-                free(e->pool[i]);
+                dirtyset_free(e->pool[i]);
         free(e->hist);
         free(e->pool);
         free(e->stage_pages);
@@ -845,18 +821,17 @@ static int epoch_init(Epoch *e)
         uint64_t stage;
 
         e->lay = vmm_link_layout(e->vmm);
-        e->words = tracker_bitmap_words(e->lay);
-        e->col = calloc(e->words, sizeof(uint64_t));
-        e->fresh = calloc(e->words, sizeof(uint64_t));
-        e->run = calloc(e->words, sizeof(uint64_t));
+        if (tracker_dirtyset_init(e->lay, &e->col) < 0 || tracker_dirtyset_init(e->lay, &e->fresh) < 0)
+                return -ENOMEM;
+        e->run = dirtyset_new(e->lay->total_pages);
         /* History: up to the in-flight limit, plus one epoch sealed for a request. */
         e->hist = calloc(inflight + 2, sizeof(History));
-        e->pool = calloc(inflight + 2, sizeof(uint64_t *));
+        e->pool = calloc(inflight + 2, sizeof(DirtySet *));
         e->batch_buf = malloc(BATCH_CAP);
-        if (!e->col || !e->fresh || !e->run || !e->hist || !e->pool || !e->batch_buf)
+        if (!e->run || !e->hist || !e->pool || !e->batch_buf)
                 return -ENOMEM;
         for (uint32_t i = 0; i < inflight + 1; i++) {
-                e->pool[i] = calloc(e->words, sizeof(uint64_t));
+                e->pool[i] = dirtyset_new(e->lay->total_pages);
                 if (!e->pool[i])
                         return -ENOMEM;
                 e->n_pool++;
@@ -900,7 +875,7 @@ static int epoch_next_timeout_ms(Epoch *e)
         uint64_t now = now_usec(), next = e->epoch_start_us + (uint64_t) e->p->vm->epoch_ms * USEC_PER_MSEC;
         uint64_t ms = next > now ? DIV_ROUND_UP(next - now, 1000u) : 0;
 
-        if (e->t.ops == &tracker_ring_ops || (e->p->vm->pre_copy && e->fresh_n > 0))
+        if (e->t.ops == &tracker_ring_ops || (e->p->vm->pre_copy && e->fresh.n > 0))
                 ms = MIN(ms, 1u);
         else
                 ms = MIN(ms, MAX(e->p->vm->epoch_ms / 4, 1u));
@@ -995,7 +970,7 @@ static int epoch_loop(Epoch *e)
                         continue;
                 }
 
-                if (!frozen && p->vm->pre_copy && e->session && e->fresh_n > 0) {
+                if (!frozen && p->vm->pre_copy && e->session && e->fresh.n > 0) {
                         r = precopy(e);
                         if (r < 0 && r != -ENOTCONN)
                                 return r;
@@ -1103,8 +1078,11 @@ static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, 
         pthread_mutex_lock(&p->mutex);
         if (a->epoch > atomic_load_explicit(&p->acked, memory_order_relaxed))
                 p->epochs_committed++;
-        if (p->syncing && a->epoch >= p->sync_epoch)
+        if (p->syncing && a->epoch >= p->sync_epoch) {
                 p->syncing = false;
+                p->last_sync_usec = now_usec() - p->sync_start_usec;
+                p->last_sync_full = p->sync_full;
+        }
         pthread_mutex_unlock(&p->mutex);
         /* Release pairs with the acquire load in handle_acks(). */
         atomic_store_explicit(&p->acked, a->epoch, memory_order_release);
@@ -1519,6 +1497,9 @@ void primary_get_status(Primary *p, ReplStatus *ret)
         ret->dirty_pages_per_s = p->dirty_rate;
         ret->inflight = p->inflight;
         ret->staging_bytes = p->staging_bytes;
+        ret->ram_bytes = p->total_pages * PAGE_BYTES;
+        ret->last_sync_usec = p->last_sync_usec;
+        ret->last_sync_full = p->last_sync_full;
         page_in = p->page_bytes_in;
         page_out = p->page_bytes_out;
         l = p->link;

@@ -38,6 +38,11 @@ typedef struct ReplStatus {
         uint64_t inflight;
         double compression_ratio; /* page bytes in / bytes on the wire */
         uint64_t staging_bytes;   /* memory held for epochs not yet acked/committed */
+        uint64_t ram_bytes;       /* guest RAM (0 until known) */
+        /* primary: the last completed resync, from its EPOCH_BEGIN to the standby's
+         * ACK of it (full: every non-zero page of RAM; incremental: what changed). */
+        uint64_t last_sync_usec;
+        bool last_sync_full;
 } ReplStatus;
 
 /*

@@ -10,7 +10,7 @@
 #include "macros.h"
 #include "track.h"
 
-static int64_t bitmap_collect(Tracker *t, uint64_t *dirty)
+static int64_t bitmap_collect(Tracker *t, DirtySet *dirty)
 {
         const VmmLayout *lay = t->lay;
         int64_t added = 0;
@@ -40,10 +40,8 @@ static int64_t bitmap_collect(Tracker *t, uint64_t *dirty)
                                 v &= (1ULL << (r->n_pages % 64)) - 1;
                         for (uint64_t b = v; b; b &= b - 1) {
                                 uint64_t page = r->first_page + k * 64 + (uint64_t) __builtin_ctzll(b);
-                                if (!(dirty[page / 64] & (1ULL << (page % 64)))) {
-                                        dirty[page / 64] |= 1ULL << (page % 64);
+                                if (dirtyset_add(dirty, page))
                                         added++;
-                                }
                                 t->stats.entries++;
                         }
                 }

@@ -35,7 +35,7 @@ static bool ring_find_start(const struct kvm_dirty_gfn *ring, uint32_t n, uint32
         return false;
 }
 
-static int64_t ring_collect(Tracker *t, uint64_t *dirty)
+static int64_t ring_collect(Tracker *t, DirtySet *dirty)
 {
         const VmmLayout *lay = t->lay;
         uint32_t mask = lay->ring_entries - 1;
@@ -78,10 +78,8 @@ static int64_t ring_collect(Tracker *t, uint64_t *dirty)
                                 t->fetch[i] = fetch;
                                 return -EBADMSG;
                         }
-                        if (!(dirty[page / 64] & (1ULL << (page % 64)))) {
-                                dirty[page / 64] |= 1ULL << (page % 64);
+                        if (dirtyset_add(dirty, page))
                                 added++;
-                        }
                         /* Release pairs with KVM's acquire load of the flags in
                          * KVM_RESET_DIRTY_RINGS: our reads of slot/offset above complete
                          * before KVM may reuse the entry. */

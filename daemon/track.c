@@ -29,7 +29,7 @@ int tracker_init(Tracker *t, VmmLink *link)
         return 0;
 }
 
-int64_t tracker_sync(Tracker *t, uint64_t *dirty)
+int64_t tracker_sync(Tracker *t, DirtySet *dirty)
 {
         int64_t n;
         int r;
@@ -43,7 +43,7 @@ int64_t tracker_sync(Tracker *t, uint64_t *dirty)
         return n;
 }
 
-int64_t tracker_ring_full(Tracker *t, uint64_t *dirty)
+int64_t tracker_ring_full(Tracker *t, DirtySet *dirty)
 {
         uint64_t v, before = t->stats.entries, resets_before = t->stats.resets;
         int64_t n;

@@ -6,8 +6,9 @@
  * selftests' dirty_log_test runs one body in several modes the same way).
  *
  * Pages are numbered VM-wide (regions concatenated in layout order, see
- * VmmLayout); a dirty set is a bitmap of total_pages bits, so a page dirtied
- * many times in an epoch is recorded once.
+ * VmmLayout); a dirty set is a DirtySet of total_pages pages (dirtyset.h), so
+ * a page dirtied many times in an epoch is recorded once, and the ring backend's
+ * cost follows the pages it harvests, not the size of RAM.
  *
  * Ordering rule (DESIGN.md): collect -> reset -> only then copy contents.
  * A write that lands after the reset is logged again; one that lands before
@@ -17,6 +18,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "dirtyset.h"
 #include "vmm-link.h"
 
 typedef struct Tracker Tracker;
@@ -38,7 +40,7 @@ typedef struct TrackerOps {
          * GET_DIRTY_LOG + CLEAR_DIRTY_LOG per slot (collect and re-protect in one).
          * Safe while the VM runs. Returns the number of new pages or -errno.
          */
-        int64_t (*collect)(Tracker *t, uint64_t *dirty);
+        int64_t (*collect)(Tracker *t, DirtySet *dirty);
         /* Re-protects what collect() took (ring: RESET_RINGS). Returns 0 or -errno. */
         int (*reset)(Tracker *t);
 } TrackerOps;
@@ -63,17 +65,23 @@ struct Tracker {
 int tracker_init(Tracker *t, VmmLink *link);
 
 /* collect + reset, in that order. Returns new pages or -errno. */
-int64_t tracker_sync(Tracker *t, uint64_t *dirty);
+int64_t tracker_sync(Tracker *t, DirtySet *dirty);
 
 /*
  * Call when the ring-full eventfd fired: drains it, collects, resets.
  * Returns new pages, or -EDEADLK when rings keep reporting full with
  * nothing to harvest (the KVM-HOST.md jam; t->error says what to do).
  */
-int64_t tracker_ring_full(Tracker *t, uint64_t *dirty);
+int64_t tracker_ring_full(Tracker *t, DirtySet *dirty);
 
-/* Number of 64-bit words in a dirty set for this layout. */
+/* Number of 64-bit words in a dirty bitmap for this layout. */
 static inline uint64_t tracker_bitmap_words(const VmmLayout *lay)
 {
         return (lay->total_pages + 63) / 64;
+}
+
+/* A dirty set sized for this layout. */
+static inline int tracker_dirtyset_init(const VmmLayout *lay, DirtySet *ret)
+{
+        return dirtyset_init(ret, lay->total_pages);
 }

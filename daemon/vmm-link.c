@@ -545,7 +545,7 @@ int vmm_link_get_status(VmmLink *l, Dr__Control__StatusReply **ret)
         return 0;
 }
 
-uint64_t vmm_link_take_vmm_dirty(VmmLink *l, uint64_t *bits)
+uint64_t vmm_link_take_vmm_dirty(VmmLink *l, DirtySet *set)
 {
         VmmLayout *lay = &l->layout;
         uint64_t seq, taken = 0;
@@ -572,8 +572,8 @@ uint64_t vmm_link_take_vmm_dirty(VmmLink *l, uint64_t *bits)
                                 v &= (1ULL << (r->n_pages % 64)) - 1;
                         for (uint64_t b = v; b; b &= b - 1) {
                                 uint64_t page = r->first_page + k * 64 + (uint64_t) __builtin_ctzll(b);
-                                bits[page / 64] |= 1ULL << (page % 64);
-                                taken++;
+                                if (dirtyset_add(set, page))
+                                        taken++;
                         }
                 }
         }

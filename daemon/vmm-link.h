@@ -17,6 +17,7 @@
 #include <linux/kvm.h>
 
 #include "control.pb-c.h"
+#include "dirtyset.h"
 #include "macros.h"
 
 #define VMM_LINK_MAX_REGIONS 32
@@ -90,11 +91,11 @@ int vmm_link_get_status(VmmLink *l, Dr__Control__StatusReply **ret);
 
 /*
  * Takes the VMM-written pages reported since the last call (atomic
- * exchange-to-zero of the shared vmm_dirty bitmap) and ORs them into
- * `bits` (VM-wide page numbering). Returns the number of pages taken.
+ * exchange-to-zero of the shared vmm_dirty bitmap) and adds them to `set`
+ * (VM-wide page numbering). Returns the number of pages new to the set.
  * Skips the scan when the agent's sequence did not move.
  */
-uint64_t vmm_link_take_vmm_dirty(VmmLink *l, uint64_t *bits);
+uint64_t vmm_link_take_vmm_dirty(VmmLink *l, DirtySet *set);
 
 /* Maps (slot, page offset) from a ring entry to the VM-wide page number; -ERANGE when invalid. */
 int vmm_layout_page_index(const VmmLayout *lay, uint32_t slot, uint64_t offset, uint64_t *ret);

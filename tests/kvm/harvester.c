@@ -90,10 +90,10 @@ static int open_link(VmmLink **ret)
  * Attaches, picks the tracking backend, allocates an empty dirty set and
  * switches dirty logging on: what every tracking command starts with.
  */
-static int attach_tracking(VmmLink **ret_link, Tracker *t, uint64_t **ret_dirty)
+static int attach_tracking(VmmLink **ret_link, Tracker *t, DirtySet **ret_dirty)
 {
         _cleanup_(vmm_link_freep) VmmLink *link = NULL;
-        uint64_t *dirty;
+        DirtySet *dirty;
         int r;
 
         r = open_link(&link);
@@ -102,12 +102,12 @@ static int attach_tracking(VmmLink **ret_link, Tracker *t, uint64_t **ret_dirty)
         r = tracker_init(t, link);
         if (r < 0)
                 return log_error_errno(r, "Unknown tracking mode");
-        dirty = calloc(tracker_bitmap_words(t->lay), sizeof(uint64_t));
+        dirty = dirtyset_new(t->lay->total_pages);
         if (!dirty)
                 return log_oom();
         r = vmm_link_start_tracking(link);
         if (r < 0) {
-                free(dirty);
+                dirtyset_free(dirty);
                 return log_error_errno(r, "StartTracking failed: %s", vmm_link_last_error(link));
         }
         *ret_link = TAKE_PTR(link);
@@ -150,13 +150,8 @@ static void snapshot_stamps(const VmmLayout *lay, const uint64_t *pages, size_t 
                 memcpy(&out[i], vmm_layout_page_ptr(lay, pages[i]), sizeof(Stamp));
 }
 
-static bool test_bit(const uint64_t *bits, uint64_t page)
-{
-        return bits[page / 64] & (1ULL << (page % 64));
-}
-
 /* Harvests while the guest runs for interval_ms: continuously, or only on ring-full. */
-static int harvest_for(Tracker *t, uint64_t *dirty, unsigned ms)
+static int harvest_for(Tracker *t, DirtySet *dirty, unsigned ms)
 {
         const VmmLayout *lay = t->lay;
         uint64_t end = now_usec() + (uint64_t) ms * USEC_PER_MSEC;
@@ -196,9 +191,10 @@ static int harvest_for(Tracker *t, uint64_t *dirty, unsigned ms)
 static int cmd_check(void)
 {
         _cleanup_(vmm_link_freep) VmmLink *link = NULL;
-        _cleanup_free_ uint64_t *pages = NULL, *dirty = NULL;
+        _cleanup_free_ uint64_t *pages = NULL;
+        _cleanup_(dirtyset_freep) DirtySet *dirty = NULL;
         _cleanup_free_ Stamp *s0 = NULL, *s1 = NULL;
-        uint64_t written_total = 0, reported_total = 0, pause_ns, words;
+        uint64_t written_total = 0, reported_total = 0, pause_ns;
         unsigned empty_rounds = 0;
         size_t n_pages = 0;
         Tracker t;
@@ -213,7 +209,6 @@ static int cmd_check(void)
                 return r;
         if (n_pages == 0)
                 return log_error_errno(-EINVAL, "No working set given (--ws BASE:PAGES)");
-        words = tracker_bitmap_words(t.lay);
         s0 = calloc(n_pages, sizeof(Stamp));
         s1 = calloc(n_pages, sizeof(Stamp));
         if (!s0 || !s1)
@@ -234,7 +229,7 @@ static int cmd_check(void)
         for (unsigned round = 1; round <= arg_rounds; round++) {
                 uint64_t written = 0, reported = 0, missed = 0, bad = 0, torn = 0, spurious = 0;
 
-                memset(dirty, 0, words * sizeof(uint64_t));
+                dirtyset_clear(dirty);
                 r = harvest_for(&t, dirty, arg_interval_ms);
                 if (r < 0)
                         return r;
@@ -249,7 +244,7 @@ static int cmd_check(void)
 
                 for (size_t i = 0; i < n_pages; i++) {
                         bool changed = memcmp(&s0[i], &s1[i], sizeof(Stamp)) != 0;
-                        bool in_set = test_bit(dirty, pages[i]);
+                        bool in_set = dirtyset_test(dirty, pages[i]);
                         uint64_t gpa = vmm_layout_page_gpa(t.lay, pages[i]);
 
                         written += changed;
@@ -328,7 +323,7 @@ static int cmd_check(void)
 static int cmd_wedge(void)
 {
         _cleanup_(vmm_link_freep) VmmLink *link = NULL;
-        _cleanup_free_ uint64_t *dirty = NULL;
+        _cleanup_(dirtyset_freep) DirtySet *dirty = NULL;
         uint64_t end;
         Tracker t;
         int r;
@@ -479,15 +474,14 @@ static int cmd_bench_pause(void)
 static int cmd_bench_harvest(void)
 {
         _cleanup_(vmm_link_freep) VmmLink *link = NULL;
-        _cleanup_free_ uint64_t *dirty = NULL;
-        uint64_t t0, t1, words;
+        _cleanup_(dirtyset_freep) DirtySet *dirty = NULL;
+        uint64_t t0, t1;
         Tracker t;
         int r;
 
         r = attach_tracking(&link, &t, &dirty);
         if (r < 0)
                 return r;
-        words = tracker_bitmap_words(t.lay);
         usleep(200 * 1000);
         (void) tracker_sync(&t, dirty);
         memset(&t.stats, 0, sizeof(t.stats));
@@ -497,7 +491,7 @@ static int cmd_bench_harvest(void)
                 r = harvest_for(&t, dirty, 100);
                 if (r < 0)
                         return r;
-                memset(dirty, 0, words * sizeof(uint64_t));
+                dirtyset_clear(dirty);
         }
         r = t.ops->reset(&t);
         if (r < 0)
