@@ -75,10 +75,21 @@ int page_batch_add(PageBatch *b, uint64_t page, const uint8_t *data)
 
         rec = b->buf + b->used;
         room = b->cap - b->used - PAGE_RECORD_HEADER;
-        if (b->compress)
+        if (b->compress && b->stats && b->stats->lz4_skip > 0) {
+                b->stats->lz4_skip--;
+                b->stats->lz4_skipped++;
+        } else if (b->compress) {
                 /* Only worth it below a raw page; LZ4 returns 0 when it does not fit. */
                 clen = LZ4_compress_default((const char *) data, (char *) rec + PAGE_RECORD_HEADER, PAGE_BYTES,
                                             (int) MIN(room, PAGE_BYTES - 1));
+                if (b->stats) {
+                        if (clen > 0)
+                                b->stats->lz4_fails = 0;
+                        else if (++b->stats->lz4_fails >= PAGE_LZ4_FAILS)
+                                b->stats->lz4_skip = MIN(1u << MIN(b->stats->lz4_fails - PAGE_LZ4_FAILS, 6u),
+                                                         PAGE_LZ4_SKIP_MAX);
+                }
+        }
         if (clen > 0) {
                 record_header(rec, page, (uint32_t) clen, PAGE_LZ4);
                 b->used += PAGE_RECORD_HEADER + (size_t) clen;

@@ -34,7 +34,17 @@ typedef struct PageBatchStats {
         uint64_t zero, raw, lz4;
         uint64_t bytes_in;  /* page bytes represented */
         uint64_t bytes_out; /* record bytes produced */
+        /* Incompressible-data back-off (kept across batches): after PAGE_LZ4_FAILS
+         * pages in a row that LZ4 could not shrink, the next pages go raw without
+         * trying: 1, then 2, 4, ... up to PAGE_LZ4_SKIP_MAX between attempts while
+         * attempts keep failing; one success starts over. Random-looking RAM then
+         * costs a copy, not a failed compression per page. */
+        uint32_t lz4_fails, lz4_skip;
+        uint64_t lz4_skipped; /* pages sent raw without trying */
 } PageBatchStats;
+
+#define PAGE_LZ4_FAILS 4u
+#define PAGE_LZ4_SKIP_MAX 64u
 
 typedef struct PageBatch {
         uint8_t *buf;   /* caller-owned, at least PAGE_BATCH_HEADER + one worst-case record */

@@ -177,7 +177,7 @@ class Daemon(Proc):
 
 
 def pair(tmp, vmm, tracking, epoch_ms=20, peer_port=None, listen_port=None, secret_p=None, extra_standby=None,
-         extra_primary=None):
+         extra_primary=None, primary_keys=None):
     listen_port = listen_port or free_port()
     peer_port = peer_port or listen_port
     sb_vms = {"t": {"Role": "standby", "Listen": f"127.0.0.1:{listen_port}"}}
@@ -185,6 +185,7 @@ def pair(tmp, vmm, tracking, epoch_ms=20, peer_port=None, listen_port=None, secr
     standby = Daemon(tmp, "standby", sb_vms)
     pr_vms = {"t": {"Role": "primary", "ControlSocket": vmm.control, "Peer": f"127.0.0.1:{peer_port}",
                     "EpochMs": str(epoch_ms), "Tracking": tracking}}
+    pr_vms["t"].update(primary_keys or {})
     pr_vms.update(extra_primary or {})
     kw = {"secret": secret_p} if secret_p else {}
     primary = Daemon(tmp, "primary", pr_vms, **kw)

@@ -26,6 +26,11 @@ static int sink_fn(void *userdata, uint64_t page, const uint8_t *data)
         return 0;
 }
 
+static int count_fn(void *userdata, uint64_t page, const uint8_t *data)
+{
+        return data ? 0 : -EINVAL; /* no zero pages were sent */
+}
+
 static uint8_t pages_in[4][PAGE_BYTES];
 static uint8_t buf[PAGE_BATCH_HEADER + 8 * PAGE_RECORD_MAX];
 static Sink sink;
@@ -76,6 +81,43 @@ TEST(pages_roundtrip)
                 } else
                         ASSERT_EQ(st.raw, 3);
         }
+}
+
+TEST(pages_lz4_backoff)
+{
+        /* Incompressible pages: after PAGE_LZ4_FAILS failures LZ4 is tried ever more
+         * rarely (at most every PAGE_LZ4_SKIP_MAX + 1 pages); one compressible page
+         * that gets tried brings compression back at once. Every page round-trips. */
+        static uint8_t big[PAGE_BATCH_HEADER + 512 * PAGE_RECORD_MAX];
+        static uint8_t rnd[PAGE_BYTES], text[PAGE_BYTES];
+        PageBatchStats st = {};
+        PageBatch b;
+        uint32_t x = 12345;
+        uint64_t epoch, tried_before;
+        size_t len;
+
+        for (size_t i = 0; i < PAGE_BYTES; i++) {
+                x = x * 1103515245u + 12345u;
+                rnd[i] = (uint8_t) (x >> 16);
+                text[i] = (uint8_t) ("dirtyrep "[i % 9]);
+        }
+        ASSERT_OK(page_batch_init(&b, 9, big, sizeof(big), 512, true, &st));
+        for (uint64_t p = 0; p < 400; p++)
+                ASSERT_OK(page_batch_add(&b, p, rnd));
+        ASSERT_EQ(st.raw, 400);
+        ASSERT_EQ(st.lz4, 0);
+        /* Tried: the first PAGE_LZ4_FAILS, then one per growing gap; skips dominate. */
+        ASSERT_TRUE(st.lz4_skipped > 400 - 20);
+        ASSERT_TRUE(st.lz4_skip <= PAGE_LZ4_SKIP_MAX);
+        /* Compressible pages: within one skip gap compression is back. */
+        tried_before = st.lz4_skipped;
+        for (uint64_t p = 400; p < 400 + PAGE_LZ4_SKIP_MAX + 2; p++)
+                ASSERT_OK(page_batch_add(&b, p, text));
+        ASSERT_TRUE(st.lz4 >= 1);
+        ASSERT_EQ(st.lz4_fails, 0);
+        ASSERT_TRUE(st.lz4_skipped - tried_before <= PAGE_LZ4_SKIP_MAX);
+        len = page_batch_finish(&b);
+        ASSERT_EQ(page_batch_decode(big, len, 1000, &epoch, count_fn, NULL), 400 + PAGE_LZ4_SKIP_MAX + 2);
 }
 
 TEST(pages_full_batch)

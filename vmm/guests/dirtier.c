@@ -12,7 +12,7 @@ enum pattern { PAT_SEQ, PAT_RANDOM, PAT_HOTCOLD };
 static const char *const pattern_names[] = { "seq", "random", "hotcold" };
 
 struct config {
-        uint64_t ws_pages, hot_pages, rate, report_ms, run_ms, jam, jam_after_ms;
+        uint64_t ws_pages, hot_pages, rate, report_ms, run_ms, jam, jam_after_ms, fill, passes;
         enum pattern pattern;
 };
 
@@ -40,6 +40,8 @@ static void config_load(void)
         cfg.run_ms = cfg_u64("run_ms", 0);
         cfg.jam = cfg_u64("jam", 0);
         cfg.jam_after_ms = cfg_u64("jam_after_ms", 0);
+        cfg.fill = cfg_u64("fill", 0);
+        cfg.passes = cfg_u64("passes", 0);
         cfg_str("pattern", pat, sizeof(pat));
         cfg.pattern = PAT_SEQ;
         for (unsigned i = 0; i < ARRAY_SIZE(pattern_names); i++)
@@ -91,6 +93,7 @@ void guest_main(unsigned cpu)
            (uint64_t) (uintptr_t) base, pages, pattern_names[cfg.pattern], rate_cpu);
 
         uint64_t seq = 0, pass = 0, next = 0, rng = 0x9E3779B97F4A7C15ULL * (cpu + 1);
+        uint64_t fill_rng = 0xD1B54A32D192ED03ULL * (cpu + 1);
         uint64_t report_ticks = ms_to_tsc(cfg.report_ms);
         uint64_t t_start = rdtsc(), t_report = t_start, writes_report = 0;
         /* Throttle: writes in the current throttle window vs. its budget. */
@@ -128,6 +131,12 @@ void guest_main(unsigned cpu)
                 d->cpu = cpu;
                 d->seq = seq;
                 d->gpa = (uint64_t) (uintptr_t) d;
+                if (cfg.fill) {
+                        /* The rest of the page, incompressible: what real RAM looks like to LZ4. */
+                        uint64_t *q = (uint64_t *) d;
+                        for (unsigned i = sizeof(*d) / 8; i < 512; i++)
+                                q[i] = xorshift64(&fill_rng);
+                }
 
                 if ((seq & 63) != 0 && rate_cpu == 0)
                         continue;
@@ -163,6 +172,12 @@ void guest_main(unsigned cpu)
                         pr("dirtier: jam pages=%lu", cfg.jam);
                         sys_jam(cfg.jam);
                         cfg.jam = 0;
+                }
+                if (cfg.passes && pass >= cfg.passes) {
+                        /* Done writing: idle in hlt (no host CPU), RAM stays as written. */
+                        pr("dirtier: cpu=%u idle after pass=%lu writes=%lu", cpu, pass, seq);
+                        for (;;)
+                                sys_wait();
                 }
                 if (cpu == 0 && cfg.run_ms && now - t_start >= ms_to_tsc(cfg.run_ms)) {
                         pr("dirtier: done writes=%lu", seq);
