@@ -119,6 +119,31 @@ def full_sync(memory="1G", ws="900M", fill=0, compression=None):
             "bytes_sent": st["bytes_sent"], "compression_ratio": round(st["compression_ratio"], 1)}
 
 
+def progress(replicated, epoch_ms=20, window=6.0, memory="1G", ws="64M", tracking="ring"):
+    """Guest-reported page writes/s of the unthrottled dirtier, with or without replication."""
+    with tempfile.TemporaryDirectory(prefix="dr-bench-") as tmp:
+        vmm = BVmm(tmp, memory, tracking, f"ws={ws} pattern=random rate=0 report_ms=500")
+        procs = [vmm]
+        try:
+            wait_console(vmm.console, "ws_base=")
+            if replicated:
+                primary, standby = repl.pair(tmp, vmm, tracking, epoch_ms=epoch_ms)
+                procs += [primary, standby]
+                primary.wait(lambda s: s["state"] == "protected", "protected", timeout=300)
+            time.sleep(1.0)
+            mark = len(open(vmm.console, errors="replace").read())
+            time.sleep(window)
+            lines = open(vmm.console, errors="replace").read()[mark:]
+        finally:
+            for p in procs:
+                p.kill()
+    rates = [int(x) for x in re.findall(r"dirtier: cpu=\d+ pass=\d+ writes=\d+ rate=(\d+)", lines)]
+    if not rates:
+        raise SystemExit("no progress lines from the dirtier")
+    return {"replicated": replicated, "epoch_ms": epoch_ms if replicated else None, "tracking": tracking,
+            "guest_pages_per_s": round(sum(rates) / len(rates))}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
