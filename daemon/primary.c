@@ -627,11 +627,19 @@ static int seal(Epoch *e, bool freeze)
         _cleanup_free_ uint8_t *state = NULL;
         size_t state_len = 0;
         uint64_t t0, pause_ns, sealed = e->cur, distinct, dirty_pages, span_us;
+        /* Round trips to the agent are where a loaded host stretches a pause (each
+         * one waits for a thread to be scheduled): with the agent's features a seal
+         * is two, PAUSE+SAVE_STATE and RESET_RINGS+RESUME, instead of four. */
+        bool state_in_pause = vmm_link_has_feature(e->vmm, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE);
+        bool reset_in_resume = !freeze && tracker_resume_resets(&e->t);
         int64_t n;
         int r;
 
         t0 = now_nsec();
-        r = vmm_link_pause(e->vmm, PAUSE_TIMEOUT_MS, NULL);
+        if (state_in_pause)
+                r = vmm_link_pause_save(e->vmm, PAUSE_TIMEOUT_MS, NULL, &state, &state_len);
+        else
+                r = vmm_link_pause(e->vmm, PAUSE_TIMEOUT_MS, NULL);
         if (r < 0) {
                 pthread_mutex_lock(&p->mutex);
                 set_failed_locked(p, "PAUSE failed: %s", vmm_link_last_error(e->vmm));
@@ -639,14 +647,18 @@ static int seal(Epoch *e, bool freeze)
                 wake(p->notify_fd);
                 return log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
         }
-        /* Ordering rule: collect, reset, and only then copy. */
-        n = tracker_sync(&e->t, &e->col);
+        /* Ordering rule: collect, reset, and only then copy. With the reset folded
+         * into RESUME the copy comes before the reset, which is the same thing here:
+         * every vCPU is parked from the collect to the reset, so no write can land
+         * between the copy and the re-protection. */
+        n = reset_in_resume ? e->t.ops->collect(&e->t, &e->col) : tracker_sync(&e->t, &e->col);
         if (n < 0) {
                 (void) vmm_link_resume(e->vmm, e->cur);
                 return tracking_failed(e, (int) n, "final harvest failed");
         }
         e->dirty_since_seal += (uint64_t) n;
-        e->last_reset_us = e->last_collect_us = now_usec();
+        /* (With reset_in_resume the reset is "now" too: nothing runs until it.) */
+        e->last_collect_us = e->last_reset_us = now_usec();
         col_to_fresh(e);
         /* Pages the VMM wrote itself (device emulation): KVM did not log them. */
         (void) vmm_link_take_vmm_dirty(e->vmm, &e->fresh);
@@ -674,7 +686,7 @@ static int seal(Epoch *e, bool freeze)
                 (void) dirtyset_add_word(e->run, w, bits);
         }
 
-        r = vmm_link_save_state(e->vmm, &state, &state_len);
+        r = state_in_pause ? 0 : vmm_link_save_state(e->vmm, &state, &state_len);
         if (r < 0) {
                 log_error_errno(r, "VM %s: SAVE_STATE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
                 pthread_mutex_lock(&p->mutex);
@@ -683,14 +695,17 @@ static int seal(Epoch *e, bool freeze)
                 goto fail_resume;
         }
         if (!freeze) {
-                r = vmm_link_resume(e->vmm, e->cur + 1);
+                r = reset_in_resume ? tracker_reset_and_resume(&e->t, e->cur + 1)
+                                    : vmm_link_resume(e->vmm, e->cur + 1);
+                if (r == -EUCLEAN)
+                        return tracking_failed(e, r, "dirty ring reset at resume");
                 if (r < 0) {
+                        const char *why = reset_in_resume ? e->t.error : vmm_link_last_error(e->vmm);
                         pthread_mutex_lock(&p->mutex);
-                        set_failed_locked(p, "RESUME failed: %s", vmm_link_last_error(e->vmm));
+                        set_failed_locked(p, "RESUME failed: %s", why);
                         pthread_mutex_unlock(&p->mutex);
                         wake(p->notify_fd);
-                        return log_error_errno(r, "VM %s: RESUME failed: %s", p->vm->name,
-                                               vmm_link_last_error(e->vmm));
+                        return log_error_errno(r, "VM %s: RESUME failed: %s", p->vm->name, why);
                 }
         }
         pause_ns = now_nsec() - t0;

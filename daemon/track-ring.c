@@ -96,18 +96,8 @@ static int64_t ring_collect(Tracker *t, DirtySet *dirty)
         return added;
 }
 
-static int ring_reset(Tracker *t)
+int tracker_ring_reset_done(Tracker *t, uint64_t count)
 {
-        uint64_t count = 0;
-        int r;
-
-        if (t->pending_reset == 0 && !t->force_reset)
-                return 0;
-        r = vmm_link_reset_rings(t->link, &count);
-        if (r < 0) {
-                snprintf(t->error, sizeof(t->error), "RESET_RINGS failed: %s", vmm_link_last_error(t->link));
-                return r;
-        }
         t->stats.resets += count;
         /* KVM resets exactly the entries we marked (selftests: reset count ==
          * harvested count). Anything else means lost or phantom entries. */
@@ -125,6 +115,21 @@ static int ring_reset(Tracker *t)
         }
         t->pending_reset = 0;
         return 0;
+}
+
+static int ring_reset(Tracker *t)
+{
+        uint64_t count = 0;
+        int r;
+
+        if (t->pending_reset == 0 && !t->force_reset)
+                return 0;
+        r = vmm_link_reset_rings(t->link, &count);
+        if (r < 0) {
+                snprintf(t->error, sizeof(t->error), "RESET_RINGS failed: %s", vmm_link_last_error(t->link));
+                return r;
+        }
+        return tracker_ring_reset_done(t, count);
 }
 
 const TrackerOps tracker_ring_ops = {

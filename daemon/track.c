@@ -43,6 +43,35 @@ int64_t tracker_sync(Tracker *t, DirtySet *dirty)
         return n;
 }
 
+bool tracker_resume_resets(const Tracker *t)
+{
+        return t->ops == &tracker_ring_ops &&
+               vmm_link_has_feature(t->link, DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS);
+}
+
+int tracker_reset_and_resume(Tracker *t, uint64_t epoch)
+{
+        uint64_t count = 0;
+        int r;
+
+        if (!tracker_resume_resets(t) || t->pending_reset == 0) {
+                r = t->ops->reset(t);
+                if (r < 0)
+                        return r;
+                r = vmm_link_resume(t->link, epoch);
+                if (r < 0)
+                        snprintf(t->error, sizeof(t->error), "RESUME failed: %s", vmm_link_last_error(t->link));
+                return r;
+        }
+        r = vmm_link_resume_reset(t->link, epoch, &count);
+        if (r < 0) {
+                snprintf(t->error, sizeof(t->error), "RESUME with RESET_RINGS failed: %s",
+                         vmm_link_last_error(t->link));
+                return r;
+        }
+        return tracker_ring_reset_done(t, count);
+}
+
 int64_t tracker_ring_full(Tracker *t, DirtySet *dirty)
 {
         uint64_t v, before = t->stats.entries, resets_before = t->stats.resets;

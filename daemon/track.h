@@ -74,6 +74,21 @@ int64_t tracker_sync(Tracker *t, DirtySet *dirty);
  */
 int64_t tracker_ring_full(Tracker *t, DirtySet *dirty);
 
+/*
+ * Resumes the paused VM at `epoch`, re-protecting first what collect() took
+ * while it was paused (ring mode with FEATURE_RESUME_RESETS_RINGS: one round
+ * trip; nothing runs between the caller's copy and the reset). Without the
+ * feature, or in bitmap mode, it is reset() then RESUME. Returns 0 or -errno
+ * (-EUCLEAN: the reset count showed lost entries; the VM runs regardless).
+ */
+int tracker_reset_and_resume(Tracker *t, uint64_t epoch);
+
+/* Whether tracker_reset_and_resume() saves a round trip (so callers may copy before the reset). */
+bool tracker_resume_resets(const Tracker *t);
+
+/* Ring backend: accounts a KVM_RESET_DIRTY_RINGS result against what was harvested. */
+int tracker_ring_reset_done(Tracker *t, uint64_t count);
+
 /* Number of 64-bit words in a dirty bitmap for this layout. */
 static inline uint64_t tracker_bitmap_words(const VmmLayout *lay)
 {

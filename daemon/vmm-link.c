@@ -22,8 +22,14 @@ struct VmmLink {
         uint64_t next_id;
         VmmLayout layout;
         uint64_t vmm_dirty_seen_seq;
+        uint32_t features; /* HelloReply.features (Dr__Control__Feature bits) */
         char last_error[256];
 };
+
+bool vmm_link_has_feature(const VmmLink *l, uint32_t feature)
+{
+        return (l->features & feature) == feature;
+}
 
 const VmmLayout *vmm_link_layout(const VmmLink *l)
 {
@@ -358,6 +364,7 @@ int vmm_link_open(const char *path, const char *client, VmmLink **ret)
                 dr__control__reply__free_unpacked(reply, NULL);
                 return -EPROTONOSUPPORT;
         }
+        l->features = reply->hello->has_features ? reply->hello->features : 0;
         dr__control__reply__free_unpacked(reply, NULL);
 
         req = (Dr__Control__Request) DR__CONTROL__REQUEST__INIT;
@@ -442,6 +449,68 @@ int vmm_link_pause(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns)
         return 0;
 }
 
+static int read_state(VmmLink *l, uint64_t len, uint8_t **ret_buf, size_t *ret_len);
+
+int vmm_link_pause_save(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns, uint8_t **ret_buf,
+                        size_t *ret_len)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__Pause m = DR__CONTROL__PAUSE__INIT;
+        Dr__Control__Reply *reply;
+        uint64_t len;
+        int r;
+
+        if (!vmm_link_has_feature(l, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE))
+                return -EOPNOTSUPP;
+        if (timeout_ms) {
+                m.has_timeout_ms = true;
+                m.timeout_ms = timeout_ms;
+        }
+        m.has_save_state = m.save_state = true;
+        req.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
+        req.pause = &m;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_PAUSE, &reply);
+        if (r < 0)
+                return r;
+        if (ret_pause_ns)
+                *ret_pause_ns = reply->pause->pause_ns;
+        if (!reply->pause->has_state_length) {
+                dr__control__reply__free_unpacked(reply, NULL);
+                snprintf(l->last_error, sizeof(l->last_error), "agent paused but sent no state");
+                return -EPROTO;
+        }
+        len = reply->pause->state_length;
+        dr__control__reply__free_unpacked(reply, NULL);
+        return read_state(l, len, ret_buf, ret_len);
+}
+
+int vmm_link_resume_reset(VmmLink *l, uint64_t epoch, uint64_t *ret_count)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__Resume m = DR__CONTROL__RESUME__INIT;
+        Dr__Control__Reply *reply;
+        int r;
+
+        if (!vmm_link_has_feature(l, DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS))
+                return -EOPNOTSUPP;
+        m.has_epoch = true;
+        m.epoch = epoch;
+        m.has_reset_rings = m.reset_rings = true;
+        req.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
+        req.resume = &m;
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_RESUME, &reply);
+        if (r < 0)
+                return r;
+        if (!reply->resume->has_reset_count) {
+                dr__control__reply__free_unpacked(reply, NULL);
+                snprintf(l->last_error, sizeof(l->last_error), "agent resumed but sent no reset count");
+                return -EPROTO;
+        }
+        *ret_count = reply->resume->reset_count;
+        dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
+}
+
 int vmm_link_resume(VmmLink *l, uint64_t epoch)
 {
         Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
@@ -459,9 +528,7 @@ int vmm_link_save_state(VmmLink *l, uint8_t **ret_buf, size_t *ret_len)
         Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
         Dr__Control__SaveState m = DR__CONTROL__SAVE_STATE__INIT;
         Dr__Control__Reply *reply;
-        _cleanup_free_ uint8_t *buf = NULL;
         uint64_t len;
-        ssize_t n;
         int r;
 
         req.body_case = DR__CONTROL__REQUEST__BODY_SAVE_STATE;
@@ -471,6 +538,15 @@ int vmm_link_save_state(VmmLink *l, uint8_t **ret_buf, size_t *ret_len)
                 return r;
         len = reply->save_state->length;
         dr__control__reply__free_unpacked(reply, NULL);
+        return read_state(l, len, ret_buf, ret_len);
+}
+
+/* Reads the len bytes of VmState the agent wrote at offset 0 of the state memfd. */
+static int read_state(VmmLink *l, uint64_t len, uint8_t **ret_buf, size_t *ret_len)
+{
+        _cleanup_free_ uint8_t *buf = NULL;
+        ssize_t n;
+
         if (len == 0 || len > STATE_MAX_SIZE)
                 return -EBADMSG;
         buf = malloc(len);

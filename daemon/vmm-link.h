@@ -82,6 +82,14 @@ int vmm_link_stop_tracking(VmmLink *l);
 int vmm_link_reset_rings(VmmLink *l, uint64_t *ret_count);
 int vmm_link_pause(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns);
 int vmm_link_resume(VmmLink *l, uint64_t epoch);
+/* Whether the agent announced a Dr__Control__Feature (HelloReply.features). */
+bool vmm_link_has_feature(const VmmLink *l, uint32_t feature);
+/* FEATURE_PAUSE_SAVES_STATE: Pause and SaveState in one round trip (-EOPNOTSUPP without it). */
+int vmm_link_pause_save(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns, uint8_t **ret_buf,
+                        size_t *ret_len);
+/* FEATURE_RESUME_RESETS_RINGS: KVM_RESET_DIRTY_RINGS, then Resume, in one round trip;
+ * *ret_count is what the reset returned (-EOPNOTSUPP without the feature). */
+int vmm_link_resume_reset(VmmLink *l, uint64_t epoch, uint64_t *ret_count);
 /* Saves state; on success *ret_buf is a malloc()ed copy of the VmState bytes. */
 int vmm_link_save_state(VmmLink *l, uint8_t **ret_buf, size_t *ret_len);
 int vmm_link_get_dirty_log(VmmLink *l, uint32_t slot, bool clear, uint64_t *ret_pages);

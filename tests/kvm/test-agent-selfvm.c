@@ -510,6 +510,84 @@ static void test_save_state(Vm *vm, int fd, int state_fd)
 }
 
 /*
+ * A seal in two round trips: Pause{save_state} parks the vCPU and saves its
+ * state in the same reply; the client harvests while paused; Resume{reset_rings}
+ * re-protects before the vCPU runs and returns what KVM reset, which must be
+ * exactly what was harvested. Bitmap mode refuses reset_rings and stays paused.
+ */
+static void test_fused_seal(Vm *vm, int fd, int vcpu_fd, int state_fd, DrTrackingMode mode)
+{
+        struct kvm_dirty_gfn *ring = NULL;
+        uint64_t harvested_total = 0;
+
+        if (mode == DR_TRACKING_RING) {
+                ring = mmap(NULL, RING_ENTRIES * sizeof(*ring), PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd,
+                            (off_t) KVM_DIRTY_LOG_PAGE_OFFSET * 4096);
+                CHECK(ring != MAP_FAILED);
+        }
+        for (unsigned round = 0; round < 20; round++) {
+                Dr__Control__Pause p = DR__CONTROL__PAUSE__INIT;
+                Dr__Control__Resume m = DR__CONTROL__RESUME__INIT;
+                Dr__Control__Request r = DR__CONTROL__REQUEST__INIT;
+                Dr__Control__Reply *rep = NULL;
+                _cleanup_(vm_snapshot_freep) VmSnapshot *snap = NULL;
+                _cleanup_free_ uint8_t *buf = NULL;
+                uint64_t len, harvested = 0;
+                uint32_t c;
+
+                usleep(2000);
+                p.has_save_state = p.save_state = true;
+                r.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
+                r.pause = &p;
+                CHECK_EQ(peer_simple(fd, &r, &rep), 0);
+                CHECK(rep->body_case == DR__CONTROL__REPLY__BODY_PAUSE && rep->pause->has_state_length);
+                len = rep->pause->state_length;
+                dr__control__reply__free_unpacked(rep, NULL);
+                CHECK(len > 4096);
+                buf = malloc(len);
+                CHECK(pread(state_fd, buf, len, 0) == (ssize_t) len);
+                CHECK(state_decode(buf, len, &snap) >= 0);
+                CHECK(snap->vcpus[0].regs.rip >= CODE_GPA && snap->vcpus[0].regs.rip < CODE_GPA + sizeof(guest_code));
+                c = counter(vm);
+
+                if (ring)
+                        for (;;) {
+                                struct kvm_dirty_gfn *e = &ring[vm->fetch % RING_ENTRIES];
+                                if (__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) != KVM_DIRTY_GFN_F_DIRTY)
+                                        break;
+                                __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+                                vm->fetch++;
+                                harvested++;
+                        }
+                usleep(1000);
+                CHECK_EQ(counter(vm), c); /* still parked while we harvested */
+
+                r = (Dr__Control__Request) DR__CONTROL__REQUEST__INIT;
+                m.has_reset_rings = m.reset_rings = true;
+                r.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
+                r.resume = &m;
+                if (!ring) {
+                        CHECK_EQ(peer_simple(fd, &r, NULL), -EOPNOTSUPP);
+                        usleep(1000);
+                        CHECK_EQ(counter(vm), c); /* refused: still paused */
+                        CHECK_EQ(peer_resume(fd, false, 0), 0);
+                        continue;
+                }
+                CHECK_EQ(peer_simple(fd, &r, &rep), 0);
+                CHECK(rep->body_case == DR__CONTROL__REPLY__BODY_RESUME && rep->resume->has_reset_count);
+                CHECK_EQ(rep->resume->reset_count, harvested);
+                dr__control__reply__free_unpacked(rep, NULL);
+                harvested_total += harvested;
+        }
+        if (ring) {
+                CHECK(harvested_total > 0);
+                printf("  fused seal: 20 rounds, %llu entries reset by Resume\n",
+                       (unsigned long long) harvested_total);
+                munmap(ring, RING_ENTRIES * sizeof(*ring));
+        }
+}
+
+/*
  * Ring mode, last: let the ring fill up with nobody harvesting. A ring of
  * CPL0 (emulated) stores may jam; then a correct harvester finds nothing
  * it can reset and the agent must declare the vCPU wedged instead of
@@ -681,6 +759,8 @@ static void run(DrTrackingMode mode)
         else
                 test_bitmap(&vm, fd, fds[2]);
         test_vmm_dirty(&vm, fds[3], layout->layout->regions[0]->vmm_dirty_offset);
+
+        test_fused_seal(&vm, fd, fds[1], fds[4], mode);
 
         /* Pause: the guest stops, twice is fine, state can be saved. */
         CHECK_EQ(peer_pause(fd, &pause_ns), 0);

@@ -46,6 +46,7 @@ typedef struct Ctx {
         Dr__Control__Vcpu *vcpu_ptrs[DR_AGENT_MAX_VCPUS];
         Dr__Control__ResetRingsReply reset_rings;
         Dr__Control__PauseReply pause;
+        Dr__Control__ResumeReply resume;
         Dr__Control__SaveStateReply save_state;
         Dr__Control__GetDirtyLogReply get_dirty_log;
         Dr__Control__ReleaseOutputReply release_output;
@@ -143,6 +144,9 @@ static int handle_hello(DrAgent *a, const Dr__Control__Hello *m, Ctx *c)
         c->hello.has_vm_uuid = true;
         c->hello.vm_uuid.data = a->vm_uuid;
         c->hello.vm_uuid.len = sizeof(a->vm_uuid);
+        c->hello.has_features = true;
+        c->hello.features = DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE |
+                            (a->mode == DR_TRACKING_RING ? DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS : 0);
         c->reply.body_case = DR__CONTROL__REPLY__BODY_HELLO;
         c->reply.hello = &c->hello;
         return 0;
@@ -210,21 +214,30 @@ static int handle_get_layout(DrAgent *a, Ctx *c)
         return 0;
 }
 
+/* KVM_RESET_DIRTY_RINGS, and wakes vCPUs waiting on a full ring. Returns the count or -errno. */
+static int reset_rings(DrAgent *a)
+{
+        int n = ioctl(a->vm_fd, KVM_RESET_DIRTY_RINGS);
+
+        if (n < 0)
+                return -errno;
+        pthread_mutex_lock(&a->lock);
+        a->resets_total += (uint64_t) n;
+        a->reset_gen++;
+        pthread_cond_broadcast(&a->vcpu_cond); /* vCPUs waiting on a full ring */
+        pthread_mutex_unlock(&a->lock);
+        return n;
+}
+
 static int handle_reset_rings(DrAgent *a, Ctx *c)
 {
         int n;
 
         if (a->mode != DR_TRACKING_RING)
                 return ctx_fail(c, -EOPNOTSUPP, "the VM tracks dirty pages with a bitmap, not rings");
-        n = ioctl(a->vm_fd, KVM_RESET_DIRTY_RINGS);
+        n = reset_rings(a);
         if (n < 0)
-                return ctx_fail(c, -errno, "KVM_RESET_DIRTY_RINGS: %s", strerror(errno));
-
-        pthread_mutex_lock(&a->lock);
-        a->resets_total += (uint64_t) n;
-        a->reset_gen++;
-        pthread_cond_broadcast(&a->vcpu_cond); /* vCPUs waiting on a full ring */
-        pthread_mutex_unlock(&a->lock);
+                return ctx_fail(c, n, "KVM_RESET_DIRTY_RINGS: %s", strerror(-n));
 
         c->reset_rings = (Dr__Control__ResetRingsReply) DR__CONTROL__RESET_RINGS_REPLY__INIT;
         c->reset_rings.count = (uint64_t) n;
@@ -232,6 +245,8 @@ static int handle_reset_rings(DrAgent *a, Ctx *c)
         c->reply.reset_rings = &c->reset_rings;
         return 0;
 }
+
+static int save_state(DrAgent *a, Ctx *c, uint64_t *ret_len);
 
 static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
 {
@@ -259,6 +274,14 @@ static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
 
         c->pause = (Dr__Control__PauseReply) DR__CONTROL__PAUSE_REPLY__INIT;
         c->pause.pause_ns = now_nsec() - t0;
+        if (m->has_save_state && m->save_state) {
+                /* Same as a SaveState request right after: the vCPUs stay parked. On
+                 * failure the VM stays paused, as after a failed SaveState. */
+                int r = save_state(a, c, &c->pause.state_length);
+                if (r < 0)
+                        return r;
+                c->pause.has_state_length = true;
+        }
         c->reply.body_case = DR__CONTROL__REPLY__BODY_PAUSE;
         c->reply.pause = &c->pause;
         return 0;
@@ -266,6 +289,17 @@ static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
 
 static int handle_resume(DrAgent *a, const Dr__Control__Resume *m, Ctx *c)
 {
+        int n = -1;
+
+        if (m->has_reset_rings && m->reset_rings) {
+                if (a->mode != DR_TRACKING_RING)
+                        return ctx_fail(c, -EOPNOTSUPP, "the VM tracks dirty pages with a bitmap, not rings");
+                /* Re-protect before any vCPU runs: the client copied while paused. */
+                n = reset_rings(a);
+                if (n < 0)
+                        return ctx_fail(c, n, "KVM_RESET_DIRTY_RINGS before resuming: %s; the VM stays paused",
+                                        strerror(-n));
+        }
         pthread_mutex_lock(&a->lock);
         if (m->has_epoch) {
                 a->epoch = m->epoch;
@@ -276,6 +310,13 @@ static int handle_resume(DrAgent *a, const Dr__Control__Resume *m, Ctx *c)
         a->paused = false;
         pthread_cond_broadcast(&a->vcpu_cond);
         pthread_mutex_unlock(&a->lock);
+        if (n >= 0) {
+                c->resume = (Dr__Control__ResumeReply) DR__CONTROL__RESUME_REPLY__INIT;
+                c->resume.has_reset_count = true;
+                c->resume.reset_count = (uint64_t) n;
+                c->reply.body_case = DR__CONTROL__REPLY__BODY_RESUME;
+                c->reply.resume = &c->resume;
+        }
         return 0;
 }
 
@@ -306,9 +347,7 @@ static int write_state(DrAgent *a, const uint8_t *buf, size_t len)
 
 static int handle_save_state(DrAgent *a, Ctx *c)
 {
-        _cleanup_free_ uint8_t *devices = NULL, *buf = NULL;
-        _cleanup_free_ int *fds = NULL;
-        size_t devices_len = 0, len = 0;
+        uint64_t len;
         bool ok;
         int r;
 
@@ -317,6 +356,23 @@ static int handle_save_state(DrAgent *a, Ctx *c)
         pthread_mutex_unlock(&a->lock);
         if (!ok)
                 return ctx_fail(c, -EBUSY, "SaveState needs a paused VM");
+        r = save_state(a, c, &len);
+        if (r < 0)
+                return r;
+        c->save_state = (Dr__Control__SaveStateReply) DR__CONTROL__SAVE_STATE_REPLY__INIT;
+        c->save_state.length = len;
+        c->reply.body_case = DR__CONTROL__REPLY__BODY_SAVE_STATE;
+        c->reply.save_state = &c->save_state;
+        return 0;
+}
+
+/* Saves devices and vCPUs into the state memfd; the VM must be paused. */
+static int save_state(DrAgent *a, Ctx *c, uint64_t *ret_len)
+{
+        _cleanup_free_ uint8_t *devices = NULL, *buf = NULL;
+        _cleanup_free_ int *fds = NULL;
+        size_t devices_len = 0, len = 0;
+        int r;
 
         if (a->cb.save_devices) {
                 r = a->cb.save_devices(a->userdata, &devices, &devices_len);
@@ -337,11 +393,7 @@ static int handle_save_state(DrAgent *a, Ctx *c)
         r = write_state(a, buf, len);
         if (r < 0)
                 return ctx_fail(c, r, "writing %zu bytes of state failed: %s", len, strerror(-r));
-
-        c->save_state = (Dr__Control__SaveStateReply) DR__CONTROL__SAVE_STATE_REPLY__INIT;
-        c->save_state.length = len;
-        c->reply.body_case = DR__CONTROL__REPLY__BODY_SAVE_STATE;
-        c->reply.save_state = &c->save_state;
+        *ret_len = len;
         return 0;
 }
 
