@@ -1270,7 +1270,12 @@ static int parent_dir(const Image *img, char **ret)
 
         if (p[0] == '/')
                 s = strdup(p);
-        else if (asprintf(&s, "%s/%s", img->path, p) < 0)
+        else if (strneq(p, "../", 3) && !strchr(p + 3, '/')) {
+                /* A sibling (what the writer stores): name it as such, not as "img3/../img2/../img1". */
+                _cleanup_free_ char *copy = strdup(img->path);
+                if (!copy || asprintf(&s, "%s/%s", dirname(copy), p + 3) < 0)
+                        s = NULL;
+        } else if (asprintf(&s, "%s/%s", img->path, p) < 0)
                 s = NULL;
         if (!s)
                 return -ENOMEM;

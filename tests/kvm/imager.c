@@ -1,0 +1,304 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * dr-imager: takes checkpoint images of a running dirtyrep-vmm from a second
+ * process, through the real control socket, with the daemon's tracking code
+ * (daemon/track*) and the image library (image/imagefile.h): the same steps
+ * the primary takes at an epoch's seal.
+ *
+ *   run          attach, start tracking; a full image DIR/img0, then every
+ *                --interval-ms an incremental image DIR/imgN on imgN-1, while
+ *                harvesting continuously in between ("dirty since the last
+ *                image"). One line per image with its sizes and its pause.
+ *   materialize  writes the RAM an image chain describes (memfd layout) to a
+ *                file, for dirtyrep-memcheck.
+ *
+ * Exit codes: 0 ok, 1 failed, 2 usage or setup error.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "imagefile.h"
+#include "log.h"
+#include "macros.h"
+#include "track.h"
+#include "util.h"
+#include "vmm-link.h"
+
+static const char *arg_control;
+static const char *arg_name = "vm";
+static const char *arg_dir;
+static unsigned arg_images = 4;
+static unsigned arg_interval_ms = 1000;
+static bool arg_compress;
+
+/* Drains rings (or bitmaps) while the guest runs for `ms`, OR-ing into `since`. */
+static int harvest_for(Tracker *t, uint64_t *since, unsigned ms)
+{
+        const VmmLayout *lay = t->lay;
+        uint64_t end = now_usec() + (uint64_t) ms * USEC_PER_MSEC;
+        int64_t n;
+
+        while (now_usec() < end) {
+                struct pollfd p = { .fd = lay->ring_full_fd, .events = POLLIN };
+
+                if (lay->ring_full_fd >= 0 && poll(&p, 1, 1) > 0 && (p.revents & POLLIN)) {
+                        n = tracker_ring_full(t, since);
+                        if (n < 0)
+                                return log_error_errno((int) n, "Harvest on ring-full failed: %s", t->error);
+                        continue;
+                }
+                if (lay->ring_full_fd < 0)
+                        usleep(5000);
+                n = t->ops->collect(t, since);
+                if (n < 0)
+                        return log_error_errno((int) n, "Collect failed: %s", t->error);
+                if (t->pending_reset >= (uint64_t) lay->ring_entries / 4 * lay->n_vcpus) {
+                        int r = t->ops->reset(t);
+                        if (r < 0)
+                                return log_error_errno(r, "Reset failed: %s", t->error);
+                }
+        }
+        return 0;
+}
+
+static int image_layout_from(const VmmLayout *vl, ImageLayout *il, const uint8_t **ram)
+{
+        if (vl->page_size != IMAGE_PAGE_SIZE || vl->n_regions > IMAGE_MAX_REGIONS)
+                return -EINVAL;
+        *il = (ImageLayout) { .page_size = IMAGE_PAGE_SIZE, .n_regions = vl->n_regions,
+                              .total_pages = vl->total_pages };
+        for (size_t i = 0; i < vl->n_regions; i++) {
+                il->regions[i] = (ImageRegion) {
+                        .slot = vl->regions[i].slot,
+                        .guest_phys = vl->regions[i].guest_phys,
+                        .size = vl->regions[i].size,
+                        .fd_offset = vl->regions[i].fd_offset,
+                };
+                ram[i] = vl->regions[i].ram;
+        }
+        return image_layout_check(il);
+}
+
+/*
+ * One image: what the primary would do at a seal. since: pages dirtied since
+ * the previous image (NULL = take a full image); cleared on success.
+ */
+static int take_image(VmmLink *link, Tracker *t, uint64_t *since, uint64_t *fresh, const char *dir,
+                      const char *parent, uint64_t seq)
+{
+        _cleanup_(image_capture_freep) ImageCapture *cap = NULL;
+        _cleanup_free_ uint8_t *state = NULL;
+        const uint8_t *ram[IMAGE_MAX_REGIONS];
+        uint64_t words = tracker_bitmap_words(t->lay), t0, t1, agent_pause_ns = 0;
+        int64_t precopied, n, recopied;
+        char err[IMAGE_ERR_MAX] = "";
+        ImageWriteStats st;
+        ImageLayout il;
+        ImageWriteOptions o;
+        size_t state_len;
+        int r;
+
+        r = image_layout_from(t->lay, &il, ram);
+        if (r < 0)
+                return log_error_errno(r, "The VM's layout cannot be imaged");
+        r = image_capture_new(&il, ram, &cap);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up image staging: %m");
+
+        /* Pre-copy while the VM runs: collect -> reset, then copy what was dirtied so far. */
+        n = tracker_sync(t, since);
+        if (n < 0)
+                return log_error_errno((int) n, "Harvest failed: %s", t->error);
+        (void) vmm_link_take_vmm_dirty(link, since);
+        precopied = image_capture_copy(cap, parent ? since : NULL);
+        if (precopied < 0)
+                return log_error_errno((int) precopied, "Pre-copy failed: %m");
+
+        /* The pause: final collect -> reset, copy the re-dirtied pages, state, resume. */
+        memset(fresh, 0, words * sizeof(uint64_t));
+        t0 = now_nsec();
+        r = vmm_link_pause(link, 2000, &agent_pause_ns);
+        if (r < 0)
+                return log_error_errno(r, "Pause failed: %s", vmm_link_last_error(link));
+        n = tracker_sync(t, fresh);
+        if (n < 0)
+                return log_error_errno((int) n, "Final harvest failed: %s", t->error);
+        (void) vmm_link_take_vmm_dirty(link, fresh);
+        recopied = image_capture_copy(cap, fresh);
+        if (recopied < 0)
+                return log_error_errno((int) recopied, "Copy in the pause failed: %m");
+        r = vmm_link_save_state(link, &state, &state_len);
+        if (r < 0)
+                return log_error_errno(r, "SaveState failed: %s", vmm_link_last_error(link));
+        r = vmm_link_resume(link, seq + 1);
+        if (r < 0)
+                return log_error_errno(r, "Resume failed: %s", vmm_link_last_error(link));
+        t1 = now_nsec();
+
+        /* The image covers everything dirtied up to the pause; the VM already runs on. */
+        for (uint64_t w = 0; w < words; w++)
+                since[w] |= fresh[w];
+        printf("imager: writing %s\n", dir);
+        fflush(stdout);
+        o = (ImageWriteOptions) {
+                .vm_name = arg_name,
+                .state = state,
+                .state_len = state_len,
+                .covered = parent ? since : NULL,
+                .parent = parent,
+                .compress = arg_compress,
+                .epoch = seq,
+        };
+        r = image_capture_write(cap, dir, &o, &st, err, sizeof(err));
+        if (r < 0)
+                return log_error_errno(r, "Failed to write image %s: %s", dir, err);
+        memset(since, 0, words * sizeof(uint64_t));
+        printf("imager: image=%s kind=%s present=%" PRIu64 " zero=%" PRIu64 " parent=%" PRIu64 " runs=%" PRIu64
+               " stored_bytes=%" PRIu64 " total_bytes=%" PRIu64 " precopy_pages=%" PRId64 " pause_pages=%" PRId64
+               " pause_us=%" PRIu64 " agent_pause_us=%" PRIu64 " write_ms=%" PRIu64 "\n",
+               dir, parent ? "incremental" : "full", st.present_pages, st.zero_pages, st.parent_pages, st.runs,
+               st.stored_bytes, st.total_bytes, precopied, recopied, (t1 - t0) / 1000, agent_pause_ns / 1000,
+               st.write_ns / 1000000);
+        fflush(stdout);
+        return 0;
+}
+
+static int cmd_run(void)
+{
+        _cleanup_(vmm_link_freep) VmmLink *link = NULL;
+        _cleanup_free_ uint64_t *since = NULL, *fresh = NULL;
+        Tracker t;
+        int r;
+
+        if (!arg_dir)
+                return log_error_errno(-EINVAL, "run needs --dir");
+        r = vmm_link_open(arg_control, "dr-imager", &link);
+        if (r < 0)
+                return log_error_errno(r, "Failed to attach to %s: %m", arg_control);
+        r = tracker_init(&t, link);
+        if (r < 0)
+                return log_error_errno(r, "Unknown tracking mode");
+        since = calloc(tracker_bitmap_words(t.lay), sizeof(uint64_t));
+        fresh = calloc(tracker_bitmap_words(t.lay), sizeof(uint64_t));
+        if (!since || !fresh)
+                return log_oom();
+        r = vmm_link_start_tracking(link);
+        if (r < 0)
+                return log_error_errno(r, "StartTracking failed: %s", vmm_link_last_error(link));
+
+        for (unsigned i = 0; i < arg_images; i++) {
+                _cleanup_free_ char *dir = NULL, *parent = NULL;
+
+                if (asprintf(&dir, "%s/img%u", arg_dir, i) < 0 ||
+                    (i > 0 && asprintf(&parent, "%s/img%u", arg_dir, i - 1) < 0))
+                        return log_oom();
+                if (i > 0) {
+                        r = harvest_for(&t, since, arg_interval_ms);
+                        if (r < 0)
+                                return r;
+                }
+                r = take_image(link, &t, since, fresh, dir, parent, i + 1);
+                if (r < 0)
+                        return r;
+        }
+        if (t.ops == &tracker_ring_ops && t.stats.marked != t.stats.resets)
+                return log_error_errno(-EUCLEAN, "harvested %" PRIu64 " ring entries but KVM reset %" PRIu64,
+                                       t.stats.marked, t.stats.resets);
+        printf("imager: done images=%u mode=%s\n", arg_images, t.ops->name);
+        return 0;
+}
+
+static int cmd_materialize(const char *dir, const char *out)
+{
+        _cleanup_(image_freep) Image *img = NULL;
+        _cleanup_close_ int fd = -EBADF;
+        char err[IMAGE_ERR_MAX] = "";
+        uint64_t size;
+        uint8_t *ram;
+        int r;
+
+        r = image_open(dir, IMAGE_OPEN_CHAIN, &img, err, sizeof(err));
+        if (r < 0)
+                return log_error_errno(r, "%s", err);
+        size = image_layout_ram_size(&img->layout);
+        fd = open(out, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (fd < 0 || ftruncate(fd, (off_t) size) < 0)
+                return log_error_errno(-errno, "%s: %m", out);
+        ram = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (ram == MAP_FAILED)
+                return log_error_errno(-errno, "mmap %s: %m", out);
+        r = image_restore(img, ram, size, true, err, sizeof(err));
+        munmap(ram, size);
+        if (r < 0)
+                return log_error_errno(r, "%s", err);
+        printf("imager: materialized %s (depth %" PRIu32 ") into %s\n", dir, img->inv->depth, out);
+        return 0;
+}
+
+int main(int argc, char **argv)
+{
+        static const struct option opts[] = {
+                { "control", required_argument, NULL, 'c' },
+                { "name", required_argument, NULL, 'n' },
+                { "dir", required_argument, NULL, 'd' },
+                { "images", required_argument, NULL, 'N' },
+                { "interval-ms", required_argument, NULL, 'i' },
+                { "compress", no_argument, NULL, 'z' },
+                {}
+        };
+        const char *cmd;
+        int c, r;
+
+        log_set_ident("dr-imager");
+        if (argc < 2) {
+                fprintf(stderr, "usage: dr-imager run --control PATH --dir DIR [--name VM] [--images N] "
+                                "[--interval-ms MS] [--compress]\n"
+                                "       dr-imager materialize IMAGE RAMFILE\n");
+                return 2;
+        }
+        cmd = argv[1];
+        if (streq(cmd, "materialize")) {
+                if (argc != 4)
+                        return 2;
+                return cmd_materialize(argv[2], argv[3]) < 0 ? 1 : 0;
+        }
+        optind = 2;
+        while ((c = getopt_long(argc, argv, "", opts, NULL)) >= 0) {
+                switch (c) {
+                case 'c':
+                        arg_control = optarg;
+                        break;
+                case 'n':
+                        arg_name = optarg;
+                        break;
+                case 'd':
+                        arg_dir = optarg;
+                        break;
+                case 'N':
+                        if (parse_u32(optarg, &arg_images) < 0 || arg_images < 1)
+                                return 2;
+                        break;
+                case 'i':
+                        if (parse_u32(optarg, &arg_interval_ms) < 0)
+                                return 2;
+                        break;
+                case 'z':
+                        arg_compress = true;
+                        break;
+                default:
+                        return 2;
+                }
+        }
+        if (!streq(cmd, "run") || !arg_control)
+                return 2;
+        r = cmd_run();
+        return r < 0 ? 1 : 0;
+}
