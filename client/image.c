@@ -98,7 +98,8 @@ static void show_text(const Image *img, const Image *chain, const char *chain_er
         printf("  RAM:       %" PRIu64 " MiB in %zu region(s), %" PRIu64 " pages of %" PRIu32 " bytes\n",
                inv->total_pages * inv->page_size >> 20, inv->n_regions, inv->total_pages, inv->page_size);
         for (size_t i = 0; i < inv->n_regions; i++)
-                printf("    slot %" PRIu32 ": guest 0x%" PRIx64 "..0x%" PRIx64 " (memfd offset 0x%" PRIx64 ")\n",
+                printf("    slot %" PRIu32 ": guest 0x%" PRIx64 "..0x%" PRIx64 " (memfd offset 0x%" PRIx64
+                       ")\n",
                        inv->regions[i]->slot, inv->regions[i]->guest_phys,
                        inv->regions[i]->guest_phys + inv->regions[i]->size - 1, inv->regions[i]->fd_offset);
         if (inv->parent) {
@@ -118,18 +119,18 @@ static void show_text(const Image *img, const Image *chain, const char *chain_er
                s.lz4_runs);
         printf("  zero:    %" PRIu64 " pages in %" PRIu64 " runs\n", s.pages[DR__IMAGE__RUN_KIND__RUN_ZERO],
                s.runs[DR__IMAGE__RUN_KIND__RUN_ZERO]);
-        printf("  parent:  %" PRIu64 " pages in %" PRIu64 " runs\n", s.pages[DR__IMAGE__RUN_KIND__RUN_PARENT],
-               s.runs[DR__IMAGE__RUN_KIND__RUN_PARENT]);
+        printf("  parent:  %" PRIu64 " pages in %" PRIu64 " runs\n",
+               s.pages[DR__IMAGE__RUN_KIND__RUN_PARENT], s.runs[DR__IMAGE__RUN_KIND__RUN_PARENT]);
         if (runs)
                 for (size_t i = 0; i < img->map->n_runs; i++) {
                         const Dr__Image__PageRun *r = img->map->runs[i];
                         printf("    %10" PRIu64 " +%-8" PRIu64 " %-7s", r->first_page, r->n_pages,
                                image_run_kind_name(r->kind));
                         if (r->kind == DR__IMAGE__RUN_KIND__RUN_PRESENT)
-                                printf(" data @%" PRIu64 " len %" PRIu64 " %s crc %08" PRIx32, r->data_offset,
-                                       r->stored_len,
-                                       r->has_compression &&
-                                                       r->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4
+                                printf(" data @%" PRIu64 " len %" PRIu64 " %s crc %08" PRIx32,
+                                       r->data_offset, r->stored_len,
+                                       r->has_compression && r->compression ==
+                                                                     DR__IMAGE__COMPRESSION__COMPRESSION_LZ4
                                                ? "lz4"
                                                : "raw",
                                        r->data_crc);
@@ -146,15 +147,16 @@ static void show_text(const Image *img, const Image *chain, const char *chain_er
                                v->index, v->mp_state, v->regs->rip, v->regs->rsp, v->sregs->cr3, v->n_msrs);
                 }
                 printf("  PIT %s, irqchip %s, clock %s, device state %zu bytes\n", vs->pit ? "yes" : "no",
-                       vs->ioapic ? "yes" : "no", vs->clock ? "yes" : "no", vs->has_devices ? vs->devices.len : 0);
+                       vs->ioapic ? "yes" : "no", vs->clock ? "yes" : "no",
+                       vs->has_devices ? vs->devices.len : 0);
                 dr__vmstate__vm_state__free_unpacked(vs, NULL);
         }
 
         printf("Chain:\n");
         for (const Image *p = chain; p; p = p->parent) {
                 hex(p->inv->image_id.data, 16, idh);
-                printf("  depth %2" PRIu32 "  %s  %s  %" PRIu64 " present pages\n", p->inv->depth, idh, p->path,
-                       p->inv->present_pages);
+                printf("  depth %2" PRIu32 "  %s  %s  %" PRIu64 " present pages\n", p->inv->depth, idh,
+                       p->path, p->inv->present_pages);
         }
         if (chain_err)
                 printf("  broken: %s\n", chain_err);
@@ -170,7 +172,8 @@ static void show_json(const Image *img, const Image *chain, const char *chain_er
         hex(inv->image_id.data, 16, idh);
         printf("{\"path\": ");
         json_str(img->path);
-        printf(", \"id\": \"%s\", \"format\": %" PRIu32 ", \"kind\": \"%s\", \"depth\": %" PRIu32 ", \"vm_name\": ",
+        printf(", \"id\": \"%s\", \"format\": %" PRIu32 ", \"kind\": \"%s\", \"depth\": %" PRIu32
+               ", \"vm_name\": ",
                idh, inv->format_version, inv->parent ? "incremental" : "full", inv->depth);
         json_str(inv->vm_name);
         if (inv->has_vm_uuid) {
@@ -183,8 +186,8 @@ static void show_json(const Image *img, const Image *chain, const char *chain_er
         for (size_t i = 0; i < inv->n_regions; i++)
                 printf("%s{\"slot\": %" PRIu32 ", \"guest_phys\": %" PRIu64 ", \"size\": %" PRIu64
                        ", \"fd_offset\": %" PRIu64 "}",
-                       i ? ", " : "", inv->regions[i]->slot, inv->regions[i]->guest_phys, inv->regions[i]->size,
-                       inv->regions[i]->fd_offset);
+                       i ? ", " : "", inv->regions[i]->slot, inv->regions[i]->guest_phys,
+                       inv->regions[i]->size, inv->regions[i]->fd_offset);
         printf("], \"parent\": ");
         if (inv->parent) {
                 char pid[33];
@@ -209,14 +212,14 @@ static void show_json(const Image *img, const Image *chain, const char *chain_er
                 printf(", \"list\": [");
                 for (size_t i = 0; i < img->map->n_runs; i++) {
                         const Dr__Image__PageRun *r = img->map->runs[i];
-                        printf("%s{\"first_page\": %" PRIu64 ", \"pages\": %" PRIu64 ", \"kind\": \"%s\"", i ? ", " : "",
-                               r->first_page, r->n_pages, image_run_kind_name(r->kind));
+                        printf("%s{\"first_page\": %" PRIu64 ", \"pages\": %" PRIu64 ", \"kind\": \"%s\"",
+                               i ? ", " : "", r->first_page, r->n_pages, image_run_kind_name(r->kind));
                         if (r->kind == DR__IMAGE__RUN_KIND__RUN_PRESENT)
                                 printf(", \"data_offset\": %" PRIu64 ", \"stored_len\": %" PRIu64
                                        ", \"lz4\": %s, \"crc32c\": %" PRIu32,
                                        r->data_offset, r->stored_len,
-                                       r->has_compression &&
-                                                       r->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4
+                                       r->has_compression && r->compression ==
+                                                                     DR__IMAGE__COMPRESSION__COMPRESSION_LZ4
                                                ? "true"
                                                : "false",
                                        r->data_crc);
@@ -231,16 +234,16 @@ static void show_json(const Image *img, const Image *chain, const char *chain_er
                 for (size_t i = 0; i < vs->n_vcpus; i++)
                         printf("%s{\"index\": %" PRIu32 ", \"mp_state\": %" PRIu32 ", \"rip\": %" PRIu64
                                ", \"rsp\": %" PRIu64 ", \"cr3\": %" PRIu64 "}",
-                               i ? ", " : "", vs->vcpus[i]->index, vs->vcpus[i]->mp_state, vs->vcpus[i]->regs->rip,
-                               vs->vcpus[i]->regs->rsp, vs->vcpus[i]->sregs->cr3);
+                               i ? ", " : "", vs->vcpus[i]->index, vs->vcpus[i]->mp_state,
+                               vs->vcpus[i]->regs->rip, vs->vcpus[i]->regs->rsp, vs->vcpus[i]->sregs->cr3);
                 printf("], \"devices_bytes\": %zu", vs->has_devices ? vs->devices.len : 0);
                 dr__vmstate__vm_state__free_unpacked(vs, NULL);
         }
         printf("}, \"chain\": [");
         for (const Image *p = chain; p; p = p->parent) {
                 hex(p->inv->image_id.data, 16, idh);
-                printf("%s{\"depth\": %" PRIu32 ", \"id\": \"%s\", \"path\": ", p == chain ? "" : ", ", p->inv->depth,
-                       idh);
+                printf("%s{\"depth\": %" PRIu32 ", \"id\": \"%s\", \"path\": ", p == chain ? "" : ", ",
+                       p->inv->depth, idh);
                 json_str(p->path);
                 printf(", \"present_pages\": %" PRIu64 "}", p->inv->present_pages);
         }
@@ -303,11 +306,12 @@ static int image_verify(const char *dir, bool json)
         if (json) {
                 printf("{\"path\": ");
                 json_str(dir);
-                printf(", \"ok\": true, \"chain\": %u, \"present_pages\": %" PRIu64 ", \"data_bytes\": %" PRIu64 "}\n",
+                printf(", \"ok\": true, \"chain\": %u, \"present_pages\": %" PRIu64
+                       ", \"data_bytes\": %" PRIu64 "}\n",
                        n, pages, bytes);
         } else
-                printf("%s: ok: %u image(s) in the chain, every checksum matches (%" PRIu64 " present pages, %" PRIu64
-                       " bytes of page data read)\n",
+                printf("%s: ok: %u image(s) in the chain, every checksum matches (%" PRIu64
+                       " present pages, %" PRIu64 " bytes of page data read)\n",
                        dir, n, pages, bytes);
         return 0;
 }
@@ -325,12 +329,10 @@ static void help(void)
 
 int verb_image(int argc, char *argv[])
 {
-        static const struct option opts[] = {
-                { "json", no_argument, NULL, 'j' },
-                { "runs", no_argument, NULL, 'r' },
-                { "help", no_argument, NULL, 'h' },
-                {}
-        };
+        static const struct option opts[] = {{"json", no_argument, NULL, 'j'},
+                                             {"runs", no_argument, NULL, 'r'},
+                                             {"help", no_argument, NULL, 'h'},
+                                             {}};
         bool json = false, runs = false;
         const char *cmd, *dir;
         int c;

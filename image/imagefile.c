@@ -118,12 +118,13 @@ int image_layout_check(const ImageLayout *lay)
                 const ImageRegion *a = &lay->regions[i];
 
                 if (a->size == 0 || a->size % IMAGE_PAGE_SIZE || a->guest_phys % IMAGE_PAGE_SIZE ||
-                    a->fd_offset % IMAGE_PAGE_SIZE || a->size > IMAGE_RAM_MAX || a->guest_phys > UINT64_MAX - a->size ||
-                    a->fd_offset > IMAGE_RAM_MAX)
+                    a->fd_offset % IMAGE_PAGE_SIZE || a->size > IMAGE_RAM_MAX ||
+                    a->guest_phys > UINT64_MAX - a->size || a->fd_offset > IMAGE_RAM_MAX)
                         return -EINVAL;
                 for (size_t j = 0; j < i; j++) {
                         const ImageRegion *b = &lay->regions[j];
-                        if (a->guest_phys < b->guest_phys + b->size && b->guest_phys < a->guest_phys + a->size)
+                        if (a->guest_phys < b->guest_phys + b->size &&
+                            b->guest_phys < a->guest_phys + a->size)
                                 return -EINVAL;
                         if (a->fd_offset < b->fd_offset + b->size && b->fd_offset < a->fd_offset + a->size)
                                 return -EINVAL;
@@ -151,8 +152,10 @@ static bool layout_equal(const ImageLayout *a, const ImageLayout *b)
         if (a->page_size != b->page_size || a->n_regions != b->n_regions || a->total_pages != b->total_pages)
                 return false;
         for (size_t i = 0; i < a->n_regions; i++)
-                if (a->regions[i].slot != b->regions[i].slot || a->regions[i].guest_phys != b->regions[i].guest_phys ||
-                    a->regions[i].size != b->regions[i].size || a->regions[i].fd_offset != b->regions[i].fd_offset)
+                if (a->regions[i].slot != b->regions[i].slot ||
+                    a->regions[i].guest_phys != b->regions[i].guest_phys ||
+                    a->regions[i].size != b->regions[i].size ||
+                    a->regions[i].fd_offset != b->regions[i].fd_offset)
                         return false;
         return true;
 }
@@ -176,8 +179,8 @@ static size_t layout_region_of(const ImageLayout *lay, uint64_t page, uint64_t *
 
 /* ---- file headers ---- */
 
-static void header_encode(uint8_t out[IMAGE_HEADER_SIZE], const char *magic, const uint8_t id[16], uint64_t payload_len,
-                          uint32_t payload_crc)
+static void header_encode(uint8_t out[IMAGE_HEADER_SIZE], const char *magic, const uint8_t id[16],
+                          uint64_t payload_len, uint32_t payload_crc)
 {
         memset(out, 0, IMAGE_HEADER_SIZE);
         memcpy(out, magic, 8);
@@ -194,7 +197,8 @@ int image_header_decode(const uint8_t *buf, size_t len, const char *magic, Image
         ImageFileHeader h;
 
         if (len < IMAGE_HEADER_SIZE)
-                return FAIL(-EBADMSG, "truncated: %zu bytes, the header alone is %u", len, IMAGE_HEADER_SIZE);
+                return FAIL(-EBADMSG, "truncated: %zu bytes, the header alone is %u", len,
+                            IMAGE_HEADER_SIZE);
         if (memcmp(buf, magic, 8) != 0)
                 return FAIL(-EBADMSG, "bad magic (not a %.8s file)", magic);
         if (get_le32(buf + 44) != crc32c(0, buf, 44))
@@ -202,8 +206,9 @@ int image_header_decode(const uint8_t *buf, size_t len, const char *magic, Image
         memcpy(h.magic, buf, 8);
         h.version = get_le32(buf + 8);
         if (h.version != IMAGE_FILE_VERSION)
-                return FAIL(-EPROTONOSUPPORT, "file version %" PRIu32 " is not supported (this reader knows %u)",
-                            h.version, IMAGE_FILE_VERSION);
+                return FAIL(-EPROTONOSUPPORT,
+                            "file version %" PRIu32 " is not supported (this reader knows %u)", h.version,
+                            IMAGE_FILE_VERSION);
         if (get_le32(buf + 12) != 0)
                 return FAIL(-EBADMSG, "reserved header field is not zero");
         memcpy(h.image_id, buf + 16, 16);
@@ -223,19 +228,19 @@ static bool name_ok(const char *s)
         if (n == 0 || n > IMAGE_NAME_MAX || s[0] == '.')
                 return false;
         for (const char *p = s; *p; p++)
-                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '_' ||
-                      *p == '-' || *p == '.'))
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                      *p == '_' || *p == '-' || *p == '.'))
                         return false;
         return true;
 }
 
-int image_inventory_decode(const uint8_t *buf, size_t len, Dr__Image__Inventory **ret, ImageLayout *ret_layout,
-                           char *err, size_t errlen)
+int image_inventory_decode(const uint8_t *buf, size_t len, Dr__Image__Inventory **ret,
+                           ImageLayout *ret_layout, char *err, size_t errlen)
 {
         Dr__Image__Inventory *m;
-        ImageLayout lay = { .page_size = IMAGE_PAGE_SIZE };
+        ImageLayout lay = {.page_size = IMAGE_PAGE_SIZE};
         bool seen[3] = {};
-        static const char *const names[3] = { FILE_STATE, FILE_PAGEMAP, FILE_PAGES };
+        static const char *const names[3] = {FILE_STATE, FILE_PAGEMAP, FILE_PAGES};
         int r = -EBADMSG;
 
         if (len > IMAGE_INVENTORY_MAX)
@@ -265,7 +270,7 @@ int image_inventory_decode(const uint8_t *buf, size_t len, Dr__Image__Inventory 
                 goto bad;
         }
         for (size_t i = 0; i < m->n_regions; i++)
-                lay.regions[i] = (ImageRegion) {
+                lay.regions[i] = (ImageRegion){
                         .slot = m->regions[i]->slot,
                         .guest_phys = m->regions[i]->guest_phys,
                         .size = m->regions[i]->size,
@@ -352,7 +357,8 @@ int image_pagemap_decode(const uint8_t *buf, size_t len, const ImageLayout *lay,
                 uint64_t rfirst, rend;
 
                 if (run->first_page != next || run->n_pages == 0 || run->n_pages > lay->total_pages - next) {
-                        r = FAIL(-EBADMSG, "run %zu (pages %" PRIu64 "+%" PRIu64 ") does not continue at page %" PRIu64
+                        r = FAIL(-EBADMSG,
+                                 "run %zu (pages %" PRIu64 "+%" PRIu64 ") does not continue at page %" PRIu64
                                  " within the RAM",
                                  i, run->first_page, run->n_pages, next);
                         goto bad;
@@ -365,25 +371,31 @@ int image_pagemap_decode(const uint8_t *buf, size_t len, const ImageLayout *lay,
                 switch (run->kind) {
                 case DR__IMAGE__RUN_KIND__RUN_PRESENT: {
                         uint64_t raw = run->n_pages * IMAGE_PAGE_SIZE;
-                        bool lz4 = run->has_compression && run->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4;
+                        bool lz4 = run->has_compression &&
+                                   run->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4;
 
-                        if (run->n_pages > IMAGE_RUN_MAX_PAGES || !run->has_data_offset || !run->has_stored_len ||
-                            !run->has_data_crc || run->data_offset != data_end) {
-                                r = FAIL(-EBADMSG, "present run %zu: too long, fields missing or data not in order", i);
+                        if (run->n_pages > IMAGE_RUN_MAX_PAGES || !run->has_data_offset ||
+                            !run->has_stored_len || !run->has_data_crc || run->data_offset != data_end) {
+                                r = FAIL(-EBADMSG,
+                                         "present run %zu: too long, fields missing or data not in order",
+                                         i);
                                 goto bad;
                         }
-                        if (run->has_compression && run->compression != DR__IMAGE__COMPRESSION__COMPRESSION_NONE &&
-                            !lz4) {
+                        if (run->has_compression &&
+                            run->compression != DR__IMAGE__COMPRESSION__COMPRESSION_NONE && !lz4) {
                                 r = FAIL(-EBADMSG, "present run %zu: unknown compression", i);
                                 goto bad;
                         }
-                        if (lz4 ? (run->stored_len == 0 || run->stored_len >= raw) : run->stored_len != raw) {
-                                r = FAIL(-EBADMSG, "present run %zu: stored length %" PRIu64 " for %" PRIu64 " pages",
+                        if (lz4 ? (run->stored_len == 0 || run->stored_len >= raw)
+                                : run->stored_len != raw) {
+                                r = FAIL(-EBADMSG,
+                                         "present run %zu: stored length %" PRIu64 " for %" PRIu64 " pages",
                                          i, run->stored_len, run->n_pages);
                                 goto bad;
                         }
                         if (run->stored_len > pages_len - data_end) {
-                                r = FAIL(-EBADMSG, "present run %zu ends beyond the page data (%" PRIu64 " bytes)", i,
+                                r = FAIL(-EBADMSG,
+                                         "present run %zu ends beyond the page data (%" PRIu64 " bytes)", i,
                                          pages_len);
                                 goto bad;
                         }
@@ -397,7 +409,8 @@ int image_pagemap_decode(const uint8_t *buf, size_t len, const ImageLayout *lay,
                                 goto bad;
                         }
                         if (run->kind == DR__IMAGE__RUN_KIND__RUN_PARENT && !has_parent) {
-                                r = FAIL(-EBADMSG, "run %zu refers to a parent, but this is a full image", i);
+                                r = FAIL(-EBADMSG, "run %zu refers to a parent, but this is a full image",
+                                         i);
                                 goto bad;
                         }
                         break;
@@ -576,8 +589,8 @@ static Dr__Image__PageRun *runvec_push(RunVec *rv)
         return &rv->v[rv->n++];
 }
 
-static int write_small_file(int dfd, const char *name, const char *magic, const uint8_t id[16], const uint8_t *payload,
-                            size_t len, uint64_t *ret_size, uint32_t *ret_header_crc)
+static int write_small_file(int dfd, const char *name, const char *magic, const uint8_t id[16],
+                            const uint8_t *payload, size_t len, uint64_t *ret_size, uint32_t *ret_header_crc)
 {
         _cleanup_close_ int fd = -EBADF;
         uint8_t h[IMAGE_HEADER_SIZE];
@@ -645,23 +658,26 @@ static int inventory_load(int dfd, const char *dir, Dr__Image__Inventory **ret, 
 
         r = read_file_at(dfd, FILE_INVENTORY, IMAGE_HEADER_SIZE + IMAGE_INVENTORY_MAX, &buf, &len);
         if (r == -ENOENT)
-                return FAIL(r, "%s/%s: missing: not an image directory (or an interrupted one)", dir, FILE_INVENTORY);
+                return FAIL(r, "%s/%s: missing: not an image directory (or an interrupted one)", dir,
+                            FILE_INVENTORY);
         if (r < 0)
                 return FAIL(r, "%s/%s: cannot read: %s", dir, FILE_INVENTORY, strerror(-r));
         r = image_header_decode(buf, len, IMAGE_MAGIC_INVENTORY, &h, why, sizeof(why));
         if (r < 0)
                 return FAIL(r, "%s/%s: %s", dir, FILE_INVENTORY, why);
         if (h.payload_len != len - IMAGE_HEADER_SIZE)
-                return FAIL(-EBADMSG, "%s/%s: payload is %zu bytes, header says %" PRIu64, dir, FILE_INVENTORY,
-                            len - IMAGE_HEADER_SIZE, h.payload_len);
+                return FAIL(-EBADMSG, "%s/%s: payload is %zu bytes, header says %" PRIu64, dir,
+                            FILE_INVENTORY, len - IMAGE_HEADER_SIZE, h.payload_len);
         if (crc32c(0, buf + IMAGE_HEADER_SIZE, len - IMAGE_HEADER_SIZE) != h.payload_crc)
                 return FAIL(-EBADMSG, "%s/%s: checksum mismatch", dir, FILE_INVENTORY);
-        r = image_inventory_decode(buf + IMAGE_HEADER_SIZE, len - IMAGE_HEADER_SIZE, ret, ret_lay, why, sizeof(why));
+        r = image_inventory_decode(buf + IMAGE_HEADER_SIZE, len - IMAGE_HEADER_SIZE, ret, ret_lay, why,
+                                   sizeof(why));
         if (r < 0)
                 return FAIL(r, "%s/%s: %s", dir, FILE_INVENTORY, why);
         if (memcmp((*ret)->image_id.data, h.image_id, 16) != 0) {
                 *ret = (dr__image__inventory__free_unpacked(*ret, NULL), NULL);
-                return FAIL(-EBADMSG, "%s/%s: header and inventory name different images", dir, FILE_INVENTORY);
+                return FAIL(-EBADMSG, "%s/%s: header and inventory name different images", dir,
+                            FILE_INVENTORY);
         }
         if (ret_sha)
                 sha256(buf, len, ret_sha);
@@ -724,8 +740,9 @@ static uint64_t realtime_usec(void)
 }
 
 /* Writes pages.img (payload after a 4 KiB header) and fills the run list. */
-static int write_pages(ImageCapture *c, int dfd, const uint8_t id[16], const uint64_t *covered, bool compress,
-                       RunVec *rv, ImageWriteStats *st, uint64_t *ret_size, uint32_t *ret_header_crc)
+static int write_pages(ImageCapture *c, int dfd, const uint8_t id[16], const uint64_t *covered,
+                       bool compress, RunVec *rv, ImageWriteStats *st, uint64_t *ret_size,
+                       uint32_t *ret_header_crc)
 {
         _cleanup_close_ int fd = -EBADF;
         _cleanup_free_ uint8_t *buf = NULL, *zbuf = NULL;
@@ -745,7 +762,7 @@ static int write_pages(ImageCapture *c, int dfd, const uint8_t id[16], const uin
         r = loop_write(fd, hdr, sizeof(hdr));
         if (r < 0)
                 return r;
-        w = (WBuf) { .fd = fd, .buf = buf };
+        w = (WBuf){.fd = fd, .buf = buf};
 
         for (size_t ri = 0; ri < c->lay.n_regions; ri++) {
                 uint64_t end = page + c->lay.regions[ri].size / IMAGE_PAGE_SIZE;
@@ -759,19 +776,22 @@ static int write_pages(ImageCapture *c, int dfd, const uint8_t id[16], const uin
                         if (cov && !bit_test(c->copied, page))
                                 return -EINVAL; /* the caller never copied a page it wants stored */
                         kind = !cov ? DR__IMAGE__RUN_KIND__RUN_PARENT
-                               : (!bit_test(c->staged, page) || page_is_zero(c->staging + page * IMAGE_PAGE_SIZE))
+                               : (!bit_test(c->staged, page) ||
+                                  page_is_zero(c->staging + page * IMAGE_PAGE_SIZE))
                                        ? DR__IMAGE__RUN_KIND__RUN_ZERO
                                        : DR__IMAGE__RUN_KIND__RUN_PRESENT;
                         for (page++; page < end; page++) {
                                 Dr__Image__RunKind k;
 
-                                if (kind == DR__IMAGE__RUN_KIND__RUN_PRESENT && page - first >= IMAGE_RUN_MAX_PAGES)
+                                if (kind == DR__IMAGE__RUN_KIND__RUN_PRESENT &&
+                                    page - first >= IMAGE_RUN_MAX_PAGES)
                                         break;
                                 cov = !covered || bit_test(covered, page);
                                 if (cov && !bit_test(c->copied, page))
                                         return -EINVAL;
                                 k = !cov ? DR__IMAGE__RUN_KIND__RUN_PARENT
-                                    : (!bit_test(c->staged, page) || page_is_zero(c->staging + page * IMAGE_PAGE_SIZE))
+                                    : (!bit_test(c->staged, page) ||
+                                       page_is_zero(c->staging + page * IMAGE_PAGE_SIZE))
                                             ? DR__IMAGE__RUN_KIND__RUN_ZERO
                                             : DR__IMAGE__RUN_KIND__RUN_PRESENT;
                                 if (k != kind)
@@ -789,7 +809,8 @@ static int write_pages(ImageCapture *c, int dfd, const uint8_t id[16], const uin
                                 int clen = 0;
 
                                 if (compress)
-                                        clen = LZ4_compress_default((const char *) src, (char *) zbuf, (int) raw,
+                                        clen = LZ4_compress_default((const char *) src, (char *) zbuf,
+                                                                    (int) raw,
                                                                     LZ4_compressBound((int) RUN_MAX_BYTES));
                                 run->has_data_offset = run->has_stored_len = run->has_data_crc = true;
                                 run->data_offset = w.written;
@@ -828,8 +849,8 @@ static int write_pages(ImageCapture *c, int dfd, const uint8_t id[16], const uin
         return 0;
 }
 
-int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOptions *o, ImageWriteStats *ret_stats,
-                        char *err, size_t errlen)
+int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOptions *o,
+                        ImageWriteStats *ret_stats, char *err, size_t errlen)
 {
         _cleanup_free_ char *tmp = NULL, *dcopy = NULL, *parent_path = NULL, *dparent = NULL;
         _cleanup_free_ uint8_t *map_buf = NULL, *inv_buf = NULL;
@@ -857,7 +878,8 @@ int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOption
         if (!o->state || o->state_len == 0 || o->state_len > IMAGE_STATE_MAX)
                 return FAIL(-EINVAL, "VM state missing or larger than %u bytes", IMAGE_STATE_MAX);
         if (!!o->parent != !!o->covered)
-                return FAIL(-EINVAL, "an incremental image needs both a parent and the set of pages dirtied since");
+                return FAIL(-EINVAL,
+                            "an incremental image needs both a parent and the set of pages dirtied since");
         vs = dr__vmstate__vm_state__unpack(NULL, o->state_len, o->state);
         if (!vs)
                 return FAIL(-EBADMSG, "the VM state is not a valid VmState message");
@@ -883,8 +905,8 @@ int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOption
                 }
                 if (pinv->depth + 1 > IMAGE_MAX_DEPTH) {
                         dr__image__inventory__free_unpacked(pinv, NULL);
-                        return FAIL(-ELOOP, "parent image %s is %u deep already; take a full image", o->parent,
-                                    pinv->depth);
+                        return FAIL(-ELOOP, "parent image %s is %u deep already; take a full image",
+                                    o->parent, pinv->depth);
                 }
                 r = parent_ref_path(dir, o->parent, &parent_path);
                 if (r < 0) {
@@ -941,7 +963,8 @@ int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOption
         map.runs = run_ptrs;
         map_len = dr__image__page_map__get_packed_size(&map);
         if (map_len > IMAGE_PAGEMAP_MAX) {
-                r = FAIL(-E2BIG, "page map of %zu runs is too large (%zu bytes); take a full image", rv.n, map_len);
+                r = FAIL(-E2BIG, "page map of %zu runs is too large (%zu bytes); take a full image", rv.n,
+                         map_len);
                 goto out;
         }
         map_buf = malloc(map_len ? map_len : 1);
@@ -950,21 +973,22 @@ int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOption
                 goto out;
         }
         dr__image__page_map__pack(&map, map_buf);
-        r = write_small_file(dfd, FILE_PAGEMAP, IMAGE_MAGIC_PAGEMAP, id, map_buf, map_len, &sizes[1], &hcrcs[1]);
+        r = write_small_file(dfd, FILE_PAGEMAP, IMAGE_MAGIC_PAGEMAP, id, map_buf, map_len, &sizes[1],
+                             &hcrcs[1]);
         if (r >= 0)
-                r = write_small_file(dfd, FILE_STATE, IMAGE_MAGIC_STATE, id, o->state, o->state_len, &sizes[0],
-                                     &hcrcs[0]);
+                r = write_small_file(dfd, FILE_STATE, IMAGE_MAGIC_STATE, id, o->state, o->state_len,
+                                     &sizes[0], &hcrcs[0]);
         if (r < 0) {
                 r = FAIL(r, "writing %s: %s", tmp, strerror(-r));
                 goto out;
         }
 
         inv.format_version = DR__IMAGE__IMAGE_FORMAT__IMAGE_FORMAT_CURRENT;
-        inv.image_id = (ProtobufCBinaryData) { .len = 16, .data = id };
+        inv.image_id = (ProtobufCBinaryData){.len = 16, .data = id};
         inv.vm_name = (char *) o->vm_name;
         if (o->vm_uuid) {
                 inv.has_vm_uuid = true;
-                inv.vm_uuid = (ProtobufCBinaryData) { .len = 16, .data = (uint8_t *) o->vm_uuid };
+                inv.vm_uuid = (ProtobufCBinaryData){.len = 16, .data = (uint8_t *) o->vm_uuid};
         }
         inv.page_size = IMAGE_PAGE_SIZE;
         for (size_t i = 0; i < c->lay.n_regions; i++) {
@@ -983,12 +1007,12 @@ int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOption
         if (pinv) {
                 pref.path = parent_path;
                 pref.image_id = pinv->image_id;
-                pref.inventory_sha256 = (ProtobufCBinaryData) { .len = 32, .data = psha };
+                pref.inventory_sha256 = (ProtobufCBinaryData){.len = 32, .data = psha};
                 inv.parent = &pref;
                 inv.depth = pinv->depth + 1;
         }
         {
-                static const char *const names[3] = { FILE_STATE, FILE_PAGEMAP, FILE_PAGES };
+                static const char *const names[3] = {FILE_STATE, FILE_PAGEMAP, FILE_PAGES};
                 for (size_t i = 0; i < 3; i++) {
                         dr__image__file_ref__init(&files[i]);
                         files[i].name = (char *) names[i];
@@ -1087,10 +1111,12 @@ static int small_file_load(int dfd, const Image *img, const char *name, const ch
         if (r < 0)
                 return FAIL(r, "%s/%s: %s", img->path, name, why);
         if (memcmp(h.image_id, img->inv->image_id.data, 16) != 0 || h.header_crc != fr->header_crc)
-                return FAIL(-EBADMSG, "%s/%s: belongs to another image (id or header does not match the inventory)",
+                return FAIL(-EBADMSG,
+                            "%s/%s: belongs to another image (id or header does not match the inventory)",
                             img->path, name);
         if (len != fr->size || h.payload_len != len - IMAGE_HEADER_SIZE)
-                return FAIL(-EBADMSG, "%s/%s: %zu bytes, the inventory says %" PRIu64, img->path, name, len, fr->size);
+                return FAIL(-EBADMSG, "%s/%s: %zu bytes, the inventory says %" PRIu64, img->path, name, len,
+                            fr->size);
         if (crc32c(0, buf + IMAGE_HEADER_SIZE, len - IMAGE_HEADER_SIZE) != h.payload_crc)
                 return FAIL(-EBADMSG, "%s/%s: checksum mismatch", img->path, name);
         memmove(buf, buf + IMAGE_HEADER_SIZE, len - IMAGE_HEADER_SIZE);
@@ -1115,8 +1141,8 @@ static int pages_file_open(int dfd, Image *img, char *err, size_t errlen)
         if (fstat(fd, &st) < 0)
                 return FAIL(-errno, "%s/%s: %m", img->path, FILE_PAGES);
         if (!S_ISREG(st.st_mode) || (uint64_t) st.st_size != fr->size || fr->size < IMAGE_PAGES_DATA_OFF)
-                return FAIL(-EBADMSG, "%s/%s: %" PRIu64 " bytes, the inventory says %" PRIu64, img->path, FILE_PAGES,
-                            (uint64_t) st.st_size, fr->size);
+                return FAIL(-EBADMSG, "%s/%s: %" PRIu64 " bytes, the inventory says %" PRIu64, img->path,
+                            FILE_PAGES, (uint64_t) st.st_size, fr->size);
         r = loop_read_exact(fd, hdr, sizeof(hdr));
         if (r < 0)
                 return FAIL(r, "%s/%s: cannot read the header: %s", img->path, FILE_PAGES, strerror(-r));
@@ -1124,7 +1150,8 @@ static int pages_file_open(int dfd, Image *img, char *err, size_t errlen)
         if (r < 0)
                 return FAIL(r, "%s/%s: %s", img->path, FILE_PAGES, why);
         if (memcmp(h.image_id, img->inv->image_id.data, 16) != 0 || h.header_crc != fr->header_crc)
-                return FAIL(-EBADMSG, "%s/%s: belongs to another image (id or header does not match the inventory)",
+                return FAIL(-EBADMSG,
+                            "%s/%s: belongs to another image (id or header does not match the inventory)",
                             img->path, FILE_PAGES);
         if (h.payload_len != fr->size - IMAGE_PAGES_DATA_OFF || h.payload_crc != 0)
                 return FAIL(-EBADMSG, "%s/%s: header says %" PRIu64 " payload bytes, the file has %" PRIu64,
@@ -1148,13 +1175,13 @@ static int run_read(const Image *img, const Dr__Image__PageRun *run, uint8_t *bu
                 if (n < 0 && errno == EINTR)
                         continue;
                 if (n <= 0)
-                        return FAIL(n < 0 ? -errno : -EPIPE, "%s/%s: read failed at run of page %" PRIu64, img->path,
-                                    FILE_PAGES, run->first_page);
+                        return FAIL(n < 0 ? -errno : -EPIPE, "%s/%s: read failed at run of page %" PRIu64,
+                                    img->path, FILE_PAGES, run->first_page);
                 got += (size_t) n;
         }
         if (crc32c(0, buf, (size_t) run->stored_len) != run->data_crc)
-                return FAIL(-EBADMSG, "%s/%s: checksum mismatch in the data of pages %" PRIu64 "..%" PRIu64, img->path,
-                            FILE_PAGES, run->first_page, run->first_page + run->n_pages - 1);
+                return FAIL(-EBADMSG, "%s/%s: checksum mismatch in the data of pages %" PRIu64 "..%" PRIu64,
+                            img->path, FILE_PAGES, run->first_page, run->first_page + run->n_pages - 1);
         return 0;
 }
 
@@ -1164,9 +1191,11 @@ static int run_decode(const Image *img, const Dr__Image__PageRun *run, const uin
         size_t raw = (size_t) run->n_pages * IMAGE_PAGE_SIZE;
 
         if (run->has_compression && run->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4) {
-                int n = LZ4_decompress_safe((const char *) stored, (char *) out, (int) run->stored_len, (int) raw);
+                int n = LZ4_decompress_safe((const char *) stored, (char *) out, (int) run->stored_len,
+                                            (int) raw);
                 if (n != (int) raw)
-                        return FAIL(-EBADMSG, "%s/%s: LZ4 data of pages %" PRIu64 "+%" PRIu64 " does not decode",
+                        return FAIL(-EBADMSG,
+                                    "%s/%s: LZ4 data of pages %" PRIu64 "+%" PRIu64 " does not decode",
                                     img->path, FILE_PAGES, run->first_page, run->n_pages);
         } else if (stored != out)
                 memcpy(out, stored, raw);
@@ -1219,8 +1248,8 @@ static int open_one(const char *dir, unsigned flags, Image **ret, char *err, siz
         r = inventory_load(dfd, dir, &img->inv, &img->layout, img->inv_sha256, err, errlen);
         if (r < 0)
                 return r;
-        r = small_file_load(dfd, img, FILE_STATE, IMAGE_MAGIC_STATE, IMAGE_STATE_MAX, &img->state, &img->state_len,
-                            err, errlen);
+        r = small_file_load(dfd, img, FILE_STATE, IMAGE_MAGIC_STATE, IMAGE_STATE_MAX, &img->state,
+                            &img->state_len, err, errlen);
         if (r < 0)
                 return r;
         vs = dr__vmstate__vm_state__unpack(NULL, img->state_len, img->state);
@@ -1235,12 +1264,12 @@ static int open_one(const char *dir, unsigned flags, Image **ret, char *err, siz
         r = pages_file_open(dfd, img, err, errlen);
         if (r < 0)
                 return r;
-        r = small_file_load(dfd, img, FILE_PAGEMAP, IMAGE_MAGIC_PAGEMAP, IMAGE_PAGEMAP_MAX, &map_buf, &map_len, err,
-                            errlen);
+        r = small_file_load(dfd, img, FILE_PAGEMAP, IMAGE_MAGIC_PAGEMAP, IMAGE_PAGEMAP_MAX, &map_buf,
+                            &map_len, err, errlen);
         if (r < 0)
                 return r;
-        r = image_pagemap_decode(map_buf, map_len, &img->layout, img->inv->parent != NULL, img->pages_len, &img->map,
-                                 why, sizeof(why));
+        r = image_pagemap_decode(map_buf, map_len, &img->layout, img->inv->parent != NULL, img->pages_len,
+                                 &img->map, why, sizeof(why));
         if (r < 0)
                 return FAIL(r, "%s/%s: %s", dir, FILE_PAGEMAP, why);
         {
@@ -1252,7 +1281,8 @@ static int open_one(const char *dir, unsigned flags, Image **ret, char *err, siz
                                 zero += img->map->runs[i]->n_pages;
                 }
                 if (present != img->inv->present_pages || zero != img->inv->zero_pages)
-                        return FAIL(-EBADMSG, "%s/%s: page counts differ from the inventory's", dir, FILE_PAGEMAP);
+                        return FAIL(-EBADMSG, "%s/%s: page counts differ from the inventory's", dir,
+                                    FILE_PAGEMAP);
         }
         if (flags & IMAGE_OPEN_VERIFY_DATA) {
                 r = verify_data(img, err, errlen);
@@ -1315,15 +1345,16 @@ int image_open(const char *dir, unsigned flags, Image **ret, char *err, size_t e
                                     cur->path, pdir);
                 if (p->inv->depth + 1 != cur->inv->depth || !layout_equal(&p->layout, &cur->layout) ||
                     !streq(p->inv->vm_name, cur->inv->vm_name))
-                        return FAIL(-EBADMSG, "%s: parent %s has another depth, VM or RAM layout", cur->path, pdir);
+                        return FAIL(-EBADMSG, "%s: parent %s has another depth, VM or RAM layout", cur->path,
+                                    pdir);
                 cur = p;
         }
         *ret = TAKE_PTR(head);
         return 0;
 }
 
-static int restore_one(const Image *img, uint8_t *ram, uint64_t ram_size, bool skip_zero, uint8_t *buf, char *err,
-                       size_t errlen)
+static int restore_one(const Image *img, uint8_t *ram, uint64_t ram_size, bool skip_zero, uint8_t *buf,
+                       char *err, size_t errlen)
 {
         for (size_t i = 0; i < img->map->n_runs; i++) {
                 const Dr__Image__PageRun *run = img->map->runs[i];
@@ -1337,12 +1368,13 @@ static int restore_one(const Image *img, uint8_t *ram, uint64_t ram_size, bool s
                 assert(ri != SIZE_MAX); /* checked by image_pagemap_decode() */
                 off = img->layout.regions[ri].fd_offset + (run->first_page - rfirst) * IMAGE_PAGE_SIZE;
                 if (off > ram_size || raw > ram_size - off)
-                        return FAIL(-ERANGE, "%s: RAM of %" PRIu64 " bytes is too small for the image", img->path,
-                                    ram_size);
+                        return FAIL(-ERANGE, "%s: RAM of %" PRIu64 " bytes is too small for the image",
+                                    img->path, ram_size);
                 dst = ram + off;
                 switch (run->kind) {
                 case DR__IMAGE__RUN_KIND__RUN_PRESENT:
-                        lz4 = run->has_compression && run->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4;
+                        lz4 = run->has_compression &&
+                              run->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4;
                         /* Raw runs are read straight into guest RAM and checked there. */
                         r = run_read(img, run, lz4 ? buf : dst, err, errlen);
                         if (r >= 0 && lz4)
@@ -1361,7 +1393,8 @@ static int restore_one(const Image *img, uint8_t *ram, uint64_t ram_size, bool s
         return 0;
 }
 
-int image_restore(const Image *img, uint8_t *ram, uint64_t ram_size, bool ram_is_zero, char *err, size_t errlen)
+int image_restore(const Image *img, uint8_t *ram, uint64_t ram_size, bool ram_is_zero, char *err,
+                  size_t errlen)
 {
         _cleanup_free_ uint8_t *buf = NULL;
         const Image *chain[IMAGE_MAX_DEPTH + 1];

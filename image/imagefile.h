@@ -40,14 +40,14 @@
 #define IMAGE_PAGE_SIZE      4096U
 #define IMAGE_MAX_REGIONS    32U
 #define IMAGE_MAX_VCPUS      128U
-#define IMAGE_MAX_DEPTH      64U             /* incremental images on top of one full image */
-#define IMAGE_RUN_MAX_PAGES  256U            /* a PRESENT run holds at most 1 MiB */
-#define IMAGE_RAM_MAX        (1ULL << 40)    /* 1 TiB, the reference VMM's bound */
+#define IMAGE_MAX_DEPTH      64U          /* incremental images on top of one full image */
+#define IMAGE_RUN_MAX_PAGES  256U         /* a PRESENT run holds at most 1 MiB */
+#define IMAGE_RAM_MAX        (1ULL << 40) /* 1 TiB, the reference VMM's bound */
 #define IMAGE_INVENTORY_MAX  (64U << 10)
 #define IMAGE_STATE_MAX      (256U << 20)
 #define IMAGE_PAGEMAP_MAX    (256U << 20)
 #define IMAGE_HEADER_SIZE    48U
-#define IMAGE_PAGES_DATA_OFF 4096U           /* pages.img payload starts here */
+#define IMAGE_PAGES_DATA_OFF 4096U /* pages.img payload starts here */
 #define IMAGE_NAME_MAX       64U
 #define IMAGE_ERR_MAX        512U
 
@@ -73,14 +73,14 @@ int image_layout_check(const ImageLayout *lay);
 typedef struct ImageCapture ImageCapture;
 
 typedef struct ImageWriteOptions {
-        const char *vm_name;      /* [A-Za-z0-9_.-], 1..64 */
-        const uint8_t *vm_uuid;   /* 16 bytes or NULL */
-        const uint8_t *state;     /* VmState bytes (proto/vmstate.proto) */
+        const char *vm_name;    /* [A-Za-z0-9_.-], 1..64 */
+        const uint8_t *vm_uuid; /* 16 bytes or NULL */
+        const uint8_t *state;   /* VmState bytes (proto/vmstate.proto) */
         size_t state_len;
-        const uint64_t *covered;  /* pages this image stores (dirtied since the parent); NULL = all (full) */
-        const char *parent;       /* parent image directory, NULL for a full image */
-        bool compress;            /* LZ4 per run where it saves space */
-        uint64_t epoch;           /* informative */
+        const uint64_t *covered; /* pages this image stores (dirtied since the parent); NULL = all (full) */
+        const char *parent;      /* parent image directory, NULL for a full image */
+        bool compress;           /* LZ4 per run where it saves space */
+        uint64_t epoch;          /* informative */
 } ImageWriteOptions;
 
 typedef struct ImageWriteStats {
@@ -88,7 +88,7 @@ typedef struct ImageWriteStats {
         uint64_t stored_bytes; /* page data in pages.img */
         uint64_t total_bytes;  /* all four files */
         uint64_t runs;
-        uint64_t write_ns;     /* image_capture_write() wall time */
+        uint64_t write_ns; /* image_capture_write() wall time */
 } ImageWriteStats;
 
 /*
@@ -117,8 +117,8 @@ int64_t image_capture_copy(ImageCapture *c, const uint64_t *pages);
  * the parent's inventory is checked (and hashed) and its layout must be
  * ours. Returns 0 or -errno with a message in err.
  */
-int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOptions *o, ImageWriteStats *ret_stats,
-                        char *err, size_t errlen);
+int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOptions *o,
+                        ImageWriteStats *ret_stats, char *err, size_t errlen);
 
 /* ---- reading an image ---- */
 
@@ -130,10 +130,10 @@ struct Image {
         uint8_t *state;
         size_t state_len;
         int pages_fd;
-        uint64_t pages_len;       /* payload bytes of pages.img */
+        uint64_t pages_len; /* payload bytes of pages.img */
         uint8_t inv_sha256[32];
         ImageLayout layout;
-        Image *parent;            /* owned; NULL for a full image or without IMAGE_OPEN_CHAIN */
+        Image *parent; /* owned; NULL for a full image or without IMAGE_OPEN_CHAIN */
 };
 
 enum {
@@ -153,7 +153,8 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(Image *, image_free);
  * oldest image are skipped. Every run read is CRC-checked first. 0 or
  * -errno with err naming the file.
  */
-int image_restore(const Image *img, uint8_t *ram, uint64_t ram_size, bool ram_is_zero, char *err, size_t errlen);
+int image_restore(const Image *img, uint8_t *ram, uint64_t ram_size, bool ram_is_zero, char *err,
+                  size_t errlen);
 
 /* Bytes of RAM in the memfd layout (max fd_offset + size). */
 uint64_t image_layout_ram_size(const ImageLayout *lay);
@@ -179,8 +180,8 @@ typedef struct ImageFileHeader {
 int image_header_decode(const uint8_t *buf, size_t len, const char *magic, ImageFileHeader *ret, char *err,
                         size_t errlen);
 /* Decodes an inventory payload and checks every field. */
-int image_inventory_decode(const uint8_t *buf, size_t len, Dr__Image__Inventory **ret, ImageLayout *ret_layout,
-                           char *err, size_t errlen);
+int image_inventory_decode(const uint8_t *buf, size_t len, Dr__Image__Inventory **ret,
+                           ImageLayout *ret_layout, char *err, size_t errlen);
 /* Decodes a page map payload and checks it against the layout and pages.img's payload size. */
 int image_pagemap_decode(const uint8_t *buf, size_t len, const ImageLayout *lay, bool has_parent,
                          uint64_t pages_len, Dr__Image__PageMap **ret, char *err, size_t errlen);

@@ -25,13 +25,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static const ImageLayout fixed_layout = {
         .page_size = IMAGE_PAGE_SIZE,
-        .regions = { { .slot = 0, .guest_phys = 0, .size = 4U << 20, .fd_offset = 0 },
-                     { .slot = 1, .guest_phys = 1ULL << 32, .size = 4U << 20, .fd_offset = 4U << 20 } },
+        .regions = {{.slot = 0, .guest_phys = 0, .size = 4U << 20, .fd_offset = 0},
+                    {.slot = 1, .guest_phys = 1ULL << 32, .size = 4U << 20, .fd_offset = 4U << 20}},
         .n_regions = 2,
         .total_pages = RAM_SIZE / IMAGE_PAGE_SIZE,
 };
 
-static const char *const names[] = { "inventory.img", "state.img", "pagemap.img", "pages.img" };
+static const char *const names[] = {"inventory.img", "state.img", "pagemap.img", "pages.img"};
 static char dir[64];
 static uint8_t *ram;
 
@@ -106,8 +106,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 (void) image_header_decode(data + 1, size - 1, IMAGE_MAGIC_INVENTORY, &h, err, sizeof(err));
                 if (size < 1 + IMAGE_HEADER_SIZE)
                         break;
-                if (image_inventory_decode(data + 1 + IMAGE_HEADER_SIZE, size - 1 - IMAGE_HEADER_SIZE, &inv, &lay,
-                                           err, sizeof(err)) >= 0)
+                if (image_inventory_decode(data + 1 + IMAGE_HEADER_SIZE, size - 1 - IMAGE_HEADER_SIZE, &inv,
+                                           &lay, err, sizeof(err)) >= 0)
                         dr__image__inventory__free_unpacked(inv, NULL);
                 break;
         }
@@ -118,8 +118,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 if (size < 10)
                         break;
                 memcpy(&pages_len, data + 2, 8);
-                if (image_pagemap_decode(data + 10, size - 10, &fixed_layout, data[1] & 1, pages_len, &map, err,
-                                         sizeof(err)) >= 0)
+                if (image_pagemap_decode(data + 10, size - 10, &fixed_layout, data[1] & 1, pages_len, &map,
+                                         err, sizeof(err)) >= 0)
                         dr__image__page_map__free_unpacked(map, NULL);
                 break;
         }

@@ -66,7 +66,7 @@ static uint8_t *state(size_t *len)
         v.sregs = &sregs;
         v.debugregs = &dr;
         v.events = &ev;
-        v.xsave = (ProtobufCBinaryData) { .len = sizeof(xsave), .data = xsave };
+        v.xsave = (ProtobufCBinaryData){.len = sizeof(xsave), .data = xsave};
         s.format_version = 1;
         s.n_vcpus = 1;
         s.vcpus = &vp;
@@ -79,7 +79,7 @@ static uint8_t *state(size_t *len)
 /* Emits the three seed forms of one image directory. */
 static void emit(const char *tmp, const char *img, const char *tag)
 {
-        static const char *const names[] = { "inventory.img", "state.img", "pagemap.img", "pages.img" };
+        static const char *const names[] = {"inventory.img", "state.img", "pagemap.img", "pages.img"};
         uint8_t *all = NULL, *f[4];
         size_t len[4], total = 1;
         char p[4096], name[128];
@@ -123,8 +123,8 @@ int main(int argc, char **argv)
 {
         ImageLayout lay = {
                 .page_size = IMAGE_PAGE_SIZE,
-                .regions = { { .slot = 0, .guest_phys = 0, .size = 4U << 20, .fd_offset = 0 },
-                             { .slot = 1, .guest_phys = 1ULL << 32, .size = 4U << 20, .fd_offset = 4U << 20 } },
+                .regions = {{.slot = 0, .guest_phys = 0, .size = 4U << 20, .fd_offset = 0},
+                            {.slot = 1, .guest_phys = 1ULL << 32, .size = 4U << 20, .fd_offset = 4U << 20}},
                 .n_regions = 2,
                 .total_pages = 2048,
         };
@@ -146,13 +146,15 @@ int main(int argc, char **argv)
         /* A few pages of text-like (compressible) and counter (less so) data in both regions. */
         for (unsigned p = 0; p < 2048; p += 97)
                 for (unsigned w = 0; w < 4096; w++)
-                        ram[(size_t) p * 4096 + w] = p % 2 ? (uint8_t) "dirtyrep"[w % 8] : (uint8_t) (w * 7 + p);
+                        ram[(size_t) p * 4096 + w] =
+                                p % 2 ? (uint8_t) "dirtyrep"[w % 8] : (uint8_t) (w * 7 + p);
         ptrs[0] = ram;
         ptrs[1] = ram + (4U << 20);
         st = state(&slen);
         for (int k = 0; k < 3; k++) {
                 ImageCapture *c;
-                ImageWriteOptions o = { .vm_name = "seed", .state = st, .state_len = slen, .compress = k == 1 };
+                ImageWriteOptions o = {
+                        .vm_name = "seed", .state = st, .state_len = slen, .compress = k == 1};
 
                 if (image_capture_new(&lay, ptrs, &c) < 0)
                         return 1;
@@ -166,7 +168,10 @@ int main(int argc, char **argv)
                         o.parent = parent;
                 }
                 image_capture_copy(c, o.covered);
-                snprintf(d, sizeof(d), "%s/%s", tmp, k == 0 ? "full-raw" : k == 1 ? "full-lz4" : "incremental");
+                snprintf(d, sizeof(d), "%s/%s", tmp,
+                         k == 0   ? "full-raw"
+                         : k == 1 ? "full-lz4"
+                                  : "incremental");
                 if (image_capture_write(c, d, &o, NULL, err, sizeof(err)) < 0) {
                         fprintf(stderr, "%s\n", err);
                         return 1;

@@ -47,7 +47,7 @@ static int harvest_for(Tracker *t, uint64_t *since, unsigned ms)
         int64_t n;
 
         while (now_usec() < end) {
-                struct pollfd p = { .fd = lay->ring_full_fd, .events = POLLIN };
+                struct pollfd p = {.fd = lay->ring_full_fd, .events = POLLIN};
 
                 if (lay->ring_full_fd >= 0 && poll(&p, 1, 1) > 0 && (p.revents & POLLIN)) {
                         n = tracker_ring_full(t, since);
@@ -73,10 +73,10 @@ static int image_layout_from(const VmmLayout *vl, ImageLayout *il, const uint8_t
 {
         if (vl->page_size != IMAGE_PAGE_SIZE || vl->n_regions > IMAGE_MAX_REGIONS)
                 return -EINVAL;
-        *il = (ImageLayout) { .page_size = IMAGE_PAGE_SIZE, .n_regions = vl->n_regions,
-                              .total_pages = vl->total_pages };
+        *il = (ImageLayout){
+                .page_size = IMAGE_PAGE_SIZE, .n_regions = vl->n_regions, .total_pages = vl->total_pages};
         for (size_t i = 0; i < vl->n_regions; i++) {
-                il->regions[i] = (ImageRegion) {
+                il->regions[i] = (ImageRegion){
                         .slot = vl->regions[i].slot,
                         .guest_phys = vl->regions[i].guest_phys,
                         .size = vl->regions[i].size,
@@ -148,7 +148,7 @@ static int take_image(VmmLink *link, Tracker *t, uint64_t *since, uint64_t *fres
                 since[w] |= fresh[w];
         printf("imager: writing %s\n", dir);
         fflush(stdout);
-        o = (ImageWriteOptions) {
+        o = (ImageWriteOptions){
                 .vm_name = arg_name,
                 .state = state,
                 .state_len = state_len,
@@ -161,12 +161,13 @@ static int take_image(VmmLink *link, Tracker *t, uint64_t *since, uint64_t *fres
         if (r < 0)
                 return log_error_errno(r, "Failed to write image %s: %s", dir, err);
         memset(since, 0, words * sizeof(uint64_t));
-        printf("imager: image=%s kind=%s present=%" PRIu64 " zero=%" PRIu64 " parent=%" PRIu64 " runs=%" PRIu64
-               " stored_bytes=%" PRIu64 " total_bytes=%" PRIu64 " precopy_pages=%" PRId64 " pause_pages=%" PRId64
-               " pause_us=%" PRIu64 " agent_pause_us=%" PRIu64 " write_ms=%" PRIu64 "\n",
-               dir, parent ? "incremental" : "full", st.present_pages, st.zero_pages, st.parent_pages, st.runs,
-               st.stored_bytes, st.total_bytes, precopied, recopied, (t1 - t0) / 1000, agent_pause_ns / 1000,
-               st.write_ns / 1000000);
+        printf("imager: image=%s kind=%s present=%" PRIu64 " zero=%" PRIu64 " parent=%" PRIu64
+               " runs=%" PRIu64 " stored_bytes=%" PRIu64 " total_bytes=%" PRIu64 " precopy_pages=%" PRId64
+               " pause_pages=%" PRId64 " pause_us=%" PRIu64 " agent_pause_us=%" PRIu64 " write_ms=%" PRIu64
+               "\n",
+               dir, parent ? "incremental" : "full", st.present_pages, st.zero_pages, st.parent_pages,
+               st.runs, st.stored_bytes, st.total_bytes, precopied, recopied, (t1 - t0) / 1000,
+               agent_pause_ns / 1000, st.write_ns / 1000000);
         fflush(stdout);
         return 0;
 }
@@ -245,15 +246,13 @@ static int cmd_materialize(const char *dir, const char *out)
 
 int main(int argc, char **argv)
 {
-        static const struct option opts[] = {
-                { "control", required_argument, NULL, 'c' },
-                { "name", required_argument, NULL, 'n' },
-                { "dir", required_argument, NULL, 'd' },
-                { "images", required_argument, NULL, 'N' },
-                { "interval-ms", required_argument, NULL, 'i' },
-                { "compress", no_argument, NULL, 'z' },
-                {}
-        };
+        static const struct option opts[] = {{"control", required_argument, NULL, 'c'},
+                                             {"name", required_argument, NULL, 'n'},
+                                             {"dir", required_argument, NULL, 'd'},
+                                             {"images", required_argument, NULL, 'N'},
+                                             {"interval-ms", required_argument, NULL, 'i'},
+                                             {"compress", no_argument, NULL, 'z'},
+                                             {}};
         const char *cmd;
         int c, r;
 

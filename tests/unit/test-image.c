@@ -43,12 +43,12 @@ static void vm_init(Vm *vm, uint64_t low, uint64_t high)
 {
         int fd;
 
-        vm->lay = (ImageLayout) { .page_size = IMAGE_PAGE_SIZE };
-        vm->lay.regions[0] = (ImageRegion) { .slot = 0, .guest_phys = 0, .size = low, .fd_offset = 0 };
+        vm->lay = (ImageLayout){.page_size = IMAGE_PAGE_SIZE};
+        vm->lay.regions[0] = (ImageRegion){.slot = 0, .guest_phys = 0, .size = low, .fd_offset = 0};
         vm->lay.n_regions = 1;
         if (high) {
-                vm->lay.regions[1] = (ImageRegion) { .slot = 1, .guest_phys = 1ULL << 32, .size = high,
-                                                     .fd_offset = low };
+                vm->lay.regions[1] =
+                        (ImageRegion){.slot = 1, .guest_phys = 1ULL << 32, .size = high, .fd_offset = low};
                 vm->lay.n_regions = 2;
         }
         vm->lay.total_pages = (low + high) / IMAGE_PAGE_SIZE;
@@ -88,7 +88,7 @@ static uint8_t *make_state(uint64_t rip, size_t *ret_len)
         v.sregs = &sregs;
         v.debugregs = &dr;
         v.events = &ev;
-        v.xsave = (ProtobufCBinaryData) { .len = sizeof(xsave), .data = xsave };
+        v.xsave = (ProtobufCBinaryData){.len = sizeof(xsave), .data = xsave};
         s.format_version = 1;
         s.n_vcpus = 1;
         s.vcpus = &vp;
@@ -128,8 +128,8 @@ static void dirty_some(Vm *vm, uint64_t *covered, unsigned n)
         }
 }
 
-static int take(Vm *vm, const char *dir, const uint64_t *covered, const char *parent, bool compress, uint64_t rip,
-                ImageWriteStats *st, char *err)
+static int take(Vm *vm, const char *dir, const uint64_t *covered, const char *parent, bool compress,
+                uint64_t rip, ImageWriteStats *st, char *err)
 {
         _cleanup_(image_capture_freep) ImageCapture *c = NULL;
         const uint8_t *ptrs[IMAGE_MAX_REGIONS];
@@ -141,8 +141,13 @@ static int take(Vm *vm, const char *dir, const uint64_t *covered, const char *pa
         ASSERT_OK(image_capture_new(&vm->lay, ptrs, &c));
         ASSERT_OK(image_capture_copy(c, covered));
         state = make_state(rip, &state_len);
-        o = (ImageWriteOptions) { .vm_name = "testvm", .state = state, .state_len = state_len, .covered = covered,
-                                  .parent = parent, .compress = compress, .epoch = rip };
+        o = (ImageWriteOptions){.vm_name = "testvm",
+                                .state = state,
+                                .state_len = state_len,
+                                .covered = covered,
+                                .parent = parent,
+                                .compress = compress,
+                                .epoch = rip};
         return image_capture_write(c, dir, &o, st, err, IMAGE_ERR_MAX);
 }
 
@@ -262,7 +267,7 @@ static void flip(const char *file, off_t off)
 /* Every file of the newest image and of its parent: a flipped byte anywhere is caught and the file named. */
 static void flipped_byte_everywhere(void)
 {
-        static const char *const files[] = { "inventory.img", "state.img", "pagemap.img", "pages.img" };
+        static const char *const files[] = {"inventory.img", "state.img", "pagemap.img", "pages.img"};
         Vm vm;
         uint8_t *snaps[4];
         char err[IMAGE_ERR_MAX];
@@ -298,10 +303,11 @@ static void flipped_byte_everywhere(void)
 
                                 flip(file, offs[i]);
                                 /* verify: everything */
-                                r = image_open(top, IMAGE_OPEN_CHAIN | IMAGE_OPEN_VERIFY_DATA, &im, err, sizeof(err));
+                                r = image_open(top, IMAGE_OPEN_CHAIN | IMAGE_OPEN_VERIFY_DATA, &im, err,
+                                               sizeof(err));
                                 if (r >= 0 || !strstr(err, name))
-                                        fprintf(stderr, "flip %s @%lld: r=%d err=%s\n", name, (long long) offs[i], r,
-                                                err);
+                                        fprintf(stderr, "flip %s @%lld: r=%d err=%s\n", name,
+                                                (long long) offs[i], r, err);
                                 ASSERT_TRUE(r < 0);
                                 ASSERT_TRUE(strstr(err, name) != NULL);
                                 /* restore: open the chain (metadata), then restore checks the data */
@@ -319,8 +325,8 @@ static void flipped_byte_everywhere(void)
                                 ASSERT_TRUE(r < 0);
                                 ASSERT_TRUE(strstr(err, name) != NULL);
                                 flip(file, offs[i]); /* back */
-                                ASSERT_OK(image_open(top, IMAGE_OPEN_CHAIN | IMAGE_OPEN_VERIFY_DATA, &im, err,
-                                                     sizeof(err)));
+                                ASSERT_OK(image_open(top, IMAGE_OPEN_CHAIN | IMAGE_OPEN_VERIFY_DATA, &im,
+                                                     err, sizeof(err)));
                         }
                 }
         munmap(vm.ram, vm.ram_size);
@@ -328,8 +334,8 @@ static void flipped_byte_everywhere(void)
 
 static void parent_missing_or_swapped(void)
 {
-        _cleanup_free_ char *d1 = path("raw1"), *d0 = path("raw0"), *moved = path("raw0-moved"), *d2 = path("raw2"),
-                            *l1 = path("lz41"), *l0 = path("lz40");
+        _cleanup_free_ char *d1 = path("raw1"), *d0 = path("raw0"), *moved = path("raw0-moved"),
+                            *d2 = path("raw2"), *l1 = path("lz41"), *l0 = path("lz40");
         _cleanup_(image_freep) Image *im = NULL;
         char err[IMAGE_ERR_MAX];
 
@@ -351,7 +357,8 @@ static void parent_missing_or_swapped(void)
         im = image_free(im);
         /* A file from another image is refused even with a valid checksum. */
         {
-                _cleanup_free_ char *a = path("raw1/state.img"), *b = path("lz41/state.img"), *keep = path("keep");
+                _cleanup_free_ char *a = path("raw1/state.img"), *b = path("lz41/state.img"),
+                                    *keep = path("keep");
                 ASSERT_OK(rename(a, keep));
                 ASSERT_OK(link(b, a));
                 ASSERT_TRUE(image_open(d1, 0, &im, err, sizeof(err)) < 0);
@@ -381,8 +388,8 @@ static void capture_protocol(void)
         covered[0] = 0xff;
         copied[0] = 0x7f; /* page 7 covered but never copied */
         ASSERT_OK(image_capture_copy(c, copied));
-        o = (ImageWriteOptions) { .vm_name = "testvm", .state = state, .state_len = len, .covered = covered,
-                                  .parent = p0 };
+        o = (ImageWriteOptions){
+                .vm_name = "testvm", .state = state, .state_len = len, .covered = covered, .parent = p0};
         ASSERT_TRUE(image_capture_write(c, d, &o, NULL, err, sizeof(err)) == -EINVAL);
         ASSERT_TRUE(access(d, F_OK) < 0);
         /* A parent of another layout is refused. */
@@ -442,7 +449,8 @@ static void killed_mid_write(void)
                         absent++;
                 else {
                         _cleanup_(image_freep) Image *im = NULL;
-                        ASSERT_OK(image_open(d, IMAGE_OPEN_CHAIN | IMAGE_OPEN_VERIFY_DATA, &im, err, sizeof(err)));
+                        ASSERT_OK(image_open(d, IMAGE_OPEN_CHAIN | IMAGE_OPEN_VERIFY_DATA, &im, err,
+                                             sizeof(err)));
                         complete++;
                 }
         }

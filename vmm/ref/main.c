@@ -332,8 +332,8 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 return log_error_errno(-EINVAL, "Unexpected argument '%s' (see --help)", argv[optind]);
 
         if (!!o->kernel + !!o->restore + !!o->restore_image != 1)
-                return log_error_errno(-EINVAL,
-                                       "Exactly one of --kernel, --restore and --restore-image is required (see --help)");
+                return log_error_errno(-EINVAL, "Exactly one of --kernel, --restore and --restore-image is "
+                                                "required (see --help)");
         if (o->restore_image && (o->ram_file || o->ram_fd >= 0))
                 return log_error_errno(-EINVAL, "--restore-image brings its own RAM: no --ram or --ram-fd");
         if (o->restore_image && o->append)
@@ -676,11 +676,11 @@ static int restore_image_open(Options *o)
                 return log_error_errno(r, "Cannot restore from image %s: %s", o->restore_image, err);
         size = image_layout_ram_size(&restore_img->layout);
         if (o->memory_set && o->memory != size)
-                return log_error_errno(-EINVAL, "--memory %" PRIu64 " MiB does not match the image's %" PRIu64 " MiB",
-                                       o->memory >> 20, size >> 20);
+                return log_error_errno(-EINVAL, "--memory %" PRIu64 " MiB does not match the image's %" PRIu64
+                                                " MiB", o->memory >> 20, size >> 20);
         if (o->cpus_set && o->cpus != restore_img->inv->n_vcpus)
-                return log_error_errno(-EINVAL, "--cpus %u does not match the %" PRIu32 " vCPUs of image %s", o->cpus,
-                                       restore_img->inv->n_vcpus, o->restore_image);
+                return log_error_errno(-EINVAL, "--cpus %u does not match the %" PRIu32 " vCPUs of image %s",
+                                       o->cpus, restore_img->inv->n_vcpus, o->restore_image);
         o->memory = size;
         o->cpus = restore_img->inv->n_vcpus;
         return 0;
@@ -696,10 +696,12 @@ static int restore_image_ram(Vm *vm, const Options *o)
 
         r = guest_ram_new(o->memory, &vm->ram);
         if (r < 0)
-                return log_error_errno(r, "Failed to allocate %" PRIu64 " MiB of guest RAM: %m", o->memory >> 20);
+                return log_error_errno(r, "Failed to allocate %" PRIu64 " MiB of guest RAM: %m",
+                                       o->memory >> 20);
         if (il->n_regions != vm->ram->n_regions)
-                return log_error_errno(-EINVAL, "Image %s has %zu RAM regions, this VMM lays out %u for %" PRIu64 " MiB",
-                                       o->restore_image, il->n_regions, vm->ram->n_regions, o->memory >> 20);
+                return log_error_errno(-EINVAL, "Image %s has %zu RAM regions, this VMM lays out %u for %" PRIu64
+                                                " MiB", o->restore_image, il->n_regions, vm->ram->n_regions,
+                                       o->memory >> 20);
         for (unsigned i = 0; i < vm->ram->n_regions; i++) {
                 const DrAgentRegion *rg = &vm->ram->regions[i];
                 if (rg->slot != il->regions[i].slot || rg->guest_phys != il->regions[i].guest_phys ||
@@ -710,8 +712,8 @@ static int restore_image_ram(Vm *vm, const Options *o)
         r = image_restore(restore_img, vm->ram->map, vm->ram->size, true, err, sizeof(err));
         if (r < 0)
                 return log_error_errno(r, "Cannot restore from image %s: %s", o->restore_image, err);
-        log_info("Guest RAM: %" PRIu64 " MiB restored from image %s (chain depth %" PRIu32 ") in %" PRIu64 " ms",
-                 vm->ram->size >> 20, o->restore_image, restore_img->inv->depth, (now_usec() - t0) / 1000);
+        log_info("Guest RAM: %" PRIu64 " MiB restored from image %s (chain depth %" PRIu32 ") in %" PRIu64
+                 " ms", vm->ram->size >> 20, o->restore_image, restore_img->inv->depth, (now_usec() - t0) / 1000);
         return 0;
 }
 
