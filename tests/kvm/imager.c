@@ -25,6 +25,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "image-take.h"
 #include "imagefile.h"
 #include "log.h"
 #include "macros.h"
@@ -69,105 +70,38 @@ static int harvest_for(Tracker *t, uint64_t *since, unsigned ms)
         return 0;
 }
 
-static int image_layout_from(const VmmLayout *vl, ImageLayout *il, const uint8_t **ram)
+static void on_resumed(const char *dir, void *userdata)
 {
-        if (vl->page_size != IMAGE_PAGE_SIZE || vl->n_regions > IMAGE_MAX_REGIONS)
-                return -EINVAL;
-        *il = (ImageLayout){
-                .page_size = IMAGE_PAGE_SIZE, .n_regions = vl->n_regions, .total_pages = vl->total_pages};
-        for (size_t i = 0; i < vl->n_regions; i++) {
-                il->regions[i] = (ImageRegion){
-                        .slot = vl->regions[i].slot,
-                        .guest_phys = vl->regions[i].guest_phys,
-                        .size = vl->regions[i].size,
-                        .fd_offset = vl->regions[i].fd_offset,
-                };
-                ram[i] = vl->regions[i].ram;
-        }
-        return image_layout_check(il);
-}
-
-/*
- * One image: what the primary would do at a seal. since: pages dirtied since
- * the previous image (NULL = take a full image); cleared on success.
- */
-static int take_image(VmmLink *link, Tracker *t, uint64_t *since, uint64_t *fresh, const char *dir,
-                      const char *parent, uint64_t seq)
-{
-        _cleanup_(image_capture_freep) ImageCapture *cap = NULL;
-        _cleanup_free_ uint8_t *state = NULL;
-        const uint8_t *ram[IMAGE_MAX_REGIONS];
-        uint64_t words = tracker_bitmap_words(t->lay), t0, t1, agent_pause_ns = 0;
-        int64_t precopied, n, recopied;
-        char err[IMAGE_ERR_MAX] = "";
-        ImageWriteStats st;
-        ImageLayout il;
-        ImageWriteOptions o;
-        size_t state_len;
-        int r;
-
-        r = image_layout_from(t->lay, &il, ram);
-        if (r < 0)
-                return log_error_errno(r, "The VM's layout cannot be imaged");
-        r = image_capture_new(&il, ram, &cap);
-        if (r < 0)
-                return log_error_errno(r, "Failed to set up image staging: %m");
-
-        /* Pre-copy while the VM runs: collect -> reset, then copy what was dirtied so far. */
-        n = tracker_sync(t, since);
-        if (n < 0)
-                return log_error_errno((int) n, "Harvest failed: %s", t->error);
-        (void) vmm_link_take_vmm_dirty(link, since);
-        precopied = image_capture_copy(cap, parent ? since : NULL);
-        if (precopied < 0)
-                return log_error_errno((int) precopied, "Pre-copy failed: %m");
-
-        /* The pause: final collect -> reset, copy the re-dirtied pages, state, resume. */
-        memset(fresh, 0, words * sizeof(uint64_t));
-        t0 = now_nsec();
-        r = vmm_link_pause(link, 2000, &agent_pause_ns);
-        if (r < 0)
-                return log_error_errno(r, "Pause failed: %s", vmm_link_last_error(link));
-        n = tracker_sync(t, fresh);
-        if (n < 0)
-                return log_error_errno((int) n, "Final harvest failed: %s", t->error);
-        (void) vmm_link_take_vmm_dirty(link, fresh);
-        recopied = image_capture_copy(cap, fresh);
-        if (recopied < 0)
-                return log_error_errno((int) recopied, "Copy in the pause failed: %m");
-        r = vmm_link_save_state(link, &state, &state_len);
-        if (r < 0)
-                return log_error_errno(r, "SaveState failed: %s", vmm_link_last_error(link));
-        r = vmm_link_resume(link, seq + 1);
-        if (r < 0)
-                return log_error_errno(r, "Resume failed: %s", vmm_link_last_error(link));
-        t1 = now_nsec();
-
-        /* The image covers everything dirtied up to the pause; the VM already runs on. */
-        for (uint64_t w = 0; w < words; w++)
-                since[w] |= fresh[w];
         printf("imager: writing %s\n", dir);
         fflush(stdout);
-        o = (ImageWriteOptions){
-                .vm_name = arg_name,
-                .state = state,
-                .state_len = state_len,
-                .covered = parent ? since : NULL,
-                .parent = parent,
-                .compress = arg_compress,
-                .epoch = seq,
-        };
-        r = image_capture_write(cap, dir, &o, &st, err, sizeof(err));
+}
+
+/* One image through image_take(): what the primary's seal does, with the pause of its own. */
+static int take_image(VmmLink *link, Tracker *t, uint64_t *since, uint64_t *scratch, const char *dir,
+                      const char *parent, uint64_t seq)
+{
+        char err[IMAGE_ERR_MAX] = "";
+        ImageTakeResult res;
+        int r;
+
+        r = image_take(link, t, since, scratch,
+                       &(ImageTakeOptions){.dir = dir,
+                                           .parent = parent,
+                                           .vm_name = arg_name,
+                                           .compress = arg_compress,
+                                           .epoch = seq,
+                                           .resumed = on_resumed},
+                       &res, err, sizeof(err));
         if (r < 0)
-                return log_error_errno(r, "Failed to write image %s: %s", dir, err);
-        memset(since, 0, words * sizeof(uint64_t));
+                return log_error_errno(r, "Failed to take image %s: %s", dir, err);
         printf("imager: image=%s kind=%s present=%" PRIu64 " zero=%" PRIu64 " parent=%" PRIu64
                " runs=%" PRIu64 " stored_bytes=%" PRIu64 " total_bytes=%" PRIu64 " precopy_pages=%" PRId64
                " pause_pages=%" PRId64 " pause_us=%" PRIu64 " agent_pause_us=%" PRIu64 " write_ms=%" PRIu64
                "\n",
-               dir, parent ? "incremental" : "full", st.present_pages, st.zero_pages, st.parent_pages,
-               st.runs, st.stored_bytes, st.total_bytes, precopied, recopied, (t1 - t0) / 1000,
-               agent_pause_ns / 1000, st.write_ns / 1000000);
+               dir, parent ? "incremental" : "full", res.write.present_pages, res.write.zero_pages,
+               res.write.parent_pages, res.write.runs, res.write.stored_bytes, res.write.total_bytes,
+               res.precopy_pages, res.pause_pages, res.pause_ns / 1000, res.agent_pause_ns / 1000,
+               res.write.write_ns / 1000000);
         fflush(stdout);
         return 0;
 }

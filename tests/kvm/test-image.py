@@ -209,13 +209,15 @@ def test_chain(tmp):
     # Restore from the last incremental image: the chain is followed, the guest continues.
     r = Vmm(tmp, "r", ["--restore-image", last])
     r.wait_socket()
-    ms = r.wait_for(r"^memtouch: cpu=0 gen=(\d+)", count=2)
+    # Whole lines only: the console is written byte by byte.
+    ms = r.wait_for(r"^memtouch: cpu=0 gen=(\d+)\n", count=2)
     first, later = int(ms[0].group(1)), int(ms[-1].group(1))
     log(f"checkpoint cpu0 gen {saved[0]}; after restore {first} then {later}")
     if "memtouch: cpu=0 data_base" in r.text():
         fail("the restored guest booted again instead of continuing")
     if first < saved[0] or later <= first:
-        fail(f"generation did not continue past the checkpoint ({saved[0]} -> {first} -> {later})")
+        fail(f"generation did not continue past the checkpoint ({saved[0]} -> {first} -> {later}); "
+             f"console:\n{r.text()[-3000:]}")
     if "restored from image" not in r.stderr():
         fail("the VMM did not report restoring from the image")
     snap = os.path.join(tmp, "restored.ram")
