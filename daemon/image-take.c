@@ -112,6 +112,7 @@ resume:
                 .state_len = state_len,
                 .covered = o->parent ? since : NULL,
                 .parent = o->parent,
+                .parent_id = o->parent_id,
                 .compress = o->compress,
                 .epoch = o->epoch,
         };

@@ -26,6 +26,8 @@
 typedef struct ImageTakeOptions {
         const char *dir;    /* must not exist */
         const char *parent; /* NULL: a full image */
+        const uint8_t
+                *parent_id; /* the last image taken (ImageWriteStats.image_id); see ImageWriteOptions */
         const char *vm_name;
         const uint8_t *vm_uuid; /* 16 bytes or NULL */
         bool compress;

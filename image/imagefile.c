@@ -903,6 +903,13 @@ int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOption
                         dr__image__inventory__free_unpacked(pinv, NULL);
                         return FAIL(-EINVAL, "parent image %s is of another VM or RAM layout", o->parent);
                 }
+                if (o->parent_id && memcmp(o->parent_id, pinv->image_id.data, 16) != 0) {
+                        dr__image__inventory__free_unpacked(pinv, NULL);
+                        return FAIL(-ESTALE,
+                                    "parent image %s is not the last image taken of this VM; an incremental "
+                                    "image can only follow that one (or take a full image)",
+                                    o->parent);
+                }
                 if (pinv->depth + 1 > IMAGE_MAX_DEPTH) {
                         dr__image__inventory__free_unpacked(pinv, NULL);
                         return FAIL(-ELOOP, "parent image %s is %u deep already; take a full image",
@@ -1061,6 +1068,7 @@ int image_capture_write(ImageCapture *c, const char *dir, const ImageWriteOption
         }
         st.total_bytes = sizes[0] + sizes[1] + sizes[2] + IMAGE_HEADER_SIZE + inv_len;
         st.write_ns = now_nsec() - t0;
+        memcpy(st.image_id, id, 16);
         if (ret_stats)
                 *ret_stats = st;
         r = 0;

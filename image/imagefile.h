@@ -79,8 +79,14 @@ typedef struct ImageWriteOptions {
         size_t state_len;
         const uint64_t *covered; /* pages this image stores (dirtied since the parent); NULL = all (full) */
         const char *parent;      /* parent image directory, NULL for a full image */
-        bool compress;           /* LZ4 per run where it saves space */
-        uint64_t epoch;          /* informative */
+        /*
+         * The id of the image `covered` counts from (the last image this
+         * owner took; ImageWriteStats.image_id). When set, a parent with
+         * another id is refused (-ESTALE): its pages would be missing.
+         */
+        const uint8_t *parent_id;
+        bool compress;  /* LZ4 per run where it saves space */
+        uint64_t epoch; /* informative */
 } ImageWriteOptions;
 
 typedef struct ImageWriteStats {
@@ -88,7 +94,8 @@ typedef struct ImageWriteStats {
         uint64_t stored_bytes; /* page data in pages.img */
         uint64_t total_bytes;  /* all four files */
         uint64_t runs;
-        uint64_t write_ns; /* image_capture_write() wall time */
+        uint64_t write_ns;    /* image_capture_write() wall time */
+        uint8_t image_id[16]; /* of the image written */
 } ImageWriteStats;
 
 /*

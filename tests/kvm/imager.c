@@ -11,6 +11,7 @@
  *                image"). One line per image with its sizes and its pause.
  *   materialize  writes the RAM an image chain describes (memfd layout) to a
  *                file, for dirtyrep-memcheck.
+ *   restore-bench  copy vs. map restore of an image chain (bench/ only).
  *
  * Exit codes: 0 ok, 1 failed, 2 usage or setup error.
  */
@@ -80,6 +81,7 @@ static void on_resumed(const char *dir, void *userdata)
 static int take_image(VmmLink *link, Tracker *t, uint64_t *since, uint64_t *scratch, const char *dir,
                       const char *parent, uint64_t seq)
 {
+        static uint8_t last_id[16]; /* the image `since` counts from */
         char err[IMAGE_ERR_MAX] = "";
         ImageTakeResult res;
         int r;
@@ -88,12 +90,14 @@ static int take_image(VmmLink *link, Tracker *t, uint64_t *since, uint64_t *scra
                        &(ImageTakeOptions){.dir = dir,
                                            .parent = parent,
                                            .vm_name = arg_name,
+                                           .parent_id = parent ? last_id : NULL,
                                            .compress = arg_compress,
                                            .epoch = seq,
                                            .resumed = on_resumed},
                        &res, err, sizeof(err));
         if (r < 0)
                 return log_error_errno(r, "Failed to take image %s: %s", dir, err);
+        memcpy(last_id, res.write.image_id, 16);
         printf("imager: image=%s kind=%s present=%" PRIu64 " zero=%" PRIu64 " parent=%" PRIu64
                " runs=%" PRIu64 " stored_bytes=%" PRIu64 " total_bytes=%" PRIu64 " precopy_pages=%" PRId64
                " pause_pages=%" PRId64 " pause_us=%" PRIu64 " agent_pause_us=%" PRIu64 " write_ms=%" PRIu64
@@ -178,6 +182,114 @@ static int cmd_materialize(const char *dir, const char *out)
         return 0;
 }
 
+/*
+ * Restore cost, two ways, for the record (bench/image-bench.py): copying the
+ * chain into a fresh memfd (what dirtyrep-vmm does, every run CRC-checked),
+ * and Firecracker-style mapping: each raw run of pages.img mapped MAP_PRIVATE
+ * at its place, oldest image first (no checksum can be checked without
+ * reading the data, which is what mapping avoids). Then the cost of the
+ * guest's first touch of every present page of the mapping.
+ */
+static int cmd_restore_bench(const char *dir)
+{
+        _cleanup_(image_freep) Image *img = NULL;
+        const Image *chain[IMAGE_MAX_DEPTH + 1];
+        char err[IMAGE_ERR_MAX] = "";
+        uint64_t size, t0, t_copy, t_map, t_touch, sum = 0, maps = 0;
+        size_t n = 0;
+        uint8_t *ram;
+        int fd, r;
+
+        t0 = now_nsec();
+        r = image_open(dir, IMAGE_OPEN_CHAIN, &img, err, sizeof(err));
+        if (r < 0)
+                return log_error_errno(r, "%s", err);
+        size = image_layout_ram_size(&img->layout);
+        fd = memfd_new_sized("restore-bench", size);
+        if (fd < 0)
+                return log_error_errno(fd, "memfd: %m");
+        ram = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+        close(fd);
+        if (ram == MAP_FAILED)
+                return log_error_errno(-errno, "mmap: %m");
+        r = image_restore(img, ram, size, true, err, sizeof(err));
+        munmap(ram, size);
+        if (r < 0)
+                return log_error_errno(r, "%s", err);
+        t_copy = now_nsec() - t0;
+        img = image_free(img);
+
+        t0 = now_nsec();
+        r = image_open(dir, IMAGE_OPEN_CHAIN, &img, err, sizeof(err));
+        if (r < 0)
+                return log_error_errno(r, "%s", err);
+        ram = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (ram == MAP_FAILED)
+                return log_error_errno(-errno, "mmap: %m");
+        for (const Image *p = img; p; p = p->parent)
+                chain[n++] = p;
+        for (size_t k = n; k-- > 0;) {
+                /* Pending mapping: adjacent raw runs, contiguous in RAM and in the file, become one mmap. */
+                uint64_t m_off = 0, m_len = 0, m_file = 0;
+
+                for (size_t i = 0; i <= chain[k]->map->n_runs; i++) {
+                        const Dr__Image__PageRun *run =
+                                i < chain[k]->map->n_runs ? chain[k]->map->runs[i] : NULL;
+                        uint64_t first = 0, off = 0;
+
+                        if (run)
+                                for (size_t g = 0; g < chain[k]->layout.n_regions; g++) {
+                                        uint64_t np = chain[k]->layout.regions[g].size / IMAGE_PAGE_SIZE;
+                                        if (run->first_page < first + np) {
+                                                off = chain[k]->layout.regions[g].fd_offset +
+                                                      (run->first_page - first) * IMAGE_PAGE_SIZE;
+                                                break;
+                                        }
+                                        first += np;
+                                }
+                        if (run && run->kind == DR__IMAGE__RUN_KIND__RUN_PRESENT && m_len &&
+                            off == m_off + m_len &&
+                            IMAGE_PAGES_DATA_OFF + run->data_offset == m_file + m_len) {
+                                m_len += run->n_pages * IMAGE_PAGE_SIZE;
+                                continue;
+                        }
+                        if (m_len) {
+                                if (mmap(ram + m_off, m_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+                                         chain[k]->pages_fd, (off_t) m_file) == MAP_FAILED)
+                                        return log_error_errno(-errno, "mmap run: %m");
+                                maps++;
+                                m_len = 0;
+                        }
+                        if (!run)
+                                break;
+                        if (run->kind == DR__IMAGE__RUN_KIND__RUN_PRESENT) {
+                                if (run->has_compression &&
+                                    run->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4)
+                                        return log_error_errno(-EOPNOTSUPP, "mapping needs a raw image");
+                                m_off = off;
+                                m_len = run->n_pages * IMAGE_PAGE_SIZE;
+                                m_file = IMAGE_PAGES_DATA_OFF + run->data_offset;
+                        } else if (run->kind == DR__IMAGE__RUN_KIND__RUN_ZERO && k != n - 1) {
+                                if (mmap(ram + off, run->n_pages * IMAGE_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+                                        return log_error_errno(-errno, "mmap zero run: %m");
+                                maps++;
+                        }
+                }
+        }
+        t_map = now_nsec() - t0;
+        t0 = now_nsec();
+        for (uint64_t o = 0; o < size; o += IMAGE_PAGE_SIZE)
+                sum += ram[o];
+        t_touch = now_nsec() - t0;
+        munmap(ram, size);
+        printf("{\"copy_ms\": %.1f, \"map_ms\": %.2f, \"maps\": %" PRIu64
+               ", \"map_first_touch_all_ms\": %.1f, "
+               "\"ram_mb\": %" PRIu64 ", \"chain\": %zu, \"checksum_byte\": %" PRIu64 "}\n",
+               t_copy / 1e6, t_map / 1e6, maps, t_touch / 1e6, size >> 20, n, sum & 0xff);
+        return 0;
+}
+
 int main(int argc, char **argv)
 {
         static const struct option opts[] = {{"control", required_argument, NULL, 'c'},
@@ -194,10 +306,16 @@ int main(int argc, char **argv)
         if (argc < 2) {
                 fprintf(stderr, "usage: dr-imager run --control PATH --dir DIR [--name VM] [--images N] "
                                 "[--interval-ms MS] [--compress]\n"
-                                "       dr-imager materialize IMAGE RAMFILE\n");
+                                "       dr-imager materialize IMAGE RAMFILE\n"
+                                "       dr-imager restore-bench IMAGE\n");
                 return 2;
         }
         cmd = argv[1];
+        if (streq(cmd, "restore-bench")) {
+                if (argc != 3)
+                        return 2;
+                return cmd_restore_bench(argv[2]) < 0 ? 1 : 0;
+        }
         if (streq(cmd, "materialize")) {
                 if (argc != 4)
                         return 2;

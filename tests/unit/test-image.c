@@ -405,6 +405,16 @@ static void capture_protocol(void)
                 ASSERT_TRUE(strstr(err, "another VM or RAM layout"));
                 munmap(small.ram, small.ram_size);
         }
+        /* A parent that is not the image `covered` counts from. */
+        {
+                uint8_t other[16] = {1};
+                ASSERT_OK(image_capture_copy(c, covered));
+                o.parent_id = other;
+                ASSERT_TRUE(image_capture_write(c, d, &o, NULL, err, sizeof(err)) == -ESTALE);
+                ASSERT_TRUE(strstr(err, "not the last image taken"));
+                ASSERT_TRUE(access(d, F_OK) < 0);
+                o.parent_id = NULL;
+        }
         /* Existing target. */
         o.covered = NULL;
         o.parent = NULL;
