@@ -332,8 +332,8 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 return log_error_errno(-EINVAL, "Unexpected argument '%s' (see --help)", argv[optind]);
 
         if (!!o->kernel + !!o->restore + !!o->restore_image != 1)
-                return log_error_errno(-EINVAL, "Exactly one of --kernel, --restore and --restore-image is "
-                                                "required (see --help)");
+                return log_error_errno(-EINVAL, "Exactly one of --kernel and --restore (or --restore-image) "
+                                                "is required (see --help)");
         if (o->restore_image && (o->ram_file || o->ram_fd >= 0))
                 return log_error_errno(-EINVAL, "--restore-image brings its own RAM: no --ram or --ram-fd");
         if (o->restore_image && o->append)
