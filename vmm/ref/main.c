@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "dirtyrep-build.h"
+#include "imagefile.h"
 #include "kvm.h"
 #include "log.h"
 #include "multiboot.h"
@@ -60,6 +61,7 @@ typedef struct Options {
         bool console_commit;
         const char *service_listen;
         const char *restore;
+        const char *restore_image;
         const char *ram_file;
         int ram_fd;
         int ready_fd;
@@ -78,6 +80,7 @@ static void help(void)
 {
         printf("Usage: dirtyrep-vmm [OPTIONS] --kernel FILE\n"
                "       dirtyrep-vmm [OPTIONS] --restore STATE (--ram FILE | --ram-fd N)\n"
+               "       dirtyrep-vmm [OPTIONS] --restore-image DIR\n"
                "\n"
                "Runs a KVM virtual machine that dirtyrepd can replicate.\n"
                "\n"
@@ -97,6 +100,7 @@ static void help(void)
                "     --service-listen ADDR:PORT\n"
                "                            Bridge COM2 to TCP (up to 64 clients; port 0 picks one)\n"
                "     --restore STATE        Start from a saved VM state instead of a kernel\n"
+               "     --restore-image DIR    Start from a checkpoint image (follows its parent chain)\n"
                "     --ram FILE             RAM image for --restore (copied)\n"
                "     --ram-fd N             RAM for --restore as an inherited fd (a memfd is used in place)\n"
                "     --ready-fd N           Write \"1\\n\" to fd N once the guest runs\n"
@@ -180,6 +184,7 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 ARG_CONSOLE_COMMIT,
                 ARG_SERVICE_LISTEN,
                 ARG_RESTORE,
+                ARG_RESTORE_IMAGE,
                 ARG_RAM,
                 ARG_RAM_FD,
                 ARG_READY_FD,
@@ -200,6 +205,7 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 { "console-commit", no_argument, NULL, ARG_CONSOLE_COMMIT },
                 { "service-listen", required_argument, NULL, ARG_SERVICE_LISTEN },
                 { "restore", required_argument, NULL, ARG_RESTORE },
+                { "restore-image", required_argument, NULL, ARG_RESTORE_IMAGE },
                 { "ram", required_argument, NULL, ARG_RAM },
                 { "ram-fd", required_argument, NULL, ARG_RAM_FD },
                 { "ready-fd", required_argument, NULL, ARG_READY_FD },
@@ -300,6 +306,9 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 case ARG_RESTORE:
                         o->restore = optarg;
                         break;
+                case ARG_RESTORE_IMAGE:
+                        o->restore_image = optarg;
+                        break;
                 case ARG_RAM:
                         o->ram_file = optarg;
                         break;
@@ -322,11 +331,16 @@ static int parse_argv(int argc, char *argv[], Options *o)
         if (optind < argc)
                 return log_error_errno(-EINVAL, "Unexpected argument '%s' (see --help)", argv[optind]);
 
-        if (!!o->kernel == !!o->restore)
-                return log_error_errno(-EINVAL, "Exactly one of --kernel and --restore is required (see --help)");
+        if (!!o->kernel + !!o->restore + !!o->restore_image != 1)
+                return log_error_errno(-EINVAL, "Exactly one of --kernel and --restore (or --restore-image) "
+                                                "is required (see --help)");
+        if (o->restore_image && (o->ram_file || o->ram_fd >= 0))
+                return log_error_errno(-EINVAL, "--restore-image brings its own RAM: no --ram or --ram-fd");
+        if (o->restore_image && o->append)
+                return log_error_errno(-EINVAL, "--append only makes sense with --kernel");
         if (o->restore && !!o->ram_file == (o->ram_fd >= 0))
                 return log_error_errno(-EINVAL, "--restore needs exactly one of --ram and --ram-fd");
-        if (!o->restore && (o->ram_file || o->ram_fd >= 0))
+        if (!o->restore && !o->restore_image && (o->ram_file || o->ram_fd >= 0))
                 return log_error_errno(-EINVAL, "--ram and --ram-fd only make sense with --restore");
         if (o->restore && o->append)
                 return log_error_errno(-EINVAL, "--append only makes sense with --kernel");
@@ -648,6 +662,61 @@ static int restore_vcpu_count(Options *o)
         return 0;
 }
 
+/* The checkpoint image of --restore-image: its chain, opened and checked before KVM is touched. */
+static Image *restore_img;
+
+static int restore_image_open(Options *o)
+{
+        char err[IMAGE_ERR_MAX] = "";
+        uint64_t size;
+        int r;
+
+        r = image_open(o->restore_image, IMAGE_OPEN_CHAIN, &restore_img, err, sizeof(err));
+        if (r < 0)
+                return log_error_errno(r, "Cannot restore from image %s: %s", o->restore_image, err);
+        size = image_layout_ram_size(&restore_img->layout);
+        if (o->memory_set && o->memory != size)
+                return log_error_errno(-EINVAL, "--memory %" PRIu64 " MiB does not match the image's %" PRIu64
+                                                " MiB", o->memory >> 20, size >> 20);
+        if (o->cpus_set && o->cpus != restore_img->inv->n_vcpus)
+                return log_error_errno(-EINVAL, "--cpus %u does not match the %" PRIu32 " vCPUs of image %s",
+                                       o->cpus, restore_img->inv->n_vcpus, o->restore_image);
+        o->memory = size;
+        o->cpus = restore_img->inv->n_vcpus;
+        return 0;
+}
+
+/* Guest RAM for --restore-image: a fresh memfd in the same layout, filled from the chain. */
+static int restore_image_ram(Vm *vm, const Options *o)
+{
+        char err[IMAGE_ERR_MAX] = "";
+        const ImageLayout *il = &restore_img->layout;
+        uint64_t t0 = now_usec();
+        int r;
+
+        r = guest_ram_new(o->memory, &vm->ram);
+        if (r < 0)
+                return log_error_errno(r, "Failed to allocate %" PRIu64 " MiB of guest RAM: %m",
+                                       o->memory >> 20);
+        if (il->n_regions != vm->ram->n_regions)
+                return log_error_errno(-EINVAL, "Image %s has %zu RAM regions, this VMM lays out %u for %" PRIu64
+                                                " MiB", o->restore_image, il->n_regions, vm->ram->n_regions,
+                                       o->memory >> 20);
+        for (unsigned i = 0; i < vm->ram->n_regions; i++) {
+                const DrAgentRegion *rg = &vm->ram->regions[i];
+                if (rg->slot != il->regions[i].slot || rg->guest_phys != il->regions[i].guest_phys ||
+                    rg->size != il->regions[i].size || rg->memfd_offset != il->regions[i].fd_offset)
+                        return log_error_errno(-EINVAL, "Image %s: RAM region %u does not match this VMM's layout",
+                                               o->restore_image, i);
+        }
+        r = image_restore(restore_img, vm->ram->map, vm->ram->size, true, err, sizeof(err));
+        if (r < 0)
+                return log_error_errno(r, "Cannot restore from image %s: %s", o->restore_image, err);
+        log_info("Guest RAM: %" PRIu64 " MiB restored from image %s (chain depth %" PRIu32 ") in %" PRIu64
+                 " ms", vm->ram->size >> 20, o->restore_image, restore_img->inv->depth, (now_usec() - t0) / 1000);
+        return 0;
+}
+
 static int restore_state(Vm *vm, const Options *o)
 {
         _cleanup_free_ uint8_t *state = NULL, *devs = NULL;
@@ -655,14 +724,23 @@ static int restore_state(Vm *vm, const Options *o)
         size_t len, devs_len = 0;
         int r;
 
-        r = read_file_bounded(o->restore, STATE_FILE_MAX, &state, &len);
-        if (r < 0)
-                return log_error_errno(r, "Failed to read state %s: %m", o->restore);
+        if (restore_img) {
+                state = malloc(restore_img->state_len);
+                if (!state)
+                        return log_oom();
+                memcpy(state, restore_img->state, restore_img->state_len);
+                len = restore_img->state_len;
+        } else {
+                r = read_file_bounded(o->restore, STATE_FILE_MAX, &state, &len);
+                if (r < 0)
+                        return log_error_errno(r, "Failed to read state %s: %m", o->restore);
+        }
         for (unsigned i = 0; i < vm->n_vcpus; i++)
                 fds[i] = vm->vcpus[i].fd;
         r = dr_state_restore(vm->kvm_fd, vm->vm_fd, fds, vm->n_vcpus, state, len, &devs, &devs_len);
         if (r < 0)
-                return log_error_errno(r, "Failed to restore VM state from %s: %m", o->restore);
+                return log_error_errno(r, "Failed to restore VM state from %s: %m",
+                                       restore_img ? restore_img->path : o->restore);
         return devices_restore(vm, devs, devs_len);
 }
 
@@ -671,6 +749,8 @@ static int setup_ram(Vm *vm, const Options *o)
         bool direct = false;
         int r;
 
+        if (o->restore_image)
+                return restore_image_ram(vm, o);
         if (!o->restore) {
                 r = guest_ram_new(o->memory, &vm->ram);
                 if (r < 0)
@@ -726,6 +806,10 @@ static int run(int argc, char *argv[])
                 return r < 0 ? VMM_EXIT_FAILURE : VMM_EXIT_OK;
         if (o.restore && restore_vcpu_count(&o) < 0)
                 return VMM_EXIT_FAILURE;
+        if (o.restore_image && restore_image_open(&o) < 0) {
+                restore_img = image_free(restore_img);
+                return VMM_EXIT_FAILURE;
+        }
 
         if (o.service_listen && parse_listen(o.service_listen, &listen_addr, &listen_port) < 0) {
                 log_error("Invalid --service-listen '%s': expected ADDR:PORT or [V6ADDR]:PORT", o.service_listen);
@@ -853,9 +937,10 @@ static int run(int argc, char *argv[])
         }
         service_set_uarts(vm->service, vm->com2, vm->com1);
 
-        if (o.restore) {
+        if (o.restore || o.restore_image) {
                 if (restore_state(vm, &o) < 0)
                         goto out;
+                restore_img = image_free(restore_img); /* RAM and state are in; the files are not needed */
         } else if (load_kernel(vm, &o) < 0)
                 goto out;
 
@@ -962,6 +1047,7 @@ out:
                 if (vm->vcpus[i].vm)
                         vcpu_destroy(&vm->vcpus[i]);
         vm->ram = guest_ram_free(vm->ram);
+        restore_img = image_free(restore_img);
         safe_close(vm->vm_fd);
         safe_close(vm->kvm_fd);
         safe_close(vm->console_fd);
