@@ -50,6 +50,23 @@
                 _fd_;                                 \
         })
 
+/* free() that returns NULL, for p = mfree(p). */
+static inline void *mfree(void *p)
+{
+        free(p);
+        return NULL;
+}
+
+/* A malloc()ed copy of len bytes (len > 0), or NULL. */
+static inline void *memdup(const void *p, size_t len)
+{
+        void *q = malloc(len);
+
+        if (q)
+                __builtin_memcpy(q, p, len);
+        return q;
+}
+
 static inline void freep(void *p)
 {
         free(*(void **) p);

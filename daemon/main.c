@@ -14,6 +14,8 @@
  *   freeze VM | thaw VM        primary: seal and keep the VM paused / resume
  *   hash VM PATH               page-hash file (primary: frozen RAM; standby: replica)
  *   dump VM RAMPATH STATEPATH  standby: committed replica RAM and VmState
+ *   image VM DIR [PARENT]      primary: checkpoint image at the next seal (LZ4), answered once
+ *                              written: "ok EPOCH pages=N bytes=N pause_ns=N"
  * Answers "ok ..." or "error MESSAGE". One request per connection.
  */
 #include <errno.h>
@@ -171,7 +173,20 @@ static size_t split_words(char *line, char **words, size_t max)
         return n;
 }
 
-static void debug_execute(DebugClient *c, char *line)
+static void debug_image_done(Primary *p, const PrimaryImageResult *res, void *userdata)
+{
+        DebugClient *c = userdata;
+
+        if (res->result < 0)
+                debug_reply(c, "error image: %s\n", res->error);
+        else
+                debug_reply(c, "ok %" PRIu64 " pages=%" PRIu64 " bytes=%" PRIu64 " pause_ns=%" PRIu64 "\n",
+                            res->epoch, res->present_pages, res->total_bytes, res->pause_ns);
+        debug_client_free(c);
+}
+
+/* Returns true when the request answers later (the client is then owned by the request). */
+static bool debug_execute(DebugClient *c, char *line)
 {
         Manager *m = c->m;
         char *w[5];
@@ -182,7 +197,7 @@ static void debug_execute(DebugClient *c, char *line)
 
         if (n == 0) {
                 debug_reply(c, "error empty request\n");
-                return;
+                return false;
         }
         if (streq(w[0], "status")) {
                 for (size_t i = 0; i < m->n_vms; i++) {
@@ -192,16 +207,26 @@ static void debug_execute(DebugClient *c, char *line)
                         vm_status_json(&m->vms[i], out, sizeof(out));
                         (void) send(c->fd, out, strlen(out), MSG_NOSIGNAL);
                 }
-                return;
+                return false;
         }
         if (n < 2) {
                 debug_reply(c, "error '%s' needs a VM name\n", w[0]);
-                return;
+                return false;
         }
         vm = manager_find_vm(m, w[1]);
         if (!vm) {
                 debug_reply(c, "error no VM named '%s'\n", w[1]);
-                return;
+                return false;
+        }
+        if (streq(w[0], "image") && (n == 3 || n == 4) && vm->primary) {
+                r = primary_checkpoint_image(vm->primary, w[2], n == 4 ? w[3] : NULL, true, debug_image_done, c);
+                if (r < 0) {
+                        debug_reply(c, "error image: %s\n", strerror(-r));
+                        return false;
+                }
+                /* Nothing more is read from this client; the answer comes from the callback. */
+                (void) sd_event_source_set_enabled(c->source, SD_EVENT_OFF);
+                return true;
         }
 
         if (streq(w[0], "checkpoint") && vm->primary)
@@ -219,12 +244,13 @@ static void debug_execute(DebugClient *c, char *line)
         else {
                 debug_reply(c, "error '%s' with %zu argument(s) is not a request for %s VM '%s'\n", w[0], n - 1,
                             vm->primary ? "primary" : vm->standby ? "standby" : "failed", vm->cfg->name);
-                return;
+                return false;
         }
         if (r < 0)
                 debug_reply(c, "error %s: %s\n", w[0], strerror(-r));
         else
                 debug_reply(c, "ok %" PRIu64 "\n", epoch);
+        return false;
 }
 
 static int on_debug_client(sd_event_source *s, int fd, uint32_t revents, void *userdata)
@@ -251,8 +277,8 @@ static int on_debug_client(sd_event_source *s, int fd, uint32_t revents, void *u
                 return 0;
         }
         *nl = 0;
-        debug_execute(c, c->buf);
-        debug_client_free(c);
+        if (!debug_execute(c, c->buf))
+                debug_client_free(c);
         return 0;
 }
 

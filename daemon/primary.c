@@ -44,6 +44,8 @@
 #include <openssl/evp.h>
 
 #include "crc32c.h"
+#include "image-take.h"
+#include "imagefile.h"
 #include "link.h"
 #include "log.h"
 #include "macros.h"
@@ -90,6 +92,8 @@ struct Primary {
         Dr__Repl__MemRegion **region_ptrs;
         uint64_t total_pages;
         bool fail_reported;
+        primary_image_done_t image_cb; /* loop only */
+        void *image_userdata;
 
         pthread_t thread;
         bool thread_started;
@@ -126,6 +130,18 @@ struct Primary {
         uint64_t checkpoint_req, checkpoint_done, checkpoint_epoch;
         bool freeze_req, frozen, thaw_req;
         uint64_t frozen_epoch;
+        /* Checkpoint images: one at a time. The loop sets image_req; the epoch
+         * thread pre-copies, takes the image at its next seal, and a writer
+         * thread writes it; the result goes back to the loop (image_ready). */
+        bool image_busy, image_req, image_ready;
+        char *image_dir, *image_parent; /* handed to the epoch thread */
+        char *image_req_dir;            /* kept for the result */
+        bool image_compress;
+        int image_result;
+        uint64_t image_epoch;
+        ImageWriteStats image_stats;
+        uint64_t image_pause_ns;
+        char image_err[256];
         char *hash_path;
         bool hash_req;
         int hash_result;
@@ -169,7 +185,43 @@ typedef struct Epoch {
         PageBatchStats pstats;
         uint64_t dirty_since_seal;
         uint64_t seals_handled_ckpt;
+        /* Checkpoint images. since_image: pages dirtied in the epochs sealed since
+         * the last image (or since attach); an incremental image stores those plus
+         * its own epoch's. The first image after attach must be full: pages written
+         * before tracking started are in no set. */
+        DirtySet since_image;
+        bool image_chain;             /* an image was written since attach */
+        uint8_t last_image_id[16];
+        ImageCapture *image_cap;      /* pre-copied, taken at the next seal */
+        char *image_dir, *image_parent;
+        bool image_compress;
+        /* The writer thread of the last image; joined before the next one and at exit. */
+        pthread_t image_thread;
+        bool image_thread_started;
+        _Atomic bool image_written;   /* the writer finished; the epoch thread collects it */
+        struct ImageJob *image_job;
 } Epoch;
+
+typedef struct ImageJob {
+        Epoch *e;
+        ImageCapture *cap;
+        DirtySet *covered; /* NULL: full image */
+        uint8_t *state;
+        size_t state_len;
+        char *dir, *parent;
+        bool compress, has_parent_id;
+        uint8_t parent_id[16];
+        uint64_t epoch, pause_ns;
+        int result;
+        ImageWriteStats stats;
+        char err[256];
+} ImageJob;
+
+static void image_job_free(ImageJob *j);
+DEFINE_TRIVIAL_CLEANUP_FUNC_VOID(ImageJob *, image_job_free);
+static void image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const uint8_t *state, size_t state_len,
+                            int copy_result);
+static int seal_request_possible_locked(Primary *p);
 
 /* ---- small helpers ---------------------------------------------------------------------- */
 
@@ -632,6 +684,7 @@ static int seal(Epoch *e, bool freeze)
          * is two, PAUSE+SAVE_STATE and RESET_RINGS+RESUME, instead of four. */
         bool state_in_pause = vmm_link_has_feature(e->vmm, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE);
         bool reset_in_resume = !freeze && tracker_resume_resets(&e->t);
+        int image_copy_r = 0;
         int64_t n;
         int r;
 
@@ -685,6 +738,11 @@ static int seal(Epoch *e, bool freeze)
                 }
                 (void) dirtyset_add_word(e->run, w, bits);
         }
+        if (e->image_cap) {
+                /* An image at this seal: the epoch's own pages, from paused RAM. */
+                int64_t k = image_capture_copy(e->image_cap, e->run->w);
+                image_copy_r = k < 0 ? (int) k : 0;
+        }
 
         r = state_in_pause ? 0 : vmm_link_save_state(e->vmm, &state, &state_len);
         if (r < 0) {
@@ -716,6 +774,7 @@ static int seal(Epoch *e, bool freeze)
         e->dirty_since_seal = 0;
         e->epoch_start_us = now_usec();
         e->last_sealed = sealed;
+        image_seal_done(e, sealed, pause_ns, state, state_len, image_copy_r);
         e->hist[e->n_hist++] = (History) { .epoch = sealed, .full = e->cur_full, .bits = e->run };
         e->run = pool_get(e);
         e->cur++;
@@ -772,6 +831,206 @@ fail_resume:
         return r < 0 ? r : -EIO;
 }
 
+/* ---- checkpoint images ---------------------------------------------------------------------- */
+
+static void image_job_free(ImageJob *j)
+{
+        if (!j)
+                return;
+        image_capture_free(j->cap);
+        dirtyset_free(j->covered);
+        free(j->state);
+        free(j->dir);
+        free(j->parent);
+        free(j);
+}
+
+/* Epoch thread: hands an image result to the loop (primary_checkpoint_image's callback). */
+static void image_post(Epoch *e, int r, uint64_t epoch, uint64_t pause_ns, const ImageWriteStats *st,
+                       const char *err)
+{
+        Primary *p = e->p;
+
+        pthread_mutex_lock(&p->mutex);
+        p->image_result = r;
+        p->image_epoch = epoch;
+        p->image_pause_ns = pause_ns;
+        p->image_stats = st ? *st : (ImageWriteStats) {};
+        snprintf(p->image_err, sizeof(p->image_err), "%s", r < 0 ? (err && *err ? err : strerror(-r)) : "");
+        p->image_ready = true;
+        pthread_mutex_unlock(&p->mutex);
+        wake(p->notify_fd);
+}
+
+/* The writer: fsyncs can take a while, so not on the epoch thread (harvesting goes on). */
+static void *image_writer(void *userdata)
+{
+        ImageJob *j = userdata;
+        ImageWriteOptions o = {
+                .vm_name = j->e->p->vm->name,
+                .vm_uuid = j->e->p->uuid,
+                .state = j->state,
+                .state_len = j->state_len,
+                .covered = j->parent ? j->covered->w : NULL,
+                .parent = j->parent,
+                .parent_id = j->has_parent_id ? j->parent_id : NULL,
+                .compress = j->compress,
+                .epoch = j->epoch,
+        };
+
+        j->result = image_capture_write(j->cap, j->dir, &o, &j->stats, j->err, sizeof(j->err));
+        atomic_store(&j->e->image_written, true);
+        wake(j->e->p->wake_fd);
+        return NULL;
+}
+
+/* Epoch thread: collects a finished writer (waits for it when `wait`). */
+static void image_collect(Epoch *e, bool wait)
+{
+        ImageJob *j;
+
+        if (!e->image_thread_started || (!wait && !atomic_load(&e->image_written)))
+                return;
+        pthread_join(e->image_thread, NULL);
+        e->image_thread_started = false;
+        atomic_store(&e->image_written, false);
+        j = TAKE_PTR(e->image_job);
+        if (j->result >= 0) {
+                memcpy(e->last_image_id, j->stats.image_id, sizeof(e->last_image_id));
+                e->image_chain = true;
+                log_info("VM %s: image %s written at epoch %" PRIu64 ": %" PRIu64 " pages stored, %" PRIu64
+                         " bytes, seal pause %.3f ms",
+                         e->p->vm->name, j->dir, j->epoch, j->stats.present_pages, j->stats.total_bytes,
+                         (double) j->pause_ns / 1e6);
+        } else {
+                /* Nothing is lost for the next image: its pages count from the last good one. */
+                (void) dirtyset_merge(&e->since_image, j->covered);
+                log_error_errno(j->result, "VM %s: writing image %s failed: %s", e->p->vm->name, j->dir, j->err);
+        }
+        image_post(e, j->result, j->epoch, j->pause_ns, &j->stats, j->err);
+        image_job_free(j);
+}
+
+/* Epoch thread: takes up a request: pre-copies now (VM running), the rest at the next seal. */
+static void image_start(Epoch *e)
+{
+        Primary *p = e->p;
+        _cleanup_free_ char *dir = NULL, *parent = NULL;
+        _cleanup_(image_capture_freep) ImageCapture *cap = NULL;
+        const uint8_t *ram[IMAGE_MAX_REGIONS];
+        ImageLayout il;
+        bool compress;
+        int64_t n;
+        int r;
+
+        if (e->image_cap || e->image_thread_started)
+                return;
+        pthread_mutex_lock(&p->mutex);
+        if (!p->image_req) {
+                pthread_mutex_unlock(&p->mutex);
+                return;
+        }
+        p->image_req = false;
+        dir = TAKE_PTR(p->image_dir);
+        parent = TAKE_PTR(p->image_parent);
+        compress = p->image_compress;
+        pthread_mutex_unlock(&p->mutex);
+
+        if (parent && !e->image_chain)
+                return image_post(e, -ESTALE, 0, 0, NULL,
+                                  "no image was taken since dirtyrepd attached to this VMM: take a full one first "
+                                  "(without a parent)");
+        r = image_layout_from_vmm(e->lay, &il, ram);
+        if (r >= 0)
+                r = image_capture_new(&il, ram, &cap);
+        if (r < 0)
+                return image_post(e, r, 0, 0, NULL, "cannot set up image staging for this VM's layout");
+        /* Pages of since_image were reset at their seals (collect -> reset -> copy); a
+         * full image copies all of RAM. Either way, a page written after its copy is
+         * logged in the running epoch and copied again at its seal, paused. */
+        n = image_capture_copy(cap, parent ? e->since_image.w : NULL);
+        if (n < 0)
+                return image_post(e, (int) n, 0, 0, NULL, "copying pages into image staging failed");
+        e->image_cap = TAKE_PTR(cap);
+        e->image_dir = TAKE_PTR(dir);
+        e->image_parent = TAKE_PTR(parent);
+        e->image_compress = compress;
+}
+
+/*
+ * At the seal, RESUME done: the epoch's pages are in the capture (copied in
+ * the pause); hand it to a writer thread. since_image restarts empty: the
+ * next image counts from this one. Otherwise the epoch's pages join it.
+ */
+static void image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const uint8_t *state, size_t state_len,
+                            int copy_result)
+{
+        _cleanup_(image_job_freep) ImageJob *j = NULL;
+        int r;
+
+        if (!e->image_cap) {
+                (void) dirtyset_merge(&e->since_image, e->run);
+                return;
+        }
+        j = calloc(1, sizeof(*j));
+        if (j)
+                j->covered = dirtyset_new(e->lay->total_pages);
+        if (j && j->covered && state_len > 0)
+                j->state = memdup(state, state_len);
+        if (!j || !j->covered || !j->state || copy_result < 0) {
+                r = copy_result < 0 ? copy_result : -ENOMEM;
+                (void) dirtyset_merge(&e->since_image, e->run);
+                e->image_cap = image_capture_free(e->image_cap);
+                e->image_dir = mfree(e->image_dir);
+                e->image_parent = mfree(e->image_parent);
+                return image_post(e, r, sealed, pause_ns, NULL, "taking the image at the seal failed");
+        }
+        (void) dirtyset_merge(j->covered, &e->since_image);
+        (void) dirtyset_merge(j->covered, e->run);
+        dirtyset_clear(&e->since_image);
+        j->e = e;
+        j->cap = TAKE_PTR(e->image_cap);
+        j->dir = TAKE_PTR(e->image_dir);
+        j->parent = TAKE_PTR(e->image_parent);
+        j->compress = e->image_compress;
+        j->state_len = state_len;
+        j->epoch = sealed;
+        j->pause_ns = pause_ns;
+        if (j->parent) {
+                j->has_parent_id = true;
+                memcpy(j->parent_id, e->last_image_id, sizeof(j->parent_id));
+        }
+        atomic_store(&e->image_written, false);
+        r = -pthread_create(&e->image_thread, NULL, image_writer, j);
+        if (r < 0) {
+                (void) dirtyset_merge(&e->since_image, j->covered);
+                return image_post(e, r, sealed, pause_ns, NULL, "cannot start the image writer thread");
+        }
+        e->image_thread_started = true;
+        e->image_job = TAKE_PTR(j);
+}
+
+/* Epoch thread exiting: finish or fail what is pending, so every request is answered. */
+static void image_shutdown(Epoch *e)
+{
+        Primary *p = e->p;
+        bool req;
+
+        image_collect(e, true);
+        if (e->image_cap) {
+                e->image_cap = image_capture_free(e->image_cap);
+                e->image_dir = mfree(e->image_dir);
+                e->image_parent = mfree(e->image_parent);
+                image_post(e, -ESTALE, 0, 0, NULL, "replication stopped before the image's epoch was sealed");
+        }
+        pthread_mutex_lock(&p->mutex);
+        req = p->image_req;
+        p->image_req = false;
+        pthread_mutex_unlock(&p->mutex);
+        if (req)
+                image_post(e, -ESTALE, 0, 0, NULL, "replication stopped before the image was taken");
+}
+
 /* ---- test hook: page hashes ------------------------------------------------------------- */
 
 static int hash_ram(Epoch *e, const char *path)
@@ -813,6 +1072,8 @@ static int hash_ram(Epoch *e, const char *path)
 
 static void epoch_free(Epoch *e)
 {
+        image_shutdown(e);
+        dirtyset_done(&e->since_image);
         dirtyset_done(&e->col);
         dirtyset_done(&e->fresh);
         dirtyset_free(e->run);
@@ -836,7 +1097,8 @@ static int epoch_init(Epoch *e)
         uint64_t stage;
 
         e->lay = vmm_link_layout(e->vmm);
-        if (tracker_dirtyset_init(e->lay, &e->col) < 0 || tracker_dirtyset_init(e->lay, &e->fresh) < 0)
+        if (tracker_dirtyset_init(e->lay, &e->col) < 0 || tracker_dirtyset_init(e->lay, &e->fresh) < 0 ||
+            tracker_dirtyset_init(e->lay, &e->since_image) < 0)
                 return -ENOMEM;
         e->run = dirtyset_new(e->lay->total_pages);
         /* History: up to the in-flight limit, plus one epoch sealed for a request. */
@@ -865,7 +1127,7 @@ static int epoch_init(Epoch *e)
 static bool should_seal(Epoch *e, bool *ret_freeze, bool *ret_ckpt)
 {
         Primary *p = e->p;
-        bool freeze, ckpt, due;
+        bool freeze, ckpt, due, image = e->image_cap != NULL;
 
         if (!e->session)
                 return false;
@@ -877,12 +1139,12 @@ static bool should_seal(Epoch *e, bool *ret_freeze, bool *ret_ckpt)
          * request may take one epoch more: its caller blocks the loop thread, which is
          * the one that would receive the ACKs that make room (requests are synchronous,
          * so there is never more than one such extra epoch). */
-        if (e->n_hist >= MAX(p->vm->max_inflight_epochs, 1u) + ((freeze || ckpt) ? 1u : 0u))
+        if (e->n_hist >= MAX(p->vm->max_inflight_epochs, 1u) + ((freeze || ckpt || image) ? 1u : 0u))
                 return false;
         due = now_usec() - e->epoch_start_us >= (uint64_t) p->vm->epoch_ms * USEC_PER_MSEC;
         *ret_freeze = freeze;
         *ret_ckpt = ckpt;
-        return freeze || ckpt || due;
+        return freeze || ckpt || image || due;
 }
 
 static int epoch_next_timeout_ms(Epoch *e)
@@ -948,6 +1210,9 @@ static int epoch_loop(Epoch *e)
                 r = handle_acks(e);
                 if (r < 0)
                         return r;
+                image_collect(e, false);
+                if (!frozen)
+                        image_start(e);
 
                 if (gen != e->gen) {
                         /* The link went down or came up: what was in flight on the old one is
@@ -1187,6 +1452,82 @@ static int schedule_reconnect(Primary *p)
 }
 
 /* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby. */
+/* Loop thread: runs a finished image's callback (or, when the Primary goes away, a cancelled one). */
+static void image_deliver(Primary *p, bool cancel)
+{
+        primary_image_done_t cb;
+        PrimaryImageResult res = {};
+        char err[sizeof(p->image_err)];
+        _cleanup_free_ char *dir = NULL;
+        void *userdata;
+
+        pthread_mutex_lock(&p->mutex);
+        if (!p->image_cb || (!p->image_ready && !cancel)) {
+                pthread_mutex_unlock(&p->mutex);
+                return;
+        }
+        if (p->image_ready) {
+                res.result = p->image_result;
+                res.epoch = p->image_epoch;
+                res.pause_ns = p->image_pause_ns;
+                res.present_pages = p->image_stats.present_pages;
+                res.stored_bytes = p->image_stats.stored_bytes;
+                res.total_bytes = p->image_stats.total_bytes;
+                res.write_ns = p->image_stats.write_ns;
+                snprintf(err, sizeof(err), "%s", p->image_err);
+        } else {
+                res.result = -ECANCELED;
+                snprintf(err, sizeof(err), "the VM's primary role was stopped");
+        }
+        res.error = err;
+        cb = p->image_cb;
+        userdata = p->image_userdata;
+        dir = TAKE_PTR(p->image_req_dir);
+        res.dir = dir;
+        p->image_cb = NULL;
+        p->image_ready = p->image_busy = false;
+        pthread_mutex_unlock(&p->mutex);
+        cb(p, &res, userdata);
+}
+
+int primary_checkpoint_image(Primary *p, const char *dir, const char *parent, bool compress,
+                             primary_image_done_t done, void *userdata)
+{
+        int r;
+
+        if (!dir || !*dir || !done)
+                return -EINVAL;
+        pthread_mutex_lock(&p->mutex);
+        if (p->image_busy)
+                r = -EBUSY;
+        else if (p->frozen)
+                r = -EBUSY;
+        else
+                r = seal_request_possible_locked(p);
+        if (r >= 0) {
+                p->image_dir = strdup(dir);
+                p->image_req_dir = strdup(dir);
+                p->image_parent = parent ? strdup(parent) : NULL;
+                if (!p->image_dir || !p->image_req_dir || (parent && !p->image_parent)) {
+                        p->image_dir = mfree(p->image_dir);
+                        p->image_req_dir = mfree(p->image_req_dir);
+                        p->image_parent = mfree(p->image_parent);
+                        r = -ENOMEM;
+                }
+        }
+        if (r >= 0) {
+                p->image_compress = compress;
+                p->image_busy = p->image_req = true;
+                p->image_ready = false;
+                p->image_cb = done;
+                p->image_userdata = userdata;
+        }
+        pthread_mutex_unlock(&p->mutex);
+        if (r >= 0)
+                wake(p->wake_fd);
+        return r;
+}
+
 static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         Primary *p = userdata;
@@ -1196,6 +1537,7 @@ static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdat
         Link *l;
 
         (void) eventfd_read(fd, &v);
+        image_deliver(p, false);
         pthread_mutex_lock(&p->mutex);
         failed = p->failed;
         l = p->link;
@@ -1453,6 +1795,11 @@ Primary *primary_free(Primary *p)
                 wake(p->wake_fd);
         if (p->thread_started)
                 pthread_join(p->thread, NULL);
+        /* Every image request is answered: with its result, or cancelled. */
+        image_deliver(p, true);
+        free(p->image_dir);
+        free(p->image_parent);
+        free(p->image_req_dir);
 
         p->attach_timer = sd_event_source_disable_unref(p->attach_timer);
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);

@@ -66,6 +66,31 @@ void primary_get_status(Primary *p, ReplStatus *ret);
 /* Seals an epoch now instead of at the next interval; returns its number once sealed. */
 int primary_checkpoint(Primary *p, uint64_t *ret_epoch);
 
+/*
+ * Checkpoint images (image/imagefile.h) of the running VM, taken at an epoch
+ * seal: the pages of the seal's pause are only the epoch's own (everything
+ * else is pre-copied while the VM runs), and the image directory is written
+ * by a thread of its own after RESUME. With parent == NULL a full image;
+ * otherwise an incremental one on `parent`, which must be the last image
+ * this primary took since attaching (-ESTALE otherwise). Returns 0 once
+ * queued (-EBUSY: one is being taken; -ENOTCONN: no standby, epochs are not
+ * sealing); `done` then runs on the loop thread exactly once, also on failure
+ * and when the Primary is freed first.
+ */
+typedef struct PrimaryImageResult {
+        int result;             /* 0 or -errno */
+        const char *error;      /* message when result < 0 */
+        const char *dir;
+        uint64_t epoch;         /* the seal the image reflects */
+        uint64_t pause_ns;      /* that seal's pause, image copy included */
+        uint64_t present_pages; /* pages stored in this image */
+        uint64_t stored_bytes, total_bytes;
+        uint64_t write_ns;
+} PrimaryImageResult;
+typedef void (*primary_image_done_t)(Primary *p, const PrimaryImageResult *res, void *userdata);
+int primary_checkpoint_image(Primary *p, const char *dir, const char *parent, bool compress,
+                             primary_image_done_t done, void *userdata);
+
 /* Test hooks. freeze: seal now and leave the VM paused after that seal
  * (epochs stop); thaw: resume. hash_ram: while frozen, write the page
  * hash file of guest RAM (= RAM at the frozen seal). */
