@@ -199,6 +199,32 @@ def progress_section(rep, repl, window):
                 measure="dirty pages/s the primary saw / 25000 requested", epoch_ms=20, tracking="ring")
 
 
+def images_section(rep, build):
+    ib = load("image_bench", os.path.join(BENCH, "image-bench.py"))
+    rows = []
+    for size in (["1G"] if rep.quick else ["1G", "4G"]):
+        r = quiet(ib.bench_size, build, ib.parse_size(size), "/var/tmp", 1000)
+        print("  run", json.dumps(r)[:600], flush=True)
+        for mode in ("raw", "lz4"):
+            m = r[mode]
+            rows.append({"guest_ram": r["guest_ram"], "mode": mode, "write_MBps_full": m["write_mbps_full"],
+                         "write_MBps_incr": med(m["write_mbps_incr"]), "pause_ms_full": m["pause_us_full"] / 1000,
+                         "pause_ms_incr": med(m["pause_us_incr"]) / 1000, "restore_ms_full": m["restore_ms_full"],
+                         "restore_ms_chain3": m["restore_ms_chain3"], "full_bytes": m["full_bytes"],
+                         "incr_bytes": med(m["incr_bytes"])})
+    rep.table("images", rows)
+    common = dict(guest="dirtier hotcold, hot set 64 MiB, working set half of RAM", tracking="ring",
+                  taker="dr-imager (pre-copy, then one pause)")
+    for r in rows:
+        if r["mode"] == "raw":
+            g = r["guest_ram"].lower()
+            rep.fig(f"image_restore_ms_{g}", r["restore_ms_full"], measure="dirtyrep-vmm --restore-image to "
+                    "--ready-fd (first guest instruction), full image, warm page cache", **common)
+            rep.fig(f"image_write_MBps_full_{g}", r["write_MBps_full"], measure="page data / write time incl. "
+                    "fsync", **common)
+            rep.fig(f"image_pause_ms_incr_{g}", r["pause_ms_incr"], **common)
+
+
 def plots(rep, out_dir):
     gp = shutil.which("gnuplot")
     if not gp:
@@ -333,7 +359,7 @@ def main():
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
     ap.add_argument("--out-dir", default=os.path.join(BENCH, "results"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", help="comma-separated sections: dirtyrep,sync,colo,progress,extra")
+    ap.add_argument("--only", help="comma-separated sections: dirtyrep,sync,colo,progress,images,failover,redis")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
     os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
@@ -361,6 +387,10 @@ def main():
     if want("progress"):
         print("== guest progress", flush=True)
         progress_section(rep, repl, window)
+
+    if want("images"):
+        print("== checkpoint images", flush=True)
+        images_section(rep, b)
 
     f = rep.figures
     rep.target("pause p99 at 25k pages/s, 20 ms epochs (ms)", f.get("pause_p99_ms"), "<=", 3.0, " ms",
