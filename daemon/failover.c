@@ -76,9 +76,10 @@ static void close_from(int from)
 /*
  * fork + exec. fds[i] (or -1) becomes fd 3 + i in the child; stdout and
  * stderr become out_fd when >= 0. The child gets an empty signal mask and
- * its own process group. Returns the pid, or a negative errno.
+ * (own_group) its own process group, so a timeout can kill its helpers too.
+ * Returns the pid, or a negative errno.
  */
-static pid_t spawn(char *const argv[], char *const envp[], const int *fds, size_t n_fds, int out_fd)
+static pid_t spawn(char *const argv[], char *const envp[], const int *fds, size_t n_fds, int out_fd, bool own_group)
 {
         sigset_t empty;
         pid_t pid;
@@ -91,7 +92,8 @@ static pid_t spawn(char *const argv[], char *const envp[], const int *fds, size_
                 return pid;
 
         /* Child: async-signal-safe calls only. */
-        (void) setpgid(0, 0);
+        if (own_group)
+                (void) setpgid(0, 0);
         (void) sigprocmask(SIG_SETMASK, &empty, NULL);
         if (out_fd >= 0) {
                 if (dup2(out_fd, STDOUT_FILENO) < 0 || dup2(out_fd, STDERR_FILENO) < 0)
@@ -300,7 +302,7 @@ int failover_fence(Failover *f)
         rd = p[0];
         wr = p[1];
         log_notice("VM %s: running fence command: %s", f->vm->name, f->vm->fence_command);
-        pid = spawn(argv, envp, NULL, 0, wr);
+        pid = spawn(argv, envp, NULL, 0, wr, true);
         if (pid < 0)
                 return log_error_errno(pid, "VM %s: cannot start the fence command: %m", f->vm->name);
         wr = safe_close(wr);
@@ -418,7 +420,7 @@ int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t s
         (void) unlink(f->vm->control_socket);
         log_notice("VM %s: starting %s on the replica of epoch %" PRIu64 " (%zu bytes of state)", f->vm->name,
                    f->vm->vmm, epoch, state_len);
-        pid = spawn(argv, environ, fds, 3, -1);
+        pid = spawn(argv, environ, fds, 3, -1, false);
         if (pid < 0)
                 return log_error_errno(pid, "VM %s: cannot start %s: %m", f->vm->name, f->vm->vmm);
         wr = safe_close(wr);
