@@ -413,6 +413,8 @@ int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t s
         argv[n++] = (char *) "3";
         argv[n++] = (char *) "--ready-fd";
         argv[n++] = (char *) "5";
+        if (f->vm->console_commit)
+                argv[n++] = (char *) "--console-commit";
         argv[n] = NULL;
 
         extern char **environ;

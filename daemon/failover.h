@@ -50,7 +50,7 @@ bool failover_fencing(Failover *f);
 
 /*
  * Starts Vmm= VmmArgs= --name NAME --control CONTROLSOCKET --restore STATE
- * --ram-fd N --ready-fd M: the replica memfd ram_fd (taken, also on error)
+ * --ram-fd N --ready-fd M (--console-commit with ConsoleCommit=yes): the replica memfd ram_fd (taken, also on error)
  * is the guest's RAM in place; state (copied) goes to a sealed memfd passed
  * as /proc/self/fd/K. ->vmm_ready() when the guest runs, ->vmm_exited() when
  * the VMM exits. -EBUSY when a VMM of ours is still running.

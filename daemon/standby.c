@@ -830,6 +830,9 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         }
         s->active = c;
         s->failed = false;
+        /* A primary is back: whatever a lost one left in the status is over. */
+        if (!s->note_state)
+                s->note[0] = 0;
         if (replica_usable(s, c))
                 snprintf(s->detail, sizeof(s->detail), "resyncing from epoch %" PRIu64, s->replica.epoch);
         else

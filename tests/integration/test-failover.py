@@ -32,6 +32,10 @@ command "powers off" the other host by shutting its switch ports.
       restarted standby resyncs (status "protected" again); then with
       SplitBrainPolicy=suspend the status says "suspended" and the guest
       answers nobody until the standby is back.
+  test-failover.py manual
+      FailoverPolicy=manual: the lost primary is only reported; the debug
+      socket's "promote t" fences and starts the VM, "demote t" stops it,
+      gives up the service address and listens as standby again.
   test-failover.py split-brain
       Only the replication network is cut, both hosts stay up, fencing
       "succeeds" without doing anything (/bin/true): the standby promotes,
@@ -354,6 +358,8 @@ def write_fence(tmp):
 def setup_pair(tmp, extra=None):
     """A: primary on a fresh kv VM; B: standby. Waits until protected."""
     A, B = Host("a"), Host("b")
+    ports("a", True)
+    ports("b", True)
     A.vmm = start_kv(tmp, "a")
     wait_file(os.path.join(tmp, "a", "console.log"), "kv: ready", A.vmm)
     B.daemon = Daemon(tmp, "b", "standby", extra)
@@ -379,8 +385,11 @@ def wait_file(path, text, proc, timeout=30):
     fail(f"timed out waiting for {text!r} in {path}")
 
 
-def kill_primary(P):
-    """SIGKILL the primary host's dirtyrepd and VMM at once."""
+def kill_primary(P, silent):
+    """SIGKILL the primary host's dirtyrepd and VMM at once. silent: its switch ports go
+    down first (power loss: no FIN or RST reaches anyone, only missed heartbeats tell)."""
+    if silent:
+        ports(P.name, False)
     pids = [P.daemon.pid] + P.daemon.vmm_pids() + ([P.vmm.pid] if P.vmm else [])
     for pid in pids:
         try:
@@ -404,7 +413,8 @@ def failover_trial(tmp, k, P, S, key, check=True):
     run_s = random.uniform(0.3, 1.5)
     time.sleep(run_s)
     t_kill = time.time()
-    kill_primary(P)
+    silent = random.random() < 0.5
+    kill_primary(P, silent)
     # The new primary runs the guest; the client keeps INCRing meanwhile (no answers).
     st = S.daemon.wait(lambda s: s["role"] == "primary" and s["state"] in ("unprotected", "connecting"),
                        "promotion", timeout=20)
@@ -423,8 +433,9 @@ def failover_trial(tmp, k, P, S, key, check=True):
         fail(f"trial {k}: GET {key} got no answer from the new primary within 15 s")
     got = int(got)
     lost = got < last
-    log(f"trial {k}: {len(acked)} INCRs acknowledged in {run_s:.2f} s, last {last}; killed; "
-        f"new primary {st['state']} after {t_up - t_kill:.2f} s (replica epoch {st['last_committed']}); "
+    log(f"trial {k}: {len(acked)} INCRs acknowledged in {run_s:.2f} s, last {last}; "
+        f"{'silently (ports down first)' if silent else 'SIGKILL'}; "
+        f"new primary {st['state']} after {t_up - t_kill:.2f} s; "
         f"GET -> {got}{'  LOST ACKNOWLEDGED WRITES' if lost else ''}")
     if check and lost:
         fail(f"trial {k}: GET {key} = {got} < {last}, the last acknowledged INCR: acknowledged writes lost")
@@ -504,9 +515,9 @@ def test_standby_loss(tmp, a):
         fail("INCR after the resync did not answer 3")
 
     # Policy suspend: the same loss suspends the VM; nothing answers until the standby is back.
-    for p in (A.daemon, B.daemon):
+    # The standby first: it would fail over (and fence A) when A's daemon died.
+    for p in (B.daemon, A.daemon, A.vmm):
         p.kill()
-    A.vmm.kill()
     A, B = setup_pair(tmp, {"SplitBrainPolicy": "suspend", "SplitBrainTimeoutMs": "500"})
     if redis(SVC_IP, "SET", "y", "1") != "OK":
         fail("SET y 1 failed while protected")
@@ -552,9 +563,47 @@ def test_split_brain(tmp, a):
         fail("the promoted standby never answered")
 
 
+def test_manual(tmp, a):
+    """FailoverPolicy=manual: a lost primary is only reported; `promote` fences and
+    activates; `demote` stops the VM again and listens as standby."""
+    extra = {"FailoverPolicy": "manual"}
+    A, B = setup_pair(tmp, extra)
+    if redis(SVC_IP, "SET", "m", "41") != "OK":
+        fail("SET m failed")
+    r = B.daemon.req("promote t")
+    if not r.startswith("error") or "connected" not in r:
+        fail(f"promote with the primary connected answered {r.strip()!r}, expected a refusal")
+    kill_primary(A, silent=False)
+    st = B.daemon.wait(lambda s: "waiting for promote" in s["detail"], "manual policy to wait")
+    time.sleep(0.5)
+    st = B.daemon.status()
+    if st["role"] != "standby":
+        fail(f"FailoverPolicy=manual promoted on its own: {st}")
+    log(f"primary killed, manual policy: standby {st['state']}: {st['detail']}")
+    e = B.daemon.ok("promote t")
+    st = B.daemon.wait(lambda s: s["role"] == "primary" and s["state"] == "unprotected", "promotion")
+    v = None
+    end = time.time() + 10
+    while v is None and time.time() < end:
+        v = redis(SVC_IP, "INCR", "m")
+    if v != "42":
+        fail(f"INCR m after the manual promotion answered {v!r}, expected 42")
+    log(f"promote t -> replica epoch {e}, {st['state']}: {st['detail']}; INCR m -> {v}")
+    if B.daemon.vmm_pids() == []:
+        fail("no VMM child after the promotion")
+    B.daemon.ok("demote t")
+    st = B.daemon.wait(lambda s: s["role"] == "standby" and s["state"] == "listening", "demotion")
+    if B.daemon.vmm_pids():
+        fail(f"the VMM still runs after demote: {B.daemon.vmm_pids()}")
+    r = run("ip", "-n", NS["b"], "-4", "addr", "show", "dev", "eth0").stdout
+    if SVC_IP in r:
+        fail("the service address is still on B after demote")
+    log(f"demote t -> standby {st['state']}; VMM stopped, service address removed")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["kill", "nocommit", "standby-loss", "split-brain"])
+    ap.add_argument("mode", choices=["kill", "nocommit", "standby-loss", "split-brain", "manual"])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     a = ap.parse_args()
@@ -575,7 +624,8 @@ def main():
         net_up()
         write_fence(tmp)
         {"kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
-         "standby-loss": test_standby_loss, "split-brain": test_split_brain}[a.mode](tmp, a)
+         "standby-loss": test_standby_loss, "split-brain": test_split_brain,
+         "manual": test_manual}[a.mode](tmp, a)
         log("PASS")
         rc = 0
     except Fail as e:
