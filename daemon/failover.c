@@ -79,7 +79,8 @@ static void close_from(int from)
  * (own_group) its own process group, so a timeout can kill its helpers too.
  * Returns the pid, or a negative errno.
  */
-static pid_t spawn(char *const argv[], char *const envp[], const int *fds, size_t n_fds, int out_fd, bool own_group)
+static pid_t spawn(char *const argv[], char *const envp[], const int *fds, size_t n_fds, int out_fd,
+                   bool own_group)
 {
         sigset_t empty;
         pid_t pid;
@@ -231,7 +232,8 @@ static int on_fence_exit(sd_event_source *s, int fd, uint32_t revents, void *use
         fence_log_output(f);
         if (f->fence_timed_out) {
                 result = -ETIMEDOUT;
-                snprintf(reason, sizeof(reason), "fence command timed out after %" PRIu64 " s and was killed",
+                snprintf(reason, sizeof(reason),
+                         "fence command timed out after %" PRIu64 " s and was killed",
                          (uint64_t) (FENCE_TIMEOUT_USEC / USEC_PER_SEC));
         } else if (si.si_code == CLD_EXITED && si.si_status == 0) {
                 result = 0;
@@ -239,8 +241,8 @@ static int on_fence_exit(sd_event_source *s, int fd, uint32_t revents, void *use
         } else {
                 result = -EPROTO;
                 if (si.si_code == CLD_EXITED)
-                        snprintf(reason, sizeof(reason), "fence command exited with status %d%s", si.si_status,
-                                 si.si_status == 127 ? " (could not be run)" : "");
+                        snprintf(reason, sizeof(reason), "fence command exited with status %d%s",
+                                 si.si_status, si.si_status == 127 ? " (could not be run)" : "");
                 else
                         snprintf(reason, sizeof(reason), "fence command killed by signal %d", si.si_status);
         }
@@ -294,9 +296,9 @@ int failover_fence(Failover *f)
 
         if (asprintf(&env_vm, "DIRTYREP_VM=%s", f->vm->name) < 0)
                 return -ENOMEM;
-        char *argv[] = { (char *) "/bin/sh", (char *) "-c", f->vm->fence_command, NULL };
-        char *envp[] = { (char *) "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", env_vm,
-                         NULL };
+        char *argv[] = {(char *) "/bin/sh", (char *) "-c", f->vm->fence_command, NULL};
+        char *envp[] = {(char *) "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", env_vm,
+                        NULL};
         if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
                 return -errno;
         rd = p[0];
@@ -314,8 +316,8 @@ int failover_fence(Failover *f)
         f->fence_out = TAKE_FD(rd);
         r = sd_event_add_io(f->event, &f->fence_out_source, f->fence_out, EPOLLIN, on_fence_output, f);
         if (r >= 0)
-                r = sd_event_add_time_relative(f->event, &f->fence_timer, CLOCK_MONOTONIC, FENCE_TIMEOUT_USEC,
-                                               0, on_fence_timeout, f);
+                r = sd_event_add_time_relative(f->event, &f->fence_timer, CLOCK_MONOTONIC,
+                                               FENCE_TIMEOUT_USEC, 0, on_fence_timeout, f);
         if (r < 0) {
                 (void) kill(-pid, SIGKILL);
                 child_stop(&f->fence, 0);
@@ -334,10 +336,12 @@ static int on_vmm_exit(sd_event_source *s, int fd, uint32_t revents, void *userd
         if (!child_reap(&f->vmm, &si))
                 return 0;
         if (si.si_code == CLD_EXITED)
-                log_full_errno(si.si_status == 0 ? LOG_NOTICE : LOG_ERR, 0, "VM %s: VMM (pid %d) exited with status %d",
-                               f->vm->name, (int) f->vmm.pid, si.si_status);
+                log_full_errno(si.si_status == 0 ? LOG_NOTICE : LOG_ERR, 0,
+                               "VM %s: VMM (pid %d) exited with status %d", f->vm->name, (int) f->vmm.pid,
+                               si.si_status);
         else
-                log_error("VM %s: VMM (pid %d) killed by signal %d", f->vm->name, (int) f->vmm.pid, si.si_status);
+                log_error("VM %s: VMM (pid %d) killed by signal %d", f->vm->name, (int) f->vmm.pid,
+                          si.si_status);
         child_release(&f->vmm);
         f->ready_source = sd_event_source_disable_unref(f->ready_source);
         f->ready_fd = safe_close(f->ready_fd);
@@ -380,7 +384,7 @@ int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t s
         if (ram_fd < 0 || !state || state_len == 0)
                 return -EINVAL;
 
-        /* The state as a sealed memfd: nobody can change it under the VMM. */
+        /* The state as a memfd of its own: only the VMM reads it, through /proc/self/fd/4. */
         state_fd = memfd_new_sized("dirtyrep-vmstate", 0);
         if (state_fd < 0)
                 return state_fd;
@@ -420,8 +424,8 @@ int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t s
         extern char **environ;
         /* A stale socket of a VMM that died would make the new one fail to bind. */
         (void) unlink(f->vm->control_socket);
-        log_notice("VM %s: starting %s on the replica of epoch %" PRIu64 " (%zu bytes of state)", f->vm->name,
-                   f->vm->vmm, epoch, state_len);
+        log_notice("VM %s: starting %s on the replica of epoch %" PRIu64 " (%zu bytes of state)",
+                   f->vm->name, f->vm->vmm, epoch, state_len);
         pid = spawn(argv, environ, fds, 3, -1, false);
         if (pid < 0)
                 return log_error_errno(pid, "VM %s: cannot start %s: %m", f->vm->name, f->vm->vmm);

@@ -50,10 +50,11 @@ bool failover_fencing(Failover *f);
 
 /*
  * Starts Vmm= VmmArgs= --name NAME --control CONTROLSOCKET --restore STATE
- * --ram-fd N --ready-fd M (--console-commit with ConsoleCommit=yes): the replica memfd ram_fd (taken, also on error)
- * is the guest's RAM in place; state (copied) goes to a sealed memfd passed
- * as /proc/self/fd/K. ->vmm_ready() when the guest runs, ->vmm_exited() when
- * the VMM exits. -EBUSY when a VMM of ours is still running.
+ * --ram-fd N --ready-fd M (plus --console-commit with ConsoleCommit=yes):
+ * the replica memfd ram_fd (taken, also on error) is the guest's RAM in
+ * place; state (copied) goes to a memfd passed as /proc/self/fd/4.
+ * ->vmm_ready() when the guest runs, ->vmm_exited() when the VMM exits.
+ * -EBUSY when a VMM of ours is still running.
  */
 int failover_activate(Failover *f, int ram_fd, const uint8_t *state, size_t state_len, uint64_t epoch);
 /* The PID of the VMM we started, or 0. */
