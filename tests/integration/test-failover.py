@@ -34,7 +34,8 @@ command "powers off" the other host by shutting its switch ports.
       answers nobody until the standby is back.
   test-failover.py manual
       FailoverPolicy=manual: the lost primary is only reported; the debug
-      socket's "promote t" fences and starts the VM, "demote t" stops it,
+      socket's "promote t" runs the fence command, which fails here, so the
+      standby stays one; "promote t force" starts the VM; "demote t" stops it,
       gives up the service address and listens as standby again.
   test-failover.py split-brain
       Only the replication network is cut, both hosts stay up, fencing
@@ -353,6 +354,10 @@ def write_fence(tmp):
         f.write("#!/bin/sh\nset -e\nns=$1; shift\nfor p in \"$@\"; do ip -n \"$ns\" link set \"$p\" down; done\n"
                 "echo \"fenced $DIRTYREP_VM: ports $* down\"\n")
     os.chmod(p, 0o755)
+    p = os.path.join(tmp, "fence-fails")
+    with open(p, "w") as f:
+        f.write("#!/bin/sh\necho 'cannot reach the power switch' >&2\nexit 3\n")
+    os.chmod(p, 0o755)
 
 
 def setup_pair(tmp, extra=None):
@@ -566,8 +571,12 @@ def test_split_brain(tmp, a):
 def test_manual(tmp, a):
     """FailoverPolicy=manual: a lost primary is only reported; `promote` fences and
     activates; `demote` stops the VM again and listens as standby."""
+    # B's fence command fails: a plain promote is refused, a forced one goes ahead.
     extra = {"FailoverPolicy": "manual"}
     A, B = setup_pair(tmp, extra)
+    B.daemon.kill()
+    B.daemon = Daemon(tmp, "b", "standby", {"FailoverPolicy": "manual", "FenceCommand": f"{tmp}/fence-fails"})
+    A.daemon.wait(lambda s: s["state"] == "protected", "protected by the restarted standby")
     if redis(SVC_IP, "SET", "m", "41") != "OK":
         fail("SET m failed")
     r = B.daemon.req("promote t")
@@ -580,15 +589,22 @@ def test_manual(tmp, a):
     if st["role"] != "standby":
         fail(f"FailoverPolicy=manual promoted on its own: {st}")
     log(f"primary killed, manual policy: standby {st['state']}: {st['detail']}")
-    e = B.daemon.ok("promote t")
-    st = B.daemon.wait(lambda s: s["role"] == "primary" and s["state"] == "unprotected", "promotion")
+    B.daemon.ok("promote t")
+    st = B.daemon.wait(lambda s: "promotion refused" in s["detail"], "the failing fence to refuse the promotion")
+    if st["role"] != "standby" or B.daemon.vmm_pids():
+        fail(f"promoted although the fence command failed: {st}")
+    if "fence: cannot reach the power switch" not in B.daemon.text():
+        fail("the fence command's output was not logged")
+    log(f"fence command fails: standby {st['state']}: {st['detail']}")
+    e = B.daemon.ok("promote t force")
+    st = B.daemon.wait(lambda s: s["role"] == "primary" and s["state"] == "unprotected", "forced promotion")
     v = None
     end = time.time() + 10
     while v is None and time.time() < end:
         v = redis(SVC_IP, "INCR", "m")
     if v != "42":
         fail(f"INCR m after the manual promotion answered {v!r}, expected 42")
-    log(f"promote t -> replica epoch {e}, {st['state']}: {st['detail']}; INCR m -> {v}")
+    log(f"promote t force -> replica epoch {e}, {st['state']}: {st['detail']}; INCR m -> {v}")
     if B.daemon.vmm_pids() == []:
         fail("no VMM child after the promotion")
     B.daemon.ok("demote t")
