@@ -71,6 +71,7 @@ def main():
     os.environ.setdefault("DR_VMM", os.path.join(a.build, "vmm/ref/dirtyrep-vmm"))
     os.environ.setdefault("DR_DIRTYREPD", os.path.join(a.build, "daemon/dirtyrepd"))
     os.environ.setdefault("DR_GUEST_KV", os.path.join(a.build, "vmm/guests/kv.elf"))
+    fo.install_sigterm()
     tmp = tempfile.mkdtemp(prefix="dr-failover-bench-")
     res = {"silent": {"exec": [], "service": []}, "kill": {"exec": [], "service": []}}
     pinger = None

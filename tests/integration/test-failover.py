@@ -67,6 +67,7 @@ REPL_PORT = 7000
 KV_PORT = 6379
 SECRET = b"failover-test-secret-0123456789\n"
 LIVE = []
+GROUPS = []  # process groups of helpers (client loops) to kill at the end
 T0 = time.time()
 
 
@@ -91,6 +92,15 @@ def run(*cmd, check=True, timeout=30):
 
 def ns_exec(host, *cmd):
     return ["ip", "netns", "exec", NS[host], *cmd]
+
+
+def install_sigterm():
+    """meson's timeout (or anyone) sends SIGTERM: turn it into a failure, so the
+    namespaces and processes are still cleaned up."""
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Fail("terminated by SIGTERM")
+    signal.signal(signal.SIGTERM, on_term)
 
 
 # ---- network ------------------------------------------------------------------------------
@@ -330,9 +340,11 @@ class IncrLoop:
         self.f = open(self.out, "w")
         self.proc = subprocess.Popen(ns_exec("c", "sh", "-c", script), stdout=self.f, stderr=subprocess.DEVNULL,
                                      process_group=0)
+        GROUPS.append(self.proc.pid)
 
     def stop(self):
         os.killpg(self.proc.pid, signal.SIGKILL)
+        GROUPS.remove(self.proc.pid)
         self.proc.wait()
         self.f.close()
         vals = []
@@ -615,6 +627,16 @@ def test_manual(tmp, a):
     if SVC_IP in r:
         fail("the service address is still on B after demote")
     log(f"demote t -> standby {st['state']}; VMM stopped, service address removed")
+    # A clean stop after all that (under sanitizers: no leak, no error).
+    B.daemon.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = B.daemon.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        fail("dirtyrepd-b did not stop on SIGTERM within 15 s")
+    if rc != 0:
+        B.daemon.dump()
+        fail(f"dirtyrepd-b exited with {rc} on SIGTERM")
+    B.daemon.reap()
 
 
 def main():
@@ -633,7 +655,10 @@ def main():
         if k not in ENV:
             print(f"SKIP: {k} not set")
             return 77
-    random.seed(int(ENV.get("DR_SEED", str(int(time.time())))))
+    seed = int(ENV.get("DR_SEED", str(int(time.time()))))
+    random.seed(seed)
+    log(f"seed {seed} (DR_SEED= repeats a run)")
+    install_sigterm()
     tmp = tempfile.mkdtemp(prefix="dr-failover-")
     rc = 1
     try:
@@ -649,6 +674,11 @@ def main():
         for p in LIVE:
             p.dump()
     finally:
+        for pg in GROUPS:
+            try:
+                os.killpg(pg, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for p in list(LIVE):
             try:
                 # A daemon's process group holds the VMM it started, too.
