@@ -16,6 +16,10 @@
  *   dump VM RAMPATH STATEPATH  standby: committed replica RAM and VmState
  *   image VM DIR [PARENT]      primary: checkpoint image at the next seal (LZ4), answered once
  *                              written: "ok EPOCH pages=N bytes=N pause_ns=N"
+ *   promote VM [force]         standby: fence, then start the VM on the replica
+ *                              (force: even with the primary connected or the fence failing)
+ *   demote VM                  primary: stop the VMM dirtyrepd started, give up the
+ *                              service address, become a standby again
  * Answers "ok ..." or "error MESSAGE". One request per connection.
  */
 #include <errno.h>
@@ -30,27 +34,40 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 #include <unistd.h>
 
 #include "config.h"
 #include "dirtyrep-build.h"
+#include "failover.h"
 #include "log.h"
 #include "macros.h"
 #include "role.h"
+#include "util.h"
 
 #define DEBUG_LINE_MAX 4096
 #define DEBUG_CLIENTS_MAX 16
 
+typedef struct Manager Manager;
+
 typedef struct Vm {
+        Manager *m;
         const VmConfig *cfg;
         Primary *primary;
         Standby *standby;
         char error[256]; /* set when setting the VM up failed */
+        /* Role switching (failover.h): fence, activation, service address. */
+        Failover *failover;
+        sd_event_source *promote_defer; /* a promotion asked for from inside a callback */
+        bool promote_force;
+        bool promoting;        /* fence or activation running */
+        uint64_t promote_epoch; /* the replica's epoch being activated */
+        uint64_t promote_start_usec;
 } Vm;
 
-typedef struct Manager {
+struct Manager {
         sd_event *event;
         Config *config;
         Vm *vms;
@@ -58,7 +75,7 @@ typedef struct Manager {
         int debug_fd;
         sd_event_source *debug_source;
         unsigned debug_clients;
-} Manager;
+};
 
 typedef struct DebugClient {
         Manager *m;
@@ -88,7 +105,13 @@ static void vm_status(Vm *vm, ReplStatus *st)
                 primary_get_status(vm->primary, st);
         else if (vm->standby)
                 standby_get_status(vm->standby, st);
-        else {
+        else if (vm->promoting) {
+                st->role = "primary";
+                st->state = "activating";
+                snprintf(st->detail, sizeof(st->detail), "starting the VMM on the replica of epoch %" PRIu64,
+                         vm->promote_epoch);
+                st->last_committed = vm->promote_epoch;
+        } else {
                 st->role = vm_role_to_string(vm->cfg->role);
                 st->state = "failed";
                 snprintf(st->detail, sizeof(st->detail), "%s", vm->error);
@@ -137,6 +160,250 @@ static int vm_status_json(Vm *vm, char *out, size_t size)
                         st.pause_ns_max, st.pages_last_epoch, st.dirty_pages_per_s, st.bytes_sent,
                         st.bytes_received, st.inflight, st.compression_ratio, st.staging_bytes, st.ram_bytes,
                         st.last_sync_usec, st.last_sync_full ? "true" : "false");
+}
+
+/* ---- role switching -------------------------------------------------------------------- */
+
+static int vm_load_secret(Vm *vm, uint8_t **ret, size_t *ret_len)
+{
+        _cleanup_free_ char *err = NULL;
+        int r;
+
+        r = config_load_secret(vm->cfg->secret_file, ret, ret_len, &err);
+        if (r < 0)
+                log_error("VM %s: %s", vm->cfg->name, err ? err : strerror(-r));
+        return r;
+}
+
+static void on_standby_lost(Standby *s, int error, const char *reason, void *userdata);
+
+/* Starts listening as a standby (the VM's setup, or a demotion). */
+static int vm_become_standby(Vm *vm)
+{
+        uint8_t *secret = NULL;
+        size_t secret_len = 0;
+        int r;
+
+        r = vm_load_secret(vm, &secret, &secret_len);
+        if (r < 0)
+                return r;
+        r = standby_new(vm->m->event, vm->m->config->daemon, vm->cfg, secret, secret_len, &vm->standby);
+        config_secret_free(secret, secret_len);
+        if (r < 0)
+                return r;
+        standby_set_lost_callback(vm->standby, on_standby_lost, vm);
+        r = standby_start(vm->standby);
+        if (r < 0)
+                vm->standby = standby_free(vm->standby);
+        return r;
+}
+
+static int on_promote_defer(sd_event_source *src, void *userdata);
+
+/*
+ * The public entry to promotion (debug socket now, D-Bus Failover later):
+ * checks, then runs the fence command (unless force) and activation
+ * asynchronously; the status says how far it got. why gets a reason on error.
+ */
+static int vm_promote(Vm *vm, bool force, char *why, size_t why_size)
+{
+        uint64_t epoch = 0;
+        int r;
+
+        if (!vm->standby) {
+                snprintf(why, why_size, "VM %s is not a standby here", vm->cfg->name);
+                return -EINVAL;
+        }
+        if (vm->promoting || vm->promote_defer) {
+                snprintf(why, why_size, "a promotion of VM %s is already running", vm->cfg->name);
+                return -EBUSY;
+        }
+        if (!standby_replica_epoch(vm->standby, &epoch)) {
+                snprintf(why, why_size, "VM %s has no committed replica to start from", vm->cfg->name);
+                return -ENODATA;
+        }
+        if (vm->cfg->peer.len == 0) {
+                snprintf(why, why_size, "VM %s has no Peer= for the standby it would need as primary",
+                         vm->cfg->name);
+                return -EDESTADDRREQ;
+        }
+        if (!force && standby_primary_connected(vm->standby)) {
+                snprintf(why, why_size, "the primary of VM %s is connected (use force to promote anyway)",
+                         vm->cfg->name);
+                return -EBUSY;
+        }
+        /* Deferred: a promotion may free the Standby, and this may run inside its callback. */
+        r = sd_event_add_defer(vm->m->event, &vm->promote_defer, on_promote_defer, vm);
+        if (r < 0) {
+                snprintf(why, why_size, "%s", strerror(-r));
+                return r;
+        }
+        vm->promote_force = force;
+        vm->promote_epoch = epoch;
+        vm->promote_start_usec = now_usec();
+        log_notice("VM %s: promoting to primary from the replica of epoch %" PRIu64 "%s", vm->cfg->name, epoch,
+                   force ? " (forced)" : "");
+        return 0;
+}
+
+static void on_standby_lost(Standby *s, int error, const char *reason, void *userdata)
+{
+        Vm *vm = userdata;
+        char why[256];
+        int r;
+
+        if (vm->cfg->failover_policy != FAILOVER_POLICY_AUTO) {
+                log_warning("VM %s: primary lost; FailoverPolicy=manual: waiting for an explicit promote",
+                            vm->cfg->name);
+                standby_set_note(s, NULL, "primary lost; FailoverPolicy=manual: waiting for promote");
+                return;
+        }
+        r = vm_promote(vm, false, why, sizeof(why));
+        if (r < 0)
+                log_error("VM %s: primary lost, but cannot fail over: %s", vm->cfg->name, why);
+}
+
+static int on_promote_defer(sd_event_source *src, void *userdata)
+{
+        Vm *vm = userdata;
+        int r;
+
+        vm->promote_defer = sd_event_source_disable_unref(vm->promote_defer);
+        if (!vm->standby)
+                return 0;
+        vm->promoting = true;
+        if (vm->promote_force) {
+                log_warning("VM %s: forced promotion: the fence command is not run", vm->cfg->name);
+                standby_set_note(vm->standby, "promoting", "forced promotion");
+                r = failover_fence(vm->failover); /* with force, its result is only logged */
+        } else {
+                standby_set_note(vm->standby, "fencing", "running the fence command");
+                r = failover_fence(vm->failover);
+        }
+        if (r < 0) {
+                vm->promoting = false;
+                log_error_errno(r, "VM %s: cannot run the fence command, not promoting: %m", vm->cfg->name);
+                standby_set_note(vm->standby, NULL, "promotion failed: cannot run the fence command");
+        }
+        return 0;
+}
+
+static void on_fenced(Failover *f, int result, const char *reason, void *userdata)
+{
+        Vm *vm = userdata;
+        _cleanup_free_ uint8_t *state = NULL;
+        size_t state_len = 0;
+        uint64_t epoch = 0;
+        int fd = -EBADF, r;
+
+        if (!vm->standby) {
+                vm->promoting = false;
+                return;
+        }
+        if (result < 0 && !vm->promote_force) {
+                char note[256];
+                vm->promoting = false;
+                snprintf(note, sizeof(note), "promotion refused: %s", reason);
+                standby_set_note(vm->standby, NULL, note);
+                return;
+        }
+        r = standby_take_replica(vm->standby, &fd, &state, &state_len, &epoch);
+        if (r < 0) {
+                vm->promoting = false;
+                standby_set_note(vm->standby, NULL, "promotion failed: no replica");
+                return;
+        }
+        vm->standby = standby_free(vm->standby);
+        vm->promote_epoch = epoch;
+        /* The address first: the VMM's service port may bind to it. */
+        (void) failover_service_address(vm->failover, true);
+        r = failover_activate(vm->failover, fd, state, state_len, epoch);
+        if (r < 0) {
+                vm->promoting = false;
+                snprintf(vm->error, sizeof(vm->error), "activation failed: cannot start the VMM: %s",
+                         strerror(-r));
+                log_error("VM %s: %s", vm->cfg->name, vm->error);
+        }
+}
+
+static void on_vmm_ready(Failover *f, void *userdata)
+{
+        Vm *vm = userdata;
+        uint8_t *secret = NULL;
+        size_t secret_len = 0;
+        int r;
+
+        vm->promoting = false;
+        log_notice("VM %s: guest running on this host %.1f ms after the promotion began", vm->cfg->name,
+                   (double) (now_usec() - vm->promote_start_usec) / 1000.0);
+        r = vm_load_secret(vm, &secret, &secret_len);
+        if (r >= 0) {
+                r = primary_new(vm->m->event, vm->m->config->daemon, vm->cfg, secret, secret_len, &vm->primary);
+                config_secret_free(secret, secret_len);
+        }
+        if (r >= 0) {
+                primary_set_promoted(vm->primary, vm->promote_epoch);
+                r = primary_start(vm->primary);
+        }
+        if (r < 0) {
+                vm->primary = primary_free(vm->primary);
+                snprintf(vm->error, sizeof(vm->error), "promoted, but the primary role failed: %s", strerror(-r));
+                log_error("VM %s: %s", vm->cfg->name, vm->error);
+                return;
+        }
+        log_notice("VM %s: now primary on this host", vm->cfg->name);
+}
+
+static void on_vmm_exited(Failover *f, int code, int status, void *userdata)
+{
+        Vm *vm = userdata;
+
+        if (vm->promoting) {
+                vm->promoting = false;
+                snprintf(vm->error, sizeof(vm->error), "activation failed: the VMM exited (%s %d)",
+                         code == CLD_EXITED ? "status" : "signal", status);
+                log_error("VM %s: %s", vm->cfg->name, vm->error);
+        }
+        /* A primary attached to it sees its control socket close and reports that. */
+}
+
+static const FailoverCallbacks failover_callbacks = {
+        .fenced = on_fenced,
+        .vmm_ready = on_vmm_ready,
+        .vmm_exited = on_vmm_exited,
+};
+
+/* Primary -> standby: stop the VMM we started (never one we did not start:
+ * detaching from a running VM would leave it running unprotected), drop the
+ * service address, listen for the new primary. */
+static int vm_demote(Vm *vm, char *why, size_t why_size)
+{
+        ReplStatus st;
+        int r;
+
+        if (!vm->primary) {
+                snprintf(why, why_size, "VM %s is not a primary here", vm->cfg->name);
+                return -EINVAL;
+        }
+        primary_get_status(vm->primary, &st);
+        if (failover_vmm_pid(vm->failover) == 0 && !streq(st.state, "attaching") && !streq(st.state, "failed")) {
+                snprintf(why, why_size,
+                         "VM %s runs in a VMM dirtyrepd did not start; stop that VMM first, then demote",
+                         vm->cfg->name);
+                return -EBUSY;
+        }
+        log_notice("VM %s: demoting to standby", vm->cfg->name);
+        failover_stop_vmm(vm->failover);
+        vm->primary = primary_free(vm->primary);
+        (void) failover_service_address(vm->failover, false);
+        vm->error[0] = 0;
+        r = vm_become_standby(vm);
+        if (r < 0) {
+                snprintf(why, why_size, "cannot start the standby role: %s", strerror(-r));
+                snprintf(vm->error, sizeof(vm->error), "demoted, but %s", why);
+                return r;
+        }
+        return 0;
 }
 
 static DebugClient *debug_client_free(DebugClient *c)
@@ -241,7 +508,22 @@ static bool debug_execute(DebugClient *c, char *line)
                 r = standby_hash_replica(vm->standby, w[2], &epoch);
         else if (streq(w[0], "dump") && n == 4 && vm->standby)
                 r = standby_dump_replica(vm->standby, w[2], w[3], &epoch);
-        else {
+        else if (streq(w[0], "promote") && (n == 2 || (n == 3 && streq(w[2], "force")))) {
+                char why[256] = "";
+                r = vm_promote(vm, n == 3, why, sizeof(why));
+                if (r < 0) {
+                        debug_reply(c, "error promote: %s\n", why[0] ? why : strerror(-r));
+                        return false;
+                }
+                (void) standby_replica_epoch(vm->standby, &epoch);
+        } else if (streq(w[0], "demote") && n == 2) {
+                char why[256] = "";
+                r = vm_demote(vm, why, sizeof(why));
+                if (r < 0) {
+                        debug_reply(c, "error demote: %s\n", why[0] ? why : strerror(-r));
+                        return false;
+                }
+        } else {
                 debug_reply(c, "error '%s' with %zu argument(s) is not a request for %s VM '%s'\n", w[0], n - 1,
                             vm->primary ? "primary" : vm->standby ? "standby" : "failed", vm->cfg->name);
                 return false;
@@ -345,6 +627,13 @@ static void vm_setup(Manager *m, Vm *vm)
         size_t secret_len = 0;
         int r;
 
+        vm->m = m;
+        r = failover_new(m->event, m->config->daemon, cfg, &failover_callbacks, vm, &vm->failover);
+        if (r < 0) {
+                snprintf(vm->error, sizeof(vm->error), "%s", strerror(-r));
+                log_error("VM %s: %s", cfg->name, vm->error);
+                return;
+        }
         r = config_load_secret(cfg->secret_file, &secret, &secret_len, &err);
         if (r < 0) {
                 snprintf(vm->error, sizeof(vm->error), "%s", err ? err : strerror(-r));
@@ -353,14 +642,17 @@ static void vm_setup(Manager *m, Vm *vm)
         }
         if (cfg->role == VM_ROLE_PRIMARY) {
                 r = primary_new(m->event, m->config->daemon, cfg, secret, secret_len, &vm->primary);
+                config_secret_free(secret, secret_len);
                 if (r >= 0)
                         r = primary_start(vm->primary);
-        } else {
-                r = standby_new(m->event, m->config->daemon, cfg, secret, secret_len, &vm->standby);
                 if (r >= 0)
-                        r = standby_start(vm->standby);
+                        (void) failover_service_address(vm->failover, true);
+        } else {
+                /* A standby never holds the service address (left over from a crash as primary). */
+                config_secret_free(secret, secret_len);
+                (void) failover_service_address(vm->failover, false);
+                r = vm_become_standby(vm);
         }
-        config_secret_free(secret, secret_len);
         if (r < 0) {
                 snprintf(vm->error, sizeof(vm->error), "setting up the %s role failed: %s",
                          vm_role_to_string(cfg->role), strerror(-r));
@@ -375,8 +667,14 @@ static void vm_setup(Manager *m, Vm *vm)
 static void manager_free(Manager *m)
 {
         for (size_t i = 0; i < m->n_vms; i++) {
-                primary_free(m->vms[i].primary);
-                standby_free(m->vms[i].standby);
+                Vm *vm = &m->vms[i];
+                sd_event_source_disable_unref(vm->promote_defer);
+                if (vm->primary && vm->failover)
+                        (void) failover_service_address(vm->failover, false);
+                primary_free(vm->primary);
+                standby_free(vm->standby);
+                /* Stops a VMM started by a promotion: its VM lives as long as this daemon. */
+                failover_free(vm->failover);
         }
         free(m->vms);
         sd_event_source_disable_unref(m->debug_source);

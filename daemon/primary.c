@@ -67,6 +67,22 @@
 #define PRECOPY_BATCHES       4u     /* per harvest tick, so seals and requests are not starved */
 #define REQUEST_TIMEOUT_USEC  (30 * USEC_PER_SEC)
 
+/*
+ * Split-brain guard (output side). Once a standby has committed an epoch of
+ * this primary, losing it means the standby may promote itself: from then on
+ * no output is released (nothing is acked) until SplitBrainTimeoutMs= has
+ * passed; then SplitBrainPolicy= decides: continue unprotected (held output
+ * goes out, and new output at once) or suspend the VM. A standby that
+ * connects again ends either (the resync is protected again: output waits
+ * for its ACK).
+ */
+typedef enum Guard {
+        GUARD_NONE,        /* output follows ACKs */
+        GUARD_HOLDING,     /* standby lost: output held, timer running */
+        GUARD_UNPROTECTED, /* output released at once (policy continue, or promoted) */
+        GUARD_SUSPENDED,   /* VM paused (policy suspend) */
+} Guard;
+
 typedef struct History {
         uint64_t epoch;
         bool full;      /* a full epoch: the standby's content before it is unknown */
@@ -84,7 +100,7 @@ struct Primary {
         char host[64];
 
         /* Loop thread only. */
-        sd_event_source *attach_timer, *reconnect_timer, *notify_source;
+        sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer;
         unsigned backoff_ms;
         bool started;
         Dr__Repl__Hello hello;
@@ -142,6 +158,11 @@ struct Primary {
         ImageWriteStats image_stats;
         uint64_t image_pause_ns;
         char image_err[256];
+        Guard guard;
+        bool suspended;   /* the epoch thread paused the VM for GUARD_SUSPENDED */
+        bool had_standby; /* a standby committed an epoch of this primary */
+        bool promoted;
+        uint64_t promoted_from;
         char *hash_path;
         bool hash_req;
         int hash_result;
@@ -200,6 +221,7 @@ typedef struct Epoch {
         bool image_thread_started;
         _Atomic bool image_written;   /* the writer finished; the epoch thread collects it */
         struct ImageJob *image_job;
+        bool suspended; /* paused by the split-brain guard */
 } Epoch;
 
 typedef struct ImageJob {
@@ -1152,11 +1174,66 @@ static int epoch_next_timeout_ms(Epoch *e)
         uint64_t now = now_usec(), next = e->epoch_start_us + (uint64_t) e->p->vm->epoch_ms * USEC_PER_MSEC;
         uint64_t ms = next > now ? DIV_ROUND_UP(next - now, 1000u) : 0;
 
-        if (e->t.ops == &tracker_ring_ops || (e->p->vm->pre_copy && e->fresh.n > 0))
+        if (e->t.ops == &tracker_ring_ops || (e->p->vm->pre_copy && e->fresh.n > 0) || !e->p->vm->output_commit ||
+            e->p->guard == GUARD_UNPROTECTED) /* racy read: only a timeout */
                 ms = MIN(ms, 1u);
         else
                 ms = MIN(ms, MAX(e->p->vm->epoch_ms / 4, 1u));
         return (int) MAX(ms, 1u);
+}
+
+/*
+ * The split-brain guard and OutputCommit=no, on the epoch thread (it owns
+ * the VmmLink). Unprotected: release everything held, every pass of the
+ * loop (at most a millisecond apart, see epoch_next_timeout_ms()), so
+ * output is not delayed by more than that. Suspended: the VM stays paused
+ * until the guard lifts; *frozen makes the loop skip seals meanwhile.
+ */
+static int guard_apply(Epoch *e, bool *frozen)
+{
+        Primary *p = e->p;
+        Guard g;
+        int r;
+
+        pthread_mutex_lock(&p->mutex);
+        g = p->guard;
+        pthread_mutex_unlock(&p->mutex);
+
+        if (g == GUARD_SUSPENDED && !e->suspended && !*frozen) {
+                r = vmm_link_pause(e->vmm, PAUSE_TIMEOUT_MS, NULL);
+                if (r < 0)
+                        return log_error_errno(r, "VM %s: PAUSE for the split-brain policy failed: %s",
+                                               p->vm->name, vmm_link_last_error(e->vmm));
+                e->suspended = true;
+                pthread_mutex_lock(&p->mutex);
+                p->suspended = true;
+                pthread_mutex_unlock(&p->mutex);
+                log_error("VM %s: VM suspended (SplitBrainPolicy=suspend): its output stays held until a "
+                          "standby resyncs",
+                          p->vm->name);
+        } else if (g != GUARD_SUSPENDED && e->suspended) {
+                r = vmm_link_resume(e->vmm, e->cur);
+                if (r < 0)
+                        return log_error_errno(r, "VM %s: RESUME after suspension failed: %s", p->vm->name,
+                                               vmm_link_last_error(e->vmm));
+                e->suspended = false;
+                e->epoch_start_us = now_usec();
+                pthread_mutex_lock(&p->mutex);
+                p->suspended = false;
+                pthread_mutex_unlock(&p->mutex);
+                log_notice("VM %s: VM resumed: a standby is connected", p->vm->name);
+        }
+        if (e->suspended)
+                *frozen = true;
+
+        if (g == GUARD_UNPROTECTED || !p->vm->output_commit) {
+                r = vmm_link_release_output(e->vmm, e->cur, NULL);
+                if (r < 0)
+                        return log_error_errno(r, "VM %s: ReleaseOutput(%" PRIu64 ") failed: %s", p->vm->name,
+                                               e->cur, vmm_link_last_error(e->vmm));
+                e->released = MAX(e->released, e->cur);
+        }
+        return 0;
 }
 
 static int epoch_loop(Epoch *e)
@@ -1213,6 +1290,10 @@ static int epoch_loop(Epoch *e)
                 image_collect(e, false);
                 if (!frozen)
                         image_start(e);
+
+                r = guard_apply(e, &frozen);
+                if (r < 0)
+                        return r;
 
                 if (gen != e->gen) {
                         /* The link went down or came up: what was in flight on the old one is
@@ -1325,7 +1406,13 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
             p->welcome_last > atomic_load_explicit(&p->acked, memory_order_relaxed))
                 atomic_store_explicit(&p->acked, p->welcome_last, memory_order_release);
         snprintf(p->detail, sizeof(p->detail), "connected to %s", link_peer_name(l));
+        /* A standby again: output waits for its ACKs (the resync's first), a suspended
+         * VM resumes (the epoch thread sees both with the new link generation). */
+        if (p->guard != GUARD_NONE)
+                log_notice("VM %s: standby %s connected: output commit resumes", p->vm->name, link_peer_name(l));
+        p->guard = GUARD_NONE;
         pthread_mutex_unlock(&p->mutex);
+        p->split_timer = sd_event_source_disable_unref(p->split_timer);
         p->backoff_ms = BACKOFF_MIN_MS;
         log_info("VM %s: replication link to %s up (standby holds epoch %" PRIu64 "%s)", p->vm->name,
                  link_peer_name(l), w && w->has_last_committed ? w->last_committed : 0,
@@ -1363,6 +1450,7 @@ static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, 
                 p->last_sync_usec = now_usec() - p->sync_start_usec;
                 p->last_sync_full = p->sync_full;
         }
+        p->had_standby = true;
         pthread_mutex_unlock(&p->mutex);
         /* Release pairs with the acquire load in handle_acks(). */
         atomic_store_explicit(&p->acked, a->epoch, memory_order_release);
@@ -1381,19 +1469,71 @@ static void fill_heartbeat(Link *l, Dr__Repl__Heartbeat *hb, void *userdata)
         pthread_mutex_unlock(&p->mutex);
 }
 
+static int on_split_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        Primary *p = userdata;
+        bool cont = p->vm->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE;
+
+        p->split_timer = sd_event_source_disable_unref(p->split_timer);
+        pthread_mutex_lock(&p->mutex);
+        if (p->guard != GUARD_HOLDING) {
+                pthread_mutex_unlock(&p->mutex);
+                return 0;
+        }
+        p->guard = cont ? GUARD_UNPROTECTED : GUARD_SUSPENDED;
+        snprintf(p->detail, sizeof(p->detail),
+                 cont ? "standby lost for %" PRIu32 " ms: running UNPROTECTED (SplitBrainPolicy=continue)"
+                      : "standby lost for %" PRIu32 " ms: VM suspended (SplitBrainPolicy=suspend)",
+                 p->vm->split_brain_timeout_ms);
+        pthread_mutex_unlock(&p->mutex);
+        if (cont)
+                log_error("VM %s: standby lost for %" PRIu32
+                          " ms: the VM now runs UNPROTECTED and releases its output; a failover now would "
+                          "lose what it did since epoch %" PRIu64 ", and a promoted standby would mean split brain",
+                          p->vm->name, p->vm->split_brain_timeout_ms,
+                          atomic_load_explicit(&p->acked, memory_order_relaxed));
+        else
+                log_error("VM %s: standby lost for %" PRIu32 " ms: suspending the VM (SplitBrainPolicy=suspend)",
+                          p->vm->name, p->vm->split_brain_timeout_ms);
+        wake(p->wake_fd);
+        return 0;
+}
+
+/* Standby lost: hold output, and apply the policy after SplitBrainTimeoutMs=. */
+static void guard_arm(Primary *p)
+{
+        int r;
+
+        log_warning("VM %s: standby lost: output held; SplitBrainPolicy=%s applies in %" PRIu32 " ms", p->vm->name,
+                    split_brain_policy_to_string(p->vm->split_brain_policy), p->vm->split_brain_timeout_ms);
+        p->split_timer = sd_event_source_disable_unref(p->split_timer);
+        r = sd_event_add_time_relative(p->event, &p->split_timer, CLOCK_MONOTONIC,
+                                       (uint64_t) p->vm->split_brain_timeout_ms * USEC_PER_MSEC, 1000,
+                                       on_split_timer, p);
+        if (r < 0) {
+                /* Cannot time it: the safe side is to keep holding (as with no policy). */
+                log_error_errno(r, "VM %s: cannot arm the split-brain timer, output stays held: %m", p->vm->name);
+        }
+}
+
 static void on_down(Link *l, int error, const char *reason, void *userdata)
 {
         Primary *p = userdata;
-        bool stopping;
+        bool stopping, guard;
 
         log_warning_errno(error, "VM %s: replication link to %s down: %s", p->vm->name, link_peer_name(l), reason);
         pthread_mutex_lock(&p->mutex);
         stopping = p->stop || p->failed;
         snprintf(p->detail, sizeof(p->detail), "link to %s down: %s", link_peer_name(l), reason);
+        guard = p->had_standby && p->guard == GUARD_NONE;
+        if (guard)
+                p->guard = GUARD_HOLDING;
         pthread_mutex_unlock(&p->mutex);
         drop_link(p);
         if (!stopping)
                 (void) schedule_reconnect(p);
+        if (guard && !stopping)
+                guard_arm(p);
 }
 
 static const LinkCallbacks link_callbacks = {
@@ -1678,7 +1818,12 @@ static int attach_now(Primary *p)
         p->thread_started = true;
         pthread_mutex_lock(&p->mutex);
         p->attached = true;
-        snprintf(p->detail, sizeof(p->detail), "attached; connecting to %s", p->vm->peer.text);
+        if (p->promoted)
+                snprintf(p->detail, sizeof(p->detail),
+                         "promoted from the replica of epoch %" PRIu64 "; unprotected until a standby at %s syncs",
+                         p->promoted_from, p->vm->peer.text);
+        else
+                snprintf(p->detail, sizeof(p->detail), "attached; connecting to %s", p->vm->peer.text);
         pthread_mutex_unlock(&p->mutex);
         log_info("VM %s: attached to %s (%s tracking, %zu vCPUs, %" PRIu64 " pages)", p->vm->name,
                  p->vm->control_socket, e->t.ops->name, lay->n_vcpus, lay->total_pages);
@@ -1804,6 +1949,7 @@ Primary *primary_free(Primary *p)
         p->attach_timer = sd_event_source_disable_unref(p->attach_timer);
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
         p->notify_source = sd_event_source_disable_unref(p->notify_source);
+        p->split_timer = sd_event_source_disable_unref(p->split_timer);
         safe_close(p->wake_fd);
         safe_close(p->notify_fd);
         if (p->secret) {
@@ -1818,6 +1964,15 @@ Primary *primary_free(Primary *p)
         sd_event_unref(p->event);
         free(p);
         return NULL;
+}
+
+void primary_set_promoted(Primary *p, uint64_t from_epoch)
+{
+        pthread_mutex_lock(&p->mutex);
+        p->promoted = true;
+        p->promoted_from = from_epoch;
+        p->guard = GUARD_UNPROTECTED;
+        pthread_mutex_unlock(&p->mutex);
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -1838,7 +1993,11 @@ void primary_get_status(Primary *p, ReplStatus *ret)
         if (p->failed)
                 ret->state = "failed";
         else if (!p->attached)
-                ret->state = "attaching";
+                ret->state = p->promoted ? "activating" : "attaching";
+        else if (p->guard == GUARD_SUSPENDED)
+                ret->state = p->suspended ? "suspended" : "suspending";
+        else if (p->guard == GUARD_UNPROTECTED)
+                ret->state = "unprotected";
         else if (!p->link_up)
                 ret->state = "connecting";
         else if (p->syncing)

@@ -115,3 +115,39 @@ int standby_hash_replica(Standby *s, const char *path, uint64_t *ret_epoch);
 int standby_dump_replica(Standby *s, const char *ram_path, const char *state_path, uint64_t *ret_epoch);
 /* The bound listen address (useful with port 0). */
 int standby_listen_address(Standby *s, char *buf, size_t len);
+
+/* ---- failover (daemon/failover.h, main.c) ---- */
+
+/*
+ * Called when the authenticated primary went away without saying why
+ * (heartbeats missed HeartbeatMisses times, connection reset or closed):
+ * the trigger for failover. Not called for a primary that reported an
+ * error (a clean shutdown, its VMM gone) or that this standby refused. The
+ * callback runs inside a Link callback: it must not free the Standby
+ * (defer that to the loop).
+ */
+typedef void (*StandbyLostFn)(Standby *s, int error, const char *reason, void *userdata);
+void standby_set_lost_callback(Standby *s, StandbyLostFn fn, void *userdata);
+/* Whether an authenticated primary is connected now. */
+bool standby_primary_connected(Standby *s);
+/* Whether a committed replica exists, and its epoch. */
+bool standby_replica_epoch(Standby *s, uint64_t *ret_epoch);
+/* Shown in the status while a promotion runs: state word (static string, or NULL to clear) and detail. */
+void standby_set_note(Standby *s, const char *state, const char *note);
+/*
+ * Activation: closes every replication connection and the listener (the
+ * replica can no longer change), then hands over the committed replica:
+ * its RAM memfd (in the primary's memfd layout, for --ram-fd), its VmState
+ * (malloc()ed) and its epoch. The Standby is empty afterwards; free it.
+ * -ENODATA when there is no committed replica.
+ */
+int standby_take_replica(Standby *s, int *ret_fd, uint8_t **ret_state, size_t *ret_state_len,
+                         uint64_t *ret_epoch);
+
+/*
+ * A primary started on a replica by failover: it starts unprotected
+ * (output released at once: there is no standby, and the old primary was
+ * fenced) until a standby connects, and says from which epoch it came.
+ * Call before primary_start().
+ */
+void primary_set_promoted(Primary *p, uint64_t from_epoch);

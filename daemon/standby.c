@@ -160,6 +160,12 @@ struct Standby {
         uint64_t last_commit_usec;
         uint64_t closed_bytes_sent, closed_bytes_received; /* of links already freed */
         uint64_t page_bytes_total, wire_bytes_total;
+
+        /* Failover (main.c sequences it). */
+        StandbyLostFn lost_cb;
+        void *lost_userdata;
+        const char *note_state; /* overrides the state word while a promotion runs, or NULL */
+        char note[256];
 };
 
 /* ---- layout --------------------------------------------------------------------------- */
@@ -824,6 +830,9 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         }
         s->active = c;
         s->failed = false;
+        /* A primary is back: whatever a lost one left in the status is over. */
+        if (!s->note_state)
+                s->note[0] = 0;
         if (replica_usable(s, c))
                 snprintf(s->detail, sizeof(s->detail), "resyncing from epoch %" PRIu64, s->replica.epoch);
         else
@@ -918,6 +927,12 @@ static void on_down(Link *l, int error, const char *reason, void *userdata)
         else
                 log_warning_errno(error, "VM %s: primary %s lost, %s: %s", s->vm->name, c->peer, kept,
                                   reason);
+        /* Only a primary that went away (silence, a reset connection) is a reason to fail
+         * over; one that said why it stopped (ERROR frame: shutdown, its VMM gone, bad
+         * input) or that this side refused is not. The callback must not free s: it runs
+         * inside the Link's callback. */
+        if (!s->failed && s->lost_cb)
+                s->lost_cb(s, error, reason, s->lost_userdata);
 }
 
 static const LinkCallbacks standby_link_cb = {
@@ -1088,11 +1103,13 @@ void standby_get_status(Standby *s, ReplStatus *ret)
                 sent += ls.bytes_sent;
                 received += ls.bytes_received;
         }
-        if (s->active)
+        if (s->note_state)
+                ret->state = s->note_state;
+        else if (s->active)
                 ret->state = s->active->commits > 0 ? "protected" : "syncing";
         else
                 ret->state = s->failed ? "failed" : "listening";
-        snprintf(ret->detail, sizeof(ret->detail), "%s", s->detail);
+        snprintf(ret->detail, sizeof(ret->detail), "%s", s->note[0] ? s->note : s->detail);
         if (s->active) {
                 ret->link_up = link_state(s->active->link) == LINK_UP;
                 snprintf(ret->peer, sizeof(ret->peer), "%s", s->active->peer);
@@ -1192,6 +1209,57 @@ int standby_dump_replica(Standby *s, const char *ram_path, const char *state_pat
                 return r;
         if (ret_epoch)
                 *ret_epoch = rep->epoch;
+        return 0;
+}
+
+void standby_set_lost_callback(Standby *s, StandbyLostFn fn, void *userdata)
+{
+        s->lost_cb = fn;
+        s->lost_userdata = userdata;
+}
+
+void standby_set_note(Standby *s, const char *state, const char *note)
+{
+        s->note_state = state;
+        snprintf(s->note, sizeof(s->note), "%s", note ? note : "");
+}
+
+bool standby_primary_connected(Standby *s)
+{
+        return s && s->active && !s->active->dead;
+}
+
+bool standby_replica_epoch(Standby *s, uint64_t *ret_epoch)
+{
+        if (!s || !s->replica.valid)
+                return false;
+        if (ret_epoch)
+                *ret_epoch = s->replica.epoch;
+        return true;
+}
+
+int standby_take_replica(Standby *s, int *ret_fd, uint8_t **ret_state, size_t *ret_state_len,
+                         uint64_t *ret_epoch)
+{
+        Replica *rep;
+
+        if (!s || !ret_fd || !ret_state || !ret_state_len)
+                return -EINVAL;
+        rep = &s->replica;
+        if (!rep->valid)
+                return -ENODATA;
+        /* Nothing may change the replica from here on: drop every connection (and
+         * with it any open epoch) and stop listening. */
+        while (s->conns)
+                conn_free(s, s->conns);
+        epoch_discard(s);
+        s->listener = link_listener_free(s->listener);
+        if (ret_epoch)
+                *ret_epoch = rep->epoch;
+        *ret_state = TAKE_PTR(rep->state);
+        *ret_state_len = rep->state_len;
+        *ret_fd = TAKE_FD(rep->fd);
+        replica_clear(rep);
         return 0;
 }
 
