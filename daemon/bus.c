@@ -341,6 +341,8 @@ static int method_attach(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         if (r < 0)
                 return r;
         r = vm_attach(vm);
+        /* Announce now: a Detach right after would otherwise hide this from the 200 ms poll. */
+        bus_vm_check_changes(vm->manager, vm);
         if (r == -EALREADY)
                 return sd_bus_error_setf(error, BUS_ERROR("AlreadyAttached"), "VM '%s' is already attached",
                                          vm->cfg->name);
@@ -359,6 +361,7 @@ static int method_detach(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         if (r < 0)
                 return r;
         r = vm_detach(vm);
+        bus_vm_check_changes(vm->manager, vm);
         if (r == -ENOTCONN)
                 return sd_bus_error_setf(error, BUS_ERROR("NotAttached"), "VM '%s' is not attached",
                                          vm->cfg->name);
