@@ -292,8 +292,9 @@ DaemonConfig *daemon_config_copy(const DaemonConfig *d);
 
 /*
  * Whether two configurations would run a VM (or the daemon's VMs) the same
- * way: every value compared, the file path (messages only) ignored. A
- * reload leaves a VM alone exactly when this says so.
+ * way: every value compared, except the file path (messages only) and, for
+ * the daemon, LogLevel= (applied in place). A reload leaves a VM alone
+ * exactly when both say so.
  */
 bool vm_config_equal(const VmConfig *a, const VmConfig *b);
 bool daemon_config_equal(const DaemonConfig *a, const DaemonConfig *b);
