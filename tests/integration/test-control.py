@@ -285,7 +285,33 @@ def pair(tmp, env_primary=None, epoch_ms=20):
     return bus_p, bus_s, vmm, primary, standby
 
 
+def test_command_line(tmp):
+    """dirtyrepd's per-VM options: checked like the files, errors on stderr, exit 1."""
+    d = ENV["DR_DIRTYREPD"]
+    c = subprocess.run([d, "-c", "", "-d", "", "--vm", "web", "--role", "primary", "--peer", "0.0.0.0:7000",
+                        "--epoch-ms", "0", "--tracking", "fast", "--compression", "zstd", "--set", "PreCopy=maybe",
+                        "--check-config"], capture_output=True, text=True)
+    check(c.returncode == 1, f"bad --vm options accepted: {c.returncode} {c.stdout} {c.stderr}")
+    for want in ("command line (--vm web): Peer=0.0.0.0:7000: a wildcard address cannot be connected to",
+                 "command line (--vm web): EpochMs=0: must be between 1 and 10000",
+                 "command line (--vm web): Tracking=fast: must be one of: auto, ring, bitmap",
+                 "command line (--vm web): Compression=zstd: must be one of: lz4, none",
+                 "command line (--vm web): PreCopy=maybe: must be yes or no",
+                 "command line (--vm web): SecretFile= is required"):
+        check(want in c.stderr, f"--check-config lacks {want!r}:\n{c.stderr}")
+    c = subprocess.run([d, "--epoch-ms", "20", "--check-config"], capture_output=True, text=True)
+    check(c.returncode == 1 and "--epoch-ms needs a --vm NAME before it" in c.stderr, f"option without --vm: {c.stderr}")
+    c = subprocess.run([d, "-c", "", "-d", "", "--vm", "a", "--role", "standby", "--listen", "127.0.0.1:7001",
+                        "--secret-file", "/k", "--vm", "b", "--role", "primary", "--peer", "127.0.0.1:7001",
+                        "--secret-file", "/k", "--control-socket", "/run/b.sock", "--check-config"],
+                       capture_output=True, text=True)
+    check(c.returncode == 0 and "a: standby (command line (--vm a))" in c.stdout and
+          "b: primary (command line (--vm b))" in c.stdout, f"two VMs from the command line: {c.stdout} {c.stderr}")
+    log("dirtyrepd --vm options: validated like the files")
+
+
 def test_dbus(tmp):
+    test_command_line(tmp)
     bus_p, bus_s, vmm, primary, standby = pair(tmp)
     # The D-Bus API is up once the name is on the bus.
     end = time.time() + 20
@@ -545,7 +571,9 @@ def test_notify(tmp):
     ns = NotifySocket(tmp)
     env = dict(ENV)
     env["NOTIFY_SOCKET"] = ns.path
-    env["WATCHDOG_USEC"] = "600000"  # 0.6 s: sd-event sends WATCHDOG=1 at about half of it
+    # 2 s: sd-event sends WATCHDOG=1 about every quarter of it. Generous for a loaded 2-core CI
+    # machine; a real deployment's WatchdogSec= is 10 s.
+    env["WATCHDOG_USEC"] = "2000000"
     env.pop("WATCHDOG_PID", None)
     bus_p, bus_s, vmm, primary, standby = pair(tmp, env_primary=env)
 
@@ -570,25 +598,29 @@ def test_notify(tmp):
     last_epoch = max(epochs)
     check(abs(st["LastSealed"] - last_epoch) < 500, f"STATUS epoch {last_epoch} vs LastSealed {st['LastSealed']}")
 
-    # Periodic WATCHDOG=1 while the loop runs.
-    time.sleep(2.0)
-    wd = [t for t, _ in ns.lines("WATCHDOG=1", since=t_ready)]
-    check(len(wd) >= 5, f"only {len(wd)} WATCHDOG=1 in {time.monotonic() - t_ready:.1f}s")
+    # Periodic WATCHDOG=1 while the loop runs: never a gap near WATCHDOG_USEC.
+    # Measured in steady state (protected); the start-up gap is only logged.
+    t_steady = time.monotonic()
+    time.sleep(3.0)
+    wd = [t for t, _ in ns.lines("WATCHDOG=1", since=t_steady)]
+    span = time.monotonic() - t_steady
+    check(len(wd) >= span / 1.0, f"only {len(wd)} WATCHDOG=1 in {span:.1f}s")
     gap = max_gap(wd)
-    check(gap < 0.6, f"WATCHDOG=1 gap {gap:.2f}s exceeds WATCHDOG_USEC")
-    log(f"{len(wd)} WATCHDOG=1 so far, largest gap {gap * 1000:.0f} ms")
+    check(gap < 1.5, f"WATCHDOG=1 gap {gap:.2f}s, too close to WATCHDOG_USEC (2 s)")
+    log(f"{len(wd)} WATCHDOG=1 in {span:.1f}s of steady state, largest gap {gap * 1000:.0f} ms; "
+        f"since READY=1: {max_gap([t for t, _ in ns.lines('WATCHDOG=1', since=t_ready)]) * 1000:.0f} ms")
 
     # A stalled loop stops sending WATCHDOG=1 (a service manager would now kill and restart it).
     t0 = time.monotonic()
-    r = primary.req("stall 3")
+    r = primary.req("stall 4")
     check(r.startswith("ok"), f"stall: {r!r}")
-    time.sleep(3.5)
+    time.sleep(4.5)
     during = [t for t, _ in ns.lines("WATCHDOG=1", since=t0 + 0.05)]
-    check(not during or during[0] - t0 >= 2.5, f"WATCHDOG=1 arrived {during[0] - t0:.2f}s into a 3s stall")
-    ns.wait("WATCHDOG=1", since=t0 + 2.9, timeout=5)
+    check(not during or during[0] - t0 >= 3.5, f"WATCHDOG=1 arrived {during[0] - t0:.2f}s into a 4s stall")
+    ns.wait("WATCHDOG=1", since=t0 + 3.9, timeout=5)
     all_wd = [t for t, _ in ns.lines("WATCHDOG=1", since=t_ready)]
-    log(f"stalled 3 s: largest WATCHDOG=1 gap {max_gap(all_wd):.2f}s, then it resumed")
-    check(max_gap(all_wd) >= 2.5, "no gap in WATCHDOG=1 during the stall")
+    log(f"stalled 4 s: largest WATCHDOG=1 gap {max_gap(all_wd):.2f}s (> WATCHDOG_USEC), then it resumed")
+    check(max_gap(all_wd) >= 3.5, "no gap in WATCHDOG=1 during the stall")
     rc, out, err = ctl(bus_p, "status")
     check(rc == 0, "the daemon did not answer after the stall")
     check(primary.req("stall 121").startswith("error"), "stall beyond the bound accepted")
