@@ -13,7 +13,8 @@
                            `systemctl start dirtyrep` with a primary and a standby VM
                            (loopback) and the reference VMM running a guest,
                            `dirtyrepctl status/checkpoint` over the container's system
-                           bus, the bus policy for nobody, `systemctl reload`, a hung
+                           bus, the bus policy (nobody refused, a member of group
+                           dirtyrep allowed), `systemctl reload`, a hung
                            daemon (SIGSTOP) killed and restarted by the watchdog, and a
                            clean `systemctl stop`.
 
@@ -129,6 +130,9 @@ dirtyrepctl checkpoint t > $R/checkpoint.txt; echo $? > $R/checkpoint.rc
 dirtyrepctl list --no-legend > $R/list.txt
 setpriv --reuid=65534 --regid=65534 --clear-groups dirtyrepctl checkpoint t 2> $R/nobody.err; echo $? > $R/nobody.rc
 setpriv --reuid=65534 --regid=65534 --clear-groups dirtyrepctl status t > $R/nobody-status.txt; echo $? > $R/nobody-status.rc
+# A member of group dirtyrep (created by sysusers.d) may change things without being root.
+gid=$(getent group dirtyrep | cut -d: -f3)
+setpriv --reuid=65534 --regid=65534 --groups="$gid" dirtyrepctl checkpoint t > $R/member.txt 2> $R/member.err; echo $? > $R/member.rc
 systemctl reload dirtyrep; echo $? > $R/reload.rc
 
 # A hung daemon: the watchdog (shortened here) kills it and systemd restarts it.
@@ -274,6 +278,9 @@ def test_nspawn(tmp):
     check(read(res, "nobody.rc").strip() == "5" and "permission denied" in read(res, "nobody.err"),
           f"nobody's checkpoint: {read(res, 'nobody.rc')} {read(res, 'nobody.err')}")
     check(read(res, "nobody-status.rc").strip() == "0", "nobody cannot read the status")
+    check(read(res, "member.rc").strip() == "0" and re.match(r"VM t: sealed epoch \d+", read(res, "member.txt")),
+          f"a member of group dirtyrep was refused: {read(res, 'member.rc')} {read(res, 'member.err')}")
+    log("uid 65534 in group dirtyrep: " + read(res, "member.txt").strip())
     check(read(res, "reload.rc").strip() == "0", "systemctl reload dirtyrep failed")
     wd = read(res, "watchdog.txt").split()
     log(f"watchdog: main PID {wd[0] if wd else '?'} stopped, now {wd[1] if len(wd) > 1 else '?'}, "
