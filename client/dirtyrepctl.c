@@ -167,6 +167,18 @@ static bool prop_b(const VmInfo *v, const char *name)
         return p && p->type == 'b' && p->b;
 }
 
+/*
+ * A status string can carry text that came from the network (a peer's error
+ * message): never let it put control sequences on the operator's terminal.
+ * JSON output escapes instead.
+ */
+static void make_printable(char *s)
+{
+        for (; *s; s++)
+                if ((unsigned char) *s < 0x20 || *s == 0x7f)
+                        *s = '?';
+}
+
 /* Reads one variant value of a basic type we know into p; skips others. */
 static int read_variant(sd_bus_message *m, Prop *p)
 {
@@ -191,6 +203,8 @@ static int read_variant(sd_bus_message *m, Prop *p)
                         p->s = strndup(s, STRING_MAX);
                 if (r >= 0 && !p->s)
                         r = -ENOMEM;
+                if (r >= 0 && !arg_json)
+                        make_printable(p->s);
                 break;
         }
         case 'b': {
@@ -316,6 +330,9 @@ static int list_vms(VmList *ret)
                 snprintf(l.names[l.n], sizeof(l.names[0]), "%s", name);
                 snprintf(l.roles[l.n], sizeof(l.roles[0]), "%s", role);
                 snprintf(l.states[l.n], sizeof(l.states[0]), "%s", state);
+                make_printable(l.names[l.n]);
+                make_printable(l.roles[l.n]);
+                make_printable(l.states[l.n]);
                 l.n++;
         }
         if (r < 0) {
