@@ -126,8 +126,19 @@ BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configur
 """
 
 
+PERMISSIVE_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy context="default">
+    <allow own="org.dirtyrep1"/>
+    <allow send_destination="org.dirtyrep1"/>
+  </policy>
+</busconfig>
+"""
+
+
 class Bus(Proc):
-    def __init__(self, tmp, tag):
+    def __init__(self, tmp, tag, permissive=False):
         d = os.path.join(tmp, tag)
         os.makedirs(d, exist_ok=True)
         # The socket must be reachable for uid 65534 (the unprivileged-caller checks).
@@ -135,9 +146,13 @@ class Bus(Proc):
         self.socket = os.path.join(d, "bus.sock")
         self.address = "unix:path=" + self.socket
         conf = os.path.join(d, "bus.conf")
+        policy = os.path.join(ENV["DR_SRCDIR"], "systemd", "org.dirtyrep1.conf")
+        if permissive:  # a wrong or missing policy file: everything allowed on the bus
+            policy = os.path.join(d, "permissive.conf")
+            with open(policy, "w") as f:
+                f.write(PERMISSIVE_POLICY)
         with open(conf, "w") as f:
-            f.write(BUS_CONF.format(socket=self.socket,
-                                    policy=os.path.join(ENV["DR_SRCDIR"], "systemd", "org.dirtyrep1.conf")))
+            f.write(BUS_CONF.format(socket=self.socket, policy=policy))
         super().__init__(tmp, tag, ["dbus-daemon", "--config-file=" + conf, "--nofork", "--nopidfile"])
         end = time.time() + 10
         while not os.path.exists(self.socket):
@@ -511,6 +526,21 @@ def test_dbus(tmp):
     out, _ = evj.communicate(timeout=10)
     check(evj.returncode == 0 and json.loads(out.strip().rstrip(","))["VM"] == "t", f"events --json -n 1: {out!r}")
     ctl_ok(bus_p, "attach", "t")
+
+    # --- defence in depth: with a policy that lets everyone through, the daemon still refuses ---
+    bus_x = Bus(tmp, "bus-permissive", permissive=True)
+    lone = Daemon(tmp, "lone", ["--role", "standby", "--listen", f"127.0.0.1:{free_port()}"], bus=bus_x)
+    end = time.time() + 20
+    while busctl(bus_x, "status", "org.dirtyrep1")[0] != 0:
+        check(lone.alive() and time.time() < end, "dirtyrepd on the permissive bus did not come up")
+        time.sleep(0.1)
+    for verb in (["detach", "t"], ["reload"]):
+        ctl_fails(bus_x, 5, "Only root and members of group 'dirtyrep' may change dirtyrepd's state", *verb,
+                  user="nobody")
+    check(status(bus_x)["Attached"], "nobody detached a VM through a permissive bus")
+    ctl_ok(bus_x, "detach", "t")  # root still may
+    check(lone.stop() == 0, "lone daemon exit status")
+    bus_x.kill()
 
     # --- daemons alive after all of it; unreachable daemon: exit 6 ---
     check(primary.alive() and standby.alive(), "a daemon died")
