@@ -1222,6 +1222,256 @@ int config_validate(const Config *c, char **ret_errors)
 }
 
 /* ---------------------------------------------------------------------- */
+/* Settings from the command line */
+
+bool config_vm_key_is_valid(const char *key)
+{
+        size_t ki;
+        return key && find_key(&vm_section, key, false, &ki);
+}
+
+/* Deep copy of a VmConfig, so a failed application leaves the original alone. */
+static int vm_config_copy(const VmConfig *v, VmConfig **ret)
+{
+        _cleanup_(vm_config_freep) VmConfig *n = NULL;
+
+        n = calloc(1, sizeof(*n));
+        if (!n)
+                return -ENOMEM;
+        *n = *v;
+        n->name = n->path = n->control_socket = n->secret_file = n->vmm = n->vmm_args_string = NULL;
+        n->fence_command = n->service_interface = NULL;
+        n->vmm_args = NULL;
+        n->n_vmm_args = 0;
+        if (set_string(&n->name, v->name) < 0 || set_string(&n->path, v->path) < 0 ||
+            set_string(&n->control_socket, v->control_socket) < 0 ||
+            set_string(&n->secret_file, v->secret_file) < 0 || set_string(&n->vmm, v->vmm) < 0 ||
+            set_string(&n->vmm_args_string, v->vmm_args_string) < 0 ||
+            set_string(&n->fence_command, v->fence_command) < 0 ||
+            set_string(&n->service_interface, v->service_interface) < 0)
+                return -ENOMEM;
+        n->vmm_args = calloc(v->n_vmm_args + 1, sizeof(char *));
+        if (!n->vmm_args)
+                return -ENOMEM;
+        for (size_t i = 0; i < v->n_vmm_args; i++) {
+                n->vmm_args[i] = strdup(v->vmm_args[i]);
+                if (!n->vmm_args[i])
+                        return -ENOMEM;
+                n->n_vmm_args++;
+        }
+        *ret = TAKE_PTR(n);
+        return 0;
+}
+
+DaemonConfig *daemon_config_copy(const DaemonConfig *d)
+{
+        _cleanup_(daemon_config_freep) DaemonConfig *n = NULL;
+
+        n = calloc(1, sizeof(*n));
+        if (!n)
+                return NULL;
+        *n = *d;
+        n->path = n->state_directory = n->runtime_directory = NULL;
+        if (set_string(&n->path, d->path) < 0 || set_string(&n->state_directory, d->state_directory) < 0 ||
+            set_string(&n->runtime_directory, d->runtime_directory) < 0)
+                return NULL;
+        return TAKE_PTR(n);
+}
+
+static bool str_eq_null(const char *a, const char *b)
+{
+        return (!a && !b) || (a && b && streq(a, b));
+}
+
+static bool address_equal(const ConfigAddress *a, const ConfigAddress *b)
+{
+        return a->len == b->len && (a->len == 0 || streq(a->text, b->text));
+}
+
+bool vm_config_equal(const VmConfig *a, const VmConfig *b)
+{
+        if (!a || !b)
+                return a == b;
+        return streq(a->name, b->name) && a->role == b->role && str_eq_null(a->control_socket, b->control_socket) &&
+               address_equal(&a->peer, &b->peer) && address_equal(&a->listen, &b->listen) &&
+               a->epoch_ms == b->epoch_ms && a->tracking == b->tracking &&
+               str_eq_null(a->secret_file, b->secret_file) && a->max_inflight_epochs == b->max_inflight_epochs &&
+               a->compression == b->compression && a->pre_copy == b->pre_copy &&
+               a->max_staging_mb == b->max_staging_mb && str_eq_null(a->vmm, b->vmm) &&
+               str_eq_null(a->vmm_args_string, b->vmm_args_string) &&
+               str_eq_null(a->fence_command, b->fence_command) && a->failover_policy == b->failover_policy &&
+               a->service_address.family == b->service_address.family &&
+               (a->service_address.family == AF_UNSPEC ||
+                (a->service_address.prefixlen == b->service_address.prefixlen &&
+                 memcmp(&a->service_address.addr, &b->service_address.addr,
+                        a->service_address.family == AF_INET ? sizeof(struct in_addr)
+                                                             : sizeof(struct in6_addr)) == 0)) &&
+               str_eq_null(a->service_interface, b->service_interface) &&
+               a->split_brain_timeout_ms == b->split_brain_timeout_ms &&
+               a->split_brain_policy == b->split_brain_policy && a->output_commit == b->output_commit &&
+               a->console_commit == b->console_commit;
+}
+
+bool daemon_config_equal(const DaemonConfig *a, const DaemonConfig *b)
+{
+        if (!a || !b)
+                return a == b;
+        /* LogLevel= is not compared: the daemon applies it without touching a VM. */
+        return address_equal(&a->listen_address, &b->listen_address) &&
+               str_eq_null(a->state_directory, b->state_directory) &&
+               str_eq_null(a->runtime_directory, b->runtime_directory) &&
+               a->heartbeat_interval_ms == b->heartbeat_interval_ms &&
+               a->heartbeat_misses == b->heartbeat_misses;
+}
+
+int config_apply_vm_settings(Config *c, const char *name, char *const *assignments, size_t n_assignments,
+                             const char *origin, char **ret_errors)
+{
+        _cleanup_(vm_config_freep) VmConfig *v = NULL;
+        bool given[KEYS_MAX] = {}, valid[KEYS_MAX] = {};
+        char esc[ESCAPE_BUF_SIZE];
+        ErrorList e = {};
+        size_t idx = SIZE_MAX;
+        bool is_new;
+        int r;
+
+        assert(c && c->daemon && origin);
+
+        if (!config_vm_name_is_valid(name)) {
+                error_add(&e, origin, 0,
+                          "invalid VM name \"%s\": must be 1..%u characters of A-Z a-z 0-9 _ . - "
+                          "and not start with a dot",
+                          escape_value(name ? name : "", esc, sizeof(esc)), CONFIG_VM_NAME_MAX);
+                error_file_done(&e, origin);
+                return error_list_finish(&e, -EINVAL, ret_errors);
+        }
+        for (size_t i = 0; i < c->n_vms; i++)
+                if (streq(c->vms[i]->name, name))
+                        idx = i;
+        is_new = idx == SIZE_MAX;
+        if (is_new) {
+                if (c->n_vms >= CONFIG_VMS_MAX) {
+                        error_add(&e, origin, 0, "more than %u VMs", CONFIG_VMS_MAX);
+                        error_file_done(&e, origin);
+                        return error_list_finish(&e, -EINVAL, ret_errors);
+                }
+                r = vm_config_new_default(origin, name, &v);
+                if (r >= 0 && c->daemon->runtime_directory_set) {
+                        free(v->control_socket);
+                        if (asprintf(&v->control_socket, "%s/%s.sock", c->daemon->runtime_directory, name) < 0) {
+                                v->control_socket = NULL;
+                                r = -ENOMEM;
+                        }
+                }
+        } else
+                r = vm_config_copy(c->vms[idx], &v);
+        if (r < 0)
+                return error_list_finish(&e, r, ret_errors);
+
+        for (size_t i = 0; i < n_assignments; i++) {
+                _cleanup_free_ char *copy = strdup(assignments[i]);
+                char problem[256] = "", *eq, *key, *value;
+                const KeyDef *k;
+                size_t ki;
+
+                if (!copy)
+                        return error_list_finish(&e, -ENOMEM, ret_errors);
+                eq = strchr(copy, '=');
+                if (!eq || eq == copy) {
+                        error_add(&e, origin, 0, "expected Key=Value, got \"%s\"",
+                                  escape_value(copy, esc, sizeof(esc)));
+                        continue;
+                }
+                *eq = 0;
+                key = copy;
+                value = eq + 1;
+                if (strlen(value) > CONFIG_LINE_MAX) {
+                        error_add(&e, origin, 0, "%s=: value is longer than %u bytes",
+                                  escape_value(key, esc, sizeof(esc)), CONFIG_LINE_MAX);
+                        continue;
+                }
+                if (has_control(value)) {
+                        error_add(&e, origin, 0, "%s=: value contains control characters",
+                                  escape_value(key, esc, sizeof(esc)));
+                        continue;
+                }
+                k = find_key(&vm_section, key, false, &ki);
+                if (!k) {
+                        const KeyDef *similar = find_key(&vm_section, key, true, &ki);
+                        if (similar)
+                                error_add(&e, origin, 0, "unknown key %s= in section [VM], did you mean %s=?",
+                                          escape_value(key, esc, sizeof(esc)), similar->name);
+                        else
+                                error_add(&e, origin, 0, "unknown key %s= in section [VM]",
+                                          escape_value(key, esc, sizeof(esc)));
+                        continue;
+                }
+                if (given[ki]) {
+                        error_add(&e, origin, 0, "%s= given twice", k->name);
+                        continue;
+                }
+                given[ki] = true;
+                if (!*value && !(k->flags & KEY_EMPTY_UNSETS)) {
+                        error_add(&e, origin, 0, "%s=: empty value", k->name);
+                        continue;
+                }
+                r = k->parse(k, value, (char *) v + k->offset, problem, sizeof(problem));
+                if (r == -ENOMEM)
+                        return error_list_finish(&e, r, ret_errors);
+                if (r < 0) {
+                        error_add(&e, origin, 0, "%s=%s: %s", k->name, escape_value(value, esc, sizeof(esc)),
+                                  problem[0] ? problem : "invalid value");
+                        continue;
+                }
+                valid[ki] = true;
+        }
+
+        /* The checks a file gets, on the result: for a VM from a file, the file's values count. */
+        if (is_new && !given[VK_ROLE])
+                error_add(&e, origin, 0, "Role= is required (primary or standby)");
+        if (!v->secret_file && !given[VK_SECRET_FILE])
+                error_add(&e, origin, 0, "SecretFile= is required");
+        if ((!is_new || valid[VK_ROLE]) && !(given[VK_PEER] && !valid[VK_PEER]) &&
+            !(given[VK_LISTEN] && !valid[VK_LISTEN])) {
+                if (v->role == VM_ROLE_PRIMARY && v->peer.len == 0)
+                        error_add(&e, origin, 0, "Role=primary requires Peer=ADDRESS:PORT");
+                if (v->role == VM_ROLE_STANDBY && v->listen.len == 0)
+                        error_add(&e, origin, 0, "Role=standby requires Listen=ADDRESS:PORT");
+        }
+        if (!(given[VK_SERVICE_ADDRESS] && !valid[VK_SERVICE_ADDRESS]) &&
+            !(given[VK_SERVICE_INTERFACE] && !valid[VK_SERVICE_INTERFACE])) {
+                if (v->service_address.family != AF_UNSPEC && !v->service_interface)
+                        error_add(&e, origin, 0, "ServiceAddress= requires ServiceInterface=");
+                if (v->service_interface && v->service_address.family == AF_UNSPEC)
+                        error_add(&e, origin, 0, "ServiceInterface= is only meaningful with ServiceAddress=");
+        }
+        error_file_done(&e, origin);
+        if (e.any)
+                return error_list_finish(&e, -EINVAL, ret_errors);
+        error_list_done(&e);
+
+        if (given[VK_CONTROL_SOCKET])
+                v->control_socket_set = true;
+        if (is_new) {
+                VmConfig **l = realloc(c->vms, (c->n_vms + 1) * sizeof(VmConfig *));
+                size_t at = 0;
+
+                if (!l)
+                        return -ENOMEM;
+                c->vms = l;
+                while (at < c->n_vms && strcmp(c->vms[at]->name, name) < 0)
+                        at++;
+                memmove(c->vms + at + 1, c->vms + at, (c->n_vms - at) * sizeof(VmConfig *));
+                c->vms[at] = TAKE_PTR(v);
+                c->n_vms++;
+        } else {
+                vm_config_free(c->vms[idx]);
+                c->vms[idx] = TAKE_PTR(v);
+        }
+        return 0;
+}
+
+/* ---------------------------------------------------------------------- */
 /* Loading from disk */
 
 Config *config_free(Config *c)

@@ -269,6 +269,39 @@ int parse_socket_address(const char *s, struct sockaddr_storage *ret, socklen_t 
  */
 int format_socket_address(const struct sockaddr_storage *sa, socklen_t len, char *buf, size_t size);
 
+/*
+ * Applies settings given on dirtyrepd's command line to the VM called name
+ * in c (loaded by config_load()). assignments are "Key=Value" strings of
+ * [VM] keys, parsed by the very parsers the files use; a key may appear at
+ * most once per VM. When c has no VM of that name it is created from the
+ * defaults (its default ControlSocket= follows the daemon's
+ * RuntimeDirectory=), and then Role= and SecretFile= are required as in a
+ * file. A VM defined by a file keeps every value the command line does not
+ * override. The required-key checks run on the result (Role=primary needs a
+ * Peer=, Role=standby a Listen=, ...). origin names the source in messages
+ * ("command line (--vm web)"); the VM's path becomes it when the VM is new.
+ * Call config_validate() after the last VM for the cross-checks.
+ * Returns 0, or -EINVAL (c unchanged for this VM) / -ENOMEM and the errors
+ * as config_load() does: "ORIGIN: EpochMs=0: must be between 1 and 10000".
+ */
+int config_apply_vm_settings(Config *c, const char *name, char *const *assignments, size_t n_assignments,
+                             const char *origin, char **ret_errors);
+
+/* A deep copy of d (for a VM that outlives a reload). NULL on OOM. */
+DaemonConfig *daemon_config_copy(const DaemonConfig *d);
+
+/*
+ * Whether two configurations would run a VM (or the daemon's VMs) the same
+ * way: every value compared, except the file path (messages only) and, for
+ * the daemon, LogLevel= (applied in place). A reload leaves a VM alone
+ * exactly when both say so.
+ */
+bool vm_config_equal(const VmConfig *a, const VmConfig *b);
+bool daemon_config_equal(const DaemonConfig *a, const DaemonConfig *b);
+
+/* Whether key is a [VM] key (exact spelling). */
+bool config_vm_key_is_valid(const char *key);
+
 /* Whether name is a valid VM name ([A-Za-z0-9_.-]{1,64}, no leading dot). */
 bool config_vm_name_is_valid(const char *name);
 

@@ -20,12 +20,15 @@
  *                              (force: even with the primary connected or the fence failing)
  *   demote VM                  primary: stop the VMM dirtyrepd started, give up the
  *                              service address, become a standby again
+ *   stall SECONDS              block the loop (the watchdog test)
  * Answers "ok ..." or "error MESSAGE". One request per connection.
  */
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -34,51 +37,32 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <sys/wait.h>
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 #include <unistd.h>
 
+#include "bus.h"
 #include "config.h"
 #include "dirtyrep-build.h"
-#include "failover.h"
 #include "log.h"
 #include "macros.h"
+#include "manager.h"
 #include "role.h"
-#include "util.h"
 
 #define DEBUG_LINE_MAX 4096
 #define DEBUG_CLIENTS_MAX 16
+#define STALL_MAX_SEC 120
 
-typedef struct Manager Manager;
-
-typedef struct Vm {
-        Manager *m;
-        const VmConfig *cfg;
-        Primary *primary;
-        Standby *standby;
-        char error[256]; /* set when setting the VM up failed */
-        /* Role switching (failover.h): fence, activation, service address. */
-        Failover *failover;
-        sd_event_source *promote_defer; /* a promotion asked for from inside a callback */
-        bool promote_force;
-        bool promoting;        /* fence or activation running */
-        uint64_t promote_epoch; /* the replica's epoch being activated */
-        uint64_t promote_start_usec;
-} Vm;
-
-struct Manager {
-        sd_event *event;
-        Config *config;
-        Vm *vms;
-        size_t n_vms;
+/* The daemon: the manager plus the debug socket. */
+typedef struct Daemon {
+        Manager manager;
         int debug_fd;
         sd_event_source *debug_source;
         unsigned debug_clients;
-};
+} Daemon;
 
 typedef struct DebugClient {
-        Manager *m;
+        Daemon *d;
         sd_event_source *source;
         int fd;
         char buf[DEBUG_LINE_MAX];
@@ -89,34 +73,11 @@ static const char *arg_config = SYSCONFDIR "/dirtyrep/dirtyrep.conf";
 static const char *arg_config_dir = SYSCONFDIR "/dirtyrep/vm.d";
 static const char *arg_debug_socket;
 static bool arg_check_config;
-
-static Vm *manager_find_vm(Manager *m, const char *name)
-{
-        for (size_t i = 0; i < m->n_vms; i++)
-                if (streq(m->vms[i].cfg->name, name))
-                        return &m->vms[i];
-        return NULL;
-}
-
-static void vm_status(Vm *vm, ReplStatus *st)
-{
-        memset(st, 0, sizeof(*st));
-        if (vm->primary)
-                primary_get_status(vm->primary, st);
-        else if (vm->standby)
-                standby_get_status(vm->standby, st);
-        else if (vm->promoting) {
-                st->role = "primary";
-                st->state = "activating";
-                snprintf(st->detail, sizeof(st->detail), "starting the VMM on the replica of epoch %" PRIu64,
-                         vm->promote_epoch);
-                st->last_committed = vm->promote_epoch;
-        } else {
-                st->role = vm_role_to_string(vm->cfg->role);
-                st->state = "failed";
-                snprintf(st->detail, sizeof(st->detail), "%s", vm->error);
-        }
-}
+typedef enum BusMode { BUS_AUTO, BUS_SYSTEM, BUS_NONE } BusMode;
+static BusMode arg_bus = BUS_AUTO;
+static const char *arg_bus_address;
+static CliVm *arg_vms;
+static size_t arg_n_vms;
 
 /* JSON string body with the characters JSON requires escaped. */
 static void json_escape(const char *s, char *out, size_t size)
@@ -141,7 +102,7 @@ static int vm_status_json(Vm *vm, char *out, size_t size)
         char detail[600], peer[200];
         ReplStatus st;
 
-        vm_status(vm, &st);
+        vm_get_status(vm, &st);
         json_escape(st.detail, detail, sizeof(detail));
         json_escape(st.peer, peer, sizeof(peer));
         return snprintf(out, size,
@@ -162,257 +123,13 @@ static int vm_status_json(Vm *vm, char *out, size_t size)
                         st.last_sync_usec, st.last_sync_full ? "true" : "false");
 }
 
-/* ---- role switching -------------------------------------------------------------------- */
-
-static int vm_load_secret(Vm *vm, uint8_t **ret, size_t *ret_len)
-{
-        _cleanup_free_ char *err = NULL;
-        int r;
-
-        r = config_load_secret(vm->cfg->secret_file, ret, ret_len, &err);
-        if (r < 0)
-                log_error("VM %s: %s", vm->cfg->name, err ? err : strerror(-r));
-        return r;
-}
-
-static void on_standby_lost(Standby *s, int error, const char *reason, void *userdata);
-
-/* Starts listening as a standby (the VM's setup, or a demotion). */
-static int vm_become_standby(Vm *vm)
-{
-        uint8_t *secret = NULL;
-        size_t secret_len = 0;
-        int r;
-
-        r = vm_load_secret(vm, &secret, &secret_len);
-        if (r < 0)
-                return r;
-        r = standby_new(vm->m->event, vm->m->config->daemon, vm->cfg, secret, secret_len, &vm->standby);
-        config_secret_free(secret, secret_len);
-        if (r < 0)
-                return r;
-        standby_set_lost_callback(vm->standby, on_standby_lost, vm);
-        r = standby_start(vm->standby);
-        if (r < 0)
-                vm->standby = standby_free(vm->standby);
-        return r;
-}
-
-static int on_promote_defer(sd_event_source *src, void *userdata);
-
-/*
- * The public entry to promotion (debug socket now, D-Bus Failover later):
- * checks, then runs the fence command (unless force) and activation
- * asynchronously; the status says how far it got. why gets a reason on error.
- */
-static int vm_promote(Vm *vm, bool force, char *why, size_t why_size)
-{
-        uint64_t epoch = 0;
-        int r;
-
-        if (!vm->standby) {
-                snprintf(why, why_size, "VM %s is not a standby here", vm->cfg->name);
-                return -EINVAL;
-        }
-        if (vm->promoting || vm->promote_defer) {
-                snprintf(why, why_size, "a promotion of VM %s is already running", vm->cfg->name);
-                return -EBUSY;
-        }
-        if (!standby_replica_epoch(vm->standby, &epoch)) {
-                snprintf(why, why_size, "VM %s has no committed replica to start from", vm->cfg->name);
-                return -ENODATA;
-        }
-        if (vm->cfg->peer.len == 0) {
-                snprintf(why, why_size, "VM %s has no Peer= for the standby it would need as primary",
-                         vm->cfg->name);
-                return -EDESTADDRREQ;
-        }
-        if (!force && standby_primary_connected(vm->standby)) {
-                snprintf(why, why_size, "the primary of VM %s is connected (use force to promote anyway)",
-                         vm->cfg->name);
-                return -EBUSY;
-        }
-        /* Deferred: a promotion may free the Standby, and this may run inside its callback. */
-        r = sd_event_add_defer(vm->m->event, &vm->promote_defer, on_promote_defer, vm);
-        if (r < 0) {
-                snprintf(why, why_size, "%s", strerror(-r));
-                return r;
-        }
-        vm->promote_force = force;
-        vm->promote_epoch = epoch;
-        vm->promote_start_usec = now_usec();
-        log_notice("VM %s: promoting to primary from the replica of epoch %" PRIu64 "%s", vm->cfg->name, epoch,
-                   force ? " (forced)" : "");
-        return 0;
-}
-
-static void on_standby_lost(Standby *s, int error, const char *reason, void *userdata)
-{
-        Vm *vm = userdata;
-        char why[256];
-        int r;
-
-        if (vm->cfg->failover_policy != FAILOVER_POLICY_AUTO) {
-                log_warning("VM %s: primary lost; FailoverPolicy=manual: waiting for an explicit promote",
-                            vm->cfg->name);
-                standby_set_note(s, NULL, "primary lost; FailoverPolicy=manual: waiting for promote");
-                return;
-        }
-        r = vm_promote(vm, false, why, sizeof(why));
-        if (r < 0)
-                log_error("VM %s: primary lost, but cannot fail over: %s", vm->cfg->name, why);
-}
-
-static int on_promote_defer(sd_event_source *src, void *userdata)
-{
-        Vm *vm = userdata;
-        int r;
-
-        vm->promote_defer = sd_event_source_disable_unref(vm->promote_defer);
-        if (!vm->standby)
-                return 0;
-        vm->promoting = true;
-        if (vm->promote_force) {
-                log_warning("VM %s: forced promotion: the fence command is not run", vm->cfg->name);
-                standby_set_note(vm->standby, "promoting", "forced promotion");
-                r = failover_fence(vm->failover); /* with force, its result is only logged */
-        } else {
-                standby_set_note(vm->standby, "fencing", "running the fence command");
-                r = failover_fence(vm->failover);
-        }
-        if (r < 0) {
-                vm->promoting = false;
-                log_error_errno(r, "VM %s: cannot run the fence command, not promoting: %m", vm->cfg->name);
-                standby_set_note(vm->standby, NULL, "promotion failed: cannot run the fence command");
-        }
-        return 0;
-}
-
-static void on_fenced(Failover *f, int result, const char *reason, void *userdata)
-{
-        Vm *vm = userdata;
-        _cleanup_free_ uint8_t *state = NULL;
-        size_t state_len = 0;
-        uint64_t epoch = 0;
-        int fd = -EBADF, r;
-
-        if (!vm->standby) {
-                vm->promoting = false;
-                return;
-        }
-        if (result < 0 && !vm->promote_force) {
-                char note[256];
-                vm->promoting = false;
-                snprintf(note, sizeof(note), "promotion refused: %s", reason);
-                standby_set_note(vm->standby, NULL, note);
-                return;
-        }
-        r = standby_take_replica(vm->standby, &fd, &state, &state_len, &epoch);
-        if (r < 0) {
-                vm->promoting = false;
-                standby_set_note(vm->standby, NULL, "promotion failed: no replica");
-                return;
-        }
-        vm->standby = standby_free(vm->standby);
-        vm->promote_epoch = epoch;
-        /* The address first: the VMM's service port may bind to it. */
-        (void) failover_service_address(vm->failover, true);
-        r = failover_activate(vm->failover, fd, state, state_len, epoch);
-        if (r < 0) {
-                vm->promoting = false;
-                snprintf(vm->error, sizeof(vm->error), "activation failed: cannot start the VMM: %s",
-                         strerror(-r));
-                log_error("VM %s: %s", vm->cfg->name, vm->error);
-        }
-}
-
-static void on_vmm_ready(Failover *f, void *userdata)
-{
-        Vm *vm = userdata;
-        uint8_t *secret = NULL;
-        size_t secret_len = 0;
-        int r;
-
-        vm->promoting = false;
-        log_notice("VM %s: guest running on this host %.1f ms after the promotion began", vm->cfg->name,
-                   (double) (now_usec() - vm->promote_start_usec) / 1000.0);
-        r = vm_load_secret(vm, &secret, &secret_len);
-        if (r >= 0) {
-                r = primary_new(vm->m->event, vm->m->config->daemon, vm->cfg, secret, secret_len, &vm->primary);
-                config_secret_free(secret, secret_len);
-        }
-        if (r >= 0) {
-                primary_set_promoted(vm->primary, vm->promote_epoch);
-                r = primary_start(vm->primary);
-        }
-        if (r < 0) {
-                vm->primary = primary_free(vm->primary);
-                snprintf(vm->error, sizeof(vm->error), "promoted, but the primary role failed: %s", strerror(-r));
-                log_error("VM %s: %s", vm->cfg->name, vm->error);
-                return;
-        }
-        log_notice("VM %s: now primary on this host", vm->cfg->name);
-}
-
-static void on_vmm_exited(Failover *f, int code, int status, void *userdata)
-{
-        Vm *vm = userdata;
-
-        if (vm->promoting) {
-                vm->promoting = false;
-                snprintf(vm->error, sizeof(vm->error), "activation failed: the VMM exited (%s %d)",
-                         code == CLD_EXITED ? "status" : "signal", status);
-                log_error("VM %s: %s", vm->cfg->name, vm->error);
-        }
-        /* A primary attached to it sees its control socket close and reports that. */
-}
-
-static const FailoverCallbacks failover_callbacks = {
-        .fenced = on_fenced,
-        .vmm_ready = on_vmm_ready,
-        .vmm_exited = on_vmm_exited,
-};
-
-/* Primary -> standby: stop the VMM we started (never one we did not start:
- * detaching from a running VM would leave it running unprotected), drop the
- * service address, listen for the new primary. */
-static int vm_demote(Vm *vm, char *why, size_t why_size)
-{
-        ReplStatus st;
-        int r;
-
-        if (!vm->primary) {
-                snprintf(why, why_size, "VM %s is not a primary here", vm->cfg->name);
-                return -EINVAL;
-        }
-        primary_get_status(vm->primary, &st);
-        if (failover_vmm_pid(vm->failover) == 0 && !streq(st.state, "attaching") && !streq(st.state, "failed")) {
-                snprintf(why, why_size,
-                         "VM %s runs in a VMM dirtyrepd did not start; stop that VMM first, then demote",
-                         vm->cfg->name);
-                return -EBUSY;
-        }
-        log_notice("VM %s: demoting to standby", vm->cfg->name);
-        failover_stop_vmm(vm->failover);
-        vm->primary = primary_free(vm->primary);
-        (void) failover_service_address(vm->failover, false);
-        vm->error[0] = 0;
-        r = vm_become_standby(vm);
-        if (r < 0) {
-                snprintf(why, why_size, "cannot start the standby role: %s", strerror(-r));
-                snprintf(vm->error, sizeof(vm->error), "demoted, but %s", why);
-                return r;
-        }
-        return 0;
-}
-
 static DebugClient *debug_client_free(DebugClient *c)
 {
         if (!c)
                 return NULL;
         sd_event_source_disable_unref(c->source);
         safe_close(c->fd);
-        c->m->debug_clients--;
+        c->d->debug_clients--;
         free(c);
         return NULL;
 }
@@ -455,7 +172,7 @@ static void debug_image_done(Primary *p, const PrimaryImageResult *res, void *us
 /* Returns true when the request answers later (the client is then owned by the request). */
 static bool debug_execute(DebugClient *c, char *line)
 {
-        Manager *m = c->m;
+        Manager *m = &c->d->manager;
         char *w[5];
         size_t n = split_words(line, w, ELEMENTSOF(w));
         uint64_t epoch = 0;
@@ -469,11 +186,27 @@ static bool debug_execute(DebugClient *c, char *line)
         if (streq(w[0], "status")) {
                 for (size_t i = 0; i < m->n_vms; i++) {
                         char out[2048];
-                        if (n > 1 && !streq(m->vms[i].cfg->name, w[1]))
+                        if (n > 1 && !streq(m->vms[i]->cfg->name, w[1]))
                                 continue;
-                        vm_status_json(&m->vms[i], out, sizeof(out));
+                        vm_status_json(m->vms[i], out, sizeof(out));
                         (void) send(c->fd, out, strlen(out), MSG_NOSIGNAL);
                 }
+                return false;
+        }
+        if (streq(w[0], "stall")) {
+                unsigned long sec;
+                char *end;
+
+                errno = 0;
+                sec = n == 2 ? strtoul(w[1], &end, 10) : ULONG_MAX;
+                if (n != 2 || errno != 0 || *end || sec > STALL_MAX_SEC) {
+                        debug_reply(c, "error stall needs a number of seconds, 0..%d\n", STALL_MAX_SEC);
+                        return false;
+                }
+                /* On purpose: nothing else runs, so WATCHDOG=1 stops (the watchdog test). */
+                log_warning("Debug socket: stalling the event loop for %lus", sec);
+                debug_reply(c, "ok 0\n");
+                (void) sleep((unsigned) sec);
                 return false;
         }
         if (n < 2) {
@@ -566,7 +299,7 @@ static int on_debug_client(sd_event_source *s, int fd, uint32_t revents, void *u
 
 static int on_debug_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
-        Manager *m = userdata;
+        Daemon *m = userdata;
         _cleanup_close_ int cfd = -EBADF;
         struct ucred cred;
         socklen_t len = sizeof(cred);
@@ -585,16 +318,16 @@ static int on_debug_accept(sd_event_source *s, int fd, uint32_t revents, void *u
         c = calloc(1, sizeof(*c));
         if (!c)
                 return 0;
-        c->m = m;
+        c->d = m;
         c->fd = TAKE_FD(cfd);
         m->debug_clients++;
-        r = sd_event_add_io(m->event, &c->source, c->fd, EPOLLIN, on_debug_client, c);
+        r = sd_event_add_io(m->manager.event, &c->source, c->fd, EPOLLIN, on_debug_client, c);
         if (r < 0)
                 debug_client_free(c);
         return 0;
 }
 
-static int debug_socket_open(Manager *m, const char *path)
+static int debug_socket_open(Daemon *m, const char *path)
 {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         int r;
@@ -613,76 +346,24 @@ static int debug_socket_open(Manager *m, const char *path)
                 return log_error_errno(-errno, "chmod(%s): %m", path);
         if (listen(m->debug_fd, 16) < 0)
                 return log_error_errno(-errno, "listen(%s): %m", path);
-        r = sd_event_add_io(m->event, &m->debug_source, m->debug_fd, EPOLLIN, on_debug_accept, m);
+        r = sd_event_add_io(m->manager.event, &m->debug_source, m->debug_fd, EPOLLIN, on_debug_accept, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to watch the debug socket: %m");
         return 0;
 }
 
-static void vm_setup(Manager *m, Vm *vm)
+static void daemon_done(Daemon *d)
 {
-        const VmConfig *cfg = vm->cfg;
-        _cleanup_free_ char *err = NULL;
-        uint8_t *secret = NULL;
-        size_t secret_len = 0;
-        int r;
-
-        vm->m = m;
-        r = failover_new(m->event, m->config->daemon, cfg, &failover_callbacks, vm, &vm->failover);
-        if (r < 0) {
-                snprintf(vm->error, sizeof(vm->error), "%s", strerror(-r));
-                log_error("VM %s: %s", cfg->name, vm->error);
-                return;
-        }
-        r = config_load_secret(cfg->secret_file, &secret, &secret_len, &err);
-        if (r < 0) {
-                snprintf(vm->error, sizeof(vm->error), "%s", err ? err : strerror(-r));
-                log_error("VM %s: %s", cfg->name, vm->error);
-                return;
-        }
-        if (cfg->role == VM_ROLE_PRIMARY) {
-                r = primary_new(m->event, m->config->daemon, cfg, secret, secret_len, &vm->primary);
-                config_secret_free(secret, secret_len);
-                if (r >= 0)
-                        r = primary_start(vm->primary);
-                if (r >= 0)
-                        (void) failover_service_address(vm->failover, true);
-        } else {
-                /* A standby never holds the service address (left over from a crash as primary). */
-                config_secret_free(secret, secret_len);
-                (void) failover_service_address(vm->failover, false);
-                r = vm_become_standby(vm);
-        }
-        if (r < 0) {
-                snprintf(vm->error, sizeof(vm->error), "setting up the %s role failed: %s",
-                         vm_role_to_string(cfg->role), strerror(-r));
-                log_error("VM %s: %s", cfg->name, vm->error);
-                vm->primary = primary_free(vm->primary);
-                vm->standby = standby_free(vm->standby);
-                return;
-        }
-        log_info("VM %s: %s role started", cfg->name, vm_role_to_string(cfg->role));
-}
-
-static void manager_free(Manager *m)
-{
-        for (size_t i = 0; i < m->n_vms; i++) {
-                Vm *vm = &m->vms[i];
-                sd_event_source_disable_unref(vm->promote_defer);
-                if (vm->primary && vm->failover)
-                        (void) failover_service_address(vm->failover, false);
-                primary_free(vm->primary);
-                standby_free(vm->standby);
-                /* Stops a VMM started by a promotion: its VM lives as long as this daemon. */
-                failover_free(vm->failover);
-        }
-        free(m->vms);
-        sd_event_source_disable_unref(m->debug_source);
-        safe_close(m->debug_fd);
+        manager_done(&d->manager);
+        d->debug_source = sd_event_source_disable_unref(d->debug_source);
+        d->debug_fd = safe_close(d->debug_fd);
         if (arg_debug_socket)
                 (void) unlink(arg_debug_socket);
-        config_free(m->config);
-        sd_event_unref(m->event);
+        d->manager.event = sd_event_unref(d->manager.event);
+        for (size_t i = 0; i < arg_n_vms; i++)
+                for (size_t j = 0; j < arg_vms[i].n_settings; j++)
+                        free(arg_vms[i].settings[j]);
+        free(arg_vms);
 }
 
 /* Logs a multi-line error report one line at a time (log records are bounded). */
@@ -699,30 +380,121 @@ static void log_error_lines(const char *text)
 
 static void help(void)
 {
-        printf("Usage: dirtyrepd [OPTIONS]\n\n"
+        printf("Usage: dirtyrepd [OPTIONS] [--vm NAME VM-OPTIONS]...\n\n"
                "Replicates KVM virtual machines to a standby host.\n\n"
-               "  -h --help                Show this help\n"
-               "     --version             Show the version\n"
-               "  -c --config FILE         Main configuration (default %s)\n"
-               "  -d --config-dir DIR      Per-VM configuration files (default %s)\n"
-               "     --check-config        Validate the configuration and exit\n"
-               "     --debug-socket PATH   Serve the diagnostic socket (root only)\n",
+               "  -h --help                   Show this help\n"
+               "     --version                Show the version\n"
+               "  -c --config FILE            Main configuration (default %s; \"\" for none)\n"
+               "  -d --config-dir DIR         Per-VM configuration files (default %s; \"\" for none)\n"
+               "     --check-config           Validate the configuration and exit\n"
+               "     --bus=auto|system|none   D-Bus API on the system bus: auto (default) runs without it\n"
+               "                              when there is no bus, system requires it\n"
+               "     --bus-address=ADDRESS    Serve the D-Bus API on this bus instead (required)\n"
+               "     --debug-socket PATH      Serve the diagnostic socket (root only)\n"
+               "\nA VM from the command line (options after --vm NAME apply to that VM and override\n"
+               "its file vm.d/NAME.conf, if any; they are checked like the file's keys):\n"
+               "     --vm NAME                Define or override VM NAME\n"
+               "     --role primary|standby   Role=\n"
+               "     --control-socket PATH    ControlSocket=\n"
+               "     --peer ADDRESS:PORT      Peer=\n"
+               "     --listen ADDRESS:PORT    Listen=\n"
+               "     --epoch-ms MS            EpochMs=\n"
+               "     --tracking auto|ring|bitmap  Tracking=\n"
+               "     --secret-file PATH       SecretFile=\n"
+               "     --max-inflight-epochs N  MaxInflightEpochs=\n"
+               "     --compression lz4|none   Compression=\n"
+               "     --set KEY=VALUE          Any other key of the [VM] section\n",
                SYSCONFDIR "/dirtyrep/dirtyrep.conf", SYSCONFDIR "/dirtyrep/vm.d");
+}
+
+/* Adds "Key=value" to the current --vm block. */
+static int cli_vm_add(const char *option, const char *key, const char *value)
+{
+        CliVm *v;
+        char *s;
+
+        if (arg_n_vms == 0)
+                return log_error_errno(-EINVAL, "%s needs a --vm NAME before it", option);
+        v = &arg_vms[arg_n_vms - 1];
+        if (v->n_settings >= MANAGER_CLI_SETTINGS_MAX)
+                return log_error_errno(-E2BIG, "--vm %s: more than %u settings", v->name, MANAGER_CLI_SETTINGS_MAX);
+        if (key) {
+                if (asprintf(&s, "%s=%s", key, value) < 0)
+                        return log_oom();
+        } else {
+                if (!strchr(value, '='))
+                        return log_error_errno(-EINVAL, "--vm %s: %s expects KEY=VALUE, got '%s'", v->name, option,
+                                               value);
+                s = strdup(value);
+                if (!s)
+                        return log_oom();
+        }
+        v->settings[v->n_settings++] = s;
+        return 0;
+}
+
+static int cli_vm_begin(const char *name)
+{
+        CliVm *l;
+
+        for (size_t i = 0; i < arg_n_vms; i++)
+                if (streq(arg_vms[i].name, name))
+                        return log_error_errno(-EINVAL, "--vm %s given twice", name);
+        if (arg_n_vms >= CONFIG_VMS_MAX)
+                return log_error_errno(-E2BIG, "More than %u --vm options", CONFIG_VMS_MAX);
+        l = realloc(arg_vms, (arg_n_vms + 1) * sizeof(CliVm));
+        if (!l)
+                return log_oom();
+        arg_vms = l;
+        /* The name is checked with the settings, so its error reads like the others. */
+        arg_vms[arg_n_vms++] = (CliVm){ .name = (char *) name };
+        return 0;
 }
 
 static int parse_argv(int argc, char **argv)
 {
-        enum { ARG_VERSION = 0x100, ARG_CHECK, ARG_DEBUG };
-        static const struct option opts[] = {
+        enum {
+                ARG_VERSION = 0x100,
+                ARG_CHECK,
+                ARG_DEBUG,
+                ARG_BUS,
+                ARG_BUS_ADDRESS,
+                ARG_VM,
+                ARG_SET,
+                ARG_VM_KEY, /* + index into vm_options */
+        };
+        static const struct {
+                const char *option, *key;
+        } vm_options[] = {
+                { "role", "Role" },
+                { "control-socket", "ControlSocket" },
+                { "peer", "Peer" },
+                { "listen", "Listen" },
+                { "epoch-ms", "EpochMs" },
+                { "tracking", "Tracking" },
+                { "secret-file", "SecretFile" },
+                { "max-inflight-epochs", "MaxInflightEpochs" },
+                { "compression", "Compression" },
+        };
+        struct option opts[32] = {
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, ARG_VERSION },
                 { "config", required_argument, NULL, 'c' },
                 { "config-dir", required_argument, NULL, 'd' },
                 { "check-config", no_argument, NULL, ARG_CHECK },
                 { "debug-socket", required_argument, NULL, ARG_DEBUG },
-                {}
+                { "bus", required_argument, NULL, ARG_BUS },
+                { "bus-address", required_argument, NULL, ARG_BUS_ADDRESS },
+                { "vm", required_argument, NULL, ARG_VM },
+                { "set", required_argument, NULL, ARG_SET },
         };
-        int c;
+        size_t n_opts = 10;
+        int c, r;
+
+        for (size_t i = 0; i < ELEMENTSOF(vm_options); i++)
+                opts[n_opts++] = (struct option){ vm_options[i].option, required_argument, NULL,
+                                                  ARG_VM_KEY + (int) i };
+        assert(n_opts < ELEMENTSOF(opts));
 
         while ((c = getopt_long(argc, argv, "hc:d:", opts, NULL)) >= 0)
                 switch (c) {
@@ -733,10 +505,10 @@ static int parse_argv(int argc, char **argv)
                         printf("dirtyrepd %s\n", DIRTYREP_VERSION);
                         return 0;
                 case 'c':
-                        arg_config = optarg;
+                        arg_config = *optarg ? optarg : NULL;
                         break;
                 case 'd':
-                        arg_config_dir = optarg;
+                        arg_config_dir = *optarg ? optarg : NULL;
                         break;
                 case ARG_CHECK:
                         arg_check_config = true;
@@ -744,7 +516,41 @@ static int parse_argv(int argc, char **argv)
                 case ARG_DEBUG:
                         arg_debug_socket = optarg;
                         break;
+                case ARG_BUS:
+                        if (streq(optarg, "auto"))
+                                arg_bus = BUS_AUTO;
+                        else if (streq(optarg, "system"))
+                                arg_bus = BUS_SYSTEM;
+                        else if (streq(optarg, "none"))
+                                arg_bus = BUS_NONE;
+                        else
+                                return log_error_errno(-EINVAL, "--bus= must be auto, system or none, not '%s'",
+                                                       optarg);
+                        break;
+                case ARG_BUS_ADDRESS:
+                        if (!*optarg || strlen(optarg) > 4096)
+                                return log_error_errno(-EINVAL, "--bus-address= needs an address");
+                        arg_bus_address = optarg;
+                        break;
+                case ARG_VM:
+                        r = cli_vm_begin(optarg);
+                        if (r < 0)
+                                return r;
+                        break;
+                case ARG_SET:
+                        r = cli_vm_add("--set", NULL, optarg);
+                        if (r < 0)
+                                return r;
+                        break;
                 default:
+                        if (c >= ARG_VM_KEY && c < ARG_VM_KEY + (int) ELEMENTSOF(vm_options)) {
+                                char option[64];
+                                snprintf(option, sizeof(option), "--%s", vm_options[c - ARG_VM_KEY].option);
+                                r = cli_vm_add(option, vm_options[c - ARG_VM_KEY].key, optarg);
+                                if (r < 0)
+                                        return r;
+                                break;
+                        }
                         return -EINVAL;
                 }
         if (optind < argc)
@@ -752,72 +558,123 @@ static int parse_argv(int argc, char **argv)
         return 1;
 }
 
+static void log_config_errors(int r, const char *errors)
+{
+        log_error_lines(errors);
+        log_error_errno(r, "Configuration is invalid (%s, %s/*.conf%s)", arg_config ?: "no main file",
+                        arg_config_dir ?: "no VM directory", arg_n_vms > 0 ? ", command line" : "");
+}
+
+static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
+{
+        Manager *m = userdata;
+        _cleanup_free_ char *errors = NULL;
+        int r;
+
+        (void) sd_notify(false, "RELOADING=1");
+        log_info("SIGHUP: reloading the configuration");
+        r = manager_reload(m, NULL, NULL, NULL, NULL, &errors);
+        if (r < 0)
+                log_config_errors(r, errors);
+        (void) sd_notify(false, "READY=1");
+        return 0;
+}
+
 int main(int argc, char **argv)
 {
-        Manager m = { .debug_fd = -EBADF };
+        Daemon d = { .debug_fd = -EBADF };
+        Manager *m = &d.manager;
+        _cleanup_(config_freep) Config *config = NULL;
         _cleanup_free_ char *errors = NULL;
         sigset_t mask;
         int r;
 
         log_set_ident("dirtyrepd");
         r = parse_argv(argc, argv);
-        if (r <= 0)
+        if (r <= 0) {
+                daemon_done(&d);
                 return r < 0 ? 1 : 0;
+        }
+        m->config_path = arg_config;
+        m->config_dir = arg_config_dir;
+        m->cli_vms = arg_vms;
+        m->n_cli_vms = arg_n_vms;
+        m->bus_address = (char *) arg_bus_address;
 
-        r = config_load(arg_config, arg_config_dir, &m.config, &errors);
+        r = manager_load_config(m, &config, &errors);
         if (r < 0) {
-                log_error_lines(errors);
-                log_error_errno(r, "Configuration is invalid (%s, %s/*.conf)", arg_config, arg_config_dir);
+                log_config_errors(r, errors);
+                daemon_done(&d);
                 return 1;
         }
         if (arg_check_config) {
-                printf("Configuration OK: %zu VM(s)\n", m.config->n_vms);
-                for (size_t i = 0; i < m.config->n_vms; i++)
-                        printf("  %s: %s\n", m.config->vms[i]->name, vm_role_to_string(m.config->vms[i]->role));
-                config_free(m.config);
+                printf("Configuration OK: %zu VM(s)\n", config->n_vms);
+                for (size_t i = 0; i < config->n_vms; i++)
+                        printf("  %s: %s (%s)\n", config->vms[i]->name, vm_role_to_string(config->vms[i]->role),
+                               config->vms[i]->path);
+                daemon_done(&d);
                 return 0;
         }
-        log_set_max_level(m.config->daemon->log_level);
+        log_set_max_level(config->daemon->log_level);
 
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);
         sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGHUP);
         sigaddset(&mask, SIGPIPE);
         if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
                 return log_error_errno(-errno, "sigprocmask(): %m"), 1;
 
-        r = sd_event_default(&m.event);
+        r = sd_event_default(&m->event);
         if (r < 0) {
                 log_error_errno(r, "Failed to create the event loop: %m");
                 goto out;
         }
-        (void) sd_event_add_signal(m.event, NULL, SIGTERM, NULL, NULL);
-        (void) sd_event_add_signal(m.event, NULL, SIGINT, NULL, NULL);
+        (void) sd_event_add_signal(m->event, NULL, SIGTERM, NULL, NULL);
+        (void) sd_event_add_signal(m->event, NULL, SIGINT, NULL, NULL);
+        (void) sd_event_add_signal(m->event, NULL, SIGHUP, on_sighup, m);
+        /* WATCHDOG=1 from the loop itself when WATCHDOG_USEC is set: a hung loop stops it. */
+        r = sd_event_set_watchdog(m->event, true);
+        if (r < 0)
+                log_warning("Failed to enable the service manager's watchdog: %s", strerror(-r));
 
         if (arg_debug_socket) {
-                r = debug_socket_open(&m, arg_debug_socket);
+                r = debug_socket_open(&d, arg_debug_socket);
                 if (r < 0)
                         goto out;
         }
 
-        m.vms = calloc(m.config->n_vms ? m.config->n_vms : 1, sizeof(Vm));
-        if (!m.vms) {
-                r = log_oom();
+        r = manager_start(m, config);
+        if (r < 0)
+                goto out;
+
+        if (arg_bus_address || arg_bus != BUS_NONE) {
+                r = bus_open(m);
+                if (r < 0 && (arg_bus_address || arg_bus == BUS_SYSTEM)) {
+                        log_error_errno(r, "The D-Bus API is required (--bus=%s) but unavailable",
+                                        arg_bus_address ? "ADDRESS" : "system");
+                        goto out;
+                }
+                if (r < 0)
+                        log_warning("Running without the D-Bus API (--bus=auto); only the debug socket is served");
+        }
+        r = manager_start_status_timer(m);
+        if (r < 0) {
+                log_error_errno(r, "Failed to start the status timer: %m");
                 goto out;
         }
-        m.n_vms = m.config->n_vms;
-        for (size_t i = 0; i < m.n_vms; i++) {
-                m.vms[i].cfg = m.config->vms[i];
-                vm_setup(&m, &m.vms[i]);
-        }
 
-        (void) sd_notifyf(false, "READY=1\nSTATUS=Serving %zu VM(s)", m.n_vms);
-        log_info("dirtyrepd %s serving %zu VM(s)", DIRTYREP_VERSION, m.n_vms);
-        r = sd_event_loop(m.event);
+        {
+                char status[512];
+                manager_format_status(m, status, sizeof(status));
+                (void) sd_notifyf(false, "READY=1\nSTATUS=%s", status);
+        }
+        log_info("dirtyrepd %s serving %zu VM(s)%s", DIRTYREP_VERSION, m->n_vms, m->bus ? ", D-Bus API up" : "");
+        r = sd_event_loop(m->event);
         if (r < 0)
                 log_error_errno(r, "Event loop failed: %m");
         (void) sd_notify(false, "STOPPING=1");
 out:
-        manager_free(&m);
+        daemon_done(&d);
         return r < 0 ? 1 : 0;
 }
