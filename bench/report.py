@@ -19,6 +19,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -55,6 +56,7 @@ class Report:
         self.tables = {}
         self.targets = []
         self.notes = []
+        self.extra_plot_data = {}
         self.t0 = time.time()
 
     def fig(self, key, value, **settings):
@@ -225,6 +227,68 @@ def images_section(rep, build):
             rep.fig(f"image_pause_ms_incr_{g}", r["pause_ms_incr"], **common)
 
 
+def failover_section(rep, build):
+    """bench/failover-bench.py (network namespaces, kv guest): per-run times, parsed from its output."""
+    runs = 6 if rep.quick else 20
+    c = subprocess.run([sys.executable, os.path.join(BENCH, "failover-bench.py"), "--build", build, "--runs",
+                        str(runs)], capture_output=True, text=True, timeout=1800)
+    rows = []
+    for m in re.finditer(r"^run +(\d+) (\w+) *: guest executing after +([\d.]+) ms, service back after +([\d.]+) ms",
+                         c.stdout, re.M):
+        rows.append({"run": int(m.group(1)), "death": m.group(2), "guest_executing_ms": float(m.group(3)),
+                     "service_back_ms": float(m.group(4))})
+    if c.returncode != 0 or not rows:
+        rep.notes.append(f"failover-bench failed (exit {c.returncode}): {(c.stdout + c.stderr)[-600:]}")
+        return
+    rep.table("failover", rows)
+    ex = [r["guest_executing_ms"] for r in rows]
+    sv = [r["service_back_ms"] for r in rows]
+    st = dict(heartbeat="50 ms x 4", guest="kv, 64 MiB", deaths="alternating: silent (switch ports down, then "
+              "SIGKILL) and SIGKILL", runs=len(rows), measure="primary death -> standby's VMM running on the replica")
+    rep.fig("failover_p50_ms", round(med(ex), 1), **st)
+    rep.fig("failover_p99_ms", round(pct(ex, 0.99), 1), note=f"p99 of {len(rows)} runs is their maximum", **st)
+    rep.fig("failover_service_back_p50_ms", round(med(sv), 1), measure="death -> first PONG through the service "
+            "address (takeover, gratuitous ARP, TCP connect)")
+    rep.extra_plot_data["failover"] = rows
+
+
+def redis_section(rep, build):
+    """bench/redis-bench.py: redis-benchmark through the kv guest, unreplicated vs 20/50 ms epochs."""
+    c = subprocess.run([sys.executable, os.path.join(BENCH, "redis-bench.py"), "--build", build, "--requests",
+                        "200" if rep.quick else "1000"], capture_output=True, text=True, timeout=1800)
+    rows = []
+    for m in re.finditer(r"^\| (unreplicated|replicated \d+ ms) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
+                         r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", c.stdout, re.M):
+        rows.append({"configuration": m.group(1), "test": m.group(2), "rps": float(m.group(3)),
+                     "avg_ms": float(m.group(4)), "p50_ms": float(m.group(5)), "p95_ms": float(m.group(6)),
+                     "p99_ms": float(m.group(7)), "max_ms": float(m.group(8))})
+    if c.returncode != 0 or not rows:
+        rep.notes.append(f"redis-bench failed (exit {c.returncode}): {(c.stdout + c.stderr)[-600:]}")
+        return
+    rep.table("redis", rows)
+    for conf, key in (("unreplicated", "redis_p50_ms_unreplicated"), ("replicated 20 ms", "redis_p50_ms_replicated")):
+        xs = [r["p50_ms"] for r in rows if r["configuration"] == conf]
+        if xs:
+            rep.fig(key, round(med(xs), 3), tests="set,get,incr (median of the three p50s)", clients=1,
+                    epoch_ms=20 if "20" in conf else None, guest="kv through the service address, network namespaces")
+    un = {r["test"]: r["p50_ms"] for r in rows if r["configuration"] == "unreplicated"}
+    worst = None
+    for r in rows:
+        if r["configuration"].startswith("replicated"):
+            ms = int(r["configuration"].split()[1])
+            over = r["p50_ms"] - (un.get(r["test"], 0) + ms + 3)
+            worst = over if worst is None else max(worst, over)
+    if worst is not None:
+        rep.fig("redis_p50_excess_over_target_ms", round(worst, 3),
+                measure="max over tests and epochs of replicated p50 - (unreplicated p50 + epoch + 3 ms); <= 0 meets")
+    rep.extra_plot_data["redis"] = rows
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
 def plots(rep, out_dir):
     gp = shutil.which("gnuplot")
     if not gp:
@@ -309,6 +373,51 @@ set yrange [0:*]
 set grid ytics
 plot "{data}/sync.dat" using 2:xtic(1) notitle lc rgb "#3060c0"
 ''')
+    # 4. failover time distribution
+    fr = rep.extra_plot_data.get("failover")
+    if fr:
+        with open(os.path.join(data, "failover.dat"), "w") as f:
+            for i, v in enumerate(sorted(r["guest_executing_ms"] for r in fr)):
+                f.write(f"{v} {(i + 1) / len(fr)}\n")
+        with open(os.path.join(data, "failover-service.dat"), "w") as f:
+            for i, v in enumerate(sorted(r["service_back_ms"] for r in fr)):
+                f.write(f"{v} {(i + 1) / len(fr)}\n")
+        run("failover-cdf.png", f'''set title "Failover time, {len(fr)} primary deaths (50 ms x 4 heartbeats)"
+set xlabel "ms from the primary's death"
+set ylabel "fraction of runs"
+set yrange [0:1.05]
+set key bottom right
+set grid
+plot "{data}/failover.dat" using 1:2 with steps lw 2 title "guest executing on the standby", \\
+     "{data}/failover-service.dat" using 1:2 with steps lw 2 title "service answering via the service IP", \\
+     "+" using (300):($0 == 0 ? 0 : 1.05) with lines dt 2 lc rgb "#888888" title "target 300 ms"
+''')
+    rr = rep.extra_plot_data.get("redis")
+    if rr:
+        confs = []
+        for r in rr:
+            if r["configuration"] not in confs:
+                confs.append(r["configuration"])
+        tests = []
+        for r in rr:
+            if r["test"] not in tests:
+                tests.append(r["test"])
+        with open(os.path.join(data, "redis.dat"), "w") as f:
+            f.write("test " + " ".join(f'"{c}"' for c in confs) + "\n")
+            for t in tests:
+                vals = [next((r["p50_ms"] for r in rr if r["test"] == t and r["configuration"] == c), 0) for c in confs]
+                f.write(f'"{t}" ' + " ".join(str(v) for v in vals) + "\n")
+        cols = ", ".join(f'"" using {i + 2}:xtic(1) title columnheader({i + 2})' for i in range(len(confs)))
+        run("redis-latency.png", f'''set title "redis-benchmark p50 latency through the kv guest"
+set style data histogram
+set style histogram cluster gap 1
+set style fill solid 0.8
+set ylabel "p50 latency (ms)"
+set yrange [0:*]
+set key top left
+set grid ytics
+plot "{data}/redis.dat" {cols.replace('""', '"' + data + '/redis.dat"', 1)}
+''')
     return made
 
 
@@ -391,6 +500,12 @@ def main():
     if want("images"):
         print("== checkpoint images", flush=True)
         images_section(rep, b)
+    if want("failover"):
+        print("== failover time", flush=True)
+        failover_section(rep, b)
+    if want("redis"):
+        print("== redis-benchmark through the kv guest", flush=True)
+        redis_section(rep, b)
 
     f = rep.figures
     rep.target("pause p99 at 25k pages/s, 20 ms epochs (ms)", f.get("pause_p99_ms"), "<=", 3.0, " ms",
@@ -402,6 +517,11 @@ def main():
         rep.target("full sync / QEMU migration throughput", f.get("full_sync_ratio_vs_qemu"), ">=", 1.3, "x")
         rep.target("full sync throughput (MB/s of guest RAM)", f.get("full_sync_MBps"), ">=", 1000.0, " MB/s",
                    bound="two daemons, the kernel's loopback TCP and the page copies share 2 CPUs")
+    if "failover_p99_ms" in f:
+        rep.target("failover p99 (ms)", f.get("failover_p99_ms"), "<=", 300.0, " ms")
+    if "redis_p50_excess_over_target_ms" in f:
+        rep.target("redis p50 - (unreplicated p50 + epoch + 3 ms)", f.get("redis_p50_excess_over_target_ms"), "<=",
+                   0.0, " ms")
     if "ring_cost_ratio_16g_vs_1g" in f:
         rep.target("ring cost ratio 16 GiB / 1 GiB", f.get("ring_cost_ratio_16g_vs_1g"), "<=", 1.1, "x")
     made = plots(rep, a.out_dir)

@@ -37,7 +37,8 @@ def log(*a):
 def fail(msg):
     log("FAIL:", msg)
     for p in LIVE:
-        p.dump()
+        if hasattr(p, "dump"):
+            p.dump()
     for p in list(LIVE):
         p.kill()
     sys.exit(1)
@@ -54,6 +55,20 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+class Popened:
+    """A bare subprocess.Popen in LIVE: killed (by PID) by the cleanup."""
+
+    def __init__(self, popen):
+        self.p = popen
+
+    def kill(self):
+        if self in LIVE:
+            LIVE.remove(self)
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
 
 
 class Proc:
@@ -339,6 +354,7 @@ def test_dbus(tmp):
     ev_out = os.path.join(tmp, "events.out")
     ev = subprocess.Popen([ENV["DR_DIRTYREPCTL"], "--bus-address", bus_p.address, "events"],
                           stdout=open(ev_out, "w"), stderr=subprocess.PIPE, text=True)
+    LIVE.append(Popened(ev))  # stopped by the cleanup if a check fails before the SIGINT below
     check("Following" in ev.stderr.readline(), "dirtyrepctl events did not start")
 
     st = wait_for(bus_p, lambda s: s["State"] == "protected" and s["LastCommitted"] >= 20,
