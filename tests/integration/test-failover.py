@@ -178,7 +178,7 @@ class Proc:
 
 
 class Daemon(Proc):
-    def __init__(self, tmp, host, role, extra=None):
+    def __init__(self, tmp, host, role, extra=None, misses=4):
         peer = "b" if host == "a" else "a"
         d = os.path.join(tmp, host)
         os.makedirs(os.path.join(d, "vm.d"), exist_ok=True)
@@ -189,7 +189,7 @@ class Daemon(Proc):
             os.unlink(self.debug)
         self.control = os.path.join(d, "vm.sock")
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write("[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses=4\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={misses}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         sf = os.path.join(d, "t.secret")
         with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -372,16 +372,15 @@ def write_fence(tmp):
     os.chmod(p, 0o755)
 
 
-def setup_pair(tmp, extra=None):
+def setup_pair(tmp, extra=None, misses=4):
     """A: primary on a fresh kv VM; B: standby. Waits until protected."""
     A, B = Host("a"), Host("b")
     ports("a", True)
     ports("b", True)
     A.vmm = start_kv(tmp, "a")
     wait_file(os.path.join(tmp, "a", "console.log"), "kv: ready", A.vmm)
-    B.daemon = Daemon(tmp, "b", "standby", extra)
-    # The primary's daemon joins the VMM's process group: the host dies as one.
-    A.daemon = Daemon(tmp, "a", "primary", extra)
+    B.daemon = Daemon(tmp, "b", "standby", extra, misses)
+    A.daemon = Daemon(tmp, "a", "primary", extra, misses)
     A.daemon.wait(lambda s: s["state"] == "protected", "primary protected")
     return A, B
 
