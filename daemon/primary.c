@@ -39,6 +39,8 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <openssl/evp.h>
@@ -1369,6 +1371,28 @@ static void *epoch_thread(void *userdata)
 
 static int schedule_reconnect(Primary *p);
 
+/*
+ * link_free() stops the writer at once, and the ERROR frame that link_fail()
+ * queued (why this primary stopped) would never reach the standby, which then
+ * sees a closed connection, a loss, and fails over while the VM may still run
+ * here. So give the writer a moment (bounded: the loop waits) to send it.
+ */
+#define FLUSH_WAIT_USEC (200 * USEC_PER_MSEC)
+static void link_flush(Link *l)
+{
+        uint64_t end = now_usec() + FLUSH_WAIT_USEC;
+        LinkStats ls;
+
+        if (!l)
+                return;
+        for (;;) {
+                link_get_stats(l, &ls);
+                if (ls.queued_bytes == 0 || now_usec() >= end)
+                        return;
+                (void) usleep(1000);
+        }
+}
+
 static void drop_link(Primary *p)
 {
         Link *l;
@@ -1384,6 +1408,7 @@ static void drop_link(Primary *p)
                 pthread_cond_wait(&p->cond, &p->mutex);
         pthread_mutex_unlock(&p->mutex);
         wake(p->wake_fd);
+        link_flush(l);
         link_free(l);
 }
 
@@ -1591,7 +1616,6 @@ static int schedule_reconnect(Primary *p)
                                           delay * USEC_PER_MSEC, 1000, on_reconnect_timer, p);
 }
 
-/* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby. */
 /* Loop thread: runs a finished image's callback (or, when the Primary goes away, a cancelled one). */
 static void image_deliver(Primary *p, bool cancel)
 {
@@ -1668,6 +1692,27 @@ int primary_checkpoint_image(Primary *p, const char *dir, const char *parent, bo
         return r;
 }
 
+/* Whether the VMM still serves its control socket: a dead VMM leaves the
+ * file, but nobody accepts (ECONNREFUSED), or the file is gone. */
+static bool vmm_alive(const char *path)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -EBADF;
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return true; /* cannot tell: assume the worst (it runs) */
+        strcpy(sa.sun_path, path);
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return true;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 && (errno == ECONNREFUSED || errno == ENOENT))
+                return false;
+        return true;
+}
+
+/* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby.
+ * -EHOSTDOWN tells it the VM is gone here, so it may fail over; anything else
+ * (the VM may still run here, unprotected) must not make it do so. */
 static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         Primary *p = userdata;
@@ -1687,8 +1732,11 @@ static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdat
                 return 0;
         p->fail_reported = true;
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
-        if (l)
-                link_fail(l, -EIO, "primary stopped replicating: %s", detail); /* on_down drops it */
+        if (l && !vmm_alive(p->vm->control_socket)) {
+                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
+                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
+        } else if (l)
+                link_fail(l, -EIO, "primary stopped replicating: %s", detail);
         return 0;
 }
 

@@ -883,6 +883,7 @@ static bool error_is_loss(int error)
         case ESHUTDOWN:
         case ENOTCONN:
         case EHOSTUNREACH:
+        case EHOSTDOWN: /* the primary reported its VM gone (its VMM died) */
         case ENETUNREACH:
         case ENETDOWN:
                 return true;
@@ -927,9 +928,10 @@ static void on_down(Link *l, int error, const char *reason, void *userdata)
         else
                 log_warning_errno(error, "VM %s: primary %s lost, %s: %s", s->vm->name, c->peer, kept,
                                   reason);
-        /* Only a primary that went away (silence, a reset connection) is a reason to fail
-         * over; one that said why it stopped (ERROR frame: shutdown, its VMM gone, bad
-         * input) or that this side refused is not. The callback must not free s: it runs
+        /* Only a primary that went away (silence, a reset connection) or reported its VM
+         * gone (-EHOSTDOWN: its VMM died) is a reason to fail over; one that said it
+         * stopped otherwise (ERROR frame: shutdown, a tracking error, bad input: the VM
+         * may run on there) or that this side refused is not. The callback must not free s: it runs
          * inside the Link's callback. */
         if (!s->failed && s->lost_cb)
                 s->lost_cb(s, error, reason, s->lost_userdata);

@@ -37,6 +37,11 @@ command "powers off" the other host by shutting its switch ports.
       socket's "promote t" runs the fence command, which fails here, so the
       standby stays one; "promote t force" starts the VM; "demote t" stops it,
       gives up the service address and listens as standby again.
+  test-failover.py vmm-death
+      A primary dirtyrepd stopped with SIGTERM: the standby does not fail over
+      (the VM still runs there). Then only the primary's VMM is SIGKILLed: its
+      dirtyrepd reports the VM gone and the standby fails over (no
+      acknowledged write lost).
   test-failover.py split-brain
       Only the replication network is cut, both hosts stay up, fencing
       "succeeds" without doing anything (/bin/true): the standby promotes,
@@ -178,7 +183,7 @@ class Proc:
 
 
 class Daemon(Proc):
-    def __init__(self, tmp, host, role, extra=None):
+    def __init__(self, tmp, host, role, extra=None, misses=4):
         peer = "b" if host == "a" else "a"
         d = os.path.join(tmp, host)
         os.makedirs(os.path.join(d, "vm.d"), exist_ok=True)
@@ -189,7 +194,7 @@ class Daemon(Proc):
             os.unlink(self.debug)
         self.control = os.path.join(d, "vm.sock")
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write("[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses=4\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={misses}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         sf = os.path.join(d, "t.secret")
         with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -372,16 +377,15 @@ def write_fence(tmp):
     os.chmod(p, 0o755)
 
 
-def setup_pair(tmp, extra=None):
+def setup_pair(tmp, extra=None, misses=4):
     """A: primary on a fresh kv VM; B: standby. Waits until protected."""
     A, B = Host("a"), Host("b")
     ports("a", True)
     ports("b", True)
     A.vmm = start_kv(tmp, "a")
     wait_file(os.path.join(tmp, "a", "console.log"), "kv: ready", A.vmm)
-    B.daemon = Daemon(tmp, "b", "standby", extra)
-    # The primary's daemon joins the VMM's process group: the host dies as one.
-    A.daemon = Daemon(tmp, "a", "primary", extra)
+    B.daemon = Daemon(tmp, "b", "standby", extra, misses)
+    A.daemon = Daemon(tmp, "a", "primary", extra, misses)
     A.daemon.wait(lambda s: s["state"] == "protected", "primary protected")
     return A, B
 
@@ -639,9 +643,48 @@ def test_manual(tmp, a):
     B.daemon.reap()
 
 
+def test_vmm_death(tmp, a):
+    """A primary dirtyrepd stopped cleanly (SIGTERM) leaves its VM running (unprotected):
+    the standby must not fail over. Then only the primary's VMM dies; its dirtyrepd
+    lives and tells the standby the VM is gone (-EHOSTDOWN), which fails over like a
+    lost host."""
+    A, B = setup_pair(tmp)
+    A.daemon.proc.send_signal(signal.SIGTERM)
+    A.daemon.reap()
+    time.sleep(1.0)
+    st = B.daemon.status()
+    log(f"primary dirtyrepd stopped cleanly: standby {st['role']}/{st['state']}: {st['detail']}")
+    if st["role"] != "standby" or "primary stopping" not in st["detail"]:
+        fail(f"the standby reacted to a clean primary stop with {st}")
+    if redis(SVC_IP, "PING") is not None:
+        fail("the service address still answers after the primary dirtyrepd stopped")  # it gives it up
+    for p in (B.daemon, A.vmm):
+        p.kill()
+
+    A, B = setup_pair(tmp)
+    loop = IncrLoop(tmp, "v")
+    time.sleep(random.uniform(0.3, 1.0))
+    A.vmm.kill()
+    st = B.daemon.wait(lambda s: s["role"] == "primary" and s["state"] == "unprotected", "promotion", timeout=20)
+    acked = loop.stop()
+    if not acked:
+        fail("no INCR acknowledged before the VMM died")
+    got = None
+    end = time.time() + 15
+    while got is None and time.time() < end:
+        got = redis(SVC_IP, "GET", "v")
+    sa = A.daemon.status()
+    log(f"VMM of A killed after {len(acked)} INCRs (last {acked[-1]}): A {sa['state']} ({sa['detail'][:80]}); "
+        f"B {st['state']}; GET v -> {got}")
+    if got is None or int(got) < acked[-1]:
+        fail(f"GET v = {got} < {acked[-1]}, the last acknowledged INCR")
+    if "VM is gone" not in B.daemon.text():
+        fail("the standby did not hear that the primary's VM is gone")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["kill", "nocommit", "standby-loss", "split-brain", "manual"])
+    ap.add_argument("mode", choices=["kill", "nocommit", "standby-loss", "split-brain", "manual", "vmm-death"])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     a = ap.parse_args()
@@ -666,7 +709,7 @@ def main():
         write_fence(tmp)
         {"kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
          "standby-loss": test_standby_loss, "split-brain": test_split_brain,
-         "manual": test_manual}[a.mode](tmp, a)
+         "manual": test_manual, "vmm-death": test_vmm_death}[a.mode](tmp, a)
         log("PASS")
         rc = 0
     except Fail as e:
