@@ -83,7 +83,7 @@ class Report:
 
 def dirtyrep_section(rep, repl, window):
     """Pause vs dirty rate, ring vs bitmap; per-epoch cost vs RAM; full sync; guest progress."""
-    rates = [1000, 25000, 100000, 0] if not rep.quick else [25000, 0]
+    rates = [1000, 25000, 100000, 0] if not rep.quick else [25000]
     rows = []
     for rate in rates:
         for tracking in ("ring", "bitmap"):
@@ -107,7 +107,7 @@ def dirtyrep_section(rep, repl, window):
 
     # Cost vs RAM: 1 GiB and 16 GiB interleaved, twice each, medians.
     sizes = ["1G", "4G", "16G"] if not rep.quick else ["1G", "16G"]
-    reps = 2
+    reps = 1 if rep.quick else 2
     cost = {}
     for k in range(reps):
         for tracking in ("ring", "bitmap"):
@@ -229,7 +229,7 @@ def images_section(rep, build):
 
 def failover_section(rep, build):
     """bench/failover-bench.py (network namespaces, kv guest): per-run times, parsed from its output."""
-    runs = 6 if rep.quick else 20
+    runs = 4 if rep.quick else 20
     c = subprocess.run([sys.executable, os.path.join(BENCH, "failover-bench.py"), "--build", build, "--runs",
                         str(runs)], capture_output=True, text=True, timeout=1800)
     rows = []
@@ -255,7 +255,7 @@ def failover_section(rep, build):
 def redis_section(rep, build):
     """bench/redis-bench.py: redis-benchmark through the kv guest, unreplicated vs 20/50 ms epochs."""
     c = subprocess.run([sys.executable, os.path.join(BENCH, "redis-bench.py"), "--build", build, "--requests",
-                        "200" if rep.quick else "1000"], capture_output=True, text=True, timeout=1800)
+                        "100" if rep.quick else "1000"], capture_output=True, text=True, timeout=1800)
     rows = []
     for m in re.finditer(r"^\| (unreplicated|replicated \d+ ms) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
                          r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", c.stdout, re.M):
@@ -478,7 +478,7 @@ def main():
     repl = load("repl_bench", os.path.join(BENCH, "repl-bench.py"))
     qb = load("qemu_bench", os.path.join(BENCH, "qemu-bench.py"))
     rep = Report(a.quick)
-    window = 3.0 if a.quick else 6.0
+    window = 2.5 if a.quick else 6.0
     only = set(a.only.split(",")) if a.only else None
 
     def want(s):
