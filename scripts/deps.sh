@@ -6,7 +6,7 @@ DR_DEPS=(
   protobuf-c-compiler libprotobuf-c-dev libsystemd-dev liblz4-dev
   libnl-3-dev libnl-route-3-dev libssl-dev
   python3 iproute2 redis-tools qemu-system-x86 clang
-  dbus-daemon systemd systemd-container util-linux
+  dbus-daemon systemd systemd-container util-linux debootstrap debian-archive-keyring
 )
 
 dr_install_deps() {

@@ -6,9 +6,11 @@
                            `systemd-analyze verify --man=no` of the installed unit
                            prints nothing (any stderr output fails)
   test-systemd.py nspawn   the project built with --prefix=/usr and installed with
-                           `meson install --destdir` into a Debian 12 tree (this host's
-                           /usr with the install laid over it, a copy of /etc), booted
-                           with `systemd-nspawn -b --register=no --keep-unit
+                           `meson install --destdir` into a Debian 12 tree made by
+                           `debootstrap --variant=minbase` (systemd, systemd-sysv, dbus
+                           and the packages of the libraries ldd finds in the installed
+                           executables; from the host's apt mirror), booted with
+                           `systemd-nspawn -b --register=no --keep-unit
                            --private-network`, /dev/kvm bound in; inside:
                            `systemctl start dirtyrep` with a primary and a standby VM
                            (loopback) and the reference VMM running a guest,
@@ -17,16 +19,25 @@
                            dirtyrep allowed), `systemctl reload`, a hung
                            daemon (SIGSTOP) killed and restarted by the watchdog, and a
                            clean `systemctl stop`.
+                           The debootstrap result is made once per build directory
+                           (BUILDDIR/control-nspawn-debootstrap, remade when the package
+                           list changes); each run boots a fresh overlay of it.
 
-Exit 0 pass, 1 fail, 77 skip (says why: no systemd-nspawn, no /dev/kvm, not root).
+Exit 0 pass, 1 fail, 77 skip (says why: no systemd-nspawn, no debootstrap, the Debian
+archive unreachable or a download failed, no /dev/kvm, not root).
 """
+import fcntl
+import glob
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ENV = os.environ
 
@@ -51,7 +62,6 @@ def run(cmd, **kw):
 
 
 def build_option(builddir, name):
-    import json
     opts = json.loads(subprocess.check_output(["meson", "introspect", "--buildoptions", builddir]))
     return next(o["value"] for o in opts if o["name"] == name)
 
@@ -186,38 +196,301 @@ def read(res, name):
     return open(p, errors="replace").read() if os.path.exists(p) else ""
 
 
-def test_nspawn(tmp):
+# The container tree: Debian 12 made by debootstrap, cached in the build directory.
+SUITE = "bookworm"
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
+# Bump when the way the cached tree is made changes (the package list is compared by itself).
+TREE_RECIPE = 1
+# Measured: 38-40 s from deb.debian.org into an empty cache (a 203 MB tree). meson's timeout (720 s) covers this
+# limit plus a fresh --prefix=/usr build and the boot, so a stalled download ends in a skip, not a timeout.
+DEBOOTSTRAP_TIMEOUT = 420
+# debootstrap's messages when the archive cannot be reached or a download fails: a skip, not a failure.
+NETWORK_ERRORS = ("Failed getting release file", "Couldn't download", "Temporary failure in name resolution",
+                  "unable to resolve host", "Network is unreachable", "Connection refused", "Connection timed out",
+                  "Name or service not known", "No route to host")
+
+
+def debian_mirror():
+    """The host's Debian 12 archive (the first enabled 'deb' source for the suite), else deb.debian.org."""
+    sources = ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")) + \
+        sorted(glob.glob("/etc/apt/sources.list.d/*.sources"))
+    for path in sources:
+        try:
+            text = open(path).read()
+        except OSError:
+            continue
+        if path.endswith(".sources"):  # deb822 stanzas
+            for stanza in re.split(r"\n[ \t]*\n", text):
+                fields, key = {}, None
+                for line in stanza.splitlines():
+                    if not line.strip() or line.lstrip().startswith("#"):
+                        continue
+                    if line[0] in " \t" and key:
+                        fields[key] += " " + line.strip()
+                        continue
+                    key, _, value = line.partition(":")
+                    key = key.strip().lower()
+                    fields[key] = value.strip()
+                if (fields.get("enabled", "yes").lower() != "no" and "deb" in fields.get("types", "").split() and
+                        SUITE in fields.get("suites", "").split() and fields.get("uris")):
+                    return fields["uris"].split()[0].rstrip("/"), path
+        else:
+            for line in text.splitlines():
+                m = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", line)
+                if m and m.group(2) == SUITE:
+                    return m.group(1).rstrip("/"), path
+    return "http://deb.debian.org/debian", "default"
+
+
+def runtime_packages(b):
+    """The Debian packages holding the shared libraries of the installed executables (ldd, dpkg -S)."""
+    targets = json.loads(subprocess.check_output(["meson", "introspect", "--targets", b]))
+    exes = [f for t in targets if t["type"] == "executable" and t.get("installed") for f in t["filename"]]
+    check(exes, "no installed executables in the --prefix=/usr build")
+    libs = set()
+    for exe in exes:
+        out = subprocess.run(["ldd", exe], capture_output=True, text=True).stdout
+        check("not found" not in out, f"ldd {exe}: {out}")
+        libs |= {m.group(1) for m in re.finditer(r"(/\S+) \(0x", out)}
+
+    def variants(p):  # dpkg knows a library by one name: /lib or /usr/lib, the symlink or its target
+        out = set()
+        for q in (p, os.path.realpath(p)):
+            out |= {q, q[4:] if q.startswith("/usr/") else "/usr" + q}
+        return out
+
+    cands = sorted(set().union(*(variants(lib) for lib in libs)))
+    owners = {}
+    for line in subprocess.run(["dpkg-query", "-S"] + cands, capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("diversion"):
+            continue
+        pkgs, _, path = line.partition(": ")
+        owners[path] = [p.split(":")[0] for p in pkgs.split(", ")]
+    pkgs = set(BASE_PACKAGES)
+    for lib in sorted(libs):
+        hit = next((owners[v] for v in sorted(variants(lib)) if v in owners), None)
+        check(hit, f"no Debian package owns {lib} (dpkg -S); the container cannot provide it")
+        pkgs |= set(hit)
+    log(f"runtime libraries of {', '.join(os.path.basename(e) for e in exes)}: {', '.join(sorted(libs))}")
+    return sorted(pkgs)
+
+
+def umount_under(path):
+    """Detaches every mount at or below path (deepest first)."""
+    path = os.path.realpath(path)
+    mps = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if mp == path or mp.startswith(path + "/"):
+                mps.append(mp)
+    for mp in sorted(mps, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+def remove_tree(path):
+    if os.path.lexists(path):
+        umount_under(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def children(pid):
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(d))
+    return kids
+
+
+def kill_group(p):
+    """SIGKILL to p's process group and to p's children in other sessions: a container's init (the child of
+    systemd-nspawn) outlives a killed nspawn, and SIGKILL to it ends everything in its PID namespace."""
+    for pid in children(p.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def run_group(cmd, timeout, grace=0):
+    """Runs cmd in its own process group: returns (exit code or None on timeout, output).
+    On a timeout (after SIGTERM and grace seconds) or on any exception the whole group is killed."""
+    log("+", " ".join(cmd))
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, errors="replace", start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out
+    except subprocess.TimeoutExpired:
+        if grace:
+            p.terminate()
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_group(p)
+        try:
+            out, _ = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            out = ""
+        return None, out or ""
+    except BaseException:
+        kill_group(p)
+        raise
+
+
+def debootstrap_tree(builddir, pkgs):
+    """The Debian 12 tree, made once per build directory. Returns (path, None, lock) or (None, why it cannot be
+    made, None); the caller holds the shared lock while it uses the tree, so no other run remakes it meanwhile."""
+    cache = os.path.join(builddir, "control-nspawn-debootstrap")
+    partial, stamp = cache + ".partial", cache + ".stamp"
+    want = f"recipe {TREE_RECIPE}: debootstrap --variant=minbase --merged-usr --include={','.join(pkgs)} {SUITE}"
+
+    def current():
+        have = open(stamp).read().splitlines() if os.path.exists(stamp) else []
+        if have and have[0] == want and os.path.exists(os.path.join(cache, "usr/lib/os-release")):
+            return have[1] if len(have) > 1 else "?"
+        return None
+
+    lock = open(cache + ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    if not current():
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one maker, and nobody using the old tree
+    try:
+        if current():
+            log(f"reusing the cached tree {cache} ({current()})")
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            return cache, None, lock
+        made, why = make_tree(cache, partial, stamp, want, pkgs)
+        if made:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            return cache, None, lock
+        lock.close()
+        return None, why, None
+    except BaseException:
+        lock.close()
+        raise
+
+
+def make_tree(cache, partial, stamp, want, pkgs):
+    """debootstrap into cache.partial, renamed to cache when it succeeded. Returns (True, None) or (False, why):
+    an unreachable archive or a failed download is a skip; any other debootstrap failure fails the test."""
+    if os.path.exists(stamp):
+        os.unlink(stamp)
+    remove_tree(cache)
+    remove_tree(partial)
+
+    mirror, origin = debian_mirror()
+    log(f"Debian archive: {mirror} (from {origin})")
+    if mirror.startswith(("http://", "https://")):
+        release = f"{mirror}/dists/{SUITE}/Release"
+        try:
+            urllib.request.urlopen(release, timeout=30).read(1)
+        except Exception as e:
+            return False, f"the Debian archive is unreachable ({release}: {e})"
+    cmd = ["debootstrap", "--variant=minbase", "--merged-usr", "--include=" + ",".join(pkgs), SUITE, partial,
+           mirror]
+    t0 = time.time()
+    try:
+        rc, out = run_group(cmd, DEBOOTSTRAP_TIMEOUT)
+        took = time.time() - t0
+        if rc != 0:
+            dlog = read(os.path.join(partial, "debootstrap"), "debootstrap.log")
+            log(out[-3000:])
+            log(dlog[-3000:])
+            if rc is None:
+                return False, f"debootstrap did not finish within {DEBOOTSTRAP_TIMEOUT} s from {mirror}"
+            errors = [l for l in (out + dlog).splitlines() if any(e in l for e in NETWORK_ERRORS)]
+            if errors:
+                return False, f"debootstrap could not download from {mirror}: {errors[0].strip()}"
+            last = [l for l in (out + dlog).splitlines() if l.startswith("E:")]
+            fail(f"debootstrap failed (exit {rc}) after {took:.0f} s: {last[-1] if last else 'see above'}")
+        for deb in glob.glob(os.path.join(partial, "var/cache/apt/archives/*.deb")):
+            os.unlink(deb)
+        umount_under(partial)
+        os.rename(partial, cache)
+    finally:
+        remove_tree(partial)  # whatever a failed or interrupted debootstrap left
+    check(os.path.exists(os.path.join(cache, "usr/lib/os-release")), "debootstrap made no tree")
+    size = subprocess.run(["du", "-sm", cache], capture_output=True, text=True).stdout.split()[0]
+    note = f"made by debootstrap in {took:.0f} s from {mirror}, {size} MB, {time.strftime('%Y-%m-%d %H:%M')}"
+    log(f"debootstrap took {took:.1f} s; cached in {cache} ({size} MB)")
+    with open(stamp, "w") as f:
+        f.write(f"{want}\n{note}\n")
+    return True, None
+
+
+def sweep_stale_runs():
+    """A run killed hard (meson's timeout sends SIGKILL 0.5 s after SIGTERM) leaves its directory: remove it."""
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "dr-nspawn-*-*")):
+        m = re.match(r"dr-nspawn-(\d+)-", os.path.basename(d))
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            log(f"removing {d} left by a killed run")
+            remove_tree(d)
+
+
+def test_nspawn():
     if not shutil.which("systemd-nspawn"):
         print("SKIP: systemd-nspawn is not installed (package systemd-container)")
         return 77
-    if not os.path.isfile("/usr/lib/systemd/systemd"):
-        print("SKIP: no /usr/lib/systemd/systemd to boot in the container")
+    if not shutil.which("debootstrap"):
+        print("SKIP: debootstrap is not installed (package debootstrap)")
         return 77
-    if os.path.islink("/usr") or not os.path.islink("/bin"):
-        print("SKIP: the container tree is built from this host's merged /usr, which this host lacks")
+    # Our mounts (the overlay root, anything a broken debootstrap leaves) live in a private mount
+    # namespace: they go away with this process, however it ends. unshare execs in place (same PID).
+    if ENV.get("DR_NSPAWN_MNTNS") != str(os.getpid()):
+        os.environ["DR_NSPAWN_MNTNS"] = str(os.getpid())
+        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", sys.executable,
+                              os.path.abspath(__file__), "nspawn"])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("killed by SIGTERM (meson timeout?)"))
+    sweep_stale_runs()
+    builddir = ENV["DR_BUILDDIR"]
+    t_start = time.time()
+    b = usr_build(builddir)
+    t_built = time.time()
+    pkgs = runtime_packages(b)
+    cache, why, lock = debootstrap_tree(builddir, pkgs)
+    if not cache:
+        print(f"SKIP: no Debian 12 tree for the container: {why}")
         return 77
-    b = usr_build(ENV["DR_BUILDDIR"])
-    dest = os.path.join(tmp, "dest")
-    install(b, dest)
-    # Debian 12 is merged-/usr: /lib is /usr/lib (the unit dir from systemd.pc is /lib/systemd/system).
-    if os.path.isdir(os.path.join(dest, "lib")):
-        shutil.copytree(os.path.join(dest, "lib"), os.path.join(dest, "usr", "lib"), dirs_exist_ok=True)
-        shutil.rmtree(os.path.join(dest, "lib"))
-    check(os.path.exists(os.path.join(dest, "usr/lib/systemd/system/dirtyrep.service")), "unit not installed")
+    t_tree = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"dr-nspawn-{os.getpid()}-") as tmp:
+        root = os.path.join(tmp, "root")
+        try:
+            return nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree)
+        finally:
+            umount_under(root)
+            lock.close()
 
-    root = os.path.join(tmp, "root")
-    os.makedirs(root)
-    for d in ("usr", "var", "run", "tmp", "proc", "sys", "dev", "root", "home", "srv", "opt", "mnt", "media"):
-        os.makedirs(os.path.join(root, d))
-    for l in ("bin", "sbin", "lib", "lib64"):
-        os.symlink("usr/" + l, os.path.join(root, l))
-    shutil.copytree("/etc", os.path.join(root, "etc"), symlinks=True)
-    os.unlink(os.path.join(root, "etc/os-release"))
-    shutil.copy("/usr/lib/os-release", os.path.join(root, "etc/os-release"))
+
+def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree):
+    # A fresh copy of the cached tree for this run: an overlay whose upper layer is this run's.
+    upper, work = os.path.join(tmp, "upper"), os.path.join(tmp, "work")
+    for d in (root, upper, work):
+        os.makedirs(d)
+    if any(c in p for p in (cache, upper, work) for c in ",:"):
+        c = run(["cp", "-a", "--reflink=auto", cache + "/.", root])
+        check(c.returncode == 0, f"copying the cached tree: {c.stderr}")
+    else:
+        c = run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={cache},upperdir={upper},workdir={work}", root])
+        check(c.returncode == 0, f"mounting the overlay over the cached tree: {c.stderr}")
+    install(b, root)
+    # Debian 12 is merged-/usr: the unit dir from systemd.pc, /lib/systemd/system, is /usr/lib/systemd/system.
+    check(os.path.islink(os.path.join(root, "lib")), "the debootstrap tree is not merged-/usr")
+    check(os.path.exists(os.path.join(root, "usr/lib/systemd/system/dirtyrep.service")), "unit not installed")
     with open(os.path.join(root, "etc/machine-id"), "w"):
-        pass
-    if os.path.isdir(os.path.join(dest, "etc")):
-        shutil.copytree(os.path.join(dest, "etc"), os.path.join(root, "etc"), dirs_exist_ok=True)
+        pass  # empty: the container boots with a fresh one
+
     # The operator's part: configuration and secret.
     etc = os.path.join(root, "etc/dirtyrep")
     os.makedirs(os.path.join(etc, "vm.d"), exist_ok=True)
@@ -242,18 +515,18 @@ def test_nspawn(tmp):
     os.makedirs(res)
 
     cmd = ["systemd-nspawn", "-D", root, "--register=no", "--keep-unit", "--private-network",
-           "-M", "drtest" + str(os.getpid()), f"--overlay-ro=/usr:{os.path.join(dest, 'usr')}:/usr",
+           "-M", "drtest" + str(os.getpid()),
            f"--bind={res}:/run/dr-results", f"--bind-ro={drdir}:/run/dr", "--bind=/dev/kvm",
            "-b", "--", "systemd.wants=dr-test.service", "systemd.firstboot=off"]
     t0 = time.time()
-    log("+", " ".join(cmd))
-    try:
-        c = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        log((e.stdout or b"")[-3000:])
+    rc, boot = run_group(cmd, 240, grace=15)
+    t_end = time.time()
+    log(f"container ran {t_end - t0:.1f}s, exit {rc}")
+    log(f"timing: --prefix=/usr build {t_built - t_start:.1f} s, Debian tree {t_tree - t_built:.1f} s, "
+        f"install and setup {t0 - t_tree:.1f} s, container {t_end - t0:.1f} s, total {t_end - t_start:.1f} s")
+    if rc is None:
+        log(boot[-3000:])
         fail("the container did not finish within 240 s: " + read(res, "log")[-3000:])
-    boot = c.stdout + c.stderr
-    log(f"container ran {time.time() - t0:.1f}s, exit {c.returncode}")
     if "Failed to" in boot and not os.path.exists(os.path.join(res, "log")):
         log(boot[-3000:])
         fail("the container did not boot")
@@ -311,11 +584,11 @@ def main():
     if sys.argv[1] == "nspawn" and not os.path.exists("/dev/kvm"):
         print("SKIP: /dev/kvm missing")
         return 77
+    if sys.argv[1] == "nspawn":
+        return test_nspawn()
     with tempfile.TemporaryDirectory(prefix="dr-systemd-") as tmp:
-        if sys.argv[1] == "units":
-            test_units(tmp)
-            return 0
-        return test_nspawn(tmp)
+        test_units(tmp)
+        return 0
 
 
 if __name__ == "__main__":
