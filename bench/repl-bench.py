@@ -96,6 +96,15 @@ def full_sync(memory="1G", ws="900M", fill=0, compression=None):
     seconds: the primary's own measure, from the full epoch's EPOCH_BEGIN to the
     standby's ACK of it (every non-zero page copied, sent, CRC-checked, staged and
     committed); wall_seconds adds daemon start-up, attach and handshake."""
+    for attempt in range(3):
+        r = _full_sync_once(memory, ws, fill, compression)
+        if r:
+            return r
+    raise SystemExit("full sync: the link was re-established during every attempt (see the daemons' logs)")
+
+
+def _full_sync_once(memory, ws, fill, compression):
+    """One attempt; None when the first (full) sync was followed by a resync before it could be read."""
     with tempfile.TemporaryDirectory(prefix="dr-bench-") as tmp:
         vmm = BVmm(tmp, memory, "ring", f"ws={ws} pattern=seq rate=0 report_ms=200 fill={fill} passes=1")
         wait_console(vmm.console, r"idle after pass=1")  # every page of the working set written once, then idle
@@ -109,7 +118,13 @@ def full_sync(memory="1G", ws="900M", fill=0, compression=None):
         finally:
             for p in (primary, standby, vmm):
                 p.kill()
-    assert st["last_sync_full"], st
+            logs = {"primary": primary.text(), "standby": standby.text()}
+    if not st["last_sync_full"] or st["full_syncs"] != 1:
+        print(f"full sync attempt discarded: {st['full_syncs']} full and {st['incremental_syncs']} incremental "
+              f"syncs (the link was re-established): {st['detail']}", file=sys.stderr, flush=True)
+        for tag, text in logs.items():
+            print(f"--- {tag}:\n" + "\n".join(text.splitlines()[-12:]), file=sys.stderr, flush=True)
+        return None
     secs = st["last_sync_usec"] / 1e6
     ram_mb = st["ram_bytes"] / 1e6
     return {"memory": memory, "written_working_set": ws, "fill": fill, "compression": compression or "default",

@@ -468,6 +468,7 @@ def main():
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
     ap.add_argument("--out-dir", default=os.path.join(BENCH, "results"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="with --only: merge into the existing latest.json")
     ap.add_argument("--only", help="comma-separated sections: dirtyrep,sync,colo,progress,images,failover,redis")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
@@ -478,34 +479,58 @@ def main():
     repl = load("repl_bench", os.path.join(BENCH, "repl-bench.py"))
     qb = load("qemu_bench", os.path.join(BENCH, "qemu-bench.py"))
     rep = Report(a.quick)
+    if a.merge:
+        # Re-run some sections into an existing report: keep the others' figures and tables.
+        old = json.load(open(os.path.join(a.out_dir, "latest.json")))
+        rerun = set(a.only.split(",")) if a.only else set()
+        keep_tables = {k: v for k, v in old.get("tables", {}).items()}
+        rep.tables.update(keep_tables)
+        for k, v in old.items():
+            if k not in ("settings", "targets", "tables", "notes", "plots", "run"):
+                rep.figures[k] = v
+                rep.settings[k] = old["settings"].get(k, {})
+        rep.notes = [n for n in old.get("notes", []) if not any(f"section {s} " in n for s in rerun)]
+        rep.notes.append(f"sections {sorted(rerun)} re-run at {time.strftime('%H:%M:%SZ', time.gmtime())} and "
+                         f"merged into the run of {old['run']['when']}")
+        for t in ("failover", "redis"):
+            if t in rep.tables:
+                rep.extra_plot_data[t] = rep.tables[t]
     window = 2.5 if a.quick else 6.0
     only = set(a.only.split(",")) if a.only else None
 
     def want(s):
         return only is None or s in only
 
+    def section(name, fn, *args, **kw):
+        """A failing section is reported in the notes; the others still run."""
+        try:
+            fn(*args, **kw)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a benchmark's failure is data too
+            rep.notes.append(f"section {name} failed: {type(e).__name__}: {str(e)[:400]}")
+            print(f"  section {name} FAILED: {e}", flush=True)
+
     if want("dirtyrep"):
         print("== dirtyrep: pause vs rate, cost vs RAM", flush=True)
-        dirtyrep_section(rep, repl, window)
+        section("dirtyrep", dirtyrep_section, rep, repl, window)
     if want("sync"):
         print("== full sync vs QEMU migration", flush=True)
-        sync_section(rep, repl, qb, b)
+        section("sync", sync_section, rep, repl, qb, b)
     if want("colo") and "pause_p99_ms" in rep.figures:
         print("== QEMU COLO", flush=True)
-        colo_section(rep, repl, qb, b, window=4.0 if a.quick else 8.0)
+        section("colo", colo_section, rep, repl, qb, b, window=4.0 if a.quick else 8.0)
     if want("progress"):
         print("== guest progress", flush=True)
-        progress_section(rep, repl, window)
+        section("progress", progress_section, rep, repl, window)
 
     if want("images"):
         print("== checkpoint images", flush=True)
-        images_section(rep, b)
+        section("images", images_section, rep, b)
     if want("failover"):
         print("== failover time", flush=True)
-        failover_section(rep, b)
+        section("failover", failover_section, rep, b)
     if want("redis"):
         print("== redis-benchmark through the kv guest", flush=True)
-        redis_section(rep, b)
+        section("redis", redis_section, rep, b)
 
     f = rep.figures
     rep.target("pause p99 at 25k pages/s, 20 ms epochs (ms)", f.get("pause_p99_ms"), "<=", 3.0, " ms",

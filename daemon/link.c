@@ -758,6 +758,11 @@ static int link_go_up(Link *l, const Dr__Repl__Welcome *welcome)
                 r = sd_event_add_time(l->event, &l->heartbeat_source, CLOCK_MONOTONIC,
                                       now + (uint64_t) l->heartbeat_ms * USEC_PER_MSEC, TIMER_ACCURACY_USEC,
                                       on_heartbeat_timer, l);
+        /* Heartbeats go out before more bulk input is read: sd-event dispatches one
+         * source per iteration, and a link busy with a full sync keeps its socket
+         * readable all the time. */
+        if (r >= 0)
+                r = sd_event_source_set_priority(l->heartbeat_source, SD_EVENT_PRIORITY_IMPORTANT);
         if (r < 0) {
                 link_down(l, r, false, "failed to arm heartbeat timers: %s", strerror(-r));
                 return r;
