@@ -416,7 +416,7 @@ set ylabel "p50 latency (ms)"
 set yrange [0:*]
 set key top left
 set grid ytics
-plot "{data}/redis.dat" {cols.replace('""', '"' + data + '/redis.dat"', 1)}
+plot {cols.replace('""', '"' + data + '/redis.dat"', 1)}
 ''')
     return made
 
@@ -483,15 +483,18 @@ def main():
         # Re-run some sections into an existing report: keep the others' figures and tables.
         old = json.load(open(os.path.join(a.out_dir, "latest.json")))
         rerun = set(a.only.split(",")) if a.only else set()
+        rep.t0 -= old["run"]["seconds"]  # the report's time is the measuring time of all its sections
         keep_tables = {k: v for k, v in old.get("tables", {}).items()}
         rep.tables.update(keep_tables)
         for k, v in old.items():
             if k not in ("settings", "targets", "tables", "notes", "plots", "run"):
                 rep.figures[k] = v
                 rep.settings[k] = old["settings"].get(k, {})
-        rep.notes = [n for n in old.get("notes", []) if not any(f"section {s} " in n for s in rerun)]
-        rep.notes.append(f"sections {sorted(rerun)} re-run at {time.strftime('%H:%M:%SZ', time.gmtime())} and "
-                         f"merged into the run of {old['run']['when']}")
+        rep.notes = [n for n in old.get("notes", []) if not any(f"section {s} " in n for s in rerun)
+                     and not n.startswith("gnuplot ") and "re-run at" not in n or "sync" in n and "re-run" in n]
+        if rerun - {"none"}:
+            rep.notes.append(f"sections {sorted(rerun)} re-run at {time.strftime('%H:%M:%SZ', time.gmtime())} and "
+                             f"merged into the run of {old['run']['when']}")
         for t in ("failover", "redis"):
             if t in rep.tables:
                 rep.extra_plot_data[t] = rep.tables[t]
