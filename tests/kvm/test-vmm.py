@@ -108,7 +108,9 @@ class Vmm:
 def progress(text, guest, key):
     """{cpu: [values of key]} from lines like 'dirtier: cpu=0 ... writes=123'."""
     out = {}
-    for m in re.finditer(r"^%s: cpu=(\d+) .*?\b%s=(\d+)" % (guest, key), text, re.M):
+    # Whole lines only: the console is written byte by byte, and a number cut
+    # short at the end of the file ("writes=73523" of "writes=7352339\n") is not a value.
+    for m in re.finditer(r"^%s: cpu=(\d+) .*?\b%s=(\d+)\b[^\n]*\n" % (guest, key), text, re.M):
         out.setdefault(int(m.group(1)), []).append(int(m.group(2)))
     return out
 
