@@ -492,8 +492,9 @@ def main():
             if k not in ("settings", "targets", "tables", "notes", "plots", "run"):
                 rep.figures[k] = v
                 rep.settings[k] = old["settings"].get(k, {})
-        rep.notes = [n for n in old.get("notes", []) if not any(f"section {s} " in n for s in rerun)
-                     and not n.startswith("gnuplot ") and "re-run at" not in n or "sync" in n and "re-run" in n]
+        # Old plot errors are redone below; a re-run section's old failure no longer holds.
+        rep.notes = [n for n in old.get("notes", [])
+                     if not n.startswith("gnuplot ") and not any(n.startswith(f"section {x} ") for x in rerun)]
         if rerun - {"none"}:
             rep.notes.append(f"sections {sorted(rerun)} re-run at {time.strftime('%H:%M:%SZ', time.gmtime())} and "
                              f"merged into the run of {old['run']['when']}")

@@ -427,24 +427,34 @@ int vmm_link_reset_rings(VmmLink *l, uint64_t *ret_count)
         return 0;
 }
 
-int vmm_link_pause(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns)
+/* PAUSE (and SAVE_STATE with it when save); the reply is the caller's to free. */
+static int pause_call(VmmLink *l, uint32_t timeout_ms, bool save, uint64_t *ret_pause_ns, Dr__Control__Reply **ret)
 {
         Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
         Dr__Control__Pause m = DR__CONTROL__PAUSE__INIT;
-        Dr__Control__Reply *reply;
         int r;
 
         if (timeout_ms) {
                 m.has_timeout_ms = true;
                 m.timeout_ms = timeout_ms;
         }
+        m.has_save_state = m.save_state = save;
         req.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
         req.pause = &m;
-        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_PAUSE, &reply);
+        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_PAUSE, ret);
+        if (r >= 0 && ret_pause_ns)
+                *ret_pause_ns = (*ret)->pause->pause_ns;
+        return r;
+}
+
+int vmm_link_pause(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns)
+{
+        Dr__Control__Reply *reply;
+        int r;
+
+        r = pause_call(l, timeout_ms, false, ret_pause_ns, &reply);
         if (r < 0)
                 return r;
-        if (ret_pause_ns)
-                *ret_pause_ns = reply->pause->pause_ns;
         dr__control__reply__free_unpacked(reply, NULL);
         return 0;
 }
@@ -454,73 +464,65 @@ static int read_state(VmmLink *l, uint64_t len, uint8_t **ret_buf, size_t *ret_l
 int vmm_link_pause_save(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns, uint8_t **ret_buf,
                         size_t *ret_len)
 {
-        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
-        Dr__Control__Pause m = DR__CONTROL__PAUSE__INIT;
         Dr__Control__Reply *reply;
         uint64_t len;
+        bool has;
         int r;
 
         if (!vmm_link_has_feature(l, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE))
                 return -EOPNOTSUPP;
-        if (timeout_ms) {
-                m.has_timeout_ms = true;
-                m.timeout_ms = timeout_ms;
-        }
-        m.has_save_state = m.save_state = true;
-        req.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
-        req.pause = &m;
-        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_PAUSE, &reply);
+        r = pause_call(l, timeout_ms, true, ret_pause_ns, &reply);
         if (r < 0)
                 return r;
-        if (ret_pause_ns)
-                *ret_pause_ns = reply->pause->pause_ns;
-        if (!reply->pause->has_state_length) {
-                dr__control__reply__free_unpacked(reply, NULL);
+        has = reply->pause->has_state_length;
+        len = reply->pause->state_length;
+        dr__control__reply__free_unpacked(reply, NULL);
+        if (!has) {
                 snprintf(l->last_error, sizeof(l->last_error), "agent paused but sent no state");
                 return -EPROTO;
         }
-        len = reply->pause->state_length;
-        dr__control__reply__free_unpacked(reply, NULL);
         return read_state(l, len, ret_buf, ret_len);
+}
+
+/* RESUME at epoch (KVM_RESET_DIRTY_RINGS first when reset); a reply body only with reset. */
+static int resume_call(VmmLink *l, uint64_t epoch, bool reset, Dr__Control__Reply **ret)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__Resume m = DR__CONTROL__RESUME__INIT;
+
+        m.has_epoch = true;
+        m.epoch = epoch;
+        m.has_reset_rings = m.reset_rings = reset;
+        req.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
+        req.resume = &m;
+        return link_simple(l, &req, reset ? DR__CONTROL__REPLY__BODY_RESUME : DR__CONTROL__REPLY__BODY__NOT_SET,
+                           ret);
 }
 
 int vmm_link_resume_reset(VmmLink *l, uint64_t epoch, uint64_t *ret_count)
 {
-        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
-        Dr__Control__Resume m = DR__CONTROL__RESUME__INIT;
         Dr__Control__Reply *reply;
+        bool has;
         int r;
 
         if (!vmm_link_has_feature(l, DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS))
                 return -EOPNOTSUPP;
-        m.has_epoch = true;
-        m.epoch = epoch;
-        m.has_reset_rings = m.reset_rings = true;
-        req.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
-        req.resume = &m;
-        r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_RESUME, &reply);
+        r = resume_call(l, epoch, true, &reply);
         if (r < 0)
                 return r;
-        if (!reply->resume->has_reset_count) {
-                dr__control__reply__free_unpacked(reply, NULL);
+        has = reply->resume->has_reset_count;
+        *ret_count = reply->resume->reset_count;
+        dr__control__reply__free_unpacked(reply, NULL);
+        if (!has) {
                 snprintf(l->last_error, sizeof(l->last_error), "agent resumed but sent no reset count");
                 return -EPROTO;
         }
-        *ret_count = reply->resume->reset_count;
-        dr__control__reply__free_unpacked(reply, NULL);
         return 0;
 }
 
 int vmm_link_resume(VmmLink *l, uint64_t epoch)
 {
-        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
-        Dr__Control__Resume m = DR__CONTROL__RESUME__INIT;
-
-        m.has_epoch = true;
-        m.epoch = epoch;
-        req.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
-        req.resume = &m;
-        return link_simple(l, &req, DR__CONTROL__REPLY__BODY__NOT_SET, NULL);
+        return resume_call(l, epoch, false, NULL);
 }
 
 int vmm_link_save_state(VmmLink *l, uint8_t **ret_buf, size_t *ret_len)
