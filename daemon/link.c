@@ -36,6 +36,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -58,10 +59,18 @@
 #define SOCKET_BUFFER_BYTES   (4 * 1024 * 1024)
 #define RX_BUFFER_BYTES       (64u * 1024u)
 #define RX_READS_PER_DISPATCH 16u
-#define TX_IOV_MAX            64u
-#define PEER_MESSAGE_MAX      200u
-#define LISTEN_BACKLOG        64
-#define TIMER_ACCURACY_USEC   1000u
+/* Work one dispatch may do before the loop gets back to its timers. Reads
+ * are counted in wire bytes, but a compressed PAGES frame of 16 KiB can
+ * expand to 1 MiB of pages to apply: 16 reads of LZ4'd zero-tailed pages
+ * once took the standby's loop past the peer's 200 ms liveness window, and
+ * its heartbeats were not sent (the full-sync link flap). */
+#define RX_DISPATCH_BUDGET_USEC 2000u
+#define LOOP_STALL_FACTOR       5u
+#define LOOP_STALL_MIN_USEC     (2u * USEC_PER_SEC)
+#define TX_IOV_MAX              64u
+#define PEER_MESSAGE_MAX        200u
+#define LISTEN_BACKLOG          64
+#define TIMER_ACCURACY_USEC     1000u
 
 #define DEFAULT_HEARTBEAT_MS 50u
 #define DEFAULT_MISSES       4u
@@ -127,7 +136,8 @@ struct Link {
         sd_event_source *io_source, *wake_source, *deadline_source, *heartbeat_source, *connect_fail_source;
         int connect_error;
         uint64_t last_rx_usec;
-        uint64_t heartbeat_seq;
+        uint64_t peer_loop_beats, peer_loop_usec; /* the peer loop's last progress, and when seen */
+        _Atomic uint64_t patience_usec;           /* link_set_patience(); any thread */
 
         /* Reader. */
         uint8_t rx_header[FRAME_HEADER_SIZE];
@@ -161,6 +171,11 @@ struct Link {
         int write_error;
         unsigned n_waiters;
         LinkStats stats;
+        /* Heartbeats: the loop refreshes hb (content and loop_beats) every
+         * heartbeat_ms; the writer sends it when hb_next (CLOCK_MONOTONIC) is due. */
+        bool hb_on;
+        uint64_t hb_next, hb_seq;
+        Dr__Repl__Heartbeat hb;
 };
 
 static const char *frame_type_name(uint16_t type)
@@ -466,6 +481,45 @@ static int writer_send_batch(Link *l, TxFrame *batch)
         return r;
 }
 
+/* Under the mutex: queues a heartbeat when one is due; returns when the next is. */
+static uint64_t writer_heartbeat_locked(Link *l)
+{
+        uint64_t now = now_usec(), interval = (uint64_t) l->heartbeat_ms * USEC_PER_MSEC;
+        Dr__Repl__Heartbeat hb;
+        size_t len;
+        TxFrame *f;
+
+        if (!l->hb_on || !l->accepting || interval == 0)
+                return UINT64_MAX;
+        if (now < l->hb_next)
+                return l->hb_next;
+        /* Not a catch-up burst after a stall: one heartbeat, the next one interval later. */
+        l->hb_next = now + interval;
+        hb = l->hb;
+        hb.seq = ++l->hb_seq;
+        len = protobuf_c_message_get_packed_size(&hb.base);
+        f = txframe_new(len);
+        if (!f)
+                return l->hb_next; /* out of memory: the peer will notice if it lasts */
+        protobuf_c_message_pack(&hb.base, f->data + FRAME_HEADER_SIZE);
+        frame_header_build(f->data, DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT, f->data + FRAME_HEADER_SIZE,
+                           (uint32_t) len);
+        *l->q_tail = f;
+        l->q_tail = &f->next;
+        l->queued_bytes += f->len;
+        l->stats.queue_high_water = MAX(l->stats.queue_high_water, l->queued_bytes);
+        l->stats.heartbeats_sent++;
+        return l->hb_next;
+}
+
+/*
+ * The writer also sends the heartbeats. A thread that sleeps most of the time
+ * is scheduled promptly when it wakes, even on a loaded machine, while the
+ * loop thread of a daemon busy with a full sync competes for CPU like any
+ * busy thread: 200 ms without a heartbeat were common on 2 CPUs (the
+ * full-sync link flap). The loop's own liveness still travels in them
+ * (loop_beats), checked by the peer over a longer window.
+ */
 static void *writer_main(void *userdata)
 {
         Link *l = userdata;
@@ -475,8 +529,20 @@ static void *writer_main(void *userdata)
                 TxFrame *batch;
                 int r;
 
-                while (!l->stop && !l->q_head && !l->closing)
-                        pthread_cond_wait(&l->cond_work, &l->mutex);
+                for (;;) {
+                        uint64_t due = writer_heartbeat_locked(l);
+                        struct timespec ts;
+
+                        if (l->stop || l->q_head || l->closing)
+                                break;
+                        if (due == UINT64_MAX) {
+                                pthread_cond_wait(&l->cond_work, &l->mutex);
+                                continue;
+                        }
+                        ts.tv_sec = (time_t) (due / USEC_PER_SEC);
+                        ts.tv_nsec = (long) (due % USEC_PER_SEC) * 1000L;
+                        (void) pthread_cond_timedwait(&l->cond_work, &l->mutex, &ts);
+                }
                 if (l->stop)
                         break;
                 if (!l->q_head) {
@@ -684,40 +750,94 @@ static uint64_t liveness_window_usec(const Link *l)
         return (uint64_t) l->heartbeat_ms * l->heartbeat_misses * USEC_PER_MSEC;
 }
 
+/* The silence tolerated before the peer counts as lost: the liveness window,
+ * or the patience asked for, whichever is longer. */
+static uint64_t silence_window_usec(Link *l)
+{
+        return MAX(liveness_window_usec(l), atomic_load_explicit(&l->patience_usec, memory_order_relaxed));
+}
+
+void link_set_patience(Link *l, uint64_t usec)
+{
+        if (l)
+                atomic_store_explicit(&l->patience_usec, usec, memory_order_relaxed);
+}
+
+/* How long the peer's event loop may show no progress in its heartbeats:
+ * longer than the liveness window, as a loop busy with bulk input on a loaded
+ * machine runs late, but bounded, as a hung loop behind a live writer must
+ * not pass for a live peer. */
+static uint64_t loop_window_usec(const Link *l)
+{
+        return MAX(LOOP_STALL_FACTOR * liveness_window_usec(l), LOOP_STALL_MIN_USEC);
+}
+
 static int on_deadline(sd_event_source *s, uint64_t usec, void *userdata)
 {
         _cleanup_(link_unrefp) Link *l = link_ref(userdata);
+        uint64_t rx_due, loop_due;
 
         if (l->state != LINK_UP) {
                 link_down(l, -ETIMEDOUT, true, "handshake with %s timed out after %u ms", l->peer_name,
                           l->handshake_timeout_ms);
                 return 0;
         }
-        if (usec >= l->last_rx_usec + liveness_window_usec(l)) {
+        /* This loop ran late by more than a heartbeat: the host did not run us,
+         * and likely not the peer either (both daemons on one loaded machine, or
+         * a stalled hypervisor). Silence seen while we could not look proves
+         * nothing: give the peer two more heartbeats from now. */
+        {
+                uint64_t now = now_usec(), hb = (uint64_t) l->heartbeat_ms * USEC_PER_MSEC;
+                if (now > usec + hb) {
+                        log_debug("link %s: liveness check ran %" PRIu64
+                                  " ms late; waiting 2 heartbeats more",
+                                  l->peer_name, (uint64_t) ((now - usec) / USEC_PER_MSEC));
+                        l->last_rx_usec = MAX(l->last_rx_usec, now + 2 * hb - silence_window_usec(l));
+                        if (l->peer_loop_usec > 0)
+                                l->peer_loop_usec =
+                                        MAX(l->peer_loop_usec, now + 2 * hb - loop_window_usec(l));
+                }
+        }
+        if (usec >= l->last_rx_usec + silence_window_usec(l)) {
                 /* Bytes waiting in the socket mean the peer is alive and this
                  * loop was late (the timer can dispatch before the read). */
                 struct pollfd pfd = {.fd = l->fd, .events = POLLIN};
                 if (poll(&pfd, 1, 0) > 0 && (pfd.revents & POLLIN))
                         l->last_rx_usec = usec;
         }
-        if (usec < l->last_rx_usec + liveness_window_usec(l)) {
-                /* Something arrived since the timer was armed: move it, do not fire. */
-                (void) sd_event_source_set_time(s, l->last_rx_usec + liveness_window_usec(l));
-                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        rx_due = l->last_rx_usec + silence_window_usec(l);
+        loop_due = l->peer_loop_usec > 0 ? l->peer_loop_usec + loop_window_usec(l) : UINT64_MAX;
+        if (usec >= rx_due) {
+                if (silence_window_usec(l) > liveness_window_usec(l))
+                        link_down(l, -ETIMEDOUT, true,
+                                  "peer %s lost: nothing received for %u ms (patience %u ms)", l->peer_name,
+                                  (unsigned) ((usec - l->last_rx_usec) / USEC_PER_MSEC),
+                                  (unsigned) (silence_window_usec(l) / USEC_PER_MSEC));
+                else
+                        link_down(l, -ETIMEDOUT, true,
+                                  "peer %s lost: nothing received for %u ms (%u heartbeats of %u ms missed)",
+                                  l->peer_name, (unsigned) ((usec - l->last_rx_usec) / USEC_PER_MSEC),
+                                  l->heartbeat_misses, l->heartbeat_ms);
                 return 0;
         }
-        link_down(l, -ETIMEDOUT, true,
-                  "peer %s lost: nothing received for %u ms (%u heartbeats of %u ms missed)", l->peer_name,
-                  (unsigned) ((usec - l->last_rx_usec) / USEC_PER_MSEC), l->heartbeat_misses,
-                  l->heartbeat_ms);
+        if (usec >= loop_due) {
+                link_down(
+                        l, -ETIMEDOUT, true,
+                        "peer %s lost: its heartbeats arrive, but its event loop made no progress for %u ms",
+                        l->peer_name, (unsigned) ((usec - l->peer_loop_usec) / USEC_PER_MSEC));
+                return 0;
+        }
+        /* Something arrived since the timer was armed: move it, do not fire. */
+        (void) sd_event_source_set_time(s, MIN(rx_due, loop_due));
+        (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
         return 0;
 }
 
+/* Refreshes what the writer's heartbeats say; each run is one loop beat. */
 static int on_heartbeat_timer(sd_event_source *s, uint64_t usec, void *userdata)
 {
         _cleanup_(link_unrefp) Link *l = link_ref(userdata);
         Dr__Repl__Heartbeat hb = DR__REPL__HEARTBEAT__INIT;
-        TxFrame *f;
 
         if (l->state != LINK_UP)
                 return 0;
@@ -725,13 +845,14 @@ static int on_heartbeat_timer(sd_event_source *s, uint64_t usec, void *userdata)
                 l->cb.fill_heartbeat(l, &hb, l->userdata);
         if (l->freed || l->state != LINK_UP)
                 return 0;
-        hb.seq = ++l->heartbeat_seq;
-        /* Never blocks the loop: with a full queue the peer is not reading and
-         * one heartbeat more would not help it. */
-        if (link_pack(l, &hb.base, &f) >= 0)
-                (void) link_queue(l, DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT, f, false, false);
+        pthread_mutex_lock(&l->mutex);
+        hb.has_loop_beats = true;
+        hb.loop_beats = l->hb.loop_beats + 1;
+        l->hb = hb;
+        pthread_mutex_unlock(&l->mutex);
 
-        (void) sd_event_source_set_time(s, usec + (uint64_t) l->heartbeat_ms * USEC_PER_MSEC);
+        (void) sd_event_source_set_time(s,
+                                        MAX(usec, loop_now(l)) + (uint64_t) l->heartbeat_ms * USEC_PER_MSEC);
         (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
         return 0;
 }
@@ -747,8 +868,20 @@ static int link_go_up(Link *l, const Dr__Repl__Welcome *welcome)
         listener_release(l);
         l->last_rx_usec = now;
 
+        Dr__Repl__Heartbeat hb = DR__REPL__HEARTBEAT__INIT;
+        if (l->cb.fill_heartbeat)
+                l->cb.fill_heartbeat(l, &hb, l->userdata);
+        if (l->freed || l->state == LINK_DOWN)
+                return -ENOTCONN;
+        hb.has_loop_beats = true;
+
         pthread_mutex_lock(&l->mutex);
         l->accepting = !l->closing && l->write_error == 0;
+        /* The writer sends heartbeats from now on. */
+        l->hb = hb;
+        l->hb_next = now_usec() + (uint64_t) l->heartbeat_ms * USEC_PER_MSEC;
+        l->hb_on = l->heartbeat_ms > 0;
+        pthread_cond_signal(&l->cond_work);
         pthread_mutex_unlock(&l->mutex);
 
         r = sd_event_source_set_time(l->deadline_source, now + liveness_window_usec(l));
@@ -758,9 +891,9 @@ static int link_go_up(Link *l, const Dr__Repl__Welcome *welcome)
                 r = sd_event_add_time(l->event, &l->heartbeat_source, CLOCK_MONOTONIC,
                                       now + (uint64_t) l->heartbeat_ms * USEC_PER_MSEC, TIMER_ACCURACY_USEC,
                                       on_heartbeat_timer, l);
-        /* Heartbeats go out before more bulk input is read: sd-event dispatches one
-         * source per iteration, and a link busy with a full sync keeps its socket
-         * readable all the time. */
+        /* The loop beat runs before more bulk input is read: sd-event dispatches
+         * one source per iteration, and a link busy with a full sync keeps its
+         * socket readable all the time. */
         if (r >= 0)
                 r = sd_event_source_set_priority(l->heartbeat_source, SD_EVENT_PRIORITY_IMPORTANT);
         if (r < 0) {
@@ -972,6 +1105,14 @@ static int handle_heartbeat(Link *l, const uint8_t *payload, size_t len)
         pthread_mutex_lock(&l->mutex);
         l->stats.heartbeats_received++;
         pthread_mutex_unlock(&l->mutex);
+        /* A peer that sends loop_beats gets its loop watched from its first beat on. */
+        {
+                const Dr__Repl__Heartbeat *hb = (const Dr__Repl__Heartbeat *) m;
+                if (hb->has_loop_beats && (l->peer_loop_usec == 0 || hb->loop_beats != l->peer_loop_beats)) {
+                        l->peer_loop_beats = hb->loop_beats;
+                        l->peer_loop_usec = loop_now(l);
+                }
+        }
         if (l->cb.on_heartbeat)
                 l->cb.on_heartbeat(l, (Dr__Repl__Heartbeat *) m, l->userdata);
         return (l->freed || l->state == LINK_DOWN) ? -ENOTCONN : 0;
@@ -1151,6 +1292,8 @@ static void link_note_rx(Link *l, size_t n)
 
 static void link_read(Link *l)
 {
+        uint64_t start = now_usec();
+
         for (unsigned i = 0; i < RX_READS_PER_DISPATCH && !l->freed && l->state != LINK_DOWN; i++) {
                 size_t want = l->rx_have_header ? l->rx_frame.length - l->rx_payload_got : 0;
                 bool direct = want >= RX_BUFFER_BYTES;
@@ -1182,6 +1325,9 @@ static void link_read(Link *l)
                         if (l->rx_payload_got == l->rx_frame.length && link_frame_complete(l) < 0)
                                 return;
                 } else if (link_feed(l, l->rx_buf, (size_t) n) < 0)
+                        return;
+                /* The socket stays readable: the loop comes back after its timers. */
+                if (now_usec() - start >= RX_DISPATCH_BUDGET_USEC)
                         return;
         }
 }
@@ -1300,7 +1446,14 @@ static int link_new(sd_event *e, int fd, const LinkParams *p, const LinkCallback
         l->wake_fd = l->stop_fd = -EBADF;
         l->q_tail = &l->q_head;
         pthread_mutex_init(&l->mutex, NULL);
-        pthread_cond_init(&l->cond_work, NULL);
+        {
+                /* The writer's timed waits (heartbeats) run on CLOCK_MONOTONIC, like now_usec(). */
+                pthread_condattr_t ca;
+                pthread_condattr_init(&ca);
+                pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+                pthread_cond_init(&l->cond_work, &ca);
+                pthread_condattr_destroy(&ca);
+        }
         pthread_cond_init(&l->cond_space, NULL);
         l->event = sd_event_ref(e);
         l->side = p->side;

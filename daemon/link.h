@@ -119,6 +119,11 @@ void link_fail(Link *l, int code, const char *fmt, ...) _printf_(3, 4);
 
 LinkState link_state(const Link *l);
 void link_get_stats(const Link *l, LinkStats *ret);
+/* Tolerate up to usec of silence from the peer (0: the heartbeat window
+ * only), e.g. while it applies a full sync. Any thread; the Link must be alive. */
+void link_set_patience(Link *l, uint64_t usec);
+/* The patience both sides use during a full sync. */
+#define SYNC_PATIENCE_USEC (2u * 1000u * 1000u)
 const char *link_peer_name(const Link *l);
 /* The session id from the primary's Hello (standby side, after on_hello), 16 bytes. */
 const uint8_t *link_peer_session(const Link *l);

@@ -590,6 +590,12 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
         p->sync_full = true;
         p->sync_start_usec = now_usec();
         p->inflight = 0;
+        /* The standby is busy applying it (and has nothing to fail over to
+         * meanwhile): tolerate a longer silence than the heartbeat window, so
+         * a loaded host does not restart the full sync again and again.
+         * p->link stays alive while p->mutex is held. */
+        if (p->link && p->link_gen == e->gen)
+                link_set_patience(p->link, SYNC_PATIENCE_USEC);
         pthread_mutex_unlock(&p->mutex);
         r = send_begin(e, true, 0);
         if (r < 0)
@@ -1471,6 +1477,7 @@ static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, 
         if (a->epoch > atomic_load_explicit(&p->acked, memory_order_relaxed))
                 p->epochs_committed++;
         if (p->syncing && a->epoch >= p->sync_epoch) {
+                link_set_patience(l, 0);
                 p->syncing = false;
                 p->last_sync_usec = now_usec() - p->sync_start_usec;
                 p->last_sync_full = p->sync_full;

@@ -677,6 +677,7 @@ static void epoch_commit(Standby *s, Conn *c)
         s->wire_bytes_total += st->wire_bytes;
         s->last_commit_usec = now;
         c->commits++;
+        link_set_patience(c->link, 0); /* a replica now: failover needs the short window */
 
         free(st->list);
         *st = (Staging){.full_fd = -EBADF};
@@ -838,6 +839,9 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         else
                 snprintf(s->detail, sizeof(s->detail), "full sync");
         log_info("VM %s: primary %s authenticated, %s", s->vm->name, c->peer, s->detail);
+        /* Without a replica there is nothing to fail over to: a primary busy
+         * with the full sync may be silent longer before it counts as lost. */
+        link_set_patience(l, s->replica.valid ? 0 : SYNC_PATIENCE_USEC);
         return 0;
 }
 

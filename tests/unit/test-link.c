@@ -657,6 +657,131 @@ TEST(silent_peer)
         fixture_done(&f);
 }
 
+/* Counts heartbeats arriving on a raw socket from another thread, while the
+ * test's own thread (the link's loop) is busy. */
+typedef struct HbCounter {
+        int fd;
+        unsigned heartbeats;
+        uint64_t until;
+} HbCounter;
+
+static void *count_heartbeats(void *userdata)
+{
+        HbCounter *c = userdata;
+        uint8_t buf[65536];
+        size_t have = 0;
+
+        while (now_usec() < c->until) {
+                struct pollfd p = {.fd = c->fd, .events = POLLIN};
+                ssize_t n;
+
+                if (poll(&p, 1, 10) <= 0)
+                        continue;
+                n = recv(c->fd, buf + have, sizeof(buf) - have, MSG_DONTWAIT);
+                if (n <= 0)
+                        continue;
+                have += (size_t) n;
+                while (have >= FRAME_HEADER_SIZE) {
+                        FrameHeader h;
+                        ASSERT_OK(frame_header_parse(buf, MAX_FRAME, &h));
+                        if (have < FRAME_HEADER_SIZE + h.length)
+                                break;
+                        if (h.type == DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT)
+                                c->heartbeats++;
+                        memmove(buf, buf + FRAME_HEADER_SIZE + h.length,
+                                have - FRAME_HEADER_SIZE - h.length);
+                        have -= FRAME_HEADER_SIZE + h.length;
+                }
+        }
+        return NULL;
+}
+
+TEST(heartbeats_while_loop_busy)
+{
+        HbCounter c = {0};
+        pthread_t t;
+        Fixture f;
+        int fd;
+
+        /* The writer thread sends the heartbeats: a loop busy for 400 ms
+         * (here: this thread, sleeping) does not stop them. */
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.sp.heartbeat_ms = 20;
+        f.sp.heartbeat_misses = 100;
+        fd = raw_connect(&f);
+        raw_handshake(&f, fd, false);
+        c.fd = fd;
+        c.until = now_usec() + 400 * 1000;
+        ASSERT_EQ(pthread_create(&t, NULL, count_heartbeats, &c), 0);
+        usleep(400 * 1000);
+        ASSERT_EQ(pthread_join(t, NULL), 0);
+        fprintf(stderr, "  %u heartbeats in 400 ms of a busy loop (every 20 ms)\n", c.heartbeats);
+        ASSERT_TRUE(c.heartbeats >= 8);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+/* A raw primary whose heartbeats keep coming but whose loop_beats never
+ * change: its loop hung behind a live writer. */
+TEST(peer_loop_stalled)
+{
+        Dr__Repl__Heartbeat hb = DR__REPL__HEARTBEAT__INIT;
+        uint64_t up, elapsed, beats = 0;
+        Fixture f;
+        int fd;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.sp.heartbeat_ms = 20;
+        f.sp.heartbeat_misses = 5;
+        fd = raw_connect(&f);
+        raw_handshake(&f, fd, false);
+        up = now_usec();
+        hb.has_loop_beats = true;
+        /* Beats advance for 0.5 s: the link stays up. Then they stop advancing. */
+        while (f.s.downs == 0 && now_usec() - up < 5 * 1000 * 1000) {
+                hb.seq++;
+                if (now_usec() - up < 500 * 1000)
+                        hb.loop_beats = ++beats;
+                raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT, &hb.base);
+                RUN_UNTIL(f.e, f.s.downs > 0, 20);
+        }
+        elapsed = now_usec() - up;
+        ASSERT_EQ(f.s.downs, 1);
+        ASSERT_EQ(f.s.down_error, -ETIMEDOUT);
+        ASSERT_TRUE(strstr(f.s.down_reason, "event loop made no progress"));
+        fprintf(stderr,
+                "  stalled peer loop declared lost %" PRIu64
+                " ms after up (beats stopped at 500 ms; window 2000 ms)\n",
+                elapsed / 1000);
+        ASSERT_TRUE(elapsed >= 2400 * 1000 && elapsed < 4500 * 1000);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
+TEST(patience)
+{
+        uint64_t up, elapsed;
+        Fixture f;
+        int fd;
+
+        /* A silent peer with patience 600 ms is lost after about 600 ms, not
+         * after the 150 ms heartbeat window. */
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        f.sp.heartbeat_ms = 50;
+        f.sp.heartbeat_misses = 3;
+        fd = raw_connect(&f);
+        raw_handshake(&f, fd, false);
+        link_set_patience(f.standby, 600 * 1000);
+        up = now_usec();
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 3000));
+        elapsed = now_usec() - up;
+        ASSERT_EQ(f.s.down_error, -ETIMEDOUT);
+        fprintf(stderr, "  declared lost after %" PRIu64 " ms (patience 600 ms)\n", elapsed / 1000);
+        ASSERT_TRUE(elapsed >= 400 * 1000 && elapsed < 2000 * 1000);
+        safe_close(fd);
+        fixture_done(&f);
+}
+
 TEST(handshake_timeout)
 {
         uint64_t start;
