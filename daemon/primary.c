@@ -163,6 +163,9 @@ struct Primary {
         Guard guard;
         bool suspended;   /* the epoch thread paused the VM for GUARD_SUSPENDED */
         bool had_standby; /* a standby committed an epoch of this primary */
+        uint64_t last_commit_usec; /* when an ACK last advanced the committed epoch */
+        uint64_t commit_gap_max_usec;
+        uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
         bool promoted;
         uint64_t promoted_from;
         char *hash_path;
@@ -1446,6 +1449,24 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         return 0;
 }
 
+/* Under mutex: the inter-commit gap histogram (role.h) gets the time since the last commit. */
+static void note_commit(Primary *p, uint64_t t)
+{
+        static const uint64_t edges_ms[] = COMMIT_GAP_EDGES_MS;
+        uint64_t gap;
+        size_t b = 0;
+
+        _Static_assert(ELEMENTSOF(edges_ms) == COMMIT_GAP_BUCKETS - 1, "one edge per bucket but the last");
+        if (p->last_commit_usec > 0 && t >= p->last_commit_usec) {
+                gap = t - p->last_commit_usec;
+                while (b < ELEMENTSOF(edges_ms) && gap > edges_ms[b] * 1000)
+                        b++;
+                p->commit_gaps[b]++;
+                p->commit_gap_max_usec = MAX(p->commit_gap_max_usec, gap);
+        }
+        p->last_commit_usec = t;
+}
+
 static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, void *userdata)
 {
         Primary *p = userdata;
@@ -1468,8 +1489,10 @@ static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, 
                 return -EPROTO;
         }
         pthread_mutex_lock(&p->mutex);
-        if (a->epoch > atomic_load_explicit(&p->acked, memory_order_relaxed))
+        if (a->epoch > atomic_load_explicit(&p->acked, memory_order_relaxed)) {
                 p->epochs_committed++;
+                note_commit(p, now_usec());
+        }
         if (p->syncing && a->epoch >= p->sync_epoch) {
                 p->syncing = false;
                 p->last_sync_usec = now_usec() - p->sync_start_usec;
@@ -2069,6 +2092,8 @@ void primary_get_status(Primary *p, ReplStatus *ret)
         ret->ram_bytes = p->total_pages * PAGE_BYTES;
         ret->last_sync_usec = p->last_sync_usec;
         ret->last_sync_full = p->last_sync_full;
+        ret->commit_gap_max_usec = p->commit_gap_max_usec;
+        memcpy(ret->commit_gaps, p->commit_gaps, sizeof(ret->commit_gaps));
         page_in = p->page_bytes_in;
         page_out = p->page_bytes_out;
         l = p->link;
