@@ -58,6 +58,8 @@
 #include "vmm-link.h"
 
 #define ATTACH_RETRY_USEC     (1 * USEC_PER_SEC)
+#define GONE_CHECK_USEC       (50 * 1000ULL) /* report_stop(): is a VMM that still answers dying? */
+#define GONE_CHECKS           20u
 #define BACKOFF_MIN_MS        100u
 #define BACKOFF_MAX_MS        2000u
 #define RING_HARVEST_USEC     1000u  /* ring: collect every millisecond */
@@ -102,7 +104,8 @@ struct Primary {
         char host[64];
 
         /* Loop thread only. */
-        sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer;
+        sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer, *gone_timer;
+        unsigned gone_checks; /* vmm_alive() re-checks after the epoch thread stopped */
         unsigned backoff_ms;
         bool started;
         Dr__Repl__Hello hello;
@@ -1733,33 +1736,68 @@ static bool vmm_alive(const char *path)
         return true;
 }
 
-/* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby.
- * -EHOSTDOWN tells it the VM is gone here, so it may fail over; anything else
- * (the VM may still run here, unprotected) must not make it do so. */
+static int on_gone_timer(sd_event_source *s, uint64_t usec, void *userdata);
+
+/*
+ * Tells the standby why replication stopped. -EHOSTDOWN says the VM is gone
+ * here, so it may fail over; anything else (the VM may still run here,
+ * unprotected) must not make it do so. A VMM that is being killed resets its
+ * control connection before its listening socket is closed: the kernel
+ * closes a dying process's fds one by one, after tearing down its memory,
+ * and closing the KVM fds destroys the VM, which took long enough here that
+ * a connect() in between still succeeded (bench/load-bench.py --churn: the
+ * standby heard -EIO and never failed over). So a VMM that still answers is
+ * asked again every GONE_CHECK_USEC, GONE_CHECKS times, before -EIO.
+ */
+static void report_stop(Primary *p)
+{
+        char detail[sizeof(p->detail)];
+        Link *l;
+
+        pthread_mutex_lock(&p->mutex);
+        l = p->link;
+        snprintf(detail, sizeof(detail), "%s", p->detail);
+        pthread_mutex_unlock(&p->mutex);
+        if (!l)
+                return;
+        if (!vmm_alive(p->vm->control_socket)) {
+                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
+                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
+                return;
+        }
+        if (p->gone_checks++ < GONE_CHECKS &&
+            sd_event_add_time_relative(p->event, &p->gone_timer, CLOCK_MONOTONIC, GONE_CHECK_USEC, 1000,
+                                       on_gone_timer, p) >= 0)
+                return;
+        link_fail(l, -EIO, "primary stopped replicating: %s", detail);
+}
+
+static int on_gone_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        Primary *p = userdata;
+
+        p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
+        report_stop(p);
+        return 0;
+}
+
+/* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby. */
 static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         Primary *p = userdata;
-        char detail[sizeof(p->detail)];
         eventfd_t v;
         bool failed;
-        Link *l;
 
         (void) eventfd_read(fd, &v);
         image_deliver(p, false);
         pthread_mutex_lock(&p->mutex);
         failed = p->failed;
-        l = p->link;
-        snprintf(detail, sizeof(detail), "%s", p->detail);
         pthread_mutex_unlock(&p->mutex);
         if (!failed || p->fail_reported)
                 return 0;
         p->fail_reported = true;
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
-        if (l && !vmm_alive(p->vm->control_socket)) {
-                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
-                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
-        } else if (l)
-                link_fail(l, -EIO, "primary stopped replicating: %s", detail);
+        report_stop(p);
         return 0;
 }
 
@@ -2021,6 +2059,7 @@ Primary *primary_free(Primary *p)
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
         p->notify_source = sd_event_source_disable_unref(p->notify_source);
         p->split_timer = sd_event_source_disable_unref(p->split_timer);
+        p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
         safe_close(p->wake_fd);
         safe_close(p->notify_fd);
         if (p->secret) {
