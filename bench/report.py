@@ -74,7 +74,7 @@ class Report:
         elif ok:
             margin = "met"
         elif op == "<=":
-            margin = f"missed by {measured - limit:.3g}{unit} ({measured / limit:.2f}x the limit)"
+            margin = f"missed by {measured - limit:.3g}{unit}" + (f" ({measured / limit:.2f}x the limit)" if limit else "")
         else:
             margin = f"missed by {limit - measured:.3g}{unit} ({measured / limit:.2f}x the target)"
         self.targets.append({"target": name, "measured": measured, "op": op, "limit": limit, "unit": unit,
@@ -284,6 +284,35 @@ def redis_section(rep, build):
     rep.extra_plot_data["redis"] = rows
 
 
+def load_section(rep, build, out_dir):
+    """bench/load-bench.py: 8 VMs under one dirtyrepd, one fails over (writes load.{json,md,png})."""
+    dur = 120 if rep.quick else 600
+    c = subprocess.run([sys.executable, os.path.join(BENCH, "load-bench.py"), "--build", build, "--duration",
+                        str(dur), "--warmup", "30" if rep.quick else "60", "--out-dir", out_dir, "--name", "load"],
+                       capture_output=True, text=True, timeout=dur + 900)
+    path = os.path.join(out_dir, "load.json")
+    if not os.path.exists(path) or os.path.getmtime(path) < rep.t0:
+        rep.notes.append(f"section load failed (exit {c.returncode}): {(c.stdout + c.stderr)[-600:]}")
+        return
+    r = json.load(open(path))
+    st = dict(vms=r["run"]["vms"], memory=r["run"]["memory"], duration_s=r["run"]["duration_s"],
+              heartbeat=r["run"]["heartbeat"], details="load.md")
+    others = [v for k, v in r["vms"].items() if not v.get("failed_over")]
+    rep.fig("load_min_epochs_per_s", min(v["epochs_per_s"] for v in r["vms"].values()), epoch_ms=20, **st)
+    rep.fig("load_vms_with_a_10s_window_without_commit", sum(1 for v in r["vms"].values() if v["empty_10s_windows"]),
+            **st)
+    growth = [s_["growth_pct_per_10min"] for d in r["daemons"].values() for s_ in d["segments"]]
+    rep.fig("load_daemon_rss_growth_pct_per_10min_max", max(growth) if growth else None,
+            measure="least-squares RSS slope after the warm-up, before and after the failover", **st)
+    rep.fig("load_others_disturbed_by_failover", sum(1 for v in others if not v.get("undisturbed")),
+            measure="VMs with a commit gap > max(500 ms, their longest in the minute before) or < 80 % of "
+                    "their epoch rate, after one VM's failover", **st)
+    rep.fig("load_failover_promoted_s", r["failover"]["promoted_after_s"], measure="primary VMM SIGKILL -> the "
+            "VM running on the standby host (includes the kernel's teardown of the killed VMM)", **st)
+    if c.returncode != 0:
+        rep.notes.append(f"load-bench verdicts: {json.dumps(r['verdicts'])}")
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -471,7 +500,8 @@ def main():
     ap.add_argument("--out-dir", default=os.path.join(BENCH, "results"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--merge", action="store_true", help="with --only: merge into the existing latest.json")
-    ap.add_argument("--only", help="comma-separated sections: dirtyrep,sync,colo,progress,images,failover,redis")
+    ap.add_argument("--only", help="comma-separated sections: dirtyrep,sync,colo,progress,images,failover,redis "
+                    "and load (only when named: 10 minutes, writes load.{json,md,png})")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
     os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
@@ -537,6 +567,10 @@ def main():
     if want("redis"):
         print("== redis-benchmark through the kv guest", flush=True)
         section("redis", redis_section, rep, b)
+    if only is not None and "load" in only:
+        # Opt-in: 10 minutes (--quick: 2) of 8 VMs under one daemon; see load.md.
+        print("== load: 8 VMs under one dirtyrepd, one fails over", flush=True)
+        section("load", load_section, rep, b, a.out_dir)
 
     f = rep.figures
     rep.target("pause p99 at 25k pages/s, 20 ms epochs (ms)", f.get("pause_p99_ms"), "<=", 3.0, " ms",
@@ -553,6 +587,11 @@ def main():
     if "redis_p50_excess_over_target_ms" in f:
         rep.target("redis p50 - (unreplicated p50 + epoch + 3 ms)", f.get("redis_p50_excess_over_target_ms"), "<=",
                    0.0, " ms")
+    if "load_daemon_rss_growth_pct_per_10min_max" in f:
+        rep.target("load: daemon RSS growth after warm-up (% per 10 min)", f.get("load_daemon_rss_growth_pct_per_10min_max"),
+                   "<=", 1.0, " %")
+        rep.target("load: VMs disturbed by another VM's failover", f.get("load_others_disturbed_by_failover"), "<=", 0,
+                   "")
     if "ring_cost_ratio_16g_vs_1g" in f:
         rep.target("ring cost ratio 16 GiB / 1 GiB", f.get("ring_cost_ratio_16g_vs_1g"), "<=", 1.1, "x")
     made = plots(rep, a.out_dir)

@@ -99,10 +99,12 @@ static void json_escape(const char *s, char *out, size_t size)
 
 static int vm_status_json(Vm *vm, char *out, size_t size)
 {
-        char detail[600], peer[200];
+        char detail[600], peer[200], gaps[COMMIT_GAP_BUCKETS * 22];
         ReplStatus st;
 
         vm_get_status(vm, &st);
+        for (size_t i = 0, o = 0; i < COMMIT_GAP_BUCKETS; i++)
+                o += (size_t) snprintf(gaps + o, sizeof(gaps) - o, "%s%" PRIu64, i ? ", " : "", st.commit_gaps[i]);
         json_escape(st.detail, detail, sizeof(detail));
         json_escape(st.peer, peer, sizeof(peer));
         return snprintf(out, size,
@@ -114,13 +116,14 @@ static int vm_status_json(Vm *vm, char *out, size_t size)
                         ", \"pages_last_epoch\": %" PRIu64 ", \"dirty_pages_per_s\": %.1f, \"bytes_sent\": %" PRIu64
                         ", \"bytes_received\": %" PRIu64 ", \"inflight\": %" PRIu64
                         ", \"compression_ratio\": %.3f, \"staging_bytes\": %" PRIu64 ", \"ram_bytes\": %" PRIu64
-                        ", \"last_sync_usec\": %" PRIu64 ", \"last_sync_full\": %s}\n",
+                        ", \"last_sync_usec\": %" PRIu64 ", \"last_sync_full\": %s"
+                        ", \"commit_gap_max_usec\": %" PRIu64 ", \"commit_gaps\": [%s]}\n",
                         vm->cfg->name, st.role ? st.role : "?", st.state ? st.state : "?", detail,
                         st.link_up ? "true" : "false", peer, st.last_sealed, st.last_committed,
                         st.epochs_committed, st.full_syncs, st.incremental_syncs, st.pause_ns_p50, st.pause_ns_p99,
                         st.pause_ns_max, st.pages_last_epoch, st.dirty_pages_per_s, st.bytes_sent,
                         st.bytes_received, st.inflight, st.compression_ratio, st.staging_bytes, st.ram_bytes,
-                        st.last_sync_usec, st.last_sync_full ? "true" : "false");
+                        st.last_sync_usec, st.last_sync_full ? "true" : "false", st.commit_gap_max_usec, gaps);
 }
 
 static DebugClient *debug_client_free(DebugClient *c)
@@ -185,7 +188,7 @@ static bool debug_execute(DebugClient *c, char *line)
         }
         if (streq(w[0], "status")) {
                 for (size_t i = 0; i < m->n_vms; i++) {
-                        char out[2048];
+                        char out[3072];
                         if (n > 1 && !streq(m->vms[i]->cfg->name, w[1]))
                                 continue;
                         vm_status_json(m->vms[i], out, sizeof(out));

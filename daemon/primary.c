@@ -58,6 +58,8 @@
 #include "vmm-link.h"
 
 #define ATTACH_RETRY_USEC     (1 * USEC_PER_SEC)
+#define GONE_CHECK_USEC       (50 * 1000ULL) /* report_stop(): is a VMM that still answers dying? */
+#define GONE_CHECKS           20u
 #define BACKOFF_MIN_MS        100u
 #define BACKOFF_MAX_MS        2000u
 #define RING_HARVEST_USEC     1000u  /* ring: collect every millisecond */
@@ -102,7 +104,8 @@ struct Primary {
         char host[64];
 
         /* Loop thread only. */
-        sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer;
+        sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer, *gone_timer;
+        unsigned gone_checks; /* vmm_alive() re-checks after the epoch thread stopped */
         unsigned backoff_ms;
         bool started;
         Dr__Repl__Hello hello;
@@ -163,6 +166,9 @@ struct Primary {
         Guard guard;
         bool suspended;   /* the epoch thread paused the VM for GUARD_SUSPENDED */
         bool had_standby; /* a standby committed an epoch of this primary */
+        uint64_t last_commit_usec; /* when an ACK last advanced the committed epoch */
+        uint64_t commit_gap_max_usec;
+        uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
         bool promoted;
         uint64_t promoted_from;
         char *hash_path;
@@ -1452,6 +1458,24 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         return 0;
 }
 
+/* Under mutex: the inter-commit gap histogram (role.h) gets the time since the last commit. */
+static void note_commit(Primary *p, uint64_t t)
+{
+        static const uint64_t edges_ms[] = COMMIT_GAP_EDGES_MS;
+        uint64_t gap;
+        size_t b = 0;
+
+        _Static_assert(ELEMENTSOF(edges_ms) == COMMIT_GAP_BUCKETS - 1, "one edge per bucket but the last");
+        if (p->last_commit_usec > 0 && t >= p->last_commit_usec) {
+                gap = t - p->last_commit_usec;
+                while (b < ELEMENTSOF(edges_ms) && gap > edges_ms[b] * 1000)
+                        b++;
+                p->commit_gaps[b]++;
+                p->commit_gap_max_usec = MAX(p->commit_gap_max_usec, gap);
+        }
+        p->last_commit_usec = t;
+}
+
 static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, void *userdata)
 {
         Primary *p = userdata;
@@ -1474,8 +1498,10 @@ static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, 
                 return -EPROTO;
         }
         pthread_mutex_lock(&p->mutex);
-        if (a->epoch > atomic_load_explicit(&p->acked, memory_order_relaxed))
+        if (a->epoch > atomic_load_explicit(&p->acked, memory_order_relaxed)) {
                 p->epochs_committed++;
+                note_commit(p, now_usec());
+        }
         if (p->syncing && a->epoch >= p->sync_epoch) {
                 link_set_patience(l, 0);
                 p->syncing = false;
@@ -1717,33 +1743,68 @@ static bool vmm_alive(const char *path)
         return true;
 }
 
-/* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby.
- * -EHOSTDOWN tells it the VM is gone here, so it may fail over; anything else
- * (the VM may still run here, unprotected) must not make it do so. */
+static int on_gone_timer(sd_event_source *s, uint64_t usec, void *userdata);
+
+/*
+ * Tells the standby why replication stopped. -EHOSTDOWN says the VM is gone
+ * here, so it may fail over; anything else (the VM may still run here,
+ * unprotected) must not make it do so. A VMM that is being killed resets its
+ * control connection before its listening socket is closed: the kernel
+ * closes a dying process's fds one by one, after tearing down its memory,
+ * and closing the KVM fds destroys the VM, which took long enough here that
+ * a connect() in between still succeeded (bench/load-bench.py --churn: the
+ * standby heard -EIO and never failed over). So a VMM that still answers is
+ * asked again every GONE_CHECK_USEC, GONE_CHECKS times, before -EIO.
+ */
+static void report_stop(Primary *p)
+{
+        char detail[sizeof(p->detail)];
+        Link *l;
+
+        pthread_mutex_lock(&p->mutex);
+        l = p->link;
+        snprintf(detail, sizeof(detail), "%s", p->detail);
+        pthread_mutex_unlock(&p->mutex);
+        if (!l)
+                return;
+        if (!vmm_alive(p->vm->control_socket)) {
+                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
+                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
+                return;
+        }
+        if (p->gone_checks++ < GONE_CHECKS &&
+            sd_event_add_time_relative(p->event, &p->gone_timer, CLOCK_MONOTONIC, GONE_CHECK_USEC, 1000,
+                                       on_gone_timer, p) >= 0)
+                return;
+        link_fail(l, -EIO, "primary stopped replicating: %s", detail);
+}
+
+static int on_gone_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        Primary *p = userdata;
+
+        p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
+        report_stop(p);
+        return 0;
+}
+
+/* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby. */
 static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         Primary *p = userdata;
-        char detail[sizeof(p->detail)];
         eventfd_t v;
         bool failed;
-        Link *l;
 
         (void) eventfd_read(fd, &v);
         image_deliver(p, false);
         pthread_mutex_lock(&p->mutex);
         failed = p->failed;
-        l = p->link;
-        snprintf(detail, sizeof(detail), "%s", p->detail);
         pthread_mutex_unlock(&p->mutex);
         if (!failed || p->fail_reported)
                 return 0;
         p->fail_reported = true;
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
-        if (l && !vmm_alive(p->vm->control_socket)) {
-                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
-                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
-        } else if (l)
-                link_fail(l, -EIO, "primary stopped replicating: %s", detail);
+        report_stop(p);
         return 0;
 }
 
@@ -2005,6 +2066,7 @@ Primary *primary_free(Primary *p)
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
         p->notify_source = sd_event_source_disable_unref(p->notify_source);
         p->split_timer = sd_event_source_disable_unref(p->split_timer);
+        p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
         safe_close(p->wake_fd);
         safe_close(p->notify_fd);
         if (p->secret) {
@@ -2076,6 +2138,8 @@ void primary_get_status(Primary *p, ReplStatus *ret)
         ret->ram_bytes = p->total_pages * PAGE_BYTES;
         ret->last_sync_usec = p->last_sync_usec;
         ret->last_sync_full = p->last_sync_full;
+        ret->commit_gap_max_usec = p->commit_gap_max_usec;
+        memcpy(ret->commit_gaps, p->commit_gaps, sizeof(ret->commit_gaps));
         page_in = p->page_bytes_in;
         page_out = p->page_bytes_out;
         l = p->link;

@@ -16,6 +16,9 @@
 #include "config.h"
 #include "macros.h"
 
+#define COMMIT_GAP_BUCKETS  8
+#define COMMIT_GAP_EDGES_MS { 30, 50, 100, 200, 500, 1000, 2000 }
+
 typedef struct ReplStatus {
         const char *role;      /* "primary" or "standby" */
         /* One word an operator can act on:
@@ -43,6 +46,11 @@ typedef struct ReplStatus {
          * ACK of it (full: every non-zero page of RAM; incremental: what changed). */
         uint64_t last_sync_usec;
         bool last_sync_full;
+        /* primary: time between two ACKs that advanced the committed epoch, over the
+         * Primary's life (a resync after a lost link is one long gap): the longest, and a
+         * histogram with the upper bounds COMMIT_GAP_EDGES_MS (the last bucket: above). */
+        uint64_t commit_gap_max_usec;
+        uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
 } ReplStatus;
 
 /*
