@@ -65,6 +65,7 @@
 #define RING_HARVEST_USEC     1000u  /* ring: collect every millisecond */
 #define PRECOPY_RESET_USEC    2000u  /* pre-copy: re-protect at least this often so pages become copyable */
 #define PAUSE_TIMEOUT_MS      2000u
+#define PAUSE_TIMEOUTS_MAX    5u     /* in a row, each followed by RESUME, before protection ends */
 #define PAUSE_WINDOW          1024u  /* seals the pause percentiles are computed over */
 #define BATCH_RECORDS         256u   /* per PAGES frame: ~1 MiB raw, well under REPL_MAX_FRAME */
 #define BATCH_CAP             (PAGE_BATCH_HEADER + BATCH_RECORDS * PAGE_RECORD_MAX)
@@ -197,6 +198,7 @@ typedef struct Epoch {
         DirtySet **pool; /* spare sets */
         size_t n_pool;
         uint64_t cur;    /* the running epoch */
+        unsigned pause_timeouts; /* PAUSEs in a row that timed out (seal postponed) */
         bool cur_full;
         uint64_t last_sealed;
         uint64_t released;   /* output released up to here */
@@ -729,6 +731,20 @@ static int seal(Epoch *e, bool freeze)
                 r = vmm_link_pause_save(e->vmm, PAUSE_TIMEOUT_MS, NULL, &state, &state_len);
         else
                 r = vmm_link_pause(e->vmm, PAUSE_TIMEOUT_MS, NULL);
+        if (r == -ETIMEDOUT && e->pause_timeouts + 1 < PAUSE_TIMEOUTS_MAX) {
+                /* A vCPU the host did not run for PAUSE_TIMEOUT_MS (a loaded
+                 * machine) is no reason to end protection: the agent keeps the
+                 * VM paused, so resume it in the same epoch and seal later. */
+                char why[256];
+                snprintf(why, sizeof(why), "%s", vmm_link_last_error(e->vmm));
+                if (vmm_link_resume(e->vmm, e->cur) >= 0) {
+                        e->pause_timeouts++;
+                        log_warning("VM %s: PAUSE timed out (%s); resumed, epoch %" PRIu64
+                                    " goes on and is sealed later (%u in a row, %u end protection)",
+                                    p->vm->name, why, e->cur, e->pause_timeouts, PAUSE_TIMEOUTS_MAX);
+                        return 1;
+                }
+        }
         if (r < 0) {
                 pthread_mutex_lock(&p->mutex);
                 set_failed_locked(p, "PAUSE failed: %s", vmm_link_last_error(e->vmm));
@@ -736,6 +752,7 @@ static int seal(Epoch *e, bool freeze)
                 wake(p->notify_fd);
                 return log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
         }
+        e->pause_timeouts = 0;
         /* Ordering rule: collect, reset, and only then copy. With the reset folded
          * into RESUME the copy comes before the reset, which is the same thing here:
          * every vCPU is parked from the collect to the reset, so no write can land
@@ -1331,6 +1348,13 @@ static int epoch_loop(Epoch *e)
                         r = seal(e, freeze);
                         if (r < 0)
                                 return r;
+                        if (r > 0) {
+                                /* Postponed (PAUSE timed out): the epoch runs one interval more. */
+                                r = harvest_wait(e, (int) p->vm->epoch_ms);
+                                if (r < 0)
+                                        return r;
+                                continue;
+                        }
                         pthread_mutex_lock(&p->mutex);
                         if (ckpt) {
                                 p->checkpoint_done = p->checkpoint_req;

@@ -379,6 +379,57 @@ def test_faults(tmp, a):
     log("PASS: faults")
 
 
+def test_pause_timeout(tmp, a):
+    """A vCPU the host does not run for longer than the 2 s PAUSE timeout (frozen
+    here with the cgroup v1 freezer, thread by thread) postpones the seal; the VM is
+    resumed in the same epoch, and protection goes on once the vCPU runs again."""
+    freezer_root = "/sys/fs/cgroup/freezer"
+    if not os.path.isdir(freezer_root):
+        log("SKIP: no cgroup v1 freezer at /sys/fs/cgroup/freezer")
+        sys.exit(77)
+    vmm = Vmm(tmp, "dirtier", "ring", 1, "ws=16M pattern=random rate=25000 report_ms=500")
+    primary, standby = pair(tmp, vmm, "ring")
+    primary.wait(lambda s: s["state"] == "protected", "the primary to be protected", timeout=90)
+    tids = [t for t in os.listdir(f"/proc/{vmm.proc.pid}/task")
+            if open(f"/proc/{vmm.proc.pid}/task/{t}/comm").read().strip() == "vcpu0"]
+    if len(tids) != 1:
+        fail(f"no thread named vcpu0 in the VMM (pid {vmm.proc.pid})")
+    cg = os.path.join(freezer_root, f"dr-test-{os.getpid()}")
+    os.mkdir(cg)
+    try:
+        before = primary.status()["last_committed"]
+        with open(os.path.join(cg, "tasks"), "w") as f:
+            f.write(tids[0])
+        with open(os.path.join(cg, "freezer.state"), "w") as f:
+            f.write("FROZEN")
+        time.sleep(4.5)  # two PAUSE timeouts of 2 s each
+        frozen_st = primary.status()
+        with open(os.path.join(cg, "freezer.state"), "w") as f:
+            f.write("THAWED")
+    finally:
+        with open(os.path.join(cg, "freezer.state"), "w") as f:
+            f.write("THAWED")
+        try:
+            with open(os.path.join(freezer_root, "tasks"), "w") as f:
+                f.write(tids[0])
+        except OSError:
+            pass
+        os.rmdir(cg)
+    if "PAUSE timed out" not in primary.text():
+        fail("the primary did not report a PAUSE timeout while vcpu0 was frozen")
+    if frozen_st["state"] == "failed":
+        fail(f"a PAUSE timeout ended protection: {frozen_st}")
+    target = max(before, frozen_st["last_committed"]) + 50
+    st = primary.wait(lambda s: s["last_committed"] >= target, f"epoch {target} after the thaw", timeout=60)
+    log(f"after the thaw: {st['state']}, epoch {st['last_committed']} (was {before} before the freeze)")
+    compare_at_freeze(tmp, primary, standby, "dirtier", 0)
+    for p in (primary, standby, vmm):
+        rc = p.stop()
+        if rc != 0:
+            fail(f"{p.tag} exited {rc} on SIGTERM")
+    log("PASS: PAUSE timeouts postponed the seal; protection and consistency held")
+
+
 def test_auth(tmp, a):
     vmm = Vmm(tmp, "dirtier", "ring", 1, "ws=8M rate=5000")
     primary, standby = pair(tmp, vmm, "ring", secret_p=b"not-the-same-secret-at-all\n")
@@ -508,7 +559,7 @@ def test_images(tmp, a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("test", choices=["consistency", "faults", "auth", "badinput", "images"])
+    ap.add_argument("test", choices=["consistency", "faults", "auth", "badinput", "images", "pause-timeout"])
     ap.add_argument("--guest", default="dirtier")
     ap.add_argument("--tracking", default="ring")
     ap.add_argument("--cpus", type=int, default=1)
@@ -524,7 +575,7 @@ def main():
     log(f"seed {a.seed}")
     with tempfile.TemporaryDirectory(prefix="dr-repl-") as tmp:
         try:
-            {"consistency": test_consistency, "faults": test_faults, "auth": test_auth,
+            {"consistency": test_consistency, "faults": test_faults, "auth": test_auth, "pause-timeout": test_pause_timeout,
              "badinput": test_badinput, "images": test_images}[a.test](tmp, a)
         finally:
             for p in list(LIVE):

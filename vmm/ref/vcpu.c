@@ -6,6 +6,8 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -311,6 +313,12 @@ int vcpu_start(Vcpu *v)
         if (r < 0)
                 return log_error_errno(r, "Failed to start vCPU %u thread: %m", v->index);
         v->thread_started = true;
+        {
+                /* "vcpu0", ...: what top -H and /proc/PID/task/TID/comm show. */
+                char name[16];
+                snprintf(name, sizeof(name), "vcpu%u", v->index);
+                (void) pthread_setname_np(v->thread, name);
+        }
         return 0;
 }
 
