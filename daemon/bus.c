@@ -266,6 +266,9 @@ STATUS_GETTER(property_get_incremental_syncs, "t", uint64_t, st.incremental_sync
 STATUS_GETTER(property_get_pause_p50, "t", uint64_t, st.pause_ns_p50)
 STATUS_GETTER(property_get_pause_p99, "t", uint64_t, st.pause_ns_p99)
 STATUS_GETTER(property_get_pause_max, "t", uint64_t, st.pause_ns_max)
+STATUS_GETTER(property_get_vm_pause_p50, "t", uint64_t, st.vm_pause_ns_p50)
+STATUS_GETTER(property_get_vm_pause_p99, "t", uint64_t, st.vm_pause_ns_p99)
+STATUS_GETTER(property_get_vm_pause_max, "t", uint64_t, st.vm_pause_ns_max)
 STATUS_GETTER(property_get_pages_last_epoch, "t", uint64_t, st.pages_last_epoch)
 STATUS_GETTER(property_get_dirty_rate, "d", double, st.dirty_pages_per_s)
 STATUS_GETTER(property_get_bytes_sent, "t", uint64_t, st.bytes_sent)
@@ -502,6 +505,9 @@ static const sd_bus_vtable vm_vtable[] = {
         SD_BUS_PROPERTY("PauseNSecP50", "t", property_get_pause_p50, 0, 0),
         SD_BUS_PROPERTY("PauseNSecP99", "t", property_get_pause_p99, 0, 0),
         SD_BUS_PROPERTY("PauseNSecMax", "t", property_get_pause_max, 0, 0),
+        SD_BUS_PROPERTY("VmPauseNSecP50", "t", property_get_vm_pause_p50, 0, 0),
+        SD_BUS_PROPERTY("VmPauseNSecP99", "t", property_get_vm_pause_p99, 0, 0),
+        SD_BUS_PROPERTY("VmPauseNSecMax", "t", property_get_vm_pause_max, 0, 0),
         SD_BUS_PROPERTY("BytesSent", "t", property_get_bytes_sent, 0, 0),
         SD_BUS_PROPERTY("BytesReceived", "t", property_get_bytes_received, 0, 0),
         SD_BUS_PROPERTY("InflightEpochs", "t", property_get_inflight, 0, 0),

@@ -113,6 +113,8 @@ static int vm_status_json(Vm *vm, char *out, size_t size)
                         ", \"last_committed\": %" PRIu64 ", \"epochs_committed\": %" PRIu64
                         ", \"full_syncs\": %" PRIu64 ", \"incremental_syncs\": %" PRIu64
                         ", \"pause_ns_p50\": %" PRIu64 ", \"pause_ns_p99\": %" PRIu64 ", \"pause_ns_max\": %" PRIu64
+                        ", \"vm_pause_ns_p50\": %" PRIu64 ", \"vm_pause_ns_p99\": %" PRIu64
+                        ", \"vm_pause_ns_max\": %" PRIu64
                         ", \"pages_last_epoch\": %" PRIu64 ", \"dirty_pages_per_s\": %.1f, \"bytes_sent\": %" PRIu64
                         ", \"bytes_received\": %" PRIu64 ", \"inflight\": %" PRIu64
                         ", \"compression_ratio\": %.3f, \"staging_bytes\": %" PRIu64 ", \"ram_bytes\": %" PRIu64
@@ -121,7 +123,8 @@ static int vm_status_json(Vm *vm, char *out, size_t size)
                         vm->cfg->name, st.role ? st.role : "?", st.state ? st.state : "?", detail,
                         st.link_up ? "true" : "false", peer, st.last_sealed, st.last_committed,
                         st.epochs_committed, st.full_syncs, st.incremental_syncs, st.pause_ns_p50, st.pause_ns_p99,
-                        st.pause_ns_max, st.pages_last_epoch, st.dirty_pages_per_s, st.bytes_sent,
+                        st.pause_ns_max, st.vm_pause_ns_p50, st.vm_pause_ns_p99, st.vm_pause_ns_max,
+                        st.pages_last_epoch, st.dirty_pages_per_s, st.bytes_sent,
                         st.bytes_received, st.inflight, st.compression_ratio, st.staging_bytes, st.ram_bytes,
                         st.last_sync_usec, st.last_sync_full ? "true" : "false", st.commit_gap_max_usec, gaps);
 }

@@ -144,6 +144,7 @@ struct Primary {
         bool last_sync_full;
         uint64_t last_sealed, epochs_committed, full_syncs, incremental_syncs;
         uint64_t pauses[PAUSE_WINDOW];
+        uint64_t vm_pauses[PAUSE_WINDOW]; /* the agent's view of the same seals; 0: not reported */
         uint64_t n_pauses;
         uint64_t pages_last_epoch;
         double dirty_rate;
@@ -692,9 +693,10 @@ static int ship_staging(Epoch *e, uint64_t epoch)
         return 0;
 }
 
-static void record_pause(Primary *p, uint64_t ns)
+static void record_pause(Primary *p, uint64_t ns, uint64_t vm_ns)
 {
         p->pauses[p->n_pauses % PAUSE_WINDOW] = ns;
+        p->vm_pauses[p->n_pauses % PAUSE_WINDOW] = vm_ns;
         p->n_pauses++;
 }
 
@@ -716,7 +718,7 @@ static int seal(Epoch *e, bool freeze)
         Dr__Repl__EpochEnd end = DR__REPL__EPOCH_END__INIT;
         _cleanup_free_ uint8_t *state = NULL;
         size_t state_len = 0;
-        uint64_t t0, pause_ns, sealed = e->cur, distinct, dirty_pages, span_us;
+        uint64_t t0, pause_ns, vm_pause_ns, sealed = e->cur, distinct, dirty_pages, span_us;
         /* Round trips to the agent are where a loaded host stretches a pause (each
          * one waits for a thread to be scheduled): with the agent's features a seal
          * is two, PAUSE+SAVE_STATE and RESET_RINGS+RESUME, instead of four. */
@@ -820,6 +822,9 @@ static int seal(Epoch *e, bool freeze)
                 }
         }
         pause_ns = now_nsec() - t0;
+        /* What the guest saw: the agent's Pause arrival to vCPU release, without
+         * the two requests' trips between the processes (0 when freezing). */
+        vm_pause_ns = freeze ? 0 : vmm_link_last_paused_ns(e->vmm);
 
         distinct = e->run->n;
         dirty_pages = e->dirty_since_seal;
@@ -840,7 +845,7 @@ static int seal(Epoch *e, bool freeze)
 
         pthread_mutex_lock(&p->mutex);
         /* A freezing seal counts up to where RESUME would have been. */
-        record_pause(p, pause_ns);
+        record_pause(p, pause_ns, vm_pause_ns);
         p->page_bytes_in = e->pstats.bytes_in;
         p->page_bytes_out = e->pstats.bytes_out;
         p->last_sealed = sealed;
@@ -2124,7 +2129,8 @@ static int cmp_u64(const void *a, const void *b)
 
 void primary_get_status(Primary *p, ReplStatus *ret)
 {
-        uint64_t sorted[PAUSE_WINDOW], page_in, page_out;
+        uint64_t sorted[PAUSE_WINDOW], vm_sorted[PAUSE_WINDOW], page_in, page_out;
+        size_t n_vm = 0;
         size_t n;
         LinkStats ls = {};
         Link *l;
@@ -2155,6 +2161,9 @@ void primary_get_status(Primary *p, ReplStatus *ret)
         ret->incremental_syncs = p->incremental_syncs;
         n = (size_t) MIN(p->n_pauses, (uint64_t) PAUSE_WINDOW);
         memcpy(sorted, p->pauses, n * sizeof(uint64_t));
+        for (size_t i = 0; i < n; i++)
+                if (p->vm_pauses[i] > 0)
+                        vm_sorted[n_vm++] = p->vm_pauses[i];
         ret->pages_last_epoch = p->pages_last_epoch;
         ret->dirty_pages_per_s = p->dirty_rate;
         ret->inflight = p->inflight;
@@ -2176,6 +2185,12 @@ void primary_get_status(Primary *p, ReplStatus *ret)
                 ret->pause_ns_p50 = sorted[(n - 1) / 2];
                 ret->pause_ns_p99 = sorted[MIN((size_t) ((double) (n - 1) * 0.99 + 0.5), n - 1)];
                 ret->pause_ns_max = sorted[n - 1];
+        }
+        if (n_vm > 0) {
+                qsort(vm_sorted, n_vm, sizeof(uint64_t), cmp_u64);
+                ret->vm_pause_ns_p50 = vm_sorted[(n_vm - 1) / 2];
+                ret->vm_pause_ns_p99 = vm_sorted[MIN((size_t) ((double) (n_vm - 1) * 0.99 + 0.5), n_vm - 1)];
+                ret->vm_pause_ns_max = vm_sorted[n_vm - 1];
         }
         ret->bytes_sent = ls.bytes_sent;
         ret->bytes_received = ls.bytes_received;

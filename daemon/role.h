@@ -35,6 +35,9 @@ typedef struct ReplStatus {
         uint64_t epochs_committed;
         uint64_t full_syncs, incremental_syncs;
         uint64_t pause_ns_p50, pause_ns_p99, pause_ns_max; /* primary: seal pauses, recent window */
+        /* primary: the same seals as the agent saw the VM stopped (Pause arrival
+         * to vCPU release); 0 when the agent does not report it */
+        uint64_t vm_pause_ns_p50, vm_pause_ns_p99, vm_pause_ns_max;
         uint64_t pages_last_epoch;
         double dirty_pages_per_s;
         uint64_t bytes_sent, bytes_received;

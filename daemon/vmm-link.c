@@ -23,8 +23,14 @@ struct VmmLink {
         VmmLayout layout;
         uint64_t vmm_dirty_seen_seq;
         uint32_t features; /* HelloReply.features (Dr__Control__Feature bits) */
+        uint64_t last_paused_ns; /* the last ResumeReply.paused_ns, 0 when the agent sent none */
         char last_error[256];
 };
+
+uint64_t vmm_link_last_paused_ns(const VmmLink *l)
+{
+        return l->last_paused_ns;
+}
 
 bool vmm_link_has_feature(const VmmLink *l, uint32_t feature)
 {
@@ -493,10 +499,24 @@ static int resume_call(VmmLink *l, uint64_t epoch, bool reset, Dr__Control__Repl
         m.has_epoch = true;
         m.epoch = epoch;
         m.has_reset_rings = m.reset_rings = reset;
+        Dr__Control__Reply *reply = NULL;
+        int r;
+
         req.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
         req.resume = &m;
-        return link_simple(l, &req, reset ? DR__CONTROL__REPLY__BODY_RESUME : DR__CONTROL__REPLY__BODY__NOT_SET,
-                           ret);
+        l->last_paused_ns = 0;
+        /* Agents before ResumeReply.paused_ns answer a plain Resume with no body. */
+        r = link_simple(l, &req, reset ? DR__CONTROL__REPLY__BODY_RESUME : DR__CONTROL__REPLY__BODY__NOT_SET,
+                        &reply);
+        if (r < 0)
+                return r;
+        if (reply->body_case == DR__CONTROL__REPLY__BODY_RESUME && reply->resume->has_paused_ns)
+                l->last_paused_ns = reply->resume->paused_ns;
+        if (ret)
+                *ret = reply;
+        else
+                dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
 }
 
 int vmm_link_resume_reset(VmmLink *l, uint64_t epoch, uint64_t *ret_count)

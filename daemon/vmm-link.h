@@ -82,6 +82,9 @@ int vmm_link_stop_tracking(VmmLink *l);
 int vmm_link_reset_rings(VmmLink *l, uint64_t *ret_count);
 int vmm_link_pause(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns);
 int vmm_link_resume(VmmLink *l, uint64_t epoch);
+/* How long the VM was stopped, as the agent measured it (ResumeReply.paused_ns)
+ * in the last Resume; 0 when the agent did not say. */
+uint64_t vmm_link_last_paused_ns(const VmmLink *l);
 /* Whether the agent announced a Dr__Control__Feature (HelloReply.features). */
 bool vmm_link_has_feature(const VmmLink *l, uint32_t feature);
 /* FEATURE_PAUSE_SAVES_STATE: Pause and SaveState in one round trip (-EOPNOTSUPP without it). */

@@ -296,7 +296,8 @@ VM_PROPERTIES = {
     "Name": "s", "ConfigPath": "s", "Role": "s", "ConfiguredRole": "s", "State": "s", "Detail": "s",
     "Attached": "b", "Protected": "b", "Peer": "s", "LinkUp": "b", "LastSealed": "t", "LastCommitted": "t",
     "Lag": "t", "EpochsCommitted": "t", "FullSyncs": "t", "IncrementalSyncs": "t", "DirtyPagesPerSec": "d",
-    "PagesLastEpoch": "t", "PauseNSecP50": "t", "PauseNSecP99": "t", "PauseNSecMax": "t", "BytesSent": "t",
+    "PagesLastEpoch": "t", "PauseNSecP50": "t", "PauseNSecP99": "t", "PauseNSecMax": "t",
+    "VmPauseNSecP50": "t", "VmPauseNSecP99": "t", "VmPauseNSecMax": "t", "BytesSent": "t",
     "BytesReceived": "t", "InflightEpochs": "t", "CompressionRatio": "d", "StagingBytes": "t",
     "EpochMSec": "u", "Tracking": "s", "Compression": "s", "MaxInflightEpochs": "u", "ControlSocket": "s",
     "ConfiguredPeer": "s", "ConfiguredListen": "s",
@@ -385,6 +386,9 @@ def test_dbus(tmp):
     check(st["BytesSent"] > 0 and st["FullSyncs"] >= 1 and st["PauseNSecMax"] > 0 and st["PauseNSecP50"] > 0,
           f"counters not filled: {st}")
     check(st["DirtyPagesPerSec"] > 0, f"dirty rate 0 with the dirtier running: {st}")
+    # The agent's view of the VM stopped is inside the daemon's round trips.
+    check(0 < st["VmPauseNSecP50"] <= st["PauseNSecP50"] and 0 < st["VmPauseNSecMax"] <= st["PauseNSecMax"],
+          f"VM-side pause not filled or longer than the seal: {st}")
     sst = status(bus_s)
     check(sst["Role"] == "standby" and sst["State"] == "protected" and sst["LastCommitted"] > 0, f"standby {sst}")
 

@@ -532,10 +532,11 @@ static void test_fused_seal(Vm *vm, int fd, int vcpu_fd, int state_fd, DrTrackin
                 Dr__Control__Reply *rep = NULL;
                 _cleanup_(vm_snapshot_freep) VmSnapshot *snap = NULL;
                 _cleanup_free_ uint8_t *buf = NULL;
-                uint64_t len, harvested = 0;
+                uint64_t len, harvested = 0, t_sent, t_back;
                 uint32_t c;
 
                 usleep(2000);
+                t_sent = now_nsec();
                 p.has_save_state = p.save_state = true;
                 r.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
                 r.pause = &p;
@@ -574,8 +575,13 @@ static void test_fused_seal(Vm *vm, int fd, int vcpu_fd, int state_fd, DrTrackin
                         continue;
                 }
                 CHECK_EQ(peer_simple(fd, &r, &rep), 0);
+                t_back = now_nsec();
                 CHECK(rep->body_case == DR__CONTROL__REPLY__BODY_RESUME && rep->resume->has_reset_count);
                 CHECK_EQ(rep->resume->reset_count, harvested);
+                /* The agent's stopped time covers our 1 ms sleep while parked and
+                 * fits inside our PAUSE-sent to RESUME-answered interval. */
+                CHECK(rep->resume->has_paused_ns);
+                CHECK(rep->resume->paused_ns >= 1000000u && rep->resume->paused_ns <= t_back - t_sent);
                 dr__control__reply__free_unpacked(rep, NULL);
                 harvested_total += harvested;
         }

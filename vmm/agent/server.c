@@ -257,6 +257,8 @@ static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
         bool idle;
 
         pthread_mutex_lock(&a->lock);
+        if (!a->paused)
+                a->paused_since_ns = t0;
         a->paused = true;
         agent_kick_locked(a);
         while (!(idle = agent_all_idle_locked(a)))
@@ -289,6 +291,7 @@ static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
 
 static int handle_resume(DrAgent *a, const Dr__Control__Resume *m, Ctx *c)
 {
+        uint64_t paused_ns = 0;
         int n = -1;
 
         if (m->has_reset_rings && m->reset_rings) {
@@ -307,16 +310,23 @@ static int handle_resume(DrAgent *a, const Dr__Control__Resume *m, Ctx *c)
                 /* Before any vCPU runs again: output of the new epoch is tagged with it. */
                 output_queue_hold(a->outq, m->epoch);
         }
+        if (a->paused && a->paused_since_ns > 0)
+                paused_ns = now_nsec() - a->paused_since_ns;
         a->paused = false;
+        a->paused_since_ns = 0;
         pthread_cond_broadcast(&a->vcpu_cond);
         pthread_mutex_unlock(&a->lock);
+        c->resume = (Dr__Control__ResumeReply) DR__CONTROL__RESUME_REPLY__INIT;
         if (n >= 0) {
-                c->resume = (Dr__Control__ResumeReply) DR__CONTROL__RESUME_REPLY__INIT;
                 c->resume.has_reset_count = true;
                 c->resume.reset_count = (uint64_t) n;
-                c->reply.body_case = DR__CONTROL__REPLY__BODY_RESUME;
-                c->reply.resume = &c->resume;
         }
+        if (paused_ns > 0) {
+                c->resume.has_paused_ns = true;
+                c->resume.paused_ns = paused_ns;
+        }
+        c->reply.body_case = DR__CONTROL__REPLY__BODY_RESUME;
+        c->reply.resume = &c->resume;
         return 0;
 }
 
@@ -590,6 +600,7 @@ void agent_detach(DrAgent *a, const char *why)
         /* A VM is never left paused, or waiting for resets, by a peer that is gone. */
         pthread_mutex_lock(&a->lock);
         a->paused = false;
+        a->paused_since_ns = 0;
         a->have_epoch = false;
         atomic_store(&a->attached, false);
         a->reset_gen++;
