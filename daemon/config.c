@@ -483,7 +483,11 @@ static int set_string(char **field, const char *value)
 
 static int parse_path(const KeyDef *k, const char *value, void *field, char *problem, size_t psize)
 {
-        int r = check_path(k, value, problem, psize);
+        int r;
+
+        if (!*value && (k->flags & KEY_EMPTY_UNSETS))
+                return set_string(field, NULL);
+        r = check_path(k, value, problem, psize);
         if (r < 0)
                 return r;
         return set_string(field, value);

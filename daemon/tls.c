@@ -156,8 +156,10 @@ int tls_context_new(const TlsFiles *f, SSL_CTX **ret, char **ret_error)
         SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET | SSL_OP_NO_COMPRESSION);
         SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
         /* Partial writes: the writer thread hands SSL_write() what fits and keeps the rest,
-         * as it does with sendmsg(). */
-        SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+         * as it does with sendmsg(). The chain sent is the certificate file's, not one built from the CA
+         * file (which is what this side trusts, not what it is). */
+        SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                                      SSL_MODE_NO_AUTO_CHAIN);
         SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
 
         cert = PEM_read_bio_X509_AUX(cert_bio, NULL, NULL, NULL);
