@@ -21,7 +21,9 @@
  * With TLS, both sides first run the TLS handshake (STEP_TLS) and only then
  * the above, inside it. The SSL object is used by the loop thread (handshake,
  * reads) and the writer (writes, the final close_notify), never at the same
- * time: every call into it holds `tls_mutex`, which is never held while
+ * time: every call into it holds the TLS lock (tls_lock(): first come, first
+ * served, so a reader decrypting a full sync cannot starve the writer's
+ * heartbeats, or the other way round, as an unfair mutex can), which is never held while
  * waiting. The plaintext path takes none of this.
  *
  * Any other frame before UP is -EPROTO; ERROR is accepted in every state.
@@ -136,9 +138,12 @@ struct Link {
         LinkListener *listener; /* while counted against listener->max_pending */
         Link *listener_next;
 
-        /* TLS (NULL: plaintext). Under tls_mutex: every SSL_* call on ssl, tls_up, tls_failed. */
+        /* TLS (NULL: plaintext). Under tls_lock(): every SSL_* call on ssl, tls_up, tls_failed.
+         * A ticket lock: tls_next is the next ticket, tls_serving the one that holds it. */
         SSL *ssl;
         pthread_mutex_t tls_mutex;
+        pthread_cond_t tls_cond;
+        uint64_t tls_next, tls_serving;
         bool tls_up;               /* handshake done: records may flow, close_notify may be sent */
         bool tls_failed;           /* a fatal TLS error: no SSL_shutdown() any more */
         bool tls_peeked;           /* loop thread: the first bytes were checked for plaintext frames */
@@ -277,9 +282,32 @@ int link_proof(const uint8_t *secret, size_t secret_len, const char *label, cons
 
 /* ---- transport: plaintext or TLS ------------------------------------------------------ */
 
+/* The TLS lock: FIFO between the loop thread and the writer. A plain mutex lets the thread
+ * that just unlocked take it again before the woken one runs, and on a loaded host a reader
+ * busy with a full sync kept the writer (and with it the heartbeats) out for long. */
+static void tls_lock(Link *l)
+{
+        uint64_t ticket;
+
+        pthread_mutex_lock(&l->tls_mutex);
+        ticket = l->tls_next++;
+        while (ticket != l->tls_serving)
+                pthread_cond_wait(&l->tls_cond, &l->tls_mutex);
+        pthread_mutex_unlock(&l->tls_mutex);
+}
+
+static void tls_unlock(Link *l)
+{
+        pthread_mutex_lock(&l->tls_mutex);
+        l->tls_serving++;
+        if (l->tls_next != l->tls_serving) /* someone waits */
+                pthread_cond_broadcast(&l->tls_cond);
+        pthread_mutex_unlock(&l->tls_mutex);
+}
+
 /*
  * A TLS failure as a negative errno and a message that names the peer.
- * Called with tls_mutex held, right after the failed call (the error queue
+ * Called with the TLS lock held, right after the failed call (the error queue
  * is per thread). `up`: after the TLS handshake (record errors there are
  * corruption, -EBADMSG, as a CRC mismatch is in plaintext).
  */
@@ -350,7 +378,7 @@ static ssize_t transport_recv(Link *l, void *buf, size_t len, char *why, size_t 
                 return n < 0 ? -errno : n;
         }
 
-        pthread_mutex_lock(&l->tls_mutex);
+        tls_lock(l);
         ERR_clear_error();
         errno = 0;
         err = SSL_read_ex(l->ssl, buf, len, &got) == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, 0);
@@ -379,7 +407,7 @@ static ssize_t transport_recv(Link *l, void *buf, size_t len, char *why, size_t 
                 break;
         }
         l->tls_pending = SSL_has_pending(l->ssl);
-        pthread_mutex_unlock(&l->tls_mutex);
+        tls_unlock(l);
         l->tls_read_wants_write = err == SSL_ERROR_WANT_WRITE;
         return r;
 }
@@ -403,14 +431,14 @@ static ssize_t tls_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_
                 p = l->tls_txbuf;
         }
 
-        pthread_mutex_lock(&l->tls_mutex);
+        tls_lock(l);
         ERR_clear_error();
         errno = 0;
         err = SSL_write_ex(l->ssl, p, len, &written) == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, 0);
         saved_errno = errno;
         if (err == SSL_ERROR_SSL || err == SSL_ERROR_SYSCALL)
                 l->tls_failed = true;
-        pthread_mutex_unlock(&l->tls_mutex);
+        tls_unlock(l);
 
         switch (err) {
         case SSL_ERROR_NONE:
@@ -445,13 +473,13 @@ static void transport_close_notify(Link *l)
 {
         if (!l->ssl)
                 return;
-        pthread_mutex_lock(&l->tls_mutex);
+        tls_lock(l);
         if (l->tls_up && !l->tls_failed) {
                 ERR_clear_error();
                 (void) SSL_shutdown(l->ssl);
                 ERR_clear_error();
         }
-        pthread_mutex_unlock(&l->tls_mutex);
+        tls_unlock(l);
 }
 
 /* ---- send queue (any thread) ---------------------------------------------------------- */
@@ -746,10 +774,10 @@ _printf_(4, 5) static void link_down(Link *l, int error, bool tell_peer, const c
         if (l->ssl) {
                 /* Before the TLS handshake there is no channel for an ERROR frame (OpenSSL sent
                  * its alert), and after a fatal TLS error there is none any more. */
-                pthread_mutex_lock(&l->tls_mutex);
+                tls_lock(l);
                 if (!l->tls_up || l->tls_failed)
                         tell_peer = false;
-                pthread_mutex_unlock(&l->tls_mutex);
+                tls_unlock(l);
         }
 
         va_start(ap, fmt);
@@ -817,6 +845,7 @@ static void link_release(Link *l)
 {
         SSL_free(l->ssl);
         pthread_mutex_destroy(&l->tls_mutex);
+        pthread_cond_destroy(&l->tls_cond);
         free(l->tls_txbuf);
         pthread_mutex_destroy(&l->mutex);
         pthread_cond_destroy(&l->cond_work);
@@ -1499,7 +1528,7 @@ static void link_tls_handshake(Link *l)
                 }
         }
 
-        pthread_mutex_lock(&l->tls_mutex);
+        tls_lock(l);
         ERR_clear_error();
         ok = SSL_do_handshake(l->ssl);
         err = ok == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, ok);
@@ -1512,7 +1541,7 @@ static void link_tls_handshake(Link *l)
                 r = tls_explain(l, false, why, sizeof(why));
         }
         l->tls_pending = SSL_has_pending(l->ssl);
-        pthread_mutex_unlock(&l->tls_mutex);
+        tls_unlock(l);
 
         switch (err) {
         case SSL_ERROR_WANT_READ:
@@ -1649,6 +1678,7 @@ static int link_new(sd_event *e, int fd, const LinkParams *p, const LinkCallback
         l->q_tail = &l->q_head;
         pthread_mutex_init(&l->mutex, NULL);
         pthread_mutex_init(&l->tls_mutex, NULL);
+        pthread_cond_init(&l->tls_cond, NULL);
         pthread_cond_init(&l->cond_work, NULL);
         pthread_cond_init(&l->cond_space, NULL);
         l->event = sd_event_ref(e);
