@@ -689,8 +689,8 @@ static int parse_hostname(const KeyDef *k, const char *value, void *field, char 
                         if (label == 0)
                                 goto bad;
                         label = 0;
-                } else if ((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
-                           *c == '-') {
+                } else if ((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+                           (*c >= '0' && *c <= '9') || *c == '-') {
                         if (++label > 63)
                                 goto bad;
                 } else
@@ -700,7 +700,8 @@ static int parse_hostname(const KeyDef *k, const char *value, void *field, char 
                 goto bad;
         return set_string(field, value);
 bad:
-        snprintf(problem, psize, "not a DNS name (labels of A-Z a-z 0-9 -, at most 63 bytes each, %u in all)",
+        snprintf(problem, psize,
+                 "not a DNS name (labels of A-Z a-z 0-9 -, at most 63 bytes each, %u in all)",
                  CONFIG_HOSTNAME_MAX);
         return -EINVAL;
 }
@@ -807,7 +808,8 @@ static const KeyDef vm_keys[_VK_MAX] = {
                          .flags = KEY_EMPTY_UNSETS},
         [VK_TLS_KEY] = {"TLSKeyFile", parse_path, V(tls_key_file), .max = PATH_MAX - 1,
                         .flags = KEY_EMPTY_UNSETS},
-        [VK_TLS_CA] = {"TLSCAFile", parse_path, V(tls_ca_file), .max = PATH_MAX - 1, .flags = KEY_EMPTY_UNSETS},
+        [VK_TLS_CA] = {"TLSCAFile", parse_path, V(tls_ca_file), .max = PATH_MAX - 1,
+                       .flags = KEY_EMPTY_UNSETS},
         [VK_TLS_PEER_NAME] = {"TLSPeerName", parse_hostname, V(tls_peer_name), .flags = KEY_EMPTY_UNSETS},
 };
 #undef V
@@ -1168,9 +1170,10 @@ static int vm_parse(const char *path, const char *name, const char *text, size_t
                         error_add(e, path, pr.line[VK_SERVICE_INTERFACE],
                                   "ServiceInterface= is only meaningful with ServiceAddress=");
                 if (v->tls) {
-                        const char *missing = tls_missing(v, pr.line[VK_TLS_CERT] > 0 && !pr.valid[VK_TLS_CERT],
-                                                          pr.line[VK_TLS_KEY] > 0 && !pr.valid[VK_TLS_KEY],
-                                                          pr.line[VK_TLS_CA] > 0 && !pr.valid[VK_TLS_CA]);
+                        const char *missing =
+                                tls_missing(v, pr.line[VK_TLS_CERT] > 0 && !pr.valid[VK_TLS_CERT],
+                                            pr.line[VK_TLS_KEY] > 0 && !pr.valid[VK_TLS_KEY],
+                                            pr.line[VK_TLS_CA] > 0 && !pr.valid[VK_TLS_CA]);
                         if (missing)
                                 error_add(e, path, pr.line[VK_TLS], "TLS=yes requires %s", missing);
                 }
@@ -1321,8 +1324,10 @@ static int vm_config_copy(const VmConfig *v, VmConfig **ret)
             set_string(&n->vmm_args_string, v->vmm_args_string) < 0 ||
             set_string(&n->fence_command, v->fence_command) < 0 ||
             set_string(&n->service_interface, v->service_interface) < 0 ||
-            set_string(&n->tls_cert_file, v->tls_cert_file) < 0 || set_string(&n->tls_key_file, v->tls_key_file) < 0 ||
-            set_string(&n->tls_ca_file, v->tls_ca_file) < 0 || set_string(&n->tls_peer_name, v->tls_peer_name) < 0)
+            set_string(&n->tls_cert_file, v->tls_cert_file) < 0 ||
+            set_string(&n->tls_key_file, v->tls_key_file) < 0 ||
+            set_string(&n->tls_ca_file, v->tls_ca_file) < 0 ||
+            set_string(&n->tls_peer_name, v->tls_peer_name) < 0)
                 return -ENOMEM;
         n->vmm_args = calloc(v->n_vmm_args + 1, sizeof(char *));
         if (!n->vmm_args)
@@ -1384,8 +1389,10 @@ bool vm_config_equal(const VmConfig *a, const VmConfig *b)
                a->split_brain_timeout_ms == b->split_brain_timeout_ms &&
                a->split_brain_policy == b->split_brain_policy && a->output_commit == b->output_commit &&
                a->console_commit == b->console_commit && a->tls == b->tls &&
-               str_eq_null(a->tls_cert_file, b->tls_cert_file) && str_eq_null(a->tls_key_file, b->tls_key_file) &&
-               str_eq_null(a->tls_ca_file, b->tls_ca_file) && str_eq_null(a->tls_peer_name, b->tls_peer_name);
+               str_eq_null(a->tls_cert_file, b->tls_cert_file) &&
+               str_eq_null(a->tls_key_file, b->tls_key_file) &&
+               str_eq_null(a->tls_ca_file, b->tls_ca_file) &&
+               str_eq_null(a->tls_peer_name, b->tls_peer_name);
 }
 
 bool daemon_config_equal(const DaemonConfig *a, const DaemonConfig *b)

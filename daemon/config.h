@@ -194,11 +194,11 @@ typedef struct VmConfig {
         SplitBrainPolicy split_brain_policy;
         bool output_commit;
         bool console_commit;
-        bool tls;              /* TLS= */
-        char *tls_cert_file;   /* or NULL */
-        char *tls_key_file;    /* or NULL */
-        char *tls_ca_file;     /* or NULL */
-        char *tls_peer_name;   /* or NULL */
+        bool tls;            /* TLS= */
+        char *tls_cert_file; /* or NULL */
+        char *tls_key_file;  /* or NULL */
+        char *tls_ca_file;   /* or NULL */
+        char *tls_peer_name; /* or NULL */
 } VmConfig;
 
 typedef struct Config {

@@ -61,21 +61,21 @@
 #include "tls.h"
 #include "util.h"
 
-#define NONCE_BYTES           32u
-#define PROOF_BYTES           32u
-#define UUID_BYTES            16u
-#define SESSION_BYTES         16u
-#define VM_NAME_MAX           255u
-#define HANDSHAKE_MAX_FRAME   (64u * 1024u)
-#define SOCKET_BUFFER_BYTES   (4 * 1024 * 1024)
-#define RX_BUFFER_BYTES       (64u * 1024u)
-#define RX_READS_PER_DISPATCH 16u
-#define RX_TLS_READS_PER_DISPATCH 64u /* a TLS read returns one record, at most 16 KiB */
-#define TLS_RECORD_MAX        16384u /* plaintext bytes per TLS record */
-#define TX_IOV_MAX            64u
-#define PEER_MESSAGE_MAX      200u
-#define LISTEN_BACKLOG        64
-#define TIMER_ACCURACY_USEC   1000u
+#define NONCE_BYTES               32u
+#define PROOF_BYTES               32u
+#define UUID_BYTES                16u
+#define SESSION_BYTES             16u
+#define VM_NAME_MAX               255u
+#define HANDSHAKE_MAX_FRAME       (64u * 1024u)
+#define SOCKET_BUFFER_BYTES       (4 * 1024 * 1024)
+#define RX_BUFFER_BYTES           (64u * 1024u)
+#define RX_READS_PER_DISPATCH     16u
+#define RX_TLS_READS_PER_DISPATCH 64u    /* a TLS read returns one record, at most 16 KiB */
+#define TLS_RECORD_MAX            16384u /* plaintext bytes per TLS record */
+#define TX_IOV_MAX                64u
+#define PEER_MESSAGE_MAX          200u
+#define LISTEN_BACKLOG            64
+#define TIMER_ACCURACY_USEC       1000u
 
 #define DEFAULT_HEARTBEAT_MS 50u
 #define DEFAULT_MISSES       4u
@@ -144,11 +144,11 @@ struct Link {
         pthread_mutex_t tls_mutex;
         pthread_cond_t tls_cond;
         uint64_t tls_next, tls_serving;
-        bool tls_up;               /* handshake done: records may flow, close_notify may be sent */
-        bool tls_failed;           /* a fatal TLS error: no SSL_shutdown() any more */
-        bool tls_peeked;           /* loop thread: the first bytes were checked for plaintext frames */
-        bool tls_read_wants_write; /* loop thread: SSL_read() needs the socket writable */
-        bool tls_pending;          /* loop thread: decrypted or buffered bytes wait inside ssl */
+        bool tls_up;                     /* handshake done: records may flow, close_notify may be sent */
+        bool tls_failed;                 /* a fatal TLS error: no SSL_shutdown() any more */
+        bool tls_peeked;                 /* loop thread: the first bytes were checked for plaintext frames */
+        bool tls_read_wants_write;       /* loop thread: SSL_read() needs the socket writable */
+        bool tls_pending;                /* loop thread: decrypted or buffered bytes wait inside ssl */
         sd_event_source *rx_more_source; /* TLS: reads on for what ssl holds (epoll cannot see it) */
         uint8_t *tls_txbuf;              /* writer: small frames gathered into one record */
 
@@ -339,8 +339,8 @@ static int tls_explain(Link *l, bool up, char *buf, size_t size)
                 case SSL_AD_UNKNOWN_CA:
                 case SSL_AD_ACCESS_DENIED:
                 case SSL_AD_CERTIFICATE_REQUIRED:
-                        snprintf(buf, size, "%s refused this side's TLS certificate (its alert: %s)", l->peer_name,
-                                 what);
+                        snprintf(buf, size, "%s refused this side's TLS certificate (its alert: %s)",
+                                 l->peer_name, what);
                         return -EKEYREJECTED;
                 case SSL_AD_PROTOCOL_VERSION:
                         snprintf(buf, size, "%s offers no TLS 1.3 (its alert: %s)", l->peer_name, what);
@@ -1304,10 +1304,11 @@ static int link_parse_header(Link *l)
         if (r < 0) {
                 /* A TLS record header: handshake (22), version 3.x. */
                 if (l->rx_header[0] == 22 && l->rx_header[1] == 3 && !l->ssl)
-                        return PROTO_FAIL(l, -EPROTO,
-                                          "peer %s started a TLS handshake, but TLS is off for this link here "
-                                          "(TLS= must be the same on both hosts)",
-                                          l->peer_name);
+                        return PROTO_FAIL(
+                                l, -EPROTO,
+                                "peer %s started a TLS handshake, but TLS is off for this link here "
+                                "(TLS= must be the same on both hosts)",
+                                l->peer_name);
                 if (get_le32(l->rx_header) == FRAME_MAGIC && get_le16(l->rx_header + 4) != FRAME_VERSION)
                         return PROTO_FAIL(l, -EPROTONOSUPPORT,
                                           "peer %s uses frame version %u, this side only %u", l->peer_name,
@@ -1490,16 +1491,18 @@ static void link_tls_plaintext_peer(Link *l)
 {
         if (l->side == LINK_STANDBY) {
                 /* Told in its own language, so the primary's log says why. */
-                TxFrame *f = error_frame(l, -EPROTO,
-                                         "this standby requires TLS for the VM (TLS=yes), the primary connected "
-                                         "in plaintext (TLS= must be the same on both hosts)");
+                TxFrame *f =
+                        error_frame(l, -EPROTO,
+                                    "this standby requires TLS for the VM (TLS=yes), the primary connected "
+                                    "in plaintext (TLS= must be the same on both hosts)");
                 if (f)
                         (void) send(l->fd, f->data, f->len, MSG_DONTWAIT | MSG_NOSIGNAL);
                 free(f);
-                link_down(l, -EPROTO, false,
-                          "peer %s speaks plaintext replication, but TLS=yes here: refused (TLS= must be the "
-                          "same on both hosts)",
-                          l->peer_name);
+                link_down(
+                        l, -EPROTO, false,
+                        "peer %s speaks plaintext replication, but TLS=yes here: refused (TLS= must be the "
+                        "same on both hosts)",
+                        l->peer_name);
         } else
                 link_down(l, -EPROTO, false,
                           "peer %s answered in plaintext replication frames: TLS is off there, TLS=yes here "
@@ -1557,7 +1560,8 @@ static void link_tls_handshake(Link *l)
                 return;
         }
 
-        log_debug("Replication link with %s: %s, %s, peer certificate verified.", l->peer_name, version, cipher);
+        log_debug("Replication link with %s: %s, %s, peer certificate verified.", l->peer_name, version,
+                  cipher);
         (void) sd_event_source_set_io_events(l->io_source, EPOLLIN);
         if (l->side == LINK_PRIMARY) {
                 if (link_queue_hello(l) < 0)

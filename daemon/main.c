@@ -636,7 +636,8 @@ int main(int argc, char **argv)
                         return 1;
                 }
                 if (bounding)
-                        log_debug("Capabilities reduced to CAP_NET_ADMIN and CAP_NET_RAW, bounding set included.");
+                        log_debug("Capabilities reduced to CAP_NET_ADMIN and CAP_NET_RAW, bounding set "
+                                  "included.");
         }
 
         sigemptyset(&mask);
