@@ -38,6 +38,7 @@
 #include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -281,6 +282,61 @@ int link_proof(const uint8_t *secret, size_t secret_len, const char *label, cons
 }
 
 /* ---- transport: plaintext or TLS ------------------------------------------------------ */
+
+/* OpenSSL's socket BIO writes with write(): a peer that closed would raise SIGPIPE in
+ * whichever thread wrote (the daemon blocks it, a program linking the Link may not). This
+ * BIO is the socket BIO with send(MSG_NOSIGNAL) for writes. */
+static BIO_METHOD *nosigpipe_method;
+
+static int nosigpipe_write(BIO *b, const char *in, int inl)
+{
+        int fd = -1, n;
+
+        if (BIO_get_fd(b, &fd) < 0 || fd < 0)
+                return -1;
+        errno = 0;
+        n = (int) send(fd, in, (size_t) inl, MSG_NOSIGNAL | MSG_DONTWAIT);
+        BIO_clear_retry_flags(b);
+        if (n <= 0 && BIO_sock_should_retry(n))
+                BIO_set_retry_write(b);
+        return n;
+}
+
+static void nosigpipe_init(void)
+{
+        const BIO_METHOD *sock = BIO_s_socket();
+        BIO_METHOD *m = BIO_meth_new(BIO_TYPE_SOCKET, "dirtyrep socket");
+
+        if (!m)
+                return;
+        if (BIO_meth_set_write(m, nosigpipe_write) != 1 ||
+            BIO_meth_set_read(m, BIO_meth_get_read(sock)) != 1 ||
+            BIO_meth_set_puts(m, BIO_meth_get_puts(sock)) != 1 ||
+            BIO_meth_set_ctrl(m, BIO_meth_get_ctrl(sock)) != 1 ||
+            BIO_meth_set_create(m, BIO_meth_get_create(sock)) != 1 ||
+            BIO_meth_set_destroy(m, BIO_meth_get_destroy(sock)) != 1) {
+                BIO_meth_free(m);
+                return;
+        }
+        nosigpipe_method = m;
+}
+
+/* Attaches fd (not owned) to ssl through the no-SIGPIPE socket BIO. */
+static int tls_set_fd(SSL *ssl, int fd)
+{
+        static pthread_once_t once = PTHREAD_ONCE_INIT;
+        BIO *b;
+
+        pthread_once(&once, nosigpipe_init);
+        if (!nosigpipe_method)
+                return -ENOMEM;
+        b = BIO_new(nosigpipe_method);
+        if (!b)
+                return -ENOMEM;
+        BIO_set_fd(b, fd, BIO_NOCLOSE);
+        SSL_set_bio(ssl, b, b);
+        return 0;
+}
 
 /* The TLS lock: FIFO between the loop thread and the writer. A plain mutex lets the thread
  * that just unlocked take it again before the woken one runs, and on a loaded host a reader
@@ -1708,8 +1764,9 @@ static int link_new(sd_event *e, int fd, const LinkParams *p, const LinkCallback
                 l->tls_txbuf = malloc(TLS_RECORD_MAX);
                 if (!l->ssl || !l->tls_txbuf)
                         return -ENOMEM;
-                if (SSL_set_fd(l->ssl, l->fd) != 1)
-                        return -EIO;
+                r = tls_set_fd(l->ssl, l->fd);
+                if (r < 0)
+                        return r;
                 if (p->side == LINK_PRIMARY)
                         SSL_set_connect_state(l->ssl);
                 else

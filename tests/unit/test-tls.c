@@ -15,6 +15,7 @@
 #include <openssl/ssl.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <signal.h>
 #include <stdio.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -424,6 +425,28 @@ TEST(link_over_tls)
         f.primary = link_free(f.primary);
         ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 5000));
         ASSERT_EQ(f.s.down_error, -ECONNRESET);
+        fixture_done(&f);
+}
+
+TEST(link_tls_peer_gone_no_sigpipe)
+{
+        _cleanup_free_ uint8_t *buf = calloc(1, 1u << 20);
+        Fixture f;
+
+        setup();
+        ASSERT_TRUE(buf);
+        /* SIGPIPE keeps its default action here: a write() to the dead peer would kill the test. */
+        ASSERT_TRUE(signal(SIGPIPE, SIG_DFL) != SIG_ERR);
+        run_pair(&f, ctx_new("standby.test", "ca1", NULL), ctx_new("primary.test", "ca1", NULL));
+        ASSERT_EQ(f.p.ups, 1);
+        f.standby = link_free(f.standby); /* closes the socket with unread data: the primary gets RST */
+        usleep(50 * 1000);
+        /* The loop does not run: only the writer thread touches the socket, and writes into the reset. */
+        for (unsigned i = 0; i < 8; i++)
+                (void) link_send(f.primary, DR__REPL__FRAME_TYPE__FRAME_PAGES, buf, 1u << 20, false);
+        usleep(300 * 1000);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs > 0, 5000));
+        ASSERT_TRUE(f.p.down_error == -EPIPE || f.p.down_error == -ECONNRESET);
         fixture_done(&f);
 }
 
