@@ -483,7 +483,11 @@ static int set_string(char **field, const char *value)
 
 static int parse_path(const KeyDef *k, const char *value, void *field, char *problem, size_t psize)
 {
-        int r = check_path(k, value, problem, psize);
+        int r;
+
+        if (!*value && (k->flags & KEY_EMPTY_UNSETS))
+                return set_string(field, NULL);
+        r = check_path(k, value, problem, psize);
         if (r < 0)
                 return r;
         return set_string(field, value);
@@ -670,6 +674,38 @@ static int parse_ifname(const KeyDef *k, const char *value, void *field, char *p
         return set_string(field, value);
 }
 
+/* A DNS name as certificates carry it: labels of [A-Za-z0-9-] (a leading "*." is the
+ * certificate's business, not ours), dot-separated, 1..CONFIG_HOSTNAME_MAX bytes. */
+static int parse_hostname(const KeyDef *k, const char *value, void *field, char *problem, size_t psize)
+{
+        size_t label = 0;
+
+        if (!*value)
+                return set_string(field, NULL);
+        if (strlen(value) > CONFIG_HOSTNAME_MAX)
+                goto bad;
+        for (const char *c = value; *c; c++) {
+                if (*c == '.') {
+                        if (label == 0)
+                                goto bad;
+                        label = 0;
+                } else if ((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+                           (*c >= '0' && *c <= '9') || *c == '-') {
+                        if (++label > 63)
+                                goto bad;
+                } else
+                        goto bad;
+        }
+        if (label == 0)
+                goto bad;
+        return set_string(field, value);
+bad:
+        snprintf(problem, psize,
+                 "not a DNS name (labels of A-Z a-z 0-9 -, at most 63 bytes each, %u in all)",
+                 CONFIG_HOSTNAME_MAX);
+        return -EINVAL;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Key tables */
 
@@ -732,6 +768,11 @@ enum {
         VK_SPLIT_BRAIN_POLICY,
         VK_OUTPUT_COMMIT,
         VK_CONSOLE_COMMIT,
+        VK_TLS,
+        VK_TLS_CERT,
+        VK_TLS_KEY,
+        VK_TLS_CA,
+        VK_TLS_PEER_NAME,
         _VK_MAX,
 };
 
@@ -762,6 +803,14 @@ static const KeyDef vm_keys[_VK_MAX] = {
                                    .choices = split_brain_names},
         [VK_OUTPUT_COMMIT] = {"OutputCommit", parse_yes_no, V(output_commit)},
         [VK_CONSOLE_COMMIT] = {"ConsoleCommit", parse_yes_no, V(console_commit)},
+        [VK_TLS] = {"TLS", parse_yes_no, V(tls)},
+        [VK_TLS_CERT] = {"TLSCertificateFile", parse_path, V(tls_cert_file), .max = PATH_MAX - 1,
+                         .flags = KEY_EMPTY_UNSETS},
+        [VK_TLS_KEY] = {"TLSKeyFile", parse_path, V(tls_key_file), .max = PATH_MAX - 1,
+                        .flags = KEY_EMPTY_UNSETS},
+        [VK_TLS_CA] = {"TLSCAFile", parse_path, V(tls_ca_file), .max = PATH_MAX - 1,
+                       .flags = KEY_EMPTY_UNSETS},
+        [VK_TLS_PEER_NAME] = {"TLSPeerName", parse_hostname, V(tls_peer_name), .flags = KEY_EMPTY_UNSETS},
 };
 #undef V
 
@@ -1025,6 +1074,10 @@ VmConfig *vm_config_free(VmConfig *v)
         strv_free(v->vmm_args);
         free(v->fence_command);
         free(v->service_interface);
+        free(v->tls_cert_file);
+        free(v->tls_key_file);
+        free(v->tls_ca_file);
+        free(v->tls_peer_name);
         free(v);
         return NULL;
 }
@@ -1058,6 +1111,19 @@ static int vm_config_new_default(const char *path, const char *name, VmConfig **
                 return -ENOMEM;
         *ret = TAKE_PTR(v);
         return 0;
+}
+
+/* With TLS=yes: the first of the three files that is missing (and was not
+ * given with a bad value, reported already), or NULL. */
+static const char *tls_missing(const VmConfig *v, bool cert_given, bool key_given, bool ca_given)
+{
+        if (!v->tls_cert_file && !cert_given)
+                return "TLSCertificateFile=";
+        if (!v->tls_key_file && !key_given)
+                return "TLSKeyFile=";
+        if (!v->tls_ca_file && !ca_given)
+                return "TLSCAFile=";
+        return NULL;
 }
 
 /* Parses one VM file into e; returns 0 (check e->any), or -ENOMEM. */
@@ -1103,6 +1169,14 @@ static int vm_parse(const char *path, const char *name, const char *text, size_t
                 if (v->service_interface && v->service_address.family == AF_UNSPEC && !sa_bad)
                         error_add(e, path, pr.line[VK_SERVICE_INTERFACE],
                                   "ServiceInterface= is only meaningful with ServiceAddress=");
+                if (v->tls) {
+                        const char *missing =
+                                tls_missing(v, pr.line[VK_TLS_CERT] > 0 && !pr.valid[VK_TLS_CERT],
+                                            pr.line[VK_TLS_KEY] > 0 && !pr.valid[VK_TLS_KEY],
+                                            pr.line[VK_TLS_CA] > 0 && !pr.valid[VK_TLS_CA]);
+                        if (missing)
+                                error_add(e, path, pr.line[VK_TLS], "TLS=yes requires %s", missing);
+                }
         }
         v->control_socket_set = pr.valid[VK_CONTROL_SOCKET];
         *ret = TAKE_PTR(v);
@@ -1241,6 +1315,7 @@ static int vm_config_copy(const VmConfig *v, VmConfig **ret)
         *n = *v;
         n->name = n->path = n->control_socket = n->secret_file = n->vmm = n->vmm_args_string = NULL;
         n->fence_command = n->service_interface = NULL;
+        n->tls_cert_file = n->tls_key_file = n->tls_ca_file = n->tls_peer_name = NULL;
         n->vmm_args = NULL;
         n->n_vmm_args = 0;
         if (set_string(&n->name, v->name) < 0 || set_string(&n->path, v->path) < 0 ||
@@ -1248,7 +1323,11 @@ static int vm_config_copy(const VmConfig *v, VmConfig **ret)
             set_string(&n->secret_file, v->secret_file) < 0 || set_string(&n->vmm, v->vmm) < 0 ||
             set_string(&n->vmm_args_string, v->vmm_args_string) < 0 ||
             set_string(&n->fence_command, v->fence_command) < 0 ||
-            set_string(&n->service_interface, v->service_interface) < 0)
+            set_string(&n->service_interface, v->service_interface) < 0 ||
+            set_string(&n->tls_cert_file, v->tls_cert_file) < 0 ||
+            set_string(&n->tls_key_file, v->tls_key_file) < 0 ||
+            set_string(&n->tls_ca_file, v->tls_ca_file) < 0 ||
+            set_string(&n->tls_peer_name, v->tls_peer_name) < 0)
                 return -ENOMEM;
         n->vmm_args = calloc(v->n_vmm_args + 1, sizeof(char *));
         if (!n->vmm_args)
@@ -1309,7 +1388,11 @@ bool vm_config_equal(const VmConfig *a, const VmConfig *b)
                str_eq_null(a->service_interface, b->service_interface) &&
                a->split_brain_timeout_ms == b->split_brain_timeout_ms &&
                a->split_brain_policy == b->split_brain_policy && a->output_commit == b->output_commit &&
-               a->console_commit == b->console_commit;
+               a->console_commit == b->console_commit && a->tls == b->tls &&
+               str_eq_null(a->tls_cert_file, b->tls_cert_file) &&
+               str_eq_null(a->tls_key_file, b->tls_key_file) &&
+               str_eq_null(a->tls_ca_file, b->tls_ca_file) &&
+               str_eq_null(a->tls_peer_name, b->tls_peer_name);
 }
 
 bool daemon_config_equal(const DaemonConfig *a, const DaemonConfig *b)
@@ -1444,6 +1527,13 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                         error_add(&e, origin, 0, "ServiceAddress= requires ServiceInterface=");
                 if (v->service_interface && v->service_address.family == AF_UNSPEC)
                         error_add(&e, origin, 0, "ServiceInterface= is only meaningful with ServiceAddress=");
+        }
+        if (v->tls) {
+                const char *missing = tls_missing(v, given[VK_TLS_CERT] && !valid[VK_TLS_CERT],
+                                                  given[VK_TLS_KEY] && !valid[VK_TLS_KEY],
+                                                  given[VK_TLS_CA] && !valid[VK_TLS_CA]);
+                if (missing)
+                        error_add(&e, origin, 0, "TLS=yes requires %s", missing);
         }
         error_file_done(&e, origin);
         if (e.any)

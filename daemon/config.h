@@ -64,6 +64,14 @@
  * | SplitBrainPolicy=   | suspend                  | suspend, continue               |
  * | OutputCommit=       | yes                      | yes, no                         |
  * | ConsoleCommit=      | no                       | yes, no                         |
+ * | TLS=                | no                       | yes, no: the replication link   |
+ * |                     |                          | in TLS 1.3, mutual certificates |
+ * | TLSCertificateFile= | (required with TLS=yes)  | absolute path, PEM chain        |
+ * |   (e)               |                          |                                 |
+ * | TLSKeyFile=     (e) | (required with TLS=yes)  | absolute path, PEM private key  |
+ * | TLSCAFile=      (e) | (required with TLS=yes)  | absolute path, PEM CA bundle    |
+ * | TLSPeerName=    (e) | none (any certificate    | DNS name the peer's certificate |
+ * |                     |  the CA signed)          | must carry (SAN or CN)          |
  * (1) /run/dirtyrep/NAME.sock from config_parse_vm_file(); config_load()
  *     re-derives it from the daemon's RuntimeDirectory= when that is set.
  *
@@ -102,7 +110,8 @@
 #define CONFIG_VMM_ARGS_MAX       64U
 #define CONFIG_SECRET_MIN         16U
 #define CONFIG_SECRET_MAX         4096U
-#define CONFIG_ADDRESS_STRING_MAX 64U /* "[ipv6]:port" fits, with room */
+#define CONFIG_ADDRESS_STRING_MAX 64U
+#define CONFIG_HOSTNAME_MAX       253U /* TLSPeerName= */ /* "[ipv6]:port" fits, with room */
 
 typedef enum VmRole {
         VM_ROLE_PRIMARY,
@@ -185,6 +194,11 @@ typedef struct VmConfig {
         SplitBrainPolicy split_brain_policy;
         bool output_commit;
         bool console_commit;
+        bool tls;            /* TLS= */
+        char *tls_cert_file; /* or NULL */
+        char *tls_key_file;  /* or NULL */
+        char *tls_ca_file;   /* or NULL */
+        char *tls_peer_name; /* or NULL */
 } VmConfig;
 
 typedef struct Config {

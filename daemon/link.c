@@ -18,6 +18,14 @@
  *   standby: WAIT_HELLO --Hello--> WAIT_AUTH --Auth ok--> UP (sends Challenge, then Welcome)
  *   primary: (connect) --> WAIT_CHALLENGE --Challenge ok--> WAIT_WELCOME --Welcome--> UP (sends Hello, Auth)
  *
+ * With TLS, both sides first run the TLS handshake (STEP_TLS) and only then
+ * the above, inside it. The SSL object is used by the loop thread (handshake,
+ * reads) and the writer (writes, the final close_notify), never at the same
+ * time: every call into it holds the TLS lock (tls_lock(): first come, first
+ * served, so a reader decrypting a full sync cannot starve the writer's
+ * heartbeats, or the other way round, as an unfair mutex can), which is never held while
+ * waiting. The plaintext path takes none of this.
+ *
  * Any other frame before UP is -EPROTO; ERROR is accepted in every state.
  * Frames are limited to HANDSHAKE_MAX_FRAME until UP, so a stranger cannot
  * make the standby allocate max_frame bytes per connection.
@@ -30,9 +38,13 @@
 #include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/bio.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -48,17 +60,20 @@
 #include "link-internal.h"
 #include "link.h"
 #include "log.h"
+#include "tls.h"
 #include "util.h"
 
-#define NONCE_BYTES           32u
-#define PROOF_BYTES           32u
-#define UUID_BYTES            16u
-#define SESSION_BYTES         16u
-#define VM_NAME_MAX           255u
-#define HANDSHAKE_MAX_FRAME   (64u * 1024u)
-#define SOCKET_BUFFER_BYTES   (4 * 1024 * 1024)
-#define RX_BUFFER_BYTES       (64u * 1024u)
-#define RX_READS_PER_DISPATCH 16u
+#define NONCE_BYTES               32u
+#define PROOF_BYTES               32u
+#define UUID_BYTES                16u
+#define SESSION_BYTES             16u
+#define VM_NAME_MAX               255u
+#define HANDSHAKE_MAX_FRAME       (64u * 1024u)
+#define SOCKET_BUFFER_BYTES       (4 * 1024 * 1024)
+#define RX_BUFFER_BYTES           (64u * 1024u)
+#define RX_READS_PER_DISPATCH     16u
+#define RX_TLS_READS_PER_DISPATCH 64u    /* a TLS read returns one record, at most 16 KiB */
+#define TLS_RECORD_MAX            16384u /* plaintext bytes per TLS record */
 /* Work one dispatch may do before the loop gets back to its timers. Reads
  * are counted in wire bytes, but a compressed PAGES frame of 16 KiB can
  * expand to 1 MiB of pages to apply: 16 reads of LZ4'd zero-tailed pages
@@ -88,6 +103,7 @@ static const char LABEL_PRIMARY[] = "dirtyrep-primary";
 
 typedef enum HandshakeStep {
         STEP_NONE,
+        STEP_TLS,            /* both, with TLS: the TLS handshake */
         STEP_WAIT_HELLO,     /* standby */
         STEP_WAIT_AUTH,      /* standby */
         STEP_WAIT_CHALLENGE, /* primary */
@@ -131,6 +147,20 @@ struct Link {
 
         LinkListener *listener; /* while counted against listener->max_pending */
         Link *listener_next;
+
+        /* TLS (NULL: plaintext). Under tls_lock(): every SSL_* call on ssl, tls_up, tls_failed.
+         * A ticket lock: tls_next is the next ticket, tls_serving the one that holds it. */
+        SSL *ssl;
+        pthread_mutex_t tls_mutex;
+        pthread_cond_t tls_cond;
+        uint64_t tls_next, tls_serving;
+        bool tls_up;                     /* handshake done: records may flow, close_notify may be sent */
+        bool tls_failed;                 /* a fatal TLS error: no SSL_shutdown() any more */
+        bool tls_peeked;                 /* loop thread: the first bytes were checked for plaintext frames */
+        bool tls_read_wants_write;       /* loop thread: SSL_read() needs the socket writable */
+        bool tls_pending;                /* loop thread: decrypted or buffered bytes wait inside ssl */
+        sd_event_source *rx_more_source; /* TLS: reads on for what ssl holds (epoll cannot see it) */
+        uint8_t *tls_txbuf;              /* writer: small frames gathered into one record */
 
         int fd, wake_fd, stop_fd;
         sd_event_source *io_source, *wake_source, *deadline_source, *heartbeat_source, *connect_fail_source;
@@ -266,6 +296,263 @@ int link_proof(const uint8_t *secret, size_t secret_len, const char *label, cons
         return 0;
 }
 
+/* ---- transport: plaintext or TLS ------------------------------------------------------ */
+
+/* OpenSSL's socket BIO writes with write(): a peer that closed would raise SIGPIPE in
+ * whichever thread wrote (the daemon blocks it, a program linking the Link may not). This
+ * BIO is the socket BIO with send(MSG_NOSIGNAL) for writes. */
+static BIO_METHOD *nosigpipe_method;
+
+static int nosigpipe_write(BIO *b, const char *in, int inl)
+{
+        int fd = -1, n;
+
+        if (BIO_get_fd(b, &fd) < 0 || fd < 0)
+                return -1;
+        errno = 0;
+        n = (int) send(fd, in, (size_t) inl, MSG_NOSIGNAL | MSG_DONTWAIT);
+        BIO_clear_retry_flags(b);
+        if (n <= 0 && BIO_sock_should_retry(n))
+                BIO_set_retry_write(b);
+        return n;
+}
+
+static void nosigpipe_init(void)
+{
+        const BIO_METHOD *sock = BIO_s_socket();
+        BIO_METHOD *m = BIO_meth_new(BIO_TYPE_SOCKET, "dirtyrep socket");
+
+        if (!m)
+                return;
+        if (BIO_meth_set_write(m, nosigpipe_write) != 1 ||
+            BIO_meth_set_read(m, BIO_meth_get_read(sock)) != 1 ||
+            BIO_meth_set_puts(m, BIO_meth_get_puts(sock)) != 1 ||
+            BIO_meth_set_ctrl(m, BIO_meth_get_ctrl(sock)) != 1 ||
+            BIO_meth_set_create(m, BIO_meth_get_create(sock)) != 1 ||
+            BIO_meth_set_destroy(m, BIO_meth_get_destroy(sock)) != 1) {
+                BIO_meth_free(m);
+                return;
+        }
+        nosigpipe_method = m;
+}
+
+/* Attaches fd (not owned) to ssl through the no-SIGPIPE socket BIO. */
+static int tls_set_fd(SSL *ssl, int fd)
+{
+        static pthread_once_t once = PTHREAD_ONCE_INIT;
+        BIO *b;
+
+        pthread_once(&once, nosigpipe_init);
+        if (!nosigpipe_method)
+                return -ENOMEM;
+        b = BIO_new(nosigpipe_method);
+        if (!b)
+                return -ENOMEM;
+        BIO_set_fd(b, fd, BIO_NOCLOSE);
+        SSL_set_bio(ssl, b, b);
+        return 0;
+}
+
+/* The TLS lock: FIFO between the loop thread and the writer. A plain mutex lets the thread
+ * that just unlocked take it again before the woken one runs, and on a loaded host a reader
+ * busy with a full sync kept the writer (and with it the heartbeats) out for long. */
+static void tls_lock(Link *l)
+{
+        uint64_t ticket;
+
+        pthread_mutex_lock(&l->tls_mutex);
+        ticket = l->tls_next++;
+        while (ticket != l->tls_serving)
+                pthread_cond_wait(&l->tls_cond, &l->tls_mutex);
+        pthread_mutex_unlock(&l->tls_mutex);
+}
+
+static void tls_unlock(Link *l)
+{
+        pthread_mutex_lock(&l->tls_mutex);
+        l->tls_serving++;
+        if (l->tls_next != l->tls_serving) /* someone waits */
+                pthread_cond_broadcast(&l->tls_cond);
+        pthread_mutex_unlock(&l->tls_mutex);
+}
+
+/*
+ * A TLS failure as a negative errno and a message that names the peer.
+ * Called with the TLS lock held, right after the failed call (the error queue
+ * is per thread). `up`: after the TLS handshake (record errors there are
+ * corruption, -EBADMSG, as a CRC mismatch is in plaintext).
+ */
+static int tls_explain(Link *l, bool up, char *buf, size_t size)
+{
+        unsigned long e = ERR_peek_last_error();
+        int reason = e ? ERR_GET_REASON(e) : 0;
+        const char *what = e ? ERR_reason_error_string(e) : NULL;
+
+        what = what ?: "TLS error";
+        if (reason == SSL_R_CERTIFICATE_VERIFY_FAILED) {
+                long v = SSL_get_verify_result(l->ssl);
+                snprintf(buf, size, "the certificate of %s was refused: %s", l->peer_name,
+                         v != X509_V_OK ? X509_verify_cert_error_string(v) : what);
+                return -EKEYREJECTED;
+        }
+        if (reason == SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE) {
+                snprintf(buf, size, "%s presented no TLS certificate", l->peer_name);
+                return -EKEYREJECTED;
+        }
+        if (reason > SSL_AD_REASON_OFFSET) {
+                /* An alert the peer sent: name it, and say what the usual ones mean here. */
+                switch (reason - SSL_AD_REASON_OFFSET) {
+                case SSL_AD_BAD_CERTIFICATE:
+                case SSL_AD_UNSUPPORTED_CERTIFICATE:
+                case SSL_AD_CERTIFICATE_REVOKED:
+                case SSL_AD_CERTIFICATE_EXPIRED:
+                case SSL_AD_CERTIFICATE_UNKNOWN:
+                case SSL_AD_UNKNOWN_CA:
+                case SSL_AD_ACCESS_DENIED:
+                case SSL_AD_CERTIFICATE_REQUIRED:
+                        snprintf(buf, size, "%s refused this side's TLS certificate (its alert: %s)",
+                                 l->peer_name, what);
+                        return -EKEYREJECTED;
+                case SSL_AD_PROTOCOL_VERSION:
+                        snprintf(buf, size, "%s offers no TLS 1.3 (its alert: %s)", l->peer_name, what);
+                        return -EPROTO;
+                default:
+                        snprintf(buf, size, "%s sent the TLS alert: %s", l->peer_name, what);
+                        return up ? -EBADMSG : -EPROTO;
+                }
+        }
+        if (reason == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+                snprintf(buf, size, "%s closed the connection during the TLS handshake", l->peer_name);
+                return -ECONNRESET;
+        }
+        if (!up && (reason == SSL_R_WRONG_VERSION_NUMBER || reason == SSL_R_PACKET_LENGTH_TOO_LONG)) {
+                snprintf(buf, size, "%s does not speak TLS (%s)", l->peer_name, what);
+                return -EPROTO;
+        }
+        snprintf(buf, size, "TLS error with %s: %s", l->peer_name, what);
+        return up ? -EBADMSG : -EPROTO;
+}
+
+/*
+ * Loop thread: up to len bytes of the stream. >0 bytes, 0 at its end,
+ * -EAGAIN, -EINTR, or another negative errno; with TLS, a failure leaves its
+ * message in `why` (empty otherwise).
+ */
+static ssize_t transport_recv(Link *l, void *buf, size_t len, char *why, size_t why_size)
+{
+        size_t got = 0;
+        int err, saved_errno;
+        ssize_t r;
+
+        if (!l->ssl) {
+                ssize_t n = recv(l->fd, buf, len, MSG_DONTWAIT);
+                return n < 0 ? -errno : n;
+        }
+
+        tls_lock(l);
+        ERR_clear_error();
+        errno = 0;
+        err = SSL_read_ex(l->ssl, buf, len, &got) == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, 0);
+        saved_errno = errno;
+        switch (err) {
+        case SSL_ERROR_NONE:
+                r = (ssize_t) got;
+                break;
+        case SSL_ERROR_WANT_READ:
+        case SSL_ERROR_WANT_WRITE:
+                r = -EAGAIN;
+                break;
+        case SSL_ERROR_ZERO_RETURN: /* close_notify: the end of the stream, as a FIN is in plaintext */
+                r = 0;
+                break;
+        case SSL_ERROR_SYSCALL:
+                l->tls_failed = true;
+                r = saved_errno > 0 ? -saved_errno : 0;
+                break;
+        default:
+                l->tls_failed = true;
+                if (ERR_GET_REASON(ERR_peek_last_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)
+                        r = 0; /* a FIN without close_notify: to the Link, a closed connection */
+                else
+                        r = tls_explain(l, l->state == LINK_UP, why, why_size);
+                break;
+        }
+        l->tls_pending = SSL_has_pending(l->ssl);
+        tls_unlock(l);
+        l->tls_read_wants_write = err == SSL_ERROR_WANT_WRITE;
+        return r;
+}
+
+/* Writer thread, TLS: one record's worth. Small frames (headers, heartbeats, acks) are gathered
+ * into one record; a large one goes from where it is. A retry after -EAGAIN passes the same bytes
+ * again (the batch has not moved), as SSL_write() requires. */
+static ssize_t tls_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_events)
+{
+        const void *p = iov[0].iov_base;
+        size_t len = iov[0].iov_len, written = 0;
+        int err, saved_errno;
+
+        if (len < TLS_RECORD_MAX && n > 1) {
+                len = 0;
+                for (size_t i = 0; i < n && len < TLS_RECORD_MAX; i++) {
+                        size_t k = MIN(iov[i].iov_len, TLS_RECORD_MAX - len);
+                        memcpy(l->tls_txbuf + len, iov[i].iov_base, k);
+                        len += k;
+                }
+                p = l->tls_txbuf;
+        }
+
+        tls_lock(l);
+        ERR_clear_error();
+        errno = 0;
+        err = SSL_write_ex(l->ssl, p, len, &written) == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, 0);
+        saved_errno = errno;
+        if (err == SSL_ERROR_SSL || err == SSL_ERROR_SYSCALL)
+                l->tls_failed = true;
+        tls_unlock(l);
+
+        switch (err) {
+        case SSL_ERROR_NONE:
+                return (ssize_t) written;
+        case SSL_ERROR_WANT_WRITE:
+                return -EAGAIN;
+        case SSL_ERROR_WANT_READ: /* not in TLS 1.3 after the handshake; waits on the reader */
+                *ret_events = POLLIN;
+                return -EAGAIN;
+        case SSL_ERROR_SYSCALL:
+                return saved_errno > 0 ? -saved_errno : -EPIPE;
+        default:
+                return -EPROTO;
+        }
+}
+
+/* Writer thread: bytes of iov[0..n) sent (>0), or a negative errno; on -EAGAIN *ret_events
+ * says what to wait for. */
+static ssize_t transport_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_events)
+{
+        *ret_events = POLLOUT;
+        if (!l->ssl) {
+                struct msghdr mh = {.msg_iov = (struct iovec *) iov, .msg_iovlen = n};
+                ssize_t sent = sendmsg(l->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                return sent < 0 ? -errno : sent;
+        }
+        return tls_sendv(l, iov, n, ret_events);
+}
+
+/* Writer thread, at the end: TLS says goodbye with close_notify (best effort, non-blocking). */
+static void transport_close_notify(Link *l)
+{
+        if (!l->ssl)
+                return;
+        tls_lock(l);
+        if (l->tls_up && !l->tls_failed) {
+                ERR_clear_error();
+                (void) SSL_shutdown(l->ssl);
+                ERR_clear_error();
+        }
+        tls_unlock(l);
+}
+
 /* ---- send queue (any thread) ---------------------------------------------------------- */
 
 static TxFrame *txframe_new(size_t payload_len)
@@ -396,16 +683,18 @@ static int link_send_internal(Link *l, uint16_t type, const ProtobufCMessage *m)
 
 /* ---- writer thread -------------------------------------------------------------------- */
 
-/* Waits until the socket is writable. -ECANCELED when link_free() asks the writer to stop. */
-static int writer_wait(Link *l)
+/* Waits until the socket is writable (or, for TLS, `events` says readable: then the reader, not this
+ * thread, consumes the input, so it only waits a moment). -ECANCELED when link_free() asks the
+ * writer to stop. */
+static int writer_wait(Link *l, short events)
 {
         struct pollfd p[2] = {
-                {.fd = l->fd, .events = POLLOUT},
+                {.fd = l->fd, .events = events},
                 {.fd = l->stop_fd, .events = POLLIN},
         };
 
         for (;;) {
-                if (poll(p, 2, -1) < 0) {
+                if (poll(p, 2, events == POLLOUT ? -1 : 1) < 0) {
                         if (errno == EINTR)
                                 continue;
                         return -errno;
@@ -424,27 +713,26 @@ static int writer_send_batch(Link *l, TxFrame *batch)
 
         while (batch) {
                 struct iovec iov[TX_IOV_MAX];
-                struct msghdr mh = {.msg_iov = iov};
                 size_t n = 0, done_bytes = 0, k;
                 uint64_t done_frames = 0;
+                short events;
                 ssize_t sent;
 
                 iov[n++] = (struct iovec){batch->data + off, batch->len - off};
                 for (TxFrame *f = batch->next; f && n < TX_IOV_MAX; f = f->next)
                         iov[n++] = (struct iovec){f->data, f->len};
-                mh.msg_iovlen = n;
 
-                sent = sendmsg(l->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                sent = transport_sendv(l, iov, n, &events);
                 if (sent < 0) {
-                        if (errno == EINTR)
+                        if (sent == -EINTR)
                                 continue;
-                        if (errno == EAGAIN) {
-                                r = writer_wait(l);
+                        if (sent == -EAGAIN) {
+                                r = writer_wait(l, events);
                                 if (r < 0)
                                         break;
                                 continue;
                         }
-                        r = -errno;
+                        r = (int) sent;
                         break;
                 }
 
@@ -547,6 +835,7 @@ static void *writer_main(void *userdata)
                         break;
                 if (!l->q_head) {
                         /* Down and drained (a final ERROR went out): tell the peer. */
+                        transport_close_notify(l);
                         (void) shutdown(l->fd, SHUT_WR);
                         break;
                 }
@@ -604,6 +893,14 @@ _printf_(4, 5) static void link_down(Link *l, int error, bool tell_peer, const c
         if (l->state == LINK_DOWN)
                 return;
         assert(error < 0);
+        if (l->ssl) {
+                /* Before the TLS handshake there is no channel for an ERROR frame (OpenSSL sent
+                 * its alert), and after a fatal TLS error there is none any more. */
+                tls_lock(l);
+                if (!l->tls_up || l->tls_failed)
+                        tell_peer = false;
+                tls_unlock(l);
+        }
 
         va_start(ap, fmt);
         vsnprintf(l->down_reason, sizeof(l->down_reason), fmt, ap);
@@ -613,7 +910,7 @@ _printf_(4, 5) static void link_down(Link *l, int error, bool tell_peer, const c
         listener_release(l);
 
         sd_event_source *sources[] = {l->io_source, l->deadline_source, l->heartbeat_source,
-                                      l->connect_fail_source};
+                                      l->connect_fail_source, l->rx_more_source};
         FOREACH_ARRAY (s, sources, ELEMENTSOF(sources))
                 if (*s)
                         (void) sd_event_source_set_enabled(*s, SD_EVENT_OFF);
@@ -668,6 +965,10 @@ static Link *link_ref(Link *l)
 
 static void link_release(Link *l)
 {
+        SSL_free(l->ssl);
+        pthread_mutex_destroy(&l->tls_mutex);
+        pthread_cond_destroy(&l->tls_cond);
+        free(l->tls_txbuf);
         pthread_mutex_destroy(&l->mutex);
         pthread_cond_destroy(&l->cond_work);
         pthread_cond_destroy(&l->cond_space);
@@ -701,6 +1002,7 @@ Link *link_free(Link *l)
         l->deadline_source = sd_event_source_disable_unref(l->deadline_source);
         l->heartbeat_source = sd_event_source_disable_unref(l->heartbeat_source);
         l->connect_fail_source = sd_event_source_disable_unref(l->connect_fail_source);
+        l->rx_more_source = sd_event_source_disable_unref(l->rx_more_source);
 
         pthread_mutex_lock(&l->mutex);
         l->stop = true;
@@ -1133,6 +1435,7 @@ static int link_dispatch(Link *l, uint16_t type, const uint8_t *payload, size_t 
 {
         static const char *const step_names[] = {
                 [STEP_NONE] = "up",
+                [STEP_TLS] = "in the TLS handshake",
                 [STEP_WAIT_HELLO] = "waiting for HELLO",
                 [STEP_WAIT_AUTH] = "waiting for AUTH",
                 [STEP_WAIT_CHALLENGE] = "waiting for CHALLENGE",
@@ -1144,6 +1447,8 @@ static int link_dispatch(Link *l, uint16_t type, const uint8_t *payload, size_t 
                 return handle_peer_error(l, payload, len);
 
         switch (l->step) {
+        case STEP_TLS: /* frames only flow inside TLS */
+                break;
         case STEP_WAIT_HELLO:
                 if (type == DR__REPL__FRAME_TYPE__FRAME_HELLO)
                         return handle_hello(l, payload, len);
@@ -1194,6 +1499,13 @@ static int link_parse_header(Link *l)
                 return PROTO_FAIL(l, -EMSGSIZE, "frame from %s announces %u payload bytes, limit is %u",
                                   l->peer_name, get_le32(l->rx_header + 8), cap);
         if (r < 0) {
+                /* A TLS record header: handshake (22), version 3.x. */
+                if (l->rx_header[0] == 22 && l->rx_header[1] == 3 && !l->ssl)
+                        return PROTO_FAIL(
+                                l, -EPROTO,
+                                "peer %s started a TLS handshake, but TLS is off for this link here "
+                                "(TLS= must be the same on both hosts)",
+                                l->peer_name);
                 if (get_le32(l->rx_header) == FRAME_MAGIC && get_le16(l->rx_header + 4) != FRAME_VERSION)
                         return PROTO_FAIL(l, -EPROTONOSUPPORT,
                                           "peer %s uses frame version %u, this side only %u", l->peer_name,
@@ -1292,25 +1604,30 @@ static void link_note_rx(Link *l, size_t n)
 
 static void link_read(Link *l)
 {
+        unsigned max_reads = l->ssl ? RX_TLS_READS_PER_DISPATCH : RX_READS_PER_DISPATCH;
         uint64_t start = now_usec();
 
-        for (unsigned i = 0; i < RX_READS_PER_DISPATCH && !l->freed && l->state != LINK_DOWN; i++) {
+        for (unsigned i = 0; i < max_reads && !l->freed && l->state != LINK_DOWN; i++) {
                 size_t want = l->rx_have_header ? l->rx_frame.length - l->rx_payload_got : 0;
                 bool direct = want >= RX_BUFFER_BYTES;
+                char why[256] = "";
                 ssize_t n;
 
                 /* Large payloads are read straight into place, small frames in bulk. */
                 if (direct)
-                        n = recv(l->fd, l->rx_payload + l->rx_payload_got, want, MSG_DONTWAIT);
+                        n = transport_recv(l, l->rx_payload + l->rx_payload_got, want, why, sizeof(why));
                 else
-                        n = recv(l->fd, l->rx_buf, RX_BUFFER_BYTES, MSG_DONTWAIT);
+                        n = transport_recv(l, l->rx_buf, RX_BUFFER_BYTES, why, sizeof(why));
                 if (n < 0) {
-                        if (errno == EINTR)
+                        if (n == -EINTR)
                                 continue;
-                        if (errno == EAGAIN)
-                                return;
-                        link_down(l, -errno, false, "reading from %s failed: %s", l->peer_name,
-                                  strerror(errno));
+                        if (n == -EAGAIN)
+                                break;
+                        if (why[0])
+                                link_down(l, (int) n, false, "%s", why);
+                        else
+                                link_down(l, (int) n, false, "reading from %s failed: %s", l->peer_name,
+                                          strerror((int) -n));
                         return;
                 }
                 if (n == 0) {
@@ -1330,6 +1647,130 @@ static void link_read(Link *l)
                 if (now_usec() - start >= RX_DISPATCH_BUDGET_USEC)
                         return;
         }
+        if (l->ssl && !l->freed && l->state != LINK_DOWN) {
+                /* What epoll cannot see: records OpenSSL already holds, and a read that must write
+                 * first (a TLS 1.3 key update answered from inside SSL_read()). */
+                (void) sd_event_source_set_io_events(l->io_source,
+                                                     EPOLLIN | (l->tls_read_wants_write ? EPOLLOUT : 0));
+                if (l->tls_pending)
+                        (void) sd_event_source_set_enabled(l->rx_more_source, SD_EVENT_ONESHOT);
+        }
+}
+
+static int on_rx_more(sd_event_source *s, void *userdata)
+{
+        _cleanup_(link_unrefp) Link *l = link_ref(userdata);
+
+        if (l->state != LINK_DOWN && l->step != STEP_TLS)
+                link_read(l);
+        return 0;
+}
+
+/* Queues the primary's Hello: the first frame, once the connection (and TLS) is up. */
+static int link_queue_hello(Link *l)
+{
+        TxFrame *f;
+        int r;
+
+        l->step = STEP_WAIT_CHALLENGE;
+        f = txframe_new(l->hello_len);
+        if (!f) {
+                link_down(l, -ENOMEM, false, "out of memory");
+                return -ENOMEM;
+        }
+        memcpy(f->data + FRAME_HEADER_SIZE, l->hello_payload, l->hello_len);
+        r = link_queue(l, DR__REPL__FRAME_TYPE__FRAME_HELLO, f, false, true);
+        if (r < 0) {
+                link_down(l, r, false, "failed to queue HELLO: %s", strerror(-r));
+                return r;
+        }
+        return 0;
+}
+
+/* A TLS side found replication frames where a TLS record should be. */
+static void link_tls_plaintext_peer(Link *l)
+{
+        if (l->side == LINK_STANDBY) {
+                /* Told in its own language, so the primary's log says why. */
+                TxFrame *f =
+                        error_frame(l, -EPROTO,
+                                    "this standby requires TLS for the VM (TLS=yes), the primary connected "
+                                    "in plaintext (TLS= must be the same on both hosts)");
+                if (f)
+                        (void) send(l->fd, f->data, f->len, MSG_DONTWAIT | MSG_NOSIGNAL);
+                free(f);
+                link_down(
+                        l, -EPROTO, false,
+                        "peer %s speaks plaintext replication, but TLS=yes here: refused (TLS= must be the "
+                        "same on both hosts)",
+                        l->peer_name);
+        } else
+                link_down(l, -EPROTO, false,
+                          "peer %s answered in plaintext replication frames: TLS is off there, TLS=yes here "
+                          "(TLS= must be the same on both hosts)",
+                          l->peer_name);
+}
+
+/* Loop thread: the TLS handshake, one step each time the socket allows. */
+static void link_tls_handshake(Link *l)
+{
+        char why[256] = "", version[32] = "", cipher[64] = "";
+        int ok, err, r = 0;
+
+        if (!l->tls_peeked) {
+                uint8_t head[4], magic[4];
+                ssize_t n = recv(l->fd, head, sizeof(head), MSG_PEEK | MSG_DONTWAIT);
+
+                put_le32(magic, FRAME_MAGIC);
+                if (n > 0) {
+                        /* A short prefix is left to OpenSSL: waiting here for the rest would spin. */
+                        l->tls_peeked = true;
+                        if (n == (ssize_t) sizeof(head) && memcmp(head, magic, sizeof(head)) == 0) {
+                                link_tls_plaintext_peer(l);
+                                return;
+                        }
+                }
+        }
+
+        tls_lock(l);
+        ERR_clear_error();
+        ok = SSL_do_handshake(l->ssl);
+        err = ok == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, ok);
+        if (err == SSL_ERROR_NONE) {
+                l->tls_up = true;
+                snprintf(version, sizeof(version), "%s", SSL_get_version(l->ssl));
+                snprintf(cipher, sizeof(cipher), "%s", SSL_get_cipher_name(l->ssl) ?: "?");
+        } else if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
+                l->tls_failed = true;
+                r = tls_explain(l, false, why, sizeof(why));
+        }
+        l->tls_pending = SSL_has_pending(l->ssl);
+        tls_unlock(l);
+
+        switch (err) {
+        case SSL_ERROR_WANT_READ:
+                (void) sd_event_source_set_io_events(l->io_source, EPOLLIN);
+                return;
+        case SSL_ERROR_WANT_WRITE:
+                (void) sd_event_source_set_io_events(l->io_source, EPOLLOUT);
+                return;
+        case SSL_ERROR_NONE:
+                break;
+        default:
+                link_down(l, r, false, "TLS handshake with %s failed: %s", l->peer_name, why);
+                return;
+        }
+
+        log_debug("Replication link with %s: %s, %s, peer certificate verified.", l->peer_name, version,
+                  cipher);
+        (void) sd_event_source_set_io_events(l->io_source, EPOLLIN);
+        if (l->side == LINK_PRIMARY) {
+                if (link_queue_hello(l) < 0)
+                        return;
+        } else
+                l->step = STEP_WAIT_HELLO;
+        /* Records that came with the handshake's last flight are inside OpenSSL already. */
+        link_read(l);
 }
 
 static int link_connected(Link *l)
@@ -1350,21 +1791,12 @@ static int link_connected(Link *l)
                 return r;
         }
         link_set_state(l, LINK_HANDSHAKE);
-        l->step = STEP_WAIT_CHALLENGE;
-        {
-                TxFrame *f = txframe_new(l->hello_len);
-                if (!f) {
-                        link_down(l, -ENOMEM, false, "out of memory");
-                        return -ENOMEM;
-                }
-                memcpy(f->data + FRAME_HEADER_SIZE, l->hello_payload, l->hello_len);
-                r = link_queue(l, DR__REPL__FRAME_TYPE__FRAME_HELLO, f, false, true);
+        if (l->ssl) {
+                l->step = STEP_TLS;
+                link_tls_handshake(l); /* sends the ClientHello */
+                return 0;
         }
-        if (r < 0) {
-                link_down(l, r, false, "failed to queue HELLO: %s", strerror(-r));
-                return r;
-        }
-        return 0;
+        return link_queue_hello(l);
 }
 
 static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
@@ -1373,6 +1805,10 @@ static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 
         if (l->state == LINK_CONNECTING) {
                 (void) link_connected(l);
+                return 0;
+        }
+        if (l->step == STEP_TLS) {
+                link_tls_handshake(l);
                 return 0;
         }
         link_read(l);
@@ -1446,6 +1882,8 @@ static int link_new(sd_event *e, int fd, const LinkParams *p, const LinkCallback
         l->wake_fd = l->stop_fd = -EBADF;
         l->q_tail = &l->q_head;
         pthread_mutex_init(&l->mutex, NULL);
+        pthread_mutex_init(&l->tls_mutex, NULL);
+        pthread_cond_init(&l->tls_cond, NULL);
         {
                 /* The writer's timed waits (heartbeats) run on CLOCK_MONOTONIC, like now_usec(). */
                 pthread_condattr_t ca;
@@ -1472,6 +1910,26 @@ static int link_new(sd_event *e, int fd, const LinkParams *p, const LinkCallback
         l->rx_buf = malloc(RX_BUFFER_BYTES);
         if (!l->peer_name || !l->rx_buf)
                 return -ENOMEM;
+
+        if (p->tls) {
+                l->ssl = SSL_new(p->tls);
+                l->tls_txbuf = malloc(TLS_RECORD_MAX);
+                if (!l->ssl || !l->tls_txbuf)
+                        return -ENOMEM;
+                r = tls_set_fd(l->ssl, l->fd);
+                if (r < 0)
+                        return r;
+                if (p->side == LINK_PRIMARY)
+                        SSL_set_connect_state(l->ssl);
+                else
+                        SSL_set_accept_state(l->ssl);
+                r = sd_event_add_defer(e, &l->rx_more_source, on_rx_more, l);
+                if (r < 0)
+                        return r;
+                r = sd_event_source_set_enabled(l->rx_more_source, SD_EVENT_OFF);
+                if (r < 0)
+                        return r;
+        }
 
         l->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -1601,7 +2059,7 @@ int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *c
         if (r < 0)
                 return r;
         link_set_state(l, LINK_HANDSHAKE);
-        l->step = STEP_WAIT_HELLO;
+        l->step = l->ssl ? STEP_TLS : STEP_WAIT_HELLO;
 
         if (p->listener) {
                 l->listener = p->listener;

@@ -21,6 +21,13 @@
  * frame counts) arrived for heartbeat_ms * heartbeat_misses: on_down with
  * -ETIMEDOUT. During the handshake a separate handshake_timeout_ms applies.
  *
+ * TLS (LinkParams.tls): the TLS 1.3 handshake runs first (within
+ * handshake_timeout_ms), then the replication handshake inside it. A failed
+ * certificate check ends the link with -EKEYREJECTED and the verifier's
+ * reason; a TLS record error (corruption, a peer's alert) with -EBADMSG, as
+ * a CRC mismatch does in plaintext. Reads and writes keep their threads:
+ * the SSL object is shared under a mutex of its own.
+ *
  * Errors end the link, never the process: a bad frame (magic, version,
  * length, CRC, undecodable protobuf, unexpected type for the state) calls
  * on_down with -EBADMSG/-EPROTO and a message naming what was wrong; an
@@ -31,6 +38,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <openssl/types.h>
 #include <sys/socket.h>
 #include <systemd/sd-event.h>
 
@@ -95,6 +103,10 @@ typedef struct LinkParams {
         /* Standby, optional: the listener the fd came from. The Link then counts
          * against its max_pending until the handshake ends (up, down or freed). */
         struct LinkListener *listener;
+        /* Optional: TLS (daemon/tls.h) under the replication handshake. NULL: plaintext. Borrowed;
+         * each connection holds its own reference. Both ends must agree: a TLS side refuses a
+         * plaintext peer and the other way round, each with a message that says so. */
+        SSL_CTX *tls;
 } LinkParams;
 
 /* Primary: starts a non-blocking connect; progress and failure arrive through callbacks. */

@@ -42,6 +42,7 @@
 #include <unistd.h>
 
 #include "bus.h"
+#include "caps.h"
 #include "config.h"
 #include "dirtyrep-build.h"
 #include "log.h"
@@ -72,6 +73,7 @@ typedef struct DebugClient {
 static const char *arg_config = SYSCONFDIR "/dirtyrep/dirtyrep.conf";
 static const char *arg_config_dir = SYSCONFDIR "/dirtyrep/vm.d";
 static const char *arg_debug_socket;
+static bool arg_keep_capabilities;
 static bool arg_check_config;
 typedef enum BusMode { BUS_AUTO, BUS_SYSTEM, BUS_NONE } BusMode;
 static BusMode arg_bus = BUS_AUTO;
@@ -397,6 +399,8 @@ static void help(void)
                "                              when there is no bus, system requires it\n"
                "     --bus-address=ADDRESS    Serve the D-Bus API on this bus instead (required)\n"
                "     --debug-socket PATH      Serve the diagnostic socket (root only)\n"
+               "     --keep-capabilities      As root, keep the capability bounding set (children such as\n"
+               "                              FenceCommand= may need more than dirtyrepd itself)\n"
                "\nA VM from the command line (options after --vm NAME apply to that VM and override\n"
                "its file vm.d/NAME.conf, if any; they are checked like the file's keys):\n"
                "     --vm NAME                Define or override VM NAME\n"
@@ -463,6 +467,7 @@ static int parse_argv(int argc, char **argv)
                 ARG_VERSION = 0x100,
                 ARG_CHECK,
                 ARG_DEBUG,
+                ARG_KEEP_CAPS,
                 ARG_BUS,
                 ARG_BUS_ADDRESS,
                 ARG_VM,
@@ -493,8 +498,9 @@ static int parse_argv(int argc, char **argv)
                 { "bus-address", required_argument, NULL, ARG_BUS_ADDRESS },
                 { "vm", required_argument, NULL, ARG_VM },
                 { "set", required_argument, NULL, ARG_SET },
+                { "keep-capabilities", no_argument, NULL, ARG_KEEP_CAPS },
         };
-        size_t n_opts = 10;
+        size_t n_opts = 11;
         int c, r;
 
         for (size_t i = 0; i < ELEMENTSOF(vm_options); i++)
@@ -521,6 +527,9 @@ static int parse_argv(int argc, char **argv)
                         break;
                 case ARG_DEBUG:
                         arg_debug_socket = optarg;
+                        break;
+                case ARG_KEEP_CAPS:
+                        arg_keep_capabilities = true;
                         break;
                 case ARG_BUS:
                         if (streq(optarg, "auto"))
@@ -622,6 +631,20 @@ int main(int argc, char **argv)
                 return 0;
         }
         log_set_max_level(config->daemon->log_level);
+
+        /* Before any thread exists: capabilities are per thread, and new threads inherit them. */
+        {
+                bool bounding = false;
+                r = caps_drop(arg_keep_capabilities, &bounding);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to drop capabilities: %m");
+                        daemon_done(&d);
+                        return 1;
+                }
+                if (bounding)
+                        log_debug("Capabilities reduced to CAP_NET_ADMIN and CAP_NET_RAW, bounding set "
+                                  "included.");
+        }
 
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);

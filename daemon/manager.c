@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <openssl/ssl.h>
 #include <systemd/sd-daemon.h>
 
 #include <sys/wait.h>
@@ -15,6 +16,7 @@
 #include "bus.h"
 #include "log.h"
 #include "manager.h"
+#include "tls.h"
 #include "util.h"
 
 #define STATUS_INTERVAL_USEC (200 * 1000ULL)
@@ -71,11 +73,40 @@ static int vm_load_secret(Vm *vm, uint8_t **ret, size_t *ret_len)
         return r;
 }
 
+/* The VM's TLS context (TLS=yes), built from its files at every role start, so a renewed
+ * certificate takes effect with the next attach, promotion or reload. *ret = NULL with TLS=no. */
+static int vm_load_tls(Vm *vm, SSL_CTX **ret)
+{
+        _cleanup_free_ char *err = NULL;
+        const VmConfig *c = vm->cfg;
+        int r;
+
+        *ret = NULL;
+        if (!c->tls)
+                return 0;
+        r = tls_context_new(&(TlsFiles){.cert_file = c->tls_cert_file,
+                                        .key_file = c->tls_key_file,
+                                        .ca_file = c->tls_ca_file,
+                                        .peer_name = c->tls_peer_name},
+                            ret, &err);
+        if (r < 0) {
+                snprintf(vm->error, sizeof(vm->error), "TLS: %s", err ? err : strerror(-r));
+                log_error("VM %s: %s", c->name, vm->error);
+        }
+        return r;
+}
+
+static void ssl_ctx_freep(SSL_CTX **c)
+{
+        SSL_CTX_free(*c);
+}
+
 static void on_standby_lost(Standby *s, int error, const char *reason, void *userdata);
 
 /* Starts listening as a standby (the VM's setup, or a demotion). */
 static int vm_become_standby(Vm *vm)
 {
+        _cleanup_(ssl_ctx_freep) SSL_CTX *tls = NULL;
         uint8_t *secret = NULL;
         size_t secret_len = 0;
         int r;
@@ -83,12 +114,19 @@ static int vm_become_standby(Vm *vm)
         r = vm_load_secret(vm, &secret, &secret_len);
         if (r < 0)
                 return r;
+        r = vm_load_tls(vm, &tls);
+        if (r < 0) {
+                config_secret_free(secret, secret_len);
+                return r;
+        }
         r = standby_new(vm->manager->event, vm->daemon, vm->cfg, secret, secret_len, &vm->standby);
         config_secret_free(secret, secret_len);
         if (r < 0)
                 return r;
         standby_set_lost_callback(vm->standby, on_standby_lost, vm);
-        r = standby_start(vm->standby);
+        r = standby_set_tls(vm->standby, tls);
+        if (r >= 0)
+                r = standby_start(vm->standby);
         if (r < 0)
                 vm->standby = standby_free(vm->standby);
         return r;
@@ -222,6 +260,7 @@ static void on_fenced(Failover *f, int result, const char *reason, void *userdat
 static void on_vmm_ready(Failover *f, void *userdata)
 {
         Vm *vm = userdata;
+        _cleanup_(ssl_ctx_freep) SSL_CTX *tls = NULL;
         uint8_t *secret = NULL;
         size_t secret_len = 0;
         int r;
@@ -229,11 +268,15 @@ static void on_vmm_ready(Failover *f, void *userdata)
         vm->promoting = false;
         log_notice("VM %s: guest running on this host %.1f ms after the promotion began", vm->cfg->name,
                    (double) (now_usec() - vm->promote_start_usec) / 1000.0);
-        r = vm_load_secret(vm, &secret, &secret_len);
+        r = vm_load_tls(vm, &tls);
+        if (r >= 0)
+                r = vm_load_secret(vm, &secret, &secret_len);
         if (r >= 0) {
                 r = primary_new(vm->manager->event, vm->daemon, vm->cfg, secret, secret_len, &vm->primary);
                 config_secret_free(secret, secret_len);
         }
+        if (r >= 0)
+                r = primary_set_tls(vm->primary, tls);
         if (r >= 0) {
                 primary_set_promoted(vm->primary, vm->promote_epoch);
                 r = primary_start(vm->primary);
@@ -316,11 +359,18 @@ int vm_attach(Vm *vm)
                 }
         }
         if (cfg->role == VM_ROLE_PRIMARY) {
+                _cleanup_(ssl_ctx_freep) SSL_CTX *tls = NULL;
+
+                r = vm_load_tls(vm, &tls);
+                if (r < 0)
+                        return r;
                 r = vm_load_secret(vm, &secret, &secret_len);
                 if (r < 0)
                         return r;
                 r = primary_new(vm->manager->event, vm->daemon, cfg, secret, secret_len, &vm->primary);
                 config_secret_free(secret, secret_len);
+                if (r >= 0)
+                        r = primary_set_tls(vm->primary, tls);
                 if (r >= 0)
                         r = primary_start(vm->primary);
                 if (r >= 0)

@@ -44,6 +44,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <openssl/evp.h>
+#include <openssl/ssl.h>
 
 #include "crc32c.h"
 #include "image-take.h"
@@ -100,6 +101,7 @@ struct Primary {
         const VmConfig *vm;
         uint8_t *secret;
         size_t secret_len;
+        SSL_CTX *tls; /* or NULL: plaintext */
         uint8_t session[16];
         uint8_t uuid[16];
         char host[64];
@@ -1640,6 +1642,7 @@ static int connect_now(Primary *p)
                 .heartbeat_misses = p->dcfg->heartbeat_misses,
                 .hello = &p->hello,
                 .peer_name = p->vm->peer.text,
+                .tls = p->tls,
         };
         Link *l = NULL;
         int r;
@@ -2048,6 +2051,17 @@ int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
         return 0;
 }
 
+int primary_set_tls(Primary *p, SSL_CTX *tls)
+{
+        if (!p || p->started)
+                return -EINVAL;
+        if (tls && SSL_CTX_up_ref(tls) != 1)
+                return -EIO;
+        SSL_CTX_free(p->tls);
+        p->tls = tls;
+        return 0;
+}
+
 int primary_start(Primary *p)
 {
         int r;
@@ -2098,6 +2112,7 @@ Primary *primary_free(Primary *p)
         p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
         safe_close(p->wake_fd);
         safe_close(p->notify_fd);
+        SSL_CTX_free(p->tls);
         if (p->secret) {
                 explicit_bzero(p->secret, p->secret_len);
                 free(p->secret);

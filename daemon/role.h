@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <openssl/types.h>
 #include <systemd/sd-event.h>
 
 #include "config.h"
@@ -70,6 +71,9 @@ int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
                 Primary **ret);
 /* Starts attaching to the VMM (retrying while its socket is absent) and connecting to the peer. */
 int primary_start(Primary *p);
+/* TLS on the replication link (daemon/tls.h), before primary_start(); takes its own reference.
+ * NULL: plaintext (the default). */
+int primary_set_tls(Primary *p, SSL_CTX *tls);
 Primary *primary_free(Primary *p);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Primary *, primary_free);
 void primary_get_status(Primary *p, ReplStatus *ret);
@@ -115,6 +119,8 @@ int standby_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
                 Standby **ret);
 /* Starts listening on vm->listen. */
 int standby_start(Standby *s);
+/* TLS on the replication link, as primary_set_tls(). */
+int standby_set_tls(Standby *s, SSL_CTX *tls);
 Standby *standby_free(Standby *s);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Standby *, standby_free);
 void standby_get_status(Standby *s, ReplStatus *ret);

@@ -46,6 +46,7 @@
 #include <stdarg.h>
 #include <inttypes.h>
 #include <linux/falloc.h>
+#include <openssl/ssl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -138,6 +139,7 @@ struct Standby {
         const VmConfig *vm;
         uint8_t *secret;
         size_t secret_len;
+        SSL_CTX *tls; /* or NULL: plaintext */
 
         LinkListener *listener;
         sd_event_source *gc_source; /* timer: frees dead connections */
@@ -1003,6 +1005,7 @@ static int on_accept(LinkListener *ll, int fd, const char *peer, void *userdata)
                 .heartbeat_misses = s->d ? s->d->heartbeat_misses : 0,
                 .peer_name = c->peer,
                 .listener = ll,
+                .tls = s->tls,
         };
         r = link_accept(s->event, fd, &p, &standby_link_cb, c, &c->link);
         if (r < 0) {
@@ -1051,6 +1054,17 @@ int standby_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
         return 0;
 }
 
+int standby_set_tls(Standby *s, SSL_CTX *tls)
+{
+        if (!s || s->listener)
+                return -EINVAL;
+        if (tls && SSL_CTX_up_ref(tls) != 1)
+                return -EIO;
+        SSL_CTX_free(s->tls);
+        s->tls = tls;
+        return 0;
+}
+
 int standby_start(Standby *s)
 {
         int r;
@@ -1089,6 +1103,7 @@ Standby *standby_free(Standby *s)
         replica_clear(&s->replica);
         inc_staging_free(s);
         free(s->bitmap);
+        SSL_CTX_free(s->tls);
         if (s->secret) {
                 explicit_bzero(s->secret, s->secret_len);
                 free(s->secret);

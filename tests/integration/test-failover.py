@@ -221,7 +221,9 @@ class Daemon(Proc):
         super().__init__(tmp, f"dirtyrepd-{host}", ns_exec(host, ENV["DR_DIRTYREPD"], "--config",
                                                             os.path.join(d, "dirtyrep.conf"), "--config-dir",
                                                             os.path.join(d, "vm.d"), "--debug-socket",
-                                                            self.debug))
+                                                            self.debug,
+                                                            # the fence script's `ip -n` needs CAP_SYS_ADMIN
+                                                            "--keep-capabilities"))
         end = time.time() + 20
         while not os.path.exists(self.debug):
             if not self.alive():
