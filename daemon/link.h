@@ -120,6 +120,8 @@ void link_fail(Link *l, int code, const char *fmt, ...) _printf_(3, 4);
 LinkState link_state(const Link *l);
 void link_get_stats(const Link *l, LinkStats *ret);
 const char *link_peer_name(const Link *l);
+/* Whether the link went down because the peer said so (its ERROR frame), not from this side. */
+bool link_down_by_peer(const Link *l);
 /* The session id from the primary's Hello (standby side, after on_hello), 16 bytes. */
 const uint8_t *link_peer_session(const Link *l);
 
