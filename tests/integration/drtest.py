@@ -300,13 +300,27 @@ def incr_until(deadline, key):
     return acked
 
 
+def acked_regressions(acked):
+    """Acknowledged INCR values that are not above every value acknowledged before them:
+    each one means an acknowledged write was lost (the counter went back)."""
+    out, top = [], None
+    for v in acked:
+        if top is not None and v <= top:
+            out.append(v)
+        top = v if top is None else max(top, v)
+    return out
+
+
 class IncrLoop:
     """INCR in a background process in the client namespace: a shell loop of redis-cli
     commands, each acknowledged reply printed with a timestamp."""
 
     def __init__(self, tmp, key, ip=SVC_IP):
         self.out = os.path.join(tmp, f"incr-{key}.log")
-        script = (f"while :; do timeout 0.5 redis-cli -h {ip} -p {KV_PORT} INCR {key} 2>/dev/null; done")
+        # --foreground: timeout stays in the loop's process group, so stop() kills a redis-cli
+        # in flight too (otherwise it could still print an acknowledged value after stop()).
+        script = (f"while :; do timeout --foreground 0.5 redis-cli -h {ip} -p {KV_PORT} INCR {key} 2>/dev/null; "
+                  "done")
         self.f = open(self.out, "w")
         self.proc = subprocess.Popen(ns_exec("c", "sh", "-c", script), stdout=self.f, stderr=subprocess.DEVNULL,
                                      process_group=0)
