@@ -103,6 +103,8 @@ struct Primary {
 
         /* Loop thread only. */
         sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer;
+        sd_event_source *gone_timer; /* re-probes a VMM that may still be exiting */
+        unsigned gone_probes;
         unsigned backoff_ms;
         bool started;
         Dr__Repl__Hello hello;
@@ -1714,34 +1716,66 @@ static bool vmm_alive(const char *path)
         return true;
 }
 
+#define GONE_PROBES         20u
+#define GONE_PROBE_INTERVAL (50 * USEC_PER_MSEC)
+
+static int report_failure(Primary *p);
+
+static int on_gone_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        Primary *p = userdata;
+
+        p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
+        return report_failure(p);
+}
+
+/* Tells the standby why the epoch thread stopped. A VMM that was just SIGKILLed can
+ * still have its control socket accepting for a moment (the process is still exiting),
+ * so a VMM that looks alive is probed again for up to 1 s before the standby hears
+ * that the VM still runs here (found by the fault campaign: a killed VMM reported as a
+ * tracking error, -EIO, so its standby never failed over and the VM was gone). */
+static int report_failure(Primary *p)
+{
+        char detail[sizeof(p->detail)];
+        Link *l;
+
+        pthread_mutex_lock(&p->mutex);
+        l = p->link;
+        snprintf(detail, sizeof(detail), "%s", p->detail);
+        pthread_mutex_unlock(&p->mutex);
+        if (!l)
+                return 0;
+        if (!vmm_alive(p->vm->control_socket)) {
+                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
+                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
+                return 0;
+        }
+        if (p->gone_probes++ < GONE_PROBES)
+                return sd_event_add_time_relative(p->event, &p->gone_timer, CLOCK_MONOTONIC, GONE_PROBE_INTERVAL,
+                                                  1000, on_gone_timer, p);
+        link_fail(l, -EIO, "primary stopped replicating: %s", detail);
+        return 0;
+}
+
 /* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby.
  * -EHOSTDOWN tells it the VM is gone here, so it may fail over; anything else
  * (the VM may still run here, unprotected) must not make it do so. */
 static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         Primary *p = userdata;
-        char detail[sizeof(p->detail)];
         eventfd_t v;
         bool failed;
-        Link *l;
 
         (void) eventfd_read(fd, &v);
         image_deliver(p, false);
         pthread_mutex_lock(&p->mutex);
         failed = p->failed;
-        l = p->link;
-        snprintf(detail, sizeof(detail), "%s", p->detail);
         pthread_mutex_unlock(&p->mutex);
         if (!failed || p->fail_reported)
                 return 0;
         p->fail_reported = true;
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
-        if (l && !vmm_alive(p->vm->control_socket)) {
-                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
-                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
-        } else if (l)
-                link_fail(l, -EIO, "primary stopped replicating: %s", detail);
-        return 0;
+        return report_failure(p);
 }
 
 /* ---- the loop side: attach ------------------------------------------------------------- */
@@ -2002,6 +2036,7 @@ Primary *primary_free(Primary *p)
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
         p->notify_source = sd_event_source_disable_unref(p->notify_source);
         p->split_timer = sd_event_source_disable_unref(p->split_timer);
+        p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
         safe_close(p->wake_fd);
         safe_close(p->notify_fd);
         if (p->secret) {
