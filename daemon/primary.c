@@ -1751,8 +1751,8 @@ static int report_failure(Primary *p)
                 return 0;
         }
         if (p->gone_probes++ < GONE_PROBES)
-                return sd_event_add_time_relative(p->event, &p->gone_timer, CLOCK_MONOTONIC, GONE_PROBE_INTERVAL,
-                                                  1000, on_gone_timer, p);
+                return sd_event_add_time_relative(p->event, &p->gone_timer, CLOCK_MONOTONIC,
+                                                  GONE_PROBE_INTERVAL, 1000, on_gone_timer, p);
         link_fail(l, -EIO, "primary stopped replicating: %s", detail);
         return 0;
 }

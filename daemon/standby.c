@@ -948,9 +948,11 @@ static void on_down(Link *l, int error, const char *reason, void *userdata)
                 snprintf(s->reported_reason, sizeof(s->reported_reason), "%s", reason);
                 snprintf(s->detail, sizeof(s->detail), "primary reported a broken link, waiting for it: %s",
                          reason);
-                log_warning_errno(error, "VM %s: primary %s reported its link down (%s); waiting %" PRIu64
+                log_warning_errno(error,
+                                  "VM %s: primary %s reported its link down (%s); waiting %" PRIu64
                                   " ms for it to reconnect before declaring it lost",
-                                  s->vm->name, c->peer, reason, (uint64_t) (reconnect_grace_usec(s) / USEC_PER_MSEC));
+                                  s->vm->name, c->peer, reason,
+                                  (uint64_t) (reconnect_grace_usec(s) / USEC_PER_MSEC));
                 schedule_gc(s, s->reported_due);
                 return;
         }
@@ -1005,12 +1007,13 @@ static void gc_run(Standby *s, bool force)
                         s->reported_due = 0;
                 else if (now >= s->reported_due) {
                         s->reported_due = 0;
-                        snprintf(s->detail, sizeof(s->detail), "primary lost: did not reconnect after: %.200s",
-                                 s->reported_reason);
-                        log_warning_errno(s->reported_error,
-                                          "VM %s: the primary did not reconnect after reporting its link down: "
-                                          "lost, replica stays at epoch %" PRIu64,
-                                          s->vm->name, s->replica.epoch);
+                        snprintf(s->detail, sizeof(s->detail),
+                                 "primary lost: did not reconnect after: %.200s", s->reported_reason);
+                        log_warning_errno(
+                                s->reported_error,
+                                "VM %s: the primary did not reconnect after reporting its link down: "
+                                "lost, replica stays at epoch %" PRIu64,
+                                s->vm->name, s->replica.epoch);
                         if (s->lost_cb)
                                 s->lost_cb(s, s->reported_error, s->reported_reason, s->lost_userdata);
                         return; /* the callback may have taken the replica and closed everything */

@@ -614,10 +614,11 @@ void agent_detach(DrAgent *a, const char *why)
         pthread_mutex_unlock(&a->lock);
 
         if (was_holding)
-                log_warning("Control client (uid %u, pid %d) gone (%s) without stopping tracking: VM resumed, "
-                            "%llu bytes of output stay held, and new output too, until a client attaches "
-                            "and releases it (or stops tracking).",
-                            (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
+                log_warning(
+                        "Control client (uid %u, pid %d) gone (%s) without stopping tracking: VM resumed, "
+                        "%llu bytes of output stay held, and new output too, until a client attaches "
+                        "and releases it (or stops tracking).",
+                        (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
         else if (was_tracking)
                 log_warning("Control client (uid %u, pid %d) gone (%s): tracking stopped, VM resumed; "
                             "the VM now runs unprotected.",
