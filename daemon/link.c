@@ -144,6 +144,7 @@ struct Link {
         size_t send_queue_limit;
         char *peer_name;
         char down_reason[512];
+        bool down_by_peer; /* the peer's ERROR frame took the link down */
 
         LinkListener *listener; /* while counted against listener->max_pending */
         Link *listener_next;
@@ -238,6 +239,11 @@ static void link_set_state(Link *l, LinkState s)
 LinkState link_state(const Link *l)
 {
         return __atomic_load_n(&l->state, __ATOMIC_RELAXED);
+}
+
+bool link_down_by_peer(const Link *l)
+{
+        return l->down_by_peer;
 }
 
 const char *link_peer_name(const Link *l)
@@ -1246,6 +1252,7 @@ static int handle_peer_error(Link *l, const uint8_t *payload, size_t len)
         /* The peer's code is input too: only a plausible negative errno passes. */
         code = (e->code < 0 && e->code > -4096) ? e->code : -EPROTO;
         sanitize(msg, sizeof(msg), e->message);
+        l->down_by_peer = true;
         link_down(l, code, false, "peer %s reported: %s", l->peer_name, msg);
         return code;
 }

@@ -137,6 +137,8 @@ void link_set_patience(Link *l, uint64_t usec);
 /* The patience both sides use during a full sync. */
 #define SYNC_PATIENCE_USEC (2u * 1000u * 1000u)
 const char *link_peer_name(const Link *l);
+/* Whether the link went down because the peer said so (its ERROR frame), not from this side. */
+bool link_down_by_peer(const Link *l);
 /* The session id from the primary's Hello (standby side, after on_hello), 16 bytes. */
 const uint8_t *link_peer_session(const Link *l);
 

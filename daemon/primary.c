@@ -1146,7 +1146,11 @@ static void epoch_free(Epoch *e)
         free(e->stage_pages);
         free(e->stage_data);
         free(e->batch_buf);
-        /* Detaching makes the agent stop tracking, resume the VM and release held output. */
+        /* A clean stop gives up protection explicitly: the agent stops tracking and
+         * releases held output. Without it (this daemon crashed) the agent keeps the
+         * output held, since the standby may be failing over from an older epoch. */
+        if (e->vmm)
+                (void) vmm_link_stop_tracking(e->vmm);
         vmm_link_free(e->vmm);
 }
 

@@ -138,8 +138,11 @@ int standby_listen_address(Standby *s, char *buf, size_t len);
 /*
  * Called when the authenticated primary went away without saying why
  * (heartbeats missed HeartbeatMisses times, connection reset or closed):
- * the trigger for failover. Not called for a primary that reported an
- * error (a clean shutdown, its VMM gone) or that this standby refused. The
+ * the trigger for failover; also for a primary that reported its VM gone
+ * (-EHOSTDOWN), and for one that reported its own side of the link broken
+ * (heartbeats missed, reset) and did not reconnect within 2 s plus one
+ * heartbeat timeout. Not called for a primary that reported another error
+ * (a clean shutdown, a tracking error) or that this standby refused. The
  * callback runs inside a Link callback: it must not free the Standby
  * (defer that to the loop).
  */

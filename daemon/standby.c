@@ -154,6 +154,13 @@ struct Standby {
         uint8_t *inc_map;
         uint64_t inc_size;
 
+        /* A primary that reported its own link failure (its ERROR frame: heartbeats
+         * missed, connection reset) is alive: it gets until reported_due to reconnect
+         * before it counts as lost. 0: not waiting. */
+        uint64_t reported_due;
+        int reported_error;
+        char reported_reason[256];
+
         /* Status. */
         bool failed;
         char detail[256];
@@ -719,6 +726,12 @@ static int handle_epoch_end(Conn *c, const uint8_t *payload, size_t len)
 
         ack.epoch = epoch;
         r = link_send_message(c->link, DR__REPL__FRAME_TYPE__FRAME_ACK, &ack.base, false);
+        if (r == -ENOTCONN)
+                /* The link is already going down (its writer saw the connection reset): on_down
+                 * says why. Failing here would mark the standby "failed" first, and a primary
+                 * that died would then not be failed over from (found by the fault campaign:
+                 * a killed primary VMM whose last epoch the standby was committing). */
+                return 0;
         if (r < 0)
                 return fail(c, r, "epoch %" PRIu64 " committed, but its ACK could not be queued: %s", epoch,
                             strerror(-r));
@@ -781,6 +794,15 @@ static void fill_welcome(Link *l, Dr__Repl__Welcome *w, void *userdata)
         w->session = (ProtobufCBinaryData){SESSION_BYTES, s->replica.session};
 }
 
+/* How long a primary that reported a broken link has to reconnect: the longest
+ * reconnect backoff of a primary (2 s) plus one heartbeat timeout. */
+static uint64_t reconnect_grace_usec(const Standby *s)
+{
+        uint64_t hb = s->d ? (uint64_t) s->d->heartbeat_interval_ms * s->d->heartbeat_misses : 1000;
+
+        return (2000 + hb) * USEC_PER_MSEC;
+}
+
 static void schedule_gc(Standby *s, uint64_t when)
 {
         uint64_t cur;
@@ -833,6 +855,7 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         }
         s->active = c;
         s->failed = false;
+        s->reported_due = 0;
         /* A primary is back: whatever a lost one left in the status is over. */
         if (!s->note_state)
                 s->note[0] = 0;
@@ -920,6 +943,25 @@ static void on_down(Link *l, int error, const char *reason, void *userdata)
         /* The partial epoch, if any, is discarded: the replica stays at the last commit. */
         epoch_discard(s);
         s->active = NULL;
+        if (link_down_by_peer(l) && error != -EHOSTDOWN && error_is_loss(error)) {
+                /* The primary says its side of the link broke (it missed our heartbeats, its
+                 * connection was reset): it is alive and will reconnect. Failing over now
+                 * would fence a running primary (found by the fault campaign: a stalled link
+                 * made the primary time out first, and its report promoted the standby).
+                 * Only if it does not come back in time is it lost. */
+                s->reported_due = now_usec() + reconnect_grace_usec(s);
+                s->reported_error = error;
+                snprintf(s->reported_reason, sizeof(s->reported_reason), "%s", reason);
+                snprintf(s->detail, sizeof(s->detail), "primary reported a broken link, waiting for it: %s",
+                         reason);
+                log_warning_errno(error,
+                                  "VM %s: primary %s reported its link down (%s); waiting %" PRIu64
+                                  " ms for it to reconnect before declaring it lost",
+                                  s->vm->name, c->peer, reason,
+                                  (uint64_t) (reconnect_grace_usec(s) / USEC_PER_MSEC));
+                schedule_gc(s, s->reported_due);
+                return;
+        }
         if (!s->failed && !error_is_loss(error))
                 s->failed = true;
         snprintf(s->detail, sizeof(s->detail), "%s: %s", s->failed ? "replication failed" : "primary lost",
@@ -965,6 +1007,24 @@ static void gc_run(Standby *s, bool force)
                         conn_free(s, c);
                 else
                         next_due = MIN(next_due, c->dead_usec + DEAD_GRACE_USEC);
+        }
+        if (!force && s->reported_due) {
+                if (s->active || s->failed)
+                        s->reported_due = 0;
+                else if (now >= s->reported_due) {
+                        s->reported_due = 0;
+                        snprintf(s->detail, sizeof(s->detail),
+                                 "primary lost: did not reconnect after: %.200s", s->reported_reason);
+                        log_warning_errno(
+                                s->reported_error,
+                                "VM %s: the primary did not reconnect after reporting its link down: "
+                                "lost, replica stays at epoch %" PRIu64,
+                                s->vm->name, s->replica.epoch);
+                        if (s->lost_cb)
+                                s->lost_cb(s, s->reported_error, s->reported_reason, s->lost_userdata);
+                        return; /* the callback may have taken the replica and closed everything */
+                } else
+                        next_due = MIN(next_due, s->reported_due);
         }
         if (next_due != UINT64_MAX)
                 schedule_gc(s, next_due);

@@ -19,14 +19,15 @@ import json
 import os
 import random
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from drtest import Proxy  # noqa: E402
 
 ENV = os.environ
 LIVE = []
@@ -253,76 +254,6 @@ def test_consistency(tmp, a):
             fail(f"{p.tag} exited {rc} on SIGTERM")
     log(f"PASS: {a.guest}, {a.tracking}, {a.cpus} vCPU(s), {st['last_committed']} epochs, "
         f"pause p50 {st['pause_ns_p50'] / 1e6:.2f} ms p99 {st['pause_ns_p99'] / 1e6:.2f} ms")
-
-
-class Proxy:
-    """TCP proxy 127.0.0.1:listen -> 127.0.0.1:target with fault injection (primary -> standby only)."""
-
-    def __init__(self, target):
-        self.target = target
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(4)
-        self.port = self.ls.getsockname()[1]
-        self.mode = "pass"
-        self.flip_after = 0
-        self.conns = []
-        self.lock = threading.Lock()
-        self.stop = False
-        threading.Thread(target=self.accept_loop, daemon=True).start()
-
-    def accept_loop(self):
-        while not self.stop:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                c.close()
-                continue
-            with self.lock:
-                self.conns.append((c, t))
-            threading.Thread(target=self.pump, args=(c, t), daemon=True).start()
-
-    def pump(self, c, t):
-        try:
-            while not self.stop:
-                r, _, _ = select.select([c, t], [], [], 0.05)
-                for s in r:
-                    if self.mode == "stall":
-                        continue
-                    data = s.recv(65536)
-                    if not data:
-                        raise OSError
-                    if s is c and self.mode == "flip" and len(data) > 64:
-                        self.mode = "pass"
-                        i = len(data) // 2
-                        data = data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:]
-                        log("proxy: flipped one bit")
-                    (t if s is c else c).sendall(data)
-                if self.mode == "stall":
-                    time.sleep(0.05)
-        except OSError:
-            pass
-        for s in (c, t):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def cut(self):
-        with self.lock:
-            for c, t in self.conns:
-                for s in (c, t):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-            self.conns = []
-        log("proxy: cut every connection")
 
 
 def rss_kib(pid):

@@ -21,6 +21,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -508,17 +509,28 @@ static int cmd_bench_harvest(void)
         return 0;
 }
 
+static volatile sig_atomic_t epochs_stop;
+
+static void on_epochs_sigterm(int sig)
+{
+        epochs_stop = 1;
+}
+
 /*
  * The daemon's output-commit cycle without replication: every interval,
  * pause, resume as epoch n+1, then release epoch n's held output (as if the
  * standby had just committed n). Guest output is held for up to an interval.
+ * SIGTERM ends it the way a clean dirtyrepd stop does: STOP_TRACKING, so the
+ * agent releases what is held (a client that just vanished leaves it held).
  */
 static int cmd_epochs(void)
 {
         _cleanup_(vmm_link_freep) VmmLink *link = NULL;
+        struct sigaction sa = { .sa_handler = on_epochs_sigterm, .sa_flags = SA_RESTART };
         uint64_t epoch = 1, released = 0, end;
         int r;
 
+        (void) sigaction(SIGTERM, &sa, NULL);
         r = open_link(&link);
         if (r < 0)
                 return r;
@@ -526,7 +538,7 @@ static int cmd_epochs(void)
         if (r < 0)
                 return log_error_errno(r, "Resume failed: %s", vmm_link_last_error(link));
         end = now_usec() + (uint64_t) arg_seconds * USEC_PER_SEC;
-        while (now_usec() < end) {
+        while (!epochs_stop && now_usec() < end) {
                 uint64_t bytes = 0;
 
                 usleep(arg_interval_ms * 1000);
@@ -542,6 +554,9 @@ static int cmd_epochs(void)
                 released += bytes;
                 epoch++;
         }
+        r = vmm_link_stop_tracking(link);
+        if (r < 0)
+                return log_error_errno(r, "StopTracking failed: %s", vmm_link_last_error(link));
         printf("harvester: epochs=%" PRIu64 " released_bytes=%" PRIu64 "\n", epoch - 1, released);
         return 0;
 }

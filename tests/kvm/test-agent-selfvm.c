@@ -823,7 +823,9 @@ static void run(DrTrackingMode mode)
         measure_round_trips(fd, 2);
         CHECK(guest_progresses(&vm));
 
-        /* A peer that pauses and vanishes leaves the VM running, tracking off, output flowing. */
+        /* A peer that pauses and vanishes while output is held (a crashed dirtyrepd) leaves the
+         * VM running and tracking off, but its output held: the standby may be failing over
+         * from an older epoch. The next client's release (or STOP_TRACKING) lets it out. */
         r = peer_empty_request(DR__CONTROL__REQUEST__BODY_START_TRACKING);
         CHECK_EQ(peer_simple(fd, &r, NULL), 0);
         CHECK_EQ(peer_resume(fd, true, 5000), 0);
@@ -841,17 +843,39 @@ static void run(DrTrackingMode mode)
         released0 = atomic_load(&vm.released_bytes);
         CHECK(guest_progresses(&vm));
         usleep(100000);
-        CHECK(atomic_load(&vm.released_bytes) > released0); /* passes straight through again */
+        CHECK_EQ(atomic_load(&vm.released_bytes), released0); /* still held */
         CHECK_EQ(dr_agent_attached(vm.agent), false);
 
-        /* The next client is welcome and finds the VM running, untracked. */
+        /* The next client is welcome and finds the VM running, untracked, output held; a
+         * release of its first epoch lets the orphaned output out. */
         fd = peer_connect(vm.sock);
         CHECK(fd >= 0);
         CHECK_EQ(peer_hello(fd), 0);
         st = status_get(fd, &st_rep);
         CHECK(!st->paused && !st->tracking);
-        CHECK_EQ(st->held_output_bytes, 0);
+        CHECK(st->held_output_bytes > 0);
         CHECK(st->vcpus[0]->state == DR__CONTROL__VCPU_RUN_STATE__VCPU_RUN_STATE_RUNNING);
+        dr__control__reply__free_unpacked(st_rep, NULL);
+        r = (Dr__Control__Request) DR__CONTROL__REQUEST__INIT;
+        r.body_case = DR__CONTROL__REQUEST__BODY_RELEASE_OUTPUT;
+        r.release_output = &ro;
+        ro.epoch = 1;
+        {
+                Dr__Control__Reply *rep;
+                CHECK_EQ(peer_simple(fd, &r, &rep), 0);
+                CHECK(rep->release_output->bytes > 0);
+                dr__control__reply__free_unpacked(rep, NULL);
+        }
+        CHECK(atomic_load(&vm.released_bytes) > released0);
+        /* STOP_TRACKING gives up protection: nothing stays held, output passes straight through. */
+        r = peer_empty_request(DR__CONTROL__REQUEST__BODY_STOP_TRACKING);
+        CHECK_EQ(peer_simple(fd, &r, NULL), 0);
+        released0 = atomic_load(&vm.released_bytes);
+        CHECK(guest_progresses(&vm));
+        usleep(100000);
+        CHECK(atomic_load(&vm.released_bytes) > released0);
+        st = status_get(fd, &st_rep);
+        CHECK_EQ(st->held_output_bytes, 0);
         dr__control__reply__free_unpacked(st_rep, NULL);
 
         /* Wrong protocol version: refused and closed. */

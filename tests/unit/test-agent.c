@@ -201,6 +201,31 @@ static void sink_release(void *userdata, unsigned channel, const void *buf, size
 
 #define SUBMIT(q, ch, str) output_queue_submit((q), (ch), (str), strlen(str))
 
+TEST(output_queue_orphan_stays_held)
+{
+        /* A client that vanished while holding: its output, and new output, stays held and
+         * goes out at the next client's first release, whatever its epoch numbers. */
+        _cleanup_(output_queue_freep) OutputQueue *q = NULL;
+        Sink s = {};
+
+        ASSERT_OK(output_queue_new(2, 64, sink_release, &s, &q));
+        output_queue_hold(q, 500);
+        ASSERT_OK(SUBMIT(q, 0, "ab"));
+        ASSERT_EQ(output_queue_orphan(q), 2);
+        ASSERT_TRUE(output_queue_holding(q));
+        ASSERT_OK(SUBMIT(q, 0, "c"));
+        ASSERT_EQ(s.len[0], 0);
+        ASSERT_EQ(output_queue_held_bytes(q), 3);
+        /* The next client starts its own numbering at 1. */
+        output_queue_hold(q, 1);
+        ASSERT_OK(SUBMIT(q, 0, "d"));
+        ASSERT_EQ(output_queue_release(q, 0), 3);
+        ASSERT_EQ(s.len[0], 3);
+        ASSERT_TRUE(memcmp(s.buf[0], "abc", 3) == 0);
+        ASSERT_EQ(output_queue_release(q, 1), 1);
+        ASSERT_EQ(s.len[0], 4);
+}
+
 TEST(output_queue_holds_until_release)
 {
         _cleanup_(output_queue_freep) OutputQueue *q = NULL;

@@ -582,6 +582,63 @@ TEST(partial_epoch_then_reconnect)
         fixture_done(&f);
 }
 
+static unsigned lost_calls;
+static int lost_error;
+
+static void on_lost(Standby *s, int error, const char *reason, void *userdata)
+{
+        lost_calls++;
+        lost_error = error;
+}
+
+static bool detail_has(Fixture *f, const char *part)
+{
+        ReplStatus st;
+
+        standby_get_status(f->s, &st);
+        return strstr(st.detail, part) != NULL;
+}
+
+TEST(reported_link_loss_waits_for_reconnect)
+{
+        /* A primary that reports its own side of the link broken (it missed heartbeats) is
+         * alive: no failover while it reconnects in time; lost only if it does not. */
+        uint64_t t0;
+        Fixture f;
+        Prim p;
+
+        fixture_init(&f);
+        lost_calls = 0;
+        standby_set_lost_callback(f.s, on_lost, NULL);
+        fill_random(f.ram, N_PAGES * 4096, 21);
+        prim_connect(&f, &p);
+        epoch_full(&f, &p, 1);
+        assert_replica(&f, 1);
+
+        link_fail(p.link, -ETIMEDOUT, "peer lost: nothing received for 400 ms");
+        ASSERT_TRUE(RUN_UNTIL(f.e, detail_has(&f, "reported a broken link"), 5000));
+        ASSERT_EQ(lost_calls, 0);
+        prim_free(&p);
+        prim_connect(&f, &p);
+        /* Past the grace (2 s + 40 x 50 ms): still no loss, the primary came back. */
+        (void) RUN_UNTIL(f.e, lost_calls > 0, 4500);
+        ASSERT_EQ(lost_calls, 0);
+        assert_replica(&f, 1);
+
+        t0 = now_usec();
+        link_fail(p.link, -ECONNRESET, "connection reset");
+        ASSERT_TRUE(RUN_UNTIL(f.e, detail_has(&f, "reported a broken link"), 5000));
+        ASSERT_EQ(lost_calls, 0);
+        prim_free(&p);
+        ASSERT_TRUE(RUN_UNTIL(f.e, lost_calls > 0, 10000));
+        ASSERT_EQ(lost_calls, 1);
+        ASSERT_EQ(lost_error, -ECONNRESET);
+        ASSERT_TRUE(now_usec() - t0 >= 4000 * USEC_PER_MSEC);
+        ASSERT_TRUE(detail_has(&f, "did not reconnect"));
+        assert_replica(&f, 1);
+        fixture_done(&f);
+}
+
 /* ---- bad input: each case fails the link with its message; the replica stays at epoch 1 ---- */
 
 typedef void (*BadCase)(Fixture *f, Prim *p);

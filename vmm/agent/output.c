@@ -224,6 +224,21 @@ uint64_t output_queue_unhold(OutputQueue *q)
         return b;
 }
 
+uint64_t output_queue_orphan(OutputQueue *q)
+{
+        uint64_t b = 0;
+
+        pthread_mutex_lock(&q->lock);
+        q->epoch = 0;
+        for (unsigned i = 0; i < q->n_channels; i++) {
+                for (Chunk *c = q->ch[i].head; c; c = c->next)
+                        c->epoch = 0;
+                b += q->ch[i].held;
+        }
+        pthread_mutex_unlock(&q->lock);
+        return b;
+}
+
 bool output_queue_holding(OutputQueue *q)
 {
         bool h;

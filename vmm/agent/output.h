@@ -42,6 +42,12 @@ void output_queue_hold(OutputQueue *q, uint64_t epoch);
 /* Stop holding and release everything held. Returns the bytes released. */
 uint64_t output_queue_unhold(OutputQueue *q);
 
+/* Keeps holding, but everything held (and submitted from now on, until the next
+ * output_queue_hold()) is tagged epoch 0: the first release of the next client's session
+ * lets it out. For a client that vanished without giving up protection. Returns the
+ * bytes held. */
+uint64_t output_queue_orphan(OutputQueue *q);
+
 /* Releases every chunk of epoch <= `epoch`, in order. Returns the bytes released. */
 uint64_t output_queue_release(OutputQueue *q, uint64_t epoch);
 

@@ -6,7 +6,11 @@
  * included; nothing a peer sends ends the session except a wrong protocol
  * version. When the client goes away, for whatever reason and at whatever
  * point, agent_detach() puts the VM back on its own: tracking off, vCPUs
- * running, held output released.
+ * running. Held output is released only by a client that gave up protection
+ * (STOP_TRACKING); one that vanished while output was held (its dirtyrepd
+ * crashed) leaves it held for the next client: the standby may already be
+ * failing over from an older epoch, and releasing would show the world
+ * replies that the failover rolls back (found by the fault campaign).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -546,6 +550,8 @@ static int handle_get_status(DrAgent *a, Ctx *c)
 
 static int dispatch(DrAgent *a, const Dr__Control__Request *req, Ctx *c)
 {
+        int r;
+
         if (!a->hello_done && req->body_case != DR__CONTROL__REQUEST__BODY_HELLO)
                 return ctx_fail(c, -EPROTO, "the first request must be Hello");
 
@@ -556,8 +562,17 @@ static int dispatch(DrAgent *a, const Dr__Control__Request *req, Ctx *c)
                 return handle_get_layout(a, c);
         case DR__CONTROL__REQUEST__BODY_START_TRACKING:
                 return agent_set_tracking(a, true);
-        case DR__CONTROL__REQUEST__BODY_STOP_TRACKING:
-                return agent_set_tracking(a, false);
+        case DR__CONTROL__REQUEST__BODY_STOP_TRACKING: {
+                /* The client gives up protection: the VM runs on its own, output flows. */
+                uint64_t released;
+
+                r = agent_set_tracking(a, false);
+                released = output_queue_unhold(a->outq);
+                if (released > 0)
+                        log_info("Tracking stopped by the client: %llu bytes of held output released.",
+                                 (unsigned long long) released);
+                return r;
+        }
         case DR__CONTROL__REQUEST__BODY_RESET_RINGS:
                 return handle_reset_rings(a, c);
         case DR__CONTROL__REQUEST__BODY_PAUSE:
@@ -594,8 +609,10 @@ void agent_detach(DrAgent *a, const char *why)
         if (was_tracking)
                 (void) agent_set_tracking(a, false);
 
+        /* Still holding: the client did not stop tracking before it went (a crash, a
+         * broken connection). Its output stays held for the next client. */
         was_holding = output_queue_holding(a->outq);
-        released = output_queue_unhold(a->outq);
+        released = was_holding ? output_queue_orphan(a->outq) : 0;
 
         /* A VM is never left paused, or waiting for resets, by a peer that is gone. */
         pthread_mutex_lock(&a->lock);
@@ -607,10 +624,16 @@ void agent_detach(DrAgent *a, const char *why)
         pthread_cond_broadcast(&a->vcpu_cond);
         pthread_mutex_unlock(&a->lock);
 
-        if (was_tracking || was_holding)
-                log_warning("Control client (uid %u, pid %d) gone (%s): tracking stopped, VM resumed, "
-                            "%llu bytes of held output released; the VM now runs unprotected.",
-                            (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
+        if (was_holding)
+                log_warning(
+                        "Control client (uid %u, pid %d) gone (%s) without stopping tracking: VM resumed, "
+                        "%llu bytes of output stay held, and new output too, until a client attaches "
+                        "and releases it (or stops tracking).",
+                        (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
+        else if (was_tracking)
+                log_warning("Control client (uid %u, pid %d) gone (%s): tracking stopped, VM resumed; "
+                            "the VM now runs unprotected.",
+                            (unsigned) a->client_uid, (int) a->client_pid, why);
         else
                 log_info("Control client (uid %u, pid %d) gone (%s).", (unsigned) a->client_uid,
                          (int) a->client_pid, why);

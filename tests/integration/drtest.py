@@ -1,0 +1,596 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Shared scaffolding of the namespace-based integration tests, the fault
+campaign (tests/faults/) and the benchmarks that reuse them: network
+namespaces for hosts A and B, a client C and a switch S; processes started
+and stopped only by PID (or their own process group); dirtyrepd instances
+driven through their debug socket; redis-cli clients of the kv guest.
+
+Every namespace name carries the importing process's PID; net_down() deletes
+them all, and callers run it in a finally block (install_sigterm() turns
+meson's SIGTERM into an exception so that still happens).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+ENV = os.environ
+TAG = f"dr{os.getpid() % 100000}"
+NS = {h: f"{TAG}{h}" for h in ("a", "b", "c", "s")}
+SVC_IP = "10.77.0.100"
+HOST_IP = {"a": "10.77.0.1", "b": "10.77.0.2", "c": "10.77.0.3"}
+REPL_IP = {"a": "10.78.0.1", "b": "10.78.0.2"}
+REPL_PORT = 7000
+KV_PORT = 6379
+SECRET = b"failover-test-secret-0123456789\n"
+LIVE = []
+GROUPS = []  # process groups of helpers (client loops) to kill at the end
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:7.2f}]", *a, flush=True)
+
+
+class Fail(Exception):
+    pass
+
+
+def fail(msg):
+    raise Fail(msg)
+
+
+def run(*cmd, check=True, timeout=30):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        fail(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def ns_exec(host, *cmd):
+    return ["ip", "netns", "exec", NS[host], *cmd]
+
+
+def install_sigterm():
+    """meson's timeout (or anyone) sends SIGTERM: turn it into a failure, so the
+    namespaces and processes are still cleaned up."""
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Fail("terminated by SIGTERM")
+    signal.signal(signal.SIGTERM, on_term)
+
+
+# ---- network ------------------------------------------------------------------------------
+
+def net_up():
+    for n in NS.values():
+        run("ip", "netns", "add", n)
+    s = NS["s"]
+    for n in NS.values():
+        run("ip", "-n", n, "link", "set", "lo", "up")
+    for br in ("brsvc", "brrepl"):
+        run("ip", "-n", s, "link", "add", br, "type", "bridge")
+        run("ip", "-n", s, "link", "set", br, "up")
+    for h in ("a", "b", "c"):
+        run("ip", "-n", s, "link", "add", f"v{h}", "type", "veth", "peer", "name", "eth0", "netns", NS[h])
+        run("ip", "-n", s, "link", "set", f"v{h}", "master", "brsvc", "up")
+        run("ip", "-n", NS[h], "addr", "add", f"{HOST_IP[h]}/24", "dev", "eth0")
+        run("ip", "-n", NS[h], "link", "set", "eth0", "up")
+    for h in ("a", "b"):
+        run("ip", "-n", s, "link", "add", f"r{h}", "type", "veth", "peer", "name", "repl", "netns", NS[h])
+        run("ip", "-n", s, "link", "set", f"r{h}", "master", "brrepl", "up")
+        run("ip", "-n", NS[h], "addr", "add", f"{REPL_IP[h]}/24", "dev", "repl")
+        run("ip", "-n", NS[h], "link", "set", "repl", "up")
+
+
+def net_down():
+    # Deleting a namespace deletes its veth ends, their peers and the bridges in it.
+    for n in NS.values():
+        subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+def ports(host, up):
+    for p in (f"v{host}", f"r{host}"):
+        run("ip", "-n", NS["s"], "link", "set", p, "up" if up else "down")
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+class Proc:
+    """A process this test started; only we stop it, by PID (or its own process group)."""
+
+    def __init__(self, tmp, tag, cmd, group=None):
+        self.tag = tag
+        self.errlog = os.path.join(tmp, f"{tag}.{int((time.time() - T0) * 1000)}.log")
+        self.err = open(self.errlog, "w")
+        log("+", tag, " ".join(cmd[3:] if cmd[0] == "ip" else cmd)[:200])
+        self.proc = subprocess.Popen(cmd, stdout=self.err, stderr=subprocess.STDOUT,
+                                     process_group=0 if group is None else group)
+        self.pid = self.proc.pid
+        LIVE.append(self)
+
+    def text(self):
+        with open(self.errlog, errors="replace") as f:
+            return f.read()
+
+    def dump(self, n=30):
+        log(f"--- {self.tag} (last lines of {self.errlog}) ---\n" + "\n".join(self.text().splitlines()[-n:]))
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def reap(self):
+        if self in LIVE:
+            LIVE.remove(self)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self):
+        if self.alive():
+            self.proc.kill()
+        self.reap()
+
+
+class Daemon(Proc):
+    """dirtyrepd on a host. vms: VM name -> keys of that VM over the defaults and
+    extra (default: one VM "t"); a key "_port" gives a VM other than "t" its own
+    replication port (Listen and Peer); None drops a key."""
+
+    def __init__(self, tmp, host, role, extra=None, misses=4, vms=None):
+        peer = "b" if host == "a" else "a"
+        d = os.path.join(tmp, host)
+        os.makedirs(os.path.join(d, "vm.d"), exist_ok=True)
+        self.host = host
+        self.dir = d
+        self.debug = os.path.join(d, "debug.sock")
+        if os.path.exists(self.debug):
+            os.unlink(self.debug)
+        self.control = os.path.join(d, "vm.sock")
+        with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
+            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={misses}\n"
+                    f"RuntimeDirectory={d}\nStateDirectory={d}\n")
+        sf = os.path.join(d, "t.secret")
+        with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(SECRET)
+        for name, own in (vms or {"t": {}}).items():
+            own = dict(own)
+            port = own.pop("_port", REPL_PORT)
+            keys = {
+                "Role": role,
+                "ControlSocket": self.control if name == "t" else os.path.join(d, f"{name}.sock"),
+                "Peer": f"{REPL_IP[peer]}:{port}",
+                "Listen": f"{REPL_IP[host]}:{port}",
+                "EpochMs": "20",
+                "SecretFile": sf,
+                "Vmm": ENV["DR_VMM"],
+                "VmmArgs": f"--service-listen 0.0.0.0:{KV_PORT} --console {d}/console-promoted.log",
+                "FenceCommand": f"{tmp}/fence {NS['s']} v{peer} r{peer}",
+                "FailoverPolicy": "auto",
+                "ServiceAddress": f"{SVC_IP}/24",
+                "ServiceInterface": "eth0",
+                "SplitBrainTimeoutMs": "1000",
+                "SplitBrainPolicy": "suspend",
+            }
+            keys.update(extra or {})
+            keys.update(own)
+            with open(os.path.join(d, "vm.d", f"{name}.conf"), "w") as f:
+                f.write("[VM]\n" + "".join(f"{k}={v}\n" for k, v in keys.items() if v is not None))
+        super().__init__(tmp, f"dirtyrepd-{host}", ns_exec(host, ENV["DR_DIRTYREPD"], "--config",
+                                                            os.path.join(d, "dirtyrep.conf"), "--config-dir",
+                                                            os.path.join(d, "vm.d"), "--debug-socket",
+                                                            self.debug,
+                                                            # the fence script's `ip -n` needs CAP_SYS_ADMIN
+                                                            "--keep-capabilities"))
+        end = time.time() + 20
+        while not os.path.exists(self.debug):
+            if not self.alive():
+                self.dump()
+                fail(f"{self.tag} exited with {self.proc.returncode}")
+            if time.time() > end:
+                fail(f"{self.tag}: debug socket never appeared")
+            time.sleep(0.02)
+
+    def req(self, line, timeout=30):
+        for attempt in range(200):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(self.debug)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                s.close()
+                if attempt == 199:
+                    raise
+                time.sleep(0.02)
+        s.sendall(line.encode() + b"\n")
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        s.close()
+        return out.decode()
+
+    def ok(self, line, timeout=30):
+        r = self.req(line, timeout)
+        if not r.startswith("ok"):
+            fail(f"{self.tag}: '{line}' answered {r.strip()!r}")
+        return int(r.split()[1])
+
+    def status(self, vm="t"):
+        for line in self.req(f"status {vm}").splitlines():
+            st = json.loads(line)
+            if st.get("vm", vm) == vm:
+                return st
+        fail(f"{self.tag}: no status for VM {vm}")
+
+    def wait(self, pred, what, timeout=30, vm="t"):
+        end = time.time() + timeout
+        st = None
+        while time.time() < end:
+            if not self.alive():
+                fail(f"{self.tag} exited with {self.proc.returncode} while waiting for {what}")
+            st = self.status(vm)
+            if pred(st):
+                return st
+            time.sleep(0.02)
+        fail(f"{self.tag}: timed out after {timeout} s waiting for {what}; last status {st}")
+
+    def vmm_pids(self):
+        """The VMM(s) this daemon started (its children)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+
+class Host:
+    """One host: its dirtyrepd, and the VMM the test started there (initial primary only)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.daemon = None
+        self.vmm = None
+
+
+def start_kv(tmp, host):
+    h = os.path.join(tmp, host)
+    os.makedirs(h, exist_ok=True)
+    control = os.path.join(h, "vm.sock")
+    v = Proc(tmp, f"vmm-{host}", ns_exec(host, ENV["DR_VMM"], "--name", "t", "--kernel", ENV["DR_GUEST_KV"],
+                                         "--memory", "64M", "--control", control, "--console",
+                                         os.path.join(h, "console.log"), "--service-listen",
+                                         f"0.0.0.0:{KV_PORT}"))
+    return v
+
+
+# ---- the client -----------------------------------------------------------------------------
+
+def redis(ip, *args, timeout=1.0):
+    """One redis-cli command from the client namespace; the reply, or None (no answer)."""
+    try:
+        r = subprocess.run(ns_exec("c", "redis-cli", "-h", ip, "-p", str(KV_PORT), *args), capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    if r.returncode != 0:
+        return None
+    out = r.stdout.strip()
+    if out.startswith("Could not connect") or out.startswith("Error") or out.startswith("ERR") or not out:
+        return None
+    return out
+
+
+def incr_until(deadline, key):
+    """INCR key until deadline; returns the acknowledged values, in order."""
+    acked = []
+    while time.time() < deadline:
+        v = redis(SVC_IP, "INCR", key, timeout=0.5)
+        if v is not None:
+            try:
+                acked.append(int(v))
+            except ValueError:
+                fail(f"INCR {key} answered {v!r}")
+    return acked
+
+
+def acked_regressions(acked):
+    """Acknowledged INCR values that are not above every value acknowledged before them:
+    each one means an acknowledged write was lost (the counter went back)."""
+    out, top = [], None
+    for v in acked:
+        if top is not None and v <= top:
+            out.append(v)
+        top = v if top is None else max(top, v)
+    return out
+
+
+class IncrLoop:
+    """INCR in a background process in the client namespace: a shell loop of redis-cli
+    commands, each acknowledged reply printed with a timestamp."""
+
+    def __init__(self, tmp, key, ip=SVC_IP):
+        self.out = os.path.join(tmp, f"incr-{key}.log")
+        # --foreground: timeout stays in the loop's process group, so stop() kills a redis-cli
+        # in flight too (otherwise it could still print an acknowledged value after stop()).
+        script = (f"while :; do timeout --foreground 0.5 redis-cli -h {ip} -p {KV_PORT} INCR {key} 2>/dev/null; "
+                  "done")
+        self.f = open(self.out, "w")
+        self.proc = subprocess.Popen(ns_exec("c", "sh", "-c", script), stdout=self.f, stderr=subprocess.DEVNULL,
+                                     process_group=0)
+        GROUPS.append(self.proc.pid)
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        GROUPS.remove(self.proc.pid)
+        self.proc.wait()
+        self.f.close()
+        vals = []
+        with open(self.out) as f:
+            for line in f:
+                line = line.strip()
+                if line.lstrip("-").isdigit():
+                    vals.append(int(line))
+        return vals
+
+
+# ---- scenarios ----------------------------------------------------------------------------
+
+def write_fence(tmp):
+    p = os.path.join(tmp, "fence")
+    with open(p, "w") as f:
+        # Network fencing: shut the switch ports of the host being fenced (service and
+        # replication), as a managed switch would. Arguments: switch netns, ports.
+        f.write("#!/bin/sh\nset -e\nns=$1; shift\nfor p in \"$@\"; do ip -n \"$ns\" link set \"$p\" down; done\n"
+                "echo \"fenced $DIRTYREP_VM: ports $* down\"\n")
+    os.chmod(p, 0o755)
+    p = os.path.join(tmp, "fence-fails")
+    with open(p, "w") as f:
+        f.write("#!/bin/sh\necho 'cannot reach the power switch' >&2\nexit 3\n")
+    os.chmod(p, 0o755)
+
+
+def setup_pair(tmp, extra=None, misses=4):
+    """A: primary on a fresh kv VM; B: standby. Waits until protected."""
+    A, B = Host("a"), Host("b")
+    ports("a", True)
+    ports("b", True)
+    A.vmm = start_kv(tmp, "a")
+    wait_file(os.path.join(tmp, "a", "console.log"), "kv: ready", A.vmm)
+    B.daemon = Daemon(tmp, "b", "standby", extra, misses)
+    A.daemon = Daemon(tmp, "a", "primary", extra, misses)
+    A.daemon.wait(lambda s: s["state"] == "protected", "primary protected")
+    return A, B
+
+
+def wait_file(path, text, proc, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc and not proc.alive():
+            proc.dump()
+            fail(f"{proc.tag} exited")
+        try:
+            with open(path, errors="replace") as f:
+                if text in f.read():
+                    return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    fail(f"timed out waiting for {text!r} in {path}")
+
+
+def kill_primary(P, silent):
+    """SIGKILL the primary host's dirtyrepd and VMM at once. silent: its switch ports go
+    down first (power loss: no FIN or RST reaches anyone, only missed heartbeats tell)."""
+    if silent:
+        ports(P.name, False)
+    pids = [P.daemon.pid] + P.daemon.vmm_pids() + ([P.vmm.pid] if P.vmm else [])
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)  # nobody runs any more: a dead host, frozen first
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in (P.daemon, P.vmm):
+        if p:
+            p.reap()
+    P.daemon = P.vmm = None
+
+
+def replica_check(tmp, primary, standby, vm="t", memcheck=False):
+    """Freeze the primary right after a seal, wait until the standby committed that
+    epoch, and compare a CRC32C of every page of the primary's RAM with the same of
+    the replica: they must be identical. memcheck: also dump the replica and run
+    dirtyrep-memcheck on it (memtouch guest). Returns (epoch, pages, memcheck output)."""
+    for _ in range(400):
+        r = primary.req(f"freeze {vm}")
+        if r.startswith("ok"):
+            e = int(r.split()[1])
+            break
+        if "busy" not in r and "not connected" not in r.lower():
+            fail(f"{primary.tag}: freeze {vm} answered {r.strip()!r}")
+        time.sleep(0.05)
+    else:
+        fail(f"{primary.tag}: freeze {vm} never succeeded")
+    try:
+        standby.wait(lambda s: s["last_committed"] >= e, f"standby commits epoch {e} of {vm}", vm=vm)
+        ph, sh = os.path.join(tmp, f"p-{vm}.crc"), os.path.join(tmp, f"s-{vm}.crc")
+        primary.ok(f"hash {vm} {ph}")
+        for _ in range(100):  # busy while an epoch is open: the one after the frozen seal may still be in flight
+            r = standby.req(f"hash {vm} {sh}")
+            if "busy" not in r:
+                break
+            time.sleep(0.05)
+        if not r.startswith("ok"):
+            fail(f"{standby.tag}: 'hash {vm}' answered {r.strip()!r}")
+        se = int(r.split()[1])
+        out = ""
+        if memcheck:
+            ram, state = os.path.join(tmp, f"replica-{vm}.ram"), os.path.join(tmp, f"replica-{vm}.state")
+            for _ in range(100):
+                r = standby.req(f"dump {vm} {ram} {state}")
+                if "busy" not in r:
+                    break
+                time.sleep(0.05)
+            if not r.startswith("ok"):
+                fail(f"{standby.tag}: 'dump {vm}' answered {r.strip()!r}")
+            c = subprocess.run([ENV["DR_MEMCHECK"], ram], capture_output=True, text=True)
+            for f in (ram, state):
+                if os.path.exists(f):
+                    os.unlink(f)
+            if c.returncode != 0:
+                fail(f"{vm}: memtouch checker failed on the replica at epoch {e}: {c.stdout} {c.stderr}")
+            out = c.stdout.strip()
+    finally:
+        if primary.alive():
+            primary.req(f"thaw {vm}")
+    a, b = open(ph, "rb").read(), open(sh, "rb").read()
+    if se != e or not a or a != b:
+        bad = sum(1 for i in range(0, min(len(a), len(b)), 4) if a[i:i + 4] != b[i:i + 4])
+        fail(f"{vm}: page hashes differ: epoch {e}/{se}, sizes {len(a)}/{len(b)}, {bad} pages")
+    return e, len(a) // 4, out
+
+
+# ---- a TCP proxy with fault injection ---------------------------------------------------------
+
+class Proxy:
+    """TCP proxy listen -> target (host, port), with fault injection on the data
+    flowing from the connecting side (the primary) to the target (the standby):
+    mode "pass"; "flip" (one bit of the next chunk longer than 64 bytes is
+    flipped, then "pass"); "stall" (nothing is forwarded either way until the
+    mode changes). cut() shuts every connection down (both sides see it closed)."""
+
+    def __init__(self, target, listen=("127.0.0.1", 0)):
+        import threading
+        self.target = target if isinstance(target, tuple) else ("127.0.0.1", target)
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(listen)
+        self.ls.listen(8)
+        self.port = self.ls.getsockname()[1]
+        self.mode = "pass"
+        self.flipped = 0
+        self.conns = []
+        self.lock = threading.Lock()
+        self.stop = False
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def accept_loop(self):
+        import threading
+        while not self.stop:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            try:
+                t = socket.create_connection(self.target, timeout=2)
+                t.settimeout(None)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns.append((c, t))
+            # One thread per direction: a full receive buffer on one side must not hold
+            # back the other direction (heartbeats, ACKs), as it would not on a real link.
+            threading.Thread(target=self.pump, args=(c, t, True), daemon=True).start()
+            threading.Thread(target=self.pump, args=(t, c, False), daemon=True).start()
+
+    def pump(self, src, dst, forward):
+        try:
+            while not self.stop:
+                if self.mode == "stall":
+                    time.sleep(0.01)
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                while self.mode == "stall" and not self.stop:
+                    time.sleep(0.01)
+                if forward and self.mode == "flip" and len(data) > 64:
+                    self.mode = "pass"
+                    i = len(data) // 2
+                    data = data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:]
+                    self.flipped += 1
+                    log("proxy: flipped one bit")
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self):
+        with self.lock:
+            n = len(self.conns)
+            for c, t in self.conns:
+                for s in (c, t):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            self.conns = []
+        log(f"proxy: cut {n} connection(s)")
+        return n
+
+
+def proxy_server(control, pairs):
+    """Run Proxies for pairs [(listen_port, target_host, target_port)] on 127.0.0.1 and
+    obey one-line commands on the unix socket control: pass | flip | stall | cut;
+    each answers "ok N" (N: connections cut, bits flipped so far)."""
+    proxies = [Proxy((h, p), ("127.0.0.1", lp)) for lp, h, p in pairs]
+    if os.path.exists(control):
+        os.unlink(control)
+    cs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cs.bind(control)
+    cs.listen(4)
+    while True:
+        s, _ = cs.accept()
+        cmd = s.recv(64).decode().strip()
+        n = 0
+        if cmd == "cut":
+            n = sum(p.cut() for p in proxies)
+        elif cmd in ("pass", "flip", "stall"):
+            for p in proxies:
+                p.mode = cmd
+        elif cmd == "flipped":
+            n = sum(p.flipped for p in proxies)
+        s.sendall(f"ok {n}\n".encode() if cmd in ("cut", "pass", "flip", "stall", "flipped") else b"error\n")
+        s.close()
+
+
+def proxy_cmd(control, cmd):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(control)
+    s.sendall(cmd.encode() + b"\n")
+    r = s.recv(64).decode().strip()
+    s.close()
+    if not r.startswith("ok"):
+        fail(f"proxy {control}: '{cmd}' answered {r!r}")
+    return int(r.split()[1])
+
+
+if __name__ == "__main__":
+    import sys
+    # drtest.py proxy CONTROL LISTEN_PORT:TARGET_HOST:TARGET_PORT...
+    if len(sys.argv) >= 4 and sys.argv[1] == "proxy":
+        proxy_server(sys.argv[2], [(int(a.split(":")[0]), a.split(":")[1], int(a.split(":")[2]))
+                                   for a in sys.argv[3:]])
