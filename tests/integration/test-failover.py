@@ -63,6 +63,8 @@ import tempfile
 import time
 
 ENV = os.environ
+# scripts/test sets it for the slower sanitized build: heartbeats, client timeouts and run times stretch.
+SLOW = float(ENV.get("DR_TEST_SLOWDOWN", "1"))
 TAG = f"dr{os.getpid() % 100000}"
 NS = {h: f"{TAG}{h}" for h in ("a", "b", "c", "s")}
 SVC_IP = "10.77.0.100"
@@ -194,7 +196,7 @@ class Daemon(Proc):
             os.unlink(self.debug)
         self.control = os.path.join(d, "vm.sock")
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={misses}\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={round(misses * SLOW)}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         sf = os.path.join(d, "t.secret")
         with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -311,7 +313,7 @@ def redis(ip, *args, timeout=1.0):
     """One redis-cli command from the client namespace; the reply, or None (no answer)."""
     try:
         r = subprocess.run(ns_exec("c", "redis-cli", "-h", ip, "-p", str(KV_PORT), *args), capture_output=True,
-                           text=True, timeout=timeout)
+                           text=True, timeout=timeout * SLOW)
     except subprocess.TimeoutExpired:
         return None
     if r.returncode != 0:
@@ -431,7 +433,7 @@ def kill_primary(P, silent):
 def failover_trial(tmp, k, P, S, key, check=True):
     """One kill: returns (lost, last_acked, got, failover_s)."""
     loop = IncrLoop(tmp, f"{key}")
-    run_s = random.uniform(0.3, 1.5)
+    run_s = random.uniform(0.3, 1.5) * SLOW
     time.sleep(run_s)
     t_kill = time.time()
     silent = random.random() < 0.5
