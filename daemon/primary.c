@@ -40,6 +40,7 @@
 #include <sys/eventfd.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -63,6 +64,7 @@
 #define RING_HARVEST_USEC     1000u  /* ring: collect every millisecond */
 #define PRECOPY_RESET_USEC    2000u  /* pre-copy: re-protect at least this often so pages become copyable */
 #define PAUSE_TIMEOUT_MS      2000u
+#define VMM_EXIT_WAIT_USEC    (2000u * 1000u) /* a VMM that dropped us this long and still runs has not died */
 #define PAUSE_WINDOW          1024u  /* seals the pause percentiles are computed over */
 #define BATCH_RECORDS         256u   /* per PAGES frame: ~1 MiB raw, well under REPL_MAX_FRAME */
 #define BATCH_CAP             (PAGE_BATCH_HEADER + BATCH_RECORDS * PAGE_RECORD_MAX)
@@ -110,6 +112,8 @@ struct Primary {
         Dr__Repl__MemRegion **region_ptrs;
         uint64_t total_pages;
         bool fail_reported;
+        int vmm_pidfd; /* the attached VMM's process (SO_PEERCRED), or -EBADF */
+        sd_event_source *vmm_exit_source, *vmm_wait_timer; /* on_notify: waiting to tell dead from failed */
         primary_image_done_t image_cb; /* loop only */
         void *image_userdata;
 
@@ -1710,34 +1714,94 @@ static bool vmm_alive(const char *path)
         return true;
 }
 
-/* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby.
- * -EHOSTDOWN tells it the VM is gone here, so it may fail over; anything else
- * (the VM may still run here, unprotected) must not make it do so. */
+static bool vmm_exited(int pidfd)
+{
+        struct pollfd pfd = { .fd = pidfd, .events = POLLIN };
+
+        return pidfd >= 0 && poll(&pfd, 1, 0) == 1;
+}
+
+/* Tells the standby why we stopped: -EHOSTDOWN (the VM is gone here, it may fail over) or -EIO
+ * (the VM may still run here, unprotected: it must not). */
+static void report_stop(Primary *p, bool vmm_gone)
+{
+        char detail[sizeof(p->detail)];
+        Link *l;
+
+        p->vmm_exit_source = sd_event_source_disable_unref(p->vmm_exit_source);
+        p->vmm_wait_timer = sd_event_source_disable_unref(p->vmm_wait_timer);
+        pthread_mutex_lock(&p->mutex);
+        l = p->link;
+        snprintf(detail, sizeof(detail), "%s", p->detail);
+        pthread_mutex_unlock(&p->mutex);
+        if (!l)
+                return;
+        if (vmm_gone) {
+                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
+                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
+        } else
+                link_fail(l, -EIO, "primary stopped replicating: %s", detail);
+}
+
+static int on_vmm_exit(sd_event_source *s, int fd, uint32_t revents, void *userdata)
+{
+        report_stop(userdata, true);
+        return 0;
+}
+
+static int on_vmm_wait_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        Primary *p = userdata;
+
+        report_stop(p, vmm_exited(p->vmm_pidfd) || !vmm_alive(p->vm->control_socket));
+        return 0;
+}
+
+/*
+ * The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby.
+ * Only a VMM that is gone may make it fail over. A VMM killed with a request of ours
+ * pending resets our connection while its process is still exiting: its listening
+ * socket may close a moment later (the kernel closes a dying process's descriptors one
+ * by one, and closing the VM's may take milliseconds), so a connect() right away can
+ * still succeed. Hence, while the process exists, wait up to VMM_EXIT_WAIT_USEC for it
+ * to end before calling it alive.
+ */
 static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         Primary *p = userdata;
-        char detail[sizeof(p->detail)];
-        eventfd_t v;
         bool failed;
-        Link *l;
+        eventfd_t v;
 
         (void) eventfd_read(fd, &v);
         image_deliver(p, false);
         pthread_mutex_lock(&p->mutex);
         failed = p->failed;
-        l = p->link;
-        snprintf(detail, sizeof(detail), "%s", p->detail);
         pthread_mutex_unlock(&p->mutex);
         if (!failed || p->fail_reported)
                 return 0;
         p->fail_reported = true;
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
-        if (l && !vmm_alive(p->vm->control_socket)) {
-                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
-                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
-        } else if (l)
-                link_fail(l, -EIO, "primary stopped replicating: %s", detail);
+        if (vmm_exited(p->vmm_pidfd) || !vmm_alive(p->vm->control_socket))
+                report_stop(p, true);
+        else if (p->vmm_pidfd < 0 ||
+                 sd_event_add_io(p->event, &p->vmm_exit_source, p->vmm_pidfd, EPOLLIN, on_vmm_exit, p) < 0 ||
+                 sd_event_add_time_relative(p->event, &p->vmm_wait_timer, CLOCK_MONOTONIC, VMM_EXIT_WAIT_USEC, 0,
+                                            on_vmm_wait_timer, p) < 0)
+                report_stop(p, false);
         return 0;
+}
+
+/* A pidfd for the process at the other end of the VMM control socket, or -EBADF. */
+static int vmm_pidfd_open(int fd)
+{
+        struct ucred uc;
+        socklen_t n = sizeof(uc);
+        int r;
+
+        if (fd < 0 || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &uc, &n) < 0 || uc.pid <= 0)
+                return -EBADF;
+        r = (int) syscall(SYS_pidfd_open, uc.pid, 0);
+        return r < 0 ? -EBADF : r;
 }
 
 /* ---- the loop side: attach ------------------------------------------------------------- */
@@ -1852,6 +1916,8 @@ static int attach_now(Primary *p)
                 return r;
         }
         e->epoch_start_us = e->last_collect_us = e->last_reset_us = now_usec();
+        safe_close(p->vmm_pidfd);
+        p->vmm_pidfd = vmm_pidfd_open(vmm_link_fd(vmm));
         TAKE_PTR(vmm);
 
         r = -pthread_create(&p->thread, NULL, epoch_thread, e);
@@ -1914,7 +1980,7 @@ int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
         p = calloc(1, sizeof(*p));
         if (!p)
                 return -ENOMEM;
-        p->wake_fd = p->notify_fd = -EBADF;
+        p->wake_fd = p->notify_fd = p->vmm_pidfd = -EBADF;
         pthread_mutex_init(&p->mutex, NULL);
         pthread_cond_init(&p->cond, NULL);
         p->event = sd_event_ref(e);
@@ -1998,6 +2064,9 @@ Primary *primary_free(Primary *p)
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
         p->notify_source = sd_event_source_disable_unref(p->notify_source);
         p->split_timer = sd_event_source_disable_unref(p->split_timer);
+        p->vmm_exit_source = sd_event_source_disable_unref(p->vmm_exit_source);
+        p->vmm_wait_timer = sd_event_source_disable_unref(p->vmm_wait_timer);
+        safe_close(p->vmm_pidfd);
         safe_close(p->wake_fd);
         safe_close(p->notify_fd);
         if (p->secret) {
