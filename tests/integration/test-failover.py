@@ -307,6 +307,19 @@ def start_kv(tmp, host):
     return v
 
 
+def stop_all():
+    """A passed test ends its processes with SIGTERM, daemons first (each stops the VMM it
+    started): clean exits, which a sanitized build checks for leaks (tests/sanitize-wrap.py)."""
+    for p in sorted(LIVE, key=lambda p: not p.tag.startswith("dirtyrepd")):
+        if p.alive():
+            p.proc.send_signal(signal.SIGTERM)
+            try:
+                p.proc.wait(timeout=15 * SLOW)
+            except subprocess.TimeoutExpired:
+                raise Fail(f"{p.tag} did not exit within {15 * SLOW:.0f} s of SIGTERM")
+        p.reap()
+
+
 # ---- the client -----------------------------------------------------------------------------
 
 def redis(ip, *args, timeout=1.0):
@@ -665,7 +678,7 @@ def test_vmm_death(tmp, a):
 
     A, B = setup_pair(tmp)
     loop = IncrLoop(tmp, "v")
-    time.sleep(random.uniform(0.3, 1.0))
+    time.sleep(random.uniform(0.3, 1.0) * SLOW)
     A.vmm.kill()
     st = B.daemon.wait(lambda s: s["role"] == "primary" and s["state"] == "unprotected", "promotion", timeout=20)
     acked = loop.stop()
@@ -712,6 +725,7 @@ def main():
         {"kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
          "standby-loss": test_standby_loss, "split-brain": test_split_brain,
          "manual": test_manual, "vmm-death": test_vmm_death}[a.mode](tmp, a)
+        stop_all()
         log("PASS")
         rc = 0
     except Fail as e:
