@@ -488,7 +488,7 @@ def test_images(tmp, a):
         prev = gens
         os.unlink(ram)
     for p in (primary, standby, vmm):
-        p.kill()
+        p.stop()  # SIGTERM: a clean exit, checked for leaks in a sanitized build
 
     con = os.path.join(tmp, "restored.log")
     r = Proc(tmp, "restored", [ENV["DR_VMM"], "--name", "t", "--restore-image", os.path.join(imgs, "img3"),
@@ -503,7 +503,7 @@ def test_images(tmp, a):
         time.sleep(0.1)
     if len(found) < 2 or int(found[-1]) <= prev[0]:
         fail(f"the VM restored from img3 did not continue past generation {prev[0]}: {found}\n{r.text()[-2000:]}")
-    r.kill()
+    r.stop()
     log(f"PASS: 1 full + 3 incremental images at seals, chain verified, memcheck ok, restored guest went "
         f"from generation {prev[0]} to {found[-1]}")
 
