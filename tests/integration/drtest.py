@@ -18,6 +18,8 @@ import subprocess
 import time
 
 ENV = os.environ
+# scripts/test sets it for the slower sanitized build: heartbeats, client timeouts and run times stretch.
+SLOW = float(ENV.get("DR_TEST_SLOWDOWN", "1"))
 TAG = f"dr{os.getpid() % 100000}"
 NS = {h: f"{TAG}{h}" for h in ("a", "b", "c", "s")}
 SVC_IP = "10.77.0.100"
@@ -153,7 +155,7 @@ class Daemon(Proc):
             os.unlink(self.debug)
         self.control = os.path.join(d, "vm.sock")
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={misses}\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={round(misses * SLOW)}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         sf = os.path.join(d, "t.secret")
         with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -278,7 +280,7 @@ def redis(ip, *args, timeout=1.0):
     """One redis-cli command from the client namespace; the reply, or None (no answer)."""
     try:
         r = subprocess.run(ns_exec("c", "redis-cli", "-h", ip, "-p", str(KV_PORT), *args), capture_output=True,
-                           text=True, timeout=timeout)
+                           text=True, timeout=timeout * SLOW)
     except subprocess.TimeoutExpired:
         return None
     if r.returncode != 0:
@@ -343,6 +345,19 @@ class IncrLoop:
 
 
 # ---- scenarios ----------------------------------------------------------------------------
+
+def stop_all():
+    """A passed test ends its processes with SIGTERM, daemons first (each stops the VMM it
+    started): clean exits, which a sanitized build checks for leaks (tests/sanitize-wrap.py)."""
+    for p in sorted(LIVE, key=lambda p: not p.tag.startswith("dirtyrepd")):
+        if p.alive():
+            p.proc.send_signal(signal.SIGTERM)
+            try:
+                p.proc.wait(timeout=15 * SLOW)
+            except subprocess.TimeoutExpired:
+                raise Fail(f"{p.tag} did not exit within {15 * SLOW:.0f} s of SIGTERM")
+        p.reap()
+
 
 def write_fence(tmp):
     p = os.path.join(tmp, "fence")

@@ -67,7 +67,7 @@ from drtest import *  # noqa: E402,F401,F403 (also re-exported to the benchmarks
 def failover_trial(tmp, k, P, S, key, check=True):
     """One kill: returns (lost, last_acked, got, failover_s)."""
     loop = IncrLoop(tmp, f"{key}")
-    run_s = random.uniform(0.3, 1.5)
+    run_s = random.uniform(0.3, 1.5) * SLOW
     time.sleep(run_s)
     t_kill = time.time()
     silent = random.random() < 0.5
@@ -285,7 +285,7 @@ def test_vmm_death(tmp, a):
 
     A, B = setup_pair(tmp)
     loop = IncrLoop(tmp, "v")
-    time.sleep(random.uniform(0.3, 1.0))
+    time.sleep(random.uniform(0.3, 1.0) * SLOW)
     A.vmm.kill()
     st = B.daemon.wait(lambda s: s["role"] == "primary" and s["state"] == "unprotected", "promotion", timeout=20)
     acked = loop.stop()
@@ -332,6 +332,7 @@ def main():
         {"kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
          "standby-loss": test_standby_loss, "split-brain": test_split_brain,
          "manual": test_manual, "vmm-death": test_vmm_death}[a.mode](tmp, a)
+        stop_all()
         log("PASS")
         rc = 0
     except Fail as e:
