@@ -155,7 +155,7 @@ class Daemon(Proc):
             os.unlink(self.debug)
         self.control = os.path.join(d, "vm.sock")
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={round(misses * SLOW)}\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={min(100, round(misses * SLOW))}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         sf = os.path.join(d, "t.secret")
         with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
