@@ -34,6 +34,59 @@ static void put(const char *target, const char *name, const void *buf, size_t le
         fclose(f);
 }
 
+/* fuzz-standby records: [type u8][length le16][payload]. */
+static size_t rec(uint8_t *out, uint8_t type, const void *payload, size_t len)
+{
+        out[0] = type;
+        out[1] = (uint8_t) len;
+        out[2] = (uint8_t) (len >> 8);
+        memcpy(out + 3, payload, len);
+        return 3 + len;
+}
+
+static size_t rec_message(uint8_t *out, uint8_t type, const ProtobufCMessage *m)
+{
+        uint8_t buf[256];
+        size_t len = protobuf_c_message_pack(m, buf);
+        return rec(out, type, buf, len);
+}
+
+/* One whole epoch for fuzz-standby: BEGIN, one PAGES batch of the given pages, STATE, END. */
+static size_t standby_epoch(uint8_t *out, uint64_t epoch, uint64_t base, const uint64_t *pages, size_t n)
+{
+        static uint8_t batch[PAGE_BATCH_HEADER + 4 * PAGE_RECORD_MAX], page[PAGE_BYTES];
+        Dr__Repl__EpochBegin b = DR__REPL__EPOCH_BEGIN__INIT;
+        Dr__Repl__EpochState st = DR__REPL__EPOCH_STATE__INIT;
+        Dr__Repl__EpochEnd e = DR__REPL__EPOCH_END__INIT;
+        uint8_t vmstate[16] = { 8, 1 };
+        size_t at = 0, len;
+        PageBatch pb;
+
+        for (size_t i = 0; i < PAGE_BYTES; i += 61)
+                page[i] = (uint8_t) (i + epoch);
+        b.epoch = epoch;
+        b.full = base == 0;
+        b.has_base_epoch = base != 0;
+        b.base_epoch = base;
+        at += rec_message(out + at, DR__REPL__FRAME_TYPE__FRAME_EPOCH_BEGIN, &b.base);
+        page_batch_init(&pb, epoch, batch, sizeof(batch), 4, true, NULL);
+        for (size_t i = 0; i < n; i++)
+                if (i % 2)
+                        page_batch_add_zero(&pb, pages[i]);
+                else
+                        page_batch_add(&pb, pages[i], page);
+        len = page_batch_finish(&pb);
+        at += rec(out + at, DR__REPL__FRAME_TYPE__FRAME_PAGES, batch, len);
+        st.epoch = epoch;
+        st.vmstate = (ProtobufCBinaryData) { sizeof(vmstate), vmstate };
+        at += rec_message(out + at, DR__REPL__FRAME_TYPE__FRAME_STATE, &st.base);
+        e.epoch = epoch;
+        e.page_records = n;
+        e.distinct_pages = n;
+        at += rec_message(out + at, DR__REPL__FRAME_TYPE__FRAME_EPOCH_END, &e.base);
+        return at;
+}
+
 static void put_request(const char *name, Dr__Control__Request *r)
 {
         uint8_t buf[4096];
@@ -201,6 +254,26 @@ int main(int argc, char **argv)
                 frame_header_build(buf, 6, NULL, 0);
                 put("fuzz-link", "pages-first", buf, FRAME_HEADER_SIZE);
                 put("fuzz-link", "garbage", "GET / HTTP/1.1\r\n\r\n\x00\xff", 20);
+        }
+        {
+                static uint8_t buf[4 * (PAGE_BATCH_HEADER + 4 * PAGE_RECORD_MAX + 1024)];
+                static const uint64_t p1[] = { 0, 3, 15 }, p2[] = { 4, 17, 19 }, p3[] = { 5 };
+                Dr__Repl__EpochEnd e = DR__REPL__EPOCH_END__INIT;
+                size_t at;
+
+                /* Layout byte, then frames. */
+                buf[0] = 0;
+                at = 1 + standby_epoch(buf + 1, 1, 0, p1, 3);
+                put("fuzz-standby", "full-epoch", buf, at);
+                buf[0] = 1; /* two regions: pages 16..19 are the second */
+                at = 1 + standby_epoch(buf + 1, 1, 0, p1, 3);
+                at += standby_epoch(buf + at, 2, 1, p2, 3);
+                at += standby_epoch(buf + at, 3, 2, p3, 1);
+                put("fuzz-standby", "full-then-incremental", buf, at);
+                buf[0] = 0;
+                e.epoch = 1;
+                at = 1 + rec_message(buf + 1, DR__REPL__FRAME_TYPE__FRAME_EPOCH_END, &e.base);
+                put("fuzz-standby", "end-first", buf, at);
         }
         return 0;
 }
