@@ -17,6 +17,7 @@
  */
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -43,6 +44,16 @@ static const char vm_text[] = "[VM]\nRole=standby\nListen=127.0.0.1:0\nSecretFil
 
 static sd_event *event;
 static VmConfig *vm;
+static Standby *standby; /* of the input being run */
+static bool up;          /* its connection authenticated */
+
+static bool standby_link_up(void)
+{
+        ReplStatus st;
+
+        standby_get_status(standby, &st);
+        return st.link_up;
+}
 
 /* Writes all of buf to the (non-blocking) socket, running the loop while it is full. */
 static int put(int fd, const void *buf, size_t len)
@@ -60,6 +71,8 @@ static int put(int fd, const void *buf, size_t len)
                         continue;
                 }
                 (void) recv(fd, sink, sizeof(sink), MSG_DONTWAIT); /* its ACKs and heartbeats */
+                if (up && !standby_link_up())
+                        return -EPIPE; /* it failed the link and reads no more */
                 if (sd_event_run(event, 1000) < 0)
                         return -EIO;
         }
@@ -94,11 +107,13 @@ static int get_frame(int fd, uint8_t *buf, size_t cap, size_t *ret_len)
         size_t got = 0, need = FRAME_HEADER_SIZE;
         FrameHeader fh = {};
 
-        for (unsigned spins = 0; got < need; spins++) {
+        for (uint64_t end = now_usec() + 30 * USEC_PER_SEC; got < need;) {
                 ssize_t n;
 
-                if (spins > 5000)
-                        abort(); /* the standby stopped answering the handshake */
+                if (now_usec() > end) {
+                        fprintf(stderr, "the standby stopped answering the handshake\n");
+                        abort();
+                }
                 if (sd_event_run(event, 1000) < 0)
                         return -EIO;
                 n = recv(fd, got < FRAME_HEADER_SIZE ? h + got : buf + (got - FRAME_HEADER_SIZE), need - got,
@@ -145,8 +160,10 @@ static void handshake(int fd, bool two_regions)
         if (put_message(fd, DR__REPL__FRAME_TYPE__FRAME_HELLO, &h.base) < 0)
                 abort();
         type = get_frame(fd, buf, sizeof(buf), &len);
-        if (type != DR__REPL__FRAME_TYPE__FRAME_CHALLENGE)
+        if (type != DR__REPL__FRAME_TYPE__FRAME_CHALLENGE) {
+                fprintf(stderr, "HELLO answered with %d (%s)\n", type, type < 0 ? strerror(-type) : "frame type");
                 abort();
+        }
         c = dr__repl__challenge__unpack(NULL, len, buf);
         if (!c || c->nonce.len != 32)
                 abort();
@@ -156,15 +173,18 @@ static void handshake(int fd, bool two_regions)
         a.proof = (ProtobufCBinaryData){ sizeof(proof), proof };
         if (put_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base) < 0)
                 abort();
-        if (get_frame(fd, buf, sizeof(buf), &len) != DR__REPL__FRAME_TYPE__FRAME_WELCOME)
+        type = get_frame(fd, buf, sizeof(buf), &len);
+        if (type != DR__REPL__FRAME_TYPE__FRAME_WELCOME) {
+                fprintf(stderr, "AUTH answered with %d (%s)\n", type, type < 0 ? strerror(-type) : "frame type");
                 abort();
+        }
+        up = true;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
         _cleanup_(standby_freep) Standby *s = NULL;
         uint8_t sink[65536];
-        ReplStatus st;
         size_t at = 1;
         int sv[2];
 
@@ -180,6 +200,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         if (standby_new(event, NULL, vm, secret, sizeof(secret), &s) < 0)
                 abort();
+        standby = s;
+        up = false;
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
                 abort();
         if (standby_accept_fd(s, sv[0]) < 0)
@@ -195,12 +217,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 at += 3 + len;
         }
         (void) shutdown(sv[1], SHUT_WR);
-        for (unsigned spins = 0;; spins++) {
-                standby_get_status(s, &st);
-                if (!st.link_up)
+        for (uint64_t end = now_usec() + 30 * USEC_PER_SEC;;) {
+                if (!standby_link_up())
                         break;
-                if (spins > 10000)
-                        abort(); /* the standby neither finished nor failed the connection */
+                if (now_usec() > end) {
+                        fprintf(stderr, "the standby neither finished nor failed the connection\n");
+                        abort();
+                }
                 (void) recv(sv[1], sink, sizeof(sink), MSG_DONTWAIT);
                 if (sd_event_run(event, 1000) < 0)
                         abort();
