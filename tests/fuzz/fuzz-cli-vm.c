@@ -19,7 +19,7 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define ARGS_MAX 64 /* == MANAGER_CLI_SETTINGS_MAX */
-#define VMS_MAX 8
+#define VMS_MAX  8
 
 static const char daemon_text[] = "[Daemon]\nRuntimeDirectory=/run/fuzz\n";
 static const char web_text[] = "[VM]\nRole=primary\nPeer=192.0.2.1:7000\nSecretFile=/etc/web.key\n";
@@ -75,7 +75,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 c->vms = calloc(1, sizeof(VmConfig *));
                 if (!c->vms)
                         return 0;
-                r = config_parse_vm_file("vm.d/web.conf", "web", web_text, strlen(web_text), &c->vms[0], &errors);
+                r = config_parse_vm_file("vm.d/web.conf", "web", web_text, strlen(web_text), &c->vms[0],
+                                         &errors);
                 if (r < 0)
                         abort();
                 c->n_vms = 1;

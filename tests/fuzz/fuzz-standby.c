@@ -38,8 +38,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define VM_NAME "fuzz"
 static const uint8_t secret[] = "fuzz secret";
-static const uint8_t uuid[16] = { 0xf0, 0x0f };
-static const uint8_t session[16] = { 0x5e, 0x55 };
+static const uint8_t uuid[16] = {0xf0, 0x0f};
+static const uint8_t session[16] = {0x5e, 0x55};
 static const char vm_text[] = "[VM]\nRole=standby\nListen=127.0.0.1:0\nSecretFile=/fuzz.key\n";
 
 static sd_event *event;
@@ -138,44 +138,50 @@ static int get_frame(int fd, uint8_t *buf, size_t cap, size_t *ret_len)
 static void handshake(int fd, bool two_regions)
 {
         Dr__Repl__MemRegion r0 = DR__REPL__MEM_REGION__INIT, r1 = DR__REPL__MEM_REGION__INIT;
-        Dr__Repl__MemRegion *regions[] = { &r0, &r1 };
+        Dr__Repl__MemRegion *regions[] = {&r0, &r1};
         Dr__Repl__Hello h = DR__REPL__HELLO__INIT;
         Dr__Repl__Auth a = DR__REPL__AUTH__INIT;
-        uint8_t nonce[32] = { 1, 2, 3 }, proof[32], buf[4096];
+        uint8_t nonce[32] = {1, 2, 3}, proof[32], buf[4096];
         Dr__Repl__Challenge *c;
         size_t len;
         int type;
 
-        r0 = (Dr__Repl__MemRegion){ .base = r0.base, .slot = 0, .guest_phys = 0, .size = 16 * PAGE_BYTES };
-        r1 = (Dr__Repl__MemRegion){ .base = r1.base, .slot = 1, .guest_phys = 1ULL << 32,
-                                    .size = 4 * PAGE_BYTES, .memfd_offset = 32 * PAGE_BYTES };
+        r0 = (Dr__Repl__MemRegion){.base = r0.base, .slot = 0, .guest_phys = 0, .size = 16 * PAGE_BYTES};
+        r1 = (Dr__Repl__MemRegion){.base = r1.base,
+                                   .slot = 1,
+                                   .guest_phys = 1ULL << 32,
+                                   .size = 4 * PAGE_BYTES,
+                                   .memfd_offset = 32 * PAGE_BYTES};
         h.version = DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT;
         h.vm_name = (char *) VM_NAME;
-        h.vm_uuid = (ProtobufCBinaryData){ sizeof(uuid), (uint8_t *) uuid };
+        h.vm_uuid = (ProtobufCBinaryData){sizeof(uuid), (uint8_t *) uuid};
         h.n_regions = two_regions ? 2 : 1;
         h.regions = regions;
         h.page_size = PAGE_BYTES;
-        h.nonce = (ProtobufCBinaryData){ sizeof(nonce), nonce };
-        h.session = (ProtobufCBinaryData){ sizeof(session), (uint8_t *) session };
+        h.nonce = (ProtobufCBinaryData){sizeof(nonce), nonce};
+        h.session = (ProtobufCBinaryData){sizeof(session), (uint8_t *) session};
         if (put_message(fd, DR__REPL__FRAME_TYPE__FRAME_HELLO, &h.base) < 0)
                 abort();
         type = get_frame(fd, buf, sizeof(buf), &len);
         if (type != DR__REPL__FRAME_TYPE__FRAME_CHALLENGE) {
-                fprintf(stderr, "HELLO answered with %d (%s)\n", type, type < 0 ? strerror(-type) : "frame type");
+                fprintf(stderr, "HELLO answered with %d (%s)\n", type,
+                        type < 0 ? strerror(-type) : "frame type");
                 abort();
         }
         c = dr__repl__challenge__unpack(NULL, len, buf);
         if (!c || c->nonce.len != 32)
                 abort();
-        if (link_proof(secret, sizeof(secret), "dirtyrep-primary", c->nonce.data, nonce, VM_NAME, uuid, proof) < 0)
+        if (link_proof(secret, sizeof(secret), "dirtyrep-primary", c->nonce.data, nonce, VM_NAME, uuid,
+                       proof) < 0)
                 abort();
         dr__repl__challenge__free_unpacked(c, NULL);
-        a.proof = (ProtobufCBinaryData){ sizeof(proof), proof };
+        a.proof = (ProtobufCBinaryData){sizeof(proof), proof};
         if (put_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base) < 0)
                 abort();
         type = get_frame(fd, buf, sizeof(buf), &len);
         if (type != DR__REPL__FRAME_TYPE__FRAME_WELCOME) {
-                fprintf(stderr, "AUTH answered with %d (%s)\n", type, type < 0 ? strerror(-type) : "frame type");
+                fprintf(stderr, "AUTH answered with %d (%s)\n", type,
+                        type < 0 ? strerror(-type) : "frame type");
                 abort();
         }
         up = true;

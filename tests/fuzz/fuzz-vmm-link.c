@@ -39,34 +39,37 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define MEMFD_BYTES (2u << 20)
-#define N_FDS 8
-#define N_MEMFDS 7
+#define N_FDS       8
+#define N_MEMFDS    7
 
-static int fds[N_FDS] = { -1, -1, -1, -1, -1, -1, -1, -1 };
+static int fds[N_FDS] = {-1, -1, -1, -1, -1, -1, -1, -1};
 
 static void fds_init(void)
 {
-        static const char *names[N_MEMFDS] = { "ram0", "ram1", "vcpu0", "vcpu1", "bitmap", "vmm-dirty", "state" };
+        static const char *names[N_MEMFDS] = {"ram0",   "ram1",      "vcpu0", "vcpu1",
+                                              "bitmap", "vmm-dirty", "state"};
         uint8_t page[4096];
 
         for (size_t i = 0; i < N_FDS; i++) {
                 if (fds[i] >= 0)
                         continue;
-                fds[i] = i < N_MEMFDS ? memfd_create(names[i], MFD_CLOEXEC) : eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+                fds[i] = i < N_MEMFDS ? memfd_create(names[i], MFD_CLOEXEC)
+                                      : eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
                 if (fds[i] < 0 || (i < N_MEMFDS && ftruncate(fds[i], MEMFD_BYTES) < 0))
                         abort();
         }
         /* Every input starts from the same memory: the daemon writes to some of it. */
         memset(page, 0, sizeof(page));
         for (size_t i = 0; i < 8; i++) { /* ring entries: flags DIRTY, slot 0, offset i */
-                struct kvm_dirty_gfn g = { .flags = KVM_DIRTY_GFN_F_DIRTY, .slot = 0, .offset = i };
+                struct kvm_dirty_gfn g = {.flags = KVM_DIRTY_GFN_F_DIRTY, .slot = 0, .offset = i};
                 memcpy(page + i * sizeof(g), &g, sizeof(g));
         }
         for (size_t i = 2; i <= 3; i++)
                 if (pwrite(fds[i], page, sizeof(page), KVM_DIRTY_LOG_PAGE_OFFSET * 4096) != sizeof(page))
                         abort();
         memset(page, 0x55, sizeof(page));
-        if (pwrite(fds[4], page, sizeof(page), 0) != sizeof(page) || pwrite(fds[6], page, sizeof(page), 0) != sizeof(page))
+        if (pwrite(fds[4], page, sizeof(page), 0) != sizeof(page) ||
+            pwrite(fds[6], page, sizeof(page), 0) != sizeof(page))
                 abort();
         memset(page, 0xff, sizeof(page));
         memcpy(page, "DRVMDIRT", 8);

@@ -22,13 +22,18 @@ static void fill(VmSnapshot *s, int full)
 
                 v->n_cpuid = 2;
                 v->cpuid = calloc(2, sizeof(*v->cpuid));
-                v->cpuid[0] = (struct kvm_cpuid_entry2){ .function = 0, .eax = 0xd, .ebx = 0x756e6547 };
-                v->cpuid[1] = (struct kvm_cpuid_entry2){ .function = 1, .index = i, .eax = 0x306a9 };
+                v->cpuid[0] = (struct kvm_cpuid_entry2){.function = 0, .eax = 0xd, .ebx = 0x756e6547};
+                v->cpuid[1] = (struct kvm_cpuid_entry2){.function = 1, .index = i, .eax = 0x306a9};
                 v->mp_state.mp_state = i ? KVM_MP_STATE_HALTED : KVM_MP_STATE_RUNNABLE;
                 v->regs.rip = 0x100000 + i;
                 v->regs.rflags = 0x202;
-                v->sregs.cs = (struct kvm_segment){ .limit = 0xffffffff, .selector = 0x10, .type = 11,
-                                                    .present = 1, .l = 1, .g = 1, .s = 1 };
+                v->sregs.cs = (struct kvm_segment){.limit = 0xffffffff,
+                                                   .selector = 0x10,
+                                                   .type = 11,
+                                                   .present = 1,
+                                                   .l = 1,
+                                                   .g = 1,
+                                                   .s = 1};
                 v->sregs.ldt.unusable = 1;
                 v->sregs.cr0 = 0x80050033;
                 v->sregs.efer = 0xd01;
@@ -42,7 +47,7 @@ static void fill(VmSnapshot *s, int full)
                 v->lapic.regs[0x20] = (char) i;
                 v->n_msrs = 1;
                 v->msrs = calloc(1, sizeof(*v->msrs));
-                v->msrs[0] = (struct kvm_msr_entry){ .index = 0xc0000080, .data = 0xd01 };
+                v->msrs[0] = (struct kvm_msr_entry){.index = 0xc0000080, .data = 0xd01};
                 v->events.flags = full ? KVM_VCPUEVENT_VALID_SHADOW : 0;
                 v->tsc_khz = full ? 2500000 : 0;
         }
@@ -50,13 +55,13 @@ static void fill(VmSnapshot *s, int full)
                 return;
         s->has_pit = 1;
         for (unsigned k = 0; k < 3; k++)
-                s->pit.channels[k] = (struct kvm_pit_channel_state){ .count = 65536, .mode = 2, .rw_mode = 3,
-                                                                     .gate = 1 };
+                s->pit.channels[k] =
+                        (struct kvm_pit_channel_state){.count = 65536, .mode = 2, .rw_mode = 3, .gate = 1};
         s->has_clock = 1;
         s->clock.clock = 123456789;
         s->has_irqchip = 1;
-        s->pic[0] = (struct kvm_pic_state){ .irq_base = 0x20, .imr = 0xfb };
-        s->pic[1] = (struct kvm_pic_state){ .irq_base = 0x28, .imr = 0xff };
+        s->pic[0] = (struct kvm_pic_state){.irq_base = 0x20, .imr = 0xfb};
+        s->pic[1] = (struct kvm_pic_state){.irq_base = 0x28, .imr = 0xff};
         s->ioapic.base_address = 0xfec00000;
         s->devices_len = 16;
         s->devices = calloc(1, 16);
@@ -68,7 +73,7 @@ int main(int argc, char **argv)
                 const char *name;
                 unsigned n_vcpus;
                 int full;
-        } seeds[] = { { "one-vcpu-minimal", 1, 0 }, { "two-vcpus-full", 2, 1 } };
+        } seeds[] = {{"one-vcpu-minimal", 1, 0}, {"two-vcpus-full", 2, 1}};
 
         if (argc != 2) {
                 fprintf(stderr, "usage: %s DIR\n", argv[0]);
