@@ -135,7 +135,33 @@ static int get_frame(int fd, uint8_t *buf, size_t cap, size_t *ret_len)
         return fh.type;
 }
 
-static void handshake(int fd, bool two_regions)
+/*
+ * The standby answered our honest handshake with something else. Not what
+ * this target is about (fuzz-link is), but never expected: say what it was,
+ * so the run's log shows it, and skip the input.
+ */
+static bool refused(const char *what, int type, const uint8_t *buf, size_t len)
+{
+        Dr__Repl__Error *e;
+
+        if (type != DR__REPL__FRAME_TYPE__FRAME_ERROR) {
+                fprintf(stderr, "%s answered with %d (%s)\n", what, type,
+                        type < 0 ? strerror(-type) : "frame type");
+                abort();
+        }
+        e = dr__repl__error__unpack(NULL, len, buf);
+        fprintf(stderr, "%s refused by the standby: %d %s\n", what, e ? e->code : 0,
+                e ? e->message : "(undecodable)");
+        if (e)
+                dr__repl__error__free_unpacked(e, NULL);
+        return false;
+}
+
+/*
+ * Says why the standby refused the handshake (an ERROR frame), or aborts on
+ * anything else. Returns true when the connection is up.
+ */
+static bool handshake(int fd, bool two_regions)
 {
         Dr__Repl__MemRegion r0 = DR__REPL__MEM_REGION__INIT, r1 = DR__REPL__MEM_REGION__INIT;
         Dr__Repl__MemRegion *regions[] = {&r0, &r1};
@@ -163,11 +189,8 @@ static void handshake(int fd, bool two_regions)
         if (put_message(fd, DR__REPL__FRAME_TYPE__FRAME_HELLO, &h.base) < 0)
                 abort();
         type = get_frame(fd, buf, sizeof(buf), &len);
-        if (type != DR__REPL__FRAME_TYPE__FRAME_CHALLENGE) {
-                fprintf(stderr, "HELLO answered with %d (%s)\n", type,
-                        type < 0 ? strerror(-type) : "frame type");
-                abort();
-        }
+        if (type != DR__REPL__FRAME_TYPE__FRAME_CHALLENGE)
+                return refused("HELLO", type, buf, len);
         c = dr__repl__challenge__unpack(NULL, len, buf);
         if (!c || c->nonce.len != 32)
                 abort();
@@ -179,12 +202,10 @@ static void handshake(int fd, bool two_regions)
         if (put_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base) < 0)
                 abort();
         type = get_frame(fd, buf, sizeof(buf), &len);
-        if (type != DR__REPL__FRAME_TYPE__FRAME_WELCOME) {
-                fprintf(stderr, "AUTH answered with %d (%s)\n", type,
-                        type < 0 ? strerror(-type) : "frame type");
-                abort();
-        }
+        if (type != DR__REPL__FRAME_TYPE__FRAME_WELCOME)
+                return refused("AUTH", type, buf, len);
         up = true;
+        return true;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -212,7 +233,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 abort();
         if (standby_accept_fd(s, sv[0]) < 0)
                 abort();
-        handshake(sv[1], data[0] & 1);
+        if (!handshake(sv[1], data[0] & 1)) {
+                close(sv[1]);
+                return 0;
+        }
 
         while (at + 3 <= size) {
                 uint8_t type = data[at];

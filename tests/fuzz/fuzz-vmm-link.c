@@ -20,6 +20,7 @@
  * Reply ids are the daemon's request numbers, 1, 2, 3, ...
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -159,7 +160,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         n_ops = MIN((size_t) data[0] % 16, size - 1);
         at = 1 + n_ops;
 
-        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        /* Only the harness's end is non-blocking: replies that do not fit in the
+         * socket's queue are not sent (the daemon reads end-of-file there). */
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0 ||
+            fcntl(sv[1], F_SETFL, O_NONBLOCK) < 0)
                 abort();
         while (at + 2 <= size) {
                 size_t len = MIN((size_t) (data[at] | data[at + 1] << 8), size - at - 2);
