@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <syslog.h>
 #include <unistd.h>
@@ -41,9 +42,12 @@ static const uint8_t secret[] = "fuzz secret";
 static const uint8_t uuid[16] = {0xf0, 0x0f};
 static const uint8_t session[16] = {0x5e, 0x55};
 static const char vm_text[] = "[VM]\nRole=standby\nListen=127.0.0.1:0\nSecretFile=/fuzz.key\n";
+/* Heartbeats that do not expire while a loaded machine runs the fuzzer slowly. */
+static const char daemon_text[] = "[Daemon]\nHeartbeatIntervalMs=10000\nHeartbeatMisses=100\n";
 
 static sd_event *event;
 static VmConfig *vm;
+static DaemonConfig *daemon_config;
 static Standby *standby; /* of the input being run */
 static bool up;          /* its connection authenticated */
 
@@ -144,9 +148,13 @@ static bool refused(const char *what, int type, const uint8_t *buf, size_t len)
 {
         Dr__Repl__Error *e;
 
+        if (type < 0) {
+                /* It closed right after its ERROR frame, before we read it. */
+                fprintf(stderr, "%s answered with %s\n", what, strerror(-type));
+                return false;
+        }
         if (type != DR__REPL__FRAME_TYPE__FRAME_ERROR) {
-                fprintf(stderr, "%s answered with %d (%s)\n", what, type,
-                        type < 0 ? strerror(-type) : "frame type");
+                fprintf(stderr, "%s answered with frame type %d\n", what, type);
                 abort();
         }
         e = dr__repl__error__unpack(NULL, len, buf);
@@ -222,10 +230,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 /* FUZZ_DEBUG=1: the standby's log, to see how far an input gets. */
                 log_set_max_level(getenv("FUZZ_DEBUG") ? LOG_DEBUG : LOG_CRIT);
                 if (sd_event_new(&event) < 0 ||
-                    config_parse_vm_file("fuzz.conf", VM_NAME, vm_text, strlen(vm_text), &vm, &errors) < 0)
+                    config_parse_vm_file("fuzz.conf", VM_NAME, vm_text, strlen(vm_text), &vm, &errors) < 0 ||
+                    config_parse_daemon_text("fuzz-daemon.conf", daemon_text, strlen(daemon_text),
+                                             &daemon_config, &errors) < 0)
                         abort();
         }
-        if (standby_new(event, NULL, vm, secret, sizeof(secret), &s) < 0)
+        if (standby_new(event, daemon_config, vm, secret, sizeof(secret), &s) < 0)
                 abort();
         standby = s;
         up = false;
@@ -247,8 +257,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 at += 3 + len;
         }
         (void) shutdown(sv[1], SHUT_WR);
+        /* Done when the standby failed the link, or read every byte and has nothing
+         * more to do (it need not notice the end of file: that is heartbeat work). */
         for (uint64_t end = now_usec() + 30 * USEC_PER_SEC;;) {
+                int unread = 0;
+
                 if (!standby_link_up())
+                        break;
+                if (ioctl(sv[0], FIONREAD, &unread) >= 0 && unread == 0 && sd_event_run(event, 0) == 0)
                         break;
                 if (now_usec() > end) {
                         fprintf(stderr, "the standby neither finished nor failed the connection\n");
