@@ -7,7 +7,10 @@
 # seeds and crashers all stay), and those are copied in (named by their
 # SHA-1, as libFuzzer names them). One target at a time.
 #
-#   tests/fuzz/merge-corpus.sh BUILDDIR WORKDIR [TARGET...]
+#   [MAX_BYTES=N] tests/fuzz/merge-corpus.sh BUILDDIR WORKDIR [TARGET...]
+#
+# MAX_BYTES: only inputs up to N bytes are considered (keeps the checked-in
+# corpora of targets with large inputs, image files and VM states, small).
 set -eu
 builddir=${1:?usage: merge-corpus.sh BUILDDIR WORKDIR [TARGET...]}
 work=${2:?usage: merge-corpus.sh BUILDDIR WORKDIR [TARGET...]}
@@ -25,7 +28,9 @@ for t in "${targets[@]}"; do
         rm -rf "${tmp:?}/$t" && mkdir -p "$tmp/$t" "$srcdir/corpus/$t"
         cp -r "$srcdir/corpus/$t/." "$tmp/$t/"
         before=$(ls "$tmp/$t" | wc -l)
-        nice -n 19 "$builddir/tests/fuzz/$t-libfuzzer" -merge=1 -timeout=30 "$tmp/$t" "$work/$t" \
+        mkdir -p "$tmp/$t.in"
+        find "$work/$t" -maxdepth 1 -type f -size -"$((${MAX_BYTES:-1048576} + 1))"c -exec cp {} "$tmp/$t.in/" \;
+        nice -n 19 "$builddir/tests/fuzz/$t-libfuzzer" -merge=1 -timeout=30 "$tmp/$t" "$tmp/$t.in" \
                 >"$tmp/$t.log" 2>&1 || { tail -n 5 "$tmp/$t.log"; continue; }
         for f in "$tmp/$t"/*; do
                 [ -e "$srcdir/corpus/$t/$(basename "$f")" ] || cp "$f" "$srcdir/corpus/$t/"
