@@ -132,7 +132,8 @@ static int link_call(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply *
                 return -EPROTO;
         }
         if (reply->error != 0) {
-                r = reply->error < 0 ? reply->error : -EPROTO;
+                /* An errno from the agent; anything else (INT_MIN could not even be negated) is -EPROTO. */
+                r = reply->error < 0 && reply->error > -4096 ? reply->error : -EPROTO;
                 snprintf(l->last_error, sizeof(l->last_error), "%s",
                          reply->error_message ? reply->error_message : strerror(-r));
                 dr__control__reply__free_unpacked(reply, NULL);
