@@ -59,6 +59,7 @@
 #include "log.h"
 #include "pages.h"
 #include "role.h"
+#include "standby-internal.h"
 #include "util.h"
 
 #define STANDBY_MAX_REGIONS     32u
@@ -1079,6 +1080,11 @@ static int on_accept(LinkListener *ll, int fd, const char *peer, void *userdata)
 }
 
 /* ---- public API ------------------------------------------------------------------------ */
+
+int standby_accept_fd(Standby *s, int fd)
+{
+        return on_accept(NULL, fd, NULL, s);
+}
 
 int standby_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret,
                 size_t secret_len, Standby **ret)

@@ -138,7 +138,8 @@ static int link_call(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply *
                 return -EPROTO;
         }
         if (reply->error != 0) {
-                r = reply->error < 0 ? reply->error : -EPROTO;
+                /* An errno from the agent; anything else (INT_MIN could not even be negated) is -EPROTO. */
+                r = reply->error < 0 && reply->error > -4096 ? reply->error : -EPROTO;
                 snprintf(l->last_error, sizeof(l->last_error), "%s",
                          reply->error_message ? reply->error_message : strerror(-r));
                 dr__control__reply__free_unpacked(reply, NULL);
@@ -187,11 +188,30 @@ static int fd_at(int *fds, size_t n_fds, uint32_t index)
         return fd;
 }
 
+/* Whether [offset, offset + len) is 8-byte aligned, starts at min or later and ends by size (no overflow). */
+static bool shared_range_ok(uint64_t offset, uint64_t len, uint64_t min, uint64_t size)
+{
+        return offset % 8 == 0 && offset >= min && offset <= size && len <= size - offset;
+}
+
+/* A shared memfd must hold the size the VMM announces: a mapping past its end faults (SIGBUS). */
+static int shared_size_check(int fd, uint64_t size)
+{
+        struct stat st;
+
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        if (size == 0 || size > (uint64_t) st.st_size)
+                return -EBADMSG;
+        return 0;
+}
+
 /* Validates the layout (the VMM is not trusted) and maps what it describes. */
 static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size_t n_fds)
 {
         VmmLayout *lay = &l->layout;
         uint64_t page;
+        int ret;
 
         if (m->page_size != 4096)
                 return -EBADMSG;
@@ -223,7 +243,8 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
                 lay->n_regions = i + 1;
                 if (fstat(fd, &st) < 0)
                         return -errno;
-                if ((uint64_t) st.st_size < mr->fd_offset + mr->size)
+                /* Overflow-safe: fd_offset + size may wrap around 2^64. */
+                if (mr->fd_offset > (uint64_t) st.st_size || mr->size > (uint64_t) st.st_size - mr->fd_offset)
                         return -EBADMSG;
                 r->slot = mr->slot;
                 r->guest_phys = mr->guest_phys;
@@ -286,10 +307,13 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
                         return fd;
                 lay->bitmap_fd = fd;
                 lay->bitmap_size = m->bitmap_size;
+                ret = shared_size_check(fd, lay->bitmap_size);
+                if (ret < 0)
+                        return ret;
                 for (size_t i = 0; i < lay->n_regions; i++) {
-                        VmmRegion *r = &lay->regions[i];
-                        if (r->bitmap_offset % 8 ||
-                            r->bitmap_offset + DIV_ROUND_UP(r->n_pages, 64) * 8 > lay->bitmap_size)
+                        const VmmRegion *reg = &lay->regions[i];
+                        if (!shared_range_ok(reg->bitmap_offset, DIV_ROUND_UP(reg->n_pages, 64) * 8, 0,
+                                             lay->bitmap_size))
                                 return -EBADMSG;
                 }
                 p = mmap(NULL, lay->bitmap_size, PROT_READ, MAP_SHARED, fd, 0);
@@ -307,10 +331,13 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
                 lay->vmm_dirty_size = m->vmm_dirty_size;
                 if (lay->vmm_dirty_size < VMM_DIRTY_HEADER_SIZE)
                         return -EBADMSG;
+                ret = shared_size_check(fd, lay->vmm_dirty_size);
+                if (ret < 0)
+                        return ret;
                 for (size_t i = 0; i < lay->n_regions; i++) {
-                        VmmRegion *r = &lay->regions[i];
-                        if (r->vmm_dirty_offset % 8 || r->vmm_dirty_offset < VMM_DIRTY_HEADER_SIZE ||
-                            r->vmm_dirty_offset + DIV_ROUND_UP(r->n_pages, 64) * 8 > lay->vmm_dirty_size)
+                        const VmmRegion *reg = &lay->regions[i];
+                        if (!shared_range_ok(reg->vmm_dirty_offset, DIV_ROUND_UP(reg->n_pages, 64) * 8,
+                                             VMM_DIRTY_HEADER_SIZE, lay->vmm_dirty_size))
                                 return -EBADMSG;
                 }
                 p = mmap(NULL, lay->vmm_dirty_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -329,8 +356,27 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
 
 int vmm_link_open(const char *path, const char *client, VmmLink **ret)
 {
-        _cleanup_(vmm_link_freep) VmmLink *l = NULL;
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd;
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        strcpy(sa.sun_path, path);
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
+                int r = -errno;
+                close(fd);
+                return r;
+        }
+        return vmm_link_open_fd(fd, client, ret);
+}
+
+int vmm_link_open_fd(int fd, const char *client, VmmLink **ret)
+{
+        _cleanup_(vmm_link_freep) VmmLink *l = NULL;
+        _cleanup_close_ int owned = fd;
         Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
         Dr__Control__Hello hello = DR__CONTROL__HELLO__INIT;
         Dr__Control__GetLayout gl = DR__CONTROL__GET_LAYOUT__INIT;
@@ -338,10 +384,6 @@ int vmm_link_open(const char *path, const char *client, VmmLink **ret)
         int fds[FDPASS_MAX_FDS];
         size_t n_fds = 0;
         int r;
-
-        if (strlen(path) >= sizeof(sa.sun_path))
-                return -ENAMETOOLONG;
-        strcpy(sa.sun_path, path);
 
         l = calloc(1, sizeof(*l));
         if (!l)
@@ -353,11 +395,7 @@ int vmm_link_open(const char *path, const char *client, VmmLink **ret)
         for (size_t i = 0; i < VMM_LINK_MAX_VCPUS; i++)
                 l->layout.vcpus[i].fd = -EBADF;
 
-        l->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-        if (l->sock < 0)
-                return -errno;
-        if (connect(l->sock, (struct sockaddr *) &sa, sizeof(sa)) < 0)
-                return -errno;
+        l->sock = TAKE_FD(owned);
 
         hello.version = DR__CONTROL__CONTROL_VERSION__CONTROL_VERSION_CURRENT;
         hello.client = (char *) client;

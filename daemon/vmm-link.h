@@ -70,6 +70,8 @@ typedef struct VmmLink VmmLink;
  * caller owns, or a negative errno (logged by the caller).
  */
 int vmm_link_open(const char *path, const char *client, VmmLink **ret);
+/* The same over an already connected SOCK_SEQPACKET socket (taken, also on failure). */
+int vmm_link_open_fd(int fd, const char *client, VmmLink **ret);
 VmmLink *vmm_link_free(VmmLink *l);
 DEFINE_TRIVIAL_CLEANUP_FUNC(VmmLink *, vmm_link_free);
 
