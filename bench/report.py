@@ -57,6 +57,7 @@ class Report:
         self.targets = []
         self.notes = []
         self.extra_plot_data = {}
+        self.rendered_only = None  # the measuring run, when --only none --merge just re-renders it
         self.t0 = time.time()
 
     def fig(self, key, value, **settings):
@@ -468,6 +469,9 @@ def write(rep, out_dir, made):
     out["run"] = {"quick": rep.quick, "seconds": round(time.time() - rep.t0, 1), "host": platform.node(),
                   "kernel": platform.release(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "cpus": os.cpu_count(), "loadavg_at_end": open("/proc/loadavg").read().split()[:3]}
+    if rep.rendered_only:
+        # --only none --merge measured nothing: the run is still the one that did.
+        out["run"] = dict(rep.rendered_only, rendered=out["run"]["when"])
     with open(os.path.join(out_dir, "latest.json"), "w") as f:
         json.dump(out, f, indent=2)
     md = ["# dirtyrep benchmark report", "",
@@ -530,6 +534,8 @@ def main():
         # Old plot errors are redone below; a re-run section's old failure no longer holds.
         rep.notes = [n for n in old.get("notes", [])
                      if not n.startswith("gnuplot ") and not any(n.startswith(f"section {x} ") for x in rerun)]
+        if rerun == {"none"}:
+            rep.rendered_only = old["run"]
         if rerun - {"none"}:
             rep.notes.append(f"sections {sorted(rerun)} re-run at {time.strftime('%H:%M:%SZ', time.gmtime())} and "
                              f"merged into the run of {old['run']['when']}")
