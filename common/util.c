@@ -119,6 +119,25 @@ int loop_read_exact(int fd, void *buf, size_t len)
         return 0;
 }
 
+ssize_t loop_read_upto(int fd, void *buf, size_t size)
+{
+        uint8_t *p = buf;
+        size_t n = 0;
+
+        while (n < size) {
+                ssize_t k = read(fd, p + n, size - n);
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (k == 0)
+                        break;
+                n += (size_t) k;
+        }
+        return (ssize_t) n;
+}
+
 int memfd_new_sized(const char *name, uint64_t size)
 {
         _cleanup_close_ int fd = -EBADF;

@@ -26,6 +26,9 @@ int parse_u32(const char *s, uint32_t *ret);
 /* Writes all of buf / reads exactly len bytes, retrying on EINTR. 0 or -errno (-EPIPE on EOF). */
 int loop_write(int fd, const void *buf, size_t len);
 int loop_read_exact(int fd, void *buf, size_t len);
+/* Reads until end of file or size bytes, retrying on EINTR. The byte count or -errno;
+ * size means "maybe more": give one byte more room than the largest accepted file. */
+ssize_t loop_read_upto(int fd, void *buf, size_t size);
 
 /* Creates an anonymous memfd (MFD_CLOEXEC) of the given size. Returns fd or -errno. */
 int memfd_new_sized(const char *name, uint64_t size);

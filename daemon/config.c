@@ -26,6 +26,7 @@
 
 #include "config.h"
 #include "macros.h"
+#include "util.h"
 
 #include "dirtyrep-build.h"
 
@@ -1939,16 +1940,12 @@ int config_load_secret(const char *path, uint8_t **ret, size_t *ret_len, char **
         buf = malloc(CONFIG_SECRET_MAX + 1);
         if (!buf)
                 return secret_error(ret_error, -ENOMEM, "%s: out of memory", path);
-        while (n <= CONFIG_SECRET_MAX) {
-                ssize_t k = read(fd, buf + n, CONFIG_SECRET_MAX + 1 - n);
-                if (k < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return secret_error(ret_error, -errno, "%s: cannot read secret file: %m", path);
-                }
-                if (k == 0)
-                        break;
-                n += (size_t) k;
+        {
+                ssize_t k = loop_read_upto(fd, buf, CONFIG_SECRET_MAX + 1);
+                if (k < 0)
+                        return secret_error(ret_error, (int) k, "%s: cannot read secret file: %s", path,
+                                            strerror((int) -k));
+                n = (size_t) k;
         }
         if (n < CONFIG_SECRET_MIN)
                 return secret_error(ret_error, -EMSGSIZE,

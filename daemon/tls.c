@@ -20,6 +20,7 @@
 
 #include "macros.h"
 #include "tls.h"
+#include "util.h"
 
 static _printf_(3, 4) int tls_error(char **ret_error, int r, const char *fmt, ...)
 {
@@ -90,16 +91,12 @@ static int read_pem(const char *path, const char *what, bool secret, BIO **ret, 
         buf = malloc(TLS_FILE_MAX + 1);
         if (!buf)
                 return tls_error(ret_error, -ENOMEM, "%s: out of memory", path);
-        while (n <= TLS_FILE_MAX) {
-                ssize_t k = read(fd, buf + n, TLS_FILE_MAX + 1 - n);
-                if (k < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return tls_error(ret_error, -errno, "%s: cannot read %s: %m", path, what);
-                }
-                if (k == 0)
-                        break;
-                n += (size_t) k;
+        {
+                ssize_t k = loop_read_upto(fd, buf, TLS_FILE_MAX + 1);
+                if (k < 0)
+                        return tls_error(ret_error, (int) k, "%s: cannot read %s: %s", path, what,
+                                         strerror((int) -k));
+                n = (size_t) k;
         }
         if (n > TLS_FILE_MAX)
                 return tls_error(ret_error, -EFBIG, "%s: %s is larger than %u bytes", path, what,
