@@ -7,6 +7,8 @@ a standby dirtyrepd, real sockets, real KVM.
   test-replication.py faults      (link cut mid-epoch, flipped bit, stalled link, via a proxy)
   test-replication.py auth        (wrong secret refused, replica untouched)
   test-replication.py badinput    (garbage at one VM's listener; the other VM keeps replicating)
+  test-replication.py commit-ack  (kv guest: with the standby's ACKs stalled by a proxy, no reply
+                                   reaches the client until the ACK arrives, then it does)
 
 Consistency: at random epochs the primary is frozen right after a seal, and
 a CRC32C of every page of its RAM is compared with the same of the
@@ -96,23 +98,35 @@ class Proc:
 
 
 class Vmm(Proc):
-    def __init__(self, tmp, guest, tracking, cpus, append):
-        self.control = os.path.join(tmp, "vmm.sock")
-        self.console = os.path.join(tmp, "console.log")
+    def __init__(self, tmp, guest, tracking, cpus, append, extra=(), tag="vmm"):
+        self.control = os.path.join(tmp, tag + ".sock")
+        self.console = os.path.join(tmp, tag + "-console.log")
         kernel = ENV["DR_GUEST_" + guest.upper()]
-        super().__init__(tmp, "vmm", [ENV["DR_VMM"], "--name", "t", "--kernel", kernel, "--cpus", str(cpus),
-                                      "--memory", "256M", "--tracking", tracking, "--control", self.control,
-                                      "--console", self.console, "--append", append])
+        super().__init__(tmp, tag, [ENV["DR_VMM"], "--name", "t", "--kernel", kernel, "--cpus", str(cpus),
+                                    "--memory", "256M", "--tracking", tracking, "--control", self.control,
+                                    "--console", self.console, "--append", append, *extra])
+
+    def service_port(self, timeout=30):
+        end = time.time() + timeout
+        while time.time() < end:
+            m = re.search(r"service port listening on [^\s]*:(\d+)", self.text())
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                fail(f"{self.tag} exited with {self.proc.returncode} before its service port listened")
+            time.sleep(0.05)
+        fail(f"{self.tag}: no 'service port listening' line within {timeout}s")
 
 
 class Daemon(Proc):
-    def __init__(self, tmp, tag, vms, secret=b"s3cret-shared-between-the-two-hosts\n"):
+    def __init__(self, tmp, tag, vms, secret=b"s3cret-shared-between-the-two-hosts\n", heartbeat=None):
         d = os.path.join(tmp, tag)
         os.makedirs(os.path.join(d, "vm.d"), exist_ok=True)
         self.dir = d
         self.debug = os.path.join(d, "debug.sock")
+        interval, misses = heartbeat or (50, round(4 * SLOW))
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={round(4 * SLOW)}\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs={interval}\nHeartbeatMisses={misses}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         for name, keys in vms.items():
             sf = os.path.join(d, name + ".secret")
@@ -180,17 +194,18 @@ class Daemon(Proc):
 
 
 def pair(tmp, vmm, tracking, epoch_ms=20, peer_port=None, listen_port=None, secret_p=None, extra_standby=None,
-         extra_primary=None, primary_keys=None):
+         extra_primary=None, primary_keys=None, heartbeat=None):
     listen_port = listen_port or free_port()
     peer_port = peer_port or listen_port
     sb_vms = {"t": {"Role": "standby", "Listen": f"127.0.0.1:{listen_port}"}}
     sb_vms.update(extra_standby or {})
-    standby = Daemon(tmp, "standby", sb_vms)
+    standby = Daemon(tmp, "standby", sb_vms, heartbeat=heartbeat)
     pr_vms = {"t": {"Role": "primary", "ControlSocket": vmm.control, "Peer": f"127.0.0.1:{peer_port}",
                     "EpochMs": str(epoch_ms), "Tracking": tracking}}
     pr_vms["t"].update(primary_keys or {})
     pr_vms.update(extra_primary or {})
     kw = {"secret": secret_p} if secret_p else {}
+    kw["heartbeat"] = heartbeat
     primary = Daemon(tmp, "primary", pr_vms, **kw)
     return primary, standby
 
@@ -256,6 +271,116 @@ def test_consistency(tmp, a):
             fail(f"{p.tag} exited {rc} on SIGTERM")
     log(f"PASS: {a.guest}, {a.tracking}, {a.cpus} vCPU(s), {st['last_committed']} epochs, "
         f"pause p50 {st['pause_ns_p50'] / 1e6:.2f} ms p99 {st['pause_ns_p99'] / 1e6:.2f} ms")
+
+
+def ack_stall_round(tmp, output_commit, rounds):
+    """The kv guest behind a primary and a standby whose link runs through a proxy. Per round:
+    a PING is answered with output flowing; then only the standby-to-primary direction (ACKs,
+    heartbeats) is stalled, a PING is sent, and the standby is let commit the epoch the reply
+    was produced in. Returns, per round, whether a reply reached the client during the stall
+    and the seconds from the end of the stall to the reply."""
+    os.makedirs(tmp, exist_ok=True)
+    vmm = Vmm(tmp, "kv", "ring", 1, "", extra=["--service-listen", "127.0.0.1:0"])
+    svc = vmm.service_port()
+    sport = free_port()
+    proxy = Proxy(sport)
+    # Heartbeats of 100 ms, 100 misses: a stall of a few seconds is no loss of the standby (a
+    # loss would change the question), and 64 epochs of 100 ms may be sealed while ACKs wait.
+    primary, standby = pair(tmp, vmm, "ring", epoch_ms=100, peer_port=proxy.port, listen_port=sport,
+                            heartbeat=(100, 100),
+                            primary_keys={"MaxInflightEpochs": "64",
+                                          "OutputCommit": "yes" if output_commit else "no"})
+    primary.wait(lambda s: s["state"] == "protected" and s["last_committed"] >= 5, "5 acknowledged epochs",
+                 timeout=90)
+    c = socket.create_connection(("127.0.0.1", svc), timeout=30)
+    results = []
+    for r in range(rounds):
+        c.settimeout(20 * SLOW)
+        c.sendall(b"*1\r\n$4\r\nPING\r\n")
+        got = b""
+        while len(got) < 7:
+            chunk = c.recv(64)
+            if not chunk:
+                fail("the kv guest closed the connection")
+            got += chunk
+        if got != b"+PONG\r\n":
+            fail(f"round {r}: PING answered {got!r} with the link flowing")
+        time.sleep(0.3)
+        proxy.back = "stall"
+        time.sleep(0.3)  # let ACKs already in the proxy's hands reach the primary
+        acked = primary.status()["last_committed"]
+        c.sendall(b"*1\r\n$4\r\nPING\r\n")
+        t_send = time.monotonic()
+        # The guest answers within milliseconds; 1 s later the reply was produced in an epoch
+        # no later than the one running then, last_sealed + 1.
+        time.sleep(1.0)
+        reply_epoch = primary.status()["last_sealed"] + 1
+        st = standby.wait(lambda s: s["last_committed"] >= reply_epoch, f"the standby to commit epoch {reply_epoch}",
+                          timeout=5)
+        pst = primary.status()
+        # Hold on for 2 s in all, then look at what reached the client.
+        time.sleep(max(0.0, t_send + 2.0 - time.monotonic()))
+        c.settimeout(0)
+        try:
+            during = c.recv(64)
+        except BlockingIOError:
+            during = b""
+        pst2 = primary.status()
+        if pst2["last_committed"] != acked:
+            fail(f"round {r}: the primary saw ACKs during the stall: last acknowledged {acked} -> "
+                 f"{pst2['last_committed']} (is the proxy stalling the standby's direction?)")
+        if pst2["state"] != "protected" or not pst2["link_up"]:
+            fail(f"round {r}: the stall was taken for a loss: {pst2}")
+        log(f"round {r}: ACKs stalled at epoch {acked}; reply produced by epoch {reply_epoch}, committed by the "
+            f"standby (its last {st['last_committed']}), primary sealed {pst['last_sealed']}; "
+            f"reached the client during the stall: {during!r}")
+        proxy.back = "pass"
+        t_pass = time.monotonic()
+        c.settimeout(20 * SLOW)
+        got = during
+        while len(got) < 7:
+            chunk = c.recv(64)
+            if not chunk:
+                fail("the kv guest closed the connection")
+            got += chunk
+        delay = time.monotonic() - t_pass
+        if got != b"+PONG\r\n":
+            fail(f"round {r}: PING answered {got!r}")
+        after = primary.status()["last_committed"]
+        if after < reply_epoch:
+            fail(f"round {r}: the reply arrived but the primary has only epoch {after} acknowledged "
+                 f"(reply epoch {reply_epoch})")
+        log(f"round {r}: reply {delay * 1000:.1f} ms after the ACK direction flowed again; "
+            f"primary acknowledged up to {after}")
+        results.append((bool(during), delay))
+    c.close()
+    for p in (primary, standby, vmm):
+        rc = p.stop()
+        if rc != 0:
+            fail(f"{p.tag} exited {rc} on SIGTERM")
+    proxy.stop = True
+    proxy.ls.close()
+    return results
+
+
+def test_commit_ack(tmp, a):
+    """Output commit at the ACK, deterministically: with only the standby's ACKs held back
+    (the primary still seals and ships, the standby commits), no reply reaches the client;
+    once the ACKs flow, it does. The same procedure with OutputCommit=no must see the reply
+    during the stall (it proves the check can fail)."""
+    if "DR_GUEST_KV" not in ENV:
+        fail("DR_GUEST_KV not set")
+    res = ack_stall_round(os.path.join(tmp, "commit"), True, 3)
+    leaked = [r for r, (during, _) in enumerate(res) if during]
+    if leaked:
+        fail(f"a reply reached the client before its epoch's ACK arrived (rounds {leaked})")
+    neg = ack_stall_round(os.path.join(tmp, "nocommit"), False, 1)
+    if not neg[0][0]:
+        fail("with OutputCommit=no the reply did not reach the client during the ACK stall either: "
+             "the test cannot tell held from released output")
+    log(f"PASS: in {len(res)} rounds no reply left before its ACK (each reached the client "
+        f"{', '.join(f'{d * 1000:.0f}' for _, d in res)} ms after the ACKs flowed again); with "
+        f"OutputCommit=no it came during the stall")
 
 
 def rss_kib(pid):
@@ -492,7 +617,8 @@ def test_images(tmp, a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("test", choices=["consistency", "faults", "auth", "badinput", "images", "pause-timeout"])
+    ap.add_argument("test", choices=["consistency", "faults", "auth", "badinput", "images", "pause-timeout",
+                                     "commit-ack"])
     ap.add_argument("--guest", default="dirtier")
     ap.add_argument("--tracking", default="ring")
     ap.add_argument("--cpus", type=int, default=1)
@@ -509,7 +635,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="dr-repl-") as tmp:
         try:
             {"consistency": test_consistency, "faults": test_faults, "auth": test_auth, "pause-timeout": test_pause_timeout,
-             "badinput": test_badinput, "images": test_images}[a.test](tmp, a)
+             "badinput": test_badinput, "images": test_images, "commit-ack": test_commit_ack}[a.test](tmp, a)
         finally:
             for p in list(LIVE):
                 p.kill()

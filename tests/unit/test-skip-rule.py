@@ -12,8 +12,8 @@ real meson test logs.
    test and an unmarked test that all exit 77, run by this machine's meson
    (so the rule is tested on the log format meson really writes).
 3. This build's test metadata (meson-info/intro-tests.json): every test that
-   needs KVM or root (the kvm suite, repl-*, failover-*, faults-short,
-   systemd-*, control-*, security-*) is marked, so none can skip unnoticed.
+   needs KVM or root (the kvm suite, repl-*, commit-waits-for-ack,
+   failover-*, faults-short, systemd-*, control-*, security-*) is marked, so none can skip unnoticed.
 """
 import json
 import os
@@ -159,7 +159,7 @@ def real_meson(tmp):
 
 
 # What must be marked, by name: the tests in this project that need KVM or root.
-REQUIRED = [(r"^repl-", {"kvm"}), (r"^failover-", {"kvm", "root"}), (r"^faults-short$", {"kvm", "root"}),
+REQUIRED = [(r"^repl-", {"kvm"}), (r"^commit-waits-for-ack$", {"kvm"}), (r"^failover-", {"kvm", "root"}), (r"^faults-short$", {"kvm", "root"}),
             (r"^systemd-nspawn$", {"kvm", "root"}), (r"^systemd-units$", {"root"}), (r"^control-", {"kvm"}),
             (r"^security-", {"kvm"})]
 
