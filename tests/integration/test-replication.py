@@ -14,6 +14,9 @@ Consistency: at random epochs the primary is frozen right after a seal, and
 a CRC32C of every page of its RAM is compared with the same of the
 standby's replica once that epoch committed: they must be identical. For
 memtouch the replica is also dumped and checked with dirtyrep-memcheck.
+Progress is asserted too: pages changed between freezes, memtouch
+generations (of the replica) advance on every vCPU, the dirtier's write
+counters advance on every vCPU.
 Exit 0 pass, 1 fail, 77 skip (no /dev/kvm).
 """
 import argparse
@@ -238,6 +241,7 @@ def compare_at_freeze(tmp, primary, standby, guest, k):
         bad = [i // 4 for i in range(0, len(a), 4) if a[i:i + 4] != b[i:i + 4]]
         fail(f"epoch {e}: replica differs from the primary's RAM in {len(bad)} page(s), first {bad[:10]}")
     msg = f"epoch {e}: all {len(a) // 4} pages identical"
+    gens = None
     if guest == "memtouch":
         ram, state = os.path.join(tmp, f"r{k}.img"), os.path.join(tmp, f"r{k}.state")
         standby.ok(f"dump t {ram} {state}")
@@ -245,10 +249,25 @@ def compare_at_freeze(tmp, primary, standby, guest, k):
         if c.returncode != 0:
             fail(f"memtouch checker failed on the replica at epoch {e}: {c.stdout} {c.stderr}")
         msg += "; " + c.stdout.strip()
+        m = re.search(r"gens=([\d,]+)", c.stdout)
+        if not m:
+            fail(f"no gens= in the memtouch checker's output: {c.stdout!r}")
+        gens = [int(g) for g in m.group(1).split(",")]
         os.unlink(ram)
     primary.ok("thaw t")
     log(msg)
-    return e
+    return e, a, gens
+
+
+def dirtier_writes(vmm, cpus):
+    """The last write counter the dirtier reported on each vCPU ("dirtier: cpu=K pass=P writes=W")."""
+    last = {}
+    with open(vmm.console, errors="replace") as f:
+        for m in re.finditer(r"^dirtier: cpu=(\d+) pass=\d+ writes=(\d+)", f.read(), re.M):
+            last[int(m.group(1))] = int(m.group(2))
+    if sorted(last) != list(range(cpus)):
+        fail(f"dirtier progress lines for vCPUs {sorted(last)}, expected 0..{cpus - 1}")
+    return [last[c] for c in range(cpus)]
 
 
 def test_consistency(tmp, a):
@@ -259,10 +278,40 @@ def test_consistency(tmp, a):
     rng = random.Random(a.seed)
     checks = sorted(rng.sample(range(20, a.epochs), 4))
     log(f"checking at epochs ~{checks} of {a.epochs}")
+    # Progress: a VM that never ran again after the first freeze would pass the comparisons.
+    # Between consecutive freezes the primary's RAM must have changed; memtouch's generations
+    # (from the replica) must never go back and must advance on every vCPU from the first check
+    # to the last; the dirtier's per-vCPU write counters (its console) likewise.
+    prev_hash, prev_gens, first_gens, writes = None, None, None, []
     for k, target in enumerate(checks):
         primary.wait(lambda s: s["last_committed"] >= target, f"epoch {target}", timeout=a.epochs * 0.2 + 60)
-        compare_at_freeze(tmp, primary, standby, a.guest, k)
+        e, h, gens = compare_at_freeze(tmp, primary, standby, a.guest, k)
+        if prev_hash is not None:
+            changed = sum(1 for i in range(0, len(h), 4) if h[i:i + 4] != prev_hash[i:i + 4])
+            log(f"epoch {e}: {changed} pages changed since the previous check")
+            if changed == 0:
+                fail(f"epoch {e}: no page of the primary changed since the previous check: the VM did not run")
+        prev_hash = h
+        if gens is not None:
+            if len(gens) != a.cpus:
+                fail(f"epoch {e}: memtouch generations for {len(gens)} vCPU(s), expected {a.cpus}: {gens}")
+            if prev_gens and any(g < q for g, q in zip(gens, prev_gens)):
+                fail(f"epoch {e}: memtouch generations went back: {prev_gens} -> {gens}")
+            first_gens = first_gens or gens
+            prev_gens = gens
+        if a.guest == "dirtier":
+            writes.append(dirtier_writes(vmm, a.cpus))
+    if first_gens and not all(g > q for g, q in zip(prev_gens, first_gens)):
+        fail(f"memtouch generations did not advance on every vCPU between the first and last check: "
+             f"{first_gens} -> {prev_gens}")
     st = primary.wait(lambda s: s["last_committed"] >= a.epochs, f"{a.epochs} epochs", timeout=a.epochs * 0.2 + 60)
+    if a.guest == "dirtier":
+        writes.append(dirtier_writes(vmm, a.cpus))
+        if not all(writes[-1][c] > writes[0][c] for c in range(a.cpus)):
+            fail(f"the dirtier's write counters did not advance on every vCPU: {writes[0]} -> {writes[-1]}")
+        log(f"dirtier writes per vCPU: {writes[0]} at the first check, {writes[-1]} at the end")
+    if first_gens:
+        log(f"memtouch generations: {first_gens} at the first check, {prev_gens} at the last")
     log(f"primary: {st}")
     log(f"standby: {standby.status()}")
     for p in (primary, standby, vmm):
