@@ -7,7 +7,9 @@
 For each setting: dirtyrep-vmm runs the dirtier guest, a standby and a
 primary dirtyrepd replicate it, and after the pair is protected the
 primary's own status is sampled over a window:
-  - seal pause p50/p99/max (PAUSE request to RESUME reply, primary side),
+  - seal pause p50/p99/max (PAUSE request to RESUME reply, primary side), and
+    the VM's pause as the agent saw it, over the seals of the window only
+    (the debug socket's reset-pauses at its start),
   - pages per epoch, link MB/s, compression ratio,
   - primary daemon CPU per epoch (utime+stime from /proc).
 Sweeps: dirty rate (1k, 25k, 100k pages/s, unthrottled) x ring/bitmap at
@@ -68,6 +70,9 @@ def run_one(memory="1G", tracking="ring", rate=25000, epoch_ms=20, window=6.0, w
         try:
             primary.wait(lambda s: s["state"] == "protected", "protected", timeout=300)
             time.sleep(1.0)
+            # The window starts here: the pause percentiles the status reports afterwards cover only
+            # its seals (without the reset, the daemon's last 1024 seals: warm-up and full sync too).
+            primary.ok("reset-pauses t")
             s0, c0, t0 = primary.status(), cpu_s(primary.proc.pid), time.time()
             time.sleep(window)
             s1, c1, t1 = primary.status(), cpu_s(primary.proc.pid), time.time()
