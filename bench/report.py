@@ -246,10 +246,14 @@ def failover_section(rep, build):
     if c.returncode != 0 or not rows:
         rep.notes.append(f"failover-bench failed (exit {c.returncode}): {(c.stdout + c.stderr)[-600:]}")
         return
+    hb = re.search(r"^heartbeat: (\d+) ms x (\d+)$", c.stdout, re.M)
+    if not hb:
+        rep.notes.append("failover-bench printed no heartbeat line: the figures are left out")
+        return
     rep.table("failover", rows)
     ex = [r["guest_executing_ms"] for r in rows]
     sv = [r["service_back_ms"] for r in rows]
-    st = dict(heartbeat="50 ms x 4", guest="kv, 64 MiB", deaths="alternating: silent (switch ports down, then "
+    st = dict(heartbeat=f"{hb.group(1)} ms x {hb.group(2)}", guest="kv, 64 MiB", deaths="alternating: silent (switch ports down, then "
               "SIGKILL) and SIGKILL", runs=len(rows), measure="primary death -> standby's VMM running on the replica")
     rep.fig("failover_p50_ms", round(med(ex), 1), **st)
     rep.fig("failover_p99_ms", round(pct(ex, 0.99), 1), note=f"p99 of {len(rows)} runs is their maximum", **st)
@@ -417,7 +421,8 @@ plot "{data}/sync.dat" using 2:xtic(1) notitle lc rgb "#3060c0"
         with open(os.path.join(data, "failover-service.dat"), "w") as f:
             for i, v in enumerate(sorted(r["service_back_ms"] for r in fr)):
                 f.write(f"{v} {(i + 1) / len(fr)}\n")
-        run("failover-cdf.png", f'''set title "Failover time, {len(fr)} primary deaths (50 ms x 4 heartbeats)"
+        hb = rep.settings.get("failover_p50_ms", {}).get("heartbeat", "?")
+        run("failover-cdf.png", f'''set title "Failover time, {len(fr)} primary deaths ({hb} heartbeats)"
 set xlabel "ms from the primary's death"
 set ylabel "fraction of runs"
 set yrange [0:1.05]

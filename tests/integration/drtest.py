@@ -28,6 +28,8 @@ REPL_IP = {"a": "10.78.0.1", "b": "10.78.0.2"}
 REPL_PORT = 7000
 KV_PORT = 6379
 SECRET = b"failover-test-secret-0123456789\n"
+# HeartbeatIntervalMs= of every Daemon; bench/failover-bench.py --heartbeat-ms sets it.
+HEARTBEAT_MS = 50
 LIVE = []
 GROUPS = []  # process groups of helpers (client loops) to kill at the end
 T0 = time.time()
@@ -155,7 +157,7 @@ class Daemon(Proc):
             os.unlink(self.debug)
         self.control = os.path.join(d, "vm.sock")
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={min(100, round(misses * SLOW))}\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs={HEARTBEAT_MS}\nHeartbeatMisses={min(100, round(misses * SLOW))}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         sf = os.path.join(d, "t.secret")
         with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
