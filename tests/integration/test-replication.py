@@ -101,13 +101,13 @@ class Proc:
 
 
 class Vmm(Proc):
-    def __init__(self, tmp, guest, tracking, cpus, append, extra=(), tag="vmm"):
-        self.control = os.path.join(tmp, tag + ".sock")
-        self.console = os.path.join(tmp, tag + "-console.log")
+    def __init__(self, tmp, guest, tracking, cpus, append, extra=()):
+        self.control = os.path.join(tmp, "vmm.sock")
+        self.console = os.path.join(tmp, "console.log")
         kernel = ENV["DR_GUEST_" + guest.upper()]
-        super().__init__(tmp, tag, [ENV["DR_VMM"], "--name", "t", "--kernel", kernel, "--cpus", str(cpus),
-                                    "--memory", "256M", "--tracking", tracking, "--control", self.control,
-                                    "--console", self.console, "--append", append, *extra])
+        super().__init__(tmp, "vmm", [ENV["DR_VMM"], "--name", "t", "--kernel", kernel, "--cpus", str(cpus),
+                                      "--memory", "256M", "--tracking", tracking, "--control", self.control,
+                                      "--console", self.console, "--append", append, *extra])
 
     def service_port(self, timeout=30):
         end = time.time() + timeout
@@ -331,6 +331,12 @@ def ack_stall_round(tmp, output_commit, rounds):
     os.makedirs(tmp, exist_ok=True)
     vmm = Vmm(tmp, "kv", "ring", 1, "", extra=["--service-listen", "127.0.0.1:0"])
     svc = vmm.service_port()
+    end = time.time() + 60
+    while not re.search(r"^kv: ready", open(vmm.console, errors="replace").read() if os.path.exists(vmm.console)
+                        else "", re.M):
+        if time.time() > end or vmm.proc.poll() is not None:
+            fail(f"the kv guest did not print 'kv: ready' (VMM {'exited' if vmm.proc.poll() is not None else 'runs'})")
+        time.sleep(0.05)
     sport = free_port()
     proxy = Proxy(sport)
     # Heartbeats of 100 ms, 100 misses: a stall of a few seconds is no loss of the standby (a
