@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # Warnings known to be harmless, each a regular expression for its first line followed by ones
@@ -120,6 +121,27 @@ def descendants():
     return out
 
 
+def reap_orphans(child_pid, stop):
+    """While the test runs: reaps the orphans reparented to us as soon as they exit, so a test that
+    polls for a process of its own to be gone (kill(pid, 0)) does not see a zombie of ours."""
+    me = str(os.getpid())
+    while not stop.wait(0.05):
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) == child_pid:
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    st = f.read()
+            except OSError:
+                continue
+            fields = st[st.rindex(")") + 2:].split()
+            if fields[0] == "Z" and fields[1] == me:
+                try:
+                    os.waitpid(int(d), os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+
 def reap():
     """Reaps every exited child (orphans of the test reparented to us); True when none is left."""
     while True:
@@ -187,7 +209,12 @@ def main(argv):
     # then wait for the test, so its daemons' reports are still read.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: child.send_signal(s))
+    stop = threading.Event()
+    reaper = threading.Thread(target=reap_orphans, args=(child.pid, stop), daemon=True)
+    reaper.start()
     rc = child.wait()
+    stop.set()
+    reaper.join()
     # Then for every process it left behind: a daemon's leak report is written when it exits.
     left = wait_all(float(os.environ.get("DR_SANITIZE_GRACE", "30")))
 

@@ -34,7 +34,7 @@ def check(cond, what):
 def wrap(tmp, script, *args, env=None):
     env = dict(os.environ, DR_SANITIZE_LOGDIR=tmp, **(env or {}))
     c = subprocess.run([sys.executable, WRAP, "sh", "-c", script, "sh", *args], env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60, cwd=tmp)
     return c.returncode, c.stdout
 
 
@@ -66,6 +66,15 @@ LATE = r'''p=$(printf %s "$UBSAN_OPTIONS" | tr : '\n' | sed -n 's/^log_path=//p'
 setsid sh -c 'sleep 1.5; printf "%s\n" "$1" > "$2.$$"' sh "$1" "$p" </dev/null >/dev/null 2>&1 &
 exit 0
 '''
+# A test that starts a daemon in its own session, stops it and waits, polling kill(pid, 0), until it
+# is gone: the wrapper (its subreaper) must reap it meanwhile, or the test sees a zombie forever.
+ORPHAN_GONE = r'''(setsid sh -c 'echo $$ > "$0"; exec sleep 60' "$PWD/orphan.pid" </dev/null >/dev/null 2>&1 &)
+while [ ! -s "$PWD/orphan.pid" ]; do sleep 0.05; done
+sleep 0.2; pid=$(cat "$PWD/orphan.pid"); rm -f "$PWD/orphan.pid"
+kill "$pid"
+n=0; while kill -0 "$pid" 2>/dev/null; do n=$((n + 1)); [ $n -gt 100 ] && exit 3; sleep 0.05; done
+exit "$1"
+'''
 # One that does not stop by itself: it writes its (leak) report only on SIGTERM.
 LINGER = r'''p=$(printf %s "$UBSAN_OPTIONS" | tr : '\n' | sed -n 's/^log_path=//p')
 setsid sh -c 'trap "printf \"%s\n\" \"$1\" > \"$2.\$\$\"; exit 0" TERM; while :; do sleep 0.1; done' sh "$1" "$p" \
@@ -88,6 +97,8 @@ def main():
         rc, out = wrap(tmp, LATE, LSAN)
         check(rc == 1 and "LeakSanitizer: detected memory leaks" in out,
               f"a report written 1.5 s after the test exited, by a process in its own session, fails it (rc {rc})")
+        rc, out = wrap(tmp, ORPHAN_GONE, "0")
+        check(rc == 0, f"an orphan that exits while the test runs is reaped at once: the test sees it gone (rc {rc})")
         rc, out = wrap(tmp, LINGER, LSAN, env={"DR_SANITIZE_GRACE": "1"})
         check(rc == 1 and "still ran after it exited" in out and "LeakSanitizer: detected memory leaks" in out,
               f"a process outliving the grace period is stopped with SIGTERM, its report read, the test failed "
