@@ -120,7 +120,7 @@ def crafted(tmp):
     check(rc == 2 and "kvmm" in out, f"an unknown DR_NEEDS word is an error, not ignored ({rc})")
 
 
-MESON_PROJECT = """project('skiprule', 'c', version : '0')
+MESON_PROJECT = """project('skiprule', version : '0')
 sh = find_program('sh')
 test('k', sh, args : ['-c', 'exit 77'], suite : 'kvm')
 test('marked', sh, args : ['-c', 'exit 77'], suite : 'integration', env : {'DR_NEEDS' : 'kvm root'})
