@@ -139,34 +139,68 @@ def dirtyrep_section(rep, repl, window):
                 dirty_pages_per_s=25000, epoch_ms=20, tracking=tracking)
 
 
+def spread(xs):
+    """min/median/max of a list, rounded, for a figure's settings."""
+    return {"min": round(min(xs), 2), "median": round(med(xs), 2), "max": round(max(xs), 2), "n": len(xs)}
+
+
+SYNC_PAIRS = 5
+
+
 def sync_section(rep, repl, qb, build):
-    """dirtyrep full sync and QEMU migration on the same RAM, interleaved."""
-    rows = []
-    for k in range(1 if rep.quick else 2):
-        for fill in (1, 0):
-            r = quiet(repl.full_sync, fill=fill)
-            r["who"] = "dirtyrep"
+    """dirtyrep full sync and QEMU migration on the same RAM: SYNC_PAIRS interleaved pairs (incompressible
+    pages, bitmap migration), the order alternating within a pair; min/median/max. dirtyrep is timed twice:
+    from EPOCH_BEGIN (the daemon's own clock) and from before the connect (QEMU's total-time starts there)."""
+    rows, pairs = [], []
+    for k in range(SYNC_PAIRS):
+        runs = [("dirtyrep", 1), ("qemu-migration", False)]
+        if not rep.quick or k == 0:
+            runs += [("dirtyrep", 0), ("qemu-migration", True)]  # stamped pages and QEMU's ring: context
+        if k % 2:  # QEMU first in every other pair
+            runs = [r for r in runs if r[0] != "dirtyrep"] + [r for r in runs if r[0] == "dirtyrep"]
+        pair = {}
+        for who, arg in runs:
+            if who == "dirtyrep":
+                r = quiet(repl.full_sync, fill=arg)
+            else:
+                r = quiet(qb.migration, build, ring=arg)
+            r["who"] = who
+            r["pair"] = k
             print("  run", json.dumps(r), flush=True)
             rows.append(r)
-        for ring in (False, True):
-            r = quiet(qb.migration, build, ring=ring)
-            r["who"] = "qemu-migration"
-            print("  run", json.dumps(r), flush=True)
-            rows.append(r)
+            if who == "dirtyrep" and arg == 1:
+                pair["dr"] = r
+            elif who == "qemu-migration" and not arg:
+                pair["qm"] = r
+        pairs.append(pair)
     rep.table("full_sync", rows)
-    dr = med([r["guest_RAM_MBps"] for r in rows if r["who"] == "dirtyrep" and str(r["fill"]) == "1"])
-    dr_c = med([r["guest_RAM_MBps"] for r in rows if r["who"] == "dirtyrep" and str(r["fill"]) == "0"])
-    qm = med([r["guest_RAM_MBps"] for r in rows if r["who"] == "qemu-migration" and r["tracking"] == "bitmap"])
-    qr = med([r["guest_RAM_MBps"] for r in rows if r["who"] == "qemu-migration" and r["tracking"] == "ring"])
+    dr = [p["dr"]["guest_RAM_MBps"] for p in pairs]
+    drc = [p["dr"]["guest_RAM_MBps_from_connect"] for p in pairs]
+    qm = [p["qm"]["guest_RAM_MBps"] for p in pairs]
+    ratio = [p["dr"]["guest_RAM_MBps"] / p["qm"]["guest_RAM_MBps"] for p in pairs]
+    ratio_c = [p["dr"]["guest_RAM_MBps_from_connect"] / p["qm"]["guest_RAM_MBps"] for p in pairs]
+    dr_c = [r["guest_RAM_MBps"] for r in rows if r["who"] == "dirtyrep" and str(r["fill"]) == "0"]
+    qr = [r["guest_RAM_MBps"] for r in rows if r["who"] == "qemu-migration" and r["tracking"] == "ring"]
     common = dict(memory="1G", written="900M, every page written once then idle", link="TCP 127.0.0.1")
-    rep.fig("full_sync_MBps", dr, data="incompressible pages (dirtier fill=1)", compression="lz4 (default)",
-            measure="guest RAM / (EPOCH_BEGIN -> standby ACK)", **common)
-    rep.fig("full_sync_MBps_compressible", dr_c, data="stamped pages (dirtier fill=0)", compression="lz4",
-            **common)
-    rep.fig("qemu_migration_MBps", qm, data="incompressible pages (dirtier fill=1)", tracking="bitmap",
-            max_bandwidth="unlimited", measure="guest RAM / total-time (QMP)", **common)
-    rep.fig("qemu_migration_MBps_ring", qr, tracking="dirty ring 65536", **common)
-    rep.fig("full_sync_ratio_vs_qemu", round(dr / qm, 2), measure="dirtyrep full_sync_MBps / qemu_migration_MBps")
+    n = f"median of {len(pairs)} interleaved pairs"
+    rep.fig("full_sync_MBps", round(med(dr), 1), data="incompressible pages (dirtier fill=1)",
+            compression="lz4 (default)", measure=f"guest RAM / (EPOCH_BEGIN -> standby ACK), {n}",
+            spread=spread(dr), **common)
+    rep.fig("full_sync_MBps_from_connect", round(med(drc), 1), data="incompressible pages (dirtier fill=1)",
+            measure=f"guest RAM / (before the primary's connect -> the ACK seen by a 2 ms status poll; the same "
+                    f"span as QEMU's total-time, and never shorter than the true one), {n}",
+            spread=spread(drc), **common)
+    rep.fig("full_sync_MBps_compressible", round(med(dr_c), 1), data="stamped pages (dirtier fill=0)",
+            compression="lz4", measure=f"EPOCH_BEGIN -> ACK, median of {len(dr_c)}", spread=spread(dr_c), **common)
+    rep.fig("qemu_migration_MBps", round(med(qm), 1), data="incompressible pages (dirtier fill=1)",
+            tracking="bitmap", max_bandwidth="unlimited", measure=f"guest RAM / total-time (QMP), {n}",
+            spread=spread(qm), **common)
+    rep.fig("qemu_migration_MBps_ring", round(med(qr), 1), tracking="dirty ring 65536",
+            measure=f"median of {len(qr)}", spread=spread(qr), **common)
+    rep.fig("full_sync_ratio_vs_qemu", round(med(ratio), 2), spread=spread(ratio),
+            measure=f"per pair: dirtyrep full_sync_MBps (from EPOCH_BEGIN) / qemu_migration_MBps; {n}")
+    rep.fig("full_sync_ratio_vs_qemu_from_connect", round(med(ratio_c), 2), spread=spread(ratio_c),
+            measure=f"per pair: dirtyrep from before its connect / QEMU total-time, the same span; {n}")
 
 
 def colo_section(rep, repl, qb, build, window):
@@ -246,10 +280,14 @@ def failover_section(rep, build):
     if c.returncode != 0 or not rows:
         rep.notes.append(f"failover-bench failed (exit {c.returncode}): {(c.stdout + c.stderr)[-600:]}")
         return
+    hb = re.search(r"^heartbeat: (\d+) ms x (\d+)$", c.stdout, re.M)
+    if not hb:
+        rep.notes.append("failover-bench printed no heartbeat line: the figures are left out")
+        return
     rep.table("failover", rows)
     ex = [r["guest_executing_ms"] for r in rows]
     sv = [r["service_back_ms"] for r in rows]
-    st = dict(heartbeat="50 ms x 4", guest="kv, 64 MiB", deaths="alternating: silent (switch ports down, then "
+    st = dict(heartbeat=f"{hb.group(1)} ms x {hb.group(2)}", guest="kv, 64 MiB", deaths="alternating: silent (switch ports down, then "
               "SIGKILL) and SIGKILL", runs=len(rows), measure="primary death -> standby's VMM running on the replica")
     rep.fig("failover_p50_ms", round(med(ex), 1), **st)
     rep.fig("failover_p99_ms", round(pct(ex, 0.99), 1), note=f"p99 of {len(rows)} runs is their maximum", **st)
@@ -396,6 +434,8 @@ plot "{data}/cost-ring.dat" using 1:2 with linespoints lw 2 title "ring: CPU/epo
     if rep.figures.get("full_sync_MBps"):
         with open(os.path.join(data, "sync.dat"), "w") as f:
             f.write(f'"dirtyrep full sync\\n(incompressible)" {rep.figures["full_sync_MBps"]}\n')
+            if rep.figures.get("full_sync_MBps_from_connect"):
+                f.write(f'"dirtyrep full sync\\n(from connect)" {rep.figures["full_sync_MBps_from_connect"]}\n')
             f.write(f'"dirtyrep full sync\\n(stamped pages)" {rep.figures["full_sync_MBps_compressible"]}\n')
             f.write(f'"QEMU migration\\n(bitmap)" {rep.figures["qemu_migration_MBps"]}\n')
             f.write(f'"QEMU migration\\n(ring)" {rep.figures["qemu_migration_MBps_ring"]}\n')
@@ -417,7 +457,8 @@ plot "{data}/sync.dat" using 2:xtic(1) notitle lc rgb "#3060c0"
         with open(os.path.join(data, "failover-service.dat"), "w") as f:
             for i, v in enumerate(sorted(r["service_back_ms"] for r in fr)):
                 f.write(f"{v} {(i + 1) / len(fr)}\n")
-        run("failover-cdf.png", f'''set title "Failover time, {len(fr)} primary deaths (50 ms x 4 heartbeats)"
+        hb = rep.settings.get("failover_p50_ms", {}).get("heartbeat", "?")
+        run("failover-cdf.png", f'''set title "Failover time, {len(fr)} primary deaths ({hb} heartbeats)"
 set xlabel "ms from the primary's death"
 set ylabel "fraction of runs"
 set yrange [0:1.05]
@@ -589,8 +630,9 @@ def main():
     if "qemu_colo_pause_p50_ms" in f:
         rep.target("QEMU COLO pause p50 / dirtyrep pause p99", f.get("colo_pause_p50_over_dirtyrep_pause_p99"),
                    ">=", 20.0, "x")
-    if "full_sync_ratio_vs_qemu" in f:
-        rep.target("full sync / QEMU migration throughput", f.get("full_sync_ratio_vs_qemu"), ">=", 1.3, "x",
+    if "full_sync_ratio_vs_qemu_from_connect" in f:
+        rep.target("full sync / QEMU migration throughput (both from the connect, median of interleaved pairs)",
+                   f.get("full_sync_ratio_vs_qemu_from_connect"), ">=", 1.3, "x",
                    bound="the standby's loop thread (perf: ~40% of it first-touch faults on the fresh staging "
                          "memfd, then CRC32C and the recv copy; bench/results/profile-full-sync.txt); QEMU's own "
                          "figure moves 5x between runs here")

@@ -243,6 +243,8 @@ static bool debug_execute(DebugClient *c, char *line)
                 r = primary_freeze(vm->primary, &epoch);
         else if (streq(w[0], "thaw") && vm->primary)
                 r = primary_thaw(vm->primary);
+        else if (streq(w[0], "reset-pauses") && n == 2 && vm->primary)
+                r = primary_reset_pauses(vm->primary);
         else if (streq(w[0], "hash") && n == 3 && vm->primary)
                 r = primary_hash_ram(vm->primary, w[2]);
         else if (streq(w[0], "hash") && n == 3 && vm->standby)

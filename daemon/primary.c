@@ -2310,6 +2310,14 @@ int primary_freeze(Primary *p, uint64_t *ret_epoch)
         return r;
 }
 
+int primary_reset_pauses(Primary *p)
+{
+        pthread_mutex_lock(&p->mutex);
+        p->n_pauses = 0;
+        pthread_mutex_unlock(&p->mutex);
+        return 0;
+}
+
 int primary_thaw(Primary *p)
 {
         int r;

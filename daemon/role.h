@@ -112,6 +112,9 @@ int primary_checkpoint_image(Primary *p, const char *dir, const char *parent, bo
 int primary_freeze(Primary *p, uint64_t *ret_epoch);
 int primary_thaw(Primary *p);
 int primary_hash_ram(Primary *p, const char *path);
+/* Benchmark hook: forget the seals recorded so far, so that the pause
+ * percentiles of the status cover only the seals from now on. */
+int primary_reset_pauses(Primary *p);
 
 typedef struct Standby Standby;
 

@@ -28,6 +28,8 @@ REPL_IP = {"a": "10.78.0.1", "b": "10.78.0.2"}
 REPL_PORT = 7000
 KV_PORT = 6379
 SECRET = b"failover-test-secret-0123456789\n"
+# HeartbeatIntervalMs= of every Daemon; bench/failover-bench.py --heartbeat-ms sets it.
+HEARTBEAT_MS = 50
 LIVE = []
 GROUPS = []  # process groups of helpers (client loops) to kill at the end
 T0 = time.time()
@@ -155,7 +157,7 @@ class Daemon(Proc):
             os.unlink(self.debug)
         self.control = os.path.join(d, "vm.sock")
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={min(100, round(misses * SLOW))}\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs={HEARTBEAT_MS}\nHeartbeatMisses={min(100, round(misses * SLOW))}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         sf = os.path.join(d, "t.secret")
         with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -485,7 +487,10 @@ class Proxy:
     flowing from the connecting side (the primary) to the target (the standby):
     mode "pass"; "flip" (one bit of the next chunk longer than 64 bytes is
     flipped, then "pass"); "stall" (nothing is forwarded either way until the
-    mode changes). cut() shuts every connection down (both sides see it closed)."""
+    mode changes). back = "stall" stalls only the other direction, the
+    standby's ACKs and heartbeats, until it is "pass" again (nothing is lost:
+    the bytes wait in the socket buffers). cut() shuts every connection down
+    (both sides see it closed)."""
 
     def __init__(self, target, listen=("127.0.0.1", 0)):
         import threading
@@ -496,6 +501,7 @@ class Proxy:
         self.ls.listen(8)
         self.port = self.ls.getsockname()[1]
         self.mode = "pass"
+        self.back = "pass"
         self.flipped = 0
         self.conns = []
         self.lock = threading.Lock()
@@ -523,15 +529,17 @@ class Proxy:
             threading.Thread(target=self.pump, args=(t, c, False), daemon=True).start()
 
     def pump(self, src, dst, forward):
+        def stalled():
+            return self.mode == "stall" or (not forward and self.back == "stall")
         try:
             while not self.stop:
-                if self.mode == "stall":
+                if stalled():
                     time.sleep(0.01)
                     continue
                 data = src.recv(65536)
                 if not data:
                     break
-                while self.mode == "stall" and not self.stop:
+                while stalled() and not self.stop:
                     time.sleep(0.01)
                 if forward and self.mode == "flip" and len(data) > 64:
                     self.mode = "pass"

@@ -20,8 +20,10 @@ command "powers off" the other host by shutting its switch ports.
       replica and takes the address; the client reconnects, and GET must be
       >= the last acknowledged value. The old host then rejoins as standby
       (full resync) and the next trial kills the other side, so every trial
-      after the first is also a fail back. At the end, a page-hash check of
-      primary RAM against the replica.
+      after the first is also a fail back. At the end, two page-hash checks
+      of primary RAM against the replica in steady state (20 epochs and more
+      after the last resync, INCRs before each, the RAM must have changed
+      between them, no resync in between).
   test-failover.py nocommit [--trials N]
       The same with OutputCommit=no on both hosts: at least one trial must
       lose an acknowledged write (the test detects it), or the check above
@@ -113,8 +115,31 @@ def rejoin(tmp, P, S, extra=None):
 
 
 def page_hash_check(tmp, primary, standby):
-    e, pages, _ = replica_check(tmp, primary.daemon, standby.daemon)
-    log(f"page-hash check at epoch {e}: all {pages} pages of the replica equal the primary's RAM")
+    """The replica in steady-state replication, not right after the resync (which only checks
+    the full sync): 20 epochs past the rejoin, with writes through the service address, twice;
+    the replica equals the primary's RAM both times, the primary's RAM changed in between (the
+    VM ran and its changes were replicated), and no resync happened meanwhile."""
+    st0 = primary.daemon.wait(lambda s: s["state"] == "protected", "the primary protected")
+    base = st0["last_committed"]
+    primary.daemon.wait(lambda s: s["last_committed"] >= base + 20, f"20 epochs past epoch {base}, the resync")
+    hashes = []
+    for k in range(2):
+        acked = incr_until(time.time() + 1.0 * SLOW, f"steady{k}")
+        if not acked:
+            fail(f"no INCR answered through the service address before check {k}")
+        e, pages, _ = replica_check(tmp, primary.daemon, standby.daemon)
+        with open(os.path.join(tmp, "p-t.crc"), "rb") as f:
+            hashes.append(f.read())
+        log(f"page-hash check at epoch {e} ({e - base} after the resync, {len(acked)} INCRs before it): "
+            f"all {pages} pages of the replica equal the primary's RAM")
+    a, b = hashes
+    changed = sum(1 for i in range(0, min(len(a), len(b)), 4) if a[i:i + 4] != b[i:i + 4])
+    st = primary.daemon.status()
+    if changed == 0:
+        fail("the primary's RAM did not change between the two checks: the VM did not run")
+    if st["full_syncs"] + st["incremental_syncs"] != st0["full_syncs"] + st0["incremental_syncs"]:
+        fail(f"a resync happened during the steady-state checks: {st0} -> {st}")
+    log(f"{changed} pages changed between the two checks, no resync in between")
 
 
 def test_kill(tmp, a, nocommit=False):

@@ -7,11 +7,16 @@ a standby dirtyrepd, real sockets, real KVM.
   test-replication.py faults      (link cut mid-epoch, flipped bit, stalled link, via a proxy)
   test-replication.py auth        (wrong secret refused, replica untouched)
   test-replication.py badinput    (garbage at one VM's listener; the other VM keeps replicating)
+  test-replication.py commit-ack  (kv guest: with the standby's ACKs stalled by a proxy, no reply
+                                   reaches the client until the ACK arrives, then it does)
 
 Consistency: at random epochs the primary is frozen right after a seal, and
 a CRC32C of every page of its RAM is compared with the same of the
 standby's replica once that epoch committed: they must be identical. For
 memtouch the replica is also dumped and checked with dirtyrep-memcheck.
+Progress is asserted too: pages changed between freezes, memtouch
+generations (of the replica) advance on every vCPU, the dirtier's write
+counters advance on every vCPU.
 Exit 0 pass, 1 fail, 77 skip (no /dev/kvm).
 """
 import argparse
@@ -96,23 +101,35 @@ class Proc:
 
 
 class Vmm(Proc):
-    def __init__(self, tmp, guest, tracking, cpus, append):
+    def __init__(self, tmp, guest, tracking, cpus, append, extra=()):
         self.control = os.path.join(tmp, "vmm.sock")
         self.console = os.path.join(tmp, "console.log")
         kernel = ENV["DR_GUEST_" + guest.upper()]
         super().__init__(tmp, "vmm", [ENV["DR_VMM"], "--name", "t", "--kernel", kernel, "--cpus", str(cpus),
                                       "--memory", "256M", "--tracking", tracking, "--control", self.control,
-                                      "--console", self.console, "--append", append])
+                                      "--console", self.console, "--append", append, *extra])
+
+    def service_port(self, timeout=30):
+        end = time.time() + timeout
+        while time.time() < end:
+            m = re.search(r"service port listening on [^\s]*:(\d+)", self.text())
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                fail(f"{self.tag} exited with {self.proc.returncode} before its service port listened")
+            time.sleep(0.05)
+        fail(f"{self.tag}: no 'service port listening' line within {timeout}s")
 
 
 class Daemon(Proc):
-    def __init__(self, tmp, tag, vms, secret=b"s3cret-shared-between-the-two-hosts\n"):
+    def __init__(self, tmp, tag, vms, secret=b"s3cret-shared-between-the-two-hosts\n", heartbeat=None):
         d = os.path.join(tmp, tag)
         os.makedirs(os.path.join(d, "vm.d"), exist_ok=True)
         self.dir = d
         self.debug = os.path.join(d, "debug.sock")
+        interval, misses = heartbeat or (50, round(4 * SLOW))
         with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses={round(4 * SLOW)}\n"
+            f.write(f"[Daemon]\nHeartbeatIntervalMs={interval}\nHeartbeatMisses={misses}\n"
                     f"RuntimeDirectory={d}\nStateDirectory={d}\n")
         for name, keys in vms.items():
             sf = os.path.join(d, name + ".secret")
@@ -128,7 +145,7 @@ class Daemon(Proc):
                 fail(f"{tag} exited with {self.proc.returncode}")
             if time.time() > end:
                 fail(f"{tag}: debug socket never appeared")
-            time.sleep(0.05)
+            time.sleep(0.005)  # (bench/repl-bench.py times the primary's start from here)
 
     def req(self, line, timeout=30):
         # The socket file exists from bind(); the daemon listens a moment later.
@@ -180,17 +197,18 @@ class Daemon(Proc):
 
 
 def pair(tmp, vmm, tracking, epoch_ms=20, peer_port=None, listen_port=None, secret_p=None, extra_standby=None,
-         extra_primary=None, primary_keys=None):
+         extra_primary=None, primary_keys=None, heartbeat=None):
     listen_port = listen_port or free_port()
     peer_port = peer_port or listen_port
     sb_vms = {"t": {"Role": "standby", "Listen": f"127.0.0.1:{listen_port}"}}
     sb_vms.update(extra_standby or {})
-    standby = Daemon(tmp, "standby", sb_vms)
+    standby = Daemon(tmp, "standby", sb_vms, heartbeat=heartbeat)
     pr_vms = {"t": {"Role": "primary", "ControlSocket": vmm.control, "Peer": f"127.0.0.1:{peer_port}",
                     "EpochMs": str(epoch_ms), "Tracking": tracking}}
     pr_vms["t"].update(primary_keys or {})
     pr_vms.update(extra_primary or {})
     kw = {"secret": secret_p} if secret_p else {}
+    kw["heartbeat"] = heartbeat
     primary = Daemon(tmp, "primary", pr_vms, **kw)
     return primary, standby
 
@@ -223,6 +241,7 @@ def compare_at_freeze(tmp, primary, standby, guest, k):
         bad = [i // 4 for i in range(0, len(a), 4) if a[i:i + 4] != b[i:i + 4]]
         fail(f"epoch {e}: replica differs from the primary's RAM in {len(bad)} page(s), first {bad[:10]}")
     msg = f"epoch {e}: all {len(a) // 4} pages identical"
+    gens = None
     if guest == "memtouch":
         ram, state = os.path.join(tmp, f"r{k}.img"), os.path.join(tmp, f"r{k}.state")
         standby.ok(f"dump t {ram} {state}")
@@ -230,10 +249,25 @@ def compare_at_freeze(tmp, primary, standby, guest, k):
         if c.returncode != 0:
             fail(f"memtouch checker failed on the replica at epoch {e}: {c.stdout} {c.stderr}")
         msg += "; " + c.stdout.strip()
+        m = re.search(r"gens=([\d,]+)", c.stdout)
+        if not m:
+            fail(f"no gens= in the memtouch checker's output: {c.stdout!r}")
+        gens = [int(g) for g in m.group(1).split(",")]
         os.unlink(ram)
     primary.ok("thaw t")
     log(msg)
-    return e
+    return e, a, gens
+
+
+def dirtier_writes(vmm, cpus):
+    """The last write counter the dirtier reported on each vCPU ("dirtier: cpu=K pass=P writes=W")."""
+    last = {}
+    with open(vmm.console, errors="replace") as f:
+        for m in re.finditer(r"^dirtier: cpu=(\d+) pass=\d+ writes=(\d+)", f.read(), re.M):
+            last[int(m.group(1))] = int(m.group(2))
+    if sorted(last) != list(range(cpus)):
+        fail(f"dirtier progress lines for vCPUs {sorted(last)}, expected 0..{cpus - 1}")
+    return [last[c] for c in range(cpus)]
 
 
 def test_consistency(tmp, a):
@@ -244,10 +278,40 @@ def test_consistency(tmp, a):
     rng = random.Random(a.seed)
     checks = sorted(rng.sample(range(20, a.epochs), 4))
     log(f"checking at epochs ~{checks} of {a.epochs}")
+    # Progress: a VM that never ran again after the first freeze would pass the comparisons.
+    # Between consecutive freezes the primary's RAM must have changed; memtouch's generations
+    # (from the replica) must never go back and must advance on every vCPU from the first check
+    # to the last; the dirtier's per-vCPU write counters (its console) likewise.
+    prev_hash, prev_gens, first_gens, writes = None, None, None, []
     for k, target in enumerate(checks):
         primary.wait(lambda s: s["last_committed"] >= target, f"epoch {target}", timeout=a.epochs * 0.2 + 60)
-        compare_at_freeze(tmp, primary, standby, a.guest, k)
+        e, h, gens = compare_at_freeze(tmp, primary, standby, a.guest, k)
+        if prev_hash is not None:
+            changed = sum(1 for i in range(0, len(h), 4) if h[i:i + 4] != prev_hash[i:i + 4])
+            log(f"epoch {e}: {changed} pages changed since the previous check")
+            if changed == 0:
+                fail(f"epoch {e}: no page of the primary changed since the previous check: the VM did not run")
+        prev_hash = h
+        if gens is not None:
+            if len(gens) != a.cpus:
+                fail(f"epoch {e}: memtouch generations for {len(gens)} vCPU(s), expected {a.cpus}: {gens}")
+            if prev_gens and any(g < q for g, q in zip(gens, prev_gens)):
+                fail(f"epoch {e}: memtouch generations went back: {prev_gens} -> {gens}")
+            first_gens = first_gens or gens
+            prev_gens = gens
+        if a.guest == "dirtier":
+            writes.append(dirtier_writes(vmm, a.cpus))
+    if first_gens and not all(g > q for g, q in zip(prev_gens, first_gens)):
+        fail(f"memtouch generations did not advance on every vCPU between the first and last check: "
+             f"{first_gens} -> {prev_gens}")
     st = primary.wait(lambda s: s["last_committed"] >= a.epochs, f"{a.epochs} epochs", timeout=a.epochs * 0.2 + 60)
+    if a.guest == "dirtier":
+        writes.append(dirtier_writes(vmm, a.cpus))
+        if not all(writes[-1][c] > writes[0][c] for c in range(a.cpus)):
+            fail(f"the dirtier's write counters did not advance on every vCPU: {writes[0]} -> {writes[-1]}")
+        log(f"dirtier writes per vCPU: {writes[0]} at the first check, {writes[-1]} at the end")
+    if first_gens:
+        log(f"memtouch generations: {first_gens} at the first check, {prev_gens} at the last")
     log(f"primary: {st}")
     log(f"standby: {standby.status()}")
     for p in (primary, standby, vmm):
@@ -256,6 +320,121 @@ def test_consistency(tmp, a):
             fail(f"{p.tag} exited {rc} on SIGTERM")
     log(f"PASS: {a.guest}, {a.tracking}, {a.cpus} vCPU(s), {st['last_committed']} epochs, "
         f"pause p50 {st['pause_ns_p50'] / 1e6:.2f} ms p99 {st['pause_ns_p99'] / 1e6:.2f} ms")
+
+
+def ack_stall_round(tmp, output_commit, rounds):
+    """The kv guest behind a primary and a standby whose link runs through a proxy. Per round:
+    a PING is answered with output flowing; then only the standby-to-primary direction (ACKs,
+    heartbeats) is stalled, a PING is sent, and the standby is let commit the epoch the reply
+    was produced in. Returns, per round, whether a reply reached the client during the stall
+    and the seconds from the end of the stall to the reply."""
+    os.makedirs(tmp, exist_ok=True)
+    vmm = Vmm(tmp, "kv", "ring", 1, "", extra=["--service-listen", "127.0.0.1:0"])
+    svc = vmm.service_port()
+    end = time.time() + 60
+    while not re.search(r"^kv: ready", open(vmm.console, errors="replace").read() if os.path.exists(vmm.console)
+                        else "", re.M):
+        if time.time() > end or vmm.proc.poll() is not None:
+            fail(f"the kv guest did not print 'kv: ready' (VMM {'exited' if vmm.proc.poll() is not None else 'runs'})")
+        time.sleep(0.05)
+    sport = free_port()
+    proxy = Proxy(sport)
+    # Heartbeats of 100 ms, 100 misses: a stall of a few seconds is no loss of the standby (a
+    # loss would change the question), and 64 epochs of 100 ms may be sealed while ACKs wait.
+    primary, standby = pair(tmp, vmm, "ring", epoch_ms=100, peer_port=proxy.port, listen_port=sport,
+                            heartbeat=(100, 100),
+                            primary_keys={"MaxInflightEpochs": "64",
+                                          "OutputCommit": "yes" if output_commit else "no"})
+    primary.wait(lambda s: s["state"] == "protected" and s["last_committed"] >= 5, "5 acknowledged epochs",
+                 timeout=90)
+    c = socket.create_connection(("127.0.0.1", svc), timeout=30)
+    results = []
+    for r in range(rounds):
+        c.settimeout(20 * SLOW)
+        c.sendall(b"*1\r\n$4\r\nPING\r\n")
+        got = b""
+        while len(got) < 7:
+            chunk = c.recv(64)
+            if not chunk:
+                fail("the kv guest closed the connection")
+            got += chunk
+        if got != b"+PONG\r\n":
+            fail(f"round {r}: PING answered {got!r} with the link flowing")
+        time.sleep(0.3)
+        proxy.back = "stall"
+        time.sleep(0.3)  # let ACKs already in the proxy's hands reach the primary
+        acked = primary.status()["last_committed"]
+        c.sendall(b"*1\r\n$4\r\nPING\r\n")
+        t_send = time.monotonic()
+        # The guest answers within milliseconds; 1 s later the reply was produced in an epoch
+        # no later than the one running then, last_sealed + 1.
+        time.sleep(1.0)
+        reply_epoch = primary.status()["last_sealed"] + 1
+        st = standby.wait(lambda s: s["last_committed"] >= reply_epoch, f"the standby to commit epoch {reply_epoch}",
+                          timeout=5)
+        pst = primary.status()
+        # Hold on for 2 s in all, then look at what reached the client.
+        time.sleep(max(0.0, t_send + 2.0 - time.monotonic()))
+        c.settimeout(0)
+        try:
+            during = c.recv(64)
+        except BlockingIOError:
+            during = b""
+        pst2 = primary.status()
+        if pst2["last_committed"] != acked:
+            fail(f"round {r}: the primary saw ACKs during the stall: last acknowledged {acked} -> "
+                 f"{pst2['last_committed']} (is the proxy stalling the standby's direction?)")
+        if pst2["state"] != "protected" or not pst2["link_up"]:
+            fail(f"round {r}: the stall was taken for a loss: {pst2}")
+        log(f"round {r}: ACKs stalled at epoch {acked}; reply produced by epoch {reply_epoch}, committed by the "
+            f"standby (its last {st['last_committed']}), primary sealed {pst['last_sealed']}; "
+            f"reached the client during the stall: {during!r}")
+        proxy.back = "pass"
+        t_pass = time.monotonic()
+        c.settimeout(20 * SLOW)
+        got = during
+        while len(got) < 7:
+            chunk = c.recv(64)
+            if not chunk:
+                fail("the kv guest closed the connection")
+            got += chunk
+        delay = time.monotonic() - t_pass
+        if got != b"+PONG\r\n":
+            fail(f"round {r}: PING answered {got!r}")
+        # The ACKs held back arrive together; the reply left with the first one covering its epoch.
+        after = primary.wait(lambda s: s["last_committed"] >= reply_epoch, f"the ACK of epoch {reply_epoch}",
+                             timeout=10)["last_committed"]
+        log(f"round {r}: reply {delay * 1000:.1f} ms after the ACK direction flowed again; "
+            f"primary acknowledged up to {after}")
+        results.append((bool(during), delay))
+    c.close()
+    for p in (primary, standby, vmm):
+        rc = p.stop()
+        if rc != 0:
+            fail(f"{p.tag} exited {rc} on SIGTERM")
+    proxy.stop = True
+    proxy.ls.close()
+    return results
+
+
+def test_commit_ack(tmp, a):
+    """Output commit at the ACK, deterministically: with only the standby's ACKs held back
+    (the primary still seals and ships, the standby commits), no reply reaches the client;
+    once the ACKs flow, it does. The same procedure with OutputCommit=no must see the reply
+    during the stall (it proves the check can fail)."""
+    if "DR_GUEST_KV" not in ENV:
+        fail("DR_GUEST_KV not set")
+    res = ack_stall_round(os.path.join(tmp, "commit"), True, 3)
+    leaked = [r for r, (during, _) in enumerate(res) if during]
+    if leaked:
+        fail(f"a reply reached the client before its epoch's ACK arrived (rounds {leaked})")
+    neg = ack_stall_round(os.path.join(tmp, "nocommit"), False, 1)
+    if not neg[0][0]:
+        fail("with OutputCommit=no the reply did not reach the client during the ACK stall either: "
+             "the test cannot tell held from released output")
+    log(f"PASS: in {len(res)} rounds no reply left before its ACK (each reached the client "
+        f"{', '.join(f'{d * 1000:.0f}' for _, d in res)} ms after the ACKs flowed again); with "
+        f"OutputCommit=no it came during the stall")
 
 
 def rss_kib(pid):
@@ -492,7 +671,8 @@ def test_images(tmp, a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("test", choices=["consistency", "faults", "auth", "badinput", "images", "pause-timeout"])
+    ap.add_argument("test", choices=["consistency", "faults", "auth", "badinput", "images", "pause-timeout",
+                                     "commit-ack"])
     ap.add_argument("--guest", default="dirtier")
     ap.add_argument("--tracking", default="ring")
     ap.add_argument("--cpus", type=int, default=1)
@@ -509,7 +689,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="dr-repl-") as tmp:
         try:
             {"consistency": test_consistency, "faults": test_faults, "auth": test_auth, "pause-timeout": test_pause_timeout,
-             "badinput": test_badinput, "images": test_images}[a.test](tmp, a)
+             "badinput": test_badinput, "images": test_images, "commit-ack": test_commit_ack}[a.test](tmp, a)
         finally:
             for p in list(LIVE):
                 p.kill()

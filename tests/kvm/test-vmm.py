@@ -365,9 +365,17 @@ def test_kv_held(tmp):
         h.terminate()
         out, err = h.communicate(timeout=10)
         m = re.search(r"epochs=(\d+) released_bytes=(\d+)", out)
-        # SIGTERM: the harvester stops tracking (as a clean dirtyrepd stop does) and prints its summary.
-        print("epoch client: %s" % (m.group(0) if m else "stopped"))
         h = None
+        # SIGTERM: the harvester stops tracking (as a clean dirtyrepd stop does) and prints its summary.
+        check(m is not None, "the epoch client printed no summary: %r %r" % (out[-500:], err[-500:]))
+        print("epoch client: %s" % m.group(0))
+        # Every reply of the held phase went through ReleaseOutput: the 30 PONGs (7 bytes each),
+        # and per redis-benchmark request at least "+OK\r\n" (SET), 5 bytes (GET: "$-1\r\n" at the least) and
+        # ":N\r\n" (INCR), 2000 each. Had output flowed past the agent, far less would be counted.
+        least = 30 * len(b"+PONG\r\n") + 2000 * (5 + 5 + 4)
+        check(int(m.group(2)) >= least, "released_bytes=%s, but the clients received at least %d bytes while "
+              "output was held" % (m.group(2), least))
+        check(int(m.group(1)) > 0, "the epoch client ran no epochs")
         # Detached after STOP_TRACKING: output flows freely (a client that vanishes leaves it held).
         check(redis(port, "PING") == "PONG", "no PONG after the epoch client left")
         check(vm.terminate() == 0, "SIGTERM did not stop the VMM cleanly")
