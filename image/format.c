@@ -74,30 +74,9 @@ const char *image_run_kind_name(Dr__Image__RunKind k)
 
 int image_layout_check(const ImageLayout *lay)
 {
-        uint64_t pages = 0;
+        ImageLayout v = *lay;
 
-        if (lay->page_size != IMAGE_PAGE_SIZE || lay->n_regions < 1 || lay->n_regions > IMAGE_MAX_REGIONS)
-                return -EINVAL;
-        for (size_t i = 0; i < lay->n_regions; i++) {
-                const ImageRegion *a = &lay->regions[i];
-
-                if (a->size == 0 || a->size % IMAGE_PAGE_SIZE || a->guest_phys % IMAGE_PAGE_SIZE ||
-                    a->fd_offset % IMAGE_PAGE_SIZE || a->size > IMAGE_RAM_MAX ||
-                    a->guest_phys > UINT64_MAX - a->size || a->fd_offset > IMAGE_RAM_MAX)
-                        return -EINVAL;
-                for (size_t j = 0; j < i; j++) {
-                        const ImageRegion *b = &lay->regions[j];
-                        if (a->guest_phys < b->guest_phys + b->size &&
-                            b->guest_phys < a->guest_phys + a->size)
-                                return -EINVAL;
-                        if (a->fd_offset < b->fd_offset + b->size && b->fd_offset < a->fd_offset + a->size)
-                                return -EINVAL;
-                        if (a->slot == b->slot)
-                                return -EINVAL;
-                }
-                pages += a->size / IMAGE_PAGE_SIZE;
-        }
-        if (pages != lay->total_pages || pages > IMAGE_RAM_MAX / IMAGE_PAGE_SIZE)
+        if (ram_layout_validate(&v, NULL, 0) < 0 || v.total_pages != lay->total_pages)
                 return -EINVAL;
         return 0;
 }
@@ -109,19 +88,6 @@ uint64_t image_layout_ram_size(const ImageLayout *lay)
         for (size_t i = 0; i < lay->n_regions; i++)
                 end = MAX(end, lay->regions[i].fd_offset + lay->regions[i].size);
         return end;
-}
-
-bool image_layout_equal(const ImageLayout *a, const ImageLayout *b)
-{
-        if (a->page_size != b->page_size || a->n_regions != b->n_regions || a->total_pages != b->total_pages)
-                return false;
-        for (size_t i = 0; i < a->n_regions; i++)
-                if (a->regions[i].slot != b->regions[i].slot ||
-                    a->regions[i].guest_phys != b->regions[i].guest_phys ||
-                    a->regions[i].size != b->regions[i].size ||
-                    a->regions[i].fd_offset != b->regions[i].fd_offset)
-                        return false;
-        return true;
 }
 
 /* Region index of VM-wide page `page`, and the first page after that region. */
@@ -203,6 +169,7 @@ int image_inventory_decode(const uint8_t *buf, size_t len, Dr__Image__Inventory 
 {
         Dr__Image__Inventory *m;
         ImageLayout lay = {.page_size = IMAGE_PAGE_SIZE};
+        char why[IMAGE_ERR_MAX] = "";
         bool seen[3] = {};
         static const char *const names[3] = {FILE_STATE, FILE_PAGEMAP, FILE_PAGES};
         int r = -EBADMSG;
@@ -241,9 +208,14 @@ int image_inventory_decode(const uint8_t *buf, size_t len, Dr__Image__Inventory 
                         .fd_offset = m->regions[i]->fd_offset,
                 };
         lay.n_regions = m->n_regions;
-        lay.total_pages = m->total_pages;
-        if (image_layout_check(&lay) < 0) {
-                r = FAIL(-EBADMSG, "invalid RAM layout (sizes, alignment, overlaps or total)");
+        if (ram_layout_validate(&lay, why, sizeof(why)) < 0) {
+                r = FAIL(-EBADMSG, "invalid RAM layout: %s", why);
+                goto bad;
+        }
+        if (lay.total_pages != m->total_pages) {
+                r = FAIL(-EBADMSG,
+                         "invalid RAM layout: %" PRIu64 " pages in total, the regions have %" PRIu64,
+                         m->total_pages, lay.total_pages);
                 goto bad;
         }
         if (m->n_vcpus < 1 || m->n_vcpus > IMAGE_MAX_VCPUS) {

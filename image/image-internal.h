@@ -32,7 +32,6 @@ void image_header_encode(uint8_t out[IMAGE_HEADER_SIZE], const char *magic, cons
 /* A VM name as images store it: [A-Za-z0-9_.-], 1..IMAGE_NAME_MAX, not starting with '.'. */
 bool image_name_ok(const char *s);
 
-bool image_layout_equal(const ImageLayout *a, const ImageLayout *b);
 /* Region index of VM-wide page `page` and the first page after that region; SIZE_MAX when outside. */
 size_t image_layout_region_of(const ImageLayout *lay, uint64_t page, uint64_t *ret_first, uint64_t *ret_end);
 

@@ -290,7 +290,7 @@ int image_open(const char *dir, unsigned flags, Image **ret, char *err, size_t e
                                     "%s: parent %s is not the image this one was taken on (id or inventory "
                                     "SHA-256 differ)",
                                     cur->path, pdir);
-                if (p->inv->depth + 1 != cur->inv->depth || !image_layout_equal(&p->layout, &cur->layout) ||
+                if (p->inv->depth + 1 != cur->inv->depth || !ram_layout_equal(&p->layout, &cur->layout) ||
                     !streq(p->inv->vm_name, cur->inv->vm_name))
                         return FAIL(-EBADMSG, "%s: parent %s has another depth, VM or RAM layout", cur->path,
                                     pdir);

@@ -70,6 +70,7 @@ int image_capture_new(const ImageLayout *lay, const uint8_t *const *ram, ImageCa
                 return -ENOMEM;
         c->staging_fd = -EBADF;
         c->lay = *lay;
+        (void) ram_layout_validate(&c->lay, NULL, 0); /* checked above: sets the derived fields */
         for (size_t i = 0; i < lay->n_regions; i++)
                 c->ram[i] = ram[i];
         c->staged = calloc(words, sizeof(uint64_t));
@@ -484,7 +485,7 @@ static int write_load_parent(WriteJob *j)
         r = image_inventory_load(pfd, o->parent, &j->pinv, &play, j->psha, err, errlen);
         if (r < 0)
                 return r;
-        if (!image_layout_equal(&play, &j->c->lay) || !streq(j->pinv->vm_name, o->vm_name))
+        if (!ram_layout_equal(&play, &j->c->lay) || !streq(j->pinv->vm_name, o->vm_name))
                 return FAIL(-EINVAL, "parent image %s is of another VM or RAM layout", o->parent);
         if (o->parent_id && memcmp(o->parent_id, j->pinv->image_id.data, 16) != 0)
                 return FAIL(-ESTALE,
