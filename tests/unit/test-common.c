@@ -97,6 +97,46 @@ TEST(ram_layout_validate)
         }
 }
 
+TEST(uuid_text_forms)
+{
+        static const uint8_t want[16] = {0x12, 0x3e, 0x45, 0x67, 0xe8, 0x9b, 0x12, 0xd3,
+                                         0xa4, 0x56, 0x42, 0x66, 0x14, 0x17, 0x40, 0x00};
+        static const char *const bad[] = {
+                "",
+                "not-a-uuid",
+                "123e4567e89b12d3a456426614174000",        /* no hyphens */
+                "123e4567--e89b-12d3-a456-426614174000",   /* repeated hyphen (the old parser took it) */
+                "123e4567-e89b--12d3-a456-42661417400",    /* repeated hyphen, same length */
+                "123e4567-e89b-12d3-a456-42661417400-",    /* hyphen at the end */
+                "123e-4567-e89b-12d3-a456426614174000",    /* hyphens in the wrong places */
+                "123e4567-e89b-12d3-a456-4266141740000",   /* one digit too many */
+                "123e4567-e89b-12d3-a456-42661417400",     /* one digit short */
+                " 123e4567-e89b-12d3-a456-426614174000",   /* surrounding text */
+                "123e4567-e89b-12d3-a456-426614174000\n",
+                "123e4567-e89b-12d3-a456-42661417400g",    /* not hex */
+                "{123e4567-e89b-12d3-a456-426614174000}",
+        };
+        uint8_t u[16];
+        char buf[UUID_STRING_MAX];
+
+        ASSERT_OK(uuid_from_string("123e4567-e89b-12d3-a456-426614174000", u));
+        ASSERT_TRUE(memcmp(u, want, 16) == 0);
+        ASSERT_OK(uuid_from_string("123E4567-E89B-12D3-A456-426614174000", u));
+        ASSERT_TRUE(memcmp(u, want, 16) == 0);
+        ASSERT_TRUE(streq(uuid_to_string(u, buf), "123e4567-e89b-12d3-a456-426614174000"));
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+                memset(u, 0xaa, sizeof(u));
+                if (uuid_from_string(bad[i], u) != -EINVAL) {
+                        fprintf(stderr, "accepted bad UUID '%s'\n", bad[i]);
+                        exit(1);
+                }
+                /* Nothing is written on failure. */
+                for (size_t k = 0; k < 16; k++)
+                        ASSERT_EQ(u[k], 0xaa);
+        }
+        ASSERT_EQ(uuid_from_string(NULL, u), -EINVAL);
+}
+
 TEST(crc32c_vectors)
 {
         static const uint8_t zeros[32] = { 0 };

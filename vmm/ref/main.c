@@ -91,7 +91,7 @@ static void help(void)
                "  -m --memory SIZE          Guest RAM, e.g. 512M, 16G (default 256M; 4M..1T)\n"
                "  -c --cpus N               vCPUs, 1..%u (default 1)\n"
                "  -n --name NAME            VM name (default \"vm\"; [A-Za-z0-9_.-], up to %u chars)\n"
-               "     --uuid UUID            VM UUID (default: random)\n"
+               "     --uuid UUID            VM UUID, 8-4-4-4-12 hex digits (default: random)\n"
                "     --tracking ring|bitmap Dirty tracking (default: ring if KVM has dirty rings)\n"
                "     --ring-entries N       Dirty ring entries per vCPU, power of two >= %u (default %u)\n"
                "     --control PATH         Agent control socket (default /run/dirtyrep/NAME.sock)\n"
@@ -111,37 +111,10 @@ static void help(void)
                DR_AGENT_MAX_VCPUS, NAME_MAX_LEN, RING_ENTRIES_MIN, RING_ENTRIES_DEFAULT);
 }
 
+/* --uuid: the canonical 8-4-4-4-12 form only (libuuid, common/util.c). */
 static int parse_uuid(const char *s, uint8_t ret[16])
 {
-        uint8_t u[16];
-        size_t n = 0;
-
-        for (const char *p = s; *p;) {
-                int hi, lo;
-
-                if (*p == '-' && (n == 4 || n == 6 || n == 8 || n == 10)) {
-                        p++;
-                        continue;
-                }
-                if (n >= 16 || !p[1])
-                        return -EINVAL;
-                hi = p[0] >= '0' && p[0] <= '9' ? p[0] - '0' : (p[0] | 0x20) >= 'a' && (p[0] | 0x20) <= 'f' ? (p[0] | 0x20) - 'a' + 10 : -1;
-                lo = p[1] >= '0' && p[1] <= '9' ? p[1] - '0' : (p[1] | 0x20) >= 'a' && (p[1] | 0x20) <= 'f' ? (p[1] | 0x20) - 'a' + 10 : -1;
-                if (hi < 0 || lo < 0)
-                        return -EINVAL;
-                u[n++] = (uint8_t) (hi << 4 | lo);
-                p += 2;
-        }
-        if (n != 16)
-                return -EINVAL;
-        memcpy(ret, u, 16);
-        return 0;
-}
-
-static void format_uuid(const uint8_t u[16], char buf[37])
-{
-        snprintf(buf, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0], u[1], u[2],
-                 u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+        return uuid_from_string(s, ret);
 }
 
 static bool name_is_valid(const char *s)
@@ -792,7 +765,7 @@ typedef struct Run {
         char *control_default;
         char *listen_addr;
         uint16_t listen_port;
-        char uuid_str[37];
+        char uuid_str[UUID_STRING_MAX];
         int sig_fd;
         DrTrackingMode mode;
         Vm *vm;
@@ -816,7 +789,7 @@ static int run_prepare(Run *R)
                 o->uuid[6] = (o->uuid[6] & 0x0f) | 0x40; /* version 4 */
                 o->uuid[8] = (o->uuid[8] & 0x3f) | 0x80; /* RFC 4122 variant */
         }
-        format_uuid(o->uuid, R->uuid_str);
+        uuid_to_string(o->uuid, R->uuid_str);
         if (!o->control) {
                 if (control_path_default(o->name, &R->control_default) < 0)
                         return -EINVAL;
