@@ -108,19 +108,45 @@ static json_object *json_hex(const uint8_t *b, size_t n)
 }
 
 /* Prints obj as one line and drops it; false when it could not be built (out of memory). */
+/* Set when a value or container could not be allocated: json_print() then prints nothing. */
+static bool json_oom;
+
+static void json_add(json_object *obj, const char *key, json_object *val)
+{
+        if (!obj || !val || json_object_object_add(obj, key, val) < 0) {
+                json_object_put(val);
+                json_oom = true;
+        }
+}
+
+static void json_add_null(json_object *obj, const char *key)
+{
+        if (!obj || json_object_object_add(obj, key, NULL) < 0)
+                json_oom = true;
+}
+
+static void json_push(json_object *arr, json_object *val)
+{
+        if (!arr || !val || json_object_array_add(arr, val) < 0) {
+                json_object_put(val);
+                json_oom = true;
+        }
+}
+
 static bool json_print(json_object *obj)
 {
-        const char *s = obj ? json_object_to_json_string_ext(obj, JSON_C_TO_STRING_SPACED |
-                                                                          JSON_C_TO_STRING_NOSLASHESCAPE)
-                            : NULL;
+        const char *s = NULL;
 
+        if (obj && !json_oom)
+                s = json_object_to_json_string_ext(obj,
+                                                   JSON_C_TO_STRING_SPACED | JSON_C_TO_STRING_NOSLASHESCAPE);
         if (s)
                 printf("%s\n", s);
         json_object_put(obj);
         return s != NULL;
 }
 
-#define JSON_ADD(obj, key, val) json_object_object_add((obj), (key), (val))
+#define JSON_ADD(obj, key, val) json_add((obj), (key), (val))
 
 static void format_time(uint64_t usec, char *buf, size_t len)
 {
@@ -252,7 +278,7 @@ static json_object *json_regions(const Dr__Image__Inventory *inv)
                 JSON_ADD(r, "guest_phys", json_object_new_uint64(inv->regions[i]->guest_phys));
                 JSON_ADD(r, "size", json_object_new_uint64(inv->regions[i]->size));
                 JSON_ADD(r, "fd_offset", json_object_new_uint64(inv->regions[i]->fd_offset));
-                json_object_array_add(a, r);
+                json_push(a, r);
         }
         return a;
 }
@@ -288,7 +314,7 @@ static json_object *json_pagemap(const Image *img, bool runs)
                         JSON_ADD(o, "lz4", json_object_new_boolean(lz4));
                         JSON_ADD(o, "crc32c", json_object_new_uint64(r->data_crc));
                 }
-                json_object_array_add(list, o);
+                json_push(list, o);
         }
         JSON_ADD(m, "list", list);
         return m;
@@ -311,7 +337,7 @@ static json_object *json_state(const Image *img)
                 JSON_ADD(v, "rip", json_object_new_uint64(vs->vcpus[i]->regs->rip));
                 JSON_ADD(v, "rsp", json_object_new_uint64(vs->vcpus[i]->regs->rsp));
                 JSON_ADD(v, "cr3", json_object_new_uint64(vs->vcpus[i]->sregs->cr3));
-                json_object_array_add(vcpus, v);
+                json_push(vcpus, v);
         }
         JSON_ADD(st, "vcpus", vcpus);
         JSON_ADD(st, "devices_bytes", json_object_new_uint64(vs->has_devices ? vs->devices.len : 0));
@@ -346,7 +372,7 @@ static bool show_json(const Image *img, const Image *chain, const char *chain_er
                 JSON_ADD(p, "inventory_sha256", json_hex(inv->parent->inventory_sha256.data, 32));
                 JSON_ADD(o, "parent", p);
         } else
-                JSON_ADD(o, "parent", NULL);
+                json_add_null(o, "parent");
         files = json_object_new_object();
         for (size_t i = 0; i < inv->n_files; i++)
                 JSON_ADD(files, inv->files[i]->name, json_object_new_uint64(inv->files[i]->size));
@@ -360,10 +386,13 @@ static bool show_json(const Image *img, const Image *chain, const char *chain_er
                 JSON_ADD(c, "id", json_hex(p->inv->image_id.data, 16));
                 JSON_ADD(c, "path", json_str(p->path));
                 JSON_ADD(c, "present_pages", json_object_new_uint64(p->inv->present_pages));
-                json_object_array_add(list, c);
+                json_push(list, c);
         }
         JSON_ADD(o, "chain", list);
-        JSON_ADD(o, "chain_error", chain_err ? json_str(chain_err) : NULL);
+        if (chain_err)
+                JSON_ADD(o, "chain_error", json_str(chain_err));
+        else
+                json_add_null(o, "chain_error");
         return json_print(o);
 }
 
