@@ -6,6 +6,7 @@
  * same as one JSON object. verify opens the image and its whole chain and
  * reads every run of page data, checking every checksum on the way.
  */
+#include <assert.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -14,10 +15,13 @@
 #include <string.h>
 #include <time.h>
 
+#include <json-c/json.h>
+
 #include "image.h"
 #include "imagefile.h"
 #include "log.h"
 #include "macros.h"
+#include "util.h"
 #include "vmstate.pb-c.h"
 
 static void hex(const uint8_t *b, size_t n, char *out)
@@ -27,19 +31,122 @@ static void hex(const uint8_t *b, size_t n, char *out)
         out[2 * n] = 0;
 }
 
-static void json_str(const char *s)
+/* Length of the valid UTF-8 sequence at s (1..4), or 0 when the byte at s does not start one. */
+static size_t utf8_seq_len(const unsigned char *s)
 {
-        putchar('"');
-        for (const unsigned char *p = (const unsigned char *) s; *p; p++) {
-                if (*p == '"' || *p == '\\')
-                        printf("\\%c", *p);
-                else if (*p < 0x20 || *p >= 0x7f)
-                        printf("\\u%04x", *p);
-                else
-                        putchar(*p);
+        size_t n;
+        uint32_t cp;
+
+        if (s[0] < 0x80)
+                return 1;
+        if (s[0] >= 0xc2 && s[0] <= 0xdf)
+                n = 2, cp = s[0] & 0x1f;
+        else if (s[0] >= 0xe0 && s[0] <= 0xef)
+                n = 3, cp = s[0] & 0x0f;
+        else if (s[0] >= 0xf0 && s[0] <= 0xf4)
+                n = 4, cp = s[0] & 0x07;
+        else
+                return 0;
+        for (size_t i = 1; i < n; i++) {
+                if ((s[i] & 0xc0) != 0x80)
+                        return 0;
+                cp = cp << 6 | (s[i] & 0x3f);
         }
-        putchar('"');
+        /* Overlong forms, UTF-16 surrogates, beyond U+10FFFF. */
+        if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+            (cp >= 0xd800 && cp <= 0xdfff))
+                return 0;
+        return n;
 }
+
+/*
+ * A JSON string of s: UTF-8 as it is (json-c escapes quotes, backslashes and
+ * control characters); a byte that is not part of valid UTF-8 (a path is any
+ * bytes) becomes U+FFFD, so the output is always valid JSON.
+ */
+static json_object *json_str(const char *s)
+{
+        _cleanup_free_ char *fixed = NULL;
+        const unsigned char *p = (const unsigned char *) s;
+        size_t len = strlen(s), o = 0;
+
+        for (size_t i = 0; i < len;) {
+                size_t n = utf8_seq_len(p + i);
+                if (n == 0)
+                        break;
+                i += n;
+                o = i;
+        }
+        if (o == len)
+                return json_object_new_string(s);
+        fixed = malloc(len * 3 + 1); /* every byte at most U+FFFD's three */
+        if (!fixed)
+                return NULL;
+        o = 0;
+        for (size_t i = 0; i < len;) {
+                size_t n = utf8_seq_len(p + i);
+                if (n == 0) {
+                        memcpy(fixed + o, "\xef\xbf\xbd", 3);
+                        o += 3;
+                        i++;
+                } else {
+                        memcpy(fixed + o, s + i, n);
+                        o += n;
+                        i += n;
+                }
+        }
+        return json_object_new_string_len(fixed, (int) o);
+}
+
+static json_object *json_hex(const uint8_t *b, size_t n)
+{
+        char buf[65];
+
+        assert(n <= 32);
+        hex(b, n, buf);
+        return json_object_new_string(buf);
+}
+
+/* Prints obj as one line and drops it; false when it could not be built (out of memory). */
+/* Set when a value or container could not be allocated: json_print() then prints nothing. */
+static bool json_oom;
+
+static void json_add(json_object *obj, const char *key, json_object *val)
+{
+        if (!obj || !val || json_object_object_add(obj, key, val) < 0) {
+                json_object_put(val);
+                json_oom = true;
+        }
+}
+
+static void json_add_null(json_object *obj, const char *key)
+{
+        if (!obj || json_object_object_add(obj, key, NULL) < 0)
+                json_oom = true;
+}
+
+static void json_push(json_object *arr, json_object *val)
+{
+        if (!arr || !val || json_object_array_add(arr, val) < 0) {
+                json_object_put(val);
+                json_oom = true;
+        }
+}
+
+static bool json_print(json_object *obj)
+{
+        const char *s = NULL;
+
+        if (obj && !json_oom)
+                s = json_object_to_json_string_ext(obj,
+                                                   JSON_C_TO_STRING_SPACED | JSON_C_TO_STRING_NOSLASHESCAPE);
+        if (s)
+                printf("%s\n", s);
+        json_object_put(obj);
+        return s != NULL;
+}
+
+#define JSON_ADD(obj, key, val) json_add((obj), (key), (val))
 
 static void format_time(uint64_t usec, char *buf, size_t len)
 {
@@ -87,9 +194,8 @@ static void show_text(const Image *img, const Image *chain, const char *chain_er
         printf("  kind:      %s (depth %" PRIu32 ")\n", inv->parent ? "incremental" : "full", inv->depth);
         printf("  VM:        %s", inv->vm_name);
         if (inv->has_vm_uuid) {
-                char u[33];
-                hex(inv->vm_uuid.data, 16, u);
-                printf(" (uuid %s)", u);
+                char u[UUID_STRING_MAX];
+                printf(" (uuid %s)", uuid_to_string(inv->vm_uuid.data, u));
         }
         printf("\n  created:   %s\n", buf);
         if (inv->has_epoch)
@@ -162,97 +268,132 @@ static void show_text(const Image *img, const Image *chain, const char *chain_er
                 printf("  broken: %s\n", chain_err);
 }
 
-static void show_json(const Image *img, const Image *chain, const char *chain_err, bool runs)
+static json_object *json_regions(const Dr__Image__Inventory *inv)
+{
+        json_object *a = json_object_new_array();
+
+        for (size_t i = 0; a && i < inv->n_regions; i++) {
+                json_object *r = json_object_new_object();
+                JSON_ADD(r, "slot", json_object_new_uint64(inv->regions[i]->slot));
+                JSON_ADD(r, "guest_phys", json_object_new_uint64(inv->regions[i]->guest_phys));
+                JSON_ADD(r, "size", json_object_new_uint64(inv->regions[i]->size));
+                JSON_ADD(r, "fd_offset", json_object_new_uint64(inv->regions[i]->fd_offset));
+                json_push(a, r);
+        }
+        return a;
+}
+
+static json_object *json_pagemap(const Image *img, bool runs)
+{
+        MapSummary s = map_summary(img);
+        json_object *m = json_object_new_object(), *list;
+
+        JSON_ADD(m, "runs", json_object_new_uint64(img->map->n_runs));
+        JSON_ADD(m, "present_pages", json_object_new_uint64(s.pages[1]));
+        JSON_ADD(m, "present_runs", json_object_new_uint64(s.runs[1]));
+        JSON_ADD(m, "stored_bytes", json_object_new_uint64(s.stored));
+        JSON_ADD(m, "lz4_runs", json_object_new_uint64(s.lz4_runs));
+        JSON_ADD(m, "zero_pages", json_object_new_uint64(s.pages[2]));
+        JSON_ADD(m, "parent_pages", json_object_new_uint64(s.pages[3]));
+        if (!runs)
+                return m;
+        list = json_object_new_array();
+        for (size_t i = 0; i < img->map->n_runs; i++) {
+                const Dr__Image__PageRun *r = img->map->runs[i];
+                json_object *o = json_object_new_object();
+
+                JSON_ADD(o, "first_page", json_object_new_uint64(r->first_page));
+                JSON_ADD(o, "pages", json_object_new_uint64(r->n_pages));
+                JSON_ADD(o, "kind", json_object_new_string(image_run_kind_name(r->kind)));
+                if (r->kind == DR__IMAGE__RUN_KIND__RUN_PRESENT) {
+                        bool lz4 = r->has_compression &&
+                                   r->compression == DR__IMAGE__COMPRESSION__COMPRESSION_LZ4;
+
+                        JSON_ADD(o, "data_offset", json_object_new_uint64(r->data_offset));
+                        JSON_ADD(o, "stored_len", json_object_new_uint64(r->stored_len));
+                        JSON_ADD(o, "lz4", json_object_new_boolean(lz4));
+                        JSON_ADD(o, "crc32c", json_object_new_uint64(r->data_crc));
+                }
+                json_push(list, o);
+        }
+        JSON_ADD(m, "list", list);
+        return m;
+}
+
+static json_object *json_state(const Image *img)
+{
+        json_object *st = json_object_new_object(), *vcpus;
+        Dr__Vmstate__VmState *vs;
+
+        JSON_ADD(st, "bytes", json_object_new_uint64(img->state_len));
+        vs = dr__vmstate__vm_state__unpack(NULL, img->state_len, img->state);
+        if (!vs)
+                return st;
+        vcpus = json_object_new_array();
+        for (size_t i = 0; i < vs->n_vcpus; i++) {
+                json_object *v = json_object_new_object();
+                JSON_ADD(v, "index", json_object_new_uint64(vs->vcpus[i]->index));
+                JSON_ADD(v, "mp_state", json_object_new_uint64(vs->vcpus[i]->mp_state));
+                JSON_ADD(v, "rip", json_object_new_uint64(vs->vcpus[i]->regs->rip));
+                JSON_ADD(v, "rsp", json_object_new_uint64(vs->vcpus[i]->regs->rsp));
+                JSON_ADD(v, "cr3", json_object_new_uint64(vs->vcpus[i]->sregs->cr3));
+                json_push(vcpus, v);
+        }
+        JSON_ADD(st, "vcpus", vcpus);
+        JSON_ADD(st, "devices_bytes", json_object_new_uint64(vs->has_devices ? vs->devices.len : 0));
+        dr__vmstate__vm_state__free_unpacked(vs, NULL);
+        return st;
+}
+
+static bool show_json(const Image *img, const Image *chain, const char *chain_err, bool runs)
 {
         const Dr__Image__Inventory *inv = img->inv;
-        MapSummary s = map_summary(img);
-        Dr__Vmstate__VmState *vs;
-        char idh[65];
+        json_object *o = json_object_new_object(), *files, *list;
+        char u[UUID_STRING_MAX];
 
-        hex(inv->image_id.data, 16, idh);
-        printf("{\"path\": ");
-        json_str(img->path);
-        printf(", \"id\": \"%s\", \"format\": %" PRIu32 ", \"kind\": \"%s\", \"depth\": %" PRIu32
-               ", \"vm_name\": ",
-               idh, inv->format_version, inv->parent ? "incremental" : "full", inv->depth);
-        json_str(inv->vm_name);
-        if (inv->has_vm_uuid) {
-                hex(inv->vm_uuid.data, 16, idh);
-                printf(", \"vm_uuid\": \"%s\"", idh);
-        }
-        printf(", \"created_usec\": %" PRIu64 ", \"epoch\": %" PRIu64 ", \"vcpus\": %" PRIu32
-               ", \"page_size\": %" PRIu32 ", \"total_pages\": %" PRIu64 ", \"regions\": [",
-               inv->created_usec, inv->epoch, inv->n_vcpus, inv->page_size, inv->total_pages);
-        for (size_t i = 0; i < inv->n_regions; i++)
-                printf("%s{\"slot\": %" PRIu32 ", \"guest_phys\": %" PRIu64 ", \"size\": %" PRIu64
-                       ", \"fd_offset\": %" PRIu64 "}",
-                       i ? ", " : "", inv->regions[i]->slot, inv->regions[i]->guest_phys,
-                       inv->regions[i]->size, inv->regions[i]->fd_offset);
-        printf("], \"parent\": ");
+        JSON_ADD(o, "path", json_str(img->path));
+        JSON_ADD(o, "id", json_hex(inv->image_id.data, 16));
+        JSON_ADD(o, "format", json_object_new_uint64(inv->format_version));
+        JSON_ADD(o, "kind", json_object_new_string(inv->parent ? "incremental" : "full"));
+        JSON_ADD(o, "depth", json_object_new_uint64(inv->depth));
+        JSON_ADD(o, "vm_name", json_str(inv->vm_name));
+        if (inv->has_vm_uuid)
+                JSON_ADD(o, "vm_uuid", json_object_new_string(uuid_to_string(inv->vm_uuid.data, u)));
+        JSON_ADD(o, "created_usec", json_object_new_uint64(inv->created_usec));
+        JSON_ADD(o, "epoch", json_object_new_uint64(inv->epoch));
+        JSON_ADD(o, "vcpus", json_object_new_uint64(inv->n_vcpus));
+        JSON_ADD(o, "page_size", json_object_new_uint64(inv->page_size));
+        JSON_ADD(o, "total_pages", json_object_new_uint64(inv->total_pages));
+        JSON_ADD(o, "regions", json_regions(inv));
         if (inv->parent) {
-                char pid[33];
-                hex(inv->parent->image_id.data, 16, pid);
-                hex(inv->parent->inventory_sha256.data, 32, idh);
-                printf("{\"path\": ");
-                json_str(inv->parent->path);
-                printf(", \"id\": \"%s\", \"inventory_sha256\": \"%s\"}", pid, idh);
+                json_object *p = json_object_new_object();
+                JSON_ADD(p, "path", json_str(inv->parent->path));
+                JSON_ADD(p, "id", json_hex(inv->parent->image_id.data, 16));
+                JSON_ADD(p, "inventory_sha256", json_hex(inv->parent->inventory_sha256.data, 32));
+                JSON_ADD(o, "parent", p);
         } else
-                printf("null");
-        printf(", \"files\": {");
-        for (size_t i = 0; i < inv->n_files; i++) {
-                printf("%s", i ? ", " : "");
-                json_str(inv->files[i]->name);
-                printf(": %" PRIu64, inv->files[i]->size);
-        }
-        printf("}, \"pagemap\": {\"runs\": %zu, \"present_pages\": %" PRIu64 ", \"present_runs\": %" PRIu64
-               ", \"stored_bytes\": %" PRIu64 ", \"lz4_runs\": %" PRIu64 ", \"zero_pages\": %" PRIu64
-               ", \"parent_pages\": %" PRIu64,
-               img->map->n_runs, s.pages[1], s.runs[1], s.stored, s.lz4_runs, s.pages[2], s.pages[3]);
-        if (runs) {
-                printf(", \"list\": [");
-                for (size_t i = 0; i < img->map->n_runs; i++) {
-                        const Dr__Image__PageRun *r = img->map->runs[i];
-                        printf("%s{\"first_page\": %" PRIu64 ", \"pages\": %" PRIu64 ", \"kind\": \"%s\"",
-                               i ? ", " : "", r->first_page, r->n_pages, image_run_kind_name(r->kind));
-                        if (r->kind == DR__IMAGE__RUN_KIND__RUN_PRESENT)
-                                printf(", \"data_offset\": %" PRIu64 ", \"stored_len\": %" PRIu64
-                                       ", \"lz4\": %s, \"crc32c\": %" PRIu32,
-                                       r->data_offset, r->stored_len,
-                                       r->has_compression && r->compression ==
-                                                                     DR__IMAGE__COMPRESSION__COMPRESSION_LZ4
-                                               ? "true"
-                                               : "false",
-                                       r->data_crc);
-                        printf("}");
-                }
-                printf("]");
-        }
-        printf("}, \"state\": {\"bytes\": %zu", img->state_len);
-        vs = dr__vmstate__vm_state__unpack(NULL, img->state_len, img->state);
-        if (vs) {
-                printf(", \"vcpus\": [");
-                for (size_t i = 0; i < vs->n_vcpus; i++)
-                        printf("%s{\"index\": %" PRIu32 ", \"mp_state\": %" PRIu32 ", \"rip\": %" PRIu64
-                               ", \"rsp\": %" PRIu64 ", \"cr3\": %" PRIu64 "}",
-                               i ? ", " : "", vs->vcpus[i]->index, vs->vcpus[i]->mp_state,
-                               vs->vcpus[i]->regs->rip, vs->vcpus[i]->regs->rsp, vs->vcpus[i]->sregs->cr3);
-                printf("], \"devices_bytes\": %zu", vs->has_devices ? vs->devices.len : 0);
-                dr__vmstate__vm_state__free_unpacked(vs, NULL);
-        }
-        printf("}, \"chain\": [");
+                json_add_null(o, "parent");
+        files = json_object_new_object();
+        for (size_t i = 0; i < inv->n_files; i++)
+                JSON_ADD(files, inv->files[i]->name, json_object_new_uint64(inv->files[i]->size));
+        JSON_ADD(o, "files", files);
+        JSON_ADD(o, "pagemap", json_pagemap(img, runs));
+        JSON_ADD(o, "state", json_state(img));
+        list = json_object_new_array();
         for (const Image *p = chain; p; p = p->parent) {
-                hex(p->inv->image_id.data, 16, idh);
-                printf("%s{\"depth\": %" PRIu32 ", \"id\": \"%s\", \"path\": ", p == chain ? "" : ", ",
-                       p->inv->depth, idh);
-                json_str(p->path);
-                printf(", \"present_pages\": %" PRIu64 "}", p->inv->present_pages);
+                json_object *c = json_object_new_object();
+                JSON_ADD(c, "depth", json_object_new_uint64(p->inv->depth));
+                JSON_ADD(c, "id", json_hex(p->inv->image_id.data, 16));
+                JSON_ADD(c, "path", json_str(p->path));
+                JSON_ADD(c, "present_pages", json_object_new_uint64(p->inv->present_pages));
+                json_push(list, c);
         }
-        printf("], \"chain_error\": ");
+        JSON_ADD(o, "chain", list);
         if (chain_err)
-                json_str(chain_err);
+                JSON_ADD(o, "chain_error", json_str(chain_err));
         else
-                printf("null");
-        printf("}\n");
+                json_add_null(o, "chain_error");
+        return json_print(o);
 }
 
 static int image_show(const char *dir, bool json, bool runs)
@@ -267,9 +408,10 @@ static int image_show(const char *dir, bool json, bool runs)
                 return 1;
         }
         r = image_open(dir, IMAGE_OPEN_CHAIN, &chain, cerr, sizeof(cerr));
-        if (json)
-                show_json(img, r < 0 ? img : chain, r < 0 ? cerr : NULL, runs);
-        else
+        if (json) {
+                if (!show_json(img, r < 0 ? img : chain, r < 0 ? cerr : NULL, runs))
+                        return log_oom(), 1;
+        } else
                 show_text(img, r < 0 ? img : chain, r < 0 ? cerr : NULL, runs);
         if (r < 0) {
                 log_error_errno(r, "Image chain is broken: %s", cerr);
@@ -289,11 +431,11 @@ static int image_verify(const char *dir, bool json)
         r = image_open(dir, IMAGE_OPEN_CHAIN | IMAGE_OPEN_VERIFY_DATA, &img, err, sizeof(err));
         if (r < 0) {
                 if (json) {
-                        printf("{\"path\": ");
-                        json_str(dir);
-                        printf(", \"ok\": false, \"error\": ");
-                        json_str(err);
-                        printf("}\n");
+                        json_object *o = json_object_new_object();
+                        JSON_ADD(o, "path", json_str(dir));
+                        JSON_ADD(o, "ok", json_object_new_boolean(false));
+                        JSON_ADD(o, "error", json_str(err));
+                        (void) json_print(o);
                 }
                 log_error_errno(r, "Image verification failed: %s", err);
                 return 1;
@@ -304,11 +446,14 @@ static int image_verify(const char *dir, bool json)
                 bytes += p->pages_len;
         }
         if (json) {
-                printf("{\"path\": ");
-                json_str(dir);
-                printf(", \"ok\": true, \"chain\": %u, \"present_pages\": %" PRIu64
-                       ", \"data_bytes\": %" PRIu64 "}\n",
-                       n, pages, bytes);
+                json_object *o = json_object_new_object();
+                JSON_ADD(o, "path", json_str(dir));
+                JSON_ADD(o, "ok", json_object_new_boolean(true));
+                JSON_ADD(o, "chain", json_object_new_uint64(n));
+                JSON_ADD(o, "present_pages", json_object_new_uint64(pages));
+                JSON_ADD(o, "data_bytes", json_object_new_uint64(bytes));
+                if (!json_print(o))
+                        return log_oom(), 1;
         } else
                 printf("%s: ok: %u image(s) in the chain, every checksum matches (%" PRIu64
                        " present pages, %" PRIu64 " bytes of page data read)\n",

@@ -7,6 +7,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <uuid/uuid.h>
+
 #include "macros.h"
 #include "util.h"
 
@@ -148,4 +150,20 @@ int memfd_new_sized(const char *name, uint64_t size)
         if (ftruncate(fd, (off_t) size) < 0)
                 return -errno;
         return TAKE_FD(fd);
+}
+
+int uuid_from_string(const char *s, uint8_t ret[16])
+{
+        uuid_t u;
+
+        if (!s || uuid_parse(s, u) < 0)
+                return -EINVAL;
+        memcpy(ret, u, 16);
+        return 0;
+}
+
+const char *uuid_to_string(const uint8_t u[16], char buf[UUID_STRING_MAX])
+{
+        uuid_unparse_lower(u, buf);
+        return buf;
 }

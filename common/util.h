@@ -30,5 +30,15 @@ int loop_read_exact(int fd, void *buf, size_t len);
  * size means "maybe more": give one byte more room than the largest accepted file. */
 ssize_t loop_read_upto(int fd, void *buf, size_t size);
 
+/*
+ * A UUID from its canonical text form, 8-4-4-4-12 hex digits (libuuid's
+ * uuid_parse(): nothing else, no other hyphenation, no surrounding text).
+ * 0 or -EINVAL.
+ */
+int uuid_from_string(const char *s, uint8_t ret[16]);
+#define UUID_STRING_MAX 37 /* 36 characters and the NUL */
+/* The canonical lower-case text form (libuuid's uuid_unparse_lower()); returns buf. */
+const char *uuid_to_string(const uint8_t u[16], char buf[UUID_STRING_MAX]);
+
 /* Creates an anonymous memfd (MFD_CLOEXEC) of the given size. Returns fd or -errno. */
 int memfd_new_sized(const char *name, uint64_t size);

@@ -24,24 +24,11 @@ _printf_(3, 4) static int fail(char *err, size_t errlen, const char *fmt, ...)
 
 int image_layout_from_vmm(const VmmLayout *vl, ImageLayout *ret, const uint8_t **ret_ram)
 {
-        ImageLayout il;
-
-        if (vl->page_size != IMAGE_PAGE_SIZE || vl->n_regions > IMAGE_MAX_REGIONS)
+        if (image_layout_check(&vl->ram) < 0) /* vmm-link.c validated it; a hand-made one may not be */
                 return -EINVAL;
-        il = (ImageLayout){
-                .page_size = IMAGE_PAGE_SIZE, .n_regions = vl->n_regions, .total_pages = vl->total_pages};
-        for (size_t i = 0; i < vl->n_regions; i++)
-                il.regions[i] = (ImageRegion){
-                        .slot = vl->regions[i].slot,
-                        .guest_phys = vl->regions[i].guest_phys,
-                        .size = vl->regions[i].size,
-                        .fd_offset = vl->regions[i].fd_offset,
-                };
-        if (image_layout_check(&il) < 0)
-                return -EINVAL;
-        for (size_t i = 0; i < vl->n_regions; i++)
+        for (size_t i = 0; i < vl->ram.n_regions; i++)
                 ret_ram[i] = vl->regions[i].ram;
-        *ret = il;
+        *ret = vl->ram;
         return 0;
 }
 

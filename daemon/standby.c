@@ -55,6 +55,7 @@
 #include "config.h"
 #include "crc32c.h"
 #include "frame.h"
+#include "layout.h"
 #include "link.h"
 #include "log.h"
 #include "pages.h"
@@ -62,8 +63,6 @@
 #include "standby-internal.h"
 #include "util.h"
 
-#define STANDBY_MAX_REGIONS     32u
-#define STANDBY_MAX_RAM_BYTES   (UINT64_C(1) << 40) /* total guest RAM, and the memfd's extent */
 #define STANDBY_MAX_STATE_BYTES ((size_t) 64 << 20)
 #define STANDBY_MAX_PENDING     4u /* connections in handshake at once */
 #define SESSION_BYTES           16u
@@ -75,19 +74,9 @@
 #define DEAD_GRACE_USEC (500 * USEC_PER_MSEC)
 #define DEAD_MAX        16u
 
-typedef struct Region {
-        uint32_t slot;
-        uint64_t guest_phys, size, memfd_offset;
-        uint64_t first_page; /* VM-wide number of its first page */
-} Region;
-
-/* A validated RAM layout. Page numbers are VM-wide: regions concatenated in layout order. */
-typedef struct Layout {
-        size_t n;
-        Region r[STANDBY_MAX_REGIONS];
-        uint64_t n_pages;
-        uint64_t memfd_size; /* max(memfd_offset + size) */
-} Layout;
+/* A validated RAM layout (common/layout.h). Pages are VM-wide: regions concatenated in layout order. */
+typedef RamRegion Region;
+typedef RamLayout Layout;
 
 typedef struct Replica {
         bool valid; /* a committed epoch is here */
@@ -180,102 +169,28 @@ struct Standby {
 
 /* ---- layout --------------------------------------------------------------------------- */
 
-static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
-{
-        return a < b + blen && b < a + alen;
-}
-
-/* Validates the Hello's layout against the standby's bounds. On error writes a reason. */
+/* The Hello's layout, validated (ram_layout_validate(), the standby's bounds). On error writes a reason. */
 static int layout_from_hello(const Dr__Repl__Hello *h, Layout *ret, char *reason, size_t size)
 {
-        uint64_t total = 0, extent = 0;
-        Layout L = {};
+        Layout L = {.page_size = h->page_size, .n_regions = h->n_regions};
+        int r;
 
-        if (h->page_size != PAGE_BYTES) {
-                snprintf(reason, size, "page size %" PRIu32 " (only %u is supported)", h->page_size,
-                         PAGE_BYTES);
+        if (h->n_regions == 0 || h->n_regions > RAM_MAX_REGIONS) {
+                snprintf(reason, size, "%zu memory regions (1..%u allowed)", h->n_regions, RAM_MAX_REGIONS);
                 return -EINVAL;
         }
-        if (h->n_regions == 0 || h->n_regions > STANDBY_MAX_REGIONS) {
-                snprintf(reason, size, "%zu memory regions (1..%u allowed)", h->n_regions,
-                         STANDBY_MAX_REGIONS);
-                return -EINVAL;
-        }
-        for (size_t i = 0; i < h->n_regions; i++) {
-                const Dr__Repl__MemRegion *m = h->regions[i];
-                Region *r = &L.r[i];
-
-                if (m->size == 0 || m->size % PAGE_BYTES || m->guest_phys % PAGE_BYTES ||
-                    m->memfd_offset % PAGE_BYTES) {
-                        snprintf(reason, size,
-                                 "region %zu (slot %" PRIu32
-                                 ") is empty or not page aligned: guest_phys 0x%" PRIx64 ", size 0x%" PRIx64
-                                 ", memfd_offset 0x%" PRIx64,
-                                 i, m->slot, m->guest_phys, m->size, m->memfd_offset);
-                        return -EINVAL;
-                }
-                /* Bounded before any sum can overflow. */
-                if (m->size > STANDBY_MAX_RAM_BYTES || m->memfd_offset > STANDBY_MAX_RAM_BYTES - m->size ||
-                    m->guest_phys > UINT64_MAX - m->size || total > STANDBY_MAX_RAM_BYTES - m->size) {
-                        snprintf(reason, size,
-                                 "region %zu (slot %" PRIu32 ") exceeds the standby's limit of %" PRIu64
-                                 " GiB of RAM (size 0x%" PRIx64 ", memfd_offset 0x%" PRIx64 ")",
-                                 i, m->slot, STANDBY_MAX_RAM_BYTES >> 30, m->size, m->memfd_offset);
-                        return -EFBIG;
-                }
-                for (size_t j = 0; j < i; j++) {
-                        const Region *o = &L.r[j];
-                        if (o->slot == m->slot ||
-                            ranges_overlap(o->guest_phys, o->size, m->guest_phys, m->size) ||
-                            ranges_overlap(o->memfd_offset, o->size, m->memfd_offset, m->size)) {
-                                snprintf(reason, size,
-                                         "regions %zu and %zu (slots %" PRIu32 ", %" PRIu32
-                                         ") share a slot or overlap in guest memory or in the memfd",
-                                         j, i, o->slot, m->slot);
-                                return -EINVAL;
-                        }
-                }
-                *r = (Region){
-                        .slot = m->slot,
-                        .guest_phys = m->guest_phys,
-                        .size = m->size,
-                        .memfd_offset = m->memfd_offset,
-                        .first_page = total / PAGE_BYTES,
+        for (size_t i = 0; i < h->n_regions; i++)
+                L.regions[i] = (Region){
+                        .slot = h->regions[i]->slot,
+                        .guest_phys = h->regions[i]->guest_phys,
+                        .size = h->regions[i]->size,
+                        .fd_offset = h->regions[i]->memfd_offset,
                 };
-                total += m->size;
-                extent = MAX(extent, m->memfd_offset + m->size);
-        }
-        L.n = h->n_regions;
-        L.n_pages = total / PAGE_BYTES;
-        L.memfd_size = extent;
+        r = ram_layout_validate(&L, reason, size);
+        if (r < 0)
+                return r;
         *ret = L;
         return 0;
-}
-
-static bool layout_equal(const Layout *a, const Layout *b)
-{
-        if (a->n != b->n)
-                return false;
-        for (size_t i = 0; i < a->n; i++)
-                if (a->r[i].slot != b->r[i].slot || a->r[i].guest_phys != b->r[i].guest_phys ||
-                    a->r[i].size != b->r[i].size || a->r[i].memfd_offset != b->r[i].memfd_offset)
-                        return false;
-        return true;
-}
-
-/* Where VM-wide page `page` (< n_pages, checked by the caller) lives in the memfd. */
-static uint64_t layout_page_offset(const Layout *L, uint64_t page)
-{
-        size_t lo = 0, hi = L->n; /* the region is the last one with first_page <= page */
-
-        while (hi - lo > 1) {
-                size_t mid = (lo + hi) / 2;
-                if (L->r[mid].first_page <= page)
-                        lo = mid;
-                else
-                        hi = mid;
-        }
-        return L->r[lo].memfd_offset + (page - L->r[lo].first_page) * PAGE_BYTES;
 }
 
 /* ---- memfds ---------------------------------------------------------------------------- */
@@ -427,7 +342,8 @@ static int handle_epoch_begin(Conn *c, const uint8_t *payload, size_t len)
                                     "incremental epoch %" PRIu64 " is based on %" PRIu64
                                     " of this primary session, but the replica is from another session",
                                     epoch, base);
-                if (!layout_equal(&c->layout, &rep->layout) || memcmp(c->vm_uuid, rep->vm_uuid, UUID_BYTES))
+                if (!ram_layout_equal(&c->layout, &rep->layout) ||
+                    memcmp(c->vm_uuid, rep->vm_uuid, UUID_BYTES))
                         return fail(c, -EPROTO,
                                     "incremental epoch %" PRIu64
                                     " for a RAM layout or VM UUID other than the "
@@ -450,16 +366,16 @@ static int handle_epoch_begin(Conn *c, const uint8_t *payload, size_t len)
                 n.map = s->inc_map;
         }
 
-        if (s->bitmap_pages != n.layout.n_pages) {
+        if (s->bitmap_pages != n.layout.total_pages) {
                 free(s->bitmap);
                 s->bitmap_pages = 0;
-                s->bitmap = calloc(DIV_ROUND_UP(n.layout.n_pages, 64), sizeof(uint64_t));
+                s->bitmap = calloc(DIV_ROUND_UP(n.layout.total_pages, 64), sizeof(uint64_t));
                 if (!s->bitmap) {
                         memfd_unmap(&n.full_fd, &n.map, n.layout.memfd_size);
                         return fail(c, -ENOMEM, "out of memory for the page bitmap of epoch %" PRIu64,
                                     epoch);
                 }
-                s->bitmap_pages = n.layout.n_pages;
+                s->bitmap_pages = n.layout.total_pages;
         }
 
         c->last_begun = epoch;
@@ -479,7 +395,7 @@ static int stage_page(void *userdata, uint64_t page, const uint8_t *data)
         PagesCtx *x = userdata;
         Standby *s = x->c->s;
         Staging *st = &s->st;
-        uint8_t *dst = st->map + layout_page_offset(&st->layout, page);
+        uint8_t *dst = st->map + ram_layout_page_offset(&st->layout, page);
         bool seen;
 
         x->delivered++;
@@ -579,11 +495,11 @@ static int handle_pages(Conn *c, const uint8_t *payload, size_t len)
                 return fail(c, -EPROTO, "PAGES of epoch %" PRIu64 " while epoch %" PRIu64 " is open",
                             get_le64(payload), st->epoch);
 
-        n = page_batch_decode(payload, len, st->layout.n_pages, &batch_epoch, stage_page, &x);
+        n = page_batch_decode(payload, len, st->layout.total_pages, &batch_epoch, stage_page, &x);
         if (n < 0) {
                 if (x.error < 0)
                         return fail(c, x.error, "%s", x.msg);
-                describe_bad_record(payload, len, x.delivered, st->layout.n_pages, x.msg, sizeof(x.msg));
+                describe_bad_record(payload, len, x.delivered, st->layout.total_pages, x.msg, sizeof(x.msg));
                 return fail(c, (int) n, "bad PAGES in epoch %" PRIu64 ": %s", st->epoch, x.msg);
         }
         st->page_bytes += (uint64_t) n * PAGE_BYTES;
@@ -656,7 +572,7 @@ static void epoch_commit(Standby *s, Conn *c)
         } else {
                 for (size_t i = 0; i < st->n_list; i++) {
                         uint64_t page = st->list[i];
-                        uint64_t off = layout_page_offset(&rep->layout, page);
+                        uint64_t off = ram_layout_page_offset(&rep->layout, page);
                         memcpy(rep->map + off, s->inc_map + off, PAGE_BYTES);
                         s->bitmap[page / 64] &= ~(UINT64_C(1) << (page % 64));
                 }
@@ -778,7 +694,7 @@ static bool replica_usable(const Standby *s, const Conn *c)
         /* A different layout or VM UUID means the replica is for another VM
          * (shape): accept the primary, but report no replica, so it sends a
          * full epoch that creates a fresh one. */
-        return rep->valid && layout_equal(&rep->layout, &c->layout) &&
+        return rep->valid && ram_layout_equal(&rep->layout, &c->layout) &&
                memcmp(rep->vm_uuid, c->vm_uuid, UUID_BYTES) == 0;
 }
 
@@ -1240,10 +1156,10 @@ int standby_hash_replica(Standby *s, const char *path, uint64_t *ret_epoch)
         if (fd < 0)
                 return fd;
         /* Page order is VM-wide page order: regions in layout order. */
-        for (size_t i = 0; i < rep->layout.n; i++) {
-                const Region *reg = &rep->layout.r[i];
+        for (size_t i = 0; i < rep->layout.n_regions; i++) {
+                const Region *reg = &rep->layout.regions[i];
                 for (uint64_t off = 0; off < reg->size; off += PAGE_BYTES) {
-                        put_le32(buf + n * 4, crc32c(0, rep->map + reg->memfd_offset + off, PAGE_BYTES));
+                        put_le32(buf + n * 4, crc32c(0, rep->map + reg->fd_offset + off, PAGE_BYTES));
                         if (++n == HASH_CHUNK_PAGES) {
                                 r = loop_write(fd, buf, n * 4);
                                 if (r < 0)

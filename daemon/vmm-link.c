@@ -206,6 +206,28 @@ static int shared_size_check(int fd, uint64_t size)
         return 0;
 }
 
+/* The regions' geometry, validated as the standby and images validate it. */
+static int layout_geometry(const Dr__Control__Layout *m, RamLayout *ret, char *reason, size_t size)
+{
+        RamLayout L = {.page_size = m->page_size, .n_regions = m->n_regions};
+        char why[200];
+
+        _Static_assert(VMM_LINK_MAX_REGIONS <= RAM_MAX_REGIONS, "regions bounded by the caller");
+        for (size_t i = 0; i < m->n_regions; i++)
+                L.regions[i] = (RamRegion){
+                        .slot = m->regions[i]->slot,
+                        .guest_phys = m->regions[i]->guest_phys,
+                        .size = m->regions[i]->size,
+                        .fd_offset = m->regions[i]->fd_offset,
+                };
+        if (ram_layout_validate(&L, why, sizeof(why)) < 0) {
+                snprintf(reason, size, "agent sent an invalid layout: %s", why);
+                return -EBADMSG;
+        }
+        *ret = L;
+        return 0;
+}
+
 /* Validates the layout (the VMM is not trusted) and maps what it describes. */
 static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size_t n_fds)
 {
@@ -221,6 +243,9 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
         if (m->mode != DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING &&
             m->mode != DR__CONTROL__TRACKING_MODE__TRACKING_MODE_BITMAP)
                 return -EBADMSG;
+        ret = layout_geometry(m, &lay->ram, l->last_error, sizeof(l->last_error));
+        if (ret < 0)
+                return ret;
         lay->mode = m->mode;
         lay->page_size = m->page_size;
         lay->tsc_khz = m->has_tsc_khz ? m->tsc_khz : 0;
@@ -233,9 +258,6 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
                 void *p;
                 int fd;
 
-                if (mr->size == 0 || mr->size % page || mr->guest_phys % page || mr->fd_offset % page ||
-                    mr->guest_phys + mr->size < mr->guest_phys)
-                        return -EBADMSG;
                 fd = fd_at(fds, n_fds, mr->fd_index);
                 if (fd < 0)
                         return fd;
@@ -259,9 +281,6 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
                 if (p == MAP_FAILED)
                         return -errno;
                 r->ram = p;
-                for (size_t j = 0; j < i; j++)
-                        if (lay->regions[j].slot == r->slot)
-                                return -EBADMSG;
         }
 
         if (lay->mode == DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING) {

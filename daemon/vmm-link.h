@@ -18,6 +18,7 @@
 
 #include "control.pb-c.h"
 #include "dirtyset.h"
+#include "layout.h"
 #include "macros.h"
 
 #define VMM_LINK_MAX_REGIONS 32
@@ -43,6 +44,7 @@ typedef struct VmmVcpu {
 } VmmVcpu;
 
 typedef struct VmmLayout {
+        RamLayout ram; /* the regions' geometry, checked by ram_layout_validate() (regions[] repeat it) */
         Dr__Control__TrackingMode mode;
         uint32_t page_size;
         uint32_t ring_entries;

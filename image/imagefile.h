@@ -35,14 +35,15 @@
 #include <stdint.h>
 
 #include "image.pb-c.h"
+#include "layout.h"
 #include "macros.h"
 
 #define IMAGE_PAGE_SIZE      4096U
-#define IMAGE_MAX_REGIONS    32U
+#define IMAGE_MAX_REGIONS    RAM_MAX_REGIONS
 #define IMAGE_MAX_VCPUS      128U
 #define IMAGE_MAX_DEPTH      64U          /* incremental images on top of one full image */
 #define IMAGE_RUN_MAX_PAGES  256U         /* a PRESENT run holds at most 1 MiB */
-#define IMAGE_RAM_MAX        (1ULL << 40) /* 1 TiB, the reference VMM's bound */
+#define IMAGE_RAM_MAX        RAM_MAX_BYTES /* 1 TiB, the reference VMM's bound */
 #define IMAGE_INVENTORY_MAX  (64U << 10)
 #define IMAGE_STATE_MAX      (256U << 20)
 #define IMAGE_PAGEMAP_MAX    (256U << 20)
@@ -51,21 +52,11 @@
 #define IMAGE_NAME_MAX       64U
 #define IMAGE_ERR_MAX        512U
 
-typedef struct ImageRegion {
-        uint32_t slot;
-        uint64_t guest_phys;
-        uint64_t size;
-        uint64_t fd_offset; /* offset in the VMM's RAM memfd */
-} ImageRegion;
+/* The RAM layout of common/layout.h: regions of the VMM's RAM memfd, pages numbered VM-wide. */
+typedef RamRegion ImageRegion;
+typedef RamLayout ImageLayout;
 
-typedef struct ImageLayout {
-        uint32_t page_size; /* IMAGE_PAGE_SIZE */
-        ImageRegion regions[IMAGE_MAX_REGIONS];
-        size_t n_regions;
-        uint64_t total_pages; /* regions concatenated: the VM-wide page numbering of daemon/track.h */
-} ImageLayout;
-
-/* Checks a layout (sizes, alignment, overlaps, caps). 0 or -EINVAL. */
+/* Checks a layout (ram_layout_validate(), and total_pages as given). 0 or -EINVAL. */
 int image_layout_check(const ImageLayout *lay);
 
 /* ---- taking an image ---- */

@@ -2,7 +2,7 @@
 # Sourced by scripts/test, scripts/demo and bench/run: installs what the
 # build and the tests need from Debian 12's archive when it is missing.
 DR_DEPS=(
-  meson ninja-build pkg-config gcc binutils
+  meson ninja-build pkg-config gcc binutils uuid-dev libjson-c-dev
   protobuf-c-compiler libprotobuf-c-dev libsystemd-dev liblz4-dev
   libnl-3-dev libnl-route-3-dev libssl-dev openssl
   python3 iproute2 redis-tools qemu-system-x86 clang

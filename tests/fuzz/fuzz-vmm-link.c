@@ -181,6 +181,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 const VmmLayout *lay = vmm_link_layout(l);
                 if (lay->n_regions == 0 || lay->total_pages == 0)
                         abort();
+                /* The layout was validated as the standby and images validate theirs (common/layout.h):
+                 * no two regions share a slot or overlap in guest memory or in the memfd. */
+                for (size_t i = 0; i < lay->n_regions; i++)
+                        for (size_t j = 0; j < i; j++) {
+                                const VmmRegion *a = &lay->regions[i], *b = &lay->regions[j];
+                                if (a->slot == b->slot ||
+                                    (a->guest_phys < b->guest_phys + b->size &&
+                                     b->guest_phys < a->guest_phys + a->size) ||
+                                    (a->fd_offset < b->fd_offset + b->size &&
+                                     b->fd_offset < a->fd_offset + a->size))
+                                        abort();
+                        }
                 dirty = dirtyset_new(lay->total_pages);
                 if (!dirty || tracker_init(&t, l) < 0)
                         goto out;

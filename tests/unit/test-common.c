@@ -7,9 +7,135 @@
 #include "crc32c.h"
 #include "fdpass.h"
 #include "frame.h"
+#include "layout.h"
 #include "macros.h"
 #include "util.h"
 #include "tests.h"
+
+/* Two regions as the reference VMM lays out 4 GiB + 1 GiB: below the hole and above 4 GiB, one memfd. */
+static RamLayout two_regions(void)
+{
+        return (RamLayout){
+                .page_size = RAM_PAGE_SIZE,
+                .regions = {{.slot = 0, .guest_phys = 0, .size = 3ULL << 30, .fd_offset = 0},
+                            {.slot = 1,
+                             .guest_phys = 4ULL << 30,
+                             .size = 2ULL << 30,
+                             .fd_offset = 3ULL << 30}},
+                .n_regions = 2,
+        };
+}
+
+TEST(ram_layout_validate)
+{
+        char why[256];
+        RamLayout l;
+
+        l = two_regions();
+        ASSERT_OK(ram_layout_validate(&l, why, sizeof(why)));
+        ASSERT_EQ(l.total_pages, (5ULL << 30) / RAM_PAGE_SIZE);
+        ASSERT_EQ(l.memfd_size, 5ULL << 30);
+        ASSERT_EQ(l.regions[0].first_page, 0u);
+        ASSERT_EQ(l.regions[1].first_page, (3ULL << 30) / RAM_PAGE_SIZE);
+        ASSERT_EQ(ram_layout_region_of(&l, 0), 0u);
+        ASSERT_EQ(ram_layout_region_of(&l, l.regions[1].first_page - 1), 0u);
+        ASSERT_EQ(ram_layout_region_of(&l, l.regions[1].first_page), 1u);
+        ASSERT_EQ(ram_layout_region_of(&l, l.total_pages), SIZE_MAX);
+        ASSERT_EQ(ram_layout_page_offset(&l, l.regions[1].first_page + 2), (3ULL << 30) + 2 * RAM_PAGE_SIZE);
+        ASSERT_EQ(ram_layout_page_offset(&l, l.total_pages), UINT64_MAX);
+
+        /* Overlap in the memfd (what the VMM link did not check before). */
+        l = two_regions();
+        l.regions[1].fd_offset = (3ULL << 30) - RAM_PAGE_SIZE;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EINVAL);
+        ASSERT_TRUE(strstr(why, "overlap"));
+        /* Overlap in guest memory. */
+        l = two_regions();
+        l.regions[1].guest_phys = (3ULL << 30) - RAM_PAGE_SIZE;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EINVAL);
+        ASSERT_TRUE(strstr(why, "overlap"));
+        /* A shared slot. */
+        l = two_regions();
+        l.regions[1].slot = 0;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EINVAL);
+        ASSERT_TRUE(strstr(why, "share a slot"));
+        /* Alignment, emptiness, page size, region count. */
+        l = two_regions();
+        l.regions[1].size = 4097;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EINVAL);
+        ASSERT_TRUE(strstr(why, "not page aligned"));
+        l = two_regions();
+        l.regions[0].size = 0;
+        ASSERT_EQ(ram_layout_validate(&l, NULL, 0), -EINVAL);
+        l = two_regions();
+        l.page_size = 2u << 20;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EINVAL);
+        l = two_regions();
+        l.n_regions = 0;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EINVAL);
+        l.n_regions = RAM_MAX_REGIONS + 1;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EINVAL);
+        /* Sizes: beyond 1 TiB, a memfd extent beyond 1 TiB, an address that wraps. */
+        l = two_regions();
+        l.regions[1].size = RAM_MAX_BYTES;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EFBIG);
+        ASSERT_TRUE(strstr(why, "limit"));
+        l = two_regions();
+        l.regions[1].fd_offset = RAM_MAX_BYTES - RAM_PAGE_SIZE;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EFBIG);
+        l = two_regions();
+        l.regions[1].guest_phys = UINT64_MAX - RAM_PAGE_SIZE + 1;
+        ASSERT_EQ(ram_layout_validate(&l, why, sizeof(why)), -EFBIG);
+
+        /* Equality is over the regions, not the derived fields. */
+        {
+                RamLayout a = two_regions(), b = two_regions();
+                ASSERT_OK(ram_layout_validate(&a, NULL, 0));
+                ASSERT_TRUE(ram_layout_equal(&a, &b));
+                b.regions[1].fd_offset += RAM_PAGE_SIZE;
+                ASSERT_TRUE(!ram_layout_equal(&a, &b));
+        }
+}
+
+TEST(uuid_text_forms)
+{
+        static const uint8_t want[16] = {0x12, 0x3e, 0x45, 0x67, 0xe8, 0x9b, 0x12, 0xd3,
+                                         0xa4, 0x56, 0x42, 0x66, 0x14, 0x17, 0x40, 0x00};
+        static const char *const bad[] = {
+                "",
+                "not-a-uuid",
+                "123e4567e89b12d3a456426614174000",        /* no hyphens */
+                "123e4567--e89b-12d3-a456-426614174000",   /* repeated hyphen (the old parser took it) */
+                "123e4567-e89b--12d3-a456-42661417400",    /* repeated hyphen, same length */
+                "123e4567-e89b-12d3-a456-42661417400-",    /* hyphen at the end */
+                "123e-4567-e89b-12d3-a456426614174000",    /* hyphens in the wrong places */
+                "123e4567-e89b-12d3-a456-4266141740000",   /* one digit too many */
+                "123e4567-e89b-12d3-a456-42661417400",     /* one digit short */
+                " 123e4567-e89b-12d3-a456-426614174000",   /* surrounding text */
+                "123e4567-e89b-12d3-a456-426614174000\n",
+                "123e4567-e89b-12d3-a456-42661417400g",    /* not hex */
+                "{123e4567-e89b-12d3-a456-426614174000}",
+        };
+        uint8_t u[16];
+        char buf[UUID_STRING_MAX];
+
+        ASSERT_OK(uuid_from_string("123e4567-e89b-12d3-a456-426614174000", u));
+        ASSERT_TRUE(memcmp(u, want, 16) == 0);
+        ASSERT_OK(uuid_from_string("123E4567-E89B-12D3-A456-426614174000", u));
+        ASSERT_TRUE(memcmp(u, want, 16) == 0);
+        ASSERT_TRUE(streq(uuid_to_string(u, buf), "123e4567-e89b-12d3-a456-426614174000"));
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+                memset(u, 0xaa, sizeof(u));
+                if (uuid_from_string(bad[i], u) != -EINVAL) {
+                        fprintf(stderr, "accepted bad UUID '%s'\n", bad[i]);
+                        exit(1);
+                }
+                /* Nothing is written on failure. */
+                for (size_t k = 0; k < 16; k++)
+                        ASSERT_EQ(u[k], 0xaa);
+        }
+        ASSERT_EQ(uuid_from_string(NULL, u), -EINVAL);
+}
 
 TEST(crc32c_vectors)
 {

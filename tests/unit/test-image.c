@@ -3,7 +3,9 @@
  * Checkpoint images without KVM: synthetic RAM in a memfd, a full image and
  * a chain of incrementals, restore compared byte for byte, a flipped byte
  * in every file of every image of the chain, a missing or swapped parent,
- * the capture protocol, and SIGKILL in the middle of a write.
+ * the capture protocol, and SIGKILL in the middle of a write. Then
+ * `dirtyrepctl image show|verify --json` on images whose paths are UTF-8 (and
+ * not UTF-8): the JSON must parse strictly and carry the path as it is.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -14,6 +16,8 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <json-c/json.h>
 
 #include "imagefile.h"
 #include "tests.h"
@@ -477,6 +481,144 @@ TEST(images)
         parent_missing_or_swapped();
         capture_protocol();
         killed_mid_write();
+}
+
+/* Runs `$DR_DIRTYREPCTL image VERB --json DIR`; returns its stdout (malloc()ed) and exit status. */
+static char *ctl_json(const char *verb, const char *dir, int *ret_status)
+{
+        const char *ctl = getenv("DR_DIRTYREPCTL");
+        size_t len = 0, cap = 1 << 16;
+        char *out = malloc(cap);
+        int pfd[2], st;
+        pid_t pid;
+        ssize_t n;
+
+        if (!ctl) {
+                fprintf(stderr, "DR_DIRTYREPCTL is not set (run through meson test)\n");
+                exit(1);
+        }
+        ASSERT_TRUE(out);
+        ASSERT_OK(pipe(pfd));
+        pid = fork();
+        ASSERT_OK(pid);
+        if (pid == 0) {
+                dup2(pfd[1], STDOUT_FILENO);
+                close(pfd[0]);
+                execl(ctl, ctl, "image", verb, "--json", dir, (char *) NULL);
+                _exit(127);
+        }
+        close(pfd[1]);
+        while ((n = read(pfd[0], out + len, cap - 1 - len)) > 0) {
+                len += (size_t) n;
+                ASSERT_TRUE(len < cap - 1);
+        }
+        close(pfd[0]);
+        out[len] = 0;
+        ASSERT_EQ(waitpid(pid, &st, 0), pid);
+        ASSERT_TRUE(WIFEXITED(st));
+        *ret_status = WEXITSTATUS(st);
+        return out;
+}
+
+/* Parses strictly, UTF-8 checked, the whole output as one object. */
+static json_object *parse_strict(const char *text)
+{
+        json_tokener *tok = json_tokener_new();
+        json_object *o;
+
+        ASSERT_TRUE(tok);
+        json_tokener_set_flags(tok, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
+        o = json_tokener_parse_ex(tok, text, (int) strlen(text));
+        if (!o || json_tokener_get_error(tok) != json_tokener_success) {
+                fprintf(stderr, "not strict JSON (%s): %s\n",
+                        json_tokener_error_desc(json_tokener_get_error(tok)), text);
+                exit(1);
+        }
+        ASSERT_TRUE(json_object_is_type(o, json_type_object));
+        json_tokener_free(tok);
+        return o;
+}
+
+static const char *jstr(json_object *o, const char *key)
+{
+        json_object *v;
+
+        ASSERT_TRUE(json_object_object_get_ex(o, key, &v));
+        ASSERT_TRUE(json_object_is_type(v, json_type_string));
+        return json_object_get_string(v);
+}
+
+TEST(json_paths_utf8)
+{
+        /* "grüße-镜像", and a name that is not UTF-8: 0xff, a lone continuation byte, a cut sequence. */
+        static const char good[] = "gr\xc3\xbc\xc3\x9f" "e-\xe9\x95\x9c\xe5\x83\x8f";
+        static const char bad[] = "bad-\xff-\x80-\xe9\x95";
+        _cleanup_free_ char *d0 = NULL, *d1 = NULL, *db = NULL, *ppath = NULL, *out = NULL;
+        _cleanup_free_ uint64_t *covered = NULL;
+        char err[IMAGE_ERR_MAX] = "", name[128];
+        json_object *o, *parent, *chain;
+        int status;
+        Vm vm;
+
+        vm_init(&vm, 4 * MIB, 0);
+        covered = calloc((vm.lay.total_pages + 63) / 64, sizeof(uint64_t));
+        ASSERT_TRUE(covered);
+        for (uint64_t p = 0; p < vm.lay.total_pages; p += 7)
+                page_fill(&vm, p, 1);
+        snprintf(name, sizeof(name), "%s-0", good);
+        d0 = path(name);
+        snprintf(name, sizeof(name), "%s-1", good);
+        d1 = path(name);
+        db = path(bad);
+        if (take(&vm, d0, NULL, NULL, false, 1, NULL, err) < 0 ||
+            (dirty_some(&vm, covered, 20), take(&vm, d1, covered, d0, true, 2, NULL, err)) < 0 ||
+            take(&vm, db, NULL, NULL, false, 3, NULL, err) < 0) {
+                fprintf(stderr, "take: %s\n", err);
+                exit(1);
+        }
+
+        /* show: the path, the parent's path (stored as "../NAME") and the chain's paths, byte for byte. */
+        out = ctl_json("show", d1, &status);
+        ASSERT_EQ(status, 0);
+        ASSERT_TRUE(strstr(out, good)); /* UTF-8 as it is, not escaped byte by byte */
+        o = parse_strict(out);
+        ASSERT_TRUE(streq(jstr(o, "path"), d1));
+        ASSERT_TRUE(json_object_object_get_ex(o, "parent", &parent));
+        ASSERT_TRUE(asprintf(&ppath, "../%s-0", good) > 0);
+        ASSERT_TRUE(streq(jstr(parent, "path"), ppath));
+        ASSERT_TRUE(json_object_object_get_ex(o, "chain", &chain));
+        ASSERT_EQ(json_object_array_length(chain), 2);
+        ASSERT_TRUE(streq(jstr(json_object_array_get_idx(chain, 1), "path"), d0));
+        json_object_put(o);
+        out = mfree(out);
+
+        out = ctl_json("verify", d1, &status);
+        ASSERT_EQ(status, 0);
+        o = parse_strict(out);
+        ASSERT_TRUE(streq(jstr(o, "path"), d1));
+        json_object_put(o);
+        out = mfree(out);
+
+        /* Not UTF-8: still strict JSON, each bad byte one U+FFFD, the rest kept. */
+        out = ctl_json("show", db, &status);
+        ASSERT_EQ(status, 0);
+        o = parse_strict(out);
+        ASSERT_TRUE(strstr(jstr(o, "path"), "bad-\xef\xbf\xbd-\xef\xbf\xbd-\xef\xbf\xbd\xef\xbf\xbd"));
+        json_object_put(o);
+        out = mfree(out);
+
+        /* A failure's JSON too: verify of a directory that is not an image, named in UTF-8. */
+        snprintf(name, sizeof(name), "%s-none", good);
+        free(d0);
+        d0 = path(name);
+        ASSERT_OK(mkdir(d0, 0700));
+        out = ctl_json("verify", d0, &status);
+        ASSERT_EQ(status, 1);
+        o = parse_strict(out);
+        ASSERT_TRUE(streq(jstr(o, "path"), d0));
+        ASSERT_TRUE(strstr(jstr(o, "error"), good));
+        json_object_put(o);
+        munmap(vm.ram, vm.ram_size);
 }
 
 static int setup(void)

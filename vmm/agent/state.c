@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/ioctl.h>
 
@@ -158,16 +159,188 @@ static Dr__Vmstate__PicState *encode_pic(Arena *a, const struct kvm_pic_state *p
         return m;
 }
 
+static Dr__Vmstate__CpuidEntry **encode_cpuid(Arena *a, const struct kvm_cpuid_entry2 *c, size_t n)
+{
+        Dr__Vmstate__CpuidEntry **v = arena_alloc(a, n * sizeof(void *));
+
+        if (!v)
+                return NULL;
+        for (size_t i = 0; i < n; i++) {
+                Dr__Vmstate__CpuidEntry *ce =
+                        ARENA_NEW(a, Dr__Vmstate__CpuidEntry, DR__VMSTATE__CPUID_ENTRY__INIT);
+                if (!ce)
+                        return NULL;
+                ce->function = c[i].function;
+                ce->index = c[i].index;
+                ce->flags = c[i].flags;
+                ce->eax = c[i].eax;
+                ce->ebx = c[i].ebx;
+                ce->ecx = c[i].ecx;
+                ce->edx = c[i].edx;
+                v[i] = ce;
+        }
+        return v;
+}
+
+static Dr__Vmstate__Regs *encode_regs(Arena *a, const struct kvm_regs *k)
+{
+        Dr__Vmstate__Regs *r = ARENA_NEW(a, Dr__Vmstate__Regs, DR__VMSTATE__REGS__INIT);
+        if (!r)
+                return NULL;
+        r->rax = k->rax;
+        r->rbx = k->rbx;
+        r->rcx = k->rcx;
+        r->rdx = k->rdx;
+        r->rsi = k->rsi;
+        r->rdi = k->rdi;
+        r->rsp = k->rsp;
+        r->rbp = k->rbp;
+        r->r8 = k->r8;
+        r->r9 = k->r9;
+        r->r10 = k->r10;
+        r->r11 = k->r11;
+        r->r12 = k->r12;
+        r->r13 = k->r13;
+        r->r14 = k->r14;
+        r->r15 = k->r15;
+        r->rip = k->rip;
+        r->rflags = k->rflags;
+        return r;
+}
+
+/* The segment registers: where KVM keeps each, and where the message wants it. */
+static const struct {
+        size_t kvm, msg;
+} sregs_segments[] = {
+        {offsetof(struct kvm_sregs, cs), offsetof(Dr__Vmstate__Sregs, cs)},
+        {offsetof(struct kvm_sregs, ds), offsetof(Dr__Vmstate__Sregs, ds)},
+        {offsetof(struct kvm_sregs, es), offsetof(Dr__Vmstate__Sregs, es)},
+        {offsetof(struct kvm_sregs, fs), offsetof(Dr__Vmstate__Sregs, fs)},
+        {offsetof(struct kvm_sregs, gs), offsetof(Dr__Vmstate__Sregs, gs)},
+        {offsetof(struct kvm_sregs, ss), offsetof(Dr__Vmstate__Sregs, ss)},
+        {offsetof(struct kvm_sregs, tr), offsetof(Dr__Vmstate__Sregs, tr)},
+        {offsetof(struct kvm_sregs, ldt), offsetof(Dr__Vmstate__Sregs, ldt)},
+};
+
+static Dr__Vmstate__Sregs *encode_sregs(Arena *a, const struct kvm_sregs *k)
+{
+        Dr__Vmstate__Sregs *s = ARENA_NEW(a, Dr__Vmstate__Sregs, DR__VMSTATE__SREGS__INIT);
+        if (!s)
+                return NULL;
+        for (size_t i = 0; i < ELEMENTSOF(sregs_segments); i++) {
+                const struct kvm_segment *seg = (const void *) ((const uint8_t *) k + sregs_segments[i].kvm);
+                Dr__Vmstate__Segment *m = encode_segment(a, seg);
+                if (!m)
+                        return NULL;
+                memcpy((uint8_t *) s + sregs_segments[i].msg, &m, sizeof(m));
+        }
+        s->gdt = encode_dtable(a, &k->gdt);
+        s->idt = encode_dtable(a, &k->idt);
+        if (!s->gdt || !s->idt)
+                return NULL;
+        s->cr0 = k->cr0;
+        s->cr2 = k->cr2;
+        s->cr3 = k->cr3;
+        s->cr4 = k->cr4;
+        s->cr8 = k->cr8;
+        s->efer = k->efer;
+        s->apic_base = k->apic_base;
+        s->n_interrupt_bitmap = ELEMENTSOF(k->interrupt_bitmap);
+        s->interrupt_bitmap = (uint64_t *) k->interrupt_bitmap;
+        return s;
+}
+
+/* XCRs into m (nothing when KVM reported none). 0 or -ENOMEM. */
+static int encode_xcrs(Arena *a, const struct kvm_xcrs *k, Dr__Vmstate__VcpuState *m)
+{
+        unsigned n = MIN(k->nr_xcrs, (unsigned) KVM_MAX_XCRS);
+
+        if (k->nr_xcrs == 0)
+                return 0;
+        m->xcrs = arena_alloc(a, n * sizeof(void *));
+        if (!m->xcrs)
+                return -ENOMEM;
+        for (unsigned i = 0; i < n; i++) {
+                Dr__Vmstate__Xcr *x = ARENA_NEW(a, Dr__Vmstate__Xcr, DR__VMSTATE__XCR__INIT);
+                if (!x)
+                        return -ENOMEM;
+                x->xcr = k->xcrs[i].xcr;
+                x->value = k->xcrs[i].value;
+                m->xcrs[i] = x;
+        }
+        m->n_xcrs = n;
+        m->has_xcrs_flags = true;
+        m->xcrs_flags = k->flags;
+        return 0;
+}
+
+static Dr__Vmstate__DebugRegs *encode_debugregs(Arena *a, const struct kvm_debugregs *k)
+{
+        Dr__Vmstate__DebugRegs *d = ARENA_NEW(a, Dr__Vmstate__DebugRegs, DR__VMSTATE__DEBUG_REGS__INIT);
+        if (!d)
+                return NULL;
+        d->n_db = 4;
+        d->db = (uint64_t *) k->db;
+        d->dr6 = k->dr6;
+        d->dr7 = k->dr7;
+        d->has_flags = true;
+        d->flags = k->flags;
+        return d;
+}
+
+static Dr__Vmstate__Msr **encode_msrs(Arena *a, const struct kvm_msr_entry *k, size_t n)
+{
+        Dr__Vmstate__Msr **v = arena_alloc(a, n * sizeof(void *));
+
+        if (!v)
+                return NULL;
+        for (size_t i = 0; i < n; i++) {
+                Dr__Vmstate__Msr *x = ARENA_NEW(a, Dr__Vmstate__Msr, DR__VMSTATE__MSR__INIT);
+                if (!x)
+                        return NULL;
+                x->index = k[i].index;
+                x->value = k[i].data;
+                v[i] = x;
+        }
+        return v;
+}
+
+static Dr__Vmstate__VcpuEvents *encode_events(Arena *a, const struct kvm_vcpu_events *k)
+{
+        Dr__Vmstate__VcpuEvents *e = ARENA_NEW(a, Dr__Vmstate__VcpuEvents, DR__VMSTATE__VCPU_EVENTS__INIT);
+        if (!e)
+                return NULL;
+        e->exception_injected = k->exception.injected;
+        e->exception_nr = k->exception.nr;
+        e->exception_has_error_code = k->exception.has_error_code;
+        e->exception_pending = k->exception.pending;
+        e->exception_error_code = k->exception.error_code;
+        e->has_exception_has_payload = e->has_exception_payload = true;
+        e->exception_has_payload = k->exception_has_payload;
+        e->exception_payload = k->exception_payload;
+        e->interrupt_injected = k->interrupt.injected;
+        e->interrupt_nr = k->interrupt.nr;
+        e->interrupt_soft = k->interrupt.soft;
+        e->interrupt_shadow = k->interrupt.shadow;
+        e->nmi_injected = k->nmi.injected;
+        e->nmi_pending = k->nmi.pending;
+        e->nmi_masked = k->nmi.masked;
+        e->sipi_vector = k->sipi_vector;
+        e->flags = k->flags;
+        e->has_smi_smm = e->has_smi_pending = e->has_smi_smm_inside_nmi = e->has_smi_latched_init = true;
+        e->smi_smm = k->smi.smm;
+        e->smi_pending = k->smi.pending;
+        e->smi_smm_inside_nmi = k->smi.smm_inside_nmi;
+        e->smi_latched_init = k->smi.latched_init;
+        e->has_triple_fault_pending = true;
+        e->triple_fault_pending = k->triple_fault.pending;
+        return e;
+}
+
+/* One vCPU, a register group at a time (NULL when out of memory). */
 static Dr__Vmstate__VcpuState *encode_vcpu(Arena *a, const VcpuSnapshot *v)
 {
         Dr__Vmstate__VcpuState *m = ARENA_NEW(a, Dr__Vmstate__VcpuState, DR__VMSTATE__VCPU_STATE__INIT);
-        Dr__Vmstate__Regs *r;
-        Dr__Vmstate__Sregs *s;
-        Dr__Vmstate__DebugRegs *d;
-        Dr__Vmstate__VcpuEvents *e;
-        const struct kvm_segment *segs[8] = { &v->sregs.cs, &v->sregs.ds, &v->sregs.es, &v->sregs.fs,
-                                              &v->sregs.gs, &v->sregs.ss, &v->sregs.tr, &v->sregs.ldt };
-        Dr__Vmstate__Segment *msegs[8];
 
         if (!m)
                 return NULL;
@@ -177,161 +350,36 @@ static Dr__Vmstate__VcpuState *encode_vcpu(Arena *a, const VcpuSnapshot *v)
                 m->has_tsc_khz = true;
                 m->tsc_khz = v->tsc_khz;
         }
-
         if (v->n_cpuid > 0) {
-                m->cpuid = arena_alloc(a, v->n_cpuid * sizeof(void *));
+                m->cpuid = encode_cpuid(a, v->cpuid, v->n_cpuid);
                 if (!m->cpuid)
                         return NULL;
-                for (size_t i = 0; i < v->n_cpuid; i++) {
-                        const struct kvm_cpuid_entry2 *c = &v->cpuid[i];
-                        Dr__Vmstate__CpuidEntry *ce =
-                                ARENA_NEW(a, Dr__Vmstate__CpuidEntry, DR__VMSTATE__CPUID_ENTRY__INIT);
-                        if (!ce)
-                                return NULL;
-                        ce->function = c->function;
-                        ce->index = c->index;
-                        ce->flags = c->flags;
-                        ce->eax = c->eax;
-                        ce->ebx = c->ebx;
-                        ce->ecx = c->ecx;
-                        ce->edx = c->edx;
-                        m->cpuid[i] = ce;
-                }
                 m->n_cpuid = v->n_cpuid;
         }
-
-        r = m->regs = ARENA_NEW(a, Dr__Vmstate__Regs, DR__VMSTATE__REGS__INIT);
-        if (!r)
+        m->regs = encode_regs(a, &v->regs);
+        m->sregs = encode_sregs(a, &v->sregs);
+        if (!m->regs || !m->sregs)
                 return NULL;
-        r->rax = v->regs.rax;
-        r->rbx = v->regs.rbx;
-        r->rcx = v->regs.rcx;
-        r->rdx = v->regs.rdx;
-        r->rsi = v->regs.rsi;
-        r->rdi = v->regs.rdi;
-        r->rsp = v->regs.rsp;
-        r->rbp = v->regs.rbp;
-        r->r8 = v->regs.r8;
-        r->r9 = v->regs.r9;
-        r->r10 = v->regs.r10;
-        r->r11 = v->regs.r11;
-        r->r12 = v->regs.r12;
-        r->r13 = v->regs.r13;
-        r->r14 = v->regs.r14;
-        r->r15 = v->regs.r15;
-        r->rip = v->regs.rip;
-        r->rflags = v->regs.rflags;
-
-        s = m->sregs = ARENA_NEW(a, Dr__Vmstate__Sregs, DR__VMSTATE__SREGS__INIT);
-        if (!s)
-                return NULL;
-        for (size_t i = 0; i < 8; i++) {
-                msegs[i] = encode_segment(a, segs[i]);
-                if (!msegs[i])
-                        return NULL;
-        }
-        s->cs = msegs[0];
-        s->ds = msegs[1];
-        s->es = msegs[2];
-        s->fs = msegs[3];
-        s->gs = msegs[4];
-        s->ss = msegs[5];
-        s->tr = msegs[6];
-        s->ldt = msegs[7];
-        s->gdt = encode_dtable(a, &v->sregs.gdt);
-        s->idt = encode_dtable(a, &v->sregs.idt);
-        if (!s->gdt || !s->idt)
-                return NULL;
-        s->cr0 = v->sregs.cr0;
-        s->cr2 = v->sregs.cr2;
-        s->cr3 = v->sregs.cr3;
-        s->cr4 = v->sregs.cr4;
-        s->cr8 = v->sregs.cr8;
-        s->efer = v->sregs.efer;
-        s->apic_base = v->sregs.apic_base;
-        s->n_interrupt_bitmap = ELEMENTSOF(v->sregs.interrupt_bitmap);
-        s->interrupt_bitmap = (uint64_t *) v->sregs.interrupt_bitmap;
-
         m->xsave.data = v->xsave;
         m->xsave.len = v->xsave_len;
-
-        if (v->xcrs.nr_xcrs > 0) {
-                unsigned n = MIN(v->xcrs.nr_xcrs, (unsigned) KVM_MAX_XCRS);
-                m->xcrs = arena_alloc(a, n * sizeof(void *));
-                if (!m->xcrs)
-                        return NULL;
-                for (unsigned i = 0; i < n; i++) {
-                        Dr__Vmstate__Xcr *x = ARENA_NEW(a, Dr__Vmstate__Xcr, DR__VMSTATE__XCR__INIT);
-                        if (!x)
-                                return NULL;
-                        x->xcr = v->xcrs.xcrs[i].xcr;
-                        x->value = v->xcrs.xcrs[i].value;
-                        m->xcrs[i] = x;
-                }
-                m->n_xcrs = n;
-                m->has_xcrs_flags = true;
-                m->xcrs_flags = v->xcrs.flags;
-        }
-
-        d = m->debugregs = ARENA_NEW(a, Dr__Vmstate__DebugRegs, DR__VMSTATE__DEBUG_REGS__INIT);
-        if (!d)
+        if (encode_xcrs(a, &v->xcrs, m) < 0)
                 return NULL;
-        d->n_db = 4;
-        d->db = (uint64_t *) v->debugregs.db;
-        d->dr6 = v->debugregs.dr6;
-        d->dr7 = v->debugregs.dr7;
-        d->has_flags = true;
-        d->flags = v->debugregs.flags;
-
+        m->debugregs = encode_debugregs(a, &v->debugregs);
+        if (!m->debugregs)
+                return NULL;
         if (v->has_lapic) {
                 m->has_lapic = true;
                 m->lapic.data = (uint8_t *) v->lapic.regs;
                 m->lapic.len = sizeof(v->lapic.regs);
         }
-
         if (v->n_msrs > 0) {
-                m->msrs = arena_alloc(a, v->n_msrs * sizeof(void *));
+                m->msrs = encode_msrs(a, v->msrs, v->n_msrs);
                 if (!m->msrs)
                         return NULL;
-                for (size_t i = 0; i < v->n_msrs; i++) {
-                        Dr__Vmstate__Msr *x = ARENA_NEW(a, Dr__Vmstate__Msr, DR__VMSTATE__MSR__INIT);
-                        if (!x)
-                                return NULL;
-                        x->index = v->msrs[i].index;
-                        x->value = v->msrs[i].data;
-                        m->msrs[i] = x;
-                }
                 m->n_msrs = v->n_msrs;
         }
-
-        e = m->events = ARENA_NEW(a, Dr__Vmstate__VcpuEvents, DR__VMSTATE__VCPU_EVENTS__INIT);
-        if (!e)
-                return NULL;
-        e->exception_injected = v->events.exception.injected;
-        e->exception_nr = v->events.exception.nr;
-        e->exception_has_error_code = v->events.exception.has_error_code;
-        e->exception_pending = v->events.exception.pending;
-        e->exception_error_code = v->events.exception.error_code;
-        e->has_exception_has_payload = e->has_exception_payload = true;
-        e->exception_has_payload = v->events.exception_has_payload;
-        e->exception_payload = v->events.exception_payload;
-        e->interrupt_injected = v->events.interrupt.injected;
-        e->interrupt_nr = v->events.interrupt.nr;
-        e->interrupt_soft = v->events.interrupt.soft;
-        e->interrupt_shadow = v->events.interrupt.shadow;
-        e->nmi_injected = v->events.nmi.injected;
-        e->nmi_pending = v->events.nmi.pending;
-        e->nmi_masked = v->events.nmi.masked;
-        e->sipi_vector = v->events.sipi_vector;
-        e->flags = v->events.flags;
-        e->has_smi_smm = e->has_smi_pending = e->has_smi_smm_inside_nmi = e->has_smi_latched_init = true;
-        e->smi_smm = v->events.smi.smm;
-        e->smi_pending = v->events.smi.pending;
-        e->smi_smm_inside_nmi = v->events.smi.smm_inside_nmi;
-        e->smi_latched_init = v->events.smi.latched_init;
-        e->has_triple_fault_pending = true;
-        e->triple_fault_pending = v->events.triple_fault.pending;
-        return m;
+        m->events = encode_events(a, &v->events);
+        return m->events ? m : NULL;
 }
 
 int state_encode(const VmSnapshot *s, uint8_t **ret_buf, size_t *ret_len)

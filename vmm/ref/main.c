@@ -91,7 +91,7 @@ static void help(void)
                "  -m --memory SIZE          Guest RAM, e.g. 512M, 16G (default 256M; 4M..1T)\n"
                "  -c --cpus N               vCPUs, 1..%u (default 1)\n"
                "  -n --name NAME            VM name (default \"vm\"; [A-Za-z0-9_.-], up to %u chars)\n"
-               "     --uuid UUID            VM UUID (default: random)\n"
+               "     --uuid UUID            VM UUID, 8-4-4-4-12 hex digits (default: random)\n"
                "     --tracking ring|bitmap Dirty tracking (default: ring if KVM has dirty rings)\n"
                "     --ring-entries N       Dirty ring entries per vCPU, power of two >= %u (default %u)\n"
                "     --control PATH         Agent control socket (default /run/dirtyrep/NAME.sock)\n"
@@ -111,37 +111,10 @@ static void help(void)
                DR_AGENT_MAX_VCPUS, NAME_MAX_LEN, RING_ENTRIES_MIN, RING_ENTRIES_DEFAULT);
 }
 
+/* --uuid: the canonical 8-4-4-4-12 form only (libuuid, common/util.c). */
 static int parse_uuid(const char *s, uint8_t ret[16])
 {
-        uint8_t u[16];
-        size_t n = 0;
-
-        for (const char *p = s; *p;) {
-                int hi, lo;
-
-                if (*p == '-' && (n == 4 || n == 6 || n == 8 || n == 10)) {
-                        p++;
-                        continue;
-                }
-                if (n >= 16 || !p[1])
-                        return -EINVAL;
-                hi = p[0] >= '0' && p[0] <= '9' ? p[0] - '0' : (p[0] | 0x20) >= 'a' && (p[0] | 0x20) <= 'f' ? (p[0] | 0x20) - 'a' + 10 : -1;
-                lo = p[1] >= '0' && p[1] <= '9' ? p[1] - '0' : (p[1] | 0x20) >= 'a' && (p[1] | 0x20) <= 'f' ? (p[1] | 0x20) - 'a' + 10 : -1;
-                if (hi < 0 || lo < 0)
-                        return -EINVAL;
-                u[n++] = (uint8_t) (hi << 4 | lo);
-                p += 2;
-        }
-        if (n != 16)
-                return -EINVAL;
-        memcpy(ret, u, 16);
-        return 0;
-}
-
-static void format_uuid(const uint8_t u[16], char buf[37])
-{
-        snprintf(buf, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0], u[1], u[2],
-                 u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+        return uuid_from_string(s, ret);
 }
 
 static bool name_is_valid(const char *s)
@@ -663,10 +636,9 @@ static int restore_vcpu_count(Options *o)
 }
 
 /* The checkpoint image of --restore-image: its chain, opened and checked before KVM is touched. */
-static Image *restore_img;
-
-static int restore_image_open(Options *o)
+static int restore_image_open(Options *o, Image **ret)
 {
+        _cleanup_(image_freep) Image *restore_img = NULL;
         char err[IMAGE_ERR_MAX] = "";
         uint64_t size;
         int r;
@@ -683,11 +655,12 @@ static int restore_image_open(Options *o)
                                        o->cpus, restore_img->inv->n_vcpus, o->restore_image);
         o->memory = size;
         o->cpus = restore_img->inv->n_vcpus;
+        *ret = TAKE_PTR(restore_img);
         return 0;
 }
 
 /* Guest RAM for --restore-image: a fresh memfd in the same layout, filled from the chain. */
-static int restore_image_ram(Vm *vm, const Options *o)
+static int restore_image_ram(Vm *vm, const Options *o, const Image *restore_img)
 {
         char err[IMAGE_ERR_MAX] = "";
         const ImageLayout *il = &restore_img->layout;
@@ -717,7 +690,7 @@ static int restore_image_ram(Vm *vm, const Options *o)
         return 0;
 }
 
-static int restore_state(Vm *vm, const Options *o)
+static int restore_state(Vm *vm, const Options *o, const Image *restore_img)
 {
         _cleanup_free_ uint8_t *state = NULL, *devs = NULL;
         int fds[DR_AGENT_MAX_VCPUS];
@@ -744,13 +717,13 @@ static int restore_state(Vm *vm, const Options *o)
         return devices_restore(vm, devs, devs_len);
 }
 
-static int setup_ram(Vm *vm, const Options *o)
+static int setup_ram(Vm *vm, const Options *o, const Image *restore_img)
 {
         bool direct = false;
         int r;
 
         if (o->restore_image)
-                return restore_image_ram(vm, o);
+                return restore_image_ram(vm, o, restore_img);
         if (!o->restore) {
                 r = guest_ram_new(o->memory, &vm->ram);
                 if (r < 0)
@@ -785,172 +758,163 @@ static int setup_ram(Vm *vm, const Options *o)
         return 0;
 }
 
-static int run(int argc, char *argv[])
-{
-        _cleanup_free_ struct kvm_cpuid2 *cpuid = NULL;
-        _cleanup_free_ char *control_default = NULL, *listen_addr = NULL;
-        _cleanup_close_ int sig_fd = -EBADF;
-        static Vm vm_storage;
-        Vm *vm = &vm_storage;
+/* What run() sets up, in the order it does; run_done() releases it. */
+typedef struct Run {
         Options o;
-        DrTrackingMode mode = DR_TRACKING_BITMAP;
-        DrAgentConfig cfg;
+        Image *restore_img; /* --restore-image's chain; freed once RAM and state are in */
+        char *control_default;
+        char *listen_addr;
+        uint16_t listen_port;
+        char uuid_str[UUID_STRING_MAX];
+        int sig_fd;
+        DrTrackingMode mode;
+        Vm *vm;
+} Run;
+
+/* Everything decided before KVM is touched: the restore source, the service address, UUID, control path. */
+static int run_prepare(Run *R)
+{
+        Options *o = &R->o;
+
+        if (o->restore && restore_vcpu_count(o) < 0)
+                return -EINVAL;
+        if (o->restore_image && restore_image_open(o, &R->restore_img) < 0)
+                return -EINVAL;
+        if (o->service_listen && parse_listen(o->service_listen, &R->listen_addr, &R->listen_port) < 0)
+                return log_error_errno(-EINVAL, "Invalid --service-listen '%s': expected ADDR:PORT or [V6ADDR]:PORT",
+                                       o->service_listen);
+        if (!o->uuid_set) {
+                if (getrandom(o->uuid, sizeof(o->uuid), 0) != sizeof(o->uuid))
+                        return log_error_errno(-errno, "getrandom() failed: %m");
+                o->uuid[6] = (o->uuid[6] & 0x0f) | 0x40; /* version 4 */
+                o->uuid[8] = (o->uuid[8] & 0x3f) | 0x80; /* RFC 4122 variant */
+        }
+        uuid_to_string(o->uuid, R->uuid_str);
+        if (!o->control) {
+                if (control_path_default(o->name, &R->control_default) < 0)
+                        return -EINVAL;
+                o->control = R->control_default;
+        }
+        return 0;
+}
+
+/* SIGTERM/SIGINT go to the signalfd; every thread inherits the mask. SIGUSR1 stays the agent's. */
+static int signals_block(int *ret_fd)
+{
         sigset_t mask;
-        uint16_t listen_port = 0;
-        char uuid_str[37];
-        int r, status;
+        int fd;
 
-        log_set_ident("dirtyrep-vmm");
-        r = parse_argv(argc, argv, &o);
-        if (r <= 0)
-                return r < 0 ? VMM_EXIT_FAILURE : VMM_EXIT_OK;
-        if (o.restore && restore_vcpu_count(&o) < 0)
-                return VMM_EXIT_FAILURE;
-        if (o.restore_image && restore_image_open(&o) < 0) {
-                restore_img = image_free(restore_img);
-                return VMM_EXIT_FAILURE;
-        }
-
-        if (o.service_listen && parse_listen(o.service_listen, &listen_addr, &listen_port) < 0) {
-                log_error("Invalid --service-listen '%s': expected ADDR:PORT or [V6ADDR]:PORT", o.service_listen);
-                return VMM_EXIT_FAILURE;
-        }
-        if (!o.uuid_set) {
-                if (getrandom(o.uuid, sizeof(o.uuid), 0) != sizeof(o.uuid)) {
-                        log_error_errno(-errno, "getrandom() failed: %m");
-                        return VMM_EXIT_FAILURE;
-                }
-                o.uuid[6] = (o.uuid[6] & 0x0f) | 0x40; /* version 4 */
-                o.uuid[8] = (o.uuid[8] & 0x3f) | 0x80; /* RFC 4122 variant */
-        }
-        format_uuid(o.uuid, uuid_str);
-        if (!o.control) {
-                if (control_path_default(o.name, &control_default) < 0)
-                        return VMM_EXIT_FAILURE;
-                o.control = control_default;
-        }
-
-        *vm = (Vm) {
-                .kvm_fd = -EBADF,
-                .vm_fd = -EBADF,
-                .n_vcpus = o.cpus,
-                .console_fd = -EBADF,
-                .console_commit = o.console_commit,
-                .done_fd = -EBADF,
-        };
-        atomic_init(&vm->exit_status, -1);
-        status = VMM_EXIT_FAILURE;
-
-        /* SIGTERM/SIGINT go to the signalfd; every thread inherits the mask. SIGUSR1 stays the agent's. */
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);
         sigaddset(&mask, SIGINT);
         if (pthread_sigmask(SIG_BLOCK, &mask, NULL) != 0)
-                return VMM_EXIT_FAILURE;
-        sig_fd = signalfd(-1, &mask, SFD_CLOEXEC);
-        if (sig_fd < 0) {
-                log_error_errno(-errno, "signalfd() failed: %m");
-                return VMM_EXIT_FAILURE;
-        }
+                return -EINVAL;
+        fd = signalfd(-1, &mask, SFD_CLOEXEC);
+        if (fd < 0)
+                return log_error_errno(-errno, "signalfd() failed: %m");
         signal(SIGPIPE, SIG_IGN);
+        *ret_fd = fd;
+        return 0;
+}
+
+/* The KVM VM itself: tracking mode, the real-mode helpers, the in-kernel irqchip and PIT. */
+static int vm_create_kvm(Vm *vm, const Options *o, DrTrackingMode *ret_mode)
+{
+        int r;
 
         vm->done_fd = eventfd(0, EFD_CLOEXEC);
-        if (vm->done_fd < 0) {
-                log_error_errno(-errno, "eventfd() failed: %m");
-                goto out;
-        }
-        if (open_console(o.console, &vm->console_fd) < 0)
-                goto out;
-
+        if (vm->done_fd < 0)
+                return log_error_errno(-errno, "eventfd() failed: %m");
+        r = open_console(o->console, &vm->console_fd);
+        if (r < 0)
+                return r;
         r = kvm_open();
-        if (r < 0) {
-                log_error_errno(r, "Cannot use /dev/kvm: %m");
-                goto out;
-        }
+        if (r < 0)
+                return log_error_errno(r, "Cannot use /dev/kvm: %m");
         vm->kvm_fd = r;
         r = kvm_create_vm(vm->kvm_fd);
-        if (r < 0) {
-                log_error_errno(r, "KVM_CREATE_VM failed: %m");
-                goto out;
-        }
+        if (r < 0)
+                return log_error_errno(r, "KVM_CREATE_VM failed: %m");
         vm->vm_fd = r;
 
         r = kvm_check_extension(vm->vm_fd, KVM_CAP_MAX_VCPUS);
-        if (r > 0 && o.cpus > (unsigned) r) {
-                log_error("--cpus %u exceeds this host's KVM limit of %d", o.cpus, r);
-                goto out;
-        }
-        if (setup_tracking(vm->vm_fd, o.tracking, o.ring_entries, &mode) < 0)
-                goto out;
+        if (r > 0 && o->cpus > (unsigned) r)
+                return log_error_errno(-EINVAL, "--cpus %u exceeds this host's KVM limit of %d", o->cpus, r);
+        r = setup_tracking(vm->vm_fd, o->tracking, o->ring_entries, ret_mode);
+        if (r < 0)
+                return r;
 
         r = kvm_set_identity_map_addr(vm->vm_fd, IDENTITY_MAP_ADDR);
-        if (r < 0) {
-                log_error_errno(r, "KVM_SET_IDENTITY_MAP_ADDR failed: %m");
-                goto out;
-        }
+        if (r < 0)
+                return log_error_errno(r, "KVM_SET_IDENTITY_MAP_ADDR failed: %m");
         r = kvm_set_tss_addr(vm->vm_fd, TSS_ADDR);
-        if (r < 0) {
-                log_error_errno(r, "KVM_SET_TSS_ADDR failed: %m");
-                goto out;
-        }
+        if (r < 0)
+                return log_error_errno(r, "KVM_SET_TSS_ADDR failed: %m");
         r = kvm_create_irqchip(vm->vm_fd);
-        if (r < 0) {
-                log_error_errno(r, "KVM_CREATE_IRQCHIP failed: %m");
-                goto out;
-        }
+        if (r < 0)
+                return log_error_errno(r, "KVM_CREATE_IRQCHIP failed: %m");
         r = kvm_create_pit2(vm->vm_fd);
-        if (r < 0) {
-                log_error_errno(r, "KVM_CREATE_PIT2 failed: %m");
-                goto out;
-        }
+        if (r < 0)
+                return log_error_errno(r, "KVM_CREATE_PIT2 failed: %m");
+        return 0;
+}
 
-        if (setup_ram(vm, &o) < 0)
-                goto out;
+/* Guest RAM registered with KVM, then the vCPUs with the host's supported CPUID. */
+static int vm_create_ram_vcpus(Vm *vm, const Options *o, const Image *restore_img)
+{
+        _cleanup_free_ struct kvm_cpuid2 *cpuid = NULL;
+        int r;
+
+        r = setup_ram(vm, o, restore_img);
+        if (r < 0)
+                return r;
         r = guest_ram_register(vm->ram, vm->vm_fd);
-        if (r < 0) {
-                log_error_errno(r, "KVM_SET_USER_MEMORY_REGION failed: %m");
-                goto out;
-        }
-
+        if (r < 0)
+                return log_error_errno(r, "KVM_SET_USER_MEMORY_REGION failed: %m");
         r = kvm_get_supported_cpuid(vm->kvm_fd, &cpuid);
-        if (r < 0) {
-                log_error_errno(r, "KVM_GET_SUPPORTED_CPUID failed: %m");
-                goto out;
-        }
+        if (r < 0)
+                return log_error_errno(r, "KVM_GET_SUPPORTED_CPUID failed: %m");
         for (unsigned i = 0; i < vm->n_vcpus; i++) {
                 vm->vcpus[i].fd = -EBADF;
-                if (vcpu_create(vm, i, cpuid) < 0)
-                        goto out;
+                r = vcpu_create(vm, i, cpuid);
+                if (r < 0)
+                        return r;
         }
+        return 0;
+}
 
-        /* Devices exist before a restore so their state can be applied. */
+/* Devices exist before a restore so their state can be applied. */
+static int vm_create_devices(Vm *vm, const Run *R)
+{
+        int r;
+
         /* The I/O thread always runs (it retries back-pressured output); it listens only if asked. */
-        if (service_new(o.service_listen ? listen_addr : NULL, listen_port, &vm->service) < 0)
-                goto out;
+        r = service_new(R->o.service_listen ? R->listen_addr : NULL, R->listen_port, &vm->service);
+        if (r < 0)
+                return r;
         if (uart_new("COM1", COM1_BASE, COM1_IRQ, vm->vm_fd,
                      &(UartBackend) { .tx = com1_tx, .tx_ready = com1_tx_ready }, vm, &vm->com1) < 0 ||
             uart_new("COM2", COM2_BASE, COM2_IRQ, vm->vm_fd,
                      &(UartBackend) { .tx = com2_tx, .tx_ready = com2_tx_ready, .rx_drained = com2_rx_drained },
-                     vm, &vm->com2) < 0) {
-                log_oom();
-                goto out;
-        }
+                     vm, &vm->com2) < 0)
+                return log_oom();
         service_set_uarts(vm->service, vm->com2, vm->com1);
+        return 0;
+}
 
-        if (o.restore || o.restore_image) {
-                if (restore_state(vm, &o) < 0)
-                        goto out;
-                restore_img = image_free(restore_img); /* RAM and state are in; the files are not needed */
-        } else if (load_kernel(vm, &o) < 0)
-                goto out;
+/* The embedded agent (not started yet), with every vCPU registered. */
+static int vm_create_agent(Vm *vm, const Options *o, DrTrackingMode mode)
+{
+        DrAgentConfig cfg;
+        int r;
 
         cfg = (DrAgentConfig) {
-                .socket_path = o.control,
+                .socket_path = o->control,
                 .kvm_fd = vm->kvm_fd,
                 .vm_fd = vm->vm_fd,
-                .vm_name = o.name,
+                .vm_name = o->name,
                 .mode = mode,
-                .ring_entries = mode == DR_TRACKING_RING ? o.ring_entries : 0,
+                .ring_entries = mode == DR_TRACKING_RING ? o->ring_entries : 0,
                 .regions = vm->ram->regions,
                 .n_regions = vm->ram->n_regions,
                 .n_vcpus = vm->n_vcpus,
@@ -961,35 +925,56 @@ static int run(int argc, char *argv[])
                 },
                 .userdata = vm,
         };
-        memcpy(cfg.vm_uuid, o.uuid, sizeof(o.uuid));
+        memcpy(cfg.vm_uuid, o->uuid, sizeof(o->uuid));
         r = dr_agent_new(&cfg, &vm->agent);
-        if (r < 0) {
-                log_error_errno(r, "Failed to set up the dirtyrep agent on %s: %m", o.control);
-                goto out;
-        }
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the dirtyrep agent on %s: %m", o->control);
         for (unsigned i = 0; i < vm->n_vcpus; i++) {
                 r = dr_agent_add_vcpu(vm->agent, i, vm->vcpus[i].fd, vm->vcpus[i].run);
-                if (r < 0) {
-                        log_error_errno(r, "Failed to register vCPU %u with the agent: %m", i);
-                        goto out;
-                }
+                if (r < 0)
+                        return log_error_errno(r, "Failed to register vCPU %u with the agent: %m", i);
         }
-        r = dr_agent_start(vm->agent);
-        if (r < 0) {
-                log_error_errno(r, "Failed to start the dirtyrep agent: %m");
-                goto out;
-        }
-        if (service_start(vm->service) < 0) {
-                log_error("Failed to start the service port thread");
-                goto out_stop;
-        }
+        return 0;
+}
 
-        if (mode == DR_TRACKING_RING)
-                log_info("VM %s (%s): %u vCPU(s), %" PRIu64 " MiB, ring tracking (%u entries), control %s", o.name,
-                         uuid_str, vm->n_vcpus, vm->ram->size >> 20, o.ring_entries, o.control);
+/* The whole VM, ready to run: KVM, RAM, vCPUs, devices, then the restored state or the kernel, then the agent. */
+static int vm_build(Run *R)
+{
+        Vm *vm = R->vm;
+        int r;
+
+        r = vm_create_kvm(vm, &R->o, &R->mode);
+        if (r >= 0)
+                r = vm_create_ram_vcpus(vm, &R->o, R->restore_img);
+        if (r >= 0)
+                r = vm_create_devices(vm, R);
+        if (r < 0)
+                return r;
+        if (R->o.restore || R->o.restore_image) {
+                r = restore_state(vm, &R->o, R->restore_img);
+                if (r < 0)
+                        return r;
+                R->restore_img = image_free(R->restore_img); /* RAM and state are in; the files are not needed */
+        } else {
+                r = load_kernel(vm, &R->o);
+                if (r < 0)
+                        return r;
+        }
+        return vm_create_agent(vm, &R->o, R->mode);
+}
+
+/* The vCPUs run; --ready-fd hears about it. */
+static void vm_go(Run *R)
+{
+        Vm *vm = R->vm;
+        int r;
+
+        if (R->mode == DR_TRACKING_RING)
+                log_info("VM %s (%s): %u vCPU(s), %" PRIu64 " MiB, ring tracking (%u entries), control %s", R->o.name,
+                         R->uuid_str, vm->n_vcpus, vm->ram->size >> 20, R->o.ring_entries, R->o.control);
         else
-                log_info("VM %s (%s): %u vCPU(s), %" PRIu64 " MiB, bitmap tracking, control %s", o.name, uuid_str,
-                         vm->n_vcpus, vm->ram->size >> 20, o.control);
+                log_info("VM %s (%s): %u vCPU(s), %" PRIu64 " MiB, bitmap tracking, control %s", R->o.name,
+                         R->uuid_str, vm->n_vcpus, vm->ram->size >> 20, R->o.control);
 
         for (unsigned i = 0; i < vm->n_vcpus; i++)
                 if (vcpu_start(&vm->vcpus[i]) < 0) {
@@ -997,13 +982,17 @@ static int run(int argc, char *argv[])
                         break;
                 }
 
-        if (o.ready_fd >= 0) {
-                r = loop_write(o.ready_fd, "1\n", 2);
+        if (R->o.ready_fd >= 0) {
+                r = loop_write(R->o.ready_fd, "1\n", 2);
                 if (r < 0)
                         log_warning_errno(r, "Failed to write to --ready-fd: %m");
-                o.ready_fd = safe_close(o.ready_fd);
+                R->o.ready_fd = safe_close(R->o.ready_fd);
         }
+}
 
+/* The main thread's only job while the VM runs: wait for a signal or a vCPU asking the VM to stop. */
+static void vm_wait(Vm *vm, int sig_fd)
+{
         for (;;) {
                 struct pollfd p[2] = {
                         { .fd = sig_fd, .events = POLLIN },
@@ -1015,7 +1004,7 @@ static int run(int argc, char *argv[])
                                 continue;
                         log_error_errno(-errno, "poll() failed: %m");
                         vm_request_exit(vm, VMM_EXIT_FAILURE);
-                        break;
+                        return;
                 }
                 if (p[0].revents & POLLIN) {
                         struct signalfd_siginfo si;
@@ -1023,22 +1012,29 @@ static int run(int argc, char *argv[])
                         if (read(sig_fd, &si, sizeof(si)) == sizeof(si))
                                 log_info("Received %s, shutting down", strsignal((int) si.ssi_signo));
                         vm_request_exit(vm, VMM_EXIT_OK);
-                        break;
+                        return;
                 }
                 if (p[1].revents & POLLIN)
-                        break;
+                        return;
         }
+}
 
-out_stop:
+/* Stops a started VM; returns the exit status the first vm_request_exit() asked for. */
+static int vm_stop(Vm *vm)
+{
+        int status;
+
         /* Order matters: the agent releases parked vCPUs and kicks running ones, then we join them. */
         dr_agent_stop(vm->agent);
         for (unsigned i = 0; i < vm->n_vcpus; i++)
                 vcpu_join(&vm->vcpus[i]);
         service_stop(vm->service);
         status = atomic_load(&vm->exit_status);
-        if (status < 0)
-                status = VMM_EXIT_FAILURE;
-out:
+        return status < 0 ? VMM_EXIT_FAILURE : status;
+}
+
+static void vm_destroy(Vm *vm)
+{
         vm->agent = dr_agent_free(vm->agent);
         vm->service = service_free(vm->service);
         vm->com1 = uart_free(vm->com1);
@@ -1047,12 +1043,62 @@ out:
                 if (vm->vcpus[i].vm)
                         vcpu_destroy(&vm->vcpus[i]);
         vm->ram = guest_ram_free(vm->ram);
-        restore_img = image_free(restore_img);
         safe_close(vm->vm_fd);
         safe_close(vm->kvm_fd);
         safe_close(vm->console_fd);
         safe_close(vm->done_fd);
-        return status;
+}
+
+static void run_done(Run *R)
+{
+        if (R->vm)
+                vm_destroy(R->vm);
+        R->restore_img = image_free(R->restore_img);
+        free(R->control_default);
+        free(R->listen_addr);
+        safe_close(R->sig_fd);
+}
+
+static int run(int argc, char *argv[])
+{
+        _cleanup_(run_done) Run R = { .sig_fd = -EBADF, .mode = DR_TRACKING_BITMAP };
+        static Vm vm_storage;
+        int r;
+
+        log_set_ident("dirtyrep-vmm");
+        r = parse_argv(argc, argv, &R.o);
+        if (r <= 0)
+                return r < 0 ? VMM_EXIT_FAILURE : VMM_EXIT_OK;
+        if (run_prepare(&R) < 0)
+                return VMM_EXIT_FAILURE;
+
+        R.vm = &vm_storage;
+        *R.vm = (Vm) {
+                .kvm_fd = -EBADF,
+                .vm_fd = -EBADF,
+                .n_vcpus = R.o.cpus,
+                .console_fd = -EBADF,
+                .console_commit = R.o.console_commit,
+                .done_fd = -EBADF,
+        };
+        atomic_init(&R.vm->exit_status, -1);
+        if (signals_block(&R.sig_fd) < 0)
+                return VMM_EXIT_FAILURE;
+        if (vm_build(&R) < 0)
+                return VMM_EXIT_FAILURE;
+
+        r = dr_agent_start(R.vm->agent);
+        if (r < 0) {
+                log_error_errno(r, "Failed to start the dirtyrep agent: %m");
+                return VMM_EXIT_FAILURE;
+        }
+        if (service_start(R.vm->service) < 0)
+                log_error("Failed to start the service port thread");
+        else {
+                vm_go(&R);
+                vm_wait(R.vm, R.sig_fd);
+        }
+        return vm_stop(R.vm);
 }
 
 int main(int argc, char *argv[])
