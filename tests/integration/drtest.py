@@ -485,7 +485,9 @@ class Proxy:
     flowing from the connecting side (the primary) to the target (the standby):
     mode "pass"; "flip" (one bit of the next chunk longer than 64 bytes is
     flipped, then "pass"); "stall" (nothing is forwarded either way until the
-    mode changes). cut() shuts every connection down (both sides see it closed)."""
+    mode changes); "slow" (the primary's stream trickles at about 80 KB/s, so a
+    full sync takes seconds). cut() shuts every connection down (both sides see
+    it closed)."""
 
     def __init__(self, target, listen=("127.0.0.1", 0)):
         import threading
@@ -528,9 +530,12 @@ class Proxy:
                 if self.mode == "stall":
                     time.sleep(0.01)
                     continue
-                data = src.recv(65536)
+                slow = forward and self.mode == "slow"
+                data = src.recv(4096 if slow else 65536)
                 if not data:
                     break
+                if slow:
+                    time.sleep(0.05)
                 while self.mode == "stall" and not self.stop:
                     time.sleep(0.01)
                 if forward and self.mode == "flip" and len(data) > 64:
@@ -568,7 +573,7 @@ class Proxy:
 
 def proxy_server(control, pairs):
     """Run Proxies for pairs [(listen_port, target_host, target_port)] on 127.0.0.1 and
-    obey one-line commands on the unix socket control: pass | flip | stall | cut;
+    obey one-line commands on the unix socket control: pass | flip | stall | slow | cut;
     each answers "ok N" (N: connections cut, bits flipped so far)."""
     proxies = [Proxy((h, p), ("127.0.0.1", lp)) for lp, h, p in pairs]
     if os.path.exists(control):
@@ -582,12 +587,13 @@ def proxy_server(control, pairs):
         n = 0
         if cmd == "cut":
             n = sum(p.cut() for p in proxies)
-        elif cmd in ("pass", "flip", "stall"):
+        elif cmd in ("pass", "flip", "stall", "slow"):
             for p in proxies:
                 p.mode = cmd
         elif cmd == "flipped":
             n = sum(p.flipped for p in proxies)
-        s.sendall(f"ok {n}\n".encode() if cmd in ("cut", "pass", "flip", "stall", "flipped") else b"error\n")
+        s.sendall(f"ok {n}\n".encode() if cmd in ("cut", "pass", "flip", "stall", "slow", "flipped")
+                  else b"error\n")
         s.close()
 
 
