@@ -1176,7 +1176,7 @@ static void stop_tracking_logged(Epoch *e, bool hold)
                 log_error_errno(r, "VM %s: StopTracking failed: %s", e->p->vm->name, vmm_link_last_error(e->vmm));
 }
 
-static void epoch_stop_vmm(Epoch *e)
+static void epoch_stop_vmm(Epoch *e, int loop_result)
 {
         Primary *p = e->p;
         uint64_t acked;
@@ -1185,8 +1185,11 @@ static void epoch_stop_vmm(Epoch *e)
 
         if (!e->vmm)
                 return;
-        /* Release what the standby committed, including ACKs that arrived while stopping. */
-        (void) handle_acks(e);
+        /* Release what the standby committed, including ACKs that arrived while stopping.
+         * Not after an error: the VmmLink may be what failed, and whatever stays held
+         * is released by the next session's first commit anyway. */
+        if (loop_result >= 0 || loop_result == -ECANCELED)
+                (void) handle_acks(e);
         pthread_mutex_lock(&p->mutex);
         g = p->guard;
         pthread_mutex_unlock(&p->mutex);
@@ -1474,7 +1477,7 @@ static void *epoch_thread(void *userdata)
         int r;
 
         r = epoch_loop(e);
-        epoch_stop_vmm(e);
+        epoch_stop_vmm(e, r);
         if (r < 0 && r != -ECANCELED) {
                 pthread_mutex_lock(&p->mutex);
                 if (!p->failed)
