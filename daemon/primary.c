@@ -1153,6 +1153,15 @@ static void epoch_free(Epoch *e)
         vmm_link_free(e->vmm);
 }
 
+static void stop_tracking_logged(Epoch *e, bool hold)
+{
+        int r = hold ? vmm_link_stop_tracking_hold(e->vmm) : vmm_link_stop_tracking(e->vmm);
+
+        /* A VMM that is gone needs no StopTracking (and its agent holds, were it alive). */
+        if (r < 0 && r != -ECONNRESET && r != -EPIPE && r != -ENOTCONN && r != -ESHUTDOWN)
+                log_error_errno(r, "VM %s: StopTracking failed: %s", e->p->vm->name, vmm_link_last_error(e->vmm));
+}
+
 /*
  * Every way this primary stops (daemon stop or restart, a reload that changes
  * or removes the VM, Detach, an error of the epoch thread) ends here, on the
@@ -1167,15 +1176,6 @@ static void epoch_free(Epoch *e)
  * its held output up. A crash does the same without us: the agent keeps
  * output held and a suspended VM paused.
  */
-static void stop_tracking_logged(Epoch *e, bool hold)
-{
-        int r = hold ? vmm_link_stop_tracking_hold(e->vmm) : vmm_link_stop_tracking(e->vmm);
-
-        /* A VMM that is gone needs no StopTracking (and its agent holds, were it alive). */
-        if (r < 0 && r != -ECONNRESET && r != -EPIPE && r != -ENOTCONN && r != -ESHUTDOWN)
-                log_error_errno(r, "VM %s: StopTracking failed: %s", e->p->vm->name, vmm_link_last_error(e->vmm));
-}
-
 static void epoch_stop_vmm(Epoch *e, int loop_result)
 {
         Primary *p = e->p;
@@ -2280,7 +2280,9 @@ int primary_resume_unprotected(Primary *p)
         log_error("VM %s: the operator resumed the VM (was %s): held output is released and the VM runs "
                   "UNPROTECTED; if another host serves this VM now, both answer clients",
                   p->vm->name,
-                  was == GUARD_SUSPENDED ? "suspended" : was == GUARD_HOLDING ? "holding output" : "waiting for a standby");
+                  was == GUARD_SUSPENDED ? "suspended"
+                  : was == GUARD_HOLDING ? "holding output"
+                                         : "waiting for a standby");
         wake(p->wake_fd);
         return 0;
 }
