@@ -485,7 +485,7 @@ class Proxy:
     flowing from the connecting side (the primary) to the target (the standby):
     mode "pass"; "flip" (one bit of the next chunk longer than 64 bytes is
     flipped, then "pass"); "stall" (nothing is forwarded either way until the
-    mode changes); "slow" (the primary's stream trickles at about 80 KB/s, so a
+    mode changes); "slow" (the primary's stream trickles at about 20 KB/s, so a
     full sync takes seconds). cut() shuts every connection down (both sides see
     it closed)."""
 
@@ -531,7 +531,7 @@ class Proxy:
                     time.sleep(0.01)
                     continue
                 slow = forward and self.mode == "slow"
-                data = src.recv(4096 if slow else 65536)
+                data = src.recv(1024 if slow else 65536)
                 if not data:
                     break
                 if slow:
