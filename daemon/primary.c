@@ -1218,10 +1218,16 @@ static void epoch_stop_vmm(Epoch *e, int loop_result)
         }
         /* On failure too the agent keeps output held (as for a client that vanished). */
         stop_tracking_logged(e, true);
-        log_notice("VM %s: replication stopped with the standby at epoch %" PRIu64 " of %" PRIu64
-                   ": the VM runs on, its output from later epochs stays held in the VMM until dirtyrepd attaches "
-                   "and a standby commits (`dirtyrepctl resume %s` releases it unprotected)",
-                   p->vm->name, acked, e->cur, p->vm->name);
+        if (loop_result < 0 && loop_result != -ECANCELED)
+                log_error("VM %s: replication stopped on an error; the VM runs on, its output after epoch %" PRIu64
+                          " stays held in the VMM until a new session's standby commits: `dirtyrepctl detach %s` "
+                          "and `dirtyrepctl attach %s` start one",
+                          p->vm->name, acked, p->vm->name, p->vm->name);
+        else
+                log_notice("VM %s: replication stopped with the standby at epoch %" PRIu64 " of %" PRIu64
+                           ": the VM runs on, its output from later epochs stays held in the VMM until dirtyrepd "
+                           "attaches and a standby commits (`dirtyrepctl resume %s` first releases it unprotected)",
+                           p->vm->name, acked, e->cur, p->vm->name);
 }
 
 static int epoch_init(Epoch *e)
