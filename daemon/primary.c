@@ -1226,7 +1226,8 @@ static void epoch_stop_vmm(Epoch *e, int loop_result)
         else
                 log_notice("VM %s: replication stopped with the standby at epoch %" PRIu64 " of %" PRIu64
                            ": the VM runs on, its output from later epochs stays held in the VMM until dirtyrepd "
-                           "attaches and a standby commits (`dirtyrepctl resume %s` first releases it unprotected)",
+                           "attaches and a standby commits (to run it unprotected instead: `dirtyrepctl resume %s` before a "
+                           "stop)",
                            p->vm->name, acked, e->cur, p->vm->name);
 }
 
