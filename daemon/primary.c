@@ -2248,6 +2248,16 @@ void primary_drain(Primary *p)
         wake(p->wake_fd);
 }
 
+bool primary_suspended(Primary *p)
+{
+        bool r;
+
+        pthread_mutex_lock(&p->mutex);
+        r = p->guard == GUARD_SUSPENDED;
+        pthread_mutex_unlock(&p->mutex);
+        return r;
+}
+
 bool primary_drained(Primary *p)
 {
         bool done;

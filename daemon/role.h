@@ -84,6 +84,8 @@ void primary_get_status(Primary *p, ReplStatus *ret);
  * output the standby has not acknowledged, drained or not.
  */
 void primary_drain(Primary *p);
+/* The split-brain guard suspends the VM (also: it came back suspended at attach). */
+bool primary_suspended(Primary *p);
 bool primary_drained(Primary *p);
 /*
  * The operator's way out of the split-brain guard (`dirtyrepctl resume`): a
