@@ -280,6 +280,8 @@ def test_stop_suspended(tmp, a):
     got = answers_from("a", "z", 3.0)
     if got:
         fail(f"the old primary answered after its dirtyrepd restarted: {got[:5]}: split brain")
+    if SVC_IP in run("ip", "-n", NS["a"], "-4", "addr", "show", "dev", "eth0").stdout:
+        fail("the restarted, suspended old primary took the service address (the promoted host has it)")
 
     # 3. A crash of the restarted daemon (SIGKILL): the agent keeps the VM paused.
     A.daemon.kill()
@@ -301,6 +303,11 @@ def test_stop_suspended(tmp, a):
     if not r.startswith("ok"):
         fail(f"'resume t' answered {r.strip()!r}")
     st = A.daemon.wait(lambda s: s["state"] == "unprotected", "the operator's resume")
+    end = time.time() + 5
+    while SVC_IP not in run("ip", "-n", NS["a"], "-4", "addr", "show", "dev", "eth0").stdout:
+        if time.time() > end:
+            fail("the resumed primary did not take its service address")
+        time.sleep(0.05)
     got = answers_from("a", "z", 5.0)
     log(f"operator resume: A {st['state']}: {st['detail']}; answers from A: {got[:3]}...")
     if not got:
