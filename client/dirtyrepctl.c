@@ -735,6 +735,18 @@ static int verb_detach(int argc, char *argv[])
         return call_vm(argc, argv, "Detach", "Detach", NULL, NULL, NULL);
 }
 
+static int verb_resume(int argc, char *argv[])
+{
+        char name[NAME_MAX_LEN + 1];
+        int r;
+
+        r = call_vm(argc, argv, "Resume", "Resume", NULL, name, NULL);
+        if (r != 0)
+                return r;
+        printf("VM %s: resumed; it runs UNPROTECTED until a standby syncs\n", name);
+        return 0;
+}
+
 static int verb_failover(int argc, char *argv[])
 {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
@@ -966,6 +978,7 @@ typedef struct Verb {
 static const Verb verbs[] = {
         {"status", 0, 1, verb_status}, {"list", 0, 0, verb_list},     {"checkpoint", 0, 1, verb_checkpoint},
         {"attach", 1, 1, verb_attach}, {"detach", 1, 1, verb_detach}, {"failover", 0, 1, verb_failover},
+        {"resume", 1, 1, verb_resume},
         {"reload", 0, 0, verb_reload}, {"events", 0, 0, verb_events}, {"version", 0, 0, verb_version},
         {"image", 1, -1, verb_image, true},
 };
@@ -983,6 +996,8 @@ static void help(void)
                "  attach VM              Start the VM's role (after detach)\n"
                "  detach VM              Stop the VM's role; the daemon keeps its configuration\n"
                "  failover [VM]          Promote a standby or demote a primary (--force: even when unsafe)\n"
+               "  resume VM              Release a suspended or held primary: it runs UNPROTECTED\n"
+               "                         (only when no other host serves the VM)\n"
                "  reload                 Re-read the configuration (changed VMs restart, others untouched)\n"
                "  events                 Follow state changes as they happen\n"
                "  version                Show the client's and the daemon's version\n\n"

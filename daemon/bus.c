@@ -470,6 +470,37 @@ static int method_detach(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         return sd_bus_reply_method_return(msg, NULL);
 }
 
+/* The operator's way out of the split-brain guard: see primary_resume_unprotected(). */
+static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *error)
+{
+        Vm *vm = userdata;
+        int r;
+
+        r = check_privileged(msg, error);
+        if (r < 0)
+                return r;
+        if (!vm->primary)
+                return sd_bus_error_setf(error, vm->standby ? BUS_ERROR("NotPrimary") : BUS_ERROR("NotAttached"),
+                                         "VM '%s' is not an attached primary", vm->cfg->name);
+        r = primary_resume_unprotected(vm->primary);
+        bus_vm_check_changes(vm->manager, vm);
+        switch (r) {
+        case 0:
+                return sd_bus_reply_method_return(msg, NULL);
+        case -EBUSY:
+                return sd_bus_error_setf(error, BUS_ERROR("Protected"),
+                                         "VM '%s' has a standby connected: its output follows the standby's "
+                                         "acknowledgements, nothing to resume",
+                                         vm->cfg->name);
+        case -EALREADY:
+                return sd_bus_error_setf(error, BUS_ERROR("Unprotected"), "VM '%s' already runs unprotected",
+                                         vm->cfg->name);
+        default:
+                return sd_bus_error_setf(error, BUS_ERROR("NotAttached"), "VM '%s' is not attached to its VMM",
+                                         vm->cfg->name);
+        }
+}
+
 #define EMITS SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE
 
 /*
@@ -525,6 +556,8 @@ static const sd_bus_vtable vm_vtable[] = {
         SD_BUS_METHOD_WITH_ARGS("Attach", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_attach,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Detach", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_detach,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Resume", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_resume,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Failover", SD_BUS_ARGS("b", force), SD_BUS_RESULT("s", role), method_failover,
                                 SD_BUS_VTABLE_UNPRIVILEGED),

@@ -49,6 +49,7 @@
 #include "macros.h"
 #include "manager.h"
 #include "role.h"
+#include "util.h"
 
 #define DEBUG_LINE_MAX 4096
 #define DEBUG_CLIENTS_MAX 16
@@ -245,6 +246,8 @@ static bool debug_execute(DebugClient *c, char *line)
                 r = primary_thaw(vm->primary);
         else if (streq(w[0], "reset-pauses") && n == 2 && vm->primary)
                 r = primary_reset_pauses(vm->primary);
+        else if (streq(w[0], "resume") && n == 2 && vm->primary)
+                r = primary_resume_unprotected(vm->primary);
         else if (streq(w[0], "hash") && n == 3 && vm->primary)
                 r = primary_hash_ram(vm->primary, w[2]);
         else if (streq(w[0], "hash") && n == 3 && vm->standby)
@@ -582,6 +585,57 @@ static void log_config_errors(int r, const char *errors)
                         arg_config_dir ?: "no VM directory", arg_n_vms > 0 ? ", command line" : "");
 }
 
+/*
+ * SIGTERM/SIGINT: before the primaries are freed (which releases only what
+ * the standby acknowledged, primary_free()), give each standby a bounded
+ * moment to acknowledge the epochs in flight, so a routine stop of a healthy
+ * pair leaves as little output held as possible. A second signal stops at once.
+ */
+#define STOP_DRAIN_USEC      (2 * USEC_PER_SEC)
+#define STOP_DRAIN_POLL_USEC (10 * USEC_PER_MSEC)
+static uint64_t stop_deadline;
+
+static int on_drain_timer(sd_event_source *s, uint64_t usec, void *userdata)
+{
+        Manager *m = userdata;
+        size_t waiting = 0;
+
+        for (size_t i = 0; i < m->n_vms; i++)
+                if (m->vms[i]->primary && !primary_drained(m->vms[i]->primary))
+                        waiting++;
+        if (waiting == 0 || now_usec() >= stop_deadline) {
+                if (waiting > 0)
+                        log_warning("Stopping: %zu VM(s) still have unacknowledged epochs after %llu ms; their "
+                                    "output stays held in the VMM",
+                                    waiting, (unsigned long long) (STOP_DRAIN_USEC / USEC_PER_MSEC));
+                return sd_event_exit(sd_event_source_get_event(s), 0);
+        }
+        (void) sd_event_source_set_time_relative(s, STOP_DRAIN_POLL_USEC);
+        return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+}
+
+static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
+{
+        Manager *m = userdata;
+        int r;
+
+        if (stop_deadline > 0) {
+                log_notice("%s again: stopping now", si->ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+                return sd_event_exit(sd_event_source_get_event(s), 0);
+        }
+        (void) sd_notify(false, "STOPPING=1");
+        stop_deadline = now_usec() + STOP_DRAIN_USEC;
+        for (size_t i = 0; i < m->n_vms; i++)
+                if (m->vms[i]->primary)
+                        primary_drain(m->vms[i]->primary);
+        r = sd_event_add_time_relative(m->event, NULL, CLOCK_MONOTONIC, 0, 1000, on_drain_timer, m);
+        if (r < 0)
+                return sd_event_exit(m->event, 0);
+        log_info("Stopping: waiting up to %llu ms for the standbys to acknowledge epochs in flight",
+                 (unsigned long long) (STOP_DRAIN_USEC / USEC_PER_MSEC));
+        return 0;
+}
+
 static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
 {
         Manager *m = userdata;
@@ -661,8 +715,8 @@ int main(int argc, char **argv)
                 log_error_errno(r, "Failed to create the event loop: %m");
                 goto out;
         }
-        (void) sd_event_add_signal(m->event, NULL, SIGTERM, NULL, NULL);
-        (void) sd_event_add_signal(m->event, NULL, SIGINT, NULL, NULL);
+        (void) sd_event_add_signal(m->event, NULL, SIGTERM, on_stop_signal, m);
+        (void) sd_event_add_signal(m->event, NULL, SIGINT, on_stop_signal, m);
         (void) sd_event_add_signal(m->event, NULL, SIGHUP, on_sighup, m);
         /* WATCHDOG=1 from the loop itself when WATCHDOG_USEC is set: a hung loop stops it. */
         r = sd_event_set_watchdog(m->event, true);

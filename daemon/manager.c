@@ -373,7 +373,11 @@ int vm_attach(Vm *vm)
                         r = primary_set_tls(vm->primary, tls);
                 if (r >= 0)
                         r = primary_start(vm->primary);
-                if (r >= 0)
+                vm->service_address_deferred = r >= 0 && primary_suspended(vm->primary);
+                if (vm->service_address_deferred && cfg->service_address.family != AF_UNSPEC)
+                        log_notice("VM %s: suspended: the service address waits until the suspension ends",
+                                   cfg->name);
+                else if (r >= 0)
                         (void) failover_service_address(vm->failover, true);
         } else {
                 /* A standby never holds the service address (left over from a crash as primary). */
@@ -650,8 +654,15 @@ static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata)
 {
         Manager *m = userdata;
 
-        for (size_t i = 0; i < m->n_vms; i++)
-                bus_vm_check_changes(m, m->vms[i]);
+        for (size_t i = 0; i < m->n_vms; i++) {
+                Vm *vm = m->vms[i];
+
+                if (vm->service_address_deferred && vm->primary && !primary_suspended(vm->primary)) {
+                        vm->service_address_deferred = false;
+                        (void) failover_service_address(vm->failover, true);
+                }
+                bus_vm_check_changes(m, vm);
+        }
 
         if (m->status_ticks++ % NOTIFY_EVERY_TICKS == 0) {
                 char status[sizeof(m->last_notify_status)];

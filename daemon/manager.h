@@ -50,6 +50,9 @@ typedef struct Vm {
         bool promoting;         /* fence or activation running */
         uint64_t promote_epoch; /* the replica's epoch being activated */
         uint64_t promote_start_usec;
+        /* The primary came back suspended (the VMM says so): another host may hold the
+         * service address; it is added only once the suspension ends (status timer). */
+        bool service_address_deferred;
 } Vm;
 
 /* One --vm NAME block of the command line: settings as "Key=Value". */

@@ -184,6 +184,9 @@ struct Primary {
         /* Written by the loop on ACK, read by the epoch thread: the standby
          * committed every epoch <= acked. Release/acquire pairs the two. */
         _Atomic uint64_t acked;
+        /* primary_drain(): the daemon is stopping; no new seals (only a hint, relaxed). */
+        _Atomic bool draining;
+        uint64_t drain_target; /* loop only: the last epoch sealed when the drain began */
 };
 
 /* The epoch thread's own state. */
@@ -1147,12 +1150,85 @@ static void epoch_free(Epoch *e)
         free(e->stage_pages);
         free(e->stage_data);
         free(e->batch_buf);
-        /* A clean stop gives up protection explicitly: the agent stops tracking and
-         * releases held output. Without it (this daemon crashed) the agent keeps the
-         * output held, since the standby may be failing over from an older epoch. */
-        if (e->vmm)
-                (void) vmm_link_stop_tracking(e->vmm);
         vmm_link_free(e->vmm);
+}
+
+static void stop_tracking_logged(Epoch *e, bool hold)
+{
+        int r = hold ? vmm_link_stop_tracking_hold(e->vmm) : vmm_link_stop_tracking(e->vmm);
+
+        /* A VMM that is gone needs no StopTracking (and its agent holds, were it alive). */
+        if (r < 0 && r != -ECONNRESET && r != -EPIPE && r != -ENOTCONN && r != -ESHUTDOWN)
+                log_error_errno(r, "VM %s: StopTracking failed: %s", e->p->vm->name, vmm_link_last_error(e->vmm));
+}
+
+/*
+ * Every way this primary stops (daemon stop or restart, a reload that changes
+ * or removes the VM, Detach, an error of the epoch thread) ends here, on the
+ * epoch thread, which owns the VmmLink. What the standby acknowledged is
+ * released; nothing else is: held output of unacknowledged epochs (and of the
+ * running one) stays held in the agent, and so does what the VM sends until
+ * the next dirtyrepd's first release, because the standby may fail over from
+ * its last committed epoch at any time (even during the next session's full
+ * sync). A VM suspended by the split-brain guard stays suspended: another
+ * host may be serving it. Only a VM whose output already flows by decision
+ * (SplitBrainPolicy=continue, `dirtyrepctl resume`, OutputCommit=no) gives
+ * its held output up. A crash does the same without us: the agent keeps
+ * output held and a suspended VM paused.
+ */
+static void epoch_stop_vmm(Epoch *e, int loop_result)
+{
+        Primary *p = e->p;
+        uint64_t acked;
+        Guard g;
+        int r;
+
+        if (!e->vmm)
+                return;
+        /* Release what the standby committed, including ACKs that arrived while stopping.
+         * Not after an error: the VmmLink may be what failed, and whatever stays held
+         * is released by the next session's first commit anyway. */
+        if (loop_result >= 0 || loop_result == -ECANCELED)
+                (void) handle_acks(e);
+        pthread_mutex_lock(&p->mutex);
+        g = p->guard;
+        pthread_mutex_unlock(&p->mutex);
+        acked = e->released;
+
+        if (g == GUARD_SUSPENDED && !e->suspended) {
+                r = vmm_link_suspend(e->vmm, PAUSE_TIMEOUT_MS);
+                if (r < 0 && r != -ETIMEDOUT)
+                        log_error_errno(r, "VM %s: suspending the VM before stopping failed: %s", p->vm->name,
+                                        vmm_link_last_error(e->vmm));
+                else
+                        e->suspended = true;
+        }
+        if (e->suspended || g == GUARD_SUSPENDED) {
+                stop_tracking_logged(e, true);
+                log_warning("VM %s: stopping replication of a SUSPENDED VM: it stays paused with its output held "
+                            "until a dirtyrepd resyncs it with a standby or `dirtyrepctl resume %s` runs it "
+                            "unprotected",
+                            p->vm->name, p->vm->name);
+                return;
+        }
+        if (g == GUARD_UNPROTECTED || !p->vm->output_commit) {
+                /* Output flows already: nothing held is waiting for the standby. */
+                stop_tracking_logged(e, false);
+                return;
+        }
+        /* On failure too the agent keeps output held (as for a client that vanished). */
+        stop_tracking_logged(e, true);
+        if (loop_result < 0 && loop_result != -ECANCELED)
+                log_error("VM %s: replication stopped on an error; the VM runs on, its output after epoch %" PRIu64
+                          " stays held in the VMM until a new session's standby commits: `dirtyrepctl detach %s` "
+                          "and `dirtyrepctl attach %s` start one",
+                          p->vm->name, acked, p->vm->name, p->vm->name);
+        else
+                log_notice("VM %s: replication stopped with the standby at epoch %" PRIu64 " of %" PRIu64
+                           ": the VM runs on, its output from later epochs stays held in the VMM until dirtyrepd "
+                           "attaches and a standby commits (to run it unprotected instead: `dirtyrepctl resume %s` before a "
+                           "stop)",
+                           p->vm->name, acked, e->cur, p->vm->name);
 }
 
 static int epoch_init(Epoch *e)
@@ -1206,6 +1282,9 @@ static bool should_seal(Epoch *e, bool *ret_freeze, bool *ret_ckpt)
          * so there is never more than one such extra epoch). */
         if (e->n_hist >= MAX(p->vm->max_inflight_epochs, 1u) + ((freeze || ckpt || image) ? 1u : 0u))
                 return false;
+        /* Stopping (primary_drain()): let the standby catch up instead of adding epochs. */
+        if (atomic_load_explicit(&p->draining, memory_order_relaxed) && !freeze && !ckpt && !image)
+                return false;
         due = now_usec() - e->epoch_start_us >= (uint64_t) p->vm->epoch_ms * USEC_PER_MSEC;
         *ret_freeze = freeze;
         *ret_ckpt = ckpt;
@@ -1243,7 +1322,9 @@ static int guard_apply(Epoch *e, bool *frozen)
         pthread_mutex_unlock(&p->mutex);
 
         if (g == GUARD_SUSPENDED && !e->suspended && !*frozen) {
-                r = vmm_link_pause(e->vmm, PAUSE_TIMEOUT_MS, NULL);
+                /* Pause{suspend}: the agent keeps the VM paused even if this daemon
+                 * stops or dies, and tells the next one (HelloReply.suspended). */
+                r = vmm_link_suspend(e->vmm, PAUSE_TIMEOUT_MS);
                 if (r < 0)
                         return log_error_errno(r, "VM %s: PAUSE for the split-brain policy failed: %s",
                                                p->vm->name, vmm_link_last_error(e->vmm));
@@ -1255,7 +1336,7 @@ static int guard_apply(Epoch *e, bool *frozen)
                           "standby resyncs",
                           p->vm->name);
         } else if (g != GUARD_SUSPENDED && e->suspended) {
-                r = vmm_link_resume(e->vmm, e->cur);
+                r = vmm_link_unsuspend(e->vmm, e->cur);
                 if (r < 0)
                         return log_error_errno(r, "VM %s: RESUME after suspension failed: %s", p->vm->name,
                                                vmm_link_last_error(e->vmm));
@@ -1264,7 +1345,10 @@ static int guard_apply(Epoch *e, bool *frozen)
                 pthread_mutex_lock(&p->mutex);
                 p->suspended = false;
                 pthread_mutex_unlock(&p->mutex);
-                log_notice("VM %s: VM resumed: a standby is connected", p->vm->name);
+                if (g == GUARD_UNPROTECTED)
+                        log_warning("VM %s: VM resumed by the operator: it runs UNPROTECTED", p->vm->name);
+                else
+                        log_notice("VM %s: VM resumed: a standby is connected", p->vm->name);
         }
         if (e->suspended)
                 *frozen = true;
@@ -1400,6 +1484,7 @@ static void *epoch_thread(void *userdata)
         int r;
 
         r = epoch_loop(e);
+        epoch_stop_vmm(e, r);
         if (r < 0 && r != -ECANCELED) {
                 pthread_mutex_lock(&p->mutex);
                 if (!p->failed)
@@ -1941,11 +2026,28 @@ static int attach_now(Primary *p)
                 if (r < 0)
                         log_error_errno(r, "VM %s: StartTracking failed: %s", p->vm->name, vmm_link_last_error(vmm));
         }
-        if (r >= 0) {
+        if (r >= 0 && vmm_link_hello_suspended(vmm)) {
+                /* The split-brain guard suspended this VM under an earlier dirtyrepd (or
+                 * an earlier session of ours): another host may serve it now. It stays
+                 * so until a standby connects and resyncs, or the operator decides. */
+                e->suspended = true;
+                pthread_mutex_lock(&p->mutex);
+                p->guard = GUARD_SUSPENDED;
+                p->suspended = true;
+                pthread_mutex_unlock(&p->mutex);
+                log_error("VM %s: the VMM says the VM is SUSPENDED by the split-brain guard (%" PRIu64
+                          " bytes of output held): it stays paused until a standby at %s resyncs it, or "
+                          "`dirtyrepctl resume %s` runs it unprotected (only if the other host does not serve it)",
+                          p->vm->name, vmm_link_hello_held_bytes(vmm), p->vm->peer.text, p->vm->name);
+        } else if (r >= 0) {
                 /* Output from here on is held under epoch 1 until the standby commits it. */
                 r = vmm_link_resume(vmm, 1);
                 if (r < 0)
                         log_error_errno(r, "VM %s: Resume(1) failed: %s", p->vm->name, vmm_link_last_error(vmm));
+                else if (vmm_link_hello_held_bytes(vmm) > 0)
+                        log_notice("VM %s: %" PRIu64 " bytes of output held by an earlier dirtyrepd wait for the "
+                                   "standby's first commit",
+                                   p->vm->name, vmm_link_hello_held_bytes(vmm));
         }
         if (r < 0) {
                 e->vmm = NULL;
@@ -1971,7 +2073,12 @@ static int attach_now(Primary *p)
         p->thread_started = true;
         pthread_mutex_lock(&p->mutex);
         p->attached = true;
-        if (p->promoted)
+        if (p->guard == GUARD_SUSPENDED)
+                snprintf(p->detail, sizeof(p->detail),
+                         "suspended before attach (split-brain guard, kept by the VMM); waiting for a standby at %s "
+                         "or `dirtyrepctl resume`",
+                         p->vm->peer.text);
+        else if (p->promoted)
                 snprintf(p->detail, sizeof(p->detail),
                          "promoted from the replica of epoch %" PRIu64 "; unprotected until a standby at %s syncs",
                          p->promoted_from, p->vm->peer.text);
@@ -2130,6 +2237,71 @@ Primary *primary_free(Primary *p)
         sd_event_unref(p->event);
         free(p);
         return NULL;
+}
+
+void primary_drain(Primary *p)
+{
+        pthread_mutex_lock(&p->mutex);
+        p->drain_target = p->last_sealed;
+        pthread_mutex_unlock(&p->mutex);
+        atomic_store_explicit(&p->draining, true, memory_order_relaxed);
+        wake(p->wake_fd);
+}
+
+bool primary_suspended(Primary *p)
+{
+        bool r;
+
+        pthread_mutex_lock(&p->mutex);
+        r = p->guard == GUARD_SUSPENDED;
+        pthread_mutex_unlock(&p->mutex);
+        return r;
+}
+
+bool primary_drained(Primary *p)
+{
+        bool done;
+
+        pthread_mutex_lock(&p->mutex);
+        /* Nothing more can come: no standby to ACK, or the guard already holds everything. */
+        done = !p->attached || p->failed || !p->link_up || p->guard != GUARD_NONE ||
+               atomic_load_explicit(&p->acked, memory_order_relaxed) >= p->drain_target;
+        pthread_mutex_unlock(&p->mutex);
+        return done;
+}
+
+int primary_resume_unprotected(Primary *p)
+{
+        Guard was;
+
+        pthread_mutex_lock(&p->mutex);
+        if (p->failed || !p->attached) {
+                pthread_mutex_unlock(&p->mutex);
+                return -ENOTCONN;
+        }
+        was = p->guard;
+        if (was == GUARD_UNPROTECTED) {
+                pthread_mutex_unlock(&p->mutex);
+                return -EALREADY;
+        }
+        if (was == GUARD_NONE && p->link_up) {
+                /* Protected (or syncing): output follows the standby's ACKs. */
+                pthread_mutex_unlock(&p->mutex);
+                return -EBUSY;
+        }
+        p->guard = GUARD_UNPROTECTED;
+        snprintf(p->detail, sizeof(p->detail),
+                 "resumed by the operator: running UNPROTECTED until a standby at %s syncs", p->vm->peer.text);
+        pthread_mutex_unlock(&p->mutex);
+        p->split_timer = sd_event_source_disable_unref(p->split_timer);
+        log_error("VM %s: the operator resumed the VM (was %s): held output is released and the VM runs "
+                  "UNPROTECTED; if another host serves this VM now, both answer clients",
+                  p->vm->name,
+                  was == GUARD_SUSPENDED ? "suspended"
+                  : was == GUARD_HOLDING ? "holding output"
+                                         : "waiting for a standby");
+        wake(p->wake_fd);
+        return 0;
 }
 
 void primary_set_promoted(Primary *p, uint64_t from_epoch)

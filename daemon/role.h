@@ -77,6 +77,23 @@ int primary_set_tls(Primary *p, SSL_CTX *tls);
 Primary *primary_free(Primary *p);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Primary *, primary_free);
 void primary_get_status(Primary *p, ReplStatus *ret);
+/*
+ * Stopping the daemon: stop sealing and let the standby acknowledge what is in
+ * flight (its output is then released when the primary is freed); the caller
+ * polls primary_drained() for a bounded time. primary_free() never releases
+ * output the standby has not acknowledged, drained or not.
+ */
+void primary_drain(Primary *p);
+/* The split-brain guard suspends the VM (also: it came back suspended at attach). */
+bool primary_suspended(Primary *p);
+bool primary_drained(Primary *p);
+/*
+ * The operator's way out of the split-brain guard (`dirtyrepctl resume`): a
+ * suspended VM resumes, held output is released, the VM runs unprotected
+ * until a standby connects. -EBUSY while a standby is connected, -EALREADY
+ * when already unprotected, -ENOTCONN when not attached.
+ */
+int primary_resume_unprotected(Primary *p);
 
 /* Seals an epoch now instead of at the next interval; returns its number once sealed. */
 int primary_checkpoint(Primary *p, uint64_t *ret_epoch);

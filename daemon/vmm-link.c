@@ -24,8 +24,20 @@ struct VmmLink {
         uint64_t vmm_dirty_seen_seq;
         uint32_t features; /* HelloReply.features (Dr__Control__Feature bits) */
         uint64_t last_paused_ns; /* the last ResumeReply.paused_ns, 0 when the agent sent none */
+        bool hello_suspended;    /* HelloReply.suspended */
+        uint64_t hello_held_bytes; /* HelloReply.held_output_bytes */
         char last_error[256];
 };
+
+bool vmm_link_hello_suspended(const VmmLink *l)
+{
+        return l->hello_suspended;
+}
+
+uint64_t vmm_link_hello_held_bytes(const VmmLink *l)
+{
+        return l->hello_held_bytes;
+}
 
 uint64_t vmm_link_last_paused_ns(const VmmLink *l)
 {
@@ -428,6 +440,8 @@ int vmm_link_open_fd(int fd, const char *client, VmmLink **ret)
                 return -EPROTONOSUPPORT;
         }
         l->features = reply->hello->has_features ? reply->hello->features : 0;
+        l->hello_suspended = reply->hello->has_suspended && reply->hello->suspended;
+        l->hello_held_bytes = reply->hello->has_held_output_bytes ? reply->hello->held_output_bytes : 0;
         dr__control__reply__free_unpacked(reply, NULL);
 
         req = (Dr__Control__Request) DR__CONTROL__REQUEST__INIT;
@@ -472,6 +486,17 @@ int vmm_link_stop_tracking(VmmLink *l)
                               DR__CONTROL__STOP_TRACKING__INIT);
 }
 
+int vmm_link_stop_tracking_hold(VmmLink *l)
+{
+        Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__StopTracking m = DR__CONTROL__STOP_TRACKING__INIT;
+
+        m.has_hold_output = m.hold_output = true;
+        req.body_case = DR__CONTROL__REQUEST__BODY_STOP_TRACKING;
+        req.stop_tracking = &m;
+        return link_simple(l, &req, DR__CONTROL__REPLY__BODY__NOT_SET, NULL);
+}
+
 int vmm_link_reset_rings(VmmLink *l, uint64_t *ret_count)
 {
         Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
@@ -491,7 +516,8 @@ int vmm_link_reset_rings(VmmLink *l, uint64_t *ret_count)
 }
 
 /* PAUSE (and SAVE_STATE with it when save); the reply is the caller's to free. */
-static int pause_call(VmmLink *l, uint32_t timeout_ms, bool save, uint64_t *ret_pause_ns, Dr__Control__Reply **ret)
+static int pause_call(VmmLink *l, uint32_t timeout_ms, bool save, bool suspend, uint64_t *ret_pause_ns,
+                      Dr__Control__Reply **ret)
 {
         Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
         Dr__Control__Pause m = DR__CONTROL__PAUSE__INIT;
@@ -502,6 +528,7 @@ static int pause_call(VmmLink *l, uint32_t timeout_ms, bool save, uint64_t *ret_
                 m.timeout_ms = timeout_ms;
         }
         m.has_save_state = m.save_state = save;
+        m.has_suspend = m.suspend = suspend;
         req.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
         req.pause = &m;
         r = link_simple(l, &req, DR__CONTROL__REPLY__BODY_PAUSE, ret);
@@ -515,7 +542,19 @@ int vmm_link_pause(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns)
         Dr__Control__Reply *reply;
         int r;
 
-        r = pause_call(l, timeout_ms, false, ret_pause_ns, &reply);
+        r = pause_call(l, timeout_ms, false, false, ret_pause_ns, &reply);
+        if (r < 0)
+                return r;
+        dr__control__reply__free_unpacked(reply, NULL);
+        return 0;
+}
+
+int vmm_link_suspend(VmmLink *l, uint32_t timeout_ms)
+{
+        Dr__Control__Reply *reply;
+        int r;
+
+        r = pause_call(l, timeout_ms, false, true, NULL, &reply);
         if (r < 0)
                 return r;
         dr__control__reply__free_unpacked(reply, NULL);
@@ -534,7 +573,7 @@ int vmm_link_pause_save(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns,
 
         if (!vmm_link_has_feature(l, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE))
                 return -EOPNOTSUPP;
-        r = pause_call(l, timeout_ms, true, ret_pause_ns, &reply);
+        r = pause_call(l, timeout_ms, true, false, ret_pause_ns, &reply);
         if (r < 0)
                 return r;
         has = reply->pause->has_state_length;
@@ -548,7 +587,7 @@ int vmm_link_pause_save(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns,
 }
 
 /* RESUME at epoch (KVM_RESET_DIRTY_RINGS first when reset); a reply body only with reset. */
-static int resume_call(VmmLink *l, uint64_t epoch, bool reset, Dr__Control__Reply **ret)
+static int resume_call(VmmLink *l, uint64_t epoch, bool reset, bool unsuspend, Dr__Control__Reply **ret)
 {
         Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
         Dr__Control__Resume m = DR__CONTROL__RESUME__INIT;
@@ -556,6 +595,7 @@ static int resume_call(VmmLink *l, uint64_t epoch, bool reset, Dr__Control__Repl
         m.has_epoch = true;
         m.epoch = epoch;
         m.has_reset_rings = m.reset_rings = reset;
+        m.has_unsuspend = m.unsuspend = unsuspend;
         Dr__Control__Reply *reply = NULL;
         int r;
 
@@ -584,7 +624,7 @@ int vmm_link_resume_reset(VmmLink *l, uint64_t epoch, uint64_t *ret_count)
 
         if (!vmm_link_has_feature(l, DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS))
                 return -EOPNOTSUPP;
-        r = resume_call(l, epoch, true, &reply);
+        r = resume_call(l, epoch, true, false, &reply);
         if (r < 0)
                 return r;
         has = reply->resume->has_reset_count;
@@ -599,7 +639,12 @@ int vmm_link_resume_reset(VmmLink *l, uint64_t epoch, uint64_t *ret_count)
 
 int vmm_link_resume(VmmLink *l, uint64_t epoch)
 {
-        return resume_call(l, epoch, false, NULL);
+        return resume_call(l, epoch, false, false, NULL);
+}
+
+int vmm_link_unsuspend(VmmLink *l, uint64_t epoch)
+{
+        return resume_call(l, epoch, false, true, NULL);
 }
 
 int vmm_link_save_state(VmmLink *l, uint8_t **ret_buf, size_t *ret_len)

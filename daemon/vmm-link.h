@@ -83,9 +83,18 @@ int vmm_link_fd(const VmmLink *l);
 
 int vmm_link_start_tracking(VmmLink *l);
 int vmm_link_stop_tracking(VmmLink *l);
+/* StopTracking{hold_output}: held output stays held for the next client (control.proto). */
+int vmm_link_stop_tracking_hold(VmmLink *l);
 int vmm_link_reset_rings(VmmLink *l, uint64_t *ret_count);
 int vmm_link_pause(VmmLink *l, uint32_t timeout_ms, uint64_t *ret_pause_ns);
 int vmm_link_resume(VmmLink *l, uint64_t epoch);
+/* Pause{suspend}: the VM stays paused across StopTracking and disconnects until unsuspended. */
+int vmm_link_suspend(VmmLink *l, uint32_t timeout_ms);
+/* Resume{epoch, unsuspend}: the only way to resume a suspended VM. */
+int vmm_link_unsuspend(VmmLink *l, uint64_t epoch);
+/* What the agent's HelloReply said: the VM is suspended; output held from an earlier client. */
+bool vmm_link_hello_suspended(const VmmLink *l);
+uint64_t vmm_link_hello_held_bytes(const VmmLink *l);
 /* How long the VM was stopped, as the agent measured it (ResumeReply.paused_ns)
  * in the last Resume; 0 when the agent did not say. */
 uint64_t vmm_link_last_paused_ns(const VmmLink *l);

@@ -487,10 +487,11 @@ class Proxy:
     flowing from the connecting side (the primary) to the target (the standby):
     mode "pass"; "flip" (one bit of the next chunk longer than 64 bytes is
     flipped, then "pass"); "stall" (nothing is forwarded either way until the
-    mode changes). back = "stall" stalls only the other direction, the
-    standby's ACKs and heartbeats, until it is "pass" again (nothing is lost:
-    the bytes wait in the socket buffers). cut() shuts every connection down
-    (both sides see it closed)."""
+    mode changes); "slow" (the primary's stream trickles at about 20 KB/s, so a
+    full sync takes seconds). back = "stall" stalls only the other direction,
+    the standby's ACKs and heartbeats, until it is "pass" again (nothing is
+    lost: the bytes wait in the socket buffers). cut() shuts every connection
+    down (both sides see it closed)."""
 
     def __init__(self, target, listen=("127.0.0.1", 0)):
         import threading
@@ -536,9 +537,12 @@ class Proxy:
                 if stalled():
                     time.sleep(0.01)
                     continue
-                data = src.recv(65536)
+                slow = forward and self.mode == "slow"
+                data = src.recv(1024 if slow else 65536)
                 if not data:
                     break
+                if slow:
+                    time.sleep(0.05)
                 while stalled() and not self.stop:
                     time.sleep(0.01)
                 if forward and self.mode == "flip" and len(data) > 64:
@@ -576,7 +580,7 @@ class Proxy:
 
 def proxy_server(control, pairs):
     """Run Proxies for pairs [(listen_port, target_host, target_port)] on 127.0.0.1 and
-    obey one-line commands on the unix socket control: pass | flip | stall | cut;
+    obey one-line commands on the unix socket control: pass | flip | stall | slow | cut;
     each answers "ok N" (N: connections cut, bits flipped so far)."""
     proxies = [Proxy((h, p), ("127.0.0.1", lp)) for lp, h, p in pairs]
     if os.path.exists(control):
@@ -590,12 +594,13 @@ def proxy_server(control, pairs):
         n = 0
         if cmd == "cut":
             n = sum(p.cut() for p in proxies)
-        elif cmd in ("pass", "flip", "stall"):
+        elif cmd in ("pass", "flip", "stall", "slow"):
             for p in proxies:
                 p.mode = cmd
         elif cmd == "flipped":
             n = sum(p.flipped for p in proxies)
-        s.sendall(f"ok {n}\n".encode() if cmd in ("cut", "pass", "flip", "stall", "flipped") else b"error\n")
+        s.sendall(f"ok {n}\n".encode() if cmd in ("cut", "pass", "flip", "stall", "slow", "flipped")
+                  else b"error\n")
         s.close()
 
 

@@ -492,16 +492,19 @@ def test_dbus(tmp):
     ctl_ok(bus_p, "list", user="nobody")
     busctl_ok(bus_p, "get-property", "org.dirtyrep1", VM_PATH, VM_IFACE, "LastCommitted", user="nobody")
     busctl_ok(bus_p, "introspect", "org.dirtyrep1", VM_PATH, user="nobody")
-    for verb in (["checkpoint", "t"], ["detach", "t"], ["attach", "t"], ["reload"]):
+    for verb in (["checkpoint", "t"], ["detach", "t"], ["attach", "t"], ["resume", "t"], ["reload"]):
         ctl_fails(bus_p, 5, "permission denied: only root and members of group 'dirtyrep' may do this", *verb,
                   user="nobody")
-    for method in ("Checkpoint", "Detach", "Attach"):
+    for method in ("Checkpoint", "Detach", "Attach", "Resume"):
         rc, out, err = busctl(bus_p, "call", "org.dirtyrep1", VM_PATH, VM_IFACE, method, user="nobody")
         check(rc != 0 and "denied" in err.lower(), f"busctl {method} as nobody: {rc} {err}")
     rc, out, err = busctl(bus_p, "call", "org.dirtyrep1", "/org/dirtyrep1", "org.dirtyrep1.Manager", "Reload",
                           user="nobody")
     check(rc != 0 and "denied" in err.lower(), f"Reload as nobody: {rc} {err}")
     check(status(bus_p)["State"] == "protected", "a refused call changed something")
+    # The way out of the split-brain guard is refused while a standby protects the VM.
+    ctl_fails(bus_p, 4, "has a standby connected", "resume", "t")
+    check(status(bus_p)["State"] == "protected", "a refused resume changed something")
 
     # --- Detach / Attach ---
     ctl_ok(bus_p, "detach", "t")

@@ -49,6 +49,18 @@ command "powers off" the other host by shutting its switch ports.
       "succeeds" without doing anything (/bin/true): the standby promotes,
       the old primary holds its output and suspends. A client talking to
       each host directly must never get answers from both after the cut.
+  test-failover.py stop-suspended
+      The split brain continued: the suspended old primary's dirtyrepd is
+      stopped with SIGTERM, restarted (it must come back "suspended": the VMM
+      keeps the suspension), SIGKILLed and restarted again; its VM must never
+      answer a client. Then the operator's way out (`resume t`, as dirtyrepctl
+      resume does over D-Bus): it answers, so the silence before was real.
+  test-failover.py restart-inflight
+      The standby is SIGSTOPped (no ACKs), the primary dirtyrepd is stopped with
+      SIGTERM with epochs in flight and restarted; its replication link then
+      trickles through a slow proxy, and the primary host dies during the full
+      sync. The standby fails over from its replica of the old session: no
+      acknowledged INCR may be lost, and none may be acknowledged after the stop.
 
 Exit 0 pass, 1 fail, 77 skip (no /dev/kvm, not root, no redis-cli).
 """
@@ -237,6 +249,199 @@ def test_split_brain(tmp, a):
         fail("the promoted standby never answered")
 
 
+def answers_from(host, key, seconds):
+    """INCR key at host's own address (its VMM directly, not the service address) for
+    `seconds`; the replies it got."""
+    got = []
+    end = time.time() + seconds
+    while time.time() < end:
+        v = redis(HOST_IP[host], "INCR", key, timeout=0.3)
+        if v is not None:
+            got.append(v)
+    return got
+
+
+def test_stop_suspended(tmp, a):
+    extra = {"FenceCommand": "/bin/true", "SplitBrainPolicy": "suspend", "SplitBrainTimeoutMs": "1000"}
+    A, B = setup_pair(tmp, extra)
+    if redis(HOST_IP["a"], "SET", "z", "0") != "OK":
+        fail("SET z failed")
+    run("ip", "-n", NS["s"], "link", "set", "ra", "down")
+    B.daemon.wait(lambda s: s["role"] == "primary", "the standby to promote after the cut", timeout=20)
+    A.daemon.wait(lambda s: s["state"] == "suspended", "the old primary to suspend", timeout=20)
+    if not answers_from("b", "z", 1.0):
+        fail("the promoted host never answered (the client cannot see answers at all?)")
+    got = answers_from("a", "z", 1.0)
+    if got:
+        fail(f"the suspended old primary answered before any stop: {got[:5]}")
+
+    # 1. systemctl stop / restart: SIGTERM. Nothing may answer while it stops or after.
+    t0 = time.time()
+    A.daemon.proc.send_signal(signal.SIGTERM)
+    got = []
+    while A.daemon.alive() and time.time() < t0 + 15 * SLOW:
+        got += answers_from("a", "z", 0.3)
+    if A.daemon.alive():
+        fail("the suspended primary's dirtyrepd did not stop within 15 s of SIGTERM")
+    rc = A.daemon.proc.returncode
+    A.daemon.reap()
+    stop_s = time.time() - t0
+    got += answers_from("a", "z", 3.0)
+    log(f"SIGTERM of the suspended primary's dirtyrepd: exit {rc} after {stop_s:.2f} s; answers from A: {got}")
+    if rc != 0:
+        fail(f"dirtyrepd-a exited with {rc} on SIGTERM")
+    if got:
+        fail(f"the old primary answered after its dirtyrepd stopped: {got[:5]}: split brain")
+    if not A.vmm.alive():
+        fail("the VMM of the old primary died with its dirtyrepd")
+    if "stays SUSPENDED" not in A.vmm.text():
+        fail("the agent did not say that the VM stays suspended when its client left")
+
+    # 2. The restart: the daemon learns from the VMM that the VM is suspended.
+    A.daemon = Daemon(tmp, "a", "primary", extra)
+    st = A.daemon.wait(lambda s: s["state"] == "suspended", "the restarted primary to come back suspended",
+                       timeout=20)
+    log(f"restarted: A {st['state']}: {st['detail']}")
+    got = answers_from("a", "z", 3.0)
+    if got:
+        fail(f"the old primary answered after its dirtyrepd restarted: {got[:5]}: split brain")
+    if SVC_IP in run("ip", "-n", NS["a"], "-4", "addr", "show", "dev", "eth0").stdout:
+        fail("the restarted, suspended old primary took the service address (the promoted host has it)")
+
+    # 3. A crash of the restarted daemon (SIGKILL): the agent keeps the VM paused.
+    A.daemon.kill()
+    got = answers_from("a", "z", 2.0)
+    if got:
+        fail(f"the old primary answered after its dirtyrepd was killed: {got[:5]}: split brain")
+    A.daemon = Daemon(tmp, "a", "primary", extra)
+    A.daemon.wait(lambda s: s["state"] == "suspended", "the primary to come back suspended again", timeout=20)
+    got = answers_from("a", "z", 1.0)
+    if got:
+        fail(f"the old primary answered after a second restart: {got[:5]}")
+    sb = B.daemon.status()
+    if sb["role"] != "primary":
+        fail(f"B is {sb['role']}/{sb['state']}, expected the promoted primary")
+
+    # 4. The operator's way out (dirtyrepctl resume t calls the same): the VM answers
+    # again, so the silence above was the suspension, not a client that cannot get through.
+    r = A.daemon.req("resume t")
+    if not r.startswith("ok"):
+        fail(f"'resume t' answered {r.strip()!r}")
+    st = A.daemon.wait(lambda s: s["state"] == "unprotected", "the operator's resume")
+    end = time.time() + 5
+    while SVC_IP not in run("ip", "-n", NS["a"], "-4", "addr", "show", "dev", "eth0").stdout:
+        if time.time() > end:
+            fail("the resumed primary did not take its service address")
+        time.sleep(0.05)
+    got = answers_from("a", "z", 5.0)
+    log(f"operator resume: A {st['state']}: {st['detail']}; answers from A: {got[:3]}...")
+    if not got:
+        fail("after the operator's resume the old primary never answered: the checks above prove nothing")
+    r = A.daemon.req("resume t")
+    if not r.startswith("error"):
+        fail(f"a second 'resume t' answered {r.strip()!r}, expected a refusal (already unprotected)")
+
+
+def test_restart_inflight(tmp, a):
+    """A restart with unacknowledged epochs in flight, then the host dies during the
+    next full sync: the standby fails over from its old replica; every INCR the client
+    saw acknowledged must be in it."""
+    misses = 60  # 3 s: the standby is SIGSTOPped for about 2.5 s below
+    ctl = os.path.join(tmp, "proxy-a.sock")
+    proxy = Proc(tmp, "proxy-a", ns_exec("a", sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                             "drtest.py"),
+                                         "proxy", ctl, f"7100:{REPL_IP['b']}:{REPL_PORT}"))
+    end = time.time() + 20
+    while not os.path.exists(ctl):
+        if not proxy.alive() or time.time() > end:
+            proxy.dump()
+            fail("the proxy did not start")
+        time.sleep(0.02)
+    A, B = Host("a"), Host("b")
+    ports("a", True)
+    ports("b", True)
+    A.vmm = start_kv(tmp, "a")
+    wait_file(os.path.join(tmp, "a", "console.log"), "kv: ready", A.vmm)
+    a_extra = {"Peer": "127.0.0.1:7100"}
+    B.daemon = Daemon(tmp, "b", "standby", None, misses)
+    A.daemon = Daemon(tmp, "a", "primary", a_extra, misses)
+    A.daemon.wait(lambda s: s["state"] == "protected", "primary protected")
+
+    # The client talks to A's VMM directly: the service address leaves with A's dirtyrepd,
+    # but a VM whose output were not held would still answer there.
+    loop = IncrLoop(tmp, "r", ip=HOST_IP["a"])
+    end = time.time() + 20
+    while not any(line.strip().isdigit() for line in open(loop.out)):
+        if time.time() > end:
+            fail("no INCR acknowledged within 20 s")
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.3, 1.0) * SLOW)
+
+    os.kill(B.daemon.pid, signal.SIGSTOP)  # no more ACKs
+    time.sleep(0.3)
+    st = A.daemon.status()
+    log(f"standby stopped: A sealed {st['last_sealed']}, committed {st['last_committed']}")
+    t0 = time.time()
+    A.daemon.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with open(loop.out) as f:
+        n_at_stop = sum(1 for line in f if line.strip().lstrip("-").isdigit())
+    try:
+        rc = A.daemon.proc.wait(timeout=15 * SLOW)
+    except subprocess.TimeoutExpired:
+        os.kill(B.daemon.pid, signal.SIGCONT)
+        fail("dirtyrepd-a did not stop within 15 s of SIGTERM")
+    stop_s = time.time() - t0
+    A.daemon.reap()
+    if rc != 0:
+        os.kill(B.daemon.pid, signal.SIGCONT)
+        fail(f"dirtyrepd-a exited with {rc} on SIGTERM")
+    held = "stays held in the VMM" in A.daemon.text()
+    proxy_cmd(ctl, "slow")
+    os.kill(B.daemon.pid, signal.SIGCONT)
+    log(f"primary dirtyrepd stopped in {stop_s:.2f} s with epochs in flight "
+        f"({'it says their output stays held' if held else 'NO held-output message'})")
+    if not held:
+        fail("the stopping primary did not report output held for unacknowledged epochs")
+    time.sleep(0.5)
+    sb = B.daemon.status()
+    if sb["role"] != "standby":
+        fail(f"the standby reacted to a clean primary stop with {sb['role']}/{sb['state']}")
+    base = sb["last_committed"]
+
+    # The restart (systemctl restart): a new session, a full sync through the slow proxy.
+    A.daemon = Daemon(tmp, "a", "primary", a_extra, misses)
+    A.daemon.wait(lambda s: s["state"] == "syncing" and s["link_up"], "the restarted primary's full sync",
+                  timeout=30)
+    time.sleep(0.3)
+    sb = B.daemon.status()
+    log(f"restarted primary syncing; standby still holds epoch {sb['last_committed']} of the old session")
+    if sb["last_committed"] != base:
+        fail(f"the standby committed {sb['last_committed']} before the kill: the full sync was not interrupted")
+    kill_primary(A, silent=False)
+    proxy_cmd(ctl, "cut")
+    st = B.daemon.wait(lambda s: s["role"] == "primary" and s["state"] in ("unprotected", "connecting"),
+                       "failover", timeout=30)
+    acked = loop.stop()
+    got = None
+    end = time.time() + 15
+    while got is None and time.time() < end:
+        got = redis(HOST_IP["b"], "GET", "r", timeout=1.0)
+    if got is None:
+        fail("GET r got no answer from the new primary within 15 s")
+    back = acked_regressions(acked)
+    after = len(acked) - n_at_stop
+    log(f"{len(acked)} INCRs acknowledged, {after} after the stop; B promoted ({st['detail'][:80]}); GET r -> {got}")
+    if not acked:
+        fail("no INCR was acknowledged")
+    if int(got) < max(acked) or back:
+        fail(f"GET r = {got}, highest acknowledged INCR {max(acked)}, acknowledged values that went back "
+             f"{back[:10]}: acknowledged writes lost")
+    if after > 0:
+        fail(f"{after} INCR(s) acknowledged after the primary was told to stop, with the standby not "
+             f"acknowledging: output released without the standby's commit")
+
+
 def test_manual(tmp, a):
     """FailoverPolicy=manual: a lost primary is only reported; `promote` fences and
     activates; `demote` stops the VM again and listens as standby."""
@@ -337,7 +542,8 @@ def test_vmm_death(tmp, a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["kill", "nocommit", "standby-loss", "split-brain", "manual", "vmm-death"])
+    ap.add_argument("mode", choices=["kill", "nocommit", "standby-loss", "split-brain", "manual", "vmm-death",
+                                     "stop-suspended", "restart-inflight"])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     a = ap.parse_args()
@@ -362,7 +568,8 @@ def main():
         write_fence(tmp)
         {"kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
          "standby-loss": test_standby_loss, "split-brain": test_split_brain,
-         "manual": test_manual, "vmm-death": test_vmm_death}[a.mode](tmp, a)
+         "manual": test_manual, "vmm-death": test_vmm_death, "stop-suspended": test_stop_suspended,
+         "restart-inflight": test_restart_inflight}[a.mode](tmp, a)
         stop_all()
         log("PASS")
         rc = 0

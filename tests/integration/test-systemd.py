@@ -17,8 +17,10 @@
                            `dirtyrepctl status/checkpoint` over the container's system
                            bus, the bus policy (nobody refused, a member of group
                            dirtyrep allowed), `systemctl reload`, a hung
-                           daemon (SIGSTOP) killed and restarted by the watchdog, and a
-                           clean `systemctl stop`.
+                           daemon (SIGSTOP) killed and restarted by the watchdog, then
+                           the standby SIGSTOPped until the primary suspends: a clean
+                           `systemctl stop` leaves the VM suspended (its console stops)
+                           and `systemctl start` brings the daemon back suspended.
                            The debootstrap result is made once per build directory
                            (BUILDDIR/control-nspawn-debootstrap, remade when the package
                            list changes); each run boots a fresh overlay of it.
@@ -164,8 +166,27 @@ for i in $(seq 150); do dirtyrepctl status t | grep -q "primary, protected" && b
 dirtyrepctl status t > $R/status2.txt; echo $? > $R/status2.rc
 journalctl -u dirtyrep --no-pager > $R/journal.txt
 
+# A suspended primary: its standby stops answering (SIGSTOP), the split-brain guard
+# (SplitBrainPolicy=suspend after SplitBrainTimeoutMs=5000, the defaults) suspends the VM.
+# systemctl stop must leave it suspended (the dirtier guest's once-a-second console
+# report stops), and the restarted daemon must come back suspended.
+sbpid=$(systemctl show -p MainPID --value dr-standby)
+kill -STOP "$sbpid"
+for i in $(seq 150); do dirtyrepctl status t | grep -q "primary, suspended" && break; sleep 0.2; done
+dirtyrepctl status t > $R/suspended.txt
+
 systemctl stop dirtyrep; echo $? > $R/stop.rc
 systemctl show -p ActiveState -p Result -p ExecMainStatus dirtyrep > $R/stopped.txt
+c1=$(wc -c < $R/console.log); sleep 3; c2=$(wc -c < $R/console.log)
+echo "$c1 $c2" > $R/console-stopped.txt
+systemctl start dirtyrep
+for i in $(seq 150); do dirtyrepctl status t | grep -q "primary, suspended" && break; sleep 0.2; done
+dirtyrepctl status t > $R/suspended2.txt
+c1=$(wc -c < $R/console.log); sleep 3; c2=$(wc -c < $R/console.log)
+echo "$c1 $c2" > $R/console-restarted.txt
+systemctl stop dirtyrep; echo $? > $R/stop2.rc
+kill -CONT "$sbpid"
+journalctl -u dr-vmm --no-pager > $R/vmm-journal.txt
 systemctl stop dr-vmm dr-standby
 echo done > $R/done
 systemctl poweroff
@@ -564,10 +585,24 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree):
     check(re.search(r"[Ww]atchdog timeout", journal), f"no watchdog timeout in the journal:\n{journal[-2000:]}")
     check(read(res, "status2.rc").strip() == "0" and "t: primary, protected" in read(res, "status2.txt"),
           "dirtyrepctl after the watchdog restart")
+    susp = read(res, "suspended.txt")
+    log("standby SIGSTOPped:\n" + susp)
+    check("t: primary, suspended" in susp, f"the primary did not suspend when its standby stopped: {susp}")
     stopped = read(res, "stopped.txt")
     check(read(res, "stop.rc").strip() == "0" and "ActiveState=inactive" in stopped and "Result=success" in stopped,
           f"systemctl stop not clean: {stopped}")
-    log("PASS: systemctl start/reload/stop, dirtyrepctl over the container's bus, policy, watchdog restart")
+    c = [int(x) for x in read(res, "console-stopped.txt").split()]
+    log(f"console of the suspended VM over 3 s after systemctl stop: {c[0]} -> {c[1]} bytes")
+    check(len(c) == 2 and c[0] > 0 and c[1] == c[0], f"the suspended VM ran after systemctl stop dirtyrep: {c}")
+    check("stays SUSPENDED" in read(res, "vmm-journal.txt"),
+          "the VMM's agent did not keep the VM suspended when dirtyrepd stopped")
+    susp2 = read(res, "suspended2.txt")
+    check("t: primary, suspended" in susp2, f"the restarted daemon did not come back suspended: {susp2}")
+    c = [int(x) for x in read(res, "console-restarted.txt").split()]
+    check(len(c) == 2 and c[1] == c[0], f"the suspended VM ran after dirtyrepd restarted: {c}")
+    check(read(res, "stop2.rc").strip() == "0", "the second systemctl stop failed")
+    log("PASS: systemctl start/reload/stop, dirtyrepctl over the container's bus, policy, watchdog restart, "
+        "a suspended primary stays suspended across systemctl stop and start")
     return 0
 
 

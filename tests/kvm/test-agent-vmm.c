@@ -5,7 +5,11 @@
  *  - a peer of another uid is refused;
  *  - malformed, truncated and oversized packets get error replies, and the
  *    session and the guest (its COM1 progress lines) keep going;
- *  - a peer that sends Pause and disconnects at once leaves the VM running.
+ *  - a peer that sends Pause and disconnects at once leaves the VM running;
+ *  - a suspended VM (Pause{suspend}) stays paused across StopTracking{hold_output}
+ *    and a disconnect, refuses a plain Resume, is reported to the next client
+ *    (HelloReply.suspended, StatusReply.suspended) and runs again only after
+ *    Resume{unsuspend}.
  * Exit 77 only when /dev/kvm is missing.
  */
 #include <fcntl.h>
@@ -50,6 +54,58 @@ static bool guest_progresses(void)
                         return true;
         }
         return false;
+}
+
+/* True when the guest reports no progress for 1.5 s (it reports every 100 ms when running). */
+static bool guest_stalled(void)
+{
+        unsigned long long w0;
+
+        usleep(300000); /* a report under way lands first */
+        w0 = console_writes();
+        usleep(1500000);
+        return console_writes() == w0;
+}
+
+/* Hello; returns HelloReply.suspended (-1 when absent). */
+static int hello_suspended(int fd)
+{
+        Dr__Control__Hello h = DR__CONTROL__HELLO__INIT;
+        Dr__Control__Request r = DR__CONTROL__REQUEST__INIT;
+        Dr__Control__Reply *rep;
+        int v;
+
+        h.version = DR__CONTROL__CONTROL_VERSION__CONTROL_VERSION_CURRENT;
+        h.client = (char *) "agent test";
+        r.body_case = DR__CONTROL__REQUEST__BODY_HELLO;
+        r.hello = &h;
+        CHECK_EQ(peer_simple(fd, &r, &rep), 0);
+        CHECK(rep->body_case == DR__CONTROL__REPLY__BODY_HELLO);
+        v = rep->hello->has_suspended ? (int) rep->hello->suspended : -1;
+        dr__control__reply__free_unpacked(rep, NULL);
+        return v;
+}
+
+static int resume_flags(int fd, bool unsuspend)
+{
+        Dr__Control__Resume m = DR__CONTROL__RESUME__INIT;
+        Dr__Control__Request r = DR__CONTROL__REQUEST__INIT;
+
+        m.has_unsuspend = m.unsuspend = unsuspend;
+        r.body_case = DR__CONTROL__REQUEST__BODY_RESUME;
+        r.resume = &m;
+        return peer_simple(fd, &r, NULL);
+}
+
+static void status_paused_suspended(int fd, bool *ret_paused, bool *ret_suspended)
+{
+        Dr__Control__Request r = peer_empty_request(DR__CONTROL__REQUEST__BODY_GET_STATUS);
+        Dr__Control__Reply *rep;
+
+        CHECK_EQ(peer_simple(fd, &r, &rep), 0);
+        *ret_paused = rep->status->paused;
+        *ret_suspended = rep->status->has_suspended && rep->status->suspended;
+        dr__control__reply__free_unpacked(rep, NULL);
 }
 
 static int send_raw(int fd, const void *buf, size_t len)
@@ -171,6 +227,52 @@ int main(void)
                 CHECK(!rep->status->paused && !rep->status->tracking);
                 dr__control__reply__free_unpacked(rep, NULL);
         }
+        close(fd);
+
+        /* Suspension: what dirtyrepd's split-brain guard leaves behind when it stops or dies. */
+        usleep(200000); /* the agent sees the last client go first */
+        fd = peer_connect(sock_path);
+        CHECK(fd >= 0);
+        CHECK_EQ(hello_suspended(fd), 0);
+        {
+                Dr__Control__Pause p = DR__CONTROL__PAUSE__INIT;
+                Dr__Control__StopTracking st = DR__CONTROL__STOP_TRACKING__INIT;
+                Dr__Control__Request r = DR__CONTROL__REQUEST__INIT;
+
+                p.has_suspend = p.suspend = true;
+                r.body_case = DR__CONTROL__REQUEST__BODY_PAUSE;
+                r.pause = &p;
+                CHECK_EQ(peer_simple(fd, &r, NULL), 0);
+                st.has_hold_output = st.hold_output = true;
+                r = (Dr__Control__Request) DR__CONTROL__REQUEST__INIT;
+                r.body_case = DR__CONTROL__REQUEST__BODY_STOP_TRACKING;
+                r.stop_tracking = &st;
+                CHECK_EQ(peer_simple(fd, &r, NULL), 0);
+        }
+        CHECK_EQ(peer_resume(fd, true, 1), -EPERM); /* a plain Resume: refused */
+        close(fd);
+        CHECK(guest_stalled()); /* the client left: still suspended */
+        CHECK(waitpid(pid, &status, WNOHANG) == 0);
+        fd = peer_connect(sock_path);
+        CHECK(fd >= 0);
+        CHECK_EQ(hello_suspended(fd), 1);
+        {
+                bool paused, suspended;
+
+                status_paused_suspended(fd, &paused, &suspended);
+                CHECK(paused && suspended);
+                CHECK_EQ(resume_flags(fd, false), -EPERM);
+                CHECK(guest_stalled());
+                CHECK_EQ(resume_flags(fd, true), 0);
+                CHECK(guest_progresses());
+                status_paused_suspended(fd, &paused, &suspended);
+                CHECK(!paused && !suspended);
+        }
+        close(fd);
+        usleep(200000);
+        fd = peer_connect(sock_path);
+        CHECK(fd >= 0);
+        CHECK_EQ(hello_suspended(fd), 0);
         close(fd);
 
         kill(pid, SIGTERM);

@@ -100,6 +100,9 @@ struct DrAgent {
         pthread_cond_t vcpu_cond;     /* vCPUs wait here: resume, reset, stop */
         pthread_cond_t agent_cond;    /* Pause waits here for vCPUs to become idle */
         bool paused;
+        /* Pause{suspend}: the split-brain guard's pause. Survives StopTracking and the
+         * client's departure; only Resume{unsuspend} clears it (proto/control.proto). */
+        bool suspended;
         uint64_t paused_since_ns;     /* when the Pause arrived (0: none), for ResumeReply.paused_ns */
         bool stopping;
         uint64_t reset_gen;           /* bumped by every ResetRings and detach */

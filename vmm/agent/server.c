@@ -7,10 +7,13 @@
  * version. When the client goes away, for whatever reason and at whatever
  * point, agent_detach() puts the VM back on its own: tracking off, vCPUs
  * running. Held output is released only by a client that gave up protection
- * (STOP_TRACKING); one that vanished while output was held (its dirtyrepd
- * crashed) leaves it held for the next client: the standby may already be
- * failing over from an older epoch, and releasing would show the world
- * replies that the failover rolls back (found by the fault campaign).
+ * (a plain STOP_TRACKING); one that vanished while output was held (its
+ * dirtyrepd crashed) or stopped with StopTracking{hold_output} leaves it held
+ * for the next client: the standby may already be failing over from an older
+ * epoch, and releasing would show the world replies that the failover rolls
+ * back (found by the fault campaign). A VM suspended by Pause{suspend} (the
+ * split-brain guard) is the exception to "running": it stays paused, whoever
+ * goes away, until a client sends Resume{unsuspend}.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -151,6 +154,15 @@ static int handle_hello(DrAgent *a, const Dr__Control__Hello *m, Ctx *c)
         c->hello.has_features = true;
         c->hello.features = DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE |
                             (a->mode == DR_TRACKING_RING ? DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS : 0);
+        pthread_mutex_lock(&a->lock);
+        c->hello.has_suspended = true;
+        c->hello.suspended = a->suspended;
+        pthread_mutex_unlock(&a->lock);
+        c->hello.has_held_output_bytes = true;
+        c->hello.held_output_bytes = output_queue_held_bytes(a->outq);
+        if (c->hello.suspended)
+                log_notice("The VM is suspended (split-brain guard of an earlier client): it stays paused until "
+                           "a client resumes it with Resume{unsuspend}.");
         c->reply.body_case = DR__CONTROL__REPLY__BODY_HELLO;
         c->reply.hello = &c->hello;
         return 0;
@@ -264,6 +276,12 @@ static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
         if (!a->paused)
                 a->paused_since_ns = t0;
         a->paused = true;
+        if (m->has_suspend && m->suspend && !a->suspended) {
+                /* Sticky from here, also if the wait below times out. */
+                a->suspended = true;
+                log_warning("VM suspended by the control client (split-brain guard): it stays paused until a "
+                            "client resumes it explicitly.");
+        }
         agent_kick_locked(a);
         while (!(idle = agent_all_idle_locked(a)))
                 if (pthread_cond_timedwait(&a->agent_cond, &a->lock, &ts) == ETIMEDOUT) {
@@ -295,9 +313,18 @@ static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
 
 static int handle_resume(DrAgent *a, const Dr__Control__Resume *m, Ctx *c)
 {
+        bool unsuspend = m->has_unsuspend && m->unsuspend;
         uint64_t paused_ns = 0;
+        bool suspended;
         int n = -1;
 
+        pthread_mutex_lock(&a->lock);
+        suspended = a->suspended;
+        pthread_mutex_unlock(&a->lock);
+        /* Only the agent thread changes `suspended`, so it cannot change under us. */
+        if (suspended && !unsuspend)
+                return ctx_fail(c, -EPERM,
+                                "the VM is suspended by the split-brain guard; only Resume{unsuspend} resumes it");
         if (m->has_reset_rings && m->reset_rings) {
                 if (a->mode != DR_TRACKING_RING)
                         return ctx_fail(c, -EOPNOTSUPP, "the VM tracks dirty pages with a bitmap, not rings");
@@ -318,8 +345,11 @@ static int handle_resume(DrAgent *a, const Dr__Control__Resume *m, Ctx *c)
                 paused_ns = now_nsec() - a->paused_since_ns;
         a->paused = false;
         a->paused_since_ns = 0;
+        a->suspended = false;
         pthread_cond_broadcast(&a->vcpu_cond);
         pthread_mutex_unlock(&a->lock);
+        if (suspended)
+                log_notice("VM resumed from suspension by the control client.");
         c->resume = (Dr__Control__ResumeReply) DR__CONTROL__RESUME_REPLY__INIT;
         if (n >= 0) {
                 c->resume.has_reset_count = true;
@@ -522,6 +552,8 @@ static int handle_get_status(DrAgent *a, Ctx *c)
         *s = (Dr__Control__StatusReply) DR__CONTROL__STATUS_REPLY__INIT;
         pthread_mutex_lock(&a->lock);
         s->paused = a->paused;
+        s->has_suspended = true;
+        s->suspended = a->suspended;
         s->tracking = atomic_load(&a->tracking);
         s->has_epoch = a->have_epoch;
         s->epoch = a->epoch;
@@ -563,10 +595,19 @@ static int dispatch(DrAgent *a, const Dr__Control__Request *req, Ctx *c)
         case DR__CONTROL__REQUEST__BODY_START_TRACKING:
                 return agent_set_tracking(a, true);
         case DR__CONTROL__REQUEST__BODY_STOP_TRACKING: {
-                /* The client gives up protection: the VM runs on its own, output flows. */
                 uint64_t released;
 
                 r = agent_set_tracking(a, false);
+                if (req->stop_tracking->has_hold_output && req->stop_tracking->hold_output) {
+                        /* The client stops, but its standby has not acknowledged everything held:
+                         * keep holding (as after a crash) for the next client's first release. */
+                        uint64_t held = output_queue_holding(a->outq) ? output_queue_orphan(a->outq) : 0;
+                        log_info("Tracking stopped by the client; %llu bytes of output stay held, and new output "
+                                 "too, until the next client releases it.",
+                                 (unsigned long long) held);
+                        return r;
+                }
+                /* The client gives up protection: the VM runs on its own, output flows. */
                 released = output_queue_unhold(a->outq);
                 if (released > 0)
                         log_info("Tracking stopped by the client: %llu bytes of held output released.",
@@ -614,17 +655,27 @@ void agent_detach(DrAgent *a, const char *why)
         was_holding = output_queue_holding(a->outq);
         released = was_holding ? output_queue_orphan(a->outq) : 0;
 
-        /* A VM is never left paused, or waiting for resets, by a peer that is gone. */
+        /* A VM is never left paused, or waiting for resets, by a peer that is gone;
+         * except a suspended one: another host may be serving it now. */
         pthread_mutex_lock(&a->lock);
-        a->paused = false;
-        a->paused_since_ns = 0;
+        a->paused = a->suspended;
+        if (!a->paused)
+                a->paused_since_ns = 0;
         a->have_epoch = false;
         atomic_store(&a->attached, false);
         a->reset_gen++;
         pthread_cond_broadcast(&a->vcpu_cond);
         pthread_mutex_unlock(&a->lock);
 
-        if (was_holding)
+        if (a->suspended)
+                log_warning("Control client (uid %u, pid %d) gone (%s): the VM stays SUSPENDED (paused, %llu "
+                            "bytes of output held) until a client resumes it.",
+                            (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
+        else if (was_holding && !was_tracking)
+                log_info("Control client (uid %u, pid %d) gone (%s): VM resumed, %llu bytes of output stay held, "
+                         "and new output too, until a client attaches and releases it.",
+                         (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
+        else if (was_holding)
                 log_warning(
                         "Control client (uid %u, pid %d) gone (%s) without stopping tracking: VM resumed, "
                         "%llu bytes of output stay held, and new output too, until a client attaches "
