@@ -58,6 +58,7 @@
 
 #include "frame.h"
 #include "link-internal.h"
+#include "link-mac.h"
 #include "link.h"
 #include "log.h"
 #include "tls.h"
@@ -112,8 +113,9 @@ typedef enum HandshakeStep {
 
 typedef struct TxFrame {
         struct TxFrame *next;
-        size_t len; /* header + payload */
-        uint8_t data[];
+        size_t len; /* header + payload (+ the MAC trailer when mac) */
+        bool mac;   /* decided under `mutex` when queued; the writer seals it just before sending */
+        uint8_t data[]; /* room for header, payload and a trailer */
 } TxFrame;
 
 struct LinkListener {
@@ -178,6 +180,18 @@ struct Link {
         uint8_t *rx_payload;
         size_t rx_payload_cap, rx_payload_got;
         uint8_t *rx_buf; /* RX_BUFFER_BYTES */
+
+        /* Per-frame MACs (link-mac.h). rx_mac: loop thread, set once the peer's next frames are
+         * keyed. tx_mac: set under `mutex` by the loop thread (frames queued from then on are
+         * sealed), used by the writer only; tx_seq is the writer's. */
+        LinkMac *rx_mac, *tx_mac;
+        uint64_t rx_seq, tx_seq;
+        uint8_t rx_trailer[LINK_MAC_TRAILER_BYTES];
+        size_t rx_trailer_got;
+        LinkMac *rx_pending_mac; /* standby: the receive key between CHALLENGE and AUTH */
+        /* TLS channel binding (the exporter), empty in plaintext; in the proofs and the keys. */
+        uint8_t binding[LINK_BINDING_MAX];
+        size_t binding_len;
 
         /* Handshake. */
         uint8_t nonce_local[NONCE_BYTES], nonce_peer[NONCE_BYTES];
@@ -267,27 +281,29 @@ void link_get_stats(const Link *l, LinkStats *ret)
 }
 
 int link_proof(const uint8_t *secret, size_t secret_len, const char *label, const uint8_t *nonce_a,
-               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, uint8_t out[32])
+               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, const uint8_t *binding,
+               size_t binding_len, uint8_t out[32])
 {
         _cleanup_free_ uint8_t *buf = NULL;
         size_t label_len, name_len, n = 0;
         unsigned out_len = 0;
 
         if (!secret || secret_len == 0 || secret_len > INT_MAX || !label || !nonce_a || !nonce_b ||
-            !vm_name || !vm_uuid)
+            !vm_name || !vm_uuid || binding_len > LINK_BINDING_MAX || (binding_len > 0 && !binding))
                 return -EINVAL;
         label_len = strlen(label);
         name_len = strlen(vm_name);
         if (label_len > 64 || name_len > VM_NAME_MAX)
                 return -EINVAL;
 
-        buf = malloc(5 * 4 + label_len + 2 * NONCE_BYTES + name_len + UUID_BYTES);
+        buf = malloc(6 * 4 + label_len + 2 * NONCE_BYTES + name_len + UUID_BYTES + binding_len);
         if (!buf)
                 return -ENOMEM;
 #define APPEND(p, len)                                                                                      \
         do {                                                                                                \
                 put_le32(buf + n, (uint32_t) (len));                                                        \
-                memcpy(buf + n + 4, (p), (len));                                                            \
+                if ((len) > 0)                                                                              \
+                        memcpy(buf + n + 4, (p), (len));                                                    \
                 n += 4 + (len);                                                                             \
         } while (0)
         APPEND(label, label_len);
@@ -295,6 +311,7 @@ int link_proof(const uint8_t *secret, size_t secret_len, const char *label, cons
         APPEND(nonce_b, NONCE_BYTES);
         APPEND(vm_name, name_len);
         APPEND(vm_uuid, UUID_BYTES);
+        APPEND(binding, binding_len);
 #undef APPEND
 
         if (!HMAC(EVP_sha256(), secret, (int) secret_len, buf, n, out, &out_len) || out_len != PROOF_BYTES)
@@ -563,10 +580,11 @@ static void transport_close_notify(Link *l)
 
 static TxFrame *txframe_new(size_t payload_len)
 {
-        TxFrame *f = malloc(sizeof(TxFrame) + FRAME_HEADER_SIZE + payload_len);
+        TxFrame *f = malloc(sizeof(TxFrame) + FRAME_HEADER_SIZE + payload_len + LINK_MAC_TRAILER_BYTES);
         if (!f)
                 return NULL;
         f->next = NULL;
+        f->mac = false;
         f->len = FRAME_HEADER_SIZE + payload_len;
         return f;
 }
@@ -577,6 +595,16 @@ static void txframe_free_list(TxFrame *f)
                 TxFrame *next = f->next;
                 free(f);
                 f = next;
+        }
+}
+
+/* Under `mutex`, as f is queued: once this side's frames are keyed, f gets a trailer. The order
+ * of the queue is the order of the sequence numbers the writer gives them. */
+static void txframe_mark_locked(Link *l, TxFrame *f)
+{
+        if (l->tx_mac && !f->mac) {
+                f->mac = true;
+                f->len += LINK_MAC_TRAILER_BYTES;
         }
 }
 
@@ -617,6 +645,7 @@ static int link_queue(Link *l, uint16_t type, TxFrame *f, bool block, bool inter
                         pthread_cond_broadcast(&l->cond_space); /* link_free() waits for this */
         }
         if (r == 0) {
+                txframe_mark_locked(l, f);
                 *l->q_tail = f;
                 l->q_tail = &f->next;
                 l->queued_bytes += f->len;
@@ -775,6 +804,27 @@ static int writer_send_batch(Link *l, TxFrame *batch)
         return r;
 }
 
+/* Writer thread: the trailers of the keyed frames of a batch, in queue order (the sequence numbers
+ * the peer expects). The MAC of a large frame is computed here, on the writer, not under the lock
+ * and not on the thread that queued it. 0 or a negative errno (the link then goes down). */
+static int writer_seal_batch(Link *l, TxFrame *batch)
+{
+        for (TxFrame *f = batch; f; f = f->next) {
+                size_t payload_len;
+                int r;
+
+                if (!f->mac)
+                        continue;
+                payload_len = f->len - FRAME_HEADER_SIZE - LINK_MAC_TRAILER_BYTES;
+                r = link_mac_seal(l->tx_mac, l->tx_seq, f->data, f->data + FRAME_HEADER_SIZE, payload_len,
+                                  f->data + FRAME_HEADER_SIZE + payload_len);
+                if (r < 0)
+                        return r;
+                l->tx_seq++;
+        }
+        return 0;
+}
+
 /* Under the mutex: queues a heartbeat when one is due; returns when the next is. */
 static uint64_t writer_heartbeat_locked(Link *l)
 {
@@ -798,6 +848,7 @@ static uint64_t writer_heartbeat_locked(Link *l)
         protobuf_c_message_pack(&hb.base, f->data + FRAME_HEADER_SIZE);
         frame_header_build(f->data, DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT, f->data + FRAME_HEADER_SIZE,
                            (uint32_t) len);
+        txframe_mark_locked(l, f);
         *l->q_tail = f;
         l->q_tail = &f->next;
         l->queued_bytes += f->len;
@@ -850,7 +901,18 @@ static void *writer_main(void *userdata)
                 l->q_tail = &l->q_head;
                 pthread_mutex_unlock(&l->mutex);
 
-                r = writer_send_batch(l, batch);
+                r = writer_seal_batch(l, batch);
+                if (r >= 0)
+                        r = writer_send_batch(l, batch);
+                else {
+                        size_t left = 0;
+                        for (TxFrame *f = batch; f; f = f->next)
+                                left += f->len;
+                        txframe_free_list(batch);
+                        pthread_mutex_lock(&l->mutex);
+                        l->queued_bytes -= left;
+                        pthread_mutex_unlock(&l->mutex);
+                }
 
                 pthread_mutex_lock(&l->mutex);
                 if (r == -ECANCELED)
@@ -932,6 +994,7 @@ _printf_(4, 5) static void link_down(Link *l, int error, bool tell_peer, const c
         l->q_head = NULL;
         l->q_tail = &l->q_head;
         if (err && l->write_error == 0) {
+                txframe_mark_locked(l, err);
                 *l->q_tail = err;
                 l->q_tail = &err->next;
                 l->queued_bytes += err->len;
@@ -971,6 +1034,9 @@ static Link *link_ref(Link *l)
 
 static void link_release(Link *l)
 {
+        link_mac_free(l->rx_mac);
+        link_mac_free(l->rx_pending_mac);
+        link_mac_free(l->tx_mac);
         SSL_free(l->ssl);
         pthread_mutex_destroy(&l->tls_mutex);
         pthread_cond_destroy(&l->tls_cond);
@@ -1257,9 +1323,46 @@ static int handle_peer_error(Link *l, const uint8_t *payload, size_t len)
         return code;
 }
 
+/*
+ * Both nonces are known: derives the session keys (link-mac.h) into a MAC for each
+ * direction. The caller installs each at the frame where that direction becomes keyed.
+ */
+static int link_keys_derive(Link *l, LinkMac **ret_rx, LinkMac **ret_tx)
+{
+        _cleanup_(link_mac_freep) LinkMac *rx = NULL, *tx = NULL;
+        uint8_t p2s[LINK_KEY_BYTES], s2p[LINK_KEY_BYTES];
+        const uint8_t *np = l->side == LINK_PRIMARY ? l->nonce_local : l->nonce_peer;
+        const uint8_t *ns = l->side == LINK_PRIMARY ? l->nonce_peer : l->nonce_local;
+        int r;
+
+        r = link_session_keys(l->secret, l->secret_len, np, ns, NONCE_BYTES, l->vm_name, l->vm_uuid,
+                              UUID_BYTES, l->binding, l->binding_len, p2s, s2p);
+        if (r >= 0)
+                r = link_mac_new(l->side == LINK_PRIMARY ? s2p : p2s, &rx);
+        if (r >= 0)
+                r = link_mac_new(l->side == LINK_PRIMARY ? p2s : s2p, &tx);
+        OPENSSL_cleanse(p2s, sizeof(p2s));
+        OPENSSL_cleanse(s2p, sizeof(s2p));
+        if (r < 0)
+                return r;
+        *ret_rx = TAKE_PTR(rx);
+        *ret_tx = TAKE_PTR(tx);
+        return 0;
+}
+
+/* Frames this side queues from now on carry a MAC (the writer seals them in queue order). */
+static void link_tx_keyed(Link *l, LinkMac *tx)
+{
+        pthread_mutex_lock(&l->mutex);
+        assert(!l->tx_mac);
+        l->tx_mac = tx;
+        pthread_mutex_unlock(&l->mutex);
+}
+
 static int handle_hello(Link *l, const uint8_t *payload, size_t len)
 {
         _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        _cleanup_(link_mac_freep) LinkMac *tx = NULL;
         Dr__Repl__Challenge c = DR__REPL__CHALLENGE__INIT;
         uint8_t proof[PROOF_BYTES];
         const char *reason = NULL;
@@ -1305,15 +1408,22 @@ static int handle_hello(Link *l, const uint8_t *payload, size_t len)
         if (getrandom(l->nonce_local, NONCE_BYTES, 0) != NONCE_BYTES)
                 return PROTO_FAIL(l, -EIO, "getrandom() failed");
         r = link_proof(l->secret, l->secret_len, LABEL_STANDBY, l->nonce_peer, l->nonce_local, l->vm_name,
-                       l->vm_uuid, proof);
+                       l->vm_uuid, l->binding, l->binding_len, proof);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to compute the standby proof: %s", strerror(-r));
+        r = link_keys_derive(l, &l->rx_pending_mac, &tx);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to derive the session keys: %s", strerror(-r));
 
         c.nonce = (ProtobufCBinaryData){NONCE_BYTES, l->nonce_local};
         c.proof = (ProtobufCBinaryData){PROOF_BYTES, proof};
         r = link_send_internal(l, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE, &c.base);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to queue CHALLENGE: %s", strerror(-r));
+        /* Everything after CHALLENGE (WELCOME, or an ERROR) is keyed: a primary that checked the
+         * proof holds the same keys, and nobody else can forge a WELCOME. The primary's frames
+         * are keyed only after its AUTH (rx_pending_mac until then). */
+        link_tx_keyed(l, TAKE_PTR(tx));
         l->step = STEP_WAIT_AUTH;
         return 0;
 }
@@ -1321,6 +1431,7 @@ static int handle_hello(Link *l, const uint8_t *payload, size_t len)
 static int handle_challenge(Link *l, const uint8_t *payload, size_t len)
 {
         _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        _cleanup_(link_mac_freep) LinkMac *tx = NULL;
         Dr__Repl__Auth a = DR__REPL__AUTH__INIT;
         uint8_t expected[PROOF_BYTES], proof[PROOF_BYTES];
         Dr__Repl__Challenge *c;
@@ -1336,23 +1447,37 @@ static int handle_challenge(Link *l, const uint8_t *payload, size_t len)
         memcpy(l->nonce_peer, c->nonce.data, NONCE_BYTES);
 
         r = link_proof(l->secret, l->secret_len, LABEL_STANDBY, l->nonce_local, l->nonce_peer, l->vm_name,
-                       l->vm_uuid, expected);
+                       l->vm_uuid, l->binding, l->binding_len, expected);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to compute the standby proof: %s", strerror(-r));
-        if (CRYPTO_memcmp(expected, c->proof.data, PROOF_BYTES) != 0)
+        if (CRYPTO_memcmp(expected, c->proof.data, PROOF_BYTES) != 0) {
+                if (l->ssl)
+                        return PROTO_FAIL(l, -EACCES,
+                                          "authentication failed: the standby %s does not know the shared "
+                                          "secret, or the handshake was relayed through another TLS "
+                                          "connection (check SecretFile= on both hosts, and that nothing "
+                                          "terminates TLS on the way)",
+                                          l->peer_name);
                 return PROTO_FAIL(l, -EACCES,
                                   "authentication failed: the standby %s does not know the shared secret "
                                   "(check SecretFile= on both hosts)",
                                   l->peer_name);
+        }
 
         r = link_proof(l->secret, l->secret_len, LABEL_PRIMARY, l->nonce_peer, l->nonce_local, l->vm_name,
-                       l->vm_uuid, proof);
+                       l->vm_uuid, l->binding, l->binding_len, proof);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to compute the primary proof: %s", strerror(-r));
+        r = link_keys_derive(l, &l->rx_mac, &tx);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to derive the session keys: %s", strerror(-r));
         a.proof = (ProtobufCBinaryData){PROOF_BYTES, proof};
         r = link_send_internal(l, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to queue AUTH: %s", strerror(-r));
+        /* The standby's frames are keyed from its WELCOME on (rx_mac, installed above), ours from
+         * the one after AUTH. */
+        link_tx_keyed(l, TAKE_PTR(tx));
         l->step = STEP_WAIT_WELCOME;
         return 0;
 }
@@ -1370,14 +1495,17 @@ static int handle_auth(Link *l, const uint8_t *payload, size_t len)
                 return PROTO_FAIL(l, -EBADMSG, "undecodable AUTH from %s", l->peer_name);
         a = (Dr__Repl__Auth *) m;
         r = link_proof(l->secret, l->secret_len, LABEL_PRIMARY, l->nonce_local, l->nonce_peer, l->vm_name,
-                       l->vm_uuid, expected);
+                       l->vm_uuid, l->binding, l->binding_len, expected);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to compute the primary proof: %s", strerror(-r));
         if (a->proof.len != PROOF_BYTES || CRYPTO_memcmp(expected, a->proof.data, PROOF_BYTES) != 0)
                 return PROTO_FAIL(l, -EACCES,
                                   "authentication failed: the peer %s does not know the shared secret "
-                                  "(check SecretFile=)",
-                                  l->peer_name);
+                                  "(check SecretFile=)%s",
+                                  l->peer_name,
+                                  l->ssl ? ", or the handshake was relayed through another TLS connection" : "");
+        /* From the frame after AUTH on, the primary's frames are keyed. */
+        l->rx_mac = TAKE_PTR(l->rx_pending_mac);
 
         if (l->cb.fill_welcome)
                 l->cb.fill_welcome(l, &w, l->userdata);
@@ -1533,6 +1661,7 @@ static int link_parse_header(Link *l)
         }
         l->rx_have_header = true;
         l->rx_payload_got = 0;
+        l->rx_trailer_got = 0;
         return 0;
 }
 
@@ -1545,6 +1674,29 @@ static int link_frame_complete(Link *l)
         if (frame_verify_payload(l->rx_header, &h, l->rx_payload) < 0)
                 return PROTO_FAIL(l, -EBADMSG, "CRC mismatch in %s frame (%u bytes) from %s",
                                   frame_type_name(h.type), h.length, l->peer_name);
+        if (l->rx_mac) {
+                /* A CRC anyone can recompute; the tag only a holder of this session's key. */
+                uint64_t seq = 0;
+                int r = link_mac_check(l->rx_mac, l->rx_seq, l->rx_header, l->rx_payload, h.length,
+                                       l->rx_trailer, &seq);
+                if (r == -ERANGE)
+                        return PROTO_FAIL(l, -EBADMSG,
+                                          "frame out of sequence from %s: %s frame numbered %" PRIu64
+                                          " where %" PRIu64 " was due (replayed, dropped or reordered "
+                                          "on the way); link closed, nothing of it applied",
+                                          l->peer_name, frame_type_name(h.type), seq, l->rx_seq);
+                if (r == -EBADMSG)
+                        return PROTO_FAIL(l, -EBADMSG,
+                                          "authentication failed for %s frame %" PRIu64
+                                          " (%u bytes) from %s: its MAC does not match (altered on the "
+                                          "way, or not sent by the peer); link closed, nothing of it "
+                                          "applied",
+                                          frame_type_name(h.type), seq, h.length, l->peer_name);
+                if (r < 0)
+                        return PROTO_FAIL(l, r, "failed to check the MAC of a %s frame from %s: %s",
+                                          frame_type_name(h.type), l->peer_name, strerror(-r));
+                l->rx_seq++;
+        }
         pthread_mutex_lock(&l->mutex);
         l->stats.frames_received++;
         pthread_mutex_unlock(&l->mutex);
@@ -1582,6 +1734,17 @@ static int link_feed(Link *l, const uint8_t *data, size_t len)
                         data += n;
                         len -= n;
                         if (l->rx_payload_got < l->rx_frame.length)
+                                return 0;
+                }
+                if (l->rx_mac && l->rx_trailer_got < LINK_MAC_TRAILER_BYTES) {
+                        if (len == 0)
+                                return 0;
+                        n = MIN(len, LINK_MAC_TRAILER_BYTES - l->rx_trailer_got);
+                        memcpy(l->rx_trailer + l->rx_trailer_got, data, n);
+                        l->rx_trailer_got += n;
+                        data += n;
+                        len -= n;
+                        if (l->rx_trailer_got < LINK_MAC_TRAILER_BYTES)
                                 return 0;
                 }
                 r = link_frame_complete(l);
@@ -1646,7 +1809,9 @@ static void link_read(Link *l)
                 link_note_rx(l, (size_t) n);
                 if (direct) {
                         l->rx_payload_got += (size_t) n;
-                        if (l->rx_payload_got == l->rx_frame.length && link_frame_complete(l) < 0)
+                        /* A keyed frame's trailer follows: the next read gets it through link_feed(). */
+                        if (l->rx_payload_got == l->rx_frame.length && !l->rx_mac &&
+                            link_frame_complete(l) < 0)
                                 return;
                 } else if (link_feed(l, l->rx_buf, (size_t) n) < 0)
                         return;
@@ -1744,7 +1909,20 @@ static void link_tls_handshake(Link *l)
         ok = SSL_do_handshake(l->ssl);
         err = ok == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, ok);
         if (err == SSL_ERROR_NONE) {
+                static const char label[] = "EXPORTER-dirtyrep-link";
                 l->tls_up = true;
+                /* Channel binding: the proofs and session keys cover this TLS connection's
+                 * exporter, so a TLS terminator cannot relay the handshake into another
+                 * connection (its two connections have different exporters). */
+                if (SSL_export_keying_material(l->ssl, l->binding, LINK_BINDING_MAX, label,
+                                               sizeof(label) - 1, NULL, 0, 0) == 1)
+                        l->binding_len = LINK_BINDING_MAX;
+                else {
+                        l->tls_failed = true;
+                        snprintf(why, sizeof(why), "no TLS exporter for the channel binding");
+                        r = -EIO;
+                        err = SSL_ERROR_SSL;
+                }
                 snprintf(version, sizeof(version), "%s", SSL_get_version(l->ssl));
                 snprintf(cipher, sizeof(cipher), "%s", SSL_get_cipher_name(l->ssl) ?: "?");
         } else if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {

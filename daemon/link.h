@@ -28,8 +28,15 @@
  * a CRC mismatch does in plaintext. Reads and writes keep their threads:
  * the SSL object is shared under a mutex of its own.
  *
+ * Per-frame authentication (link-mac.h): every frame after the handshake, in
+ * both directions (WELCOME, ACK, HEARTBEAT and ERROR included), carries a
+ * sequence number and an AES-GMAC tag under session keys derived from the
+ * secret, both nonces and (with TLS) the TLS exporter. A frame out of
+ * sequence or with a wrong tag ends the link with -EBADMSG before any of it
+ * is dispatched.
+ *
  * Errors end the link, never the process: a bad frame (magic, version,
- * length, CRC, undecodable protobuf, unexpected type for the state) calls
+ * length, CRC, MAC, sequence, undecodable protobuf, unexpected type for the state) calls
  * on_down with -EBADMSG/-EPROTO and a message naming what was wrong; an
  * authentication failure with -EACCES ("wrong shared secret?"). The owner
  * logs it (once) and decides what next.
@@ -160,7 +167,7 @@ int link_listener_address(const LinkListener *ll, struct sockaddr_storage *ret, 
 
 /*
  * HMAC-SHA256 proof as the protocol defines it (exported for tests). out: 32 bytes.
- * The HMAC key is the secret; the message is five fields, each a le32 byte
+ * The HMAC key is the secret; the message is six fields, each a le32 byte
  * count followed by that many bytes, in this order:
  *
  *   label    "dirtyrep-standby" or "dirtyrep-primary" (no NUL)
@@ -168,10 +175,12 @@ int link_listener_address(const LinkListener *ll, struct sockaddr_storage *ret, 
  *   nonce_b  REPL_NONCE_BYTES  (standby proof: S nonce; primary proof: P nonce)
  *   vm_name  the Hello's vm_name (no NUL)
  *   vm_uuid  16 bytes
+ *   binding  the TLS exporter (link-mac.h) with TLS, empty (0 bytes) in plaintext
  *
  * The length prefixes make the encoding injective, so no two different
  * (label, nonces, identity) tuples hash the same bytes. Returns 0, -EINVAL
  * (empty secret, no name) or -EIO (libcrypto failed).
  */
 int link_proof(const uint8_t *secret, size_t secret_len, const char *label, const uint8_t *nonce_a,
-               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, uint8_t out[32]);
+               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, const uint8_t *binding,
+               size_t binding_len, uint8_t out[32]);

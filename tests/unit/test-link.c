@@ -16,12 +16,14 @@
 
 #include "crc32c.h"
 #include "frame.h"
+#include "link-mac.h"
 #include "link.h"
 #include "macros.h"
 #include "tests.h"
 #include "util.h"
 
-#define MAX_FRAME ((uint32_t) DR__REPL__REPL_LIMIT__REPL_MAX_FRAME)
+#define MAX_FRAME    ((uint32_t) DR__REPL__REPL_LIMIT__REPL_MAX_FRAME)
+#define REPL_VERSION ((uint32_t) DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT)
 
 /* Runs the loop until cond holds or ms pass; evaluates to cond. */
 #define RUN_UNTIL(e, cond, ms)                                                                              \
@@ -344,22 +346,54 @@ TEST(wrong_secret_standby)
 
 /* ---- a raw socket playing the primary ---------------------------------------------- */
 
+/* The raw peer's session: its frames are sealed once tx is set, the Link's are checked once rx is
+ * set, as an honest peer would (link-mac.h). */
+static struct {
+        LinkMac *tx, *rx;
+        uint64_t tx_seq, rx_seq;
+} raw;
+
+static void raw_reset(void)
+{
+        raw.tx = link_mac_free(raw.tx);
+        raw.rx = link_mac_free(raw.rx);
+        raw.tx_seq = raw.rx_seq = 0;
+}
+
+/* The session keys from both nonces; installs the MACs of a raw peer playing `side`. */
+static void raw_keys(const uint8_t pnonce[32], const uint8_t snonce[32], LinkSide side)
+{
+        uint8_t p2s[LINK_KEY_BYTES], s2p[LINK_KEY_BYTES];
+
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), pnonce, snonce, 32, "vm0", UUID, 16, NULL, 0, p2s,
+                                    s2p));
+        raw_reset();
+        ASSERT_OK(link_mac_new(side == LINK_PRIMARY ? p2s : s2p, &raw.tx));
+        ASSERT_OK(link_mac_new(side == LINK_PRIMARY ? s2p : p2s, &raw.rx));
+}
+
 static int raw_connect(Fixture *f)
 {
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         ASSERT_TRUE(fd >= 0);
+        raw_reset();
         ASSERT_OK(RET_NERRNO(connect(fd, (struct sockaddr *) &f->addr, f->addr_len)));
         ASSERT_TRUE(RUN_UNTIL(f->e, f->standby != NULL, 2000));
         return fd;
 }
 
+/* Sends a frame; sealed (with the next sequence number) when the raw session is keyed. */
 static void raw_send(int fd, uint16_t type, const void *payload, size_t len)
 {
-        uint8_t h[FRAME_HEADER_SIZE];
+        uint8_t h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
         frame_header_build(h, type, payload, (uint32_t) len);
         ASSERT_OK(loop_write(fd, h, sizeof(h)));
         if (len)
                 ASSERT_OK(loop_write(fd, payload, len));
+        if (raw.tx) {
+                ASSERT_OK(link_mac_seal(raw.tx, raw.tx_seq++, h, payload, len, t));
+                ASSERT_OK(loop_write(fd, t, sizeof(t)));
+        }
 }
 
 static void raw_send_message(int fd, uint16_t type, const ProtobufCMessage *m)
@@ -395,6 +429,21 @@ static size_t raw_recv(sd_event *e, int fd, uint16_t *ret_type, uint8_t *buf, si
                 }
         }
         ASSERT_OK(frame_verify_payload(h, &fh, buf));
+        if (raw.rx) {
+                uint8_t t[LINK_MAC_TRAILER_BYTES];
+                got = 0;
+                while (got < sizeof(t)) {
+                        ssize_t n;
+                        ASSERT_TRUE(now_usec() < end);
+                        ASSERT_TRUE(sd_event_run(e, 1000) >= 0);
+                        n = recv(fd, t + got, sizeof(t) - got, MSG_DONTWAIT);
+                        if (n < 0 && errno == EAGAIN)
+                                continue;
+                        ASSERT_TRUE(n > 0);
+                        got += (size_t) n;
+                }
+                ASSERT_OK(link_mac_check(raw.rx, raw.rx_seq++, h, buf, fh.length, t, NULL));
+        }
         *ret_type = fh.type;
         return fh.length;
 }
@@ -419,19 +468,25 @@ static void raw_handshake(Fixture *f, int fd, bool bad_proof)
         uint16_t type;
         size_t len;
 
-        raw_hello(f, fd, 1, pnonce);
+        raw_hello(f, fd, REPL_VERSION, pnonce);
         len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
         ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE);
         c = dr__repl__challenge__unpack(NULL, len, buf);
         ASSERT_TRUE(c && c->nonce.len == 32 && c->proof.len == 32);
         ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", pnonce, c->nonce.data, "vm0", UUID,
-                             expect));
+                             NULL, 0, expect));
         ASSERT_TRUE(memcmp(expect, c->proof.data, 32) == 0);
         ASSERT_OK(link_proof(bad_proof ? WRONG : SECRET, sizeof(SECRET), "dirtyrep-primary", c->nonce.data,
-                             pnonce, "vm0", UUID, proof));
+                             pnonce, "vm0", UUID, NULL, 0, proof));
+        /* From here on the standby's frames are keyed; this side's after AUTH. */
+        raw_keys(pnonce, c->nonce.data, LINK_PRIMARY);
         dr__repl__challenge__free_unpacked(c, NULL);
         a.proof = (ProtobufCBinaryData){32, proof};
-        raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base);
+        {
+                LinkMac *tx = TAKE_PTR(raw.tx);
+                raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base);
+                raw.tx = tx;
+        }
         if (bad_proof)
                 return;
         len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
@@ -443,21 +498,24 @@ TEST(proof_layout)
 {
         uint8_t a[32] = {1}, b[32] = {2}, p1[32], p2[32], p3[32];
 
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, p1));
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, p2));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, NULL, 0, p1));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, NULL, 0, p2));
         ASSERT_TRUE(memcmp(p1, p2, 32) == 0);
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", b, a, "vm0", UUID, p2));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", b, a, "vm0", UUID, NULL, 0, p2));
         ASSERT_TRUE(memcmp(p1, p2, 32) != 0);
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", a, b, "vm0", UUID, p3));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", a, b, "vm0", UUID, NULL, 0, p3));
         ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm1", UUID, p3));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm1", UUID, NULL, 0, p3));
         ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
-        ASSERT_EQ(link_proof(SECRET, 0, "dirtyrep-primary", a, b, "vm0", UUID, p3), -EINVAL);
+        /* The TLS channel binding changes the proof: a relayed handshake does not verify. */
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, a, 32, p3));
+        ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
+        ASSERT_EQ(link_proof(SECRET, 0, "dirtyrep-primary", a, b, "vm0", UUID, NULL, 0, p3), -EINVAL);
 }
 
 TEST(bad_crc)
 {
-        uint8_t payload[4096], h[FRAME_HEADER_SIZE];
+        uint8_t payload[4096], h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
         Fixture f;
         int fd;
 
@@ -467,15 +525,72 @@ TEST(bad_crc)
 
         fill_random(payload, sizeof(payload), 5);
         frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
-        payload[1234] ^= 0x10; /* on the wire, after the CRC was computed */
+        ASSERT_OK(link_mac_seal(raw.tx, raw.tx_seq++, h, payload, sizeof(payload), t));
+        payload[1234] ^= 0x10; /* on the wire, after the CRC and the MAC were computed */
         ASSERT_OK(loop_write(fd, h, sizeof(h)));
         ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+        ASSERT_OK(loop_write(fd, t, sizeof(t)));
         ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
         ASSERT_EQ(f.s.down_error, -EBADMSG);
         ASSERT_TRUE(strstr(f.s.down_reason, "CRC"));
         ASSERT_EQ(f.s.frames, 0);
         safe_close(fd);
         fixture_done(&f);
+}
+
+/* After the handshake: a frame whose CRC is right but whose MAC is not (rewritten on the way with
+ * the CRC recomputed), a replayed frame, one sealed with the other direction's key (reflected),
+ * and one without a trailer. Each ends the link before on_frame sees anything. */
+TEST(frame_mac)
+{
+        static const char *const needles[] = {"MAC does not match", "out of sequence", "MAC does not match",
+                                              "out of sequence"};
+        for (int variant = 0; variant < 4; variant++) {
+                uint8_t payload[4096], h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
+                Fixture f;
+                int fd;
+
+                fixture_init(&f, SECRET, sizeof(SECRET));
+                fd = raw_connect(&f);
+                raw_handshake(&f, fd, false);
+                fill_random(payload, sizeof(payload), 7);
+                if (variant == 1) {
+                        /* A good frame, accepted; then the same bytes again. */
+                        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+                        ASSERT_OK(link_mac_seal(raw.tx, raw.tx_seq++, h, payload, sizeof(payload), t));
+                        for (int i = 0; i < 2; i++) {
+                                ASSERT_OK(loop_write(fd, h, sizeof(h)));
+                                ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+                                ASSERT_OK(loop_write(fd, t, sizeof(t)));
+                        }
+                } else if (variant == 2) {
+                        /* Sealed with the key of the standby's own direction, as a reflection is. */
+                        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+                        ASSERT_OK(link_mac_seal(raw.rx, raw.tx_seq, h, payload, sizeof(payload), t));
+                        ASSERT_OK(loop_write(fd, h, sizeof(h)));
+                        ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+                        ASSERT_OK(loop_write(fd, t, sizeof(t)));
+                } else {
+                        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+                        ASSERT_OK(link_mac_seal(raw.tx, raw.tx_seq++, h, payload, sizeof(payload), t));
+                        /* Rewritten after sealing, CRC recomputed: only the MAC can tell. */
+                        payload[100] ^= 0x01;
+                        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+                        ASSERT_OK(loop_write(fd, h, sizeof(h)));
+                        ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+                        if (variant == 0)
+                                ASSERT_OK(loop_write(fd, t, sizeof(t)));
+                        else /* no trailer: the next frame's bytes are taken for it */
+                                raw_send(fd, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, 64);
+                }
+                ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+                ASSERT_EQ(f.s.down_error, -EBADMSG);
+                fprintf(stderr, "  variant %d: %s\n", variant, f.s.down_reason);
+                ASSERT_TRUE(strstr(f.s.down_reason, needles[variant]));
+                ASSERT_EQ(f.s.frames, variant == 1 ? 1u : 0u);
+                safe_close(fd);
+                fixture_done(&f);
+        }
 }
 
 /* Sends raw bytes as the first thing a stranger says; expects the standby down with err. */
@@ -549,9 +664,9 @@ TEST(out_of_state)
         for (int second_hello = 0; second_hello <= 1; second_hello++) {
                 fixture_init(&f, SECRET, sizeof(SECRET));
                 fd = raw_connect(&f);
-                raw_hello(&f, fd, 1, nonce);
+                raw_hello(&f, fd, REPL_VERSION, nonce);
                 if (second_hello)
-                        raw_hello(&f, fd, 1, nonce);
+                        raw_hello(&f, fd, REPL_VERSION, nonce);
                 else
                         ASSERT_OK(loop_write(fd, h, sizeof(h)));
                 ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
@@ -571,7 +686,7 @@ TEST(out_of_state)
                 if (ack)
                         raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_ACK, &a.base);
                 else
-                        raw_hello(&f, fd, 1, nonce);
+                        raw_hello(&f, fd, REPL_VERSION, nonce);
                 ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
                 ASSERT_EQ(f.s.down_error, -EPROTO);
                 ASSERT_EQ(f.s.frames, 0);
@@ -607,14 +722,18 @@ TEST(version_mismatch)
 
         fixture_init(&f, SECRET, sizeof(SECRET));
         fd = raw_connect(&f);
-        raw_hello(&f, fd, 2, nonce);
+        raw_hello(&f, fd, REPL_VERSION + 1, nonce);
         /* The refusal reaches the peer as an ERROR frame. */
         len = raw_recv(f.e, fd, &type, buf, sizeof(buf));
         ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_ERROR);
         e = dr__repl__error__unpack(NULL, len, buf);
         ASSERT_TRUE(e);
         ASSERT_EQ(e->code, -EPROTONOSUPPORT);
-        ASSERT_TRUE(strstr(e->message, "version 2"));
+        {
+                char want[32];
+                snprintf(want, sizeof(want), "version %u", REPL_VERSION + 1);
+                ASSERT_TRUE(strstr(e->message, want));
+        }
         dr__repl__error__free_unpacked(e, NULL);
         ASSERT_EQ(f.s.down_error, -EPROTONOSUPPORT);
         ASSERT_EQ(f.s.hellos, 0);
@@ -694,13 +813,14 @@ static void *count_heartbeats(void *userdata)
                 while (have >= FRAME_HEADER_SIZE) {
                         FrameHeader h;
                         ASSERT_OK(frame_header_parse(buf, MAX_FRAME, &h));
-                        if (have < FRAME_HEADER_SIZE + h.length)
+                        /* After WELCOME every frame carries its MAC trailer. */
+                        size_t whole = FRAME_HEADER_SIZE + h.length + LINK_MAC_TRAILER_BYTES;
+                        if (have < whole)
                                 break;
                         if (h.type == DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT)
                                 c->heartbeats++;
-                        memmove(buf, buf + FRAME_HEADER_SIZE + h.length,
-                                have - FRAME_HEADER_SIZE - h.length);
-                        have -= FRAME_HEADER_SIZE + h.length;
+                        memmove(buf, buf + whole, have - whole);
+                        have -= whole;
                 }
         }
         return NULL;
@@ -880,6 +1000,7 @@ static int stalled_setup(Fixture *f, int *ret_listen_fd)
         int lfd, fd;
 
         fixture_init(f, SECRET, sizeof(SECRET));
+        raw_reset();
         lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         ASSERT_TRUE(lfd >= 0);
         ASSERT_OK(RET_NERRNO(bind(lfd, (struct sockaddr *) &sin, sizeof(sin))));
@@ -893,10 +1014,10 @@ static int stalled_setup(Fixture *f, int *ret_listen_fd)
         len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
         ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_HELLO);
         h = dr__repl__hello__unpack(NULL, len, buf);
-        ASSERT_TRUE(h && h->nonce.len == 32 && h->version == 1);
+        ASSERT_TRUE(h && h->nonce.len == 32 && h->version == REPL_VERSION);
         ASSERT_EQ(getrandom(snonce, 32, 0), 32);
         ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", h->nonce.data, snonce, "vm0", UUID,
-                             proof));
+                             NULL, 0, proof));
         c.nonce = (ProtobufCBinaryData){32, snonce};
         c.proof = (ProtobufCBinaryData){32, proof};
         raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE, &c.base);
@@ -905,7 +1026,9 @@ static int stalled_setup(Fixture *f, int *ret_listen_fd)
         a = dr__repl__auth__unpack(NULL, len, buf);
         ASSERT_TRUE(a && a->proof.len == 32);
         ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", snonce, h->nonce.data, "vm0", UUID,
-                             proof));
+                             NULL, 0, proof));
+        /* The raw standby's frames from WELCOME on are keyed, as the primary's after AUTH. */
+        raw_keys(h->nonce.data, snonce, LINK_STANDBY);
         ASSERT_TRUE(memcmp(proof, a->proof.data, 32) == 0);
         dr__repl__auth__free_unpacked(a, NULL);
         dr__repl__hello__free_unpacked(h, NULL);
