@@ -91,6 +91,12 @@
 #define DEFAULT_HEARTBEAT_MS 50u
 #define DEFAULT_MISSES       4u
 #define DEFAULT_HANDSHAKE_MS 5000u
+/* Pre-authentication limits of a listener (see link.h). A stranger that sends nothing is closed
+ * after FIRST_BYTES_MS; at most MAX_PER_SOURCE connections of one address are in handshake; the
+ * warning about dropped strangers is logged at most once per WARN_INTERVAL. */
+#define FIRST_BYTES_MS               1000u
+#define LISTENER_MAX_PER_SOURCE      2u
+#define LISTENER_WARN_INTERVAL_USEC  (10u * USEC_PER_SEC)
 #define DEFAULT_QUEUE_LIMIT  ((size_t) 32 << 20)
 
 static void protobuf_c_message_freep(ProtobufCMessage **m)
@@ -126,6 +132,9 @@ struct LinkListener {
         Link *pending; /* Links in handshake that count against max_pending */
         unsigned n_pending;
         uint64_t refused;
+        /* The rate-limited warning: when it may be logged next, and what was dropped since. */
+        uint64_t warn_next_usec;
+        uint64_t dropped_since_warn;
         int (*on_accept)(LinkListener *ll, int fd, const char *peer, void *userdata);
         void *userdata;
 };
@@ -150,6 +159,10 @@ struct Link {
 
         LinkListener *listener; /* while counted against listener->max_pending */
         Link *listener_next;
+        char peer_host[INET6_ADDRSTRLEN]; /* standby: the source address, for the per-source cap */
+        uint64_t accepted_usec;           /* standby: when accepted (the handshake deadline runs from it) */
+        bool rx_any;                      /* a byte arrived */
+        bool preauth_dropped;             /* closed by the pre-authentication limits (link.h) */
 
         /* TLS (NULL: plaintext). Under tls_lock(): every SSL_* call on ssl, tls_up, tls_failed.
          * A ticket lock: tls_next is the next ticket, tls_serving the one that holds it. */
@@ -258,6 +271,11 @@ LinkState link_state(const Link *l)
 bool link_down_by_peer(const Link *l)
 {
         return l->down_by_peer;
+}
+
+bool link_preauth_dropped(const Link *l)
+{
+        return l->preauth_dropped;
 }
 
 const char *link_peer_name(const Link *l)
@@ -933,6 +951,7 @@ static void *writer_main(void *userdata)
 /* ---- going down ----------------------------------------------------------------------- */
 
 static void listener_release(Link *l);
+static void listener_note_drop(LinkListener *ll, const char *peer, const char *why);
 
 static TxFrame *error_frame(Link *l, int code, const char *message)
 {
@@ -1152,6 +1171,26 @@ static int on_deadline(sd_event_source *s, uint64_t usec, void *userdata)
         uint64_t rx_due, loop_due;
 
         if (l->state != LINK_UP) {
+                uint64_t hs_end = l->accepted_usec + (uint64_t) l->handshake_timeout_ms * USEC_PER_MSEC;
+
+                if (l->side == LINK_STANDBY && usec < hs_end) {
+                        if (!l->rx_any) {
+                                /* A connection that says nothing holds a handshake slot for nothing. */
+                                l->preauth_dropped = true;
+                                listener_note_drop(l->listener, l->peer_host, "it sent nothing within 1 s");
+                                link_down(l, -ETIMEDOUT, false, "%s sent nothing within %u ms of connecting",
+                                          l->peer_name, FIRST_BYTES_MS);
+                                return 0;
+                        }
+                        (void) sd_event_source_set_time(s, hs_end);
+                        (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                        return 0;
+                }
+                if (l->side == LINK_STANDBY) {
+                        /* A stranger, as far as this side knows: counted, not logged one by one. */
+                        l->preauth_dropped = true;
+                        listener_note_drop(l->listener, l->peer_host, "its handshake timed out");
+                }
                 link_down(l, -ETIMEDOUT, true, "handshake with %s timed out after %u ms", l->peer_name,
                           l->handshake_timeout_ms);
                 return 0;
@@ -1766,6 +1805,7 @@ int link_feed_for_fuzzing(Link *l, const void *data, size_t len)
  * progress long before it is complete. */
 static void link_note_rx(Link *l, size_t n)
 {
+        l->rx_any = true;
         l->last_rx_usec = loop_now(l);
         pthread_mutex_lock(&l->mutex);
         l->stats.bytes_received += n;
@@ -2035,6 +2075,16 @@ static void socket_tune(int fd)
         (void) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
 }
 
+/* The address without the port ("?" for other families): what the per-source limit counts. */
+static void format_host(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
+{
+        snprintf(buf, size, "?");
+        if (sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
+                inet_ntop(AF_INET, &((const struct sockaddr_in *) sa)->sin_addr, buf, size);
+        else if (sa->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6))
+                inet_ntop(AF_INET6, &((const struct sockaddr_in6 *) sa)->sin6_addr, buf, size);
+}
+
 static void format_sockaddr(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
 {
         char host[INET6_ADDRSTRLEN] = "?";
@@ -2245,6 +2295,17 @@ int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *c
                 return r;
         link_set_state(l, LINK_HANDSHAKE);
         l->step = l->ssl ? STEP_TLS : STEP_WAIT_HELLO;
+        sl = sizeof(ss);
+        if (getpeername(l->fd, (struct sockaddr *) &ss, &sl) >= 0)
+                format_host((struct sockaddr *) &ss, sl, l->peer_host, sizeof(l->peer_host));
+        /* The first bytes are due soon (a primary sends HELLO, or its TLS ClientHello, at once);
+         * the whole handshake within handshake_timeout_ms. */
+        l->accepted_usec = loop_now(l);
+        r = sd_event_source_set_time(l->deadline_source,
+                                     l->accepted_usec + (uint64_t) MIN(FIRST_BYTES_MS, l->handshake_timeout_ms) *
+                                                                USEC_PER_MSEC);
+        if (r < 0)
+                return r;
 
         if (p->listener) {
                 l->listener = p->listener;
@@ -2274,6 +2335,92 @@ static void listener_release(Link *l)
         l->listener_next = NULL;
 }
 
+/*
+ * A stranger was dropped before authenticating (evicted, silent, timed out). One warning per
+ * LISTENER_WARN_INTERVAL names the latest source and counts the others, so a flood cannot flood
+ * the journal, and an operator still learns where it comes from.
+ */
+static void listener_note_drop(LinkListener *ll, const char *host, const char *why)
+{
+        uint64_t now = now_usec();
+        char local[64] = "?";
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+
+        if (!ll)
+                return;
+        ll->refused++;
+        ll->dropped_since_warn++;
+        if (now < ll->warn_next_usec) {
+                log_debug("Dropped replication connection from %s before authentication: %s.", host, why);
+                return;
+        }
+        if (getsockname(ll->fd, (struct sockaddr *) &ss, &sl) >= 0)
+                format_sockaddr((struct sockaddr *) &ss, sl, local, sizeof(local));
+        log_warning("Replication listener %s: dropped a connection from %s before authentication: %s "
+                    "(%" PRIu64 " dropped in the last %u s, %" PRIu64 " in all). Something there connects "
+                    "without completing the handshake: check that host, or filter it.",
+                    local, host, why, ll->dropped_since_warn,
+                    (unsigned) (LISTENER_WARN_INTERVAL_USEC / USEC_PER_SEC), ll->refused);
+        ll->dropped_since_warn = 0;
+        ll->warn_next_usec = now + LISTENER_WARN_INTERVAL_USEC;
+}
+
+/* The oldest pending connection from host (NULL: from anywhere); with silent_only, only one that
+ * has not sent a byte yet. The list is newest first. */
+static Link *listener_oldest(LinkListener *ll, const char *host, bool silent_only)
+{
+        Link *found = NULL;
+
+        for (Link *l = ll->pending; l; l = l->listener_next)
+                if ((!host || streq(l->peer_host, host)) && (!silent_only || !l->rx_any))
+                        found = l;
+        return found;
+}
+
+static unsigned listener_count_source(LinkListener *ll, const char *host)
+{
+        unsigned n = 0;
+        for (Link *l = ll->pending; l; l = l->listener_next)
+                n += streq(l->peer_host, host);
+        return n;
+}
+
+/* Closes a pending connection to make room for a new one. */
+static void listener_evict(LinkListener *ll, Link *victim, const char *why)
+{
+        _cleanup_(link_unrefp) Link *ref = link_ref(victim);
+
+        victim->preauth_dropped = true;
+        listener_note_drop(ll, victim->peer_host, why);
+        link_down(victim, -ECONNREFUSED, false, "%s dropped before authentication: %s", victim->peer_name, why);
+}
+
+/*
+ * Makes room for a new connection from host, or says why not: at most LISTENER_MAX_PER_SOURCE
+ * pending from one address (its oldest goes: a host reconnecting after a half-open connection must
+ * not lock itself out), at most max_pending in all (the oldest silent one goes, else the oldest).
+ * A primary sends its HELLO within a round trip of connecting, so a flood of silent connections
+ * evicts its own members, not the partner; and a flood from a few addresses is held at a few
+ * slots by the per-source cap.
+ */
+static void listener_make_room(LinkListener *ll, const char *host)
+{
+        Link *victim;
+
+        if (listener_count_source(ll, host) >= LISTENER_MAX_PER_SOURCE) {
+                victim = listener_oldest(ll, host, false);
+                if (victim)
+                        listener_evict(ll, victim, "too many handshakes pending from its address");
+        }
+        while (ll->n_pending >= ll->max_pending) {
+                victim = listener_oldest(ll, NULL, true) ?: listener_oldest(ll, NULL, false);
+                if (!victim)
+                        break;
+                listener_evict(ll, victim, "the oldest handshake, evicted to make room for a new one");
+        }
+}
+
 static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         LinkListener *ll = userdata;
@@ -2281,7 +2428,7 @@ static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *us
         for (unsigned i = 0; i < 32; i++) {
                 struct sockaddr_storage ss;
                 socklen_t sl = sizeof(ss);
-                char peer[64];
+                char peer[64], host[INET6_ADDRSTRLEN];
                 int cfd;
 
                 cfd = accept4(fd, (struct sockaddr *) &ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -2294,12 +2441,12 @@ static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *us
                         return 0;
                 }
                 format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
+                format_host((struct sockaddr *) &ss, sl, host, sizeof(host));
+                listener_make_room(ll, host);
                 if (ll->n_pending >= ll->max_pending) {
-                        /* Debug only: a flood of strangers must not flood the journal. */
-                        ll->refused++;
-                        log_debug("Refusing replication connection from %s: %u handshakes already pending "
-                                  "(%" PRIu64 " refused so far).",
-                                  peer, ll->n_pending, ll->refused);
+                        /* Only if the pending ones could not be evicted (they do not count any more
+                         * once down, so this does not happen; a bound all the same). */
+                        listener_note_drop(ll, host, "no handshake slot free");
                         safe_close(cfd);
                         continue;
                 }

@@ -146,15 +146,23 @@ void link_set_patience(Link *l, uint64_t usec);
 const char *link_peer_name(const Link *l);
 /* Whether the link went down because the peer said so (its ERROR frame), not from this side. */
 bool link_down_by_peer(const Link *l);
+/* Whether the link was closed by the pre-authentication limits (evicted, silent, handshake timed
+ * out): a stranger, already counted in the listener's rate-limited warning, not to be logged again. */
+bool link_preauth_dropped(const Link *l);
 /* The session id from the primary's Hello (standby side, after on_hello), 16 bytes. */
 const uint8_t *link_peer_session(const Link *l);
 
 /*
  * Standby: a listening socket on the event loop that hands every accepted
- * connection to on_accept (which typically calls link_accept). Bounded: at
- * most `max_pending` connections in handshake at once; more are closed.
- * Links count against that only when link_accept gets the listener in
- * LinkParams.listener. on_accept owns fd whatever it returns.
+ * connection to on_accept (which typically calls link_accept). Bounded
+ * before authentication: at most `max_pending` connections in handshake at
+ * once and at most 2 from one source address; a new connection evicts the
+ * oldest of its address when that has 2, and the oldest silent one (else the
+ * oldest) when all are taken. A standby connection that sends nothing within
+ * 1 s is closed, one that has not authenticated within handshake_timeout_ms
+ * too. Drops are counted and logged as one warning per 10 s naming the
+ * latest source. Links count against the limits only when link_accept gets
+ * the listener in LinkParams.listener. on_accept owns fd whatever it returns.
  */
 typedef struct LinkListener LinkListener;
 int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, unsigned max_pending,

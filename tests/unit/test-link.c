@@ -938,26 +938,148 @@ TEST(connect_refused)
         fixture_done(&f);
 }
 
-TEST(listener_max_pending)
+/* ---- pre-authentication limits: several standby Links on one listener ---------------- */
+
+typedef struct Many {
+        Fixture *f;
+        Link *links[8];
+        Side sides[8];
+        unsigned n;
+} Many;
+
+static int many_on_accept(LinkListener *ll, int fd, const char *peer, void *userdata)
+{
+        Many *m = userdata;
+        LinkParams p = m->f->sp;
+
+        ASSERT_TRUE(m->n < ELEMENTSOF(m->links));
+        p.peer_name = peer;
+        p.listener = ll;
+        ASSERT_OK(link_accept(m->f->e, fd, &p, &standby_cb, &m->sides[m->n], &m->links[m->n]));
+        m->n++;
+        return 0;
+}
+
+static void many_init(Fixture *f, Many *m, unsigned max_pending)
 {
         struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        Fixture f;
-        int fd1, fd2;
-        char c;
 
-        fixture_init(&f, SECRET, sizeof(SECRET));
-        f.ll = link_listener_free(f.ll);
-        ASSERT_OK(link_listener_new(f.e, (struct sockaddr *) &sin, sizeof(sin), 1, on_accept, &f, &f.ll));
-        ASSERT_OK(link_listener_address(f.ll, &f.addr, &f.addr_len));
-        fd1 = raw_connect(&f); /* in handshake: counts against max_pending = 1 */
-        fd2 = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        ASSERT_OK(RET_NERRNO(connect(fd2, (struct sockaddr *) &f.addr, f.addr_len)));
-        /* The second one is closed by the listener (on_accept would assert otherwise). */
-        ASSERT_TRUE(RUN_UNTIL(f.e, recv(fd2, &c, 1, MSG_DONTWAIT) == 0, 2000));
-        ASSERT_EQ(link_state(f.standby), LINK_HANDSHAKE);
-        safe_close(fd1);
-        safe_close(fd2);
-        fixture_done(&f);
+        fixture_init(f, SECRET, sizeof(SECRET));
+        raw_reset();
+        memset(m, 0, sizeof(*m));
+        m->f = f;
+        f->ll = link_listener_free(f->ll);
+        ASSERT_OK(link_listener_new(f->e, (struct sockaddr *) &sin, sizeof(sin), max_pending, many_on_accept, m,
+                                    &f->ll));
+        ASSERT_OK(link_listener_address(f->ll, &f->addr, &f->addr_len));
+}
+
+static void many_done(Fixture *f, Many *m)
+{
+        for (unsigned i = 0; i < m->n; i++)
+                m->links[i] = link_free(m->links[i]);
+        fixture_done(f);
+}
+
+/* Connects from 127.0.0.<host> and waits until the listener took it. */
+static int connect_from(Fixture *f, Many *m, unsigned host)
+{
+        struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f000000u | host)};
+        unsigned before = m->n;
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        ASSERT_TRUE(fd >= 0);
+        ASSERT_OK(RET_NERRNO(bind(fd, (struct sockaddr *) &src, sizeof(src))));
+        ASSERT_OK(RET_NERRNO(connect(fd, (struct sockaddr *) &f->addr, f->addr_len)));
+        ASSERT_TRUE(RUN_UNTIL(f->e, m->n == before + 1, 2000));
+        return fd;
+}
+
+static bool closed_by_peer(int fd)
+{
+        char c;
+        ssize_t n = recv(fd, &c, 1, MSG_DONTWAIT);
+        return n == 0 || (n < 0 && errno == ECONNRESET);
+}
+
+TEST(listener_evicts_oldest_silent)
+{
+        uint8_t nonce[32];
+        Fixture f;
+        Many m;
+        int fd[4];
+
+        /* Two silent strangers fill max_pending = 2; the partner still gets in, and keeps its slot
+         * when the next stranger comes: it has spoken, they have not. */
+        many_init(&f, &m, 2);
+        fd[0] = connect_from(&f, &m, 2);
+        fd[1] = connect_from(&f, &m, 3);
+        fd[2] = connect_from(&f, &m, 1);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd[0]), 2000));
+        ASSERT_EQ(link_state(m.links[0]), LINK_DOWN);
+        ASSERT_TRUE(link_preauth_dropped(m.links[0]));
+        ASSERT_TRUE(strstr(m.sides[0].down_reason, "dropped before authentication"));
+        f.standby = NULL;
+        raw_hello(&f, fd[2], REPL_VERSION, nonce);
+        ASSERT_TRUE(RUN_UNTIL(f.e, m.sides[2].hellos == 1, 2000));
+        fd[3] = connect_from(&f, &m, 4);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd[1]), 2000));
+        ASSERT_EQ(link_state(m.links[1]), LINK_DOWN);
+        ASSERT_EQ(link_state(m.links[2]), LINK_HANDSHAKE); /* the one that spoke */
+        ASSERT_EQ(link_state(m.links[3]), LINK_HANDSHAKE);
+        ASSERT_EQ(m.sides[2].downs, 0u);
+        for (unsigned i = 0; i < 4; i++)
+                safe_close(fd[i]);
+        many_done(&f, &m);
+}
+
+TEST(listener_per_source_cap)
+{
+        Fixture f;
+        Many m;
+        int fd[4];
+
+        /* Room for 8, but one address gets 2: its third connection evicts its first. Another
+         * address is not affected. */
+        many_init(&f, &m, 8);
+        fd[0] = connect_from(&f, &m, 2);
+        fd[1] = connect_from(&f, &m, 5);
+        fd[2] = connect_from(&f, &m, 2);
+        fd[3] = connect_from(&f, &m, 2);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd[0]), 2000));
+        ASSERT_TRUE(link_preauth_dropped(m.links[0]));
+        ASSERT_TRUE(strstr(m.sides[0].down_reason, "too many handshakes pending from its address"));
+        ASSERT_EQ(link_state(m.links[1]), LINK_HANDSHAKE);
+        ASSERT_EQ(link_state(m.links[2]), LINK_HANDSHAKE);
+        ASSERT_EQ(link_state(m.links[3]), LINK_HANDSHAKE);
+        for (unsigned i = 0; i < 4; i++)
+                safe_close(fd[i]);
+        many_done(&f, &m);
+}
+
+TEST(listener_first_bytes_deadline)
+{
+        uint64_t start, elapsed;
+        Fixture f;
+        Many m;
+        int fd;
+
+        /* A connection that says nothing is closed after 1 s, long before the 2 s handshake
+         * timeout of this fixture. */
+        many_init(&f, &m, 4);
+        start = now_usec();
+        fd = connect_from(&f, &m, 7);
+        ASSERT_TRUE(RUN_UNTIL(f.e, m.sides[0].downs == 1, 3000));
+        elapsed = now_usec() - start;
+        fprintf(stderr, "  silent connection closed after %" PRIu64 " ms: %s\n", elapsed / 1000,
+                m.sides[0].down_reason);
+        ASSERT_EQ(m.sides[0].down_error, -ETIMEDOUT);
+        ASSERT_TRUE(strstr(m.sides[0].down_reason, "sent nothing"));
+        ASSERT_TRUE(link_preauth_dropped(m.links[0]));
+        ASSERT_TRUE(elapsed >= 900 * 1000 && elapsed < 1900 * 1000);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd), 1000));
+        safe_close(fd);
+        many_done(&f, &m);
 }
 
 /* ---- back-pressure: a raw standby that stops reading -------------------------------- */
