@@ -593,6 +593,98 @@ TEST(frame_mac)
         }
 }
 
+/* Forwards whole frames of the standby's stream (src) to the primary (dst) and counts the keyed
+ * ones, as a relay on the path that knows the format can. */
+typedef struct RelayDir {
+        uint8_t buf[65536];
+        size_t have;
+        bool keyed;
+        uint64_t keyed_frames;
+} RelayDir;
+
+static void relay_down(RelayDir *d, int src, int dst)
+{
+        ssize_t n = recv(src, d->buf + d->have, sizeof(d->buf) - d->have, MSG_DONTWAIT);
+        if (n > 0)
+                d->have += (size_t) n;
+        while (d->have >= FRAME_HEADER_SIZE) {
+                FrameHeader h;
+                size_t whole;
+                ASSERT_OK(frame_header_parse(d->buf, sizeof(d->buf), &h));
+                whole = FRAME_HEADER_SIZE + h.length + (d->keyed ? LINK_MAC_TRAILER_BYTES : 0);
+                if (d->have < whole)
+                        break;
+                ASSERT_OK(loop_write(dst, d->buf, whole));
+                d->keyed_frames += d->keyed;
+                if (h.type == DR__REPL__FRAME_TYPE__FRAME_CHALLENGE)
+                        d->keyed = true;
+                memmove(d->buf, d->buf + whole, d->have - whole);
+                d->have -= whole;
+        }
+}
+
+/* A relay on the path passes the whole handshake between the real primary and the real standby
+ * (the standby answers anyone's HELLO), then drops the standby and acknowledges epochs itself. It
+ * learned no session key: its ACK fails the MAC, the primary's link goes down, on_frame never sees
+ * it. */
+TEST(relayed_handshake_then_forged_ack)
+{
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        Dr__Repl__Ack ack = DR__REPL__ACK__INIT;
+        uint8_t up[65536], frame[FRAME_HEADER_SIZE + 64 + LINK_MAC_TRAILER_BYTES];
+        struct sockaddr_storage standby_addr;
+        socklen_t sl = sizeof(sin), standby_len;
+        RelayDir down = {};
+        Fixture f;
+        int rl, pfd = -1, sfd;
+        size_t len;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        standby_addr = f.addr;
+        standby_len = f.addr_len;
+        rl = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        ASSERT_TRUE(rl >= 0);
+        ASSERT_OK(RET_NERRNO(bind(rl, (struct sockaddr *) &sin, sizeof(sin))));
+        ASSERT_OK(RET_NERRNO(listen(rl, 1)));
+        ASSERT_OK(RET_NERRNO(getsockname(rl, (struct sockaddr *) &f.addr, &sl)));
+        f.addr_len = sl;
+        primary_connect(&f, SECRET, sizeof(SECRET), NULL);
+        for (uint64_t end = now_usec() + 2 * USEC_PER_SEC; pfd < 0; pfd = accept4(rl, NULL, NULL, SOCK_CLOEXEC)) {
+                ASSERT_TRUE(now_usec() < end);
+                ASSERT_TRUE(sd_event_run(f.e, 1000) >= 0);
+        }
+        sfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_TRUE(sfd >= 0);
+        ASSERT_OK(RET_NERRNO(connect(sfd, (struct sockaddr *) &standby_addr, standby_len)));
+
+        for (uint64_t end = now_usec() + 3 * USEC_PER_SEC; !(f.p.ups == 1 && f.s.ups == 1);) {
+                ssize_t n;
+                ASSERT_TRUE(now_usec() < end);
+                ASSERT_TRUE(sd_event_run(f.e, 1000) >= 0);
+                n = recv(pfd, up, sizeof(up), MSG_DONTWAIT);
+                if (n > 0)
+                        ASSERT_OK(loop_write(sfd, up, (size_t) n));
+                relay_down(&down, sfd, pfd);
+        }
+        ASSERT_TRUE(down.keyed_frames >= 1); /* the WELCOME went through the relay */
+        safe_close(sfd);                     /* the real standby is dropped */
+
+        /* An ACK with a valid CRC and the sequence number the primary expects. */
+        ack.epoch = 1;
+        len = dr__repl__ack__pack(&ack, frame + FRAME_HEADER_SIZE);
+        frame_header_build(frame, DR__REPL__FRAME_TYPE__FRAME_ACK, frame + FRAME_HEADER_SIZE, (uint32_t) len);
+        put_le64(frame + FRAME_HEADER_SIZE + len, down.keyed_frames);
+        fill_random(frame + FRAME_HEADER_SIZE + len + 8, LINK_MAC_TAG_BYTES, 11);
+        ASSERT_OK(loop_write(pfd, frame, FRAME_HEADER_SIZE + len + LINK_MAC_TRAILER_BYTES));
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs == 1, 2000));
+        ASSERT_EQ(f.p.down_error, -EBADMSG);
+        ASSERT_TRUE(strstr(f.p.down_reason, "authentication failed for ACK frame"));
+        ASSERT_EQ(f.p.frames, 0u);
+        safe_close(pfd);
+        safe_close(rl);
+        fixture_done(&f);
+}
+
 /* Sends raw bytes as the first thing a stranger says; expects the standby down with err. */
 static void stranger_says(const void *bytes, size_t len, int err, const char *needle)
 {
