@@ -26,6 +26,11 @@ test-replication.py).
                                 fails, the primary never holds an ACK for an epoch the standby
                                 has not committed (sampled all along), and after the pair
                                 reconnects the replica is identical to the primary's RAM
+  test-security.py image-root   CheckpointImage over D-Bus (dirtyrepctl checkpoint --image) is
+                                confined to ImageDirectory= (default StateDirectory=/images): a
+                                path outside, a ".." out of it, a symbolic link out of it and a
+                                parent outside are refused with an error naming the root;
+                                nothing is created (no /dev/kvm needed: checked before the role)
   test-security.py preauth-flood
                                 silent connections from 8 source addresses (127.0.0.2-9) that
                                 reconnect when closed, while the real primary starts: it is
@@ -55,6 +60,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("repl", os.path.join(HERE, "test-replication.py"))
 repl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(repl)
+_spec = importlib.util.spec_from_file_location("control", os.path.join(HERE, "test-control.py"))
+control = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(control)
 _spec = importlib.util.spec_from_file_location("drtest", os.path.join(HERE, "drtest.py"))
 drtest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(drtest)
@@ -560,10 +568,35 @@ def test_preauth_flood(tmp, a):
         f"after {took:.2f} s and stayed protected for 8 s ({samples} samples, {c1 - c0} epochs)")
 
 
+def test_image_root(tmp, a):
+    bus = control.Bus(tmp, "bus")
+    d = control.Daemon(tmp, "sb", ["--role", "standby", "--listen", f"127.0.0.1:{repl.free_port()}"], bus=bus)
+    end = time.time() + 20
+    while control.busctl(bus, "status", "org.dirtyrep1")[0] != 0:
+        check(d.alive() and time.time() < end, "org.dirtyrep1 never appeared on the bus")
+        time.sleep(0.1)
+    img = os.path.join(d.dir, "images")
+    os.makedirs(img, exist_ok=True)  # the daemon makes it too (0700) when asked for an image
+    os.symlink(tmp, os.path.join(img, "escape"))
+    cases = [("/etc/dr-image", None), (os.path.join(img, "..", "out"), None),
+             (os.path.join(img, "escape", "out"), None), (os.path.join(img, "inc"), os.path.join(tmp, "parent"))]
+    for target, parent in cases:
+        args = ["checkpoint", "t", "--image", target] + (["--parent", parent] if parent else [])
+        err = control.ctl_fails(bus, 4, "is not below the image root ImageDirectory=" + img, *args)
+        check("set ImageDirectory= in dirtyrep.conf" in err, f"the error does not name the key: {err}")
+    for p in ("/etc/dr-image", os.path.join(d.dir, "out"), os.path.join(tmp, "out"), os.path.join(img, "inc")):
+        check(not os.path.exists(p), f"a refused image created {p}")
+    # Inside the root the request passes the check and meets the role's own refusal.
+    control.ctl_fails(bus, 4, "not a running primary", "checkpoint", "t", "--image", os.path.join(img, "ok"))
+    check("CheckpointImage refused" in d.text(), "the daemon did not log the refusal")
+    stop_all(d)
+    log(f"PASS: CheckpointImage confined to {img}: {len(cases)} escapes refused, nothing created")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("test", choices=["tls", "tls-refused", "caps", "debug-socket", "tamper-page", "tamper-ack",
-                                     "tamper-replay", "tamper-relay", "preauth-flood"])
+                                     "tamper-replay", "tamper-relay", "preauth-flood", "image-root"])
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--seed", type=int, default=int(time.time()))
     a = ap.parse_args()
@@ -584,9 +617,10 @@ def main():
                 test_tamper(tmp, a, a.test[len("tamper-"):])
             else:
                 {"tls": test_tls, "tls-refused": test_tls_refused, "caps": test_caps,
-                 "debug-socket": test_debug_socket, "preauth-flood": test_preauth_flood}[a.test](tmp, a)
+                 "debug-socket": test_debug_socket, "preauth-flood": test_preauth_flood,
+                 "image-root": test_image_root}[a.test](tmp, a)
         finally:
-            for p in list(repl.LIVE):
+            for p in list(repl.LIVE) + list(control.LIVE):
                 p.kill()
     return 0
 
