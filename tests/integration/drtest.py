@@ -715,12 +715,11 @@ class TamperProxy(Proxy):
                     self._forge_ack(st, epoch)
                     log(f"tamper proxy: relay acked epoch {epoch}")
                 else:
-                    # The EPOCH_END goes on first; the forged ACK reaches the primary before the
-                    # standby can have committed the epoch.
-                    self._to_standby(st, frame)
+                    # The EPOCH_END goes on in order with the rest of the stream; the forged ACK
+                    # reaches the primary before the standby can have committed the epoch.
+                    out = [frame]
                     self._forge_ack(st, epoch)
                     self._one_shot(f"forged an ACK of epoch {epoch} before the standby committed it")
-                    return []
         elif forward and st["relay"]:
             out = []  # the standby is gone; the relay swallows the rest
         return out
