@@ -2397,28 +2397,31 @@ static void listener_evict(LinkListener *ll, Link *victim, const char *why)
 }
 
 /*
- * Makes room for a new connection from host, or says why not: at most LISTENER_MAX_PER_SOURCE
- * pending from one address (its oldest goes: a host reconnecting after a half-open connection must
- * not lock itself out), at most max_pending in all (the oldest silent one goes, else the oldest).
- * A primary sends its HELLO within a round trip of connecting, so a flood of silent connections
- * evicts its own members, not the partner; and a flood from a few addresses is held at a few
- * slots by the per-source cap.
+ * Makes room for a new connection from host, or says why not (NULL: room made). An address
+ * gets at most LISTENER_MAX_PER_SOURCE handshakes at once (2: a host reconnecting while a
+ * half-open attempt lingers still gets in); more are refused at once, before a Link (and its
+ * thread) exists, so a flood from a few addresses costs an accept() and a close() each. When
+ * all max_pending are taken, an address with nothing pending evicts the oldest connection that
+ * has not sent a byte (else the oldest); one that already has a handshake pending waits its
+ * turn: evicting for it would let a flood from many addresses churn through Links for ever.
+ * A primary sends its HELLO within a round trip of connecting and normally has nothing else
+ * pending, so a flood of silent connections gives way to it.
  */
-static void listener_make_room(LinkListener *ll, const char *host)
+static const char *listener_make_room(LinkListener *ll, const char *host)
 {
+        unsigned mine = listener_count_source(ll, host);
         Link *victim;
 
-        if (listener_count_source(ll, host) >= LISTENER_MAX_PER_SOURCE) {
-                victim = listener_oldest(ll, host, false);
-                if (victim)
-                        listener_evict(ll, victim, "too many handshakes pending from its address");
-        }
-        while (ll->n_pending >= ll->max_pending) {
-                victim = listener_oldest(ll, NULL, true) ?: listener_oldest(ll, NULL, false);
-                if (!victim)
-                        break;
-                listener_evict(ll, victim, "the oldest handshake, evicted to make room for a new one");
-        }
+        if (mine >= LISTENER_MAX_PER_SOURCE)
+                return "2 handshakes from that address are pending already";
+        if (ll->n_pending < ll->max_pending)
+                return NULL;
+        if (mine > 0)
+                return "all handshake slots are taken and that address holds one";
+        victim = listener_oldest(ll, NULL, true) ?: listener_oldest(ll, NULL, false);
+        if (victim)
+                listener_evict(ll, victim, "the oldest handshake, evicted to make room for another address");
+        return ll->n_pending < ll->max_pending ? NULL : "no handshake slot could be freed";
 }
 
 static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
@@ -2429,6 +2432,7 @@ static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *us
                 struct sockaddr_storage ss;
                 socklen_t sl = sizeof(ss);
                 char peer[64], host[INET6_ADDRSTRLEN];
+                const char *why;
                 int cfd;
 
                 cfd = accept4(fd, (struct sockaddr *) &ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -2442,11 +2446,9 @@ static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *us
                 }
                 format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
                 format_host((struct sockaddr *) &ss, sl, host, sizeof(host));
-                listener_make_room(ll, host);
-                if (ll->n_pending >= ll->max_pending) {
-                        /* Only if the pending ones could not be evicted (they do not count any more
-                         * once down, so this does not happen; a bound all the same). */
-                        listener_note_drop(ll, host, "no handshake slot free");
+                why = listener_make_room(ll, host);
+                if (why) {
+                        listener_note_drop(ll, host, why);
                         safe_close(cfd);
                         continue;
                 }
@@ -2484,6 +2486,12 @@ int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, u
         if (bind(ll->fd, sa, salen) < 0 || listen(ll->fd, LISTEN_BACKLOG) < 0)
                 return -errno;
         r = sd_event_add_io(e, &ll->io, ll->fd, EPOLLIN, on_listener_io, ll);
+        if (r < 0)
+                return r;
+        /* Below everything else on the loop: a flood of connections (each refused one costs an
+         * accept() and a close()) must not delay the established link's reads and timers; new
+         * connections are taken whenever the loop has nothing more urgent. */
+        r = sd_event_source_set_priority(ll->io, SD_EVENT_PRIORITY_IDLE);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(ll);

@@ -156,9 +156,10 @@ const uint8_t *link_peer_session(const Link *l);
  * Standby: a listening socket on the event loop that hands every accepted
  * connection to on_accept (which typically calls link_accept). Bounded
  * before authentication: at most `max_pending` connections in handshake at
- * once and at most 2 from one source address; a new connection evicts the
- * oldest of its address when that has 2, and the oldest silent one (else the
- * oldest) when all are taken. A standby connection that sends nothing within
+ * once and at most 2 from one source address (more are closed at once); when
+ * all are taken, a connection from an address with nothing pending evicts the
+ * oldest silent one (else the oldest), one from an address that has a
+ * handshake pending is closed. A standby connection that sends nothing within
  * 1 s is closed, one that has not authenticated within handshake_timeout_ms
  * too. Drops are counted and logged as one warning per 10 s naming the
  * latest source. Links count against the limits only when link_accept gets
