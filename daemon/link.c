@@ -2389,7 +2389,7 @@ static unsigned listener_count_source(LinkListener *ll, const char *host)
 /* Closes a pending connection to make room for a new one. */
 static void listener_evict(LinkListener *ll, Link *victim, const char *why)
 {
-        _cleanup_(link_unrefp) Link *ref = link_ref(victim);
+        _cleanup_(link_unrefp) _unused_ Link *ref = link_ref(victim);
 
         victim->preauth_dropped = true;
         listener_note_drop(ll, victim->peer_host, why);
