@@ -120,7 +120,8 @@ typedef enum HandshakeStep {
 typedef struct TxFrame {
         struct TxFrame *next;
         size_t len; /* header + payload (+ the MAC trailer when mac) */
-        bool mac;   /* decided under `mutex` when queued; the writer seals it just before sending */
+        bool mac;    /* decided under `mutex` when queued; the writer seals it just before sending */
+        bool sealed; /* writer: the trailer is written */
         uint8_t data[]; /* room for header, payload and a trailer */
 } TxFrame;
 
@@ -602,7 +603,7 @@ static TxFrame *txframe_new(size_t payload_len)
         if (!f)
                 return NULL;
         f->next = NULL;
-        f->mac = false;
+        f->mac = f->sealed = false;
         f->len = FRAME_HEADER_SIZE + payload_len;
         return f;
 }
@@ -758,6 +759,29 @@ static int writer_wait(Link *l, short events)
         }
 }
 
+/*
+ * Writer thread: the trailer of a keyed frame, once, just before it is first handed to the
+ * socket. Frames are sealed in queue order (the sequence numbers the peer expects), each when
+ * the writer reaches it, so a batch of large frames is not all MACed before the first byte
+ * leaves; the MAC is computed here, not under the lock and not on the thread that queued it.
+ */
+static int writer_seal(Link *l, TxFrame *f)
+{
+        size_t payload_len;
+        int r;
+
+        if (!f->mac || f->sealed)
+                return 0;
+        payload_len = f->len - FRAME_HEADER_SIZE - LINK_MAC_TRAILER_BYTES;
+        r = link_mac_seal(l->tx_mac, l->tx_seq, f->data, f->data + FRAME_HEADER_SIZE, payload_len,
+                          f->data + FRAME_HEADER_SIZE + payload_len);
+        if (r < 0)
+                return r;
+        f->sealed = true;
+        l->tx_seq++;
+        return 0;
+}
+
 /* Sends a private list of frames; frees them. 0 or negative errno. */
 static int writer_send_batch(Link *l, TxFrame *batch)
 {
@@ -766,14 +790,27 @@ static int writer_send_batch(Link *l, TxFrame *batch)
 
         while (batch) {
                 struct iovec iov[TX_IOV_MAX];
-                size_t n = 0, done_bytes = 0, k;
+                size_t n = 0, done_bytes = 0, k, gathered;
                 uint64_t done_frames = 0;
                 short events;
                 ssize_t sent;
 
+                r = writer_seal(l, batch);
+                if (r < 0)
+                        break;
                 iov[n++] = (struct iovec){batch->data + off, batch->len - off};
-                for (TxFrame *f = batch->next; f && n < TX_IOV_MAX; f = f->next)
+                gathered = batch->len - off;
+                /* Gather what one sendmsg() can take (about the socket buffer), sealing as we go. */
+                for (TxFrame *f = batch->next; f && n < TX_IOV_MAX && gathered < (size_t) SOCKET_BUFFER_BYTES;
+                     f = f->next) {
+                        r = writer_seal(l, f);
+                        if (r < 0)
+                                break;
                         iov[n++] = (struct iovec){f->data, f->len};
+                        gathered += f->len;
+                }
+                if (r < 0)
+                        break;
 
                 sent = transport_sendv(l, iov, n, &events);
                 if (sent < 0) {
@@ -820,27 +857,6 @@ static int writer_send_batch(Link *l, TxFrame *batch)
                 pthread_mutex_unlock(&l->mutex);
         }
         return r;
-}
-
-/* Writer thread: the trailers of the keyed frames of a batch, in queue order (the sequence numbers
- * the peer expects). The MAC of a large frame is computed here, on the writer, not under the lock
- * and not on the thread that queued it. 0 or a negative errno (the link then goes down). */
-static int writer_seal_batch(Link *l, TxFrame *batch)
-{
-        for (TxFrame *f = batch; f; f = f->next) {
-                size_t payload_len;
-                int r;
-
-                if (!f->mac)
-                        continue;
-                payload_len = f->len - FRAME_HEADER_SIZE - LINK_MAC_TRAILER_BYTES;
-                r = link_mac_seal(l->tx_mac, l->tx_seq, f->data, f->data + FRAME_HEADER_SIZE, payload_len,
-                                  f->data + FRAME_HEADER_SIZE + payload_len);
-                if (r < 0)
-                        return r;
-                l->tx_seq++;
-        }
-        return 0;
 }
 
 /* Under the mutex: queues a heartbeat when one is due; returns when the next is. */
@@ -919,18 +935,7 @@ static void *writer_main(void *userdata)
                 l->q_tail = &l->q_head;
                 pthread_mutex_unlock(&l->mutex);
 
-                r = writer_seal_batch(l, batch);
-                if (r >= 0)
-                        r = writer_send_batch(l, batch);
-                else {
-                        size_t left = 0;
-                        for (TxFrame *f = batch; f; f = f->next)
-                                left += f->len;
-                        txframe_free_list(batch);
-                        pthread_mutex_lock(&l->mutex);
-                        l->queued_bytes -= left;
-                        pthread_mutex_unlock(&l->mutex);
-                }
+                r = writer_send_batch(l, batch);
 
                 pthread_mutex_lock(&l->mutex);
                 if (r == -ECANCELED)
