@@ -589,8 +589,29 @@ def test_image_root(tmp, a):
     # Inside the root the request passes the check and meets the role's own refusal.
     control.ctl_fails(bus, 4, "not a running primary", "checkpoint", "t", "--image", os.path.join(img, "ok"))
     check("CheckpointImage refused" in d.text(), "the daemon did not log the refusal")
+    # ImageDirectory= moves the root (a reload applies it): the old root is outside now.
+    conf = os.path.join(d.dir, "dirtyrep.conf")
+    c = subprocess.run([ENV["DR_DIRTYREPD"], "-c", conf, "-d", os.path.join(d.dir, "vm.d"), "--check-config"],
+                       input="", capture_output=True, text=True)
+    check(c.returncode == 0, f"--check-config before: {c.stdout} {c.stderr}")
+    with open(conf, "a") as f:
+        f.write("ImageDirectory=images-elsewhere\n")
+    c = subprocess.run([ENV["DR_DIRTYREPD"], "-c", conf, "-d", os.path.join(d.dir, "vm.d"), "--check-config"],
+                       capture_output=True, text=True)
+    check(c.returncode == 1 and "ImageDirectory=" in c.stderr, f"a relative ImageDirectory= accepted: {c.stderr}")
+    root2 = os.path.join(tmp, "images-elsewhere")
+    with open(conf) as f:
+        text = f.read().replace("ImageDirectory=images-elsewhere", f"ImageDirectory={root2}")
+    with open(conf, "w") as f:
+        f.write(text)
+    control.ctl_ok(bus, "reload")
+    control.ctl_fails(bus, 4, "is not below the image root ImageDirectory=" + root2, "checkpoint", "t", "--image",
+                      os.path.join(img, "ok"))
+    check(os.path.isdir(root2) and (os.stat(root2).st_mode & 0o777) == 0o700, f"{root2} not created 0700")
+    control.ctl_fails(bus, 4, "not a running primary", "checkpoint", "t", "--image", os.path.join(root2, "ok"))
     stop_all(d)
-    log(f"PASS: CheckpointImage confined to {img}: {len(cases)} escapes refused, nothing created")
+    log(f"PASS: CheckpointImage confined to {img}: {len(cases)} escapes refused, nothing created; "
+        f"ImageDirectory= moved it to {root2} (made 0700), a relative one refused")
 
 
 def main():
