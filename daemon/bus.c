@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "bus.h"
@@ -350,8 +351,86 @@ static void image_done(Primary *p, const PrimaryImageResult *res, void *userdata
         sd_bus_message_unref(msg);
 }
 
+/*
+ * CheckpointImage writes (and, for a parent, reads) directories a caller names, as root. A member
+ * of group dirtyrep may call it, but must not be able to have root write anywhere: the directory
+ * must resolve (symbolic links followed, a last component that does not exist yet allowed) to
+ * somewhere strictly below the image root, ImageDirectory= (default StateDirectory=/images,
+ * created 0700 when missing). On success *ret_real is the resolved path, the one to use.
+ * -EPERM (outside), -EINVAL (no last component) or another errno, with the reason in why.
+ */
+static int image_path_confine(const DaemonConfig *d, const char *path, char **ret_real, char *why,
+                              size_t why_size)
+{
+        _cleanup_free_ char *root_cfg = NULL, *root = NULL, *real = NULL, *parent = NULL, *real_parent = NULL;
+        char *slash;
+        size_t n;
+
+        if (d->image_directory)
+                root_cfg = strdup(d->image_directory);
+        else if (asprintf(&root_cfg, "%s/images", d->state_directory) < 0)
+                root_cfg = NULL;
+        if (!root_cfg)
+                return -ENOMEM;
+        if (mkdir(root_cfg, 0700) < 0 && errno != EEXIST) {
+                int r = -errno;
+                snprintf(why, why_size, "cannot create the image root ImageDirectory=%s: %s", root_cfg,
+                         strerror(-r));
+                return r;
+        }
+        root = realpath(root_cfg, NULL);
+        if (!root) {
+                int r = -errno;
+                snprintf(why, why_size, "the image root ImageDirectory=%s: %s", root_cfg, strerror(-r));
+                return r;
+        }
+
+        real = realpath(path, NULL);
+        if (!real) {
+                if (errno != ENOENT) {
+                        int r = -errno;
+                        snprintf(why, why_size, "%s: %s", path, strerror(-r));
+                        return r;
+                }
+                /* Not there yet (a new image): its parent must be, and the name is taken as is. */
+                parent = strdup(path);
+                if (!parent)
+                        return -ENOMEM;
+                for (n = strlen(parent); n > 1 && parent[n - 1] == '/'; n--)
+                        parent[n - 1] = 0;
+                slash = strrchr(parent, '/');
+                if (!slash || streq(slash + 1, "") || streq(slash + 1, ".") || streq(slash + 1, "..")) {
+                        snprintf(why, why_size, "%s does not name a directory to create", path);
+                        return -EINVAL;
+                }
+                *slash = 0;
+                real_parent = realpath(parent[0] ? parent : "/", NULL);
+                if (!real_parent) {
+                        int r = -errno;
+                        snprintf(why, why_size, "%s: %s", parent[0] ? parent : "/", strerror(-r));
+                        return r;
+                }
+                if (asprintf(&real, "%s/%s", streq(real_parent, "/") ? "" : real_parent, slash + 1) < 0) {
+                        real = NULL;
+                        return -ENOMEM;
+                }
+        }
+        n = strlen(root);
+        if (streq(root, "/") ? streq(real, "/")
+                             : (strncmp(real, root, n) != 0 || real[n] != '/' || real[n + 1] == 0)) {
+                snprintf(why, why_size,
+                         "%s (resolved: %s) is not below the image root ImageDirectory=%s: images are "
+                         "written and read only there (set ImageDirectory= in dirtyrep.conf to move it)",
+                         path, real, root);
+                return -EPERM;
+        }
+        *ret_real = TAKE_PTR(real);
+        return 0;
+}
+
 static int method_checkpoint_image(sd_bus_message *msg, void *userdata, sd_bus_error *error)
 {
+        _cleanup_free_ char *real_dir = NULL, *real_parent = NULL;
         Vm *vm = userdata;
         const char *dir, *parent;
         int compress, r;
@@ -366,6 +445,22 @@ static int method_checkpoint_image(sd_bus_message *msg, void *userdata, sd_bus_e
             (parent[0] && (parent[0] != '/' || strlen(parent) >= PATH_MAX)))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "Image and parent directories must be absolute paths");
+        {
+                char why[PATH_MAX * 2 + 256];
+                r = image_path_confine(vm->daemon, dir, &real_dir, why, sizeof(why));
+                if (r >= 0 && parent[0])
+                        r = image_path_confine(vm->daemon, parent, &real_parent, why, sizeof(why));
+                if (r < 0) {
+                        log_warning("VM %s: CheckpointImage refused: %s", vm->cfg->name, why);
+                        return sd_bus_error_setf(error,
+                                                 r == -EPERM ? BUS_ERROR("ImageOutsideRoot")
+                                                             : SD_BUS_ERROR_INVALID_ARGS,
+                                                 "%s", why);
+                }
+                dir = real_dir;
+                if (parent[0])
+                        parent = real_parent;
+        }
         if (!vm->primary)
                 return sd_bus_error_setf(error, vm->standby ? BUS_ERROR("NotPrimary") : BUS_ERROR("NotAttached"),
                                          "VM '%s' is not a running primary; images are taken at its seals",

@@ -731,6 +731,7 @@ enum {
         DK_RUNTIME_DIRECTORY,
         DK_HEARTBEAT_INTERVAL,
         DK_HEARTBEAT_MISSES,
+        DK_IMAGE_DIRECTORY,
         _DK_MAX,
 };
 
@@ -744,6 +745,7 @@ static const KeyDef daemon_keys[_DK_MAX] = {
         [DK_HEARTBEAT_INTERVAL] = {"HeartbeatIntervalMs", parse_uint32_range, D(heartbeat_interval_ms), 5,
                                    10000},
         [DK_HEARTBEAT_MISSES] = {"HeartbeatMisses", parse_uint32_range, D(heartbeat_misses), 1, 100},
+        [DK_IMAGE_DIRECTORY] = {"ImageDirectory", parse_path, D(image_directory), .max = PATH_MAX - 1},
 };
 #undef D
 
@@ -1014,6 +1016,7 @@ DaemonConfig *daemon_config_free(DaemonConfig *d)
         free(d->path);
         free(d->state_directory);
         free(d->runtime_directory);
+        free(d->image_directory);
         free(d);
         return NULL;
 }
@@ -1351,9 +1354,10 @@ DaemonConfig *daemon_config_copy(const DaemonConfig *d)
         if (!n)
                 return NULL;
         *n = *d;
-        n->path = n->state_directory = n->runtime_directory = NULL;
+        n->path = n->state_directory = n->runtime_directory = n->image_directory = NULL;
         if (set_string(&n->path, d->path) < 0 || set_string(&n->state_directory, d->state_directory) < 0 ||
-            set_string(&n->runtime_directory, d->runtime_directory) < 0)
+            set_string(&n->runtime_directory, d->runtime_directory) < 0 ||
+            (d->image_directory && set_string(&n->image_directory, d->image_directory) < 0))
                 return NULL;
         return TAKE_PTR(n);
 }
@@ -1404,6 +1408,7 @@ bool daemon_config_equal(const DaemonConfig *a, const DaemonConfig *b)
         return address_equal(&a->listen_address, &b->listen_address) &&
                str_eq_null(a->state_directory, b->state_directory) &&
                str_eq_null(a->runtime_directory, b->runtime_directory) &&
+               str_eq_null(a->image_directory, b->image_directory) &&
                a->heartbeat_interval_ms == b->heartbeat_interval_ms &&
                a->heartbeat_misses == b->heartbeat_misses;
 }

@@ -32,6 +32,9 @@
  * | LogLevel=           | info              | debug, info, notice, warning, err      |
  * | StateDirectory=     | /var/lib/dirtyrep | absolute path                          |
  * | RuntimeDirectory=   | /run/dirtyrep     | absolute path                          |
+ * | ImageDirectory=     | STATEDIR/images   | absolute path: CheckpointImage over    |
+ * |                     |                   | D-Bus writes and reads images only     |
+ * |                     |                   | below it                               |
  * | HeartbeatIntervalMs=| 50                | 5..10000                               |
  * | HeartbeatMisses=    | 4                 | 1..100                                 |
  *
@@ -163,6 +166,7 @@ typedef struct DaemonConfig {
         char *state_directory;
         char *runtime_directory;
         bool runtime_directory_set; /* given in the file, not the default */
+        char *image_directory;      /* NULL: state_directory + "/images" */
         uint32_t heartbeat_interval_ms;
         uint32_t heartbeat_misses;
 } DaemonConfig;

@@ -58,6 +58,7 @@
 
 #include "frame.h"
 #include "link-internal.h"
+#include "link-mac.h"
 #include "link.h"
 #include "log.h"
 #include "tls.h"
@@ -90,6 +91,12 @@
 #define DEFAULT_HEARTBEAT_MS 50u
 #define DEFAULT_MISSES       4u
 #define DEFAULT_HANDSHAKE_MS 5000u
+/* Pre-authentication limits of a listener (see link.h). A stranger that sends nothing is closed
+ * after FIRST_BYTES_MS; at most MAX_PER_SOURCE connections of one address are in handshake; the
+ * warning about dropped strangers is logged at most once per WARN_INTERVAL. */
+#define FIRST_BYTES_MS               1000u
+#define LISTENER_MAX_PER_SOURCE      2u
+#define LISTENER_WARN_INTERVAL_USEC  (10u * USEC_PER_SEC)
 #define DEFAULT_QUEUE_LIMIT  ((size_t) 32 << 20)
 
 static void protobuf_c_message_freep(ProtobufCMessage **m)
@@ -112,8 +119,10 @@ typedef enum HandshakeStep {
 
 typedef struct TxFrame {
         struct TxFrame *next;
-        size_t len; /* header + payload */
-        uint8_t data[];
+        size_t len; /* header + payload (+ the MAC trailer when mac) */
+        bool mac;    /* decided under `mutex` when queued; the writer seals it just before sending */
+        bool sealed; /* writer: the trailer is written */
+        uint8_t data[]; /* room for header, payload and a trailer */
 } TxFrame;
 
 struct LinkListener {
@@ -124,6 +133,9 @@ struct LinkListener {
         Link *pending; /* Links in handshake that count against max_pending */
         unsigned n_pending;
         uint64_t refused;
+        /* The rate-limited warning: when it may be logged next, and what was dropped since. */
+        uint64_t warn_next_usec;
+        uint64_t dropped_since_warn;
         int (*on_accept)(LinkListener *ll, int fd, const char *peer, void *userdata);
         void *userdata;
 };
@@ -148,6 +160,10 @@ struct Link {
 
         LinkListener *listener; /* while counted against listener->max_pending */
         Link *listener_next;
+        char peer_host[INET6_ADDRSTRLEN]; /* standby: the source address, for the per-source cap */
+        uint64_t accepted_usec;           /* standby: when accepted (the handshake deadline runs from it) */
+        bool rx_any;                      /* a byte arrived */
+        bool preauth_dropped;             /* closed by the pre-authentication limits (link.h) */
 
         /* TLS (NULL: plaintext). Under tls_lock(): every SSL_* call on ssl, tls_up, tls_failed.
          * A ticket lock: tls_next is the next ticket, tls_serving the one that holds it. */
@@ -178,6 +194,18 @@ struct Link {
         uint8_t *rx_payload;
         size_t rx_payload_cap, rx_payload_got;
         uint8_t *rx_buf; /* RX_BUFFER_BYTES */
+
+        /* Per-frame MACs (link-mac.h). rx_mac: loop thread, set once the peer's next frames are
+         * keyed. tx_mac: set under `mutex` by the loop thread (frames queued from then on are
+         * sealed), used by the writer only; tx_seq is the writer's. */
+        LinkMac *rx_mac, *tx_mac;
+        uint64_t rx_seq, tx_seq;
+        uint8_t rx_trailer[LINK_MAC_TRAILER_BYTES];
+        size_t rx_trailer_got;
+        LinkMac *rx_pending_mac; /* standby: the receive key between CHALLENGE and AUTH */
+        /* TLS channel binding (the exporter), empty in plaintext; in the proofs and the keys. */
+        uint8_t binding[LINK_BINDING_MAX];
+        size_t binding_len;
 
         /* Handshake. */
         uint8_t nonce_local[NONCE_BYTES], nonce_peer[NONCE_BYTES];
@@ -246,6 +274,11 @@ bool link_down_by_peer(const Link *l)
         return l->down_by_peer;
 }
 
+bool link_preauth_dropped(const Link *l)
+{
+        return l->preauth_dropped;
+}
+
 const char *link_peer_name(const Link *l)
 {
         return l->peer_name;
@@ -267,27 +300,29 @@ void link_get_stats(const Link *l, LinkStats *ret)
 }
 
 int link_proof(const uint8_t *secret, size_t secret_len, const char *label, const uint8_t *nonce_a,
-               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, uint8_t out[32])
+               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, const uint8_t *binding,
+               size_t binding_len, uint8_t out[32])
 {
         _cleanup_free_ uint8_t *buf = NULL;
         size_t label_len, name_len, n = 0;
         unsigned out_len = 0;
 
         if (!secret || secret_len == 0 || secret_len > INT_MAX || !label || !nonce_a || !nonce_b ||
-            !vm_name || !vm_uuid)
+            !vm_name || !vm_uuid || binding_len > LINK_BINDING_MAX || (binding_len > 0 && !binding))
                 return -EINVAL;
         label_len = strlen(label);
         name_len = strlen(vm_name);
         if (label_len > 64 || name_len > VM_NAME_MAX)
                 return -EINVAL;
 
-        buf = malloc(5 * 4 + label_len + 2 * NONCE_BYTES + name_len + UUID_BYTES);
+        buf = malloc(6 * 4 + label_len + 2 * NONCE_BYTES + name_len + UUID_BYTES + binding_len);
         if (!buf)
                 return -ENOMEM;
 #define APPEND(p, len)                                                                                      \
         do {                                                                                                \
                 put_le32(buf + n, (uint32_t) (len));                                                        \
-                memcpy(buf + n + 4, (p), (len));                                                            \
+                if ((len) > 0)                                                                              \
+                        memcpy(buf + n + 4, (p), (len));                                                    \
                 n += 4 + (len);                                                                             \
         } while (0)
         APPEND(label, label_len);
@@ -295,6 +330,7 @@ int link_proof(const uint8_t *secret, size_t secret_len, const char *label, cons
         APPEND(nonce_b, NONCE_BYTES);
         APPEND(vm_name, name_len);
         APPEND(vm_uuid, UUID_BYTES);
+        APPEND(binding, binding_len);
 #undef APPEND
 
         if (!HMAC(EVP_sha256(), secret, (int) secret_len, buf, n, out, &out_len) || out_len != PROOF_BYTES)
@@ -563,10 +599,11 @@ static void transport_close_notify(Link *l)
 
 static TxFrame *txframe_new(size_t payload_len)
 {
-        TxFrame *f = malloc(sizeof(TxFrame) + FRAME_HEADER_SIZE + payload_len);
+        TxFrame *f = malloc(sizeof(TxFrame) + FRAME_HEADER_SIZE + payload_len + LINK_MAC_TRAILER_BYTES);
         if (!f)
                 return NULL;
         f->next = NULL;
+        f->mac = f->sealed = false;
         f->len = FRAME_HEADER_SIZE + payload_len;
         return f;
 }
@@ -577,6 +614,16 @@ static void txframe_free_list(TxFrame *f)
                 TxFrame *next = f->next;
                 free(f);
                 f = next;
+        }
+}
+
+/* Under `mutex`, as f is queued: once this side's frames are keyed, f gets a trailer. The order
+ * of the queue is the order of the sequence numbers the writer gives them. */
+static void txframe_mark_locked(Link *l, TxFrame *f)
+{
+        if (l->tx_mac && !f->mac) {
+                f->mac = true;
+                f->len += LINK_MAC_TRAILER_BYTES;
         }
 }
 
@@ -617,6 +664,7 @@ static int link_queue(Link *l, uint16_t type, TxFrame *f, bool block, bool inter
                         pthread_cond_broadcast(&l->cond_space); /* link_free() waits for this */
         }
         if (r == 0) {
+                txframe_mark_locked(l, f);
                 *l->q_tail = f;
                 l->q_tail = &f->next;
                 l->queued_bytes += f->len;
@@ -711,6 +759,29 @@ static int writer_wait(Link *l, short events)
         }
 }
 
+/*
+ * Writer thread: the trailer of a keyed frame, once, just before it is first handed to the
+ * socket. Frames are sealed in queue order (the sequence numbers the peer expects), each when
+ * the writer reaches it, so a batch of large frames is not all MACed before the first byte
+ * leaves; the MAC is computed here, not under the lock and not on the thread that queued it.
+ */
+static int writer_seal(Link *l, TxFrame *f)
+{
+        size_t payload_len;
+        int r;
+
+        if (!f->mac || f->sealed)
+                return 0;
+        payload_len = f->len - FRAME_HEADER_SIZE - LINK_MAC_TRAILER_BYTES;
+        r = link_mac_seal(l->tx_mac, l->tx_seq, f->data, f->data + FRAME_HEADER_SIZE, payload_len,
+                          f->data + FRAME_HEADER_SIZE + payload_len);
+        if (r < 0)
+                return r;
+        f->sealed = true;
+        l->tx_seq++;
+        return 0;
+}
+
 /* Sends a private list of frames; frees them. 0 or negative errno. */
 static int writer_send_batch(Link *l, TxFrame *batch)
 {
@@ -719,14 +790,27 @@ static int writer_send_batch(Link *l, TxFrame *batch)
 
         while (batch) {
                 struct iovec iov[TX_IOV_MAX];
-                size_t n = 0, done_bytes = 0, k;
+                size_t n = 0, done_bytes = 0, k, gathered;
                 uint64_t done_frames = 0;
                 short events;
                 ssize_t sent;
 
+                r = writer_seal(l, batch);
+                if (r < 0)
+                        break;
                 iov[n++] = (struct iovec){batch->data + off, batch->len - off};
-                for (TxFrame *f = batch->next; f && n < TX_IOV_MAX; f = f->next)
+                gathered = batch->len - off;
+                /* Gather what one sendmsg() can take (about the socket buffer), sealing as we go. */
+                for (TxFrame *f = batch->next; f && n < TX_IOV_MAX && gathered < (size_t) SOCKET_BUFFER_BYTES;
+                     f = f->next) {
+                        r = writer_seal(l, f);
+                        if (r < 0)
+                                break;
                         iov[n++] = (struct iovec){f->data, f->len};
+                        gathered += f->len;
+                }
+                if (r < 0)
+                        break;
 
                 sent = transport_sendv(l, iov, n, &events);
                 if (sent < 0) {
@@ -798,6 +882,7 @@ static uint64_t writer_heartbeat_locked(Link *l)
         protobuf_c_message_pack(&hb.base, f->data + FRAME_HEADER_SIZE);
         frame_header_build(f->data, DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT, f->data + FRAME_HEADER_SIZE,
                            (uint32_t) len);
+        txframe_mark_locked(l, f);
         *l->q_tail = f;
         l->q_tail = &f->next;
         l->queued_bytes += f->len;
@@ -871,6 +956,7 @@ static void *writer_main(void *userdata)
 /* ---- going down ----------------------------------------------------------------------- */
 
 static void listener_release(Link *l);
+static void listener_note_drop(LinkListener *ll, const char *peer, const char *why);
 
 static TxFrame *error_frame(Link *l, int code, const char *message)
 {
@@ -932,6 +1018,7 @@ _printf_(4, 5) static void link_down(Link *l, int error, bool tell_peer, const c
         l->q_head = NULL;
         l->q_tail = &l->q_head;
         if (err && l->write_error == 0) {
+                txframe_mark_locked(l, err);
                 *l->q_tail = err;
                 l->q_tail = &err->next;
                 l->queued_bytes += err->len;
@@ -971,6 +1058,9 @@ static Link *link_ref(Link *l)
 
 static void link_release(Link *l)
 {
+        link_mac_free(l->rx_mac);
+        link_mac_free(l->rx_pending_mac);
+        link_mac_free(l->tx_mac);
         SSL_free(l->ssl);
         pthread_mutex_destroy(&l->tls_mutex);
         pthread_cond_destroy(&l->tls_cond);
@@ -1086,6 +1176,26 @@ static int on_deadline(sd_event_source *s, uint64_t usec, void *userdata)
         uint64_t rx_due, loop_due;
 
         if (l->state != LINK_UP) {
+                uint64_t hs_end = l->accepted_usec + (uint64_t) l->handshake_timeout_ms * USEC_PER_MSEC;
+
+                if (l->side == LINK_STANDBY && usec < hs_end) {
+                        if (!l->rx_any) {
+                                /* A connection that says nothing holds a handshake slot for nothing. */
+                                l->preauth_dropped = true;
+                                listener_note_drop(l->listener, l->peer_host, "it sent nothing within 1 s");
+                                link_down(l, -ETIMEDOUT, false, "%s sent nothing within %u ms of connecting",
+                                          l->peer_name, FIRST_BYTES_MS);
+                                return 0;
+                        }
+                        (void) sd_event_source_set_time(s, hs_end);
+                        (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                        return 0;
+                }
+                if (l->side == LINK_STANDBY) {
+                        /* A stranger, as far as this side knows: counted, not logged one by one. */
+                        l->preauth_dropped = true;
+                        listener_note_drop(l->listener, l->peer_host, "its handshake timed out");
+                }
                 link_down(l, -ETIMEDOUT, true, "handshake with %s timed out after %u ms", l->peer_name,
                           l->handshake_timeout_ms);
                 return 0;
@@ -1257,9 +1367,46 @@ static int handle_peer_error(Link *l, const uint8_t *payload, size_t len)
         return code;
 }
 
+/*
+ * Both nonces are known: derives the session keys (link-mac.h) into a MAC for each
+ * direction. The caller installs each at the frame where that direction becomes keyed.
+ */
+static int link_keys_derive(Link *l, LinkMac **ret_rx, LinkMac **ret_tx)
+{
+        _cleanup_(link_mac_freep) LinkMac *rx = NULL, *tx = NULL;
+        uint8_t p2s[LINK_KEY_BYTES], s2p[LINK_KEY_BYTES];
+        const uint8_t *np = l->side == LINK_PRIMARY ? l->nonce_local : l->nonce_peer;
+        const uint8_t *ns = l->side == LINK_PRIMARY ? l->nonce_peer : l->nonce_local;
+        int r;
+
+        r = link_session_keys(l->secret, l->secret_len, np, ns, NONCE_BYTES, l->vm_name, l->vm_uuid,
+                              UUID_BYTES, l->binding, l->binding_len, p2s, s2p);
+        if (r >= 0)
+                r = link_mac_new(l->side == LINK_PRIMARY ? s2p : p2s, &rx);
+        if (r >= 0)
+                r = link_mac_new(l->side == LINK_PRIMARY ? p2s : s2p, &tx);
+        OPENSSL_cleanse(p2s, sizeof(p2s));
+        OPENSSL_cleanse(s2p, sizeof(s2p));
+        if (r < 0)
+                return r;
+        *ret_rx = TAKE_PTR(rx);
+        *ret_tx = TAKE_PTR(tx);
+        return 0;
+}
+
+/* Frames this side queues from now on carry a MAC (the writer seals them in queue order). */
+static void link_tx_keyed(Link *l, LinkMac *tx)
+{
+        pthread_mutex_lock(&l->mutex);
+        assert(!l->tx_mac);
+        l->tx_mac = tx;
+        pthread_mutex_unlock(&l->mutex);
+}
+
 static int handle_hello(Link *l, const uint8_t *payload, size_t len)
 {
         _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        _cleanup_(link_mac_freep) LinkMac *tx = NULL;
         Dr__Repl__Challenge c = DR__REPL__CHALLENGE__INIT;
         uint8_t proof[PROOF_BYTES];
         const char *reason = NULL;
@@ -1305,15 +1452,22 @@ static int handle_hello(Link *l, const uint8_t *payload, size_t len)
         if (getrandom(l->nonce_local, NONCE_BYTES, 0) != NONCE_BYTES)
                 return PROTO_FAIL(l, -EIO, "getrandom() failed");
         r = link_proof(l->secret, l->secret_len, LABEL_STANDBY, l->nonce_peer, l->nonce_local, l->vm_name,
-                       l->vm_uuid, proof);
+                       l->vm_uuid, l->binding, l->binding_len, proof);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to compute the standby proof: %s", strerror(-r));
+        r = link_keys_derive(l, &l->rx_pending_mac, &tx);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to derive the session keys: %s", strerror(-r));
 
         c.nonce = (ProtobufCBinaryData){NONCE_BYTES, l->nonce_local};
         c.proof = (ProtobufCBinaryData){PROOF_BYTES, proof};
         r = link_send_internal(l, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE, &c.base);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to queue CHALLENGE: %s", strerror(-r));
+        /* Everything after CHALLENGE (WELCOME, or an ERROR) is keyed: a primary that checked the
+         * proof holds the same keys, and nobody else can forge a WELCOME. The primary's frames
+         * are keyed only after its AUTH (rx_pending_mac until then). */
+        link_tx_keyed(l, TAKE_PTR(tx));
         l->step = STEP_WAIT_AUTH;
         return 0;
 }
@@ -1321,6 +1475,7 @@ static int handle_hello(Link *l, const uint8_t *payload, size_t len)
 static int handle_challenge(Link *l, const uint8_t *payload, size_t len)
 {
         _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
+        _cleanup_(link_mac_freep) LinkMac *tx = NULL;
         Dr__Repl__Auth a = DR__REPL__AUTH__INIT;
         uint8_t expected[PROOF_BYTES], proof[PROOF_BYTES];
         Dr__Repl__Challenge *c;
@@ -1336,23 +1491,37 @@ static int handle_challenge(Link *l, const uint8_t *payload, size_t len)
         memcpy(l->nonce_peer, c->nonce.data, NONCE_BYTES);
 
         r = link_proof(l->secret, l->secret_len, LABEL_STANDBY, l->nonce_local, l->nonce_peer, l->vm_name,
-                       l->vm_uuid, expected);
+                       l->vm_uuid, l->binding, l->binding_len, expected);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to compute the standby proof: %s", strerror(-r));
-        if (CRYPTO_memcmp(expected, c->proof.data, PROOF_BYTES) != 0)
+        if (CRYPTO_memcmp(expected, c->proof.data, PROOF_BYTES) != 0) {
+                if (l->ssl)
+                        return PROTO_FAIL(l, -EACCES,
+                                          "authentication failed: the standby %s does not know the shared "
+                                          "secret, or the handshake was relayed through another TLS "
+                                          "connection (check SecretFile= on both hosts, and that nothing "
+                                          "terminates TLS on the way)",
+                                          l->peer_name);
                 return PROTO_FAIL(l, -EACCES,
                                   "authentication failed: the standby %s does not know the shared secret "
                                   "(check SecretFile= on both hosts)",
                                   l->peer_name);
+        }
 
         r = link_proof(l->secret, l->secret_len, LABEL_PRIMARY, l->nonce_peer, l->nonce_local, l->vm_name,
-                       l->vm_uuid, proof);
+                       l->vm_uuid, l->binding, l->binding_len, proof);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to compute the primary proof: %s", strerror(-r));
+        r = link_keys_derive(l, &l->rx_mac, &tx);
+        if (r < 0)
+                return PROTO_FAIL(l, r, "failed to derive the session keys: %s", strerror(-r));
         a.proof = (ProtobufCBinaryData){PROOF_BYTES, proof};
         r = link_send_internal(l, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to queue AUTH: %s", strerror(-r));
+        /* The standby's frames are keyed from its WELCOME on (rx_mac, installed above), ours from
+         * the one after AUTH. */
+        link_tx_keyed(l, TAKE_PTR(tx));
         l->step = STEP_WAIT_WELCOME;
         return 0;
 }
@@ -1370,14 +1539,17 @@ static int handle_auth(Link *l, const uint8_t *payload, size_t len)
                 return PROTO_FAIL(l, -EBADMSG, "undecodable AUTH from %s", l->peer_name);
         a = (Dr__Repl__Auth *) m;
         r = link_proof(l->secret, l->secret_len, LABEL_PRIMARY, l->nonce_local, l->nonce_peer, l->vm_name,
-                       l->vm_uuid, expected);
+                       l->vm_uuid, l->binding, l->binding_len, expected);
         if (r < 0)
                 return PROTO_FAIL(l, r, "failed to compute the primary proof: %s", strerror(-r));
         if (a->proof.len != PROOF_BYTES || CRYPTO_memcmp(expected, a->proof.data, PROOF_BYTES) != 0)
                 return PROTO_FAIL(l, -EACCES,
                                   "authentication failed: the peer %s does not know the shared secret "
-                                  "(check SecretFile=)",
-                                  l->peer_name);
+                                  "(check SecretFile=)%s",
+                                  l->peer_name,
+                                  l->ssl ? ", or the handshake was relayed through another TLS connection" : "");
+        /* From the frame after AUTH on, the primary's frames are keyed. */
+        l->rx_mac = TAKE_PTR(l->rx_pending_mac);
 
         if (l->cb.fill_welcome)
                 l->cb.fill_welcome(l, &w, l->userdata);
@@ -1533,6 +1705,7 @@ static int link_parse_header(Link *l)
         }
         l->rx_have_header = true;
         l->rx_payload_got = 0;
+        l->rx_trailer_got = 0;
         return 0;
 }
 
@@ -1545,6 +1718,29 @@ static int link_frame_complete(Link *l)
         if (frame_verify_payload(l->rx_header, &h, l->rx_payload) < 0)
                 return PROTO_FAIL(l, -EBADMSG, "CRC mismatch in %s frame (%u bytes) from %s",
                                   frame_type_name(h.type), h.length, l->peer_name);
+        if (l->rx_mac) {
+                /* A CRC anyone can recompute; the tag only a holder of this session's key. */
+                uint64_t seq = 0;
+                int r = link_mac_check(l->rx_mac, l->rx_seq, l->rx_header, l->rx_payload, h.length,
+                                       l->rx_trailer, &seq);
+                if (r == -ERANGE)
+                        return PROTO_FAIL(l, -EBADMSG,
+                                          "frame out of sequence from %s: %s frame numbered %" PRIu64
+                                          " where %" PRIu64 " was due (replayed, dropped or reordered "
+                                          "on the way); link closed, nothing of it applied",
+                                          l->peer_name, frame_type_name(h.type), seq, l->rx_seq);
+                if (r == -EBADMSG)
+                        return PROTO_FAIL(l, -EBADMSG,
+                                          "authentication failed for %s frame %" PRIu64
+                                          " (%u bytes) from %s: its MAC does not match (altered on the "
+                                          "way, or not sent by the peer); link closed, nothing of it "
+                                          "applied",
+                                          frame_type_name(h.type), seq, h.length, l->peer_name);
+                if (r < 0)
+                        return PROTO_FAIL(l, r, "failed to check the MAC of a %s frame from %s: %s",
+                                          frame_type_name(h.type), l->peer_name, strerror(-r));
+                l->rx_seq++;
+        }
         pthread_mutex_lock(&l->mutex);
         l->stats.frames_received++;
         pthread_mutex_unlock(&l->mutex);
@@ -1584,6 +1780,17 @@ static int link_feed(Link *l, const uint8_t *data, size_t len)
                         if (l->rx_payload_got < l->rx_frame.length)
                                 return 0;
                 }
+                if (l->rx_mac && l->rx_trailer_got < LINK_MAC_TRAILER_BYTES) {
+                        if (len == 0)
+                                return 0;
+                        n = MIN(len, LINK_MAC_TRAILER_BYTES - l->rx_trailer_got);
+                        memcpy(l->rx_trailer + l->rx_trailer_got, data, n);
+                        l->rx_trailer_got += n;
+                        data += n;
+                        len -= n;
+                        if (l->rx_trailer_got < LINK_MAC_TRAILER_BYTES)
+                                return 0;
+                }
                 r = link_frame_complete(l);
                 if (r < 0)
                         return r;
@@ -1603,6 +1810,7 @@ int link_feed_for_fuzzing(Link *l, const void *data, size_t len)
  * progress long before it is complete. */
 static void link_note_rx(Link *l, size_t n)
 {
+        l->rx_any = true;
         l->last_rx_usec = loop_now(l);
         pthread_mutex_lock(&l->mutex);
         l->stats.bytes_received += n;
@@ -1646,7 +1854,9 @@ static void link_read(Link *l)
                 link_note_rx(l, (size_t) n);
                 if (direct) {
                         l->rx_payload_got += (size_t) n;
-                        if (l->rx_payload_got == l->rx_frame.length && link_frame_complete(l) < 0)
+                        /* A keyed frame's trailer follows: the next read gets it through link_feed(). */
+                        if (l->rx_payload_got == l->rx_frame.length && !l->rx_mac &&
+                            link_frame_complete(l) < 0)
                                 return;
                 } else if (link_feed(l, l->rx_buf, (size_t) n) < 0)
                         return;
@@ -1744,7 +1954,20 @@ static void link_tls_handshake(Link *l)
         ok = SSL_do_handshake(l->ssl);
         err = ok == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, ok);
         if (err == SSL_ERROR_NONE) {
+                static const char label[] = "EXPORTER-dirtyrep-link";
                 l->tls_up = true;
+                /* Channel binding: the proofs and session keys cover this TLS connection's
+                 * exporter, so a TLS terminator cannot relay the handshake into another
+                 * connection (its two connections have different exporters). */
+                if (SSL_export_keying_material(l->ssl, l->binding, LINK_BINDING_MAX, label,
+                                               sizeof(label) - 1, NULL, 0, 0) == 1)
+                        l->binding_len = LINK_BINDING_MAX;
+                else {
+                        l->tls_failed = true;
+                        snprintf(why, sizeof(why), "no TLS exporter for the channel binding");
+                        r = -EIO;
+                        err = SSL_ERROR_SSL;
+                }
                 snprintf(version, sizeof(version), "%s", SSL_get_version(l->ssl));
                 snprintf(cipher, sizeof(cipher), "%s", SSL_get_cipher_name(l->ssl) ?: "?");
         } else if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
@@ -1855,6 +2078,16 @@ static void socket_tune(int fd)
         (void) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         (void) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
         (void) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+}
+
+/* The address without the port ("?" for other families): what the per-source limit counts. */
+static void format_host(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
+{
+        snprintf(buf, size, "?");
+        if (sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
+                inet_ntop(AF_INET, &((const struct sockaddr_in *) sa)->sin_addr, buf, size);
+        else if (sa->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6))
+                inet_ntop(AF_INET6, &((const struct sockaddr_in6 *) sa)->sin6_addr, buf, size);
 }
 
 static void format_sockaddr(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
@@ -2067,6 +2300,17 @@ int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *c
                 return r;
         link_set_state(l, LINK_HANDSHAKE);
         l->step = l->ssl ? STEP_TLS : STEP_WAIT_HELLO;
+        sl = sizeof(ss);
+        if (getpeername(l->fd, (struct sockaddr *) &ss, &sl) >= 0)
+                format_host((struct sockaddr *) &ss, sl, l->peer_host, sizeof(l->peer_host));
+        /* The first bytes are due soon (a primary sends HELLO, or its TLS ClientHello, at once);
+         * the whole handshake within handshake_timeout_ms. */
+        l->accepted_usec = loop_now(l);
+        r = sd_event_source_set_time(l->deadline_source,
+                                     l->accepted_usec + (uint64_t) MIN(FIRST_BYTES_MS, l->handshake_timeout_ms) *
+                                                                USEC_PER_MSEC);
+        if (r < 0)
+                return r;
 
         if (p->listener) {
                 l->listener = p->listener;
@@ -2096,6 +2340,95 @@ static void listener_release(Link *l)
         l->listener_next = NULL;
 }
 
+/*
+ * A stranger was dropped before authenticating (evicted, silent, timed out). One warning per
+ * LISTENER_WARN_INTERVAL names the latest source and counts the others, so a flood cannot flood
+ * the journal, and an operator still learns where it comes from.
+ */
+static void listener_note_drop(LinkListener *ll, const char *host, const char *why)
+{
+        uint64_t now = now_usec();
+        char local[64] = "?";
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+
+        if (!ll)
+                return;
+        ll->refused++;
+        ll->dropped_since_warn++;
+        if (now < ll->warn_next_usec) {
+                log_debug("Dropped replication connection from %s before authentication: %s.", host, why);
+                return;
+        }
+        if (getsockname(ll->fd, (struct sockaddr *) &ss, &sl) >= 0)
+                format_sockaddr((struct sockaddr *) &ss, sl, local, sizeof(local));
+        log_warning("Replication listener %s: dropped a connection from %s before authentication: %s "
+                    "(%" PRIu64 " dropped in the last %u s, %" PRIu64 " in all). Something there connects "
+                    "without completing the handshake: check that host, or filter it.",
+                    local, host, why, ll->dropped_since_warn,
+                    (unsigned) (LISTENER_WARN_INTERVAL_USEC / USEC_PER_SEC), ll->refused);
+        ll->dropped_since_warn = 0;
+        ll->warn_next_usec = now + LISTENER_WARN_INTERVAL_USEC;
+}
+
+/* The oldest pending connection from host (NULL: from anywhere); with silent_only, only one that
+ * has not sent a byte yet. The list is newest first. */
+static Link *listener_oldest(LinkListener *ll, const char *host, bool silent_only)
+{
+        Link *found = NULL;
+
+        for (Link *l = ll->pending; l; l = l->listener_next)
+                if ((!host || streq(l->peer_host, host)) && (!silent_only || !l->rx_any))
+                        found = l;
+        return found;
+}
+
+static unsigned listener_count_source(LinkListener *ll, const char *host)
+{
+        unsigned n = 0;
+        for (Link *l = ll->pending; l; l = l->listener_next)
+                n += streq(l->peer_host, host);
+        return n;
+}
+
+/* Closes a pending connection to make room for a new one. */
+static void listener_evict(LinkListener *ll, Link *victim, const char *why)
+{
+        _cleanup_(link_unrefp) _unused_ Link *ref = link_ref(victim);
+
+        victim->preauth_dropped = true;
+        listener_note_drop(ll, victim->peer_host, why);
+        link_down(victim, -ECONNREFUSED, false, "%s dropped before authentication: %s", victim->peer_name, why);
+}
+
+/*
+ * Makes room for a new connection from host, or says why not (NULL: room made). An address
+ * gets at most LISTENER_MAX_PER_SOURCE handshakes at once (2: a host reconnecting while a
+ * half-open attempt lingers still gets in); more are refused at once, before a Link (and its
+ * thread) exists, so a flood from a few addresses costs an accept() and a close() each. When
+ * all max_pending are taken, an address with nothing pending evicts the oldest connection that
+ * has not sent a byte (else the oldest); one that already has a handshake pending waits its
+ * turn: evicting for it would let a flood from many addresses churn through Links for ever.
+ * A primary sends its HELLO within a round trip of connecting and normally has nothing else
+ * pending, so a flood of silent connections gives way to it.
+ */
+static const char *listener_make_room(LinkListener *ll, const char *host)
+{
+        unsigned mine = listener_count_source(ll, host);
+        Link *victim;
+
+        if (mine >= LISTENER_MAX_PER_SOURCE)
+                return "2 handshakes from that address are pending already";
+        if (ll->n_pending < ll->max_pending)
+                return NULL;
+        if (mine > 0)
+                return "all handshake slots are taken and that address holds one";
+        victim = listener_oldest(ll, NULL, true) ?: listener_oldest(ll, NULL, false);
+        if (victim)
+                listener_evict(ll, victim, "the oldest handshake, evicted to make room for another address");
+        return ll->n_pending < ll->max_pending ? NULL : "no handshake slot could be freed";
+}
+
 static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 {
         LinkListener *ll = userdata;
@@ -2103,7 +2436,8 @@ static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *us
         for (unsigned i = 0; i < 32; i++) {
                 struct sockaddr_storage ss;
                 socklen_t sl = sizeof(ss);
-                char peer[64];
+                char peer[64], host[INET6_ADDRSTRLEN];
+                const char *why;
                 int cfd;
 
                 cfd = accept4(fd, (struct sockaddr *) &ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -2116,12 +2450,10 @@ static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *us
                         return 0;
                 }
                 format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
-                if (ll->n_pending >= ll->max_pending) {
-                        /* Debug only: a flood of strangers must not flood the journal. */
-                        ll->refused++;
-                        log_debug("Refusing replication connection from %s: %u handshakes already pending "
-                                  "(%" PRIu64 " refused so far).",
-                                  peer, ll->n_pending, ll->refused);
+                format_host((struct sockaddr *) &ss, sl, host, sizeof(host));
+                why = listener_make_room(ll, host);
+                if (why) {
+                        listener_note_drop(ll, host, why);
                         safe_close(cfd);
                         continue;
                 }
@@ -2159,6 +2491,12 @@ int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, u
         if (bind(ll->fd, sa, salen) < 0 || listen(ll->fd, LISTEN_BACKLOG) < 0)
                 return -errno;
         r = sd_event_add_io(e, &ll->io, ll->fd, EPOLLIN, on_listener_io, ll);
+        if (r < 0)
+                return r;
+        /* Below everything else on the loop: a flood of connections (each refused one costs an
+         * accept() and a close()) must not delay the established link's reads and timers; new
+         * connections are taken whenever the loop has nothing more urgent. */
+        r = sd_event_source_set_priority(ll->io, SD_EVENT_PRIORITY_IDLE);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(ll);

@@ -28,8 +28,15 @@
  * a CRC mismatch does in plaintext. Reads and writes keep their threads:
  * the SSL object is shared under a mutex of its own.
  *
+ * Per-frame authentication (link-mac.h): every frame after the handshake, in
+ * both directions (WELCOME, ACK, HEARTBEAT and ERROR included), carries a
+ * sequence number and an AES-GMAC tag under session keys derived from the
+ * secret, both nonces and (with TLS) the TLS exporter. A frame out of
+ * sequence or with a wrong tag ends the link with -EBADMSG before any of it
+ * is dispatched.
+ *
  * Errors end the link, never the process: a bad frame (magic, version,
- * length, CRC, undecodable protobuf, unexpected type for the state) calls
+ * length, CRC, MAC, sequence, undecodable protobuf, unexpected type for the state) calls
  * on_down with -EBADMSG/-EPROTO and a message naming what was wrong; an
  * authentication failure with -EACCES ("wrong shared secret?"). The owner
  * logs it (once) and decides what next.
@@ -139,15 +146,24 @@ void link_set_patience(Link *l, uint64_t usec);
 const char *link_peer_name(const Link *l);
 /* Whether the link went down because the peer said so (its ERROR frame), not from this side. */
 bool link_down_by_peer(const Link *l);
+/* Whether the link was closed by the pre-authentication limits (evicted, silent, handshake timed
+ * out): a stranger, already counted in the listener's rate-limited warning, not to be logged again. */
+bool link_preauth_dropped(const Link *l);
 /* The session id from the primary's Hello (standby side, after on_hello), 16 bytes. */
 const uint8_t *link_peer_session(const Link *l);
 
 /*
  * Standby: a listening socket on the event loop that hands every accepted
- * connection to on_accept (which typically calls link_accept). Bounded: at
- * most `max_pending` connections in handshake at once; more are closed.
- * Links count against that only when link_accept gets the listener in
- * LinkParams.listener. on_accept owns fd whatever it returns.
+ * connection to on_accept (which typically calls link_accept). Bounded
+ * before authentication: at most `max_pending` connections in handshake at
+ * once and at most 2 from one source address (more are closed at once); when
+ * all are taken, a connection from an address with nothing pending evicts the
+ * oldest silent one (else the oldest), one from an address that has a
+ * handshake pending is closed. A standby connection that sends nothing within
+ * 1 s is closed, one that has not authenticated within handshake_timeout_ms
+ * too. Drops are counted and logged as one warning per 10 s naming the
+ * latest source. Links count against the limits only when link_accept gets
+ * the listener in LinkParams.listener. on_accept owns fd whatever it returns.
  */
 typedef struct LinkListener LinkListener;
 int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, unsigned max_pending,
@@ -160,7 +176,7 @@ int link_listener_address(const LinkListener *ll, struct sockaddr_storage *ret, 
 
 /*
  * HMAC-SHA256 proof as the protocol defines it (exported for tests). out: 32 bytes.
- * The HMAC key is the secret; the message is five fields, each a le32 byte
+ * The HMAC key is the secret; the message is six fields, each a le32 byte
  * count followed by that many bytes, in this order:
  *
  *   label    "dirtyrep-standby" or "dirtyrep-primary" (no NUL)
@@ -168,10 +184,12 @@ int link_listener_address(const LinkListener *ll, struct sockaddr_storage *ret, 
  *   nonce_b  REPL_NONCE_BYTES  (standby proof: S nonce; primary proof: P nonce)
  *   vm_name  the Hello's vm_name (no NUL)
  *   vm_uuid  16 bytes
+ *   binding  the TLS exporter (link-mac.h) with TLS, empty (0 bytes) in plaintext
  *
  * The length prefixes make the encoding injective, so no two different
  * (label, nonces, identity) tuples hash the same bytes. Returns 0, -EINVAL
  * (empty secret, no name) or -EIO (libcrypto failed).
  */
 int link_proof(const uint8_t *secret, size_t secret_len, const char *label, const uint8_t *nonce_a,
-               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, uint8_t out[32]);
+               const uint8_t *nonce_b, const char *vm_name, const uint8_t *vm_uuid, const uint8_t *binding,
+               size_t binding_len, uint8_t out[32]);

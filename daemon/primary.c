@@ -1986,7 +1986,17 @@ static int attach_now(Primary *p)
         const VmmLayout *lay;
         int r;
 
-        r = vmm_link_open(p->vm->control_socket, "dirtyrepd", &vmm);
+        char why[512] = "";
+
+        r = vmm_link_open_checked(p->vm->control_socket, "dirtyrepd", why, sizeof(why), &vmm);
+        if (r == -EPERM && why[0]) {
+                /* Not a VMM this daemon may trust: said once per attempt, as other attach errors. */
+                pthread_mutex_lock(&p->mutex);
+                snprintf(p->detail, sizeof(p->detail), "VMM control socket refused: %s", why);
+                pthread_mutex_unlock(&p->mutex);
+                log_error("VM %s: refusing the VMM control socket: %s; retrying", p->vm->name, why);
+                return schedule_attach(p);
+        }
         if (r < 0) {
                 pthread_mutex_lock(&p->mutex);
                 snprintf(p->detail, sizeof(p->detail), "VMM control socket %s: %s%s%s", p->vm->control_socket,

@@ -64,7 +64,7 @@
 #include "util.h"
 
 #define STANDBY_MAX_STATE_BYTES ((size_t) 64 << 20)
-#define STANDBY_MAX_PENDING     4u /* connections in handshake at once */
+#define STANDBY_MAX_PENDING     16u /* connections in handshake at once (link.h: 2 per source address) */
 #define SESSION_BYTES           16u
 #define UUID_BYTES              16u
 #define HASH_CHUNK_PAGES        16384u
@@ -849,7 +849,10 @@ static void on_down(Link *l, int error, const char *reason, void *userdata)
         schedule_gc(s, c->dead_usec + DEAD_GRACE_USEC);
 
         if (s->active != c) {
-                /* Never authenticated: it does not change what the standby is doing. */
+                /* Never authenticated: it does not change what the standby is doing. Dropped by the
+                 * listener's pre-authentication limits: already in its rate-limited warning. */
+                if (link_preauth_dropped(l))
+                        return;
                 log_warning_errno(error, "VM %s: replication connection from %s refused: %s", s->vm->name,
                                   c->peer, reason);
                 if (!s->active)

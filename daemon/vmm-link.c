@@ -385,23 +385,96 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
         return 0;
 }
 
-int vmm_link_open(const char *path, const char *client, VmmLink **ret)
+/*
+ * Who may serve the control socket: the VMM it connects to receives nothing secret, but what it
+ * says (the layout, the RAM, the state) becomes the replica, and its output commit decides what
+ * the guest's clients see. So the path alone is not trusted:
+ *
+ *  - the file must be a socket owned by root, by this process's euid, or by the owner of the
+ *    directory it is in when that directory is writable by its owner only (a VMM running as its
+ *    own user in its own directory); a socket another user could plant (a world-writable
+ *    directory such as /tmp) is refused;
+ *  - the peer (SO_PEERCRED, after connect) must be root or the socket file's owner, so swapping
+ *    the file between the check and connect() gains nothing.
+ *
+ * Returns 0 or -EPERM with the reason in why.
+ */
+static int check_socket_file(const char *path, struct stat *ret_st, char *why, size_t why_size)
+{
+        _cleanup_free_ char *dir = strdup(path);
+        struct stat st, dst;
+        char *slash;
+
+        if (!dir)
+                return -ENOMEM;
+        if (lstat(path, &st) < 0)
+                return -errno;
+        if (!S_ISSOCK(st.st_mode)) {
+                snprintf(why, why_size, "%s is not a socket", path);
+                return -EPERM;
+        }
+        *ret_st = st;
+        if (st.st_uid == 0 || st.st_uid == geteuid())
+                return 0;
+        slash = strrchr(dir, '/');
+        if (slash == dir)
+                slash[1] = 0;
+        else if (slash)
+                *slash = 0;
+        else
+                strcpy(dir, ".");
+        if (stat(dir, &dst) < 0)
+                return -errno;
+        if (dst.st_uid == st.st_uid && (dst.st_mode & 0022) == 0)
+                return 0;
+        snprintf(why, why_size,
+                 "%s is owned by uid %u, which is neither root, nor this daemon's uid, nor the owner of a "
+                 "directory only it can write (%s: uid %u, mode %03o): another user could have put it there. "
+                 "Run the VMM as root or as the daemon's user, or put its socket in a directory of its own",
+                 path, (unsigned) st.st_uid, dir, (unsigned) dst.st_uid, (unsigned) (dst.st_mode & 07777));
+        return -EPERM;
+}
+
+int vmm_link_open_checked(const char *path, const char *client, char *why, size_t why_size, VmmLink **ret)
 {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        int fd;
+        _cleanup_close_ int fd = -EBADF;
+        struct ucred cred;
+        socklen_t cl = sizeof(cred);
+        char buf[512];
+        struct stat st = {};
+        int r;
 
+        if (!why || why_size == 0) {
+                why = buf;
+                why_size = sizeof(buf);
+        }
+        why[0] = 0;
         if (strlen(path) >= sizeof(sa.sun_path))
                 return -ENAMETOOLONG;
         strcpy(sa.sun_path, path);
+        r = check_socket_file(path, &st, why, why_size);
+        if (r < 0)
+                return r;
         fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
         if (fd < 0)
                 return -errno;
-        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
-                int r = -errno;
-                close(fd);
-                return r;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                return -errno;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0)
+                return -errno;
+        if (cred.uid != 0 && cred.uid != st.st_uid) {
+                snprintf(why, why_size,
+                         "the process serving %s (pid %d, uid %u) is neither root nor the socket's owner (uid %u)",
+                         path, (int) cred.pid, (unsigned) cred.uid, (unsigned) st.st_uid);
+                return -EPERM;
         }
-        return vmm_link_open_fd(fd, client, ret);
+        return vmm_link_open_fd(TAKE_FD(fd), client, ret);
+}
+
+int vmm_link_open(const char *path, const char *client, VmmLink **ret)
+{
+        return vmm_link_open_checked(path, client, NULL, 0, ret);
 }
 
 int vmm_link_open_fd(int fd, const char *client, VmmLink **ret)

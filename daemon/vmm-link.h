@@ -72,6 +72,13 @@ typedef struct VmmLink VmmLink;
  * caller owns, or a negative errno (logged by the caller).
  */
 int vmm_link_open(const char *path, const char *client, VmmLink **ret);
+/*
+ * The same, and on -EPERM says in why[why_size] who serves the socket and why that is refused:
+ * the socket file must be owned by root, by this process's euid, or by the owner of a directory
+ * only that owner can write; the connected peer (SO_PEERCRED) must be root or the file's owner.
+ * vmm_link_open() applies the same checks.
+ */
+int vmm_link_open_checked(const char *path, const char *client, char *why, size_t why_size, VmmLink **ret);
 /* The same over an already connected SOCK_SEQPACKET socket (taken, also on failure). */
 int vmm_link_open_fd(int fd, const char *client, VmmLink **ret);
 VmmLink *vmm_link_free(VmmLink *l);

@@ -8,7 +8,8 @@
  * Each input gets a fresh Standby (daemon/standby.c, unchanged code) on a
  * socketpair; the harness plays the primary's handshake by hand (HELLO,
  * CHALLENGE, AUTH with link_proof(), as tests/unit/test-link.c does), then
- * writes the input's frames with valid headers and CRCs, closes its write
+ * writes the input's frames with valid headers, CRCs and MACs under the
+ * session keys (link-mac.h; sequence numbers in order), closes its write
  * side and runs the loop until the standby's link is down.
  *
  * Input: byte 0 picks the RAM layout of the HELLO (bit 0: one region of 16
@@ -27,6 +28,7 @@
 
 #include "config.h"
 #include "frame.h"
+#include "link-mac.h"
 #include "link.h"
 #include "log.h"
 #include "pages.h"
@@ -50,6 +52,10 @@ static VmConfig *vm;
 static DaemonConfig *daemon_config;
 static Standby *standby; /* of the input being run */
 static bool up;          /* its connection authenticated */
+/* This primary's session (link-mac.h): frames it sends after AUTH are sealed with tx, the
+ * standby's after CHALLENGE are checked with rx. */
+static LinkMac *tx, *rx;
+static uint64_t tx_seq, rx_seq;
 
 static bool standby_link_up(void)
 {
@@ -85,12 +91,19 @@ static int put(int fd, const void *buf, size_t len)
 
 static int put_frame(int fd, uint16_t type, const void *payload, size_t len)
 {
-        uint8_t h[FRAME_HEADER_SIZE];
+        uint8_t h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
         int r;
 
         frame_header_build(h, type, payload, (uint32_t) len);
         r = put(fd, h, sizeof(h));
-        return r < 0 ? r : put(fd, payload, len);
+        if (r >= 0)
+                r = put(fd, payload, len);
+        if (r >= 0 && tx) {
+                if (link_mac_seal(tx, tx_seq++, h, payload, len, t) < 0)
+                        abort();
+                r = put(fd, t, sizeof(t));
+        }
+        return r;
 }
 
 static int put_message(int fd, uint16_t type, const ProtobufCMessage *m)
@@ -107,7 +120,7 @@ static int put_message(int fd, uint16_t type, const ProtobufCMessage *m)
 /* Reads one frame while running the loop. Returns its type, or a negative errno. */
 static int get_frame(int fd, uint8_t *buf, size_t cap, size_t *ret_len)
 {
-        uint8_t h[FRAME_HEADER_SIZE];
+        uint8_t h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
         size_t got = 0, need = FRAME_HEADER_SIZE;
         FrameHeader fh = {};
 
@@ -123,8 +136,13 @@ static int get_frame(int fd, uint8_t *buf, size_t cap, size_t *ret_len)
                 }
                 if (sd_event_run(event, 1000) < 0)
                         return -EIO;
-                n = recv(fd, got < FRAME_HEADER_SIZE ? h + got : buf + (got - FRAME_HEADER_SIZE), need - got,
-                         MSG_DONTWAIT);
+                if (got < FRAME_HEADER_SIZE)
+                        n = recv(fd, h + got, need - got, MSG_DONTWAIT);
+                else if (got < FRAME_HEADER_SIZE + fh.length)
+                        n = recv(fd, buf + (got - FRAME_HEADER_SIZE), FRAME_HEADER_SIZE + fh.length - got,
+                                 MSG_DONTWAIT);
+                else
+                        n = recv(fd, t + (got - FRAME_HEADER_SIZE - fh.length), need - got, MSG_DONTWAIT);
                 if (n < 0 && errno == EAGAIN)
                         continue;
                 if (n <= 0)
@@ -133,11 +151,13 @@ static int get_frame(int fd, uint8_t *buf, size_t cap, size_t *ret_len)
                 if (got == FRAME_HEADER_SIZE) {
                         if (frame_header_parse(h, (uint32_t) cap, &fh) < 0)
                                 abort(); /* the standby sends well-formed frames */
-                        need += fh.length;
+                        need += fh.length + (rx ? LINK_MAC_TRAILER_BYTES : 0);
                 }
         }
         if (frame_verify_payload(h, &fh, buf) < 0)
                 abort();
+        if (rx && link_mac_check(rx, rx_seq++, h, buf, fh.length, t, NULL) < 0)
+                abort(); /* the standby seals what it sends */
         *ret_len = fh.length;
         return fh.type;
 }
@@ -205,13 +225,23 @@ static bool handshake(int fd, bool two_regions)
         c = dr__repl__challenge__unpack(NULL, len, buf);
         if (!c || c->nonce.len != 32)
                 abort();
-        if (link_proof(secret, sizeof(secret), "dirtyrep-primary", c->nonce.data, nonce, VM_NAME, uuid,
+        if (link_proof(secret, sizeof(secret), "dirtyrep-primary", c->nonce.data, nonce, VM_NAME, uuid, NULL, 0,
                        proof) < 0)
                 abort();
+        {
+                uint8_t p2s[LINK_KEY_BYTES], s2p[LINK_KEY_BYTES];
+                if (link_session_keys(secret, sizeof(secret), nonce, c->nonce.data, 32, VM_NAME, uuid,
+                                      sizeof(uuid), NULL, 0, p2s, s2p) < 0 ||
+                    link_mac_new(s2p, &rx) < 0)
+                        abort();
+                /* AUTH itself goes out unsealed; tx from the frame after it. */
+                a.proof = (ProtobufCBinaryData){sizeof(proof), proof};
+                if (put_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base) < 0)
+                        abort();
+                if (link_mac_new(p2s, &tx) < 0)
+                        abort();
+        }
         dr__repl__challenge__free_unpacked(c, NULL);
-        a.proof = (ProtobufCBinaryData){sizeof(proof), proof};
-        if (put_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base) < 0)
-                abort();
         type = get_frame(fd, buf, sizeof(buf), &len);
         if (type != DR__REPL__FRAME_TYPE__FRAME_WELCOME)
                 return refused("AUTH", type, buf, len);
@@ -242,6 +272,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 abort();
         standby = s;
         up = false;
+        tx = link_mac_free(tx);
+        rx = link_mac_free(rx);
+        tx_seq = rx_seq = 0;
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
                 abort();
         if (standby_accept_fd(s, sv[0]) < 0)

@@ -306,7 +306,7 @@ int main(int argc, char **argv)
                 Dr__Repl__Auth a = DR__REPL__AUTH__INIT;
                 size_t n, m;
 
-                h.version = 1;
+                h.version = DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT;
                 h.vm_name = "vm0";
                 h.vm_uuid = (ProtobufCBinaryData) { 16, uuid };
                 h.session = (ProtobufCBinaryData) { 16, session };

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 
@@ -578,11 +579,249 @@ class Proxy:
         return n
 
 
+# ---- a frame-aware tampering relay (docs/security.md) ------------------------------------------
+
+def _crc32c_table():
+    t = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        t.append(c)
+    return t
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data, crc=0):
+    crc ^= 0xFFFFFFFF
+    t = _CRC32C
+    for b in data:
+        crc = t[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+FRAME_HDR, MAC_TRAILER = 20, 24
+F_CHALLENGE, F_AUTH, F_PAGES, F_EPOCH_END, F_ACK = 2, 3, 6, 8, 9
+TAMPER_MODES = ("tamper-page", "tamper-ack", "tamper-replay", "tamper-relay")
+
+
+def frame_build(ftype, payload):
+    """A frame with a valid header and CRC32C (anyone can compute those)."""
+    h = struct.pack("<IHHI", 0x46505244, 1, ftype, len(payload))
+    return h + struct.pack("<II", crc32c(h + payload), 0) + payload
+
+
+def _varint(b, i):
+    v = shift = 0
+    while i < len(b):
+        v |= (b[i] & 0x7F) << shift
+        i += 1
+        if not b[i - 1] & 0x80:
+            return v
+        shift += 7
+    return None
+
+
+def _put_varint(v):
+    out = b""
+    while True:
+        if v < 0x80:
+            return out + bytes([v])
+        out += bytes([(v & 0x7F) | 0x80])
+        v >>= 7
+
+
+class TamperProxy(Proxy):
+    """Proxy that parses the replication frames of each direction and, besides Proxy's
+    modes, plays an attacker on the path who knows the frame format but not the
+    shared secret. One-shot modes (back to "pass" once done, `tampered` counts them):
+
+      tamper-page    rewrites a byte of a page record (raw or LZ4) in a PAGES frame (<= 512 KiB)
+                     and recomputes the CRC: the frame is valid except for its MAC
+      tamper-ack     as an EPOCH_END passes to the standby, sends the primary an ACK of
+                     that epoch at once (right sequence number, a tag it cannot compute)
+      tamper-replay  saves a PAGES frame and sends it again after the next EPOCH_END
+      tamper-relay   the handshake went through this relay: now it drops the standby's
+                     connection and answers the primary itself, an ACK for every EPOCH_END
+
+    A stream that is not replication frames (TLS) is passed on unparsed."""
+
+    def __init__(self, target, listen=("127.0.0.1", 0)):
+        self.tampered = 0
+        super().__init__(target, listen)
+
+    def accept_loop(self):
+        import threading
+        while not self.stop:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            try:
+                t = socket.create_connection(self.target, timeout=2)
+                t.settimeout(None)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns.append((c, t))
+            st = {"c": c, "t": t, "wlock": threading.Lock(), "keyed": {True: False, False: False},
+                  "seq": {True: 0, False: 0}, "relay": False, "saved": None, "done": False}
+            threading.Thread(target=self.fpump, args=(st, True), daemon=True).start()
+            threading.Thread(target=self.fpump, args=(st, False), daemon=True).start()
+
+    def _one_shot(self, what):
+        self.mode = "pass"
+        self.tampered += 1
+        log(f"tamper proxy: {what}")
+
+    def _forge_ack(self, st, epoch):
+        """An ACK with a valid CRC and the sequence number the primary expects; the tag
+        is random: without the session key nothing better can be made."""
+        f = frame_build(F_ACK, b"\x08" + _put_varint(epoch)) + struct.pack("<Q", st["seq"][False]) + os.urandom(16)
+        with st["wlock"]:
+            st["c"].sendall(f)
+            st["seq"][False] += 1
+
+    def _frames(self, st, forward, frame):
+        """What to send on for one whole frame of direction `forward` (a list of byte strings)."""
+        ftype, length = struct.unpack_from("<HI", frame, 6)
+        keyed = st["keyed"][forward]
+        mode = self.mode
+        out = [frame]
+        if forward and keyed and mode == "tamper-page" and ftype == F_PAGES and length <= 512 * 1024:
+            p = bytearray(frame[FRAME_HDR:FRAME_HDR + length])
+            n, at = struct.unpack_from("<I", p, 8)[0], 16
+            for _ in range(n):
+                if at + 16 > len(p):
+                    break
+                page, dlen, enc = struct.unpack_from("<QIH", p, at)
+                if enc in (1, 2) and 100 < dlen <= 4096 and at + 16 + dlen <= len(p):  # raw or LZ4
+                    p[at + 16 + dlen // 2] ^= 0xFF
+                    h = bytearray(frame[:FRAME_HDR])
+                    struct.pack_into("<I", h, 12, crc32c(bytes(h[:12]) + bytes(p)))
+                    out = [bytes(h) + bytes(p) + frame[FRAME_HDR + length:]]
+                    self._one_shot(f"rewrote page {page} in a PAGES frame of {length} bytes, CRC recomputed")
+                    break
+                at += 16 + dlen
+        elif forward and keyed and mode == "tamper-replay" and ftype == F_PAGES and st["saved"] is None:
+            st["saved"] = frame
+        elif forward and keyed and mode == "tamper-replay" and ftype == F_EPOCH_END and st["saved"]:
+            out = [frame, st["saved"]]
+            st["saved"] = None
+            self._one_shot(f"replayed a PAGES frame of {len(out[1])} bytes after EPOCH_END")
+        if forward and keyed and ftype == F_EPOCH_END and (mode in ("tamper-ack", "tamper-relay") or st["relay"]):
+            epoch = _varint(frame, FRAME_HDR + 1) if frame[FRAME_HDR:FRAME_HDR + 1] == b"\x08" else None
+            if epoch is not None:
+                if mode == "tamper-relay" and not st["relay"]:
+                    st["relay"] = True
+                    try:
+                        st["t"].shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    self._one_shot("dropped the standby; answering the primary itself")
+                if st["relay"]:
+                    out = []
+                    self._forge_ack(st, epoch)
+                    log(f"tamper proxy: relay acked epoch {epoch}")
+                else:
+                    # The EPOCH_END goes on in order with the rest of the stream; the forged ACK
+                    # reaches the primary before the standby can have committed the epoch.
+                    out = [frame]
+                    self._forge_ack(st, epoch)
+                    self._one_shot(f"forged an ACK of epoch {epoch} before the standby committed it")
+        elif forward and st["relay"]:
+            out = []  # the standby is gone; the relay swallows the rest
+        return out
+
+    def _to_standby(self, st, data):
+        if not st["relay"]:
+            st["t"].sendall(data)
+
+    def _to_primary(self, st, frame, keyed):
+        with st["wlock"]:
+            st["c"].sendall(frame)
+            if keyed:
+                st["seq"][False] += 1  # the next sequence number the primary expects
+
+    def fpump(self, st, forward):
+        src, dst = (st["c"], st["t"]) if forward else (st["t"], st["c"])
+        buf, raw = bytearray(), False
+        try:
+            while not self.stop:
+                if self.mode == "stall":
+                    time.sleep(0.01)
+                    continue
+                data = src.recv(262144)
+                if not data:
+                    break
+                while self.mode == "stall" and not self.stop:
+                    time.sleep(0.01)
+                if raw:
+                    if forward:
+                        self._to_standby(st, data)
+                    else:
+                        self._to_primary(st, data, False)
+                    continue
+                buf += data
+                out = []
+                while len(buf) >= FRAME_HDR:
+                    magic, _, ftype, length = struct.unpack_from("<IHHI", buf, 0)
+                    if magic != 0x46505244:
+                        raw = True  # not replication frames (TLS): passed on as they are
+                        out.append(bytes(buf))
+                        buf = bytearray()
+                        break
+                    keyed = st["keyed"][forward]
+                    whole = FRAME_HDR + length + (MAC_TRAILER if keyed else 0)
+                    if len(buf) < whole:
+                        break
+                    frame = bytes(buf[:whole])
+                    del buf[:whole]
+                    sent = self._frames(st, forward, frame)
+                    if forward:
+                        out += sent
+                    else:
+                        for f in sent:
+                            self._to_primary(st, f, keyed)
+                    # The primary's frames are keyed after its AUTH, the standby's after CHALLENGE.
+                    if (forward and ftype == F_AUTH) or (not forward and ftype == F_CHALLENGE):
+                        st["keyed"][forward] = True
+                if not forward:
+                    if raw and out:
+                        self._to_primary(st, b"".join(out), False)
+                    continue
+                data = b"".join(out)
+                if self.mode == "flip" and len(data) > 64:
+                    self.mode = "pass"
+                    i = len(data) // 2
+                    data = data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:]
+                    self.flipped += 1
+                    log("proxy: flipped one bit")
+                if data:
+                    self._to_standby(st, data)
+        except OSError:
+            pass
+        if not forward and st["relay"]:
+            return  # the standby is gone, the relay goes on talking to the primary
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
 def proxy_server(control, pairs):
     """Run Proxies for pairs [(listen_port, target_host, target_port)] on 127.0.0.1 and
     obey one-line commands on the unix socket control: pass | flip | stall | slow | cut;
     each answers "ok N" (N: connections cut, bits flipped so far)."""
-    proxies = [Proxy((h, p), ("127.0.0.1", lp)) for lp, h, p in pairs]
+    proxies = [TamperProxy((h, p), ("127.0.0.1", lp)) for lp, h, p in pairs]
     if os.path.exists(control):
         os.unlink(control)
     cs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -594,13 +833,15 @@ def proxy_server(control, pairs):
         n = 0
         if cmd == "cut":
             n = sum(p.cut() for p in proxies)
-        elif cmd in ("pass", "flip", "stall", "slow"):
+        elif cmd in ("pass", "flip", "stall", "slow") + TAMPER_MODES:
             for p in proxies:
                 p.mode = cmd
         elif cmd == "flipped":
             n = sum(p.flipped for p in proxies)
-        s.sendall(f"ok {n}\n".encode() if cmd in ("cut", "pass", "flip", "stall", "slow", "flipped")
-                  else b"error\n")
+        elif cmd == "tampered":
+            n = sum(p.tampered for p in proxies)
+        known = ("cut", "pass", "flip", "stall", "slow", "flipped", "tampered") + TAMPER_MODES
+        s.sendall(f"ok {n}\n".encode() if cmd in known else b"error\n")
         s.close()
 
 

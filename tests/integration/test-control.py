@@ -461,8 +461,9 @@ def test_dbus(tmp):
     check(rc != 0 and "has no Peer=" in err, f"busctl Failover on a standby without Peer=: {rc} {err}")
 
     # --- checkpoint images through the daemon (taken at a seal of the running primary) ---
-    img = os.path.join(tmp, "images")
-    os.mkdir(img)
+    # Below the image root: ImageDirectory= defaults to StateDirectory=/images (the daemon makes it).
+    img = os.path.join(primary.dir, "images")
+    os.makedirs(img, exist_ok=True)
     out = ctl_ok(bus_p, "checkpoint", "t", "--image", os.path.join(img, "full"))
     m = re.match(r"VM t: image \S+/full written at epoch (\d+) \(full, (\d+) pages stored", out.strip())
     check(m, f"checkpoint --image: {out!r}")
@@ -478,13 +479,23 @@ def test_dbus(tmp):
               os.path.join(img, "full"))  # not the last image taken
     check(not os.path.exists(os.path.join(img, "inc2")), "a refused image left a directory")
     ctl_fails(bus_p, 4, "Image", "checkpoint", "t", "--image", os.path.join(img, "full"))  # exists
-    ctl_fails(bus_s, 4, "not a running primary", "checkpoint", "t", "--image", os.path.join(img, "sb"))
+    ctl_fails(bus_s, 4, "not a running primary", "checkpoint", "t", "--image",
+              os.path.join(standby.dir, "images", "sb"))
+    # Confined to the image root: a path outside, a ".." out of it, a symbolic link out of it,
+    # and a parent outside are refused before anything is written.
+    os.symlink(tmp, os.path.join(img, "escape"))
+    for bad in ("/etc/dr-image", os.path.join(img, "..", "out"), os.path.join(img, "escape", "out")):
+        ctl_fails(bus_p, 4, "is not below the image root", "checkpoint", "t", "--image", bad)
+        check(not os.path.exists(os.path.join(tmp, "out")) and not os.path.exists("/etc/dr-image"),
+              f"a refused image {bad} was written")
+    ctl_fails(bus_p, 4, "is not below the image root", "checkpoint", "t", "--image", os.path.join(img, "inc9"),
+              "--parent", os.path.join(tmp, "elsewhere"))
     ctl_fails(bus_p, 2, "--parent only goes with --image", "checkpoint", "t", "--parent", img)
     ctl_fails(bus_p, 5, "permission denied", "checkpoint", "t", "--image", os.path.join(img, "nobody"),
               user="nobody")
     ctl_fails(bus_p, 5, "permission denied", "failover", "t", user="nobody")
     log("images through D-Bus: full + incremental written, verified; wrong parent, existing target, standby, "
-        "unprivileged refused")
+        "unprivileged, outside ImageDirectory= (path, .., symlink, parent) refused")
 
     # --- the policy: nobody may read, not change ---
     out = ctl_ok(bus_p, "status", "t", user="nobody")

@@ -17,6 +17,25 @@ test-replication.py).
                                 (/proc/PID/status) and what --keep-capabilities keeps
   test-security.py debug-socket the debug socket refuses another uid (mode 0600, and
                                 SO_PEERCRED when the mode is opened up)
+  test-security.py tamper-page|tamper-ack|tamper-replay|tamper-relay
+                                an attacker on the path (drtest.TamperProxy) who knows the
+                                frame format but not the secret rewrites a page record with a
+                                valid CRC, forges an ACK, replays a frame, or relays the
+                                handshake and then answers the primary itself: each detected
+                                by the per-frame MAC with a log line that says so, the link
+                                fails, the primary never holds an ACK for an epoch the standby
+                                has not committed (sampled all along), and after the pair
+                                reconnects the replica is identical to the primary's RAM
+  test-security.py image-root   CheckpointImage over D-Bus (dirtyrepctl checkpoint --image) is
+                                confined to ImageDirectory= (default StateDirectory=/images): a
+                                path outside, a ".." out of it, a symbolic link out of it and a
+                                parent outside are refused with an error naming the root;
+                                nothing is created (no /dev/kvm needed: checked before the role)
+  test-security.py preauth-flood
+                                silent connections from 8 source addresses (127.0.0.2-9) that
+                                reconnect when closed, while the real primary starts: it is
+                                protected within 2 s and stays protected; the standby's
+                                warning about them is rate-limited and names a source
 
 Certificates are made at test time with `openssl req`/`openssl x509` in the
 test's temporary directory (no key is committed). Exit 0 pass, 1 fail,
@@ -41,6 +60,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("repl", os.path.join(HERE, "test-replication.py"))
 repl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(repl)
+_spec = importlib.util.spec_from_file_location("control", os.path.join(HERE, "test-control.py"))
+control = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(control)
+_spec = importlib.util.spec_from_file_location("drtest", os.path.join(HERE, "drtest.py"))
+drtest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(drtest)
 
 ENV = os.environ
 log, fail = repl.log, repl.fail
@@ -369,13 +394,235 @@ def test_debug_socket(tmp, a):
         "(closed without an answer); root is served")
 
 
+# ---- an attacker on the path --------------------------------------------------------------------
+
+class AckWatch:
+    """Samples the primary's acknowledged epoch (what its output commit released up to),
+    then the standby's committed epoch, every 10 ms: the first must never be ahead of the
+    second. The standby's value only grows, so sampling it second makes the check exact."""
+
+    def __init__(self, primary, standby):
+        self.primary, self.standby = primary, standby
+        self.samples, self.bad, self.stop = 0, [], False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while not self.stop:
+            try:
+                acked = self.primary.status()["last_committed"]
+                committed = self.standby.status()["last_committed"]
+            except Exception:  # a daemon busy for a moment; the next sample counts
+                time.sleep(0.01)
+                continue
+            self.samples += 1
+            if acked > committed:
+                self.bad.append((acked, committed))
+            time.sleep(0.01)
+
+    def finish(self):
+        self.stop = True
+        self.t.join(5)
+        check(self.samples >= 50, f"only {self.samples} samples of acked vs committed epochs")
+        check(not self.bad, f"the primary held ACKs for epochs the standby had not committed: {self.bad[:5]}")
+        return self.samples
+
+
+TAMPER = {
+    # kind: (which daemon detects it, what its log says)
+    "page": ("standby", "authentication failed for PAGES frame"),
+    "ack": ("primary", "authentication failed for ACK frame"),
+    "replay": ("standby", "frame out of sequence"),
+    "relay": ("primary", "authentication failed for ACK frame"),
+}
+
+
+def test_tamper(tmp, a, kind):
+    who, needle = TAMPER[kind]
+    vmm = repl.Vmm(tmp, "dirtier", "ring", 1, "ws=16M pattern=random rate=3000 report_ms=500")
+    sport = repl.free_port()
+    proxy = drtest.TamperProxy(sport)
+    # Compression=none: page records are raw, so the relay finds one to rewrite.
+    standby = daemon(tmp, "standby", {"Role": "standby", "Listen": f"127.0.0.1:{sport}"})
+    primary = daemon(tmp, "primary", {"Role": "primary", "ControlSocket": vmm.control,
+                                      "Peer": f"127.0.0.1:{proxy.port}", "EpochMs": "20", "Tracking": "ring",
+                                      "Compression": "none"})
+    primary.wait(lambda s: s["state"] == "protected", "the primary to be protected", timeout=90)
+    primary.wait(lambda s: s["last_committed"] >= 20, "20 epochs", timeout=60)
+    watch = AckWatch(primary, standby)
+    proc = {"primary": primary, "standby": standby}[who]
+    before = proc.text().count(needle)
+    proxy.mode = f"tamper-{kind}"
+    end = time.time() + 30
+    while proxy.tampered == 0:
+        check(time.time() < end, f"the tamper proxy found nothing to do in 30 s (mode {proxy.mode})")
+        time.sleep(0.01)
+    t_tamper = time.time()
+    end = time.time() + 15
+    while proc.text().count(needle) == before:
+        if time.time() > end:
+            primary.dump()
+            standby.dump()
+            fail(f"tamper-{kind}: the {who} did not log {needle!r} within 15 s")
+        time.sleep(0.02)
+    line = [ln for ln in proc.text().splitlines() if needle in ln][-1]
+    log(f"detected after {(time.time() - t_tamper) * 1000:.0f} ms (at most; polled): {line.strip()}")
+    check("link closed, nothing of it applied" in line, f"the log line does not say the link closed: {line}")
+    # The link failed and came back (the proxy passes again): protected, committing.
+    st = primary.wait(lambda s: s["state"] == "protected" and s["link_up"], "the pair to reconnect", timeout=60)
+    target = st["last_committed"] + 20
+    primary.wait(lambda s: s["last_committed"] >= target, f"epoch {target} after reconnecting", timeout=60)
+    samples = watch.finish()
+    for k in range(2):
+        repl.compare_at_freeze(tmp, primary, standby, "dirtier", k)
+    check(proxy.tampered == 1, f"the proxy tampered {proxy.tampered} times, expected once")
+    stop_all(primary, standby, vmm)
+    log(f"PASS: tamper-{kind}: detected by the {who} ({needle!r}), link failed and resynced; "
+        f"{samples} samples: the primary never held an ACK ahead of the standby's commit; "
+        f"replica identical to the primary's RAM at 2 frozen epochs after it")
+
+
+class Flooder:
+    """Keeps `per_source` silent TCP connections from each source address open to the
+    target, reconnecting every one that gets closed."""
+
+    def __init__(self, sources, port, per_source=4):
+        self.sources, self.port, self.per = sources, port, per_source
+        self.connects = 0
+        self.closed = 0
+        self.stop = False
+        self.threads = [threading.Thread(target=self.run, args=(src,), daemon=True) for src in sources]
+        for t in self.threads:
+            t.start()
+
+    def run(self, src):
+        socks = []
+        while not self.stop:
+            while len(socks) < self.per and not self.stop:
+                s = socket.socket()
+                try:
+                    s.bind((src, 0))
+                    s.connect(("127.0.0.1", self.port))
+                    socks.append(s)
+                    self.connects += 1
+                except OSError:
+                    s.close()
+                    time.sleep(0.01)
+            r, _, _ = select.select(socks, [], [], 0.01)
+            for s in r:
+                try:
+                    d = s.recv(4096)
+                except OSError:
+                    d = b""
+                if not d:
+                    socks.remove(s)
+                    s.close()
+                    self.closed += 1
+        for s in socks:
+            s.close()
+
+    def finish(self):
+        self.stop = True
+        for t in self.threads:
+            t.join(5)
+
+
+def test_preauth_flood(tmp, a):
+    vmm = repl.Vmm(tmp, "dirtier", "ring", 1, "ws=16M pattern=random rate=3000 report_ms=500")
+    sport = repl.free_port()
+    standby = daemon(tmp, "standby", {"Role": "standby", "Listen": f"127.0.0.1:{sport}"})
+    sources = [f"127.0.0.{i}" for i in range(2, 10)]
+    flood = Flooder(sources, sport)
+    time.sleep(3)  # the listener is saturated and churning: evictions, 1 s first-bytes deadlines
+    check(flood.connects >= 32, f"the flood made only {flood.connects} connections")
+    log(f"flood running: {flood.connects} connections from {len(sources)} addresses, {flood.closed} closed by "
+        f"the standby so far")
+    t0 = time.time()
+    primary = daemon(tmp, "primary", {"Role": "primary", "ControlSocket": vmm.control,
+                                      "Peer": f"127.0.0.1:{sport}", "EpochMs": "20", "Tracking": "ring"})
+    st = primary.wait(lambda s: s["state"] == "protected", "the primary to be protected during the flood",
+                      timeout=30)
+    took = time.time() - t0
+    log(f"protected {took * 1000:.0f} ms after dirtyrepd started (full sync {st['last_sync_usec'] / 1000:.0f} ms), "
+        f"during a flood of {flood.connects} connections")
+    check(took <= 2.0 * repl.SLOW, f"protected only after {took:.2f} s during the flood (limit 2 s)")
+    # Stays protected while the flood goes on, and keeps committing.
+    c0, end, samples = st["last_committed"], time.time() + 8, 0
+    while time.time() < end:
+        s = primary.status()
+        samples += 1
+        check(s["state"] == "protected" and s["link_up"], f"the primary left protected during the flood: {s}")
+        time.sleep(0.05)
+    c1 = primary.status()["last_committed"]
+    check(c1 - c0 >= 100, f"only {c1 - c0} epochs committed in 8 s of flood")
+    flood.finish()
+    text = standby.text()
+    warns = [ln for ln in text.splitlines() if "before authentication" in ln]
+    check(warns and any(src in warns[-1] for src in sources), f"no warning naming a flood source: {warns[-3:]}")
+    elapsed = time.time() - t0 + 3
+    check(len(warns) <= elapsed / 10 + 2, f"{len(warns)} warnings in {elapsed:.0f} s: not rate-limited")
+    log(f"standby: {len(warns)} warning line(s) for {flood.closed} dropped connections in {elapsed:.0f} s; "
+        f"last: {warns[-1].strip()}")
+    stop_all(primary, standby, vmm)
+    log(f"PASS: {flood.connects} silent connections from {len(sources)} addresses; the primary was protected "
+        f"after {took:.2f} s and stayed protected for 8 s ({samples} samples, {c1 - c0} epochs)")
+
+
+def test_image_root(tmp, a):
+    bus = control.Bus(tmp, "bus")
+    d = control.Daemon(tmp, "sb", ["--role", "standby", "--listen", f"127.0.0.1:{repl.free_port()}"], bus=bus)
+    end = time.time() + 20
+    while control.busctl(bus, "status", "org.dirtyrep1")[0] != 0:
+        check(d.alive() and time.time() < end, "org.dirtyrep1 never appeared on the bus")
+        time.sleep(0.1)
+    img = os.path.join(d.dir, "images")
+    os.makedirs(img, exist_ok=True)  # the daemon makes it too (0700) when asked for an image
+    os.symlink(tmp, os.path.join(img, "escape"))
+    cases = [("/etc/dr-image", None), (os.path.join(img, "..", "out"), None),
+             (os.path.join(img, "escape", "out"), None), (os.path.join(img, "inc"), os.path.join(tmp, "parent"))]
+    for target, parent in cases:
+        args = ["checkpoint", "t", "--image", target] + (["--parent", parent] if parent else [])
+        err = control.ctl_fails(bus, 4, "is not below the image root ImageDirectory=" + img, *args)
+        check("set ImageDirectory= in dirtyrep.conf" in err, f"the error does not name the key: {err}")
+    for p in ("/etc/dr-image", os.path.join(d.dir, "out"), os.path.join(tmp, "out"), os.path.join(img, "inc")):
+        check(not os.path.exists(p), f"a refused image created {p}")
+    # Inside the root the request passes the check and meets the role's own refusal.
+    control.ctl_fails(bus, 4, "not a running primary", "checkpoint", "t", "--image", os.path.join(img, "ok"))
+    check("CheckpointImage refused" in d.text(), "the daemon did not log the refusal")
+    # ImageDirectory= moves the root (a reload applies it): the old root is outside now.
+    conf = os.path.join(d.dir, "dirtyrep.conf")
+    c = subprocess.run([ENV["DR_DIRTYREPD"], "-c", conf, "-d", os.path.join(d.dir, "vm.d"), "--check-config"],
+                       input="", capture_output=True, text=True)
+    check(c.returncode == 0, f"--check-config before: {c.stdout} {c.stderr}")
+    with open(conf, "a") as f:
+        f.write("ImageDirectory=images-elsewhere\n")
+    c = subprocess.run([ENV["DR_DIRTYREPD"], "-c", conf, "-d", os.path.join(d.dir, "vm.d"), "--check-config"],
+                       capture_output=True, text=True)
+    check(c.returncode == 1 and "ImageDirectory=" in c.stderr, f"a relative ImageDirectory= accepted: {c.stderr}")
+    root2 = os.path.join(tmp, "images-elsewhere")
+    with open(conf) as f:
+        text = f.read().replace("ImageDirectory=images-elsewhere", f"ImageDirectory={root2}")
+    with open(conf, "w") as f:
+        f.write(text)
+    control.ctl_ok(bus, "reload")
+    control.ctl_fails(bus, 4, "is not below the image root ImageDirectory=" + root2, "checkpoint", "t", "--image",
+                      os.path.join(img, "ok"))
+    check(os.path.isdir(root2) and (os.stat(root2).st_mode & 0o777) == 0o700, f"{root2} not created 0700")
+    control.ctl_fails(bus, 4, "not a running primary", "checkpoint", "t", "--image", os.path.join(root2, "ok"))
+    stop_all(d)
+    log(f"PASS: CheckpointImage confined to {img}: {len(cases)} escapes refused, nothing created; "
+        f"ImageDirectory= moved it to {root2} (made 0700), a relative one refused")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("test", choices=["tls", "tls-refused", "caps", "debug-socket"])
+    ap.add_argument("test", choices=["tls", "tls-refused", "caps", "debug-socket", "tamper-page", "tamper-ack",
+                                     "tamper-replay", "tamper-relay", "preauth-flood", "image-root"])
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--seed", type=int, default=int(time.time()))
     a = ap.parse_args()
-    if a.test.startswith("tls") and not os.path.exists("/dev/kvm"):
+    if (a.test.startswith("tls") or a.test.startswith("tamper") or a.test == "preauth-flood") and \
+            not os.path.exists("/dev/kvm"):
         print("SKIP: /dev/kvm missing")
         return 77
     if a.test.startswith("tls") and shutil.which("openssl") is None:
@@ -387,10 +634,14 @@ def main():
     log(f"seed {a.seed}")
     with tempfile.TemporaryDirectory(prefix="dr-sec-") as tmp:
         try:
-            {"tls": test_tls, "tls-refused": test_tls_refused, "caps": test_caps,
-             "debug-socket": test_debug_socket}[a.test](tmp, a)
+            if a.test.startswith("tamper-"):
+                test_tamper(tmp, a, a.test[len("tamper-"):])
+            else:
+                {"tls": test_tls, "tls-refused": test_tls_refused, "caps": test_caps,
+                 "debug-socket": test_debug_socket, "preauth-flood": test_preauth_flood,
+                 "image-root": test_image_root}[a.test](tmp, a)
         finally:
-            for p in list(repl.LIVE):
+            for p in list(repl.LIVE) + list(control.LIVE):
                 p.kill()
     return 0
 

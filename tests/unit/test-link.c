@@ -16,12 +16,14 @@
 
 #include "crc32c.h"
 #include "frame.h"
+#include "link-mac.h"
 #include "link.h"
 #include "macros.h"
 #include "tests.h"
 #include "util.h"
 
-#define MAX_FRAME ((uint32_t) DR__REPL__REPL_LIMIT__REPL_MAX_FRAME)
+#define MAX_FRAME    ((uint32_t) DR__REPL__REPL_LIMIT__REPL_MAX_FRAME)
+#define REPL_VERSION ((uint32_t) DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT)
 
 /* Runs the loop until cond holds or ms pass; evaluates to cond. */
 #define RUN_UNTIL(e, cond, ms)                                                                              \
@@ -344,22 +346,54 @@ TEST(wrong_secret_standby)
 
 /* ---- a raw socket playing the primary ---------------------------------------------- */
 
+/* The raw peer's session: its frames are sealed once tx is set, the Link's are checked once rx is
+ * set, as an honest peer would (link-mac.h). */
+static struct {
+        LinkMac *tx, *rx;
+        uint64_t tx_seq, rx_seq;
+} raw;
+
+static void raw_reset(void)
+{
+        raw.tx = link_mac_free(raw.tx);
+        raw.rx = link_mac_free(raw.rx);
+        raw.tx_seq = raw.rx_seq = 0;
+}
+
+/* The session keys from both nonces; installs the MACs of a raw peer playing `side`. */
+static void raw_keys(const uint8_t pnonce[32], const uint8_t snonce[32], LinkSide side)
+{
+        uint8_t p2s[LINK_KEY_BYTES], s2p[LINK_KEY_BYTES];
+
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), pnonce, snonce, 32, "vm0", UUID, 16, NULL, 0, p2s,
+                                    s2p));
+        raw_reset();
+        ASSERT_OK(link_mac_new(side == LINK_PRIMARY ? p2s : s2p, &raw.tx));
+        ASSERT_OK(link_mac_new(side == LINK_PRIMARY ? s2p : p2s, &raw.rx));
+}
+
 static int raw_connect(Fixture *f)
 {
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         ASSERT_TRUE(fd >= 0);
+        raw_reset();
         ASSERT_OK(RET_NERRNO(connect(fd, (struct sockaddr *) &f->addr, f->addr_len)));
         ASSERT_TRUE(RUN_UNTIL(f->e, f->standby != NULL, 2000));
         return fd;
 }
 
+/* Sends a frame; sealed (with the next sequence number) when the raw session is keyed. */
 static void raw_send(int fd, uint16_t type, const void *payload, size_t len)
 {
-        uint8_t h[FRAME_HEADER_SIZE];
+        uint8_t h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
         frame_header_build(h, type, payload, (uint32_t) len);
         ASSERT_OK(loop_write(fd, h, sizeof(h)));
         if (len)
                 ASSERT_OK(loop_write(fd, payload, len));
+        if (raw.tx) {
+                ASSERT_OK(link_mac_seal(raw.tx, raw.tx_seq++, h, payload, len, t));
+                ASSERT_OK(loop_write(fd, t, sizeof(t)));
+        }
 }
 
 static void raw_send_message(int fd, uint16_t type, const ProtobufCMessage *m)
@@ -395,6 +429,21 @@ static size_t raw_recv(sd_event *e, int fd, uint16_t *ret_type, uint8_t *buf, si
                 }
         }
         ASSERT_OK(frame_verify_payload(h, &fh, buf));
+        if (raw.rx) {
+                uint8_t t[LINK_MAC_TRAILER_BYTES];
+                got = 0;
+                while (got < sizeof(t)) {
+                        ssize_t n;
+                        ASSERT_TRUE(now_usec() < end);
+                        ASSERT_TRUE(sd_event_run(e, 1000) >= 0);
+                        n = recv(fd, t + got, sizeof(t) - got, MSG_DONTWAIT);
+                        if (n < 0 && errno == EAGAIN)
+                                continue;
+                        ASSERT_TRUE(n > 0);
+                        got += (size_t) n;
+                }
+                ASSERT_OK(link_mac_check(raw.rx, raw.rx_seq++, h, buf, fh.length, t, NULL));
+        }
         *ret_type = fh.type;
         return fh.length;
 }
@@ -419,19 +468,25 @@ static void raw_handshake(Fixture *f, int fd, bool bad_proof)
         uint16_t type;
         size_t len;
 
-        raw_hello(f, fd, 1, pnonce);
+        raw_hello(f, fd, REPL_VERSION, pnonce);
         len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
         ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE);
         c = dr__repl__challenge__unpack(NULL, len, buf);
         ASSERT_TRUE(c && c->nonce.len == 32 && c->proof.len == 32);
         ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", pnonce, c->nonce.data, "vm0", UUID,
-                             expect));
+                             NULL, 0, expect));
         ASSERT_TRUE(memcmp(expect, c->proof.data, 32) == 0);
         ASSERT_OK(link_proof(bad_proof ? WRONG : SECRET, sizeof(SECRET), "dirtyrep-primary", c->nonce.data,
-                             pnonce, "vm0", UUID, proof));
+                             pnonce, "vm0", UUID, NULL, 0, proof));
+        /* From here on the standby's frames are keyed; this side's after AUTH. */
+        raw_keys(pnonce, c->nonce.data, LINK_PRIMARY);
         dr__repl__challenge__free_unpacked(c, NULL);
         a.proof = (ProtobufCBinaryData){32, proof};
-        raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base);
+        {
+                LinkMac *tx = TAKE_PTR(raw.tx);
+                raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_AUTH, &a.base);
+                raw.tx = tx;
+        }
         if (bad_proof)
                 return;
         len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
@@ -443,21 +498,24 @@ TEST(proof_layout)
 {
         uint8_t a[32] = {1}, b[32] = {2}, p1[32], p2[32], p3[32];
 
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, p1));
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, p2));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, NULL, 0, p1));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, NULL, 0, p2));
         ASSERT_TRUE(memcmp(p1, p2, 32) == 0);
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", b, a, "vm0", UUID, p2));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", b, a, "vm0", UUID, NULL, 0, p2));
         ASSERT_TRUE(memcmp(p1, p2, 32) != 0);
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", a, b, "vm0", UUID, p3));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", a, b, "vm0", UUID, NULL, 0, p3));
         ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
-        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm1", UUID, p3));
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm1", UUID, NULL, 0, p3));
         ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
-        ASSERT_EQ(link_proof(SECRET, 0, "dirtyrep-primary", a, b, "vm0", UUID, p3), -EINVAL);
+        /* The TLS channel binding changes the proof: a relayed handshake does not verify. */
+        ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, a, 32, p3));
+        ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
+        ASSERT_EQ(link_proof(SECRET, 0, "dirtyrep-primary", a, b, "vm0", UUID, NULL, 0, p3), -EINVAL);
 }
 
 TEST(bad_crc)
 {
-        uint8_t payload[4096], h[FRAME_HEADER_SIZE];
+        uint8_t payload[4096], h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
         Fixture f;
         int fd;
 
@@ -467,14 +525,163 @@ TEST(bad_crc)
 
         fill_random(payload, sizeof(payload), 5);
         frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
-        payload[1234] ^= 0x10; /* on the wire, after the CRC was computed */
+        ASSERT_OK(link_mac_seal(raw.tx, raw.tx_seq++, h, payload, sizeof(payload), t));
+        payload[1234] ^= 0x10; /* on the wire, after the CRC and the MAC were computed */
         ASSERT_OK(loop_write(fd, h, sizeof(h)));
         ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+        ASSERT_OK(loop_write(fd, t, sizeof(t)));
         ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
         ASSERT_EQ(f.s.down_error, -EBADMSG);
         ASSERT_TRUE(strstr(f.s.down_reason, "CRC"));
         ASSERT_EQ(f.s.frames, 0);
         safe_close(fd);
+        fixture_done(&f);
+}
+
+/* After the handshake: a frame whose CRC is right but whose MAC is not (rewritten on the way with
+ * the CRC recomputed), a replayed frame, one sealed with the other direction's key (reflected),
+ * and one without a trailer. Each ends the link before on_frame sees anything. */
+TEST(frame_mac)
+{
+        static const char *const needles[] = {"MAC does not match", "out of sequence", "MAC does not match",
+                                              "out of sequence"};
+        for (int variant = 0; variant < 4; variant++) {
+                uint8_t payload[4096], h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
+                Fixture f;
+                int fd;
+
+                fixture_init(&f, SECRET, sizeof(SECRET));
+                fd = raw_connect(&f);
+                raw_handshake(&f, fd, false);
+                fill_random(payload, sizeof(payload), 7);
+                if (variant == 1) {
+                        /* A good frame, accepted; then the same bytes again. */
+                        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+                        ASSERT_OK(link_mac_seal(raw.tx, raw.tx_seq++, h, payload, sizeof(payload), t));
+                        for (int i = 0; i < 2; i++) {
+                                ASSERT_OK(loop_write(fd, h, sizeof(h)));
+                                ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+                                ASSERT_OK(loop_write(fd, t, sizeof(t)));
+                        }
+                } else if (variant == 2) {
+                        /* Sealed with the key of the standby's own direction, as a reflection is. */
+                        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+                        ASSERT_OK(link_mac_seal(raw.rx, raw.tx_seq, h, payload, sizeof(payload), t));
+                        ASSERT_OK(loop_write(fd, h, sizeof(h)));
+                        ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+                        ASSERT_OK(loop_write(fd, t, sizeof(t)));
+                } else {
+                        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+                        ASSERT_OK(link_mac_seal(raw.tx, raw.tx_seq++, h, payload, sizeof(payload), t));
+                        /* Rewritten after sealing, CRC recomputed: only the MAC can tell. */
+                        payload[100] ^= 0x01;
+                        frame_header_build(h, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload));
+                        ASSERT_OK(loop_write(fd, h, sizeof(h)));
+                        ASSERT_OK(loop_write(fd, payload, sizeof(payload)));
+                        if (variant == 0)
+                                ASSERT_OK(loop_write(fd, t, sizeof(t)));
+                        else /* no trailer: the next frame's bytes are taken for it */
+                                raw_send(fd, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, 64);
+                }
+                ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
+                ASSERT_EQ(f.s.down_error, -EBADMSG);
+                fprintf(stderr, "  variant %d: %s\n", variant, f.s.down_reason);
+                ASSERT_TRUE(strstr(f.s.down_reason, needles[variant]));
+                ASSERT_EQ(f.s.frames, variant == 1 ? 1u : 0u);
+                safe_close(fd);
+                fixture_done(&f);
+        }
+}
+
+/* Forwards whole frames of the standby's stream (src) to the primary (dst) and counts the keyed
+ * ones, as a relay on the path that knows the format can. */
+typedef struct RelayDir {
+        uint8_t buf[65536];
+        size_t have;
+        bool keyed;
+        uint64_t keyed_frames;
+} RelayDir;
+
+static void relay_down(RelayDir *d, int src, int dst)
+{
+        ssize_t n = recv(src, d->buf + d->have, sizeof(d->buf) - d->have, MSG_DONTWAIT);
+        if (n > 0)
+                d->have += (size_t) n;
+        while (d->have >= FRAME_HEADER_SIZE) {
+                FrameHeader h;
+                size_t whole;
+                ASSERT_OK(frame_header_parse(d->buf, sizeof(d->buf), &h));
+                whole = FRAME_HEADER_SIZE + h.length + (d->keyed ? LINK_MAC_TRAILER_BYTES : 0);
+                if (d->have < whole)
+                        break;
+                ASSERT_OK(loop_write(dst, d->buf, whole));
+                d->keyed_frames += d->keyed;
+                if (h.type == DR__REPL__FRAME_TYPE__FRAME_CHALLENGE)
+                        d->keyed = true;
+                memmove(d->buf, d->buf + whole, d->have - whole);
+                d->have -= whole;
+        }
+}
+
+/* A relay on the path passes the whole handshake between the real primary and the real standby
+ * (the standby answers anyone's HELLO), then drops the standby and acknowledges epochs itself. It
+ * learned no session key: its ACK fails the MAC, the primary's link goes down, on_frame never sees
+ * it. */
+TEST(relayed_handshake_then_forged_ack)
+{
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        Dr__Repl__Ack ack = DR__REPL__ACK__INIT;
+        uint8_t up[65536], frame[FRAME_HEADER_SIZE + 64 + LINK_MAC_TRAILER_BYTES];
+        struct sockaddr_storage standby_addr;
+        socklen_t sl = sizeof(sin), standby_len;
+        RelayDir down = {};
+        Fixture f;
+        int rl, pfd = -1, sfd;
+        size_t len;
+
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        standby_addr = f.addr;
+        standby_len = f.addr_len;
+        rl = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        ASSERT_TRUE(rl >= 0);
+        ASSERT_OK(RET_NERRNO(bind(rl, (struct sockaddr *) &sin, sizeof(sin))));
+        ASSERT_OK(RET_NERRNO(listen(rl, 1)));
+        ASSERT_OK(RET_NERRNO(getsockname(rl, (struct sockaddr *) &f.addr, &sl)));
+        f.addr_len = sl;
+        primary_connect(&f, SECRET, sizeof(SECRET), NULL);
+        for (uint64_t end = now_usec() + 2 * USEC_PER_SEC; pfd < 0; pfd = accept4(rl, NULL, NULL, SOCK_CLOEXEC)) {
+                ASSERT_TRUE(now_usec() < end);
+                ASSERT_TRUE(sd_event_run(f.e, 1000) >= 0);
+        }
+        sfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_TRUE(sfd >= 0);
+        ASSERT_OK(RET_NERRNO(connect(sfd, (struct sockaddr *) &standby_addr, standby_len)));
+
+        for (uint64_t end = now_usec() + 3 * USEC_PER_SEC; !(f.p.ups == 1 && f.s.ups == 1);) {
+                ssize_t n;
+                ASSERT_TRUE(now_usec() < end);
+                ASSERT_TRUE(sd_event_run(f.e, 1000) >= 0);
+                n = recv(pfd, up, sizeof(up), MSG_DONTWAIT);
+                if (n > 0)
+                        ASSERT_OK(loop_write(sfd, up, (size_t) n));
+                relay_down(&down, sfd, pfd);
+        }
+        ASSERT_TRUE(down.keyed_frames >= 1); /* the WELCOME went through the relay */
+        safe_close(sfd);                     /* the real standby is dropped */
+
+        /* An ACK with a valid CRC and the sequence number the primary expects. */
+        ack.epoch = 1;
+        len = dr__repl__ack__pack(&ack, frame + FRAME_HEADER_SIZE);
+        frame_header_build(frame, DR__REPL__FRAME_TYPE__FRAME_ACK, frame + FRAME_HEADER_SIZE, (uint32_t) len);
+        put_le64(frame + FRAME_HEADER_SIZE + len, down.keyed_frames);
+        fill_random(frame + FRAME_HEADER_SIZE + len + 8, LINK_MAC_TAG_BYTES, 11);
+        ASSERT_OK(loop_write(pfd, frame, FRAME_HEADER_SIZE + len + LINK_MAC_TRAILER_BYTES));
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs == 1, 2000));
+        ASSERT_EQ(f.p.down_error, -EBADMSG);
+        ASSERT_TRUE(strstr(f.p.down_reason, "authentication failed for ACK frame"));
+        ASSERT_EQ(f.p.frames, 0u);
+        safe_close(pfd);
+        safe_close(rl);
         fixture_done(&f);
 }
 
@@ -549,9 +756,9 @@ TEST(out_of_state)
         for (int second_hello = 0; second_hello <= 1; second_hello++) {
                 fixture_init(&f, SECRET, sizeof(SECRET));
                 fd = raw_connect(&f);
-                raw_hello(&f, fd, 1, nonce);
+                raw_hello(&f, fd, REPL_VERSION, nonce);
                 if (second_hello)
-                        raw_hello(&f, fd, 1, nonce);
+                        raw_hello(&f, fd, REPL_VERSION, nonce);
                 else
                         ASSERT_OK(loop_write(fd, h, sizeof(h)));
                 ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
@@ -571,7 +778,7 @@ TEST(out_of_state)
                 if (ack)
                         raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_ACK, &a.base);
                 else
-                        raw_hello(&f, fd, 1, nonce);
+                        raw_hello(&f, fd, REPL_VERSION, nonce);
                 ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs == 1, 2000));
                 ASSERT_EQ(f.s.down_error, -EPROTO);
                 ASSERT_EQ(f.s.frames, 0);
@@ -607,14 +814,18 @@ TEST(version_mismatch)
 
         fixture_init(&f, SECRET, sizeof(SECRET));
         fd = raw_connect(&f);
-        raw_hello(&f, fd, 2, nonce);
+        raw_hello(&f, fd, REPL_VERSION + 1, nonce);
         /* The refusal reaches the peer as an ERROR frame. */
         len = raw_recv(f.e, fd, &type, buf, sizeof(buf));
         ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_ERROR);
         e = dr__repl__error__unpack(NULL, len, buf);
         ASSERT_TRUE(e);
         ASSERT_EQ(e->code, -EPROTONOSUPPORT);
-        ASSERT_TRUE(strstr(e->message, "version 2"));
+        {
+                char want[32];
+                snprintf(want, sizeof(want), "version %u", REPL_VERSION + 1);
+                ASSERT_TRUE(strstr(e->message, want));
+        }
         dr__repl__error__free_unpacked(e, NULL);
         ASSERT_EQ(f.s.down_error, -EPROTONOSUPPORT);
         ASSERT_EQ(f.s.hellos, 0);
@@ -694,13 +905,14 @@ static void *count_heartbeats(void *userdata)
                 while (have >= FRAME_HEADER_SIZE) {
                         FrameHeader h;
                         ASSERT_OK(frame_header_parse(buf, MAX_FRAME, &h));
-                        if (have < FRAME_HEADER_SIZE + h.length)
+                        /* After WELCOME every frame carries its MAC trailer. */
+                        size_t whole = FRAME_HEADER_SIZE + h.length + LINK_MAC_TRAILER_BYTES;
+                        if (have < whole)
                                 break;
                         if (h.type == DR__REPL__FRAME_TYPE__FRAME_HEARTBEAT)
                                 c->heartbeats++;
-                        memmove(buf, buf + FRAME_HEADER_SIZE + h.length,
-                                have - FRAME_HEADER_SIZE - h.length);
-                        have -= FRAME_HEADER_SIZE + h.length;
+                        memmove(buf, buf + whole, have - whole);
+                        have -= whole;
                 }
         }
         return NULL;
@@ -818,26 +1030,166 @@ TEST(connect_refused)
         fixture_done(&f);
 }
 
-TEST(listener_max_pending)
+/* ---- pre-authentication limits: several standby Links on one listener ---------------- */
+
+typedef struct Many {
+        Fixture *f;
+        Link *links[8];
+        Side sides[8];
+        unsigned n;
+} Many;
+
+static int many_on_accept(LinkListener *ll, int fd, const char *peer, void *userdata)
+{
+        Many *m = userdata;
+        LinkParams p = m->f->sp;
+
+        ASSERT_TRUE(m->n < ELEMENTSOF(m->links));
+        p.peer_name = peer;
+        p.listener = ll;
+        ASSERT_OK(link_accept(m->f->e, fd, &p, &standby_cb, &m->sides[m->n], &m->links[m->n]));
+        m->n++;
+        return 0;
+}
+
+static void many_init(Fixture *f, Many *m, unsigned max_pending)
 {
         struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        Fixture f;
-        int fd1, fd2;
-        char c;
 
-        fixture_init(&f, SECRET, sizeof(SECRET));
-        f.ll = link_listener_free(f.ll);
-        ASSERT_OK(link_listener_new(f.e, (struct sockaddr *) &sin, sizeof(sin), 1, on_accept, &f, &f.ll));
-        ASSERT_OK(link_listener_address(f.ll, &f.addr, &f.addr_len));
-        fd1 = raw_connect(&f); /* in handshake: counts against max_pending = 1 */
-        fd2 = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        ASSERT_OK(RET_NERRNO(connect(fd2, (struct sockaddr *) &f.addr, f.addr_len)));
-        /* The second one is closed by the listener (on_accept would assert otherwise). */
-        ASSERT_TRUE(RUN_UNTIL(f.e, recv(fd2, &c, 1, MSG_DONTWAIT) == 0, 2000));
-        ASSERT_EQ(link_state(f.standby), LINK_HANDSHAKE);
-        safe_close(fd1);
-        safe_close(fd2);
-        fixture_done(&f);
+        fixture_init(f, SECRET, sizeof(SECRET));
+        raw_reset();
+        memset(m, 0, sizeof(*m));
+        m->f = f;
+        f->ll = link_listener_free(f->ll);
+        ASSERT_OK(link_listener_new(f->e, (struct sockaddr *) &sin, sizeof(sin), max_pending, many_on_accept, m,
+                                    &f->ll));
+        ASSERT_OK(link_listener_address(f->ll, &f->addr, &f->addr_len));
+}
+
+static void many_done(Fixture *f, Many *m)
+{
+        for (unsigned i = 0; i < m->n; i++)
+                m->links[i] = link_free(m->links[i]);
+        fixture_done(f);
+}
+
+/* Connects from 127.0.0.<host> and waits until the listener took it. */
+static int connect_from(Fixture *f, Many *m, unsigned host)
+{
+        struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f000000u | host)};
+        unsigned before = m->n;
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        ASSERT_TRUE(fd >= 0);
+        ASSERT_OK(RET_NERRNO(bind(fd, (struct sockaddr *) &src, sizeof(src))));
+        ASSERT_OK(RET_NERRNO(connect(fd, (struct sockaddr *) &f->addr, f->addr_len)));
+        ASSERT_TRUE(RUN_UNTIL(f->e, m->n == before + 1, 2000));
+        return fd;
+}
+
+/* Connects from 127.0.0.<host> without waiting for the listener to take it. */
+static int connect_raw_from(Fixture *f, unsigned host)
+{
+        struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f000000u | host)};
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        ASSERT_TRUE(fd >= 0);
+        ASSERT_OK(RET_NERRNO(bind(fd, (struct sockaddr *) &src, sizeof(src))));
+        ASSERT_OK(RET_NERRNO(connect(fd, (struct sockaddr *) &f->addr, f->addr_len)));
+        return fd;
+}
+
+static bool closed_by_peer(int fd)
+{
+        char c;
+        ssize_t n = recv(fd, &c, 1, MSG_DONTWAIT);
+        return n == 0 || (n < 0 && errno == ECONNRESET);
+}
+
+TEST(listener_evicts_oldest_silent)
+{
+        uint8_t nonce[32];
+        Fixture f;
+        Many m;
+        int fd[5];
+
+        /* Two silent strangers fill max_pending = 2; the partner still gets in, and keeps its slot
+         * when the next stranger comes: it has spoken, they have not. */
+        many_init(&f, &m, 2);
+        fd[0] = connect_from(&f, &m, 2);
+        fd[1] = connect_from(&f, &m, 3);
+        fd[2] = connect_from(&f, &m, 1);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd[0]), 2000));
+        ASSERT_EQ(link_state(m.links[0]), LINK_DOWN);
+        ASSERT_TRUE(link_preauth_dropped(m.links[0]));
+        ASSERT_TRUE(strstr(m.sides[0].down_reason, "dropped before authentication"));
+        f.standby = NULL;
+        raw_hello(&f, fd[2], REPL_VERSION, nonce);
+        ASSERT_TRUE(RUN_UNTIL(f.e, m.sides[2].hellos == 1, 2000));
+        fd[3] = connect_from(&f, &m, 4);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd[1]), 2000));
+        ASSERT_EQ(link_state(m.links[1]), LINK_DOWN);
+        ASSERT_EQ(link_state(m.links[2]), LINK_HANDSHAKE); /* the one that spoke */
+        ASSERT_EQ(link_state(m.links[3]), LINK_HANDSHAKE);
+        ASSERT_EQ(m.sides[2].downs, 0u);
+        /* All taken, and 127.0.0.4 holds one: its next connection waits its turn (closed at once,
+         * no Link), instead of evicting one more. */
+        fd[4] = connect_raw_from(&f, 4);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd[4]), 2000));
+        ASSERT_EQ(m.n, 4u);
+        ASSERT_EQ(link_state(m.links[2]), LINK_HANDSHAKE);
+        ASSERT_EQ(link_state(m.links[3]), LINK_HANDSHAKE);
+        for (unsigned i = 0; i < 5; i++)
+                safe_close(fd[i]);
+        many_done(&f, &m);
+}
+
+TEST(listener_per_source_cap)
+{
+        Fixture f;
+        Many m;
+        int fd[4];
+
+        /* Room for 8, but one address gets 2: its third connection is closed at once, before a
+         * Link exists; the two it has stay, and another address is not affected. */
+        many_init(&f, &m, 8);
+        fd[0] = connect_from(&f, &m, 2);
+        fd[1] = connect_from(&f, &m, 5);
+        fd[2] = connect_from(&f, &m, 2);
+        fd[3] = connect_raw_from(&f, 2);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd[3]), 2000));
+        ASSERT_EQ(m.n, 3u);
+        ASSERT_EQ(link_state(m.links[0]), LINK_HANDSHAKE);
+        ASSERT_EQ(link_state(m.links[1]), LINK_HANDSHAKE);
+        ASSERT_EQ(link_state(m.links[2]), LINK_HANDSHAKE);
+        for (unsigned i = 0; i < 4; i++)
+                safe_close(fd[i]);
+        many_done(&f, &m);
+}
+
+TEST(listener_first_bytes_deadline)
+{
+        uint64_t start, elapsed;
+        Fixture f;
+        Many m;
+        int fd;
+
+        /* A connection that says nothing is closed after 1 s, long before the 2 s handshake
+         * timeout of this fixture. */
+        many_init(&f, &m, 4);
+        start = now_usec();
+        fd = connect_from(&f, &m, 7);
+        ASSERT_TRUE(RUN_UNTIL(f.e, m.sides[0].downs == 1, 3000));
+        elapsed = now_usec() - start;
+        fprintf(stderr, "  silent connection closed after %" PRIu64 " ms: %s\n", elapsed / 1000,
+                m.sides[0].down_reason);
+        ASSERT_EQ(m.sides[0].down_error, -ETIMEDOUT);
+        ASSERT_TRUE(strstr(m.sides[0].down_reason, "sent nothing"));
+        ASSERT_TRUE(link_preauth_dropped(m.links[0]));
+        ASSERT_TRUE(elapsed >= 900 * 1000 && elapsed < 1900 * 1000);
+        ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd), 1000));
+        safe_close(fd);
+        many_done(&f, &m);
 }
 
 /* ---- back-pressure: a raw standby that stops reading -------------------------------- */
@@ -880,6 +1232,7 @@ static int stalled_setup(Fixture *f, int *ret_listen_fd)
         int lfd, fd;
 
         fixture_init(f, SECRET, sizeof(SECRET));
+        raw_reset();
         lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         ASSERT_TRUE(lfd >= 0);
         ASSERT_OK(RET_NERRNO(bind(lfd, (struct sockaddr *) &sin, sizeof(sin))));
@@ -893,10 +1246,10 @@ static int stalled_setup(Fixture *f, int *ret_listen_fd)
         len = raw_recv(f->e, fd, &type, buf, sizeof(buf));
         ASSERT_EQ(type, DR__REPL__FRAME_TYPE__FRAME_HELLO);
         h = dr__repl__hello__unpack(NULL, len, buf);
-        ASSERT_TRUE(h && h->nonce.len == 32 && h->version == 1);
+        ASSERT_TRUE(h && h->nonce.len == 32 && h->version == REPL_VERSION);
         ASSERT_EQ(getrandom(snonce, 32, 0), 32);
         ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-standby", h->nonce.data, snonce, "vm0", UUID,
-                             proof));
+                             NULL, 0, proof));
         c.nonce = (ProtobufCBinaryData){32, snonce};
         c.proof = (ProtobufCBinaryData){32, proof};
         raw_send_message(fd, DR__REPL__FRAME_TYPE__FRAME_CHALLENGE, &c.base);
@@ -905,7 +1258,9 @@ static int stalled_setup(Fixture *f, int *ret_listen_fd)
         a = dr__repl__auth__unpack(NULL, len, buf);
         ASSERT_TRUE(a && a->proof.len == 32);
         ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", snonce, h->nonce.data, "vm0", UUID,
-                             proof));
+                             NULL, 0, proof));
+        /* The raw standby's frames from WELCOME on are keyed, as the primary's after AUTH. */
+        raw_keys(h->nonce.data, snonce, LINK_STANDBY);
         ASSERT_TRUE(memcmp(proof, a->proof.data, 32) == 0);
         dr__repl__auth__free_unpacked(a, NULL);
         dr__repl__hello__free_unpacked(h, NULL);

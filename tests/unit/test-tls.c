@@ -13,6 +13,8 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/ssl.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <signal.h>
@@ -494,6 +496,122 @@ TEST(link_tls_refusals)
         assert_reason(&f.s, "started a TLS handshake, but TLS is off for this link here");
         assert_reason(&f.p, "answered in plaintext replication frames: TLS is off there");
         fixture_done(&f);
+}
+
+/* ---- a TLS terminator in the middle ------------------------------------------------------ */
+
+/* Holds certificates of the CA for both names (a middlebox that was issued them, or stole
+ * them): TLS server to the primary, TLS client to the standby, passing the plaintext on. */
+typedef struct Terminator {
+        int lfd;
+        struct sockaddr_storage target;
+        socklen_t target_len;
+        SSL_CTX *as_standby, *as_primary;
+        bool both_tls_up;
+        uint64_t forwarded;
+} Terminator;
+
+static bool pump(SSL *from, SSL *to, uint64_t *count)
+{
+        char buf[16384];
+        int n = SSL_read(from, buf, sizeof(buf));
+        if (n <= 0 || SSL_write(to, buf, n) != n)
+                return false;
+        *count += (uint64_t) n;
+        return true;
+}
+
+static void *terminator_main(void *userdata)
+{
+        Terminator *t = userdata;
+        SSL *a = NULL, *b = NULL;
+        int c, u = -1;
+
+        c = accept4(t->lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0)
+                return NULL;
+        a = SSL_new(t->as_standby);
+        b = SSL_new(t->as_primary);
+        u = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (!a || !b || u < 0 || SSL_set_fd(a, c) != 1 || SSL_accept(a) != 1 ||
+            connect(u, (struct sockaddr *) &t->target, t->target_len) < 0 || SSL_set_fd(b, u) != 1 ||
+            SSL_connect(b) != 1)
+                goto out;
+        __atomic_store_n(&t->both_tls_up, true, __ATOMIC_RELEASE);
+        for (;;) {
+                struct pollfd p[2] = {{.fd = c, .events = POLLIN}, {.fd = u, .events = POLLIN}};
+                if (!SSL_pending(a) && !SSL_pending(b) && poll(p, 2, 5000) <= 0)
+                        break;
+                if ((SSL_pending(a) || p[0].revents) && !pump(a, b, &t->forwarded))
+                        break;
+                if ((SSL_pending(b) || p[1].revents) && !pump(b, a, &t->forwarded))
+                        break;
+        }
+out:
+        SSL_free(a);
+        SSL_free(b);
+        close(c);
+        if (u >= 0)
+                close(u);
+        return NULL;
+}
+
+/* The channel binding: both TLS connections verify, the replication handshake passes through the
+ * terminator unchanged, and still the primary refuses the standby's proof (made over the other
+ * connection's exporter); nothing goes up on either side. */
+TEST(link_tls_terminator_relay_refused)
+{
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        Dr__Repl__Hello h = DR__REPL__HELLO__INIT;
+        struct sockaddr_storage raddr;
+        socklen_t rl = sizeof(raddr);
+        Terminator t = {};
+        pthread_t th;
+        Fixture f;
+
+        setup();
+        memset(&f, 0, sizeof(f));
+        f.standby_tls = ctx_new("standby.test", "ca1", "primary.test");
+        ASSERT_OK(sd_event_new(&f.e));
+        ASSERT_OK(link_listener_new(f.e, (struct sockaddr *) &sin, sizeof(sin), 4, on_accept, &f, &f.ll));
+        ASSERT_OK(link_listener_address(f.ll, &t.target, &t.target_len));
+        t.as_standby = ctx_new("standby.test", "ca1", "primary.test");
+        t.as_primary = ctx_new("primary.test", "ca1", "standby.test");
+        t.lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_TRUE(t.lfd >= 0);
+        ASSERT_OK(RET_NERRNO(bind(t.lfd, (struct sockaddr *) &sin, sizeof(sin))));
+        ASSERT_OK(RET_NERRNO(listen(t.lfd, 1)));
+        ASSERT_OK(RET_NERRNO(getsockname(t.lfd, (struct sockaddr *) &raddr, &rl)));
+        ASSERT_EQ(pthread_create(&th, NULL, terminator_main, &t), 0);
+
+        ASSERT_EQ(getrandom(f.session, sizeof(f.session), 0), sizeof(f.session));
+        h.vm_name = (char *) "vm0";
+        h.vm_uuid = (ProtobufCBinaryData){16, (uint8_t *) UUID};
+        h.session = (ProtobufCBinaryData){16, f.session};
+        h.page_size = 4096;
+        SSL_CTX *ptls = ctx_new("primary.test", "ca1", "standby.test");
+        ASSERT_OK(link_connect(f.e, (struct sockaddr *) &raddr, rl,
+                               &(LinkParams){.side = LINK_PRIMARY,
+                                             .secret = SECRET,
+                                             .secret_len = sizeof(SECRET),
+                                             .heartbeat_ms = 20,
+                                             .heartbeat_misses = 50,
+                                             .handshake_timeout_ms = 3000,
+                                             .hello = &h,
+                                             .tls = ptls},
+                               &cb, &f.p, &f.primary));
+        SSL_CTX_free(ptls);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs && f.s.downs, 5000));
+        ASSERT_TRUE(__atomic_load_n(&t.both_tls_up, __ATOMIC_ACQUIRE)); /* its certificates were good */
+        ASSERT_TRUE(t.forwarded > 0);                                   /* HELLO and CHALLENGE went through */
+        ASSERT_EQ(f.p.ups + f.s.ups + f.s.frames, 0);
+        ASSERT_EQ(f.p.down_error, -EACCES);
+        assert_reason(&f.p, "relayed through another TLS connection");
+        fixture_done(&f);
+        ASSERT_EQ(pthread_join(th, NULL), 0);
+        close(t.lfd);
+        SSL_CTX_free(t.as_standby);
+        SSL_CTX_free(t.as_primary);
 }
 
 DEFINE_TEST_MAIN
