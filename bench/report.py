@@ -233,7 +233,7 @@ def progress_section(rep, repl, window):
     rep.fig("guest_progress_ratio", round(re_ / max(un, 1), 6), guest="dirtier ws=64M pattern=random rate=0 "
             "(unthrottled page writes)", epoch_ms=20, tracking="ring",
             note="unreplicated writes are plain stores; replicated, each first write to a page after a "
-                 "re-protect is a write-protect fault in this software hypervisor (KVM-HOST.md)")
+                 "re-protect is a write-protect fault in this software hypervisor (docs/kvm-host.md)")
     # The same at the rate the other figures use: does the guest still get the 25k pages/s it asks for?
     t25 = [r for r in rep.tables.get("pause_vs_rate", []) if r["tracking"] == "ring" and r["rate"] == 25000]
     if t25:

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * The primary half of role.h: attach to the local VMM, connect to the
- * standby, and run the epoch pipeline (DESIGN.md "Epoch pipeline").
+ * standby, and run the epoch pipeline (docs/architecture.md, "Design invariants" and "dirtyrepd").
  *
  * Threads. The sd-event loop (the caller's) owns the replication Link, the
  * attach and reconnect timers and the status. One epoch thread per VM owns

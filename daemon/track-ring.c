@@ -102,7 +102,7 @@ int tracker_ring_reset_done(Tracker *t, uint64_t count)
         /* KVM resets exactly the entries we marked (selftests: reset count ==
          * harvested count). Anything else means lost or phantom entries. */
         if (count != t->pending_reset) {
-                /* Seen when a ring jams (KVM-HOST.md): emulated kernel-mode bulk stores push
+                /* Seen when a ring jams (docs/kvm-host.md): emulated kernel-mode bulk stores push
                  * past the ring's reserved slots and overwrite entries not yet reset. Entries
                  * may have been lost, so the dirty set cannot be trusted any more. */
                 snprintf(t->error, sizeof(t->error),

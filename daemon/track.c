@@ -89,7 +89,7 @@ int64_t tracker_ring_full(Tracker *t, DirtySet *dirty)
 
         if (t->stats.entries == before && t->stats.resets == resets_before) {
                 /* A vCPU says its ring is full, yet there is nothing in any ring and
-                 * KVM reset nothing: the jam KVM-HOST.md describes. Do not spin. */
+                 * KVM reset nothing: the jam docs/kvm-host.md describes. Do not spin. */
                 if (++t->empty_full_streak >= WEDGE_STREAK) {
                         snprintf(t->error, sizeof(t->error),
                                  "dirty ring jammed: a vCPU keeps stopping on ring-full with nothing to "

@@ -10,7 +10,7 @@
  * a page dirtied many times in an epoch is recorded once, and the ring backend's
  * cost follows the pages it harvests, not the size of RAM.
  *
- * Ordering rule (DESIGN.md): collect -> reset -> only then copy contents.
+ * Ordering rule (docs/architecture.md, "Design invariants"): collect -> reset -> only then copy contents.
  * A write that lands after the reset is logged again; one that lands before
  * it is in the copy. tracker_sync() does collect + reset in that order.
  */
@@ -70,7 +70,7 @@ int64_t tracker_sync(Tracker *t, DirtySet *dirty);
 /*
  * Call when the ring-full eventfd fired: drains it, collects, resets.
  * Returns new pages, or -EDEADLK when rings keep reporting full with
- * nothing to harvest (the KVM-HOST.md jam; t->error says what to do).
+ * nothing to harvest (the ring jam of docs/kvm-host.md; t->error says what to do).
  */
 int64_t tracker_ring_full(Tracker *t, DirtySet *dirty);
 

@@ -30,7 +30,7 @@
 #define RAM_SIZE (4u << 20)
 #define CODE_GPA 0x1000
 #define COUNTER_GPA 0x8000
-/* Large enough that the harvest loop keeps up; a full ring of CPL0 (emulated) stores can jam (KVM-HOST.md). */
+/* Large enough that the harvest loop keeps up; a full ring of CPL0 (emulated) stores can jam (docs/kvm-host.md). */
 #define RING_ENTRIES 65536
 #define PORT 0x10
 

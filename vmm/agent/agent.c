@@ -571,7 +571,7 @@ static int handle_ring_full(DrAgent *a, AgentVcpu *v)
                 ring_peek(a, v, &n_dirty, &n_reset);
                 pthread_mutex_lock(&a->lock);
                 /*
-                 * The jam of KVM-HOST.md: the ring is over-full, KVM's reset
+                 * The jam of docs/kvm-host.md: the ring is over-full, KVM's reset
                  * index sits on entries nobody can collect, every reset
                  * returns 0 and the vCPU comes straight back. So: a ring-full
                  * exit with no reset progress since this vCPU's previous one

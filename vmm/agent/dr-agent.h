@@ -63,7 +63,7 @@ typedef struct DrAgentCallbacks {
          * Must not block for long; the VMM buffers what it cannot send.
          */
         void (*output_release)(void *userdata, unsigned channel, const void *buf, size_t len);
-        /* A vCPU's ring jammed (KVM-HOST.md): informational, the vCPU is stopped. Optional. */
+        /* A vCPU's ring jammed (docs/kvm-host.md): informational, the vCPU is stopped. Optional. */
         void (*vcpu_wedged)(void *userdata, unsigned vcpu);
 } DrAgentCallbacks;
 
@@ -163,7 +163,7 @@ bool dr_agent_attached(DrAgent *a);
  * dr_state_save() serializes a dr.vmstate.VmState (proto/vmstate.proto) of
  * the stopped vCPUs and the VM, plus the VMM's device blob, into a
  * malloc()ed buffer the caller owns. dr_state_restore() applies such a
- * buffer to freshly created vCPUs (same count) in the order KVM-HOST.md
+ * buffer to freshly created vCPUs (same count) in the order docs/kvm-host.md
  * gives, and returns a malloc()ed copy of the device blob.
  */
 int dr_state_save(int kvm_fd, int vm_fd, const int *vcpu_fds, unsigned n_vcpus, const uint8_t *devices,

@@ -2,7 +2,7 @@
 /*
  * VM state save/restore: KVM ioctls <-> VmSnapshot <-> dr.vmstate.VmState.
  *
- * Restore order (KVM-HOST.md, verified on this host even for a Linux kernel
+ * Restore order (docs/kvm-host.md, verified on this host even for a Linux kernel
  * mid-boot): per vCPU CPUID2, MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS,
  * LAPIC, MSRS (after LAPIC, so IA32_TSC_DEADLINE lands in a configured
  * LAPIC timer), VCPU_EVENTS; then per VM PIT2, CLOCK, IRQCHIP x3.

@@ -71,5 +71,5 @@ int state_decode(const uint8_t *buf, size_t len, VmSnapshot **ret);
 /* Reads the state of stopped vCPUs and the VM. */
 int state_capture(int kvm_fd, int vm_fd, const int *vcpu_fds, unsigned n_vcpus, VmSnapshot **ret);
 
-/* Writes a snapshot into fresh vCPUs (same count) in the order KVM-HOST.md gives. */
+/* Writes a snapshot into fresh vCPUs (same count) in the order docs/kvm-host.md gives. */
 int state_apply(int kvm_fd, int vm_fd, const int *vcpu_fds, unsigned n_vcpus, const VmSnapshot *s);
