@@ -332,9 +332,14 @@ def test_command_line(tmp):
         check(want in c.stderr, f"--check-config lacks {want!r}:\n{c.stderr}")
     c = subprocess.run([d, "--epoch-ms", "20", "--check-config"], capture_output=True, text=True)
     check(c.returncode == 1 and "--epoch-ms needs a --vm NAME before it" in c.stderr, f"option without --vm: {c.stderr}")
+    # --check-config reads the secret files and runs the VMM's --check: give it real ones.
+    key = os.path.join(tmp, "check.key")
+    with open(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(SECRET)
     c = subprocess.run([d, "-c", "", "-d", "", "--vm", "a", "--role", "standby", "--listen", "127.0.0.1:7001",
-                        "--secret-file", "/k", "--vm", "b", "--role", "primary", "--peer", "127.0.0.1:7001",
-                        "--secret-file", "/k", "--control-socket", "/run/b.sock", "--check-config"],
+                        "--secret-file", key, "--set", f"Vmm={ENV['DR_VMM']}", "--vm", "b", "--role", "primary",
+                        "--peer", "127.0.0.1:7001", "--secret-file", key, "--set", f"Vmm={ENV['DR_VMM']}",
+                        "--control-socket", "/run/b.sock", "--check-config"],
                        capture_output=True, text=True)
     check(c.returncode == 0 and "a: standby (command line (--vm a))" in c.stdout and
           "b: primary (command line (--vm b))" in c.stdout, f"two VMs from the command line: {c.stdout} {c.stderr}")
