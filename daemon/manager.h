@@ -32,6 +32,7 @@ typedef struct VmAnnounced {
         char peer[80];
         bool link_up;
         bool attached;
+        char address_state[128];
 } VmAnnounced;
 
 typedef struct Vm {
@@ -50,6 +51,7 @@ typedef struct Vm {
         bool promoting;         /* fence or activation running */
         uint64_t promote_epoch; /* the replica's epoch being activated */
         uint64_t promote_start_usec;
+        uint64_t failovers; /* promotions that got the guest running here, since the Vm was created */
 } Vm;
 
 /* One --vm NAME block of the command line: settings as "Key=Value". */
