@@ -273,7 +273,9 @@ def busctl_ok(bus, *args, **kw):
 
 
 def status(bus, vm="t"):
-    out = ctl_ok(bus, "status", vm, "--json")
+    # status exits 0 only for a protected VM; 10/11/12 are unprotected/suspended/failed (dirtyrepctl(1)).
+    rc, out, err = ctl(bus, "status", vm, "--json")
+    check(rc in (0, 10, 11, 12), f"dirtyrepctl status {vm} --json exited {rc}: {out} {err}")
     l = json.loads(out)
     check(len(l) == 1 and l[0]["VM"] == vm, f"status --json for {vm}: {out}")
     return l[0]
