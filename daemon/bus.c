@@ -20,6 +20,7 @@
 
 #include "bus.h"
 #include "dirtyrep-build.h"
+#include "journal.h"
 #include "log.h"
 #include "takeover.h"
 
@@ -174,12 +175,17 @@ static int method_reload(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                              l = strtok_r(NULL, "\n", &save))
                                 log_error("%s", l);
                 }
+                log_event(LOG_ERR, DR_MESSAGE_CONFIG_INVALID, NULL, 0,
+                          "Reload refused: the configuration is invalid, nothing was changed");
                 return sd_bus_error_setf(error, BUS_ERROR("InvalidConfig"),
                                          "The configuration is invalid, nothing was changed:\n%s",
                                          errors ? errors : "(no details)");
         }
         if (r < 0)
                 return sd_bus_error_set_errnof(error, r, "Reload failed: %m");
+        log_event(LOG_INFO, DR_MESSAGE_RELOADED, NULL, 0,
+                  "Configuration reloaded: %u added, %u removed, %u restarted, %u unchanged", added, removed, changed,
+                  unchanged);
         return sd_bus_reply_method_return(msg, "uuuu", added, removed, changed, unchanged);
 }
 
@@ -619,13 +625,21 @@ void bus_vm_check_changes(Manager *m, Vm *vm)
         now.attached = vm_is_attached(vm);
         (void) failover_service_address_state(vm->failover, now.address_state, sizeof(now.address_state));
 
-        if (!a->valid || !streq(a->role, now.role))
+        if (!a->valid || !streq(a->role, now.role)) {
                 changed[n++] = "Role";
+                if (a->valid && streq(a->role, "standby") && streq(now.role, "primary"))
+                        log_event(LOG_NOTICE, DR_MESSAGE_FAILOVER, vm->cfg->name, st.last_committed,
+                                  "VM %s: failed over: this host is now the primary, from the replica of epoch %" PRIu64,
+                                  vm->cfg->name, st.last_committed);
+        }
         if (!a->valid || !streq(a->state, now.state)) {
                 changed[n++] = "State";
                 changed[n++] = "Protected";
-                log_info("VM %s: %s %s%s%s", vm->cfg->name, now.role, now.state, now.detail[0] ? ": " : "",
-                         now.detail);
+                /* One record per state change, with its kind: journalctl MESSAGE_ID=... finds them all. */
+                log_event(streq(now.state, "failed") ? LOG_ERR : streq(now.state, "protected") ? LOG_INFO : LOG_NOTICE,
+                          journal_state_message_id(now.state), vm->cfg->name,
+                          streq(now.role, "primary") ? st.last_sealed : st.last_committed, "VM %s: %s %s%s%s",
+                          vm->cfg->name, now.role, now.state, now.detail[0] ? ": " : "", now.detail);
         }
         if (!a->valid || !streq(a->detail, now.detail))
                 changed[n++] = "Detail";
@@ -635,8 +649,13 @@ void bus_vm_check_changes(Manager *m, Vm *vm)
                 changed[n++] = "LinkUp";
         if (!a->valid || a->attached != now.attached)
                 changed[n++] = "Attached";
-        if (!a->valid || !streq(a->address_state, now.address_state))
+        if (!a->valid || !streq(a->address_state, now.address_state)) {
                 changed[n++] = "ServiceAddressState";
+                if (a->valid || !streq(now.address_state, "none"))
+                        log_event(strstr(now.address_state, "failed") ? LOG_ERR : LOG_NOTICE, DR_MESSAGE_ADDRESS,
+                                  vm->cfg->name, 0, "VM %s: service address %s", vm->cfg->name,
+                                  now.address_state);
+        }
         changed[n] = NULL;
         *a = now;
         if (n == 0 || !m->bus || vm_object_path(vm->cfg->name, &path) < 0)

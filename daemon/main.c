@@ -47,6 +47,7 @@
 #include "check.h"
 #include "config.h"
 #include "dirtyrep-build.h"
+#include "journal.h"
 #include "log.h"
 #include "macros.h"
 #include "manager.h"
@@ -494,11 +495,13 @@ static int take_instance_lock(const char *runtime_directory)
                         if (pid[0])
                                 snprintf(who, sizeof(who), " (PID %s)", pid);
                         safe_close(fd);
-                        return log_error_errno(-EBUSY,
-                                               "Another dirtyrepd%s is running with RuntimeDirectory=%s (it holds "
-                                               "%s). This one exits without touching anything. Use dirtyrepctl "
-                                               "to talk to it, or stop it first (systemctl stop dirtyrep).",
-                                               who, runtime_directory, path);
+                        return log_struct_internal(LOG_ERR, -EBUSY, __FILE__, __LINE__, __func__,
+                                                   DR_MESSAGE_ALREADY_RUNNING, NULL, 0,
+                                                   "Another dirtyrepd%s is running with RuntimeDirectory=%s (it "
+                                                   "holds %s). This one exits without touching anything. Use "
+                                                   "dirtyrepctl to talk to it, or stop it first (systemctl stop "
+                                                   "dirtyrep).",
+                                                   who, runtime_directory, path);
                 }
                 safe_close(fd);
                 return log_error_errno(r, "Cannot lock %s: %m", path);
@@ -716,8 +719,9 @@ static int parse_argv(int argc, char **argv)
 static void log_config_errors(int r, const char *errors)
 {
         log_error_lines(errors);
-        log_error_errno(r, "Configuration is invalid (%s, %s/*.conf%s)", arg_config ?: "no main file",
-                        arg_config_dir ?: "no VM directory", arg_n_vms > 0 ? ", command line" : "");
+        log_struct_internal(LOG_ERR, r, __FILE__, __LINE__, __func__, DR_MESSAGE_CONFIG_INVALID, NULL, 0,
+                            "Configuration is invalid (%s, %s/*.conf%s)", arg_config ?: "no main file",
+                            arg_config_dir ?: "no VM directory", arg_n_vms > 0 ? ", command line" : "");
 }
 
 static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata)
@@ -731,6 +735,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
         r = manager_reload(m, NULL, NULL, NULL, NULL, &errors);
         if (r < 0)
                 log_config_errors(r, errors);
+        else
+                log_event(LOG_INFO, DR_MESSAGE_RELOADED, NULL, 0, "Configuration reloaded (SIGHUP)");
         (void) sd_notify(false, "READY=1");
         return 0;
 }
@@ -745,6 +751,7 @@ int main(int argc, char **argv)
         int r;
 
         log_set_ident("dirtyrepd");
+        journal_log_setup();
         r = parse_argv(argc, argv);
         if (r <= 0) {
                 daemon_done(&d);
@@ -844,11 +851,13 @@ int main(int argc, char **argv)
                 manager_format_status(m, status, sizeof(status));
                 (void) sd_notifyf(false, "READY=1\nSTATUS=%s", status);
         }
-        log_info("dirtyrepd %s serving %zu VM(s)%s", DIRTYREP_VERSION, m->n_vms, m->bus ? ", D-Bus API up" : "");
+        log_event(LOG_INFO, DR_MESSAGE_STARTED, NULL, 0, "dirtyrepd %s serving %zu VM(s)%s", DIRTYREP_VERSION,
+                  m->n_vms, m->bus ? ", D-Bus API up" : "");
         r = sd_event_loop(m->event);
         if (r < 0)
                 log_error_errno(r, "Event loop failed: %m");
         (void) sd_notify(false, "STOPPING=1");
+        log_event(LOG_INFO, DR_MESSAGE_STOPPING, NULL, 0, "dirtyrepd stopping (%zu VM(s))", m->n_vms);
 out:
         daemon_done(&d);
         return r < 0 ? 1 : 0;

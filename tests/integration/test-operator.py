@@ -13,17 +13,21 @@ dbus-daemons, dirtyrepctl.
                      parser, the state dump first, timestamps, real changes
   metrics            `dirtyrepctl metrics [FILE]` parsed by prometheus_client's
                      text-format parser, values checked against status
+  journal-fields     dirtyrepd's records in a real systemd-journald (a mount
+                     namespace of the test's own): native records with VM=,
+                     MESSAGE_ID= per event kind, EPOCH=, ERRNO=
   single-instance    a second dirtyrepd with the same configuration exits with
                      a clear error and touches nothing: the first keeps its bus
                      name, debug socket, lock and service address (in a network
                      namespace of the test's own)
 
-Usage: test-operator.py status-exit-codes|events-json|metrics|single-instance
+Usage: test-operator.py status-exit-codes|events-json|metrics|single-instance|journal-fields
 """
 import datetime
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -485,9 +489,95 @@ def test_single_instance(tmp):
         subprocess.run(["ip", "netns", "del", ns])
 
 
+# ---- journal fields ---------------------------------------------------------------------------
+
+def test_journal_fields(tmp):
+    """dirtyrepd's records in a real systemd-journald, run in a mount namespace of this test's own
+    (its sockets and files on tmpfs there, nothing of the host's journal touched)."""
+    journald = "/lib/systemd/systemd-journald"
+    if not (os.path.exists(journald) and shutil.which("journalctl") and shutil.which("systemd-cat")):
+        print("SKIP: systemd-journald, journalctl or systemd-cat missing (scripts/deps.sh installs systemd)")
+        sys.exit(77)
+    check(ENV.get("DR_OP_MOUNT_NS") == "1", "journal-fields must run in its own mount namespace (see main())")
+    for d in ("/run/systemd", "/run/log"):
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", d], check=True)
+    os.makedirs("/run/systemd/journal")
+    jd = Proc(tmp, "journald", [journald])
+    end = time.time() + 10
+    while not os.path.exists("/run/systemd/journal/socket"):
+        check(jd.alive() and time.time() < end, "systemd-journald did not start")
+        time.sleep(0.05)
+
+    bus = Bus(tmp, "bus")
+    d = os.path.join(tmp, "d")
+    os.makedirs(os.path.join(d, "vm.d"))
+    secret = os.path.join(d, "secret")
+    with open(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(ctlmod.SECRET)
+    with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
+        f.write(f"[Daemon]\nRuntimeDirectory={d}\nStateDirectory={d}\n")
+    with open(os.path.join(d, "vm.d", "t.conf"), "w") as f:
+        f.write(f"[VM]\nRole=standby\nListen=127.0.0.1:{free_port()}\nSecretFile={secret}\nVmm={ENV['DR_VMM']}\n")
+    with open(os.path.join(d, "vm.d", "broken.conf"), "w") as f:
+        f.write(f"[VM]\nRole=standby\nListen=127.0.0.1:{free_port()}\nSecretFile={d}/missing\nVmm={ENV['DR_VMM']}\n")
+    # As systemd runs a service: stderr is a stream to journald and JOURNAL_STREAM names it.
+    daemon = (f"export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2); exec {ENV['DR_DIRTYREPD']} "
+              f"-c {d}/dirtyrep.conf -d {d}/vm.d --bus-address {bus.address}")
+    first = Proc(tmp, "first", ["systemd-cat", "-t", "dirtyrepd-test", "sh", "-c", daemon])
+    wait_state(bus, "listening")
+    wait_state(bus, "failed", vm="broken")
+    check(ctl(bus, "detach", "t")[0] == 0, "detach failed")
+    wait_state(bus, "detached")
+    check(ctl(bus, "attach", "t")[0] == 0, "attach failed")
+    wait_state(bus, "listening")
+    second = subprocess.run(["systemd-cat", "-t", "dirtyrepd-test", "sh", "-c", daemon], timeout=30)
+    check(second.returncode == 1, f"the second daemon exited {second.returncode}")
+    check(first.stop() == 0, "dirtyrepd did not exit 0 on SIGTERM")
+    subprocess.run(["journalctl", "--sync"], timeout=30)
+    out = subprocess.run(["journalctl", "-D", "/run/log/journal", "-o", "json", "--no-pager",
+                          "SYSLOG_IDENTIFIER=dirtyrepd"], capture_output=True, text=True, timeout=30).stdout
+    recs = [json.loads(l) for l in out.splitlines() if l.strip()]
+    log(f"journal: {len(recs)} records of dirtyrepd")
+    check(recs, "no record of dirtyrepd in the journal")
+    for r in recs:
+        check(r.get("_TRANSPORT") == "journal", f"not a native journal record: {r.get('_TRANSPORT')} {r['MESSAGE']}")
+        check(r.get("PRIORITY", "").isdigit() and r.get("CODE_FUNC"), f"no PRIORITY/CODE_FUNC: {r}")
+
+    def find(msgid, **fields):
+        return [r for r in recs if r.get("MESSAGE_ID") == msgid and all(r.get(k) == v for k, v in fields.items())]
+
+    ids = {}
+    for line in open(os.path.join(ENV["DR_SRCDIR"], "daemon", "journal.h")):
+        m = re.match(r'#define (DR_MESSAGE_\w+)\s+"([0-9a-f]{32})"', line)
+        if m:
+            ids[m.group(1)] = m.group(2)
+    check(len(ids) >= 10, f"MESSAGE_IDs not found in daemon/journal.h: {ids}")
+    check(find(ids["DR_MESSAGE_STARTED"]), "no STARTED record")
+    check(find(ids["DR_MESSAGE_STOPPING"]), "no STOPPING record")
+    check(find(ids["DR_MESSAGE_ALREADY_RUNNING"], PRIORITY="3", ERRNO=str(16)),
+          "no ALREADY_RUNNING record (priority err, ERRNO=EBUSY) from the second daemon")
+    failed = find(ids["DR_MESSAGE_FAILED"], VM="broken")
+    check(failed and "missing" in failed[0]["MESSAGE"], f"no FAILED record with VM=broken: {failed}")
+    unprot = [r["MESSAGE"] for r in find(ids["DR_MESSAGE_UNPROTECTED"], VM="t")]
+    check(any("detached" in m for m in unprot) and any("listening" in m for m in unprot),
+          f"UNPROTECTED records of VM t lack detached/listening: {unprot}")
+    # Any "VM NAME: ..." message carries VM=, also those without an event kind.
+    plain = [r for r in recs if r["MESSAGE"].startswith("VM t:") and "MESSAGE_ID" not in r]
+    check(plain and all(r.get("VM") == "t" for r in plain), f"plain 'VM t:' records without VM=t: {plain[:3]}")
+    check(not any(r.get("VM") for r in recs if not r["MESSAGE"].startswith("VM ") and "MESSAGE_ID" not in r),
+          "VM= on a record that names no VM")
+    log(f"journal: STARTED, STOPPING, ALREADY_RUNNING, FAILED VM=broken, UNPROTECTED VM=t {unprot}; "
+        f"{len(plain)} plain records with VM=t")
+    jd.stop()
+    log("PASS: journal fields")
+
+
+
 def main():
     tests = {"status-exit-codes": test_status_exit_codes, "events-json": test_events_json,
-             "metrics": test_metrics, "single-instance": test_single_instance}
+             "metrics": test_metrics, "single-instance": test_single_instance,
+             "journal-fields": test_journal_fields}
     if len(sys.argv) != 2 or sys.argv[1] not in tests:
         print(__doc__)
         return 2
@@ -498,6 +588,11 @@ def main():
     for k in ("DR_VMM", "DR_DIRTYREPD", "DR_DIRTYREPCTL", "DR_GUEST_DIRTIER", "DR_SRCDIR"):
         if k not in ENV:
             fail(f"{k} not set")
+    if sys.argv[1] == "journal-fields" and ENV.get("DR_OP_MOUNT_NS") != "1":
+        # A private mount namespace: the test's journald gets tmpfs on /run/systemd and /run/log there.
+        env = dict(ENV, DR_OP_MOUNT_NS="1")
+        os.execvpe("unshare", ["unshare", "--mount", "--propagation", "private", sys.executable,
+                               os.path.abspath(__file__), "journal-fields"], env)
     with tempfile.TemporaryDirectory(prefix="dr-op-") as tmp:
         os.chmod(tmp, 0o755)
         try:
