@@ -110,7 +110,13 @@ def test_status_exit_codes(tmp):
                       "--secret-file", os.path.join(tmp, "no-such-secret"),
                       "--vm", "p", "--role", "primary", "--peer", f"127.0.0.1:{free_port()}",
                       "--control-socket", os.path.join(tmp, "no-vmm.sock"), "--secret-file",
-                      os.path.join(tmp, "x", "secret")])
+                      os.path.join(tmp, "x", "secret"),
+                      # Its service address cannot be taken over: there is no such interface (nothing
+                      # is changed anywhere, the lookup fails).
+                      "--vm", "q", "--role", "primary", "--peer", f"127.0.0.1:{free_port()}",
+                      "--control-socket", os.path.join(tmp, "no-vmm-q.sock"), "--secret-file",
+                      os.path.join(tmp, "x", "secret"), "--set", "ServiceAddress=10.66.0.9/32",
+                      "--set", "ServiceInterface=drnosuch0"])
     rc, st = wait_state(bus_x, "listening", vm="t")
     check(rc == 10, f"listening standby: exit {rc}, expected 10")
     rc, st = wait_state(bus_x, "attaching", vm="p")
@@ -118,8 +124,17 @@ def test_status_exit_codes(tmp):
     rc, st = wait_state(bus_x, "failed", vm="broken")
     check(rc == 12, f"failed VM: exit {rc}, expected 12")
     check("no-such-secret" in st["Detail"], f"failed VM's detail does not name the secret: {st['Detail']}")
+    rc, st = wait_state(bus_x, "attaching", vm="q")
+    check(rc == 12 and st["ServiceAddressState"].startswith("takeover failed: ") and
+          st["ServiceAddress"] == "10.66.0.9/32 on drnosuch0",
+          f"a primary whose address takeover failed: exit {rc}, {st['ServiceAddress']!r} "
+          f"{st['ServiceAddressState']!r}")
+    rc, out, _ = ctl(bus_x, "status", "q")
+    check(rc == 12 and "Service address: 10.66.0.9/32 on drnosuch0, takeover failed: " in out,
+          f"text status of q: {rc} {out}")
+    log(f"takeover failed: exit 12, '{st['ServiceAddressState']}'")
     rc, l = status_rc(bus_x)
-    check(rc == 12 and len(l) == 3, f"status of all VMs: exit {rc} (expected the worst, 12): {l}")
+    check(rc == 12 and len(l) == 4, f"status of all VMs: exit {rc} (expected the worst, 12): {l}")
     rc, out, _ = ctl(bus_x, "status")
     check(rc == 12 and "broken: standby, failed" in out and "t: standby, listening" in out,
           f"text status of all: {rc} {out}")
@@ -132,7 +147,7 @@ def test_status_exit_codes(tmp):
     check(ctl(bus_x, "status", "nope")[0] == 3, "status of an unknown VM is not exit 3")
     x.stop()
     check(ctl(bus_x, "status")[0] == 6, "status without a daemon is not exit 6")
-    log("listening, attaching, detached: exit 10; failed: exit 12; all three VMs: exit 12 (the worst)")
+    log("listening, attaching, detached: exit 10; failed: exit 12; all VMs: exit 12 (the worst)")
     if not kvm_works():
         skip_rest("protected (0) and suspended (11) need a running VM")
 
