@@ -137,6 +137,14 @@ int check_vmm_args(const VmConfig *v, char **ret_error)
         if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
                 return 0;
         last_line(out, len, line, sizeof(line));
+        if (strstr(line, "--check") && (strstr(line, "unrecognized") || strstr(line, "unknown"))) {
+                if (asprintf(ret_error,
+                             "%s: Vmm=%s has no --check mode, so VmmArgs= cannot be verified: a VMM for "
+                             "dirtyrep must take dirtyrep-vmm's options, --check included (%s)",
+                             v->path, v->vmm, line) < 0)
+                        *ret_error = NULL;
+                return -EOPNOTSUPP;
+        }
         if (asprintf(ret_error, "%s: VmmArgs=%s: the VMM rejects the arguments failover would start it with: %s",
                      v->path, v->vmm_args_string ? v->vmm_args_string : "",
                      line[0] ? line : "(no message; exit status other than 0)") < 0)
