@@ -409,6 +409,14 @@ static int method_checkpoint_image(sd_bus_message *msg, void *userdata, sd_bus_e
                 return sd_bus_error_setf(error, vm->standby ? BUS_ERROR("NotPrimary") : BUS_ERROR("NotAttached"),
                                          "VM '%s' is not a running primary; images are taken at its seals",
                                          vm->cfg->name);
+        /* Run by systemd, the daemon writes inside dirtyrep.service's sandbox: an image in its
+         * private /tmp would "succeed" where nobody finds it. Say so instead. */
+        if (getenv("INVOCATION_ID")) {
+                _cleanup_free_ char *why = NULL;
+                if (config_check_sandbox_path("Image directory", dir, &why) < 0)
+                        return sd_bus_error_setf(error, BUS_ERROR("ImageFailed"), "%s",
+                                                 why ? why : "Image directory outside the service's sandbox");
+        }
         r = primary_checkpoint_image(vm->primary, dir, parent[0] ? parent : NULL, compress, image_done,
                                      sd_bus_message_ref(msg));
         if (r < 0) {

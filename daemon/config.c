@@ -1667,6 +1667,17 @@ static int sandbox_vmm_arg(const char *option, const char *as_written, const cha
         return 0;
 }
 
+int config_check_sandbox_path(const char *what, const char *path, char **ret_error)
+{
+        ErrorList e = {};
+
+        sandbox_check_path(&e, "dirtyrep.service", what, path);
+        if (e.any)
+                return error_list_finish(&e, -EROFS, ret_error);
+        error_list_done(&e);
+        return 0;
+}
+
 int config_check_sandbox(const Config *c, char **ret_errors)
 {
         ErrorList e = {};

@@ -342,6 +342,9 @@ const char *const *config_vmm_option_names(size_t *ret_n);
  */
 extern const char *const config_sandbox_writable[];
 int config_check_sandbox(const Config *c, char **ret_errors);
+/* The same for one path the daemon is asked to write (what names it in the message): 0, or
+ * -EROFS and the message. */
+int config_check_sandbox_path(const char *what, const char *path, char **ret_error);
 
 /* A deep copy of d (for a VM that outlives a reload). NULL on OOM. */
 DaemonConfig *daemon_config_copy(const DaemonConfig *d);

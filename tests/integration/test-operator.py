@@ -105,7 +105,9 @@ def test_status_exit_codes(tmp):
     # Without KVM: a standby with no primary (listening), a detached VM, a primary waiting for its
     # VMM (attaching), a VM whose role failed (its secret file is missing); the worst decides.
     bus_x = Bus(tmp, "bus-x")
+    # As systemd starts it (INVOCATION_ID): the daemon then knows it runs in dirtyrep.service's sandbox.
     x = Daemon(tmp, "x", ["--role", "standby", "--listen", f"127.0.0.1:{free_port()}"], bus=bus_x,
+               env=dict(ENV, INVOCATION_ID="5f1c0e2a9b8d4c7e8f6a5b4c3d2e1f00"),
                extra=["--vm", "broken", "--role", "standby", "--listen", f"127.0.0.1:{free_port()}",
                       "--secret-file", os.path.join(tmp, "no-such-secret"),
                       "--vm", "p", "--role", "primary", "--peer", f"127.0.0.1:{free_port()}",
@@ -133,6 +135,12 @@ def test_status_exit_codes(tmp):
     check(rc == 12 and "Service address: 10.66.0.9/32 on drnosuch0, takeover failed: " in out,
           f"text status of q: {rc} {out}")
     log(f"takeover failed: exit 12, '{st['ServiceAddressState']}'")
+    # An image into the service's private /tmp is refused with the reason, not "written" where
+    # nobody would find it.
+    rc, out, err = ctl(bus_x, "checkpoint", "p", "--image", "/tmp/dr-op-image")
+    check(rc == 4 and "is in the service's private /tmp (PrivateTmp=yes)" in err and
+          not os.path.exists("/tmp/dr-op-image"), f"checkpoint --image /tmp/...: exit {rc}: {err}")
+    log(f"checkpoint --image into the private /tmp: exit 4: {err.strip()}")
     rc, l = status_rc(bus_x)
     check(rc == 12 and len(l) == 4, f"status of all VMs: exit {rc} (expected the worst, 12): {l}")
     rc, out, _ = ctl(bus_x, "status")
