@@ -578,7 +578,10 @@ def test_dbus(tmp):
     time.sleep(0.3)
     ctl_ok(bus_p, "detach", "t")
     out, _ = evj.communicate(timeout=10)
-    check(evj.returncode == 0 and json.loads(out.strip().rstrip(","))["VM"] == "t", f"events --json -n 1: {out!r}")
+    # One object a line: the state dump ("exists", "dump-done"), then the one change -n 1 waits for.
+    lines = [json.loads(l) for l in out.splitlines()]
+    check(evj.returncode == 0 and lines[-1]["event"] == "changed" and lines[-1]["VM"] == "t",
+          f"events --json -n 1: {out!r}")
     ctl_ok(bus_p, "attach", "t")
 
     # --- defence in depth: with a policy that lets everyone through, the daemon still refuses ---
