@@ -565,7 +565,8 @@ static void print_status(const VmInfo *v)
         bool primary = streq(role, "primary");
         char b1[32], b2[32], b3[32];
 
-        printf("%s %s: %s, %s\n", state_mark(state), v->name, role, state);
+        printf("%s %s: %s, %s\n", vm_status_exit(v) == EXIT_VM_FAILED ? state_mark("failed") : state_mark(state),
+               v->name, role, state);
         if (*detail)
                 printf("%16s: %s\n", "Detail", detail);
         printf("%16s: %s (link %s)\n", "Peer", *peer ? peer : "-", prop_b(v, "LinkUp") ? "up" : "down");
