@@ -179,7 +179,10 @@ int check_config_system(const Config *c, char **ret_errors)
                         config_secret_free(secret, secret_len);
                 else {
                         _cleanup_free_ char *l = NULL;
-                        if (asprintf(&l, "%s: SecretFile=: %s", v->path, err ? err : strerror(-r)) < 0 ||
+                        if (asprintf(&l, "%s: SecretFile=: %s%s", v->path, err ? err : strerror(-r),
+                                     r == -EACCES && geteuid() != 0 ? " (run --check-config as root, as the "
+                                                                      "service runs)"
+                                                                    : "") < 0 ||
                             append_line(&errors, l) < 0)
                                 return -ENOMEM;
                 }
