@@ -148,8 +148,8 @@ int log_internal(int level, int error, const char *file, int line, const char *f
         return -error;
 }
 
-int log_struct_internal(int level, int error, const char *file, int line, const char *func, const char *message_id,
-                        const char *vm, uint64_t epoch, const char *format, ...)
+int log_struct_internal(int level, int error, const char *file, int line, const char *func,
+                        const char *message_id, const char *vm, uint64_t epoch, const char *format, ...)
 {
         char buf[2048], id[48], vmf[80], ep[40];
         const char *fields[3];

@@ -184,8 +184,8 @@ static int method_reload(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         if (r < 0)
                 return sd_bus_error_set_errnof(error, r, "Reload failed: %m");
         log_event(LOG_INFO, DR_MESSAGE_RELOADED, NULL, 0,
-                  "Configuration reloaded: %u added, %u removed, %u restarted, %u unchanged", added, removed, changed,
-                  unchanged);
+                  "Configuration reloaded: %u added, %u removed, %u restarted, %u unchanged", added, removed,
+                  changed, unchanged);
         return sd_bus_reply_method_return(msg, "uuuu", added, removed, changed, unchanged);
 }
 
@@ -311,7 +311,8 @@ static int property_get_service_address_state(sd_bus *bus, const char *path, con
         Vm *vm = userdata;
         char buf[128];
 
-        return sd_bus_message_append(reply, "s", failover_service_address_state(vm->failover, buf, sizeof(buf)));
+        return sd_bus_message_append(reply, "s",
+                                     failover_service_address_state(vm->failover, buf, sizeof(buf)));
 }
 
 #define CONFIG_GETTER(fn, sig, type, expr)                                                                  \
@@ -336,7 +337,8 @@ CONFIG_GETTER(property_get_config_peer, "s", const char *, vm->cfg->peer.len ? v
 CONFIG_GETTER(property_get_config_listen, "s", const char *, vm->cfg->listen.len ? vm->cfg->listen.text : "")
 CONFIG_GETTER(property_get_config_path, "s", const char *, vm->cfg->path ? vm->cfg->path : "")
 CONFIG_GETTER(property_get_failovers, "t", uint64_t, vm->failovers)
-CONFIG_GETTER(property_get_failover_policy, "s", const char *, failover_policy_to_string(vm->cfg->failover_policy))
+CONFIG_GETTER(property_get_failover_policy, "s", const char *,
+              failover_policy_to_string(vm->cfg->failover_policy))
 
 static int method_checkpoint(sd_bus_message *msg, void *userdata, sd_bus_error *error)
 {
@@ -415,7 +417,8 @@ static int method_checkpoint_image(sd_bus_message *msg, void *userdata, sd_bus_e
                 _cleanup_free_ char *why = NULL;
                 if (config_check_sandbox_path("Image directory", dir, &why) < 0)
                         return sd_bus_error_setf(error, BUS_ERROR("ImageFailed"), "%s",
-                                                 why ? why : "Image directory outside the service's sandbox");
+                                                 why ? why
+                                                     : "Image directory outside the service's sandbox");
         }
         r = primary_checkpoint_image(vm->primary, dir, parent[0] ? parent : NULL, compress, image_done,
                                      sd_bus_message_ref(msg));
@@ -581,8 +584,8 @@ static const sd_bus_vtable vm_vtable[] = {
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Detach", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_detach,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD_WITH_ARGS("Failover", SD_BUS_ARGS("b", force), SD_BUS_RESULT("s", role), method_failover,
-                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Failover", SD_BUS_ARGS("b", force), SD_BUS_RESULT("s", role),
+                                method_failover, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("CheckpointImage", SD_BUS_ARGS("s", dir, "s", parent, "b", compress),
                                 SD_BUS_RESULT("t", epoch, "t", pages, "t", bytes, "t", pause_ns),
                                 method_checkpoint_image, SD_BUS_VTABLE_UNPRIVILEGED),
@@ -637,17 +640,21 @@ void bus_vm_check_changes(Manager *m, Vm *vm)
                 changed[n++] = "Role";
                 if (a->valid && streq(a->role, "standby") && streq(now.role, "primary"))
                         log_event(LOG_NOTICE, DR_MESSAGE_FAILOVER, vm->cfg->name, st.last_committed,
-                                  "VM %s: failed over: this host is now the primary, from the replica of epoch %" PRIu64,
+                                  "VM %s: failed over: this host is now the primary, from the replica of "
+                                  "epoch %" PRIu64,
                                   vm->cfg->name, st.last_committed);
         }
         if (!a->valid || !streq(a->state, now.state)) {
                 changed[n++] = "State";
                 changed[n++] = "Protected";
                 /* One record per state change, with its kind: journalctl MESSAGE_ID=... finds them all. */
-                log_event(streq(now.state, "failed") ? LOG_ERR : streq(now.state, "protected") ? LOG_INFO : LOG_NOTICE,
+                log_event(streq(now.state, "failed")      ? LOG_ERR
+                          : streq(now.state, "protected") ? LOG_INFO
+                                                          : LOG_NOTICE,
                           journal_state_message_id(now.state), vm->cfg->name,
-                          streq(now.role, "primary") ? st.last_sealed : st.last_committed, "VM %s: %s %s%s%s",
-                          vm->cfg->name, now.role, now.state, now.detail[0] ? ": " : "", now.detail);
+                          streq(now.role, "primary") ? st.last_sealed : st.last_committed,
+                          "VM %s: %s %s%s%s", vm->cfg->name, now.role, now.state, now.detail[0] ? ": " : "",
+                          now.detail);
         }
         if (!a->valid || !streq(a->detail, now.detail))
                 changed[n++] = "Detail";
@@ -660,9 +667,9 @@ void bus_vm_check_changes(Manager *m, Vm *vm)
         if (!a->valid || !streq(a->address_state, now.address_state)) {
                 changed[n++] = "ServiceAddressState";
                 if (a->valid || !streq(now.address_state, "none"))
-                        log_event(strstr(now.address_state, "failed") ? LOG_ERR : LOG_NOTICE, DR_MESSAGE_ADDRESS,
-                                  vm->cfg->name, 0, "VM %s: service address %s", vm->cfg->name,
-                                  now.address_state);
+                        log_event(strstr(now.address_state, "failed") ? LOG_ERR : LOG_NOTICE,
+                                  DR_MESSAGE_ADDRESS, vm->cfg->name, 0, "VM %s: service address %s",
+                                  vm->cfg->name, now.address_state);
         }
         changed[n] = NULL;
         *a = now;

@@ -145,7 +145,8 @@ int check_vmm_args(const VmConfig *v, char **ret_error)
                         *ret_error = NULL;
                 return -EOPNOTSUPP;
         }
-        if (asprintf(ret_error, "%s: VmmArgs=%s: the VMM rejects the arguments failover would start it with: %s",
+        if (asprintf(ret_error,
+                     "%s: VmmArgs=%s: the VMM rejects the arguments failover would start it with: %s",
                      v->path, v->vmm_args_string ? v->vmm_args_string : "",
                      line[0] ? line : "(no message; exit status other than 0)") < 0)
                 *ret_error = NULL;

@@ -450,11 +450,22 @@ int config_parse_msec(const char *s, uint64_t *ret)
                 uint64_t usec;
         } units[] = {
                 /* Longest first where one is a prefix of another ("msec" before "ms" before "m"). */
-                {"usec", 1},          {"us", 1},
-                {"msec", 1000},       {"ms", 1000},
-                {"seconds", 1000000}, {"second", 1000000}, {"sec", 1000000}, {"s", 1000000},
-                {"minutes", 60000000}, {"minute", 60000000}, {"min", 60000000}, {"m", 60000000},
-                {"hours", 3600000000ULL}, {"hour", 3600000000ULL}, {"hr", 3600000000ULL}, {"h", 3600000000ULL},
+                {"usec", 1},
+                {"us", 1},
+                {"msec", 1000},
+                {"ms", 1000},
+                {"seconds", 1000000},
+                {"second", 1000000},
+                {"sec", 1000000},
+                {"s", 1000000},
+                {"minutes", 60000000},
+                {"minute", 60000000},
+                {"min", 60000000},
+                {"m", 60000000},
+                {"hours", 3600000000ULL},
+                {"hour", 3600000000ULL},
+                {"hr", 3600000000ULL},
+                {"h", 3600000000ULL},
         };
         uint64_t total = 0; /* microseconds */
         bool any = false;
@@ -910,8 +921,8 @@ static const KeyDef vm_keys[_VK_MAX] = {
         [VK_SERVICE_ADDRESS] = {"ServiceAddress", parse_cidr, V(service_address), .flags = KEY_EMPTY_UNSETS},
         [VK_SERVICE_INTERFACE] = {"ServiceInterface", parse_ifname, V(service_interface),
                                   .flags = KEY_EMPTY_UNSETS},
-        [VK_SPLIT_BRAIN_TIMEOUT] = {"SplitBrainTimeoutMs", parse_msec_range, V(split_brain_timeout_ms),
-                                    100, 600000},
+        [VK_SPLIT_BRAIN_TIMEOUT] = {"SplitBrainTimeoutMs", parse_msec_range, V(split_brain_timeout_ms), 100,
+                                    600000},
         [VK_SPLIT_BRAIN_POLICY] = {"SplitBrainPolicy", parse_choice, V(split_brain_policy),
                                    .choices = split_brain_names},
         [VK_OUTPUT_COMMIT] = {"OutputCommit", parse_yes_no, V(output_commit)},
@@ -989,7 +1000,9 @@ static size_t edit_distance(const char *a, const char *b)
                 row[0] = i;
                 for (size_t j = 1; j <= lb; j++) {
                         size_t up = row[j];
-                        size_t cost = tolower((unsigned char) a[i - 1]) == tolower((unsigned char) b[j - 1]) ? 0 : 1;
+                        size_t cost = tolower((unsigned char) a[i - 1]) == tolower((unsigned char) b[j - 1])
+                                              ? 0
+                                              : 1;
                         row[j] = MIN(MIN(row[j] + 1, row[j - 1] + 1), diag + cost);
                         diag = up;
                 }
@@ -1278,7 +1291,6 @@ static const char *tls_missing(const VmConfig *v, bool cert_given, bool key_give
         return NULL;
 }
 
-
 /* ---------------------------------------------------------------------- */
 /* VmmArgs= against what failover activation passes */
 
@@ -1373,10 +1385,12 @@ int config_vmm_args_scan(char *const *args, size_t n_args, ConfigVmmArgFn fn, vo
                                         if (vmm_options[k].short_name == *p) {
                                                 if (vmm_options[k].has_arg) {
                                                         o = &vmm_options[k];
-                                                        value = p[1] ? p + 1 : i + 1 < n_args ? args[++i] : NULL;
+                                                        value = p[1]             ? p + 1
+                                                                : i + 1 < n_args ? args[++i]
+                                                                                 : NULL;
                                                 } else {
-                                                        r = fn(&vmm_options[k].name[0], a, vmm_options[k].reason, NULL,
-                                                               userdata);
+                                                        r = fn(&vmm_options[k].name[0], a,
+                                                               vmm_options[k].reason, NULL, userdata);
                                                         if (r < 0)
                                                                 return r;
                                                 }
@@ -1399,8 +1413,8 @@ typedef struct VmmConflicts {
         unsigned line;
 } VmmConflicts;
 
-static int vmm_arg_conflict(const char *option, const char *as_written, const char *reason, const char *value,
-                            void *userdata)
+static int vmm_arg_conflict(const char *option, const char *as_written, const char *reason,
+                            const char *value, void *userdata)
 {
         VmmConflicts *c = userdata;
         char esc[ESCAPE_BUF_SIZE];
@@ -1408,7 +1422,8 @@ static int vmm_arg_conflict(const char *option, const char *as_written, const ch
         if (!reason)
                 return 0;
         if (strncmp(as_written, "--", 2) == 0 && strncmp(as_written + 2, option, strlen(option)) != 0)
-                error_add(c->e, c->path, c->line, "VmmArgs=: %s is read by the VMM as --%s, which must not be "
+                error_add(c->e, c->path, c->line,
+                          "VmmArgs=: %s is read by the VMM as --%s, which must not be "
                           "set here: %s",
                           escape_value(as_written, esc, sizeof(esc)), option, reason);
         else
@@ -1430,9 +1445,10 @@ static void check_failover_needs(const VmConfig *v, ErrorList *e, const char *pa
         VmmConflicts c = {.e = e, .path = path, .line = args_line};
 
         if (v->role == VM_ROLE_STANDBY && v->failover_policy == FAILOVER_POLICY_AUTO && v->peer.len == 0)
-                error_add(e, path, policy_line,
-                          "FailoverPolicy=auto requires Peer=ADDRESS:PORT: after a failover this host is the "
-                          "primary and replicates to the old primary's host (set Peer= to its Listen=)");
+                error_add(
+                        e, path, policy_line,
+                        "FailoverPolicy=auto requires Peer=ADDRESS:PORT: after a failover this host is the "
+                        "primary and replicates to the old primary's host (set Peer= to its Listen=)");
         (void) config_vmm_args_scan(v->vmm_args, v->n_vmm_args, vmm_arg_conflict, &c);
 }
 
@@ -1610,7 +1626,6 @@ int config_validate(const Config *c, char **ret_errors)
         return 0;
 }
 
-
 /* ---------------------------------------------------------------------- */
 /* Paths the service's sandbox makes read-only */
 
@@ -1639,7 +1654,8 @@ static void sandbox_check_path(ErrorList *e, const char *origin, const char *wha
                 if (path_is_under(path, config_sandbox_writable[i]))
                         return;
         for (size_t i = 0; config_sandbox_writable[i] && o < sizeof(list); i++)
-                o += (size_t) snprintf(list + o, sizeof(list) - o, "%s%s", i ? ", " : "", config_sandbox_writable[i]);
+                o += (size_t) snprintf(list + o, sizeof(list) - o, "%s%s", i ? ", " : "",
+                                       config_sandbox_writable[i]);
         for (size_t i = 0; sandbox_private[i]; i++)
                 if (path_is_under(path, sandbox_private[i])) {
                         error_add(e, origin, 0,

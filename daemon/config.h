@@ -325,8 +325,8 @@ int config_parse_msec(const char *s, uint64_t *ret);
  * its value (NULL: none). Unknown and ambiguous options are skipped (the
  * VMM's own --check reports them). Returns 0 or fn's negative return.
  */
-typedef int (*ConfigVmmArgFn)(const char *option, const char *as_written, const char *reason, const char *value,
-                              void *userdata);
+typedef int (*ConfigVmmArgFn)(const char *option, const char *as_written, const char *reason,
+                              const char *value, void *userdata);
 int config_vmm_args_scan(char *const *args, size_t n_args, ConfigVmmArgFn fn, void *userdata);
 /* The long option names the scan knows (a static table). */
 const char *const *config_vmm_option_names(size_t *ret_n);

@@ -15,8 +15,8 @@
 
 #define FIELDS_MAX 16
 
-static void journal_sink(int level, int error, const char *file, int line, const char *func, const char *message,
-                         const char *const *fields, size_t n_fields)
+static void journal_sink(int level, int error, const char *file, int line, const char *func,
+                         const char *message, const char *const *fields, size_t n_fields)
 {
         char msg[2100], prio[16], cfile[300], cline[32], cfunc[128], err[32];
         struct iovec iov[FIELDS_MAX];
@@ -29,7 +29,8 @@ static void journal_sink(int level, int error, const char *file, int line, const
         snprintf(cfunc, sizeof(cfunc), "CODE_FUNC=%s", func);
         iov[n++] = (struct iovec){msg, strlen(msg)};
         iov[n++] = (struct iovec){prio, strlen(prio)};
-        iov[n++] = (struct iovec){(char *) "SYSLOG_IDENTIFIER=dirtyrepd", strlen("SYSLOG_IDENTIFIER=dirtyrepd")};
+        iov[n++] = (struct iovec){(char *) "SYSLOG_IDENTIFIER=dirtyrepd",
+                                  strlen("SYSLOG_IDENTIFIER=dirtyrepd")};
         iov[n++] = (struct iovec){cfile, strlen(cfile)};
         iov[n++] = (struct iovec){cline, strlen(cline)};
         iov[n++] = (struct iovec){cfunc, strlen(cfunc)};
