@@ -709,7 +709,8 @@ def test_notify(tmp):
     log(f"stalled 4 s: largest WATCHDOG=1 gap {max_gap(all_wd):.2f}s (> WATCHDOG_USEC), then it resumed")
     check(max_gap(all_wd) >= 3.5, "no gap in WATCHDOG=1 during the stall")
     rc, out, err = ctl(bus_p, "status")
-    check(rc == 0, "the daemon did not answer after the stall")
+    # Answered: any of status's state codes (the stall may have cost the link a resync), not 6.
+    check(rc in (0, 10, 11, 12) and "t: primary" in out, f"the daemon did not answer after the stall: {rc} {err}")
     check(primary.req("stall 121").startswith("error"), "stall beyond the bound accepted")
     check(primary.req("stall x").startswith("error"), "stall with garbage accepted")
 
