@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "log.h"
 #include "macros.h"
 #include "util.h"
 
@@ -200,4 +201,12 @@ int check_config_system(const Config *c, char **ret_errors)
                 return -EINVAL;
         }
         return 0;
+}
+
+void check_log_standby(const VmConfig *v)
+{
+        _cleanup_free_ char *err = NULL;
+
+        if (v->role == VM_ROLE_STANDBY && check_vmm_args(v, &err) < 0)
+                log_warning("VM %s: failover would fail: %s", v->name, err ? err : "the VMM check failed");
 }

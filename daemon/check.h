@@ -21,3 +21,7 @@ int check_config_system(const Config *c, char **ret_errors);
 
 /* The VMM check of one VM. 0, or a negative errno and a malloc()ed one-line reason. */
 int check_vmm_args(const VmConfig *v, char **ret_error);
+
+/* At start-up (before the event loop runs: the check may take up to CHECK_VMM_TIMEOUT_USEC, so
+ * never on the loop): a standby's VMM check, logged as a warning when it fails (its failover would). */
+void check_log_standby(const VmConfig *v);

@@ -453,13 +453,9 @@ static void check_config_at_start(const Config *config)
                         log_warning("%s", l);
                 copy = mfree(copy);
         }
-        for (size_t i = 0; i < config->n_vms; i++) {
-                _cleanup_free_ char *err = NULL;
-                /* A standby's VMM check: it is what its failover would run. */
-                if (config->vms[i]->role == VM_ROLE_STANDBY && check_vmm_args(config->vms[i], &err) < 0)
-                        log_warning("VM %s: failover would fail: %s", config->vms[i]->name,
-                                    err ? err : "the VMM check failed");
-        }
+        /* A standby's VMM check: it is what its failover would run. */
+        for (size_t i = 0; i < config->n_vms; i++)
+                check_log_standby(config->vms[i]);
 }
 
 /*
