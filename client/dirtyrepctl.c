@@ -6,6 +6,7 @@
  * what went wrong (the EXIT_* values below, documented in the man page).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -17,6 +18,7 @@
 #include <string.h>
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -431,6 +433,33 @@ static void json_string(FILE *f, const char *s)
         fputc('"', f);
 }
 
+static void print_json_props(const VmInfo *v)
+{
+        for (size_t i = 0; i < v->n_props; i++) {
+                const Prop *p = &v->props[i];
+                printf(", \"%s\": ", p->name);
+                switch (p->type) {
+                case 's':
+                        json_string(stdout, p->s ? p->s : "");
+                        break;
+                case 'b':
+                        printf("%s", p->b ? "true" : "false");
+                        break;
+                case 't':
+                case 'u':
+                        printf("%" PRIu64, p->u);
+                        break;
+                case 'd':
+                        /* JSON has no NaN or infinity. */
+                        if (p->d != p->d || p->d > 1e300 || p->d < -1e300)
+                                printf("null");
+                        else
+                                printf("%.3f", p->d);
+                        break;
+                }
+        }
+}
+
 static void print_json(const VmInfo *v, bool last)
 {
         printf("  {\"VM\": ");
@@ -466,6 +495,69 @@ static const char *state_mark(const char *state)
         return "\u25cb";         /* ○ */
 }
 
+/* The status exit code of one VM (dirtyrepctl(1), EXIT STATUS). */
+static int vm_status_exit(const VmInfo *v)
+{
+        const char *state = prop_s(v, "State");
+
+        if (streq(state, "failed") || strncmp(prop_s(v, "ServiceAddressState"), "takeover failed", 15) == 0)
+                return EXIT_VM_FAILED;
+        if (streq(state, "suspended") || streq(state, "suspending"))
+                return EXIT_SUSPENDED;
+        if (streq(state, "protected"))
+                return 0;
+        return EXIT_UNPROTECTED;
+}
+
+static int exit_severity(int code)
+{
+        return code == EXIT_VM_FAILED ? 3 : code == EXIT_SUSPENDED ? 2 : code == EXIT_UNPROTECTED ? 1 : 0;
+}
+
+static const char *format_duration(uint64_t usec, char *buf, size_t size)
+{
+        uint64_t s = usec / 1000000;
+
+        if (s >= 3600)
+                snprintf(buf, size, "%" PRIu64 "h %02" PRIu64 "min", s / 3600, (s / 60) % 60);
+        else if (s >= 60)
+                snprintf(buf, size, "%" PRIu64 "min %02" PRIu64 "s", s / 60, s % 60);
+        else
+                snprintf(buf, size, "%.1fs", (double) usec / 1e6);
+        return buf;
+}
+
+/* Full-sync progress: "45% 1.2 GiB of 2.0 GiB, 80.0 MiB/s, ETA 10.0s", with a bar on a terminal. */
+static void print_sync_progress(const VmInfo *v)
+{
+        uint64_t done = prop_u(v, "SyncBytesDone"), total = prop_u(v, "SyncBytesTotal");
+        uint64_t elapsed = prop_u(v, "SyncUSec");
+        char b1[32], b2[32], b3[32], b4[32], eta[48] = "";
+        double rate, frac;
+
+        if (total == 0)
+                return;
+        frac = done >= total ? 1.0 : (double) done / (double) total;
+        rate = elapsed > 0 ? (double) done * 1e6 / (double) elapsed : 0.0;
+        if (done >= total)
+                snprintf(eta, sizeof(eta), ", all sent, waiting for the standby's ACK");
+        else if (rate > 0)
+                snprintf(eta, sizeof(eta), ", ETA %s",
+                         format_duration((uint64_t) ((double) (total - done) / rate * 1e6), b4, sizeof(b4)));
+        if (isatty(STDOUT_FILENO)) {
+                char bar[31];
+                size_t filled = (size_t) (frac * 30.0);
+                for (size_t i = 0; i < 30; i++)
+                        bar[i] = i < filled ? '#' : '.';
+                bar[30] = 0;
+                printf("%16s: [%s] ", "Full sync", bar);
+        } else
+                printf("%16s: ", "Full sync");
+        printf("%.0f%%, %s of %s, %s/s, running %s%s\n", frac * 100.0, format_bytes(done, b1, sizeof(b1)),
+               format_bytes(total, b2, sizeof(b2)), format_bytes((uint64_t) rate, b3, sizeof(b3)),
+               format_duration(elapsed, b4, sizeof(b4)), eta);
+}
+
 static void print_status(const VmInfo *v)
 {
         const char *role = prop_s(v, "Role"), *state = prop_s(v, "State"), *detail = prop_s(v, "Detail");
@@ -473,7 +565,8 @@ static void print_status(const VmInfo *v)
         bool primary = streq(role, "primary");
         char b1[32], b2[32], b3[32];
 
-        printf("%s %s: %s, %s\n", state_mark(state), v->name, role, state);
+        printf("%s %s: %s, %s\n", vm_status_exit(v) == EXIT_VM_FAILED ? state_mark("failed") : state_mark(state),
+               v->name, role, state);
         if (*detail)
                 printf("%16s: %s\n", "Detail", detail);
         printf("%16s: %s (link %s)\n", "Peer", *peer ? peer : "-", prop_b(v, "LinkUp") ? "up" : "down");
@@ -483,6 +576,10 @@ static void print_status(const VmInfo *v)
         else
                 printf("%16s: committed %" PRIu64 "\n", "Epoch", prop_u(v, "LastCommitted"));
         printf("%16s: %s\n", "Protected", prop_b(v, "Protected") ? "yes" : "no");
+        print_sync_progress(v);
+        if (*prop_s(v, "ServiceAddress"))
+                printf("%16s: %s, %s\n", "Service address", prop_s(v, "ServiceAddress"),
+                       prop_s(v, "ServiceAddressState"));
         if (primary) {
                 printf("%16s: %.0f pages/s, %" PRIu64 " pages last epoch\n", "Dirty rate",
                        prop_d(v, "DirtyPagesPerSec"), prop_u(v, "PagesLastEpoch"));
@@ -512,7 +609,7 @@ static int verb_status(int argc, char *argv[])
         VmList l = {};
         VmInfo *infos;
         size_t n = 0;
-        int r, ret = 0;
+        int r, ret = 0, state_exit = 0;
 
         r = acquire_bus();
         if (r < 0)
@@ -542,6 +639,9 @@ static int verb_status(int argc, char *argv[])
                 n++;
         }
         if (ret == 0) {
+                for (size_t i = 0; i < n; i++)
+                        if (exit_severity(vm_status_exit(&infos[i])) > exit_severity(state_exit))
+                                state_exit = vm_status_exit(&infos[i]);
                 if (arg_json) {
                         printf("[\n");
                         for (size_t i = 0; i < n; i++)
@@ -560,7 +660,7 @@ static int verb_status(int argc, char *argv[])
                 vm_info_done(&infos[i]);
         free(infos);
         vm_list_done(&l);
-        return ret;
+        return ret != 0 ? ret : state_exit;
 }
 
 static int verb_list(int argc, char *argv[])
@@ -825,6 +925,20 @@ static void print_timestamp(void)
         printf("%s.%03ld ", buf, ts.tv_nsec / 1000000);
 }
 
+/* "timestamp" (RFC 3339, UTC, microseconds) and "realtime_usec" of an event line, for --json. */
+static void print_json_timestamp(void)
+{
+        struct timespec ts;
+        struct tm tm;
+        char buf[32];
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        gmtime_r(&ts.tv_sec, &tm);
+        strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
+        printf("{\"timestamp\": \"%s.%06ldZ\", \"realtime_usec\": %" PRIu64, buf, ts.tv_nsec / 1000,
+               (uint64_t) ((uint64_t) ts.tv_sec * 1000000U + (uint64_t) ts.tv_nsec / 1000U));
+}
+
 static void event_seen(EventsState *s)
 {
         fflush(stdout);
@@ -849,8 +963,11 @@ static int on_properties_changed(sd_bus_message *m, void *userdata, sd_bus_error
         if (r < 0)
                 return 0;
         if (arg_json) {
-                snprintf(v.name, sizeof(v.name), "%s", name);
-                print_json(&v, true);
+                print_json_timestamp();
+                printf(", \"event\": \"changed\", \"VM\": ");
+                json_string(stdout, name);
+                print_json_props(&v);
+                printf("}\n");
         } else {
                 print_timestamp();
                 printf("%s:", name);
@@ -888,9 +1005,12 @@ static int on_interfaces(sd_bus_message *m, void *userdata, sd_bus_error *error)
 
         if (sd_bus_message_read(m, "o", &path) < 0 || sd_bus_path_decode(path, BUS_VM_PREFIX, &name) <= 0)
                 return 0;
-        if (arg_json)
-                printf("  {\"VM\": \"%s\", \"event\": \"%s\"}\n", name, added ? "added" : "removed");
-        else {
+        if (arg_json) {
+                print_json_timestamp();
+                printf(", \"event\": \"%s\", \"VM\": ", added ? "added" : "removed");
+                json_string(stdout, name);
+                printf("}\n");
+        } else {
                 print_timestamp();
                 printf("%s: %s\n", name, added ? "added" : "removed");
         }
@@ -905,8 +1025,13 @@ static int on_owner_changed(sd_bus_message *m, void *userdata, sd_bus_error *err
 
         if (sd_bus_message_read(m, "sss", &name, &old_owner, &new_owner) < 0 || !streq(name, BUS_NAME))
                 return 0;
-        print_timestamp();
-        printf("dirtyrepd %s\n", *new_owner ? "appeared on the bus" : "left the bus");
+        if (arg_json) {
+                print_json_timestamp();
+                printf(", \"event\": \"daemon\", \"daemon\": \"%s\"}\n", *new_owner ? "appeared" : "left");
+        } else {
+                print_timestamp();
+                printf("dirtyrepd %s\n", *new_owner ? "appeared on the bus" : "left the bus");
+        }
         event_seen(s);
         return 0;
 }
@@ -958,11 +1083,249 @@ static int verb_events(int argc, char *argv[])
         }
         if (!arg_json)
                 fprintf(stderr, "Following dirtyrepd's events (Ctrl-C to stop)...\n");
+        else {
+                /* Like `drbdsetup events2 --now`: the state of every VM first ("event": "exists"),
+                 * read after the matches are installed so no change falls in between, then a
+                 * "dump-done" line; --count counts only what follows it. */
+                VmList l = {};
+                if (list_vms(&l) == 0) {
+                        for (size_t i = 0; i < l.n; i++) {
+                                VmInfo v = {};
+                                if (get_vm_info(l.names[i], &v) != 0)
+                                        continue;
+                                print_json_timestamp();
+                                printf(", \"event\": \"exists\", \"VM\": ");
+                                json_string(stdout, v.name);
+                                print_json_props(&v);
+                                printf("}\n");
+                                vm_info_done(&v);
+                        }
+                        vm_list_done(&l);
+                } else {
+                        print_json_timestamp();
+                        printf(", \"event\": \"daemon\", \"daemon\": \"absent\"}\n");
+                }
+                print_json_timestamp();
+                printf(", \"event\": \"dump-done\"}\n");
+                fflush(stdout);
+        }
         /* Matches are installed now: a test can start causing events once this line is out. */
         fflush(stderr);
         r = sd_event_loop(event);
         (void) sd_bus_detach_event(bus);
         return r < 0 ? EXIT_FAILURE : 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* metrics: the Prometheus text format (version 0.0.4) */
+
+typedef enum MetricKind { M_U, M_D, M_B, M_NS, M_US } MetricKind;
+
+static const struct Metric {
+        const char *name, *type, *help, *prop;
+        MetricKind kind;
+} metrics[] = {
+        {"dirtyrep_vm_protected", "gauge", "1 when the VM's epochs commit on the standby (state protected).",
+         "Protected", M_B},
+        {"dirtyrep_vm_link_up", "gauge", "1 when the replication link is up.", "LinkUp", M_B},
+        {"dirtyrep_vm_last_sealed_epoch", "gauge", "Last epoch the primary sealed.", "LastSealed", M_U},
+        {"dirtyrep_vm_last_committed_epoch", "gauge",
+         "Primary: last epoch the standby acknowledged; standby: last epoch applied.", "LastCommitted", M_U},
+        {"dirtyrep_vm_lag_epochs", "gauge", "Sealed epochs not yet acknowledged (primary).", "Lag", M_U},
+        {"dirtyrep_vm_inflight_epochs", "gauge", "Epochs sealed and not yet acknowledged.", "InflightEpochs", M_U},
+        {"dirtyrep_vm_epochs_committed_total", "counter", "Epochs committed since the role started.",
+         "EpochsCommitted", M_U},
+        {"dirtyrep_vm_full_syncs_total", "counter", "Full syncs started since the role started.", "FullSyncs", M_U},
+        {"dirtyrep_vm_incremental_syncs_total", "counter", "Incremental resyncs since the role started.",
+         "IncrementalSyncs", M_U},
+        {"dirtyrep_vm_pause_p50_seconds", "gauge", "Median epoch seal pause (recent window).", "PauseNSecP50", M_NS},
+        {"dirtyrep_vm_pause_p99_seconds", "gauge", "99th percentile epoch seal pause (recent window).",
+         "PauseNSecP99", M_NS},
+        {"dirtyrep_vm_pause_max_seconds", "gauge", "Longest epoch seal pause (recent window).", "PauseNSecMax", M_NS},
+        {"dirtyrep_vm_guest_pause_p99_seconds", "gauge",
+         "99th percentile of the pause as the agent saw the vCPUs stopped (0: not reported).", "VmPauseNSecP99",
+         M_NS},
+        {"dirtyrep_vm_dirty_pages_per_second", "gauge", "Pages dirtied per second, last epoch.", "DirtyPagesPerSec",
+         M_D},
+        {"dirtyrep_vm_pages_last_epoch", "gauge", "Distinct pages in the last epoch.", "PagesLastEpoch", M_U},
+        {"dirtyrep_vm_sent_bytes_total", "counter", "Bytes sent on the replication link.", "BytesSent", M_U},
+        {"dirtyrep_vm_received_bytes_total", "counter", "Bytes received on the replication link.",
+         "BytesReceived", M_U},
+        {"dirtyrep_vm_compression_ratio", "gauge", "Page bytes per byte on the wire.", "CompressionRatio", M_D},
+        {"dirtyrep_vm_staging_bytes", "gauge", "Memory held for epochs not yet acknowledged or committed.",
+         "StagingBytes", M_U},
+        {"dirtyrep_vm_full_sync_done_bytes", "gauge", "Running full sync: RAM sent so far (0: none running).",
+         "SyncBytesDone", M_U},
+        {"dirtyrep_vm_full_sync_total_bytes", "gauge", "Running full sync: all of RAM (0: none running).",
+         "SyncBytesTotal", M_U},
+        {"dirtyrep_vm_last_sync_seconds", "gauge", "Duration of the last completed resync, to its ACK.",
+         "LastSyncUSec", M_US},
+        {"dirtyrep_vm_failovers_total", "counter", "Failovers that got the guest running on this host.",
+         "Failovers", M_U},
+};
+
+/* A label value: backslash, double quote and newline escaped (the text format's rule). */
+static void metric_label(FILE *f, const char *s)
+{
+        for (; *s; s++) {
+                if (*s == '\\' || *s == '"')
+                        fprintf(f, "\\%c", *s);
+                else if (*s == '\n')
+                        fputs("\\n", f);
+                else
+                        fputc(*s, f);
+        }
+}
+
+static void metric_head(FILE *f, const char *name, const char *type, const char *help)
+{
+        fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void metrics_write(FILE *f, const VmInfo *infos, size_t n, bool up)
+{
+        metric_head(f, "dirtyrep_up", "gauge", "1 when dirtyrepd answered on the bus.");
+        fprintf(f, "dirtyrep_up %d\n", up ? 1 : 0);
+        if (!up)
+                return;
+        metric_head(f, "dirtyrep_vm_info", "gauge", "The VM's role and state (value always 1).");
+        for (size_t i = 0; i < n; i++) {
+                fputs("dirtyrep_vm_info{vm=\"", f);
+                metric_label(f, infos[i].name);
+                fputs("\",role=\"", f);
+                metric_label(f, prop_s(&infos[i], "Role"));
+                fputs("\",state=\"", f);
+                metric_label(f, prop_s(&infos[i], "State"));
+                fputs("\"} 1\n", f);
+        }
+        metric_head(f, "dirtyrep_vm_status", "gauge",
+                    "dirtyrepctl status's exit code for the VM: 0 protected, 10 unprotected, 11 suspended, 12 "
+                    "failed.");
+        for (size_t i = 0; i < n; i++) {
+                fputs("dirtyrep_vm_status{vm=\"", f);
+                metric_label(f, infos[i].name);
+                fprintf(f, "\"} %d\n", vm_status_exit(&infos[i]));
+        }
+        metric_head(f, "dirtyrep_vm_service_address_held", "gauge",
+                    "1 when this host holds the VM's service address (0 also when none is configured).");
+        for (size_t i = 0; i < n; i++) {
+                fputs("dirtyrep_vm_service_address_held{vm=\"", f);
+                metric_label(f, infos[i].name);
+                fprintf(f, "\"} %d\n", streq(prop_s(&infos[i], "ServiceAddressState"), "held"));
+        }
+        for (size_t k = 0; k < ELEMENTSOF(metrics); k++) {
+                const struct Metric *m = &metrics[k];
+                metric_head(f, m->name, m->type, m->help);
+                for (size_t i = 0; i < n; i++) {
+                        const Prop *p = prop(&infos[i], m->prop);
+                        if (!p)
+                                continue; /* an older daemon without it: no sample, not a made-up 0 */
+                        fprintf(f, "%s{vm=\"", m->name);
+                        metric_label(f, infos[i].name);
+                        fputs("\"} ", f);
+                        switch (m->kind) {
+                        case M_U:
+                                fprintf(f, "%" PRIu64 "\n", prop_u(&infos[i], m->prop));
+                                break;
+                        case M_B:
+                                fprintf(f, "%d\n", prop_b(&infos[i], m->prop) ? 1 : 0);
+                                break;
+                        case M_D: {
+                                double d = prop_d(&infos[i], m->prop);
+                                if (d != d)
+                                        fputs("NaN\n", f);
+                                else
+                                        fprintf(f, "%.6g\n", d);
+                                break;
+                        }
+                        case M_NS:
+                                fprintf(f, "%.9f\n", (double) prop_u(&infos[i], m->prop) / 1e9);
+                                break;
+                        case M_US:
+                                fprintf(f, "%.6f\n", (double) prop_u(&infos[i], m->prop) / 1e6);
+                                break;
+                        }
+                }
+        }
+}
+
+/* With a FILE: written next to it and renamed over it, as node_exporter's textfile collector needs. */
+static int metrics_output(const char *path, const VmInfo *infos, size_t n, bool up)
+{
+        char tmp[PATH_MAX];
+        FILE *f;
+        int fd;
+
+        if (!path) {
+                metrics_write(stdout, infos, n, up);
+                return fflush(stdout) == 0 ? 0 : -errno;
+        }
+        if (snprintf(tmp, sizeof(tmp), "%s.XXXXXX", path) >= (int) sizeof(tmp))
+                return -ENAMETOOLONG;
+        fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        (void) fchmod(fd, 0644);
+        f = fdopen(fd, "w");
+        if (!f) {
+                close(fd);
+                (void) unlink(tmp);
+                return -errno;
+        }
+        metrics_write(f, infos, n, up);
+        if (fflush(f) != 0 || fsync(fileno(f)) < 0 || fclose(f) != 0) {
+                (void) unlink(tmp);
+                return -EIO;
+        }
+        if (rename(tmp, path) < 0) {
+                int r = -errno;
+                (void) unlink(tmp);
+                return r;
+        }
+        return 0;
+}
+
+static int verb_metrics(int argc, char *argv[])
+{
+        const char *path = argc >= 2 ? argv[1] : NULL;
+        VmList l = {};
+        VmInfo *infos = NULL;
+        size_t n = 0;
+        int r, ret = 0;
+
+        if (path && (path[0] != '/' || strlen(path) >= PATH_MAX - 8)) {
+                fprintf(stderr, "dirtyrepctl: metrics: FILE must be an absolute path\n");
+                return EXIT_USAGE;
+        }
+        r = acquire_bus();
+        if (r == 0)
+                ret = list_vms(&l);
+        else
+                ret = -r;
+        if (ret == 0) {
+                infos = calloc(l.n ? l.n : 1, sizeof(VmInfo));
+                if (!infos)
+                        ret = EXIT_FAILURE;
+                for (size_t i = 0; ret == 0 && i < l.n; i++) {
+                        ret = get_vm_info(l.names[i], &infos[n]);
+                        if (ret == 0)
+                                n++;
+                        else if (ret == EXIT_NO_SUCH_VM)
+                                ret = 0; /* removed by a reload in between */
+                }
+        }
+        /* An unreachable daemon is a metric too (dirtyrep_up 0), and still an error. */
+        r = metrics_output(path, infos, n, ret == 0);
+        if (r < 0) {
+                fprintf(stderr, "dirtyrepctl: metrics: cannot write %s: %s\n", path ? path : "stdout", strerror(-r));
+                if (ret == 0)
+                        ret = EXIT_FAILURE;
+        }
+        for (size_t i = 0; i < n; i++)
+                vm_info_done(&infos[i]);
+        free(infos);
+        vm_list_done(&l);
+        return ret;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -980,6 +1343,7 @@ static const Verb verbs[] = {
         {"attach", 1, 1, verb_attach}, {"detach", 1, 1, verb_detach}, {"failover", 0, 1, verb_failover},
         {"resume", 1, 1, verb_resume},
         {"reload", 0, 0, verb_reload}, {"events", 0, 0, verb_events}, {"version", 0, 0, verb_version},
+        {"metrics", 0, 1, verb_metrics},
         {"image", 1, -1, verb_image, true},
 };
 
@@ -999,7 +1363,10 @@ static void help(void)
                "  resume VM              Release a suspended or held primary: it runs UNPROTECTED\n"
                "                         (only when no other host serves the VM)\n"
                "  reload                 Re-read the configuration (changed VMs restart, others untouched)\n"
-               "  events                 Follow state changes as they happen\n"
+               "  events                 Follow state changes as they happen (--json: one object a\n"
+               "                         line, timestamped, after a dump of the current state)\n"
+               "  metrics [FILE]         Metrics in the Prometheus text format (FILE: written\n"
+               "                         atomically, for node_exporter's textfile collector)\n"
                "  version                Show the client's and the daemon's version\n\n"
                "Options:\n"
                "  -h --help              Show this help\n"
@@ -1012,7 +1379,8 @@ static void help(void)
                "  -n --count N           events: stop after N events\n"
                "     --bus-address ADDR  Talk to dirtyrepd on this bus (default: $DIRTYREP_BUS_ADDRESS,\n"
                "                         else the system bus, $DBUS_SYSTEM_BUS_ADDRESS honoured)\n\n"
-               "A VM may be left out when dirtyrepd serves exactly one. See dirtyrepctl(1) for exit "
+               "A VM may be left out when dirtyrepd serves exactly one. status exits 0 when every VM\n"
+               "is protected, 10 unprotected, 11 suspended, 12 failed; see dirtyrepctl(1) for all exit "
                "codes.\n");
 }
 

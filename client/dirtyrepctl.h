@@ -18,6 +18,11 @@ enum {
         EXIT_UNREACHABLE = 6, /* no bus, or dirtyrepd not on it */
         EXIT_UNSUPPORTED = 7, /* the daemon lacks the method (e.g. Failover before issue 4) */
         EXIT_CONFIG = 8,      /* reload: the new configuration is invalid, nothing changed */
+        /* status (the worst VM decides, in this order of severity, failed first): */
+        EXIT_UNPROTECTED = 10, /* running without a committed replica: syncing, connecting,
+                                * listening, attaching, detached, unprotected, ... */
+        EXIT_SUSPENDED = 11,   /* the primary suspended its VM (split-brain guard) */
+        EXIT_VM_FAILED = 12,   /* a VM's role failed, or its service address takeover did */
 };
 
 /* client/image.c (CRIU-style images), when it is built. */

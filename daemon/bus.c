@@ -21,7 +21,9 @@
 
 #include "bus.h"
 #include "dirtyrep-build.h"
+#include "journal.h"
 #include "log.h"
+#include "takeover.h"
 
 #define BUS_RETRY_USEC (5 * 1000 * 1000ULL)
 
@@ -174,12 +176,17 @@ static int method_reload(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                              l = strtok_r(NULL, "\n", &save))
                                 log_error("%s", l);
                 }
+                log_event(LOG_ERR, DR_MESSAGE_CONFIG_INVALID, NULL, 0,
+                          "Reload refused: the configuration is invalid, nothing was changed");
                 return sd_bus_error_setf(error, BUS_ERROR("InvalidConfig"),
                                          "The configuration is invalid, nothing was changed:\n%s",
                                          errors ? errors : "(no details)");
         }
         if (r < 0)
                 return sd_bus_error_set_errnof(error, r, "Reload failed: %m");
+        log_event(LOG_INFO, DR_MESSAGE_RELOADED, NULL, 0,
+                  "Configuration reloaded: %u added, %u removed, %u restarted, %u unchanged", added, removed,
+                  changed, unchanged);
         return sd_bus_reply_method_return(msg, "uuuu", added, removed, changed, unchanged);
 }
 
@@ -278,6 +285,37 @@ STATUS_GETTER(property_get_inflight, "t", uint64_t, st.inflight)
 STATUS_GETTER(property_get_compression_ratio, "d", double, st.compression_ratio)
 STATUS_GETTER(property_get_staging_bytes, "t", uint64_t, st.staging_bytes)
 
+STATUS_GETTER(property_get_sync_done, "t", uint64_t, st.sync_done_bytes)
+STATUS_GETTER(property_get_sync_total, "t", uint64_t, st.sync_total_bytes)
+STATUS_GETTER(property_get_sync_elapsed, "t", uint64_t, st.sync_elapsed_usec)
+STATUS_GETTER(property_get_last_sync_usec, "t", uint64_t, st.last_sync_usec)
+
+static int property_get_service_address(sd_bus *bus, const char *path, const char *interface,
+                                        const char *property, sd_bus_message *reply, void *userdata,
+                                        sd_bus_error *error)
+{
+        const Vm *vm = userdata;
+        char a[80] = "";
+
+        if (vm->cfg->service_address.family != AF_UNSPEC && vm->cfg->service_interface) {
+                char cidr[64];
+                takeover_format(&vm->cfg->service_address, cidr, sizeof(cidr));
+                snprintf(a, sizeof(a), "%s on %s", cidr, vm->cfg->service_interface);
+        }
+        return sd_bus_message_append(reply, "s", a);
+}
+
+static int property_get_service_address_state(sd_bus *bus, const char *path, const char *interface,
+                                              const char *property, sd_bus_message *reply, void *userdata,
+                                              sd_bus_error *error)
+{
+        Vm *vm = userdata;
+        char buf[128];
+
+        return sd_bus_message_append(reply, "s",
+                                     failover_service_address_state(vm->failover, buf, sizeof(buf)));
+}
+
 #define CONFIG_GETTER(fn, sig, type, expr)                                                                  \
         static int fn(sd_bus *bus, const char *path, const char *interface, const char *property,           \
                       sd_bus_message *reply, void *userdata, sd_bus_error *error)                           \
@@ -299,6 +337,9 @@ CONFIG_GETTER(property_get_control_socket, "s", const char *,
 CONFIG_GETTER(property_get_config_peer, "s", const char *, vm->cfg->peer.len ? vm->cfg->peer.text : "")
 CONFIG_GETTER(property_get_config_listen, "s", const char *, vm->cfg->listen.len ? vm->cfg->listen.text : "")
 CONFIG_GETTER(property_get_config_path, "s", const char *, vm->cfg->path ? vm->cfg->path : "")
+CONFIG_GETTER(property_get_failovers, "t", uint64_t, vm->failovers)
+CONFIG_GETTER(property_get_failover_policy, "s", const char *,
+              failover_policy_to_string(vm->cfg->failover_policy))
 
 static int method_checkpoint(sd_bus_message *msg, void *userdata, sd_bus_error *error)
 {
@@ -465,6 +506,15 @@ static int method_checkpoint_image(sd_bus_message *msg, void *userdata, sd_bus_e
                 return sd_bus_error_setf(error, vm->standby ? BUS_ERROR("NotPrimary") : BUS_ERROR("NotAttached"),
                                          "VM '%s' is not a running primary; images are taken at its seals",
                                          vm->cfg->name);
+        /* Run by systemd, the daemon writes inside dirtyrep.service's sandbox: an image in its
+         * private /tmp would "succeed" where nobody finds it. Say so instead. */
+        if (getenv("INVOCATION_ID")) {
+                _cleanup_free_ char *why = NULL;
+                if (config_check_sandbox_path("Image directory", dir, &why) < 0)
+                        return sd_bus_error_setf(error, BUS_ERROR("ImageFailed"), "%s",
+                                                 why ? why
+                                                     : "Image directory outside the service's sandbox");
+        }
         r = primary_checkpoint_image(vm->primary, dir, parent[0] ? parent : NULL, compress, image_done,
                                      sd_bus_message_ref(msg));
         if (r < 0) {
@@ -646,6 +696,14 @@ static const sd_bus_vtable vm_vtable[] = {
         SD_BUS_PROPERTY("ControlSocket", "s", property_get_control_socket, 0, 0),
         SD_BUS_PROPERTY("ConfiguredPeer", "s", property_get_config_peer, 0, 0),
         SD_BUS_PROPERTY("ConfiguredListen", "s", property_get_config_listen, 0, 0),
+        SD_BUS_PROPERTY("ServiceAddress", "s", property_get_service_address, 0, 0),
+        SD_BUS_PROPERTY("ServiceAddressState", "s", property_get_service_address_state, 0, EMITS),
+        SD_BUS_PROPERTY("FailoverPolicy", "s", property_get_failover_policy, 0, 0),
+        SD_BUS_PROPERTY("Failovers", "t", property_get_failovers, 0, 0),
+        SD_BUS_PROPERTY("SyncBytesDone", "t", property_get_sync_done, 0, 0),
+        SD_BUS_PROPERTY("SyncBytesTotal", "t", property_get_sync_total, 0, 0),
+        SD_BUS_PROPERTY("SyncUSec", "t", property_get_sync_elapsed, 0, 0),
+        SD_BUS_PROPERTY("LastSyncUSec", "t", property_get_last_sync_usec, 0, 0),
         SD_BUS_METHOD_WITH_ARGS("Checkpoint", SD_BUS_NO_ARGS, SD_BUS_RESULT("t", epoch), method_checkpoint,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Attach", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_attach,
@@ -693,7 +751,7 @@ void bus_vm_check_changes(Manager *m, Vm *vm)
         _cleanup_free_ char *path = NULL;
         VmAnnounced now = {.valid = true};
         VmAnnounced *a = &vm->announced;
-        const char *changed[8];
+        const char *changed[10];
         size_t n = 0;
         ReplStatus st;
 
@@ -704,14 +762,27 @@ void bus_vm_check_changes(Manager *m, Vm *vm)
         copy_field(now.peer, sizeof(now.peer), st.peer);
         now.link_up = st.link_up;
         now.attached = vm_is_attached(vm);
+        (void) failover_service_address_state(vm->failover, now.address_state, sizeof(now.address_state));
 
-        if (!a->valid || !streq(a->role, now.role))
+        if (!a->valid || !streq(a->role, now.role)) {
                 changed[n++] = "Role";
+                if (a->valid && streq(a->role, "standby") && streq(now.role, "primary"))
+                        log_event(LOG_NOTICE, DR_MESSAGE_FAILOVER, vm->cfg->name, st.last_committed,
+                                  "VM %s: failed over: this host is now the primary, from the replica of "
+                                  "epoch %" PRIu64,
+                                  vm->cfg->name, st.last_committed);
+        }
         if (!a->valid || !streq(a->state, now.state)) {
                 changed[n++] = "State";
                 changed[n++] = "Protected";
-                log_info("VM %s: %s %s%s%s", vm->cfg->name, now.role, now.state, now.detail[0] ? ": " : "",
-                         now.detail);
+                /* One record per state change, with its kind: journalctl MESSAGE_ID=... finds them all. */
+                log_event(streq(now.state, "failed")      ? LOG_ERR
+                          : streq(now.state, "protected") ? LOG_INFO
+                                                          : LOG_NOTICE,
+                          journal_state_message_id(now.state), vm->cfg->name,
+                          streq(now.role, "primary") ? st.last_sealed : st.last_committed,
+                          "VM %s: %s %s%s%s", vm->cfg->name, now.role, now.state, now.detail[0] ? ": " : "",
+                          now.detail);
         }
         if (!a->valid || !streq(a->detail, now.detail))
                 changed[n++] = "Detail";
@@ -721,6 +792,13 @@ void bus_vm_check_changes(Manager *m, Vm *vm)
                 changed[n++] = "LinkUp";
         if (!a->valid || a->attached != now.attached)
                 changed[n++] = "Attached";
+        if (!a->valid || !streq(a->address_state, now.address_state)) {
+                changed[n++] = "ServiceAddressState";
+                if (a->valid || !streq(now.address_state, "none"))
+                        log_event(strstr(now.address_state, "failed") ? LOG_ERR : LOG_NOTICE,
+                                  DR_MESSAGE_ADDRESS, vm->cfg->name, 0, "VM %s: service address %s",
+                                  vm->cfg->name, now.address_state);
+        }
         changed[n] = NULL;
         *a = now;
         if (n == 0 || !m->bus || vm_object_path(vm->cfg->name, &path) < 0)

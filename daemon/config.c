@@ -10,6 +10,7 @@
 #include <arpa/inet.h>
 #include <assert.h>
 #include <dirent.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -410,16 +411,138 @@ static int parse_choice(const KeyDef *k, const char *value, void *field, char *p
         return -EINVAL;
 }
 
+/* systemd's booleans (parse_boolean()): yes/no, true/false, on/off, 1/0, y/n, t/f, any case. */
+int config_parse_boolean(const char *v)
+{
+        static const char *const yes[] = {"1", "yes", "y", "true", "t", "on"};
+        static const char *const no[] = {"0", "no", "n", "false", "f", "off"};
+
+        for (size_t i = 0; i < ELEMENTSOF(yes); i++)
+                if (strcasecmp(v, yes[i]) == 0)
+                        return 1;
+        for (size_t i = 0; i < ELEMENTSOF(no); i++)
+                if (strcasecmp(v, no[i]) == 0)
+                        return 0;
+        return -EINVAL;
+}
+
 static int parse_yes_no(const KeyDef *k, const char *value, void *field, char *problem, size_t psize)
 {
-        if (streq(value, "yes"))
-                *(bool *) field = true;
-        else if (streq(value, "no"))
-                *(bool *) field = false;
-        else {
+        int b = config_parse_boolean(value);
+
+        if (b < 0) {
                 snprintf(problem, psize, "must be yes or no");
                 return -EINVAL;
         }
+        *(bool *) field = b;
+        return 0;
+}
+
+/*
+ * systemd-style time spans (parse_sec()): "20ms", "2s", "1.5s", "1min 30s",
+ * a sum of NUMBER[UNIT] terms, with or without blanks between them. A bare
+ * number is milliseconds, the unit these keys always had ("EpochMs=20").
+ */
+int config_parse_msec(const char *s, uint64_t *ret)
+{
+        static const struct {
+                const char *suffix;
+                uint64_t usec;
+        } units[] = {
+                /* Longest first where one is a prefix of another ("msec" before "ms" before "m"). */
+                {"usec", 1},
+                {"us", 1},
+                {"msec", 1000},
+                {"ms", 1000},
+                {"seconds", 1000000},
+                {"second", 1000000},
+                {"sec", 1000000},
+                {"s", 1000000},
+                {"minutes", 60000000},
+                {"minute", 60000000},
+                {"min", 60000000},
+                {"m", 60000000},
+                {"hours", 3600000000ULL},
+                {"hour", 3600000000ULL},
+                {"hr", 3600000000ULL},
+                {"h", 3600000000ULL},
+        };
+        uint64_t total = 0; /* microseconds */
+        bool any = false;
+
+        for (const char *p = s;;) {
+                uint64_t whole = 0, frac = 0, frac_div = 1, unit = 1000;
+                bool digits = false;
+                size_t ul;
+
+                while (*p == ' ' || *p == '\t')
+                        p++;
+                if (!*p)
+                        break;
+                for (; *p >= '0' && *p <= '9'; p++, digits = true) {
+                        if (whole > (UINT64_MAX / 10) - 10)
+                                return -ERANGE;
+                        whole = whole * 10 + (uint64_t) (*p - '0');
+                }
+                if (*p == '.') {
+                        p++;
+                        for (; *p >= '0' && *p <= '9'; p++, digits = true)
+                                if (frac_div < 1000000000ULL) {
+                                        frac = frac * 10 + (uint64_t) (*p - '0');
+                                        frac_div *= 10;
+                                }
+                }
+                if (!digits)
+                        return -EINVAL;
+                while (*p == ' ' || *p == '\t')
+                        p++;
+                ul = 0;
+                for (size_t i = 0; i < ELEMENTSOF(units); i++) {
+                        size_t l = strlen(units[i].suffix);
+                        if (strncmp(p, units[i].suffix, l) == 0 && !((p[l] >= 'a' && p[l] <= 'z'))) {
+                                unit = units[i].usec;
+                                ul = l;
+                                break;
+                        }
+                }
+                if (ul == 0 && *p && !(*p >= '0' && *p <= '9'))
+                        return -EINVAL; /* an unknown unit */
+                p += ul;
+                if (whole > UINT64_MAX / unit || total > UINT64_MAX - whole * unit)
+                        return -ERANGE;
+                total += whole * unit + frac * unit / frac_div;
+                any = true;
+        }
+        if (!any)
+                return -EINVAL;
+        if (total % 1000 != 0)
+                return -EDOM; /* finer than a millisecond */
+        *ret = total / 1000;
+        return 0;
+}
+
+static int parse_msec_range(const KeyDef *k, const char *value, void *field, char *problem, size_t psize)
+{
+        uint64_t v;
+        int r;
+
+        r = config_parse_msec(value, &v);
+        if (r == -EINVAL) {
+                snprintf(problem, psize,
+                         "not a time span (20ms, 2s; a bare number is milliseconds), must be "
+                         "between %" PRIu64 " and %" PRIu64,
+                         k->min, k->max);
+                return -EINVAL;
+        }
+        if (r == -EDOM) {
+                snprintf(problem, psize, "must be a whole number of milliseconds");
+                return -EINVAL;
+        }
+        if (r < 0 || v < k->min || v > k->max) {
+                snprintf(problem, psize, "must be between %" PRIu64 " and %" PRIu64, k->min, k->max);
+                return -ERANGE;
+        }
+        *(uint32_t *) field = (uint32_t) v;
         return 0;
 }
 
@@ -742,7 +865,7 @@ static const KeyDef daemon_keys[_DK_MAX] = {
         [DK_LOG_LEVEL] = {"LogLevel", parse_log_level, D(log_level)},
         [DK_STATE_DIRECTORY] = {"StateDirectory", parse_path, D(state_directory), .max = PATH_MAX - 1},
         [DK_RUNTIME_DIRECTORY] = {"RuntimeDirectory", parse_path, D(runtime_directory), .max = PATH_MAX - 1},
-        [DK_HEARTBEAT_INTERVAL] = {"HeartbeatIntervalMs", parse_uint32_range, D(heartbeat_interval_ms), 5,
+        [DK_HEARTBEAT_INTERVAL] = {"HeartbeatIntervalMs", parse_msec_range, D(heartbeat_interval_ms), 5,
                                    10000},
         [DK_HEARTBEAT_MISSES] = {"HeartbeatMisses", parse_uint32_range, D(heartbeat_misses), 1, 100},
         [DK_IMAGE_DIRECTORY] = {"ImageDirectory", parse_path, D(image_directory), .max = PATH_MAX - 1},
@@ -785,7 +908,7 @@ static const KeyDef vm_keys[_VK_MAX] = {
         [VK_CONTROL_SOCKET] = {"ControlSocket", parse_path, V(control_socket), .max = SUN_PATH_MAX},
         [VK_PEER] = {"Peer", parse_address, V(peer), .min = 1, .flags = KEY_NO_WILDCARD},
         [VK_LISTEN] = {"Listen", parse_address, V(listen), .min = 0},
-        [VK_EPOCH_MS] = {"EpochMs", parse_uint32_range, V(epoch_ms), 1, 10000},
+        [VK_EPOCH_MS] = {"EpochMs", parse_msec_range, V(epoch_ms), 1, 10000},
         [VK_TRACKING] = {"Tracking", parse_choice, V(tracking), .choices = tracking_names},
         [VK_SECRET_FILE] = {"SecretFile", parse_path, V(secret_file), .max = PATH_MAX - 1},
         [VK_MAX_INFLIGHT] = {"MaxInflightEpochs", parse_uint32_range, V(max_inflight_epochs), 1, 64},
@@ -800,8 +923,8 @@ static const KeyDef vm_keys[_VK_MAX] = {
         [VK_SERVICE_ADDRESS] = {"ServiceAddress", parse_cidr, V(service_address), .flags = KEY_EMPTY_UNSETS},
         [VK_SERVICE_INTERFACE] = {"ServiceInterface", parse_ifname, V(service_interface),
                                   .flags = KEY_EMPTY_UNSETS},
-        [VK_SPLIT_BRAIN_TIMEOUT] = {"SplitBrainTimeoutMs", parse_uint32_range, V(split_brain_timeout_ms),
-                                    100, 600000},
+        [VK_SPLIT_BRAIN_TIMEOUT] = {"SplitBrainTimeoutMs", parse_msec_range, V(split_brain_timeout_ms), 100,
+                                    600000},
         [VK_SPLIT_BRAIN_POLICY] = {"SplitBrainPolicy", parse_choice, V(split_brain_policy),
                                    .choices = split_brain_names},
         [VK_OUTPUT_COMMIT] = {"OutputCommit", parse_yes_no, V(output_commit)},
@@ -863,6 +986,47 @@ static const KeyDef *find_key(const SectionDef *sec, const char *key, bool ignor
                         return &sec->keys[i];
                 }
         return NULL;
+}
+
+/* Levenshtein distance, case-insensitive, of two short strings (keys are < 64 bytes). */
+static size_t edit_distance(const char *a, const char *b)
+{
+        size_t la = strlen(a), lb = strlen(b), row[65];
+
+        if (la > 64 || lb > 64)
+                return SIZE_MAX;
+        for (size_t j = 0; j <= lb; j++)
+                row[j] = j;
+        for (size_t i = 1; i <= la; i++) {
+                size_t diag = row[0];
+                row[0] = i;
+                for (size_t j = 1; j <= lb; j++) {
+                        size_t up = row[j];
+                        size_t cost = tolower((unsigned char) a[i - 1]) == tolower((unsigned char) b[j - 1])
+                                              ? 0
+                                              : 1;
+                        row[j] = MIN(MIN(row[j] + 1, row[j - 1] + 1), diag + cost);
+                        diag = up;
+                }
+        }
+        return row[lb];
+}
+
+/* The key a misspelling most likely meant: same letters in another case, or the closest
+ * one within an edit distance of 1 for short keys, up to 3 for long ones. NULL: none. */
+static const KeyDef *find_similar_key(const SectionDef *sec, const char *key)
+{
+        const KeyDef *best = NULL;
+        size_t best_d = SIZE_MAX, limit = strlen(key) <= 4 ? 1 : strlen(key) <= 10 ? 2 : 3;
+
+        for (size_t i = 0; i < sec->n_keys; i++) {
+                size_t d = edit_distance(key, sec->keys[i].name);
+                if (d < best_d) {
+                        best_d = d;
+                        best = &sec->keys[i];
+                }
+        }
+        return best_d <= limit ? best : NULL;
 }
 
 /*
@@ -970,7 +1134,7 @@ static int ini_parse(const char *path, const char *text, size_t len, const Secti
 
                 k = find_key(sec, key, false, &ki);
                 if (!k) {
-                        const KeyDef *similar = find_key(sec, key, true, &ki);
+                        const KeyDef *similar = find_similar_key(sec, key);
                         if (similar)
                                 error_add(e, path, lineno,
                                           "unknown key %s= in section [%s], did you mean %s=?",
@@ -1130,6 +1294,167 @@ static const char *tls_missing(const VmConfig *v, bool cert_given, bool key_give
         return NULL;
 }
 
+/* ---------------------------------------------------------------------- */
+/* VmmArgs= against what failover activation passes */
+
+/*
+ * dirtyrep-vmm's options (vmm/ref/main.c, parse_argv(); the unit test
+ * operator-check-config compares this table with `dirtyrep-vmm --help`).
+ * getopt_long() takes any unambiguous prefix of a long option ("--mem" is
+ * --memory), so the check below resolves VmmArgs= the same way. reason:
+ * why activation cannot take it from VmmArgs=, NULL when it may.
+ */
+static const struct VmmOption {
+        const char *name;
+        char short_name; /* 0: none */
+        bool has_arg;
+        const char *reason;
+} vmm_options[] = {
+        {"help", 'h', false, "it prints the help and exits"},
+        {"version", 0, false, "it prints the version and exits"},
+        {"check", 0, false, "it only checks the arguments and exits"},
+        {"kernel", 'k', true, "activation restores the replica (--restore), it boots no kernel"},
+        {"append", 'a', true, "activation restores the replica (--restore), it boots no kernel"},
+        {"memory", 'm', true, "the RAM size is the replica's"},
+        {"cpus", 'c', true, "the vCPU count is the replica's"},
+        {"name", 'n', true, "activation passes --name NAME itself"},
+        {"uuid", 0, true, NULL},
+        {"tracking", 0, true, NULL},
+        {"ring-entries", 0, true, NULL},
+        {"control", 0, true, "activation passes --control with ControlSocket="},
+        {"console", 0, true, NULL},
+        {"console-commit", 0, false, NULL},
+        {"service-listen", 0, true, NULL},
+        {"restore", 0, true, "activation passes --restore with the replica's state"},
+        {"restore-image", 0, true, "activation restores the replica, not an image"},
+        {"ram", 0, true, "activation passes the replica's RAM (--ram-fd)"},
+        {"ram-fd", 0, true, "activation passes the replica's RAM (--ram-fd)"},
+        {"ready-fd", 0, true, "activation passes --ready-fd itself"},
+};
+
+const char *const *config_vmm_option_names(size_t *ret_n)
+{
+        static const char *names[ELEMENTSOF(vmm_options)];
+
+        for (size_t i = 0; i < ELEMENTSOF(vmm_options); i++)
+                names[i] = vmm_options[i].name;
+        *ret_n = ELEMENTSOF(vmm_options);
+        return names;
+}
+
+/* The long option "--word" (without "--" and "=...") stands for, as getopt_long() resolves it:
+ * an exact name, else the only option it is a prefix of. NULL: unknown or ambiguous. */
+static const struct VmmOption *vmm_long_option(const char *word, size_t len)
+{
+        const struct VmmOption *found = NULL;
+        size_t n = 0;
+
+        for (size_t i = 0; i < ELEMENTSOF(vmm_options); i++) {
+                if (strlen(vmm_options[i].name) == len && strncmp(vmm_options[i].name, word, len) == 0)
+                        return &vmm_options[i];
+                if (len > 0 && strncmp(vmm_options[i].name, word, len) == 0) {
+                        found = &vmm_options[i];
+                        n++;
+                }
+        }
+        return n == 1 ? found : NULL;
+}
+
+int config_vmm_args_scan(char *const *args, size_t n_args, ConfigVmmArgFn fn, void *userdata)
+{
+        for (size_t i = 0; i < n_args; i++) {
+                const char *a = args[i];
+                const struct VmmOption *o = NULL;
+                const char *value = NULL;
+                int r;
+
+                if (streq(a, "--"))
+                        break;
+                if (a[0] == '-' && a[1] == '-') {
+                        const char *eq = strchr(a + 2, '=');
+                        size_t len = eq ? (size_t) (eq - a - 2) : strlen(a + 2);
+
+                        o = vmm_long_option(a + 2, len);
+                        if (!o)
+                                continue; /* unknown or ambiguous: the VMM's own check says so */
+                        if (eq)
+                                value = eq + 1;
+                        else if (o->has_arg && i + 1 < n_args)
+                                value = args[++i];
+                } else if (a[0] == '-' && a[1]) {
+                        /* A cluster of short options: "-m2G", "-hm 2G". */
+                        for (const char *p = a + 1; *p && !o; p++)
+                                for (size_t k = 0; k < ELEMENTSOF(vmm_options); k++)
+                                        if (vmm_options[k].short_name == *p) {
+                                                if (vmm_options[k].has_arg) {
+                                                        o = &vmm_options[k];
+                                                        value = p[1]             ? p + 1
+                                                                : i + 1 < n_args ? args[++i]
+                                                                                 : NULL;
+                                                } else {
+                                                        r = fn(&vmm_options[k].name[0], a,
+                                                               vmm_options[k].reason, NULL, userdata);
+                                                        if (r < 0)
+                                                                return r;
+                                                }
+                                                break;
+                                        }
+                        if (!o)
+                                continue;
+                } else
+                        continue;
+                r = fn(o->name, a, o->reason, value, userdata);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+typedef struct VmmConflicts {
+        ErrorList *e;
+        const char *path;
+        unsigned line;
+} VmmConflicts;
+
+static int vmm_arg_conflict(const char *option, const char *as_written, const char *reason,
+                            const char *value, void *userdata)
+{
+        VmmConflicts *c = userdata;
+        char esc[ESCAPE_BUF_SIZE];
+
+        if (!reason)
+                return 0;
+        if (strncmp(as_written, "--", 2) == 0 && strncmp(as_written + 2, option, strlen(option)) != 0)
+                error_add(c->e, c->path, c->line,
+                          "VmmArgs=: %s is read by the VMM as --%s, which must not be "
+                          "set here: %s",
+                          escape_value(as_written, esc, sizeof(esc)), option, reason);
+        else
+                error_add(c->e, c->path, c->line, "VmmArgs=: %s (--%s) must not be set here: %s",
+                          escape_value(as_written, esc, sizeof(esc)), option, reason);
+        return 0;
+}
+
+/*
+ * What failover needs of a VM's configuration, checked for both roles (a
+ * primary becomes a standby at demotion and a primary again at the next
+ * failover): a standby that fails over by itself needs the Peer= it will
+ * then replicate to (without it, vm_promote() refuses at the worst moment),
+ * and VmmArgs= must not set what activation passes.
+ */
+static void check_failover_needs(const VmConfig *v, ErrorList *e, const char *path, unsigned policy_line,
+                                 unsigned args_line)
+{
+        VmmConflicts c = {.e = e, .path = path, .line = args_line};
+
+        if (v->role == VM_ROLE_STANDBY && v->failover_policy == FAILOVER_POLICY_AUTO && v->peer.len == 0)
+                error_add(
+                        e, path, policy_line,
+                        "FailoverPolicy=auto requires Peer=ADDRESS:PORT: after a failover this host is the "
+                        "primary and replicates to the old primary's host (set Peer= to its Listen=)");
+        (void) config_vmm_args_scan(v->vmm_args, v->n_vmm_args, vmm_arg_conflict, &c);
+}
+
 /* Parses one VM file into e; returns 0 (check e->any), or -ENOMEM. */
 static int vm_parse(const char *path, const char *name, const char *text, size_t len, VmConfig **ret,
                     ErrorList *e)
@@ -1173,6 +1498,11 @@ static int vm_parse(const char *path, const char *name, const char *text, size_t
                 if (v->service_interface && v->service_address.family == AF_UNSPEC && !sa_bad)
                         error_add(e, path, pr.line[VK_SERVICE_INTERFACE],
                                   "ServiceInterface= is only meaningful with ServiceAddress=");
+                if (pr.valid[VK_ROLE] && !(pr.line[VK_PEER] > 0 && !pr.valid[VK_PEER]))
+                        check_failover_needs(v, e, path,
+                                             pr.line[VK_FAILOVER_POLICY] ? pr.line[VK_FAILOVER_POLICY]
+                                                                         : pr.line[VK_ROLE],
+                                             pr.line[VK_VMM_ARGS]);
                 if (v->tls) {
                         const char *missing =
                                 tls_missing(v, pr.line[VK_TLS_CERT] > 0 && !pr.valid[VK_TLS_CERT],
@@ -1293,6 +1623,107 @@ int config_validate(const Config *c, char **ret_errors)
 
         validate_into(c, &e);
         error_file_done(&e, "cross-file checks");
+        if (e.any)
+                return error_list_finish(&e, -EINVAL, ret_errors);
+        error_list_done(&e);
+        return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Paths the service's sandbox makes read-only */
+
+const char *const config_sandbox_writable[] = {DEFAULT_RUNTIME_DIRECTORY, DEFAULT_STATE_DIRECTORY, NULL};
+static const char *const sandbox_private[] = {"/tmp", "/var/tmp", NULL};
+
+static bool path_is_under(const char *path, const char *dir)
+{
+        size_t n = strlen(dir);
+        return strncmp(path, dir, n) == 0 && (path[n] == 0 || path[n] == '/');
+}
+
+typedef struct SandboxCheck {
+        ErrorList *e;
+        const VmConfig *v;
+} SandboxCheck;
+
+static void sandbox_check_path(ErrorList *e, const char *origin, const char *what, const char *path)
+{
+        char esc[ESCAPE_BUF_SIZE], list[256];
+        size_t o = 0;
+
+        if (!path || path[0] != '/')
+                return;
+        for (size_t i = 0; config_sandbox_writable[i]; i++)
+                if (path_is_under(path, config_sandbox_writable[i]))
+                        return;
+        for (size_t i = 0; config_sandbox_writable[i] && o < sizeof(list); i++)
+                o += (size_t) snprintf(list + o, sizeof(list) - o, "%s%s", i ? ", " : "",
+                                       config_sandbox_writable[i]);
+        for (size_t i = 0; sandbox_private[i]; i++)
+                if (path_is_under(path, sandbox_private[i])) {
+                        error_add(e, origin, 0,
+                                  "%s %s is in the service's private %s (PrivateTmp=yes): nobody outside "
+                                  "dirtyrep.service sees it; use a path under %s",
+                                  what, escape_value(path, esc, sizeof(esc)), sandbox_private[i], list);
+                        return;
+                }
+        error_add(e, origin, 0,
+                  "%s %s is read-only for dirtyrep.service (ProtectSystem=strict; writable: %s); move it "
+                  "there, or add ReadWritePaths= for it in a drop-in (systemctl edit dirtyrep)",
+                  what, escape_value(path, esc, sizeof(esc)), list);
+}
+
+static int sandbox_vmm_arg(const char *option, const char *as_written, const char *reason, const char *value,
+                           void *userdata)
+{
+        SandboxCheck *c = userdata;
+        char what[96];
+
+        if (!streq(option, "console") || !value || streq(value, "-"))
+                return 0;
+        snprintf(what, sizeof(what), "VmmArgs= console file (%s)", as_written);
+        sandbox_check_path(c->e, c->v->path, what, value);
+        return 0;
+}
+
+int config_check_sandbox_path(const char *what, const char *path, char **ret_error)
+{
+        ErrorList e = {};
+
+        sandbox_check_path(&e, "dirtyrep.service", what, path);
+        if (e.any)
+                return error_list_finish(&e, -EROFS, ret_error);
+        error_list_done(&e);
+        return 0;
+}
+
+int config_check_sandbox(const Config *c, char **ret_errors)
+{
+        ErrorList e = {};
+
+        if (c->daemon) {
+                const char *origin = c->daemon->path ? c->daemon->path : "defaults";
+                sandbox_check_path(&e, origin, "StateDirectory=", c->daemon->state_directory);
+                sandbox_check_path(&e, origin, "RuntimeDirectory=", c->daemon->runtime_directory);
+        }
+        for (size_t i = 0; i < c->n_vms; i++) {
+                const VmConfig *v = c->vms[i];
+                SandboxCheck sc = {.e = &e, .v = v};
+
+                /* The VMM that failover starts creates its socket there, inside the sandbox. */
+                if (v->control_socket) {
+                        _cleanup_free_ char *dir = strdup(v->control_socket);
+                        char *slash;
+                        if (!dir)
+                                return error_list_finish(&e, -ENOMEM, ret_errors);
+                        slash = strrchr(dir, '/');
+                        if (slash)
+                                *(slash == dir ? slash + 1 : slash) = 0;
+                        sandbox_check_path(&e, v->path, "ControlSocket= directory", dir);
+                }
+                (void) config_vmm_args_scan(v->vmm_args, v->n_vmm_args, sandbox_vmm_arg, &sc);
+        }
+        error_file_done(&e, "sandbox checks (dirtyrep.service)");
         if (e.any)
                 return error_list_finish(&e, -EINVAL, ret_errors);
         error_list_done(&e);
@@ -1486,7 +1917,7 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                 }
                 k = find_key(&vm_section, key, false, &ki);
                 if (!k) {
-                        const KeyDef *similar = find_key(&vm_section, key, true, &ki);
+                        const KeyDef *similar = find_similar_key(&vm_section, key);
                         if (similar)
                                 error_add(&e, origin, 0, "unknown key %s= in section [VM], did you mean %s=?",
                                           escape_value(key, esc, sizeof(esc)), similar->name);
@@ -1534,6 +1965,9 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                 if (v->service_interface && v->service_address.family == AF_UNSPEC)
                         error_add(&e, origin, 0, "ServiceInterface= is only meaningful with ServiceAddress=");
         }
+        if ((!is_new || valid[VK_ROLE]) && !(given[VK_PEER] && !valid[VK_PEER]) &&
+            !(given[VK_VMM_ARGS] && !valid[VK_VMM_ARGS]))
+                check_failover_needs(v, &e, origin, 0, 0);
         if (v->tls) {
                 const char *missing = tls_missing(v, given[VK_TLS_CERT] && !valid[VK_TLS_CERT],
                                                   given[VK_TLS_KEY] && !valid[VK_TLS_KEY],

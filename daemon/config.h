@@ -35,7 +35,7 @@
  * | ImageDirectory=     | STATEDIR/images   | absolute path: CheckpointImage over    |
  * |                     |                   | D-Bus writes and reads images only     |
  * |                     |                   | below it                               |
- * | HeartbeatIntervalMs=| 50                | 5..10000                               |
+ * | HeartbeatIntervalMs=| 50                | 5..10000 ms (time span, e.g. 50ms)     |
  * | HeartbeatMisses=    | 4                 | 1..100                                 |
  *
  * vm.d/NAME.conf [VM]
@@ -47,7 +47,7 @@
  * |                     |                          | 1..65535, not a wildcard address|
  * | Listen=             | (required for standby)   | IPV4:PORT or [IPV6]:PORT, port  |
  * |                     |                          | 0..65535 (0 = ephemeral)        |
- * | EpochMs=            | 20                       | 1..10000                        |
+ * | EpochMs=            | 20                       | 1..10000 ms (time span: 20ms, 2s)|
  * | Tracking=           | auto                     | auto, ring, bitmap              |
  * | SecretFile=         | (required)               | absolute path                   |
  * | MaxInflightEpochs=  | 4                        | 1..64                           |
@@ -63,7 +63,7 @@
  * | ServiceAddress= (e) | none                     | IPV4/PREFIX or IPV6/PREFIX;     |
  * |                     |                          | needs ServiceInterface=         |
  * | ServiceInterface=(e)| none                     | interface name, 1..15 bytes     |
- * | SplitBrainTimeoutMs=| 5000                     | 100..600000                     |
+ * | SplitBrainTimeoutMs=| 5000                     | 100..600000 ms (time span: 5s)  |
  * | SplitBrainPolicy=   | suspend                  | suspend, continue               |
  * | OutputCommit=       | yes                      | yes, no                         |
  * | ConsoleCommit=      | no                       | yes, no                         |
@@ -77,6 +77,12 @@
  * |                     |  the CA signed)          | must carry (SAN or CN)          |
  * (1) /run/dirtyrep/NAME.sock from config_parse_vm_file(); config_load()
  *     re-derives it from the daemon's RuntimeDirectory= when that is set.
+ *
+ * Booleans (yes, no) are systemd's: also true/false, on/off, 1/0. Keys in
+ * milliseconds take systemd time spans ("20ms", "2s"; a bare number is ms).
+ * A misspelt key gets "did you mean" with the closest key (edit distance).
+ * A standby with FailoverPolicy=auto needs Peer=; VmmArgs= must not set
+ * what failover activation passes (--memory, --control, ...).
  *
  * Role-specific keys are accepted for both roles (a standby becomes primary
  * at failover and then needs what a primary needs); only the "required for"
@@ -304,6 +310,45 @@ int format_socket_address(const struct sockaddr_storage *sa, socklen_t len, char
  */
 int config_apply_vm_settings(Config *c, const char *name, char *const *assignments, size_t n_assignments,
                              const char *origin, char **ret_errors);
+
+/*
+ * systemd-style values. config_parse_boolean(): 1 for yes/true/on/1/y/t, 0
+ * for no/false/off/0/n/f (any case), -EINVAL otherwise.
+ * config_parse_msec(): a time span ("20ms", "2s", "1.5s", "1min 30s"; a
+ * bare number is milliseconds) in milliseconds; -EINVAL bad syntax or unit,
+ * -ERANGE overflow, -EDOM not a whole number of milliseconds.
+ */
+int config_parse_boolean(const char *v);
+int config_parse_msec(const char *s, uint64_t *ret);
+
+/*
+ * VmmArgs= as dirtyrep-vmm's getopt_long() reads it (abbreviations such as
+ * "--mem" for --memory, "-m2G", "--console=FILE" included): fn is called
+ * for every option recognised, with its full name, the word as written,
+ * why failover activation cannot take it from VmmArgs= (NULL: it may) and
+ * its value (NULL: none). Unknown and ambiguous options are skipped (the
+ * VMM's own --check reports them). Returns 0 or fn's negative return.
+ */
+typedef int (*ConfigVmmArgFn)(const char *option, const char *as_written, const char *reason,
+                              const char *value, void *userdata);
+int config_vmm_args_scan(char *const *args, size_t n_args, ConfigVmmArgFn fn, void *userdata);
+/* The long option names the scan knows (a static table). */
+const char *const *config_vmm_option_names(size_t *ret_n);
+
+/*
+ * dirtyrep.service runs dirtyrepd with ProtectSystem=strict and
+ * PrivateTmp=yes: only config_sandbox_writable (its RuntimeDirectory= and
+ * StateDirectory=) can be written. config_check_sandbox() reports every
+ * path the daemon or the VMM it starts at failover writes (StateDirectory=,
+ * RuntimeDirectory=, each ControlSocket='s directory, a --console file in
+ * VmmArgs=) outside them, or in the private /tmp. 0, or -EINVAL and the
+ * errors.
+ */
+extern const char *const config_sandbox_writable[];
+int config_check_sandbox(const Config *c, char **ret_errors);
+/* The same for one path the daemon is asked to write (what names it in the message): 0, or
+ * -EROFS and the message. */
+int config_check_sandbox_path(const char *what, const char *path, char **ret_error);
 
 /* A deep copy of d (for a VM that outlives a reload). NULL on OOM. */
 DaemonConfig *daemon_config_copy(const DaemonConfig *d);

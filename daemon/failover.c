@@ -57,6 +57,8 @@ struct Failover {
         sd_event_source *ready_source;
 
         bool address_up;
+        int address_error;     /* the last add/remove failed with this (0: it did not) */
+        bool address_error_up; /* ... and it was an add */
 };
 
 static int pidfd_open_(pid_t pid)
@@ -470,6 +472,8 @@ int failover_service_address(Failover *f, bool up)
         takeover_format(&f->vm->service_address, a, sizeof(a));
         if (up) {
                 r = takeover_add(f->vm->service_interface, &f->vm->service_address);
+                f->address_error = r < 0 ? r : 0;
+                f->address_error_up = true;
                 if (r < 0)
                         return log_error_errno(r, "VM %s: cannot take over service address %s on %s: %m",
                                                f->vm->name, a, f->vm->service_interface);
@@ -478,6 +482,8 @@ int failover_service_address(Failover *f, bool up)
                 f->address_up = true;
         } else {
                 r = takeover_remove(f->vm->service_interface, &f->vm->service_address);
+                f->address_error = r < 0 ? r : 0;
+                f->address_error_up = false;
                 if (r < 0)
                         return log_error_errno(r, "VM %s: cannot remove service address %s from %s: %m",
                                                f->vm->name, a, f->vm->service_interface);
@@ -487,6 +493,18 @@ int failover_service_address(Failover *f, bool up)
                 f->address_up = false;
         }
         return 0;
+}
+
+const char *failover_service_address_state(Failover *f, char *buf, size_t size)
+{
+        if (!f || f->vm->service_address.family == AF_UNSPEC || !f->vm->service_interface)
+                snprintf(buf, size, "none");
+        else if (f->address_error < 0)
+                snprintf(buf, size, "%s failed: %s", f->address_error_up ? "takeover" : "release",
+                         strerror(-f->address_error));
+        else
+                snprintf(buf, size, "%s", f->address_up ? "held" : "released");
+        return buf;
 }
 
 /* ---- object --------------------------------------------------------------------------- */

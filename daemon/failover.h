@@ -65,3 +65,6 @@ void failover_stop_vmm(Failover *f);
 /* Takes (up) or gives up (!up) ServiceAddress= on ServiceInterface=; logs.
  * 0 when not configured. */
 int failover_service_address(Failover *f, bool up);
+/* The service address as the operator sees it: "none" (not configured), "held", "released",
+ * or "takeover failed: ERROR" / "release failed: ERROR" (the last attempt). Returns buf. */
+const char *failover_service_address_state(Failover *f, char *buf, size_t size);

@@ -35,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <systemd/sd-daemon.h>
@@ -43,8 +44,10 @@
 
 #include "bus.h"
 #include "caps.h"
+#include "check.h"
 #include "config.h"
 #include "dirtyrep-build.h"
+#include "journal.h"
 #include "log.h"
 #include "macros.h"
 #include "manager.h"
@@ -76,6 +79,8 @@ static const char *arg_config_dir = SYSCONFDIR "/dirtyrep/vm.d";
 static const char *arg_debug_socket;
 static bool arg_keep_capabilities;
 static bool arg_check_config;
+typedef enum SandboxMode { SANDBOX_AUTO, SANDBOX_UNIT, SANDBOX_NONE } SandboxMode;
+static SandboxMode arg_sandbox = SANDBOX_AUTO;
 typedef enum BusMode { BUS_AUTO, BUS_SYSTEM, BUS_NONE } BusMode;
 static BusMode arg_bus = BUS_AUTO;
 static const char *arg_bus_address;
@@ -391,6 +396,124 @@ static void log_error_lines(const char *text)
                 log_error("%s", l);
 }
 
+/*
+ * Whether paths are checked against dirtyrep.service's sandbox: asked for,
+ * or (auto) the configuration is the one the unit reads (the default files,
+ * nothing from the command line), or this process was started by systemd.
+ */
+static bool sandbox_applies(void)
+{
+        if (arg_sandbox != SANDBOX_AUTO)
+                return arg_sandbox == SANDBOX_UNIT;
+        if (getenv("INVOCATION_ID"))
+                return true;
+        return arg_n_vms == 0 && arg_config && arg_config_dir &&
+               streq(arg_config, SYSCONFDIR "/dirtyrep/dirtyrep.conf") &&
+               streq(arg_config_dir, SYSCONFDIR "/dirtyrep/vm.d");
+}
+
+/* --check-config: the parser's checks passed; now the ones that need the system. Exit status. */
+static int check_config(const Config *config)
+{
+        _cleanup_free_ char *sandbox_errors = NULL, *system_errors = NULL;
+        int r, ret = 0;
+
+        if (sandbox_applies()) {
+                r = config_check_sandbox(config, &sandbox_errors);
+                if (r < 0) {
+                        log_error_lines(sandbox_errors ? sandbox_errors : strerror(-r));
+                        ret = 1;
+                }
+        }
+        r = check_config_system(config, &system_errors);
+        if (r < 0) {
+                log_error_lines(system_errors ? system_errors : strerror(-r));
+                ret = 1;
+        }
+        if (ret != 0) {
+                log_error("Configuration is invalid (%s, %s/*.conf%s): the daemon would start, but these would "
+                          "fail a VM or its failover",
+                          arg_config ?: "no main file", arg_config_dir ?: "no VM directory",
+                          arg_n_vms > 0 ? ", command line" : "");
+                return ret;
+        }
+        printf("Configuration OK: %zu VM(s)%s\n", config->n_vms,
+               sandbox_applies() ? ", paths fit dirtyrep.service's sandbox" : "");
+        for (size_t i = 0; i < config->n_vms; i++)
+                printf("  %s: %s (%s)\n", config->vms[i]->name, vm_role_to_string(config->vms[i]->role),
+                       config->vms[i]->path);
+        return 0;
+}
+
+/* At start-up the same checks only warn: the VMs start anyway, the journal says what would fail. */
+static void check_config_at_start(const Config *config)
+{
+        _cleanup_free_ char *errors = NULL;
+        _cleanup_free_ char *copy = NULL;
+        char *save = NULL;
+
+        if (getenv("INVOCATION_ID") && config_check_sandbox(config, &errors) < 0 && errors) {
+                copy = TAKE_PTR(errors);
+                for (char *l = strtok_r(copy, "\n", &save); l; l = strtok_r(NULL, "\n", &save))
+                        log_warning("%s", l);
+                copy = mfree(copy);
+        }
+        /* A standby's VMM check: it is what its failover would run. */
+        for (size_t i = 0; i < config->n_vms; i++)
+                check_log_standby(config->vms[i]);
+}
+
+/*
+ * One dirtyrepd per runtime directory: a second one (same configuration,
+ * by mistake) would fight over addresses, sockets and the bus name, and on
+ * its way out remove what the first one holds. The lock is taken before
+ * anything is touched; a loser exits without touching anything. The fd
+ * stays open (and locked) for the life of the process; the file is never
+ * removed (removing it would let a third daemon lock a new inode).
+ */
+static int lock_fd = -EBADF;
+
+static int take_instance_lock(const char *runtime_directory)
+{
+        _cleanup_free_ char *path = NULL;
+        char pid[32] = "";
+        int fd, r;
+
+        if (asprintf(&path, "%s/dirtyrepd.lock", runtime_directory) < 0)
+                return log_oom();
+        if (mkdir(runtime_directory, 0755) < 0 && errno != EEXIST)
+                return log_error_errno(-errno, "Cannot create RuntimeDirectory=%s: %m", runtime_directory);
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, 0644);
+        if (fd < 0)
+                return log_error_errno(-errno, "Cannot open the instance lock %s: %m", path);
+        if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+                r = -errno;
+                if (r == -EWOULDBLOCK) {
+                        char who[48] = "";
+                        ssize_t k = pread(fd, pid, sizeof(pid) - 1, 0);
+                        pid[k > 0 ? k : 0] = 0;
+                        pid[strspn(pid, "0123456789")] = 0;
+                        if (pid[0])
+                                snprintf(who, sizeof(who), " (PID %s)", pid);
+                        safe_close(fd);
+                        return log_struct_internal(LOG_ERR, -EBUSY, __FILE__, __LINE__, __func__,
+                                                   DR_MESSAGE_ALREADY_RUNNING, NULL, 0,
+                                                   "Another dirtyrepd%s is running with RuntimeDirectory=%s (it "
+                                                   "holds %s). This one exits without touching anything. Use "
+                                                   "dirtyrepctl to talk to it, or stop it first (systemctl stop "
+                                                   "dirtyrep).",
+                                                   who, runtime_directory, path);
+                }
+                safe_close(fd);
+                return log_error_errno(r, "Cannot lock %s: %m", path);
+        }
+        snprintf(pid, sizeof(pid), "%d\n", (int) getpid());
+        if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, strlen(pid), 0) < 0)
+                log_warning("Cannot write the PID into %s: %s", path, strerror(errno));
+        lock_fd = fd;
+        return 0;
+}
+
 static void help(void)
 {
         printf("Usage: dirtyrepd [OPTIONS] [--vm NAME VM-OPTIONS]...\n\n"
@@ -399,7 +522,10 @@ static void help(void)
                "     --version                Show the version\n"
                "  -c --config FILE            Main configuration (default %s; \"\" for none)\n"
                "  -d --config-dir DIR         Per-VM configuration files (default %s; \"\" for none)\n"
-               "     --check-config           Validate the configuration and exit\n"
+               "     --check-config           Validate the configuration and exit (also reads the secret\n"
+               "                              files and asks the VMM to --check VmmArgs=)\n"
+               "     --sandbox=auto|unit|none With --check-config: check paths against dirtyrep.service's\n"
+               "                              sandbox (auto: for the default configuration files)\n"
                "     --bus=auto|system|none   D-Bus API on the system bus: auto (default) runs without it\n"
                "                              when there is no bus, system requires it\n"
                "     --bus-address=ADDRESS    Serve the D-Bus API on this bus instead (required)\n"
@@ -471,6 +597,7 @@ static int parse_argv(int argc, char **argv)
         enum {
                 ARG_VERSION = 0x100,
                 ARG_CHECK,
+                ARG_SANDBOX,
                 ARG_DEBUG,
                 ARG_KEEP_CAPS,
                 ARG_BUS,
@@ -498,6 +625,7 @@ static int parse_argv(int argc, char **argv)
                 { "config", required_argument, NULL, 'c' },
                 { "config-dir", required_argument, NULL, 'd' },
                 { "check-config", no_argument, NULL, ARG_CHECK },
+                { "sandbox", required_argument, NULL, ARG_SANDBOX },
                 { "debug-socket", required_argument, NULL, ARG_DEBUG },
                 { "bus", required_argument, NULL, ARG_BUS },
                 { "bus-address", required_argument, NULL, ARG_BUS_ADDRESS },
@@ -505,7 +633,7 @@ static int parse_argv(int argc, char **argv)
                 { "set", required_argument, NULL, ARG_SET },
                 { "keep-capabilities", no_argument, NULL, ARG_KEEP_CAPS },
         };
-        size_t n_opts = 11;
+        size_t n_opts = 12;
         int c, r;
 
         for (size_t i = 0; i < ELEMENTSOF(vm_options); i++)
@@ -529,6 +657,17 @@ static int parse_argv(int argc, char **argv)
                         break;
                 case ARG_CHECK:
                         arg_check_config = true;
+                        break;
+                case ARG_SANDBOX:
+                        if (streq(optarg, "auto"))
+                                arg_sandbox = SANDBOX_AUTO;
+                        else if (streq(optarg, "unit"))
+                                arg_sandbox = SANDBOX_UNIT;
+                        else if (streq(optarg, "none"))
+                                arg_sandbox = SANDBOX_NONE;
+                        else
+                                return log_error_errno(-EINVAL, "--sandbox= must be auto, unit or none, not '%s'",
+                                                       optarg);
                         break;
                 case ARG_DEBUG:
                         arg_debug_socket = optarg;
@@ -581,8 +720,9 @@ static int parse_argv(int argc, char **argv)
 static void log_config_errors(int r, const char *errors)
 {
         log_error_lines(errors);
-        log_error_errno(r, "Configuration is invalid (%s, %s/*.conf%s)", arg_config ?: "no main file",
-                        arg_config_dir ?: "no VM directory", arg_n_vms > 0 ? ", command line" : "");
+        log_struct_internal(LOG_ERR, r, __FILE__, __LINE__, __func__, DR_MESSAGE_CONFIG_INVALID, NULL, 0,
+                            "Configuration is invalid (%s, %s/*.conf%s)", arg_config ?: "no main file",
+                            arg_config_dir ?: "no VM directory", arg_n_vms > 0 ? ", command line" : "");
 }
 
 /*
@@ -647,6 +787,8 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
         r = manager_reload(m, NULL, NULL, NULL, NULL, &errors);
         if (r < 0)
                 log_config_errors(r, errors);
+        else
+                log_event(LOG_INFO, DR_MESSAGE_RELOADED, NULL, 0, "Configuration reloaded (SIGHUP)");
         (void) sd_notify(false, "READY=1");
         return 0;
 }
@@ -661,6 +803,7 @@ int main(int argc, char **argv)
         int r;
 
         log_set_ident("dirtyrepd");
+        journal_log_setup();
         r = parse_argv(argc, argv);
         if (r <= 0) {
                 daemon_done(&d);
@@ -679,14 +822,20 @@ int main(int argc, char **argv)
                 return 1;
         }
         if (arg_check_config) {
-                printf("Configuration OK: %zu VM(s)\n", config->n_vms);
-                for (size_t i = 0; i < config->n_vms; i++)
-                        printf("  %s: %s (%s)\n", config->vms[i]->name, vm_role_to_string(config->vms[i]->role),
-                               config->vms[i]->path);
+                r = check_config(config);
                 daemon_done(&d);
-                return 0;
+                return r;
         }
         log_set_max_level(config->daemon->log_level);
+
+        /* Before anything is touched (debug socket, addresses, bus name, VMs). */
+        r = take_instance_lock(config->daemon->runtime_directory);
+        if (r < 0) {
+                arg_debug_socket = NULL; /* the other daemon's: daemon_done() must not unlink it */
+                daemon_done(&d);
+                return 1;
+        }
+        check_config_at_start(config);
 
         /* Before any thread exists: capabilities are per thread, and new threads inherit them. */
         {
@@ -754,11 +903,13 @@ int main(int argc, char **argv)
                 manager_format_status(m, status, sizeof(status));
                 (void) sd_notifyf(false, "READY=1\nSTATUS=%s", status);
         }
-        log_info("dirtyrepd %s serving %zu VM(s)%s", DIRTYREP_VERSION, m->n_vms, m->bus ? ", D-Bus API up" : "");
+        log_event(LOG_INFO, DR_MESSAGE_STARTED, NULL, 0, "dirtyrepd %s serving %zu VM(s)%s", DIRTYREP_VERSION,
+                  m->n_vms, m->bus ? ", D-Bus API up" : "");
         r = sd_event_loop(m->event);
         if (r < 0)
                 log_error_errno(r, "Event loop failed: %m");
         (void) sd_notify(false, "STOPPING=1");
+        log_event(LOG_INFO, DR_MESSAGE_STOPPING, NULL, 0, "dirtyrepd stopping (%zu VM(s))", m->n_vms);
 out:
         daemon_done(&d);
         return r < 0 ? 1 : 0;

@@ -266,6 +266,7 @@ static void on_vmm_ready(Failover *f, void *userdata)
         int r;
 
         vm->promoting = false;
+        vm->failovers++;
         log_notice("VM %s: guest running on this host %.1f ms after the promotion began", vm->cfg->name,
                    (double) (now_usec() - vm->promote_start_usec) / 1000.0);
         r = vm_load_tls(vm, &tls);

@@ -32,6 +32,7 @@ typedef struct VmAnnounced {
         char peer[80];
         bool link_up;
         bool attached;
+        char address_state[128];
 } VmAnnounced;
 
 typedef struct Vm {
@@ -53,6 +54,7 @@ typedef struct Vm {
         /* The primary came back suspended (the VMM says so): another host may hold the
          * service address; it is added only once the suspension ends (status timer). */
         bool service_address_deferred;
+        uint64_t failovers; /* promotions that got the guest running here, since the Vm was created */
 } Vm;
 
 /* One --vm NAME block of the command line: settings as "Key=Value". */

@@ -143,6 +143,7 @@ struct Primary {
         bool syncing;
         bool sync_full;             /* the running resync is a full one */
         uint64_t sync_start_usec;   /* when it began */
+        uint64_t sync_walked_pages; /* full sync: pages of RAM walked and handed to the link */
         uint64_t last_sync_usec;    /* how long the last completed one took, to its ACK */
         bool last_sync_full;
         uint64_t last_sealed, epochs_committed, full_syncs, incremental_syncs;
@@ -533,6 +534,9 @@ static int full_walk(Epoch *e)
                         r = batch_flush(e, &b, epoch, true);
                         if (r < 0)
                                 return r;
+                        pthread_mutex_lock(&e->p->mutex);
+                        e->p->sync_walked_pages = page;
+                        pthread_mutex_unlock(&e->p->mutex);
                         r = harvest_tick(e, false);
                         if (r < 0)
                                 return r;
@@ -543,7 +547,12 @@ static int full_walk(Epoch *e)
                 dirtyset_add(e->run, page);
         }
         r = batch_flush(e, &b, epoch, true);
-        return r < 0 ? r : 0;
+        if (r < 0)
+                return r;
+        pthread_mutex_lock(&e->p->mutex);
+        e->p->sync_walked_pages = e->lay->total_pages;
+        pthread_mutex_unlock(&e->p->mutex);
+        return 0;
 }
 
 /* Whether the standby's replica (epoch L of our session) plus what we remember is enough. */
@@ -604,6 +613,7 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
         p->syncing = true;
         p->sync_full = true;
         p->sync_start_usec = now_usec();
+        p->sync_walked_pages = 0;
         p->inflight = 0;
         /* The standby is busy applying it (and has nothing to fail over to
          * meanwhile): tolerate a longer silence than the heartbeat window, so
@@ -2373,6 +2383,11 @@ void primary_get_status(Primary *p, ReplStatus *ret)
         ret->ram_bytes = p->total_pages * PAGE_BYTES;
         ret->last_sync_usec = p->last_sync_usec;
         ret->last_sync_full = p->last_sync_full;
+        if (p->syncing && p->sync_full && p->link_up) {
+                ret->sync_total_bytes = p->total_pages * PAGE_BYTES;
+                ret->sync_done_bytes = MIN(p->sync_walked_pages, p->total_pages) * PAGE_BYTES;
+                ret->sync_elapsed_usec = now_usec() - p->sync_start_usec;
+        }
         ret->commit_gap_max_usec = p->commit_gap_max_usec;
         memcpy(ret->commit_gaps, p->commit_gaps, sizeof(ret->commit_gaps));
         page_in = p->page_bytes_in;

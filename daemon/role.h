@@ -55,6 +55,9 @@ typedef struct ReplStatus {
          * histogram with the upper bounds COMMIT_GAP_EDGES_MS (the last bucket: above). */
         uint64_t commit_gap_max_usec;
         uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
+        /* primary, while a full sync runs (0 otherwise): RAM walked and shipped so far, all
+         * of RAM, and the time since it began (what is left after the walk is the ACK). */
+        uint64_t sync_done_bytes, sync_total_bytes, sync_elapsed_usec;
 } ReplStatus;
 
 /*

@@ -65,6 +65,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                         if (r != -EINVAL && r != -ENOMEM)
                                 abort();
                         free(errors);
+                        /* The sandbox check walks ControlSocket= and VmmArgs= (getopt's reading of them). */
+                        errors = NULL;
+                        r = config_check_sandbox(&c, &errors);
+                        check_errors(r, errors);
                         vm_config_free(v);
                 }
         }

@@ -268,10 +268,10 @@ TEST(equality_and_copies)
 {
         _cleanup_(config_freep) Config *a =
                 load(NULL, "[VM]\nRole=standby\nListen=127.0.0.1:7001\nSecretFile=/k\n"
-                           "VmmArgs=--cpus 2 'a b'\n");
+                           "VmmArgs=--ring-entries 2 'a b'\n");
         _cleanup_(config_freep) Config *b =
                 load(NULL, "[VM]\nRole=standby\nListen=127.0.0.1:7001\nSecretFile=/k\n"
-                           "VmmArgs=--cpus 2 'a b'\n");
+                           "VmmArgs=--ring-entries 2 'a b'\n");
         _cleanup_(daemon_config_freep) DaemonConfig *d = NULL;
         char *s[] = {"EpochMs=21"};
         char *t[] = {"LogLevel=debug"};
@@ -300,7 +300,7 @@ TEST(override_keeps_vmm_args)
 {
         _cleanup_(config_freep) Config *c =
                 load(NULL, "[VM]\nRole=standby\nListen=127.0.0.1:7001\nSecretFile=/k\n"
-                           "VmmArgs=--cpus 2 'a b'\n");
+                           "VmmArgs=--ring-entries 2 'a b'\n");
         char *s[] = {"EpochMs=21"};
 
         ASSERT_OK(config_apply_vm_settings(c, "web", s, 1, ORIGIN, NULL));

@@ -142,7 +142,7 @@ TEST(vm_all_keys)
                                    "PreCopy=no\n"
                                    "MaxStagingMB=65536\n"
                                    "Vmm=/opt/bin/my-vmm\n"
-                                   "VmmArgs=--mem 1G  --name 'web server' \"a b\"c\n"
+                                   "VmmArgs=--ring-entries 1024  --console '/run/dirtyrep/web console' \"a b\"c\n"
                                    "FenceCommand=/usr/local/bin/fence --host old\n"
                                    "FailoverPolicy=auto\n"
                                    "ServiceAddress=2001:db8::10/64\n"
@@ -172,12 +172,12 @@ TEST(vm_all_keys)
         ASSERT_TRUE(!v->pre_copy);
         ASSERT_EQ(v->max_staging_mb, 65536);
         ASSERT_STREQ(v->vmm, "/opt/bin/my-vmm");
-        ASSERT_STREQ(v->vmm_args_string, "--mem 1G  --name 'web server' \"a b\"c");
+        ASSERT_STREQ(v->vmm_args_string, "--ring-entries 1024  --console '/run/dirtyrep/web console' \"a b\"c");
         ASSERT_EQ(v->n_vmm_args, 5);
-        ASSERT_STREQ(v->vmm_args[0], "--mem");
-        ASSERT_STREQ(v->vmm_args[1], "1G");
-        ASSERT_STREQ(v->vmm_args[2], "--name");
-        ASSERT_STREQ(v->vmm_args[3], "web server");
+        ASSERT_STREQ(v->vmm_args[0], "--ring-entries");
+        ASSERT_STREQ(v->vmm_args[1], "1024");
+        ASSERT_STREQ(v->vmm_args[2], "--console");
+        ASSERT_STREQ(v->vmm_args[3], "/run/dirtyrep/web console");
         ASSERT_STREQ(v->vmm_args[4], "a bc");
         ASSERT_TRUE(v->vmm_args[5] == NULL);
         ASSERT_STREQ(v->fence_command, "/usr/local/bin/fence --host old");
@@ -218,12 +218,13 @@ TEST(vm_error_classes)
         assert_vm_error(PRIMARY_MIN "EpochMs=99999999999999999999999\n",
                         VM_PATH ":5: EpochMs=99999999999999999999999: must be between 1 and 10000");
         assert_vm_error(PRIMARY_MIN "EpochMs=0x10\n",
-                        VM_PATH ":5: EpochMs=0x10: not a decimal number, must be between 1 and 10000");
+                        VM_PATH ":5: EpochMs=0x10: not a time span (20ms, 2s; a bare number is milliseconds), must be between 1 and 10000");
         assert_vm_error(PRIMARY_MIN "EpochMs=-1\n",
-                        VM_PATH ":5: EpochMs=-1: not a decimal number, must be between 1 and 10000");
+                        VM_PATH ":5: EpochMs=-1: not a time span (20ms, 2s; a bare number is milliseconds), must be between 1 and 10000");
         assert_vm_error(
                 PRIMARY_MIN "EpochMs=20 # inline comment\n", VM_PATH
-                ":5: EpochMs=20 # inline comment: not a decimal number, must be between 1 and 10000");
+                ":5: EpochMs=20 # inline comment: not a time span (20ms, 2s; a bare number is milliseconds), must be "
+                "between 1 and 10000");
         assert_vm_error(PRIMARY_MIN "[Network]\nFoo=1\nBar=2\n",
                         VM_PATH ":5: unknown section [Network], expected [VM]");
         assert_vm_error(PRIMARY_MIN "[VM\n", VM_PATH ":5: invalid section header \"[VM\"");
@@ -243,7 +244,7 @@ TEST(vm_error_classes)
         assert_vm_error(PRIMARY_MIN "EpochMs=1\x1b[31m\n", VM_PATH ":5: line contains control characters");
         assert_vm_error(PRIMARY_MIN "Tracking=dirty\n",
                         VM_PATH ":5: Tracking=dirty: must be one of: auto, ring, bitmap");
-        assert_vm_error(PRIMARY_MIN "PreCopy=true\n", VM_PATH ":5: PreCopy=true: must be yes or no");
+        assert_vm_error(PRIMARY_MIN "PreCopy=maybe\n", VM_PATH ":5: PreCopy=maybe: must be yes or no");
         assert_vm_error(PRIMARY_MIN "Vmm=bin/vmm\n", VM_PATH ":5: Vmm=bin/vmm: must be an absolute path");
         assert_vm_error(PRIMARY_MIN "Vmm=/usr/../bin/vmm\n",
                         VM_PATH ":5: Vmm=/usr/../bin/vmm: path must not contain \".\" or \"..\" components");
@@ -903,6 +904,108 @@ TEST(secret_file_checks)
                 printf("(skipping the ownership check: not root)\n");
         ASSERT_TRUE(s == NULL);
         tmp_cleanup();
+}
+
+TEST(systemd_booleans)
+{
+        static const char *const yes[] = {"yes", "true", "on", "1", "YES", "True", "y", "t"};
+        static const char *const no[] = {"no", "false", "off", "0", "No", "OFF", "n", "f"};
+        static const char *const bad[] = {"maybe", "2", "", "yess", "on off", "-1"};
+
+        for (size_t i = 0; i < ELEMENTSOF(yes); i++)
+                ASSERT_EQ(config_parse_boolean(yes[i]), 1);
+        for (size_t i = 0; i < ELEMENTSOF(no); i++)
+                ASSERT_EQ(config_parse_boolean(no[i]), 0);
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++)
+                ASSERT_EQ(config_parse_boolean(bad[i]), -EINVAL);
+        {
+                _cleanup_(vm_config_freep) VmConfig *v =
+                        vm_ok(PRIMARY_MIN "PreCopy=off\nOutputCommit=false\nConsoleCommit=on\n");
+                ASSERT_TRUE(!v->pre_copy);
+                ASSERT_TRUE(!v->output_commit);
+                ASSERT_TRUE(v->console_commit);
+        }
+}
+
+TEST(systemd_time_spans)
+{
+        static const struct {
+                const char *s;
+                uint64_t ms;
+        } ok[] = {
+                {"20", 20},         {"20ms", 20},     {"2s", 2000},        {"1.5s", 1500},  {"1min 30s", 90000},
+                {"1min30s", 90000}, {"500 ms", 500},  {"2000us", 2},       {"0.25s", 250},  {"1h", 3600000},
+                {"3sec", 3000},     {"20msec", 20},   {" 7 ", 7},
+        };
+        static const char *const bad[] = {"", "ms", "20 parsecs", "-1s", "0x10", "2s-", "1..5s"};
+        uint64_t v;
+
+        for (size_t i = 0; i < ELEMENTSOF(ok); i++) {
+                v = 0;
+                ASSERT_OK(config_parse_msec(ok[i].s, &v));
+                ASSERT_EQ(v, ok[i].ms);
+        }
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++)
+                ASSERT_TRUE(config_parse_msec(bad[i], &v) < 0);
+        ASSERT_EQ(config_parse_msec("1500us", &v), -EDOM);
+        ASSERT_EQ(config_parse_msec("99999999999999999999h", &v), -ERANGE);
+        {
+                _cleanup_(vm_config_freep) VmConfig *c =
+                        vm_ok(PRIMARY_MIN "EpochMs=20ms\nSplitBrainTimeoutMs=2s\n");
+                ASSERT_EQ(c->epoch_ms, 20);
+                ASSERT_EQ(c->split_brain_timeout_ms, 2000);
+        }
+        assert_vm_error(PRIMARY_MIN "EpochMs=11s\n", VM_PATH ":5: EpochMs=11s: must be between 1 and 10000");
+        assert_vm_error(PRIMARY_MIN "EpochMs=1500us\n",
+                        VM_PATH ":5: EpochMs=1500us: must be a whole number of milliseconds");
+}
+
+TEST(did_you_mean_edit_distance)
+{
+        /* Not only case: a letter missing, one too many, two swapped. */
+        assert_vm_error(PRIMARY_MIN "EpocMs=5\n", VM_PATH ":5: unknown key EpocMs= in section [VM], did you mean EpochMs=?");
+        assert_vm_error(PRIMARY_MIN "Trackking=ring\n",
+                        VM_PATH ":5: unknown key Trackking= in section [VM], did you mean Tracking=?");
+        assert_vm_error(PRIMARY_MIN "FailoverPolciy=auto\n",
+                        VM_PATH ":5: unknown key FailoverPolciy= in section [VM], did you mean FailoverPolicy=?");
+        assert_vm_error(PRIMARY_MIN "secretfile=/x\n",
+                        VM_PATH ":5: unknown key secretfile= in section [VM], did you mean SecretFile=?");
+        /* Nothing close: no guess. */
+        assert_vm_error(PRIMARY_MIN "Bandwidth=5\n", VM_PATH ":5: unknown key Bandwidth= in section [VM]");
+}
+
+#define STANDBY_MIN "[VM]\nRole=standby\nListen=0.0.0.0:7000\nSecretFile=/etc/dirtyrep/web.key\n"
+
+TEST(failover_needs)
+{
+        _cleanup_free_ char *errors = NULL;
+
+        /* The man page's old example: an automatic standby with nowhere to replicate to after failover. */
+        assert_vm_error(STANDBY_MIN "FailoverPolicy=auto\n",
+                        VM_PATH ":5: FailoverPolicy=auto requires Peer=ADDRESS:PORT: after a failover this host is "
+                        "the primary and replicates to the old primary's host (set Peer= to its Listen=)");
+        vm_config_free(vm_ok(STANDBY_MIN "FailoverPolicy=auto\nPeer=192.0.2.1:7000\n"));
+        vm_config_free(vm_ok(STANDBY_MIN "FailoverPolicy=manual\n"));
+
+        /* VmmArgs= as getopt_long() reads them: abbreviations, '=', short clusters. */
+        assert_vm_error(STANDBY_MIN "VmmArgs=--mem 2G\n",
+                        VM_PATH ":5: VmmArgs=: --mem is read by the VMM as --memory, which must not be set here: "
+                        "the RAM size is the replica's");
+        assert_vm_error(STANDBY_MIN "VmmArgs=--memory=2G\n",
+                        VM_PATH ":5: VmmArgs=: --memory=2G (--memory) must not be set here: the RAM size is the "
+                        "replica's");
+        assert_vm_error(STANDBY_MIN "VmmArgs=-m2G\n",
+                        VM_PATH ":5: VmmArgs=: -m2G (--memory) must not be set here: the RAM size is the replica's");
+        assert_vm_error(STANDBY_MIN "VmmArgs=--contr /run/x.sock\n",
+                        VM_PATH ":5: VmmArgs=: --contr is read by the VMM as --control, which must not be set here: "
+                        "activation passes --control with ControlSocket=");
+        errors = vm_errors(STANDBY_MIN "VmmArgs=--cpus 2 --kernel /k --ram-fd 7\n");
+        ASSERT_CONTAINS(errors, "--cpus (--cpus) must not be set here: the vCPU count is the replica's");
+        ASSERT_CONTAINS(errors, "--kernel (--kernel) must not be set here");
+        ASSERT_CONTAINS(errors, "--ram-fd (--ram-fd) must not be set here");
+        /* An option's value is not an option; ambiguous prefixes are the VMM's own --check's business. */
+        vm_config_free(vm_ok(STANDBY_MIN "VmmArgs=--console --memory --co x --tracking ring\n"));
+        vm_config_free(vm_ok(STANDBY_MIN "VmmArgs=--console-commit --service-listen 0.0.0.0:6379\n"));
 }
 
 DEFINE_TEST_MAIN

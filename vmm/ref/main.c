@@ -103,6 +103,8 @@ static void help(void)
                "     --restore-image DIR    Start from a checkpoint image (follows its parent chain)\n"
                "     --ram FILE             RAM image for --restore (copied)\n"
                "     --ram-fd N             RAM for --restore as an inherited fd (a memfd is used in place)\n"
+               "     --check                Check the arguments and exit (0: they would be accepted);\n"
+               "                            nothing is opened (dirtyrepd --check-config uses it)\n"
                "     --ready-fd N           Write \"1\\n\" to fd N once the guest runs\n"
                "\n"
                "Exit status: 0 stopped by SIGTERM/SIGINT or guest power-off; 1 error;\n"
@@ -130,6 +132,9 @@ static bool name_is_valid(const char *s)
         return true;
 }
 
+/* --check: arguments are parsed and checked, nothing is opened or inherited. */
+static bool arg_check;
+
 static int parse_fd_arg(const char *s, const char *opt, int *ret)
 {
         uint32_t v;
@@ -138,6 +143,10 @@ static int parse_fd_arg(const char *s, const char *opt, int *ret)
                 return log_error_errno(-EINVAL, "Invalid %s value '%s': expected a file descriptor number", opt, s);
         if (v <= 2)
                 return log_error_errno(-EINVAL, "%s %u: refusing to use a standard stream", opt, v);
+        if (arg_check) {
+                *ret = (int) v;
+                return 0;
+        }
         if (fcntl((int) v, F_GETFD) < 0)
                 return log_error_errno(-EBADF, "%s %u: not an open file descriptor", opt, v);
         (void) fcntl((int) v, F_SETFD, FD_CLOEXEC);
@@ -161,6 +170,7 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 ARG_RAM,
                 ARG_RAM_FD,
                 ARG_READY_FD,
+                ARG_CHECK,
         };
         static const struct option options[] = {
                 { "help", no_argument, NULL, 'h' },
@@ -182,6 +192,7 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 { "ram", required_argument, NULL, ARG_RAM },
                 { "ram-fd", required_argument, NULL, ARG_RAM_FD },
                 { "ready-fd", required_argument, NULL, ARG_READY_FD },
+                { "check", no_argument, NULL, ARG_CHECK },
                 {}
         };
         bool ring_entries_set = false;
@@ -198,6 +209,11 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 .ram_fd = -1,
                 .ready_fd = -1,
         };
+
+        /* Known before any option is read: --ram-fd N is then not required to be open. */
+        for (int i = 1; i < argc && !streq(argv[i], "--"); i++)
+                if (streq(argv[i], "--check"))
+                        arg_check = true;
 
         while ((c = getopt_long(argc, argv, "hk:a:m:c:n:", options, NULL)) >= 0) {
                 switch (c) {
@@ -294,6 +310,9 @@ static int parse_argv(int argc, char *argv[], Options *o)
                         r = parse_fd_arg(optarg, "--ready-fd", &o->ready_fd);
                         if (r < 0)
                                 return r;
+                        break;
+                case ARG_CHECK:
+                        arg_check = true;
                         break;
                 case '?':
                         return -EINVAL;
@@ -771,6 +790,19 @@ typedef struct Run {
         Vm *vm;
 } Run;
 
+/* --check: what run_prepare() would refuse without opening anything; the restore source is not read. */
+static int run_check(Run *R)
+{
+        Options *o = &R->o;
+
+        if (o->service_listen && parse_listen(o->service_listen, &R->listen_addr, &R->listen_port) < 0) {
+                log_error("Invalid --service-listen '%s': expected ADDR:PORT or [V6ADDR]:PORT", o->service_listen);
+                return VMM_EXIT_FAILURE;
+        }
+        printf("dirtyrep-vmm: arguments OK\n");
+        return VMM_EXIT_OK;
+}
+
 /* Everything decided before KVM is touched: the restore source, the service address, UUID, control path. */
 static int run_prepare(Run *R)
 {
@@ -1069,6 +1101,8 @@ static int run(int argc, char *argv[])
         r = parse_argv(argc, argv, &R.o);
         if (r <= 0)
                 return r < 0 ? VMM_EXIT_FAILURE : VMM_EXIT_OK;
+        if (arg_check)
+                return run_check(&R);
         if (run_prepare(&R) < 0)
                 return VMM_EXIT_FAILURE;
 
