@@ -1705,6 +1705,8 @@ int config_check_sandbox(const Config *c, char **ret_errors)
                 const char *origin = c->daemon->path ? c->daemon->path : "defaults";
                 sandbox_check_path(&e, origin, "StateDirectory=", c->daemon->state_directory);
                 sandbox_check_path(&e, origin, "RuntimeDirectory=", c->daemon->runtime_directory);
+                if (c->daemon->image_directory) /* unset: below StateDirectory=, checked above */
+                        sandbox_check_path(&e, origin, "ImageDirectory=", c->daemon->image_directory);
         }
         for (size_t i = 0; i < c->n_vms; i++) {
                 const VmConfig *v = c->vms[i];
