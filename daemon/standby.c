@@ -1622,9 +1622,21 @@ int standby_replica_save(const StandbyReplica *rep, const char *dir, const char 
                         goto fail;
                 }
                 hole = (off_t) MIN((uint64_t) hole, R->layout.memfd_size);
-                for (uint64_t x = (uint64_t) data; x < (uint64_t) hole; x += RFILE_CHUNK) {
-                        size_t n = (size_t) MIN((uint64_t) RFILE_CHUNK, (uint64_t) hole - x);
-                        ssize_t w = pwrite(fd, R->map + x, n, (off_t) (ram_off + x));
+                /* Runs of non-zero pages only: zero pages a full sync wrote stay holes too. */
+                for (uint64_t x = (uint64_t) data; x < (uint64_t) hole;) {
+                        uint64_t end = x;
+                        size_t n;
+                        ssize_t w;
+
+                        while (x < (uint64_t) hole && page_is_zero(R->map + x))
+                                x += PAGE_BYTES;
+                        end = x;
+                        while (end < (uint64_t) hole && end - x < RFILE_CHUNK && !page_is_zero(R->map + end))
+                                end += PAGE_BYTES;
+                        if (end == x)
+                                break;
+                        n = (size_t) (end - x);
+                        w = pwrite(fd, R->map + x, n, (off_t) (ram_off + x));
                         if (w < 0) {
                                 r = -errno;
                                 goto fail;
@@ -1633,6 +1645,7 @@ int standby_replica_save(const StandbyReplica *rep, const char *dir, const char 
                                 r = -EIO;
                                 goto fail;
                         }
+                        x = end;
                 }
                 o = (uint64_t) hole;
         }
