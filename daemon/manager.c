@@ -236,9 +236,12 @@ bad:
 
 /* A replica that is no longer needed (this host is primary now): a stale copy must never be
  * restored and promoted later. */
-static void vm_forget_saved_replica(Vm *vm)
+static void vm_forget_saved_replica(Vm *vm, const char *why)
 {
         int r = standby_replica_remove(vm_state_dir(vm), vm->cfg->name);
+        if (r > 0 && why)
+                log_notice("VM %s: removed the saved replica %s/%s.replica: %s", vm->cfg->name, vm_state_dir(vm),
+                           vm->cfg->name, why);
         if (r < 0)
                 log_warning_errno(r, "VM %s: cannot remove its saved replica in %s: %m", vm->cfg->name,
                                   vm_state_dir(vm));
@@ -331,7 +334,7 @@ static int vm_become_standby(Vm *vm)
         if (r < 0)
                 goto fail;
         if (loaded)
-                vm_forget_saved_replica(vm); /* in memory now; a stale file must not come back later */
+                vm_forget_saved_replica(vm, NULL); /* in memory now; a stale file must not come back later */
         return 0;
 fail:
         /* Whatever failed, the replica stays with the Vm. */
@@ -446,6 +449,7 @@ static void vm_activation_failed(Vm *vm, const char *reason)
         int r;
 
         vm->promoting = false;
+        vm->vmm_unit[0] = 0; /* its scope went with the VMM */
         if (vm->failover)
                 (void) failover_service_address(vm->failover, false);
         snprintf(why, sizeof(why), "activation failed: %s", reason);
@@ -476,8 +480,7 @@ int vm_promote(Vm *vm, bool force, char *why, size_t why_size)
         int r;
 
         if (!vm->standby) {
-                snprintf(why, why_size, "VM %s is not a standby here%s", vm->cfg->name,
-                         vm->maintenance ? " (in maintenance: `dirtyrepctl maintenance " : "");
+                snprintf(why, why_size, "VM %s is not a standby here", vm->cfg->name);
                 if (vm->maintenance)
                         snprintf(why, why_size,
                                  "VM %s is in maintenance here: `dirtyrepctl maintenance %s off` first (its "
@@ -638,7 +641,7 @@ static void on_vmm_ready(Failover *f, void *userdata)
         vm->promoted = true;
         vm->promoted_from = vm->promote_epoch;
         (void) vm_role_save(vm);
-        vm_forget_saved_replica(vm);
+        vm_forget_saved_replica(vm, NULL);
         log_notice("VM %s: guest running on this host %.1f ms after the promotion began", vm->cfg->name,
                    (double) (now_usec() - vm->promote_start_usec) / 1000.0);
         vm_promotion_answer(vm, 0, NULL);
@@ -783,7 +786,7 @@ int vm_attach(Vm *vm)
                 if (r >= 0)
                         (void) failover_service_address(vm->failover, true);
                 if (r >= 0)
-                        vm_forget_saved_replica(vm);
+                        vm_forget_saved_replica(vm, "this host is the VM's primary now (Role=primary)");
         } else {
                 /* A standby never holds the service address (left over from a crash as primary). */
                 (void) failover_service_address(vm->failover, false);
@@ -949,7 +952,7 @@ static void vm_start(Vm *vm)
                 (void) vm_load_saved(vm);
                 if (vm->kept) {
                         standby_replica_set_stale(vm->kept, true);
-                        vm_forget_saved_replica(vm); /* in memory; saved again at the next stop */
+                        vm_forget_saved_replica(vm, NULL); /* in memory; saved again at the next stop */
                 }
                 log_warning("VM %s: in planned maintenance (%s/%s.role): not replicating; `dirtyrepctl "
                             "maintenance %s off` ends it",
