@@ -177,6 +177,9 @@ static int method_reload(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                                          "The configuration is invalid, nothing was changed:\n%s",
                                          errors ? errors : "(no details)");
         }
+        if (r == -EBUSY && errors)
+                /* Refused: it would have discarded a replica, or hit a promotion (the reason names it). */
+                return sd_bus_error_setf(error, BUS_ERROR("ReloadRefused"), "Reload refused: %s", errors);
         if (r < 0)
                 return sd_bus_error_set_errnof(error, r, "Reload failed: %m");
         return sd_bus_reply_method_return(msg, "uuuu", added, removed, changed, unchanged);
