@@ -17,7 +17,7 @@
  * this session's epoch still covered (the last acked, or the one in flight)
  * means an incremental epoch on it, anything else a full one. SIGUSR1 stops
  * sending new epochs (the model is frozen at the last one sent), SIGUSR2
- * resumes. After every ACK the model's page hash file (one LE CRC32C per
+ * resumes; each says so on stdout ("paused at N", "resumed"). After every ACK the model's page hash file (one LE CRC32C per
  * page, as `hash` on the debug socket writes it) goes to --hash.
  *
  * stdout, one event per line: "up lc=N session=ours|other|none",
@@ -310,8 +310,10 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         if (si->ssi_signo == SIGUSR1) {
                 p->paused = true;
                 printf("paused at %" PRIu64 "\n", p->sealed);
-        } else if (si->ssi_signo == SIGUSR2)
+        } else if (si->ssi_signo == SIGUSR2) {
                 p->paused = false;
+                printf("resumed\n");
+        }
         else
                 return sd_event_exit(sd_event_source_get_event(s), 0);
         return 0;

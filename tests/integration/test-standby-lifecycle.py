@@ -17,7 +17,11 @@ and session) and by page hashes of the replica against the primary's model:
     (hashes equal), the file removed once restored, incremental resync;
   - maintenance on: the primary is told (ERROR -ENOLINK, "maintenance"), status
     "maintenance", no promotion; survives a restart; off: incremental resync;
-  - a damaged replica file: moved aside (.bad), the reason logged, full resync.
+  - a damaged replica file: moved aside (.bad), the reason logged, full resync;
+  - the primary lost, an activation whose VMM exits at once: `dirtyrepctl failover`
+    fails with the VMM's message and the standby keeps its replica; after a reload
+    with a VMM that reports ready, the retry answers only then, and the role file
+    says primary; a demotion removes it.
 
 Usage: test-standby-lifecycle.py PATH-TO-dr-linkprimary. Exit 0 pass, 1 fail, 77 skip.
 """
@@ -108,6 +112,17 @@ class LinkPrimary(Proc):
                 fail(f"dr-linkprimary exited: {self.text()}")
             time.sleep(0.02)
         fail(f"timed out waiting for the primary to see {what}; its events: {self.since(mark)[-20:]}")
+
+    def pause(self):
+        mark = self.mark()
+        self.proc.send_signal(signal.SIGUSR1)
+        return int(self.wait(lambda e: e.startswith("paused at"), "pause", mark).split()[2])
+
+    def resume(self):
+        # Waited for: sd-event takes pending signals by priority, not in order.
+        mark = self.mark()
+        self.proc.send_signal(signal.SIGUSR2)
+        self.wait(lambda e: e == "resumed", "resume", mark)
 
     def fulls(self):
         with self.lock:
@@ -231,14 +246,13 @@ def ctl_ok(bus, *args):
 def hashes_equal(S, P, what):
     """Primary paused at a sealed epoch: the standby's replica must hash like the model."""
     mark = P.mark()
-    P.proc.send_signal(signal.SIGUSR1)
-    P.wait(lambda e: e.startswith("paused at"), "pause", mark)
-    sealed = int(P.wait(lambda e: e.startswith("paused at"), "pause", mark).split()[2])
+    sealed = P.pause()
     end = time.time() + 20
     while P.last_ack() < sealed and time.time() < end:
         time.sleep(0.02)
     if P.last_ack() != sealed:
-        fail(f"epoch {sealed} never acknowledged")
+        fail(f"epoch {sealed} never acknowledged; the primary's last events: {P.since(max(0, mark - 10))}; "
+             f"standby {S.status()}")
     path = os.path.join(S.tmp, "replica.hash")
     r = S.req(f"hash t {path}")
     if not r.startswith("ok") or int(r.split()[1]) != sealed:
@@ -246,7 +260,7 @@ def hashes_equal(S, P, what):
     if open(path, "rb").read() != open(P.hash, "rb").read():
         fail(f"{what}: the replica of epoch {sealed} differs from the primary's RAM")
     log(f"{what}: replica of epoch {sealed} == primary's RAM (2048 page hashes)")
-    P.proc.send_signal(signal.SIGUSR2)
+    P.resume()
     return sealed
 
 
@@ -315,7 +329,7 @@ def run(tmp, exe):
 
     # 4. A clean stop saves the replica, the next start restores it.
     sealed = hashes_equal(S, P, "before the stop")
-    P.proc.send_signal(signal.SIGUSR1)
+    P.pause()
     time.sleep(0.3)
     S.stop()
     saved = os.path.join(S.state, "t.replica")
@@ -330,7 +344,7 @@ def run(tmp, exe):
         fail(f"after a restart the standby holds epoch {st['last_committed']}, expected >= {sealed}")
     if os.path.exists(saved):
         fail("the replica file is still there once restored (a crash would bring back an old copy)")
-    P.proc.send_signal(signal.SIGUSR2)
+    P.resume()
     up = P.wait(lambda e: e.startswith("up "), "the reconnect after the restart", mark)
     P.wait(lambda e: e.startswith("ack ") and e.endswith(" inc"), "an incremental resync after the restart", mark)
     if "session=ours" not in up or P.fulls() != fulls:
@@ -371,7 +385,7 @@ def run(tmp, exe):
     hashes_equal(S, P, "after maintenance")
 
     # 6. A damaged replica file is refused, moved aside, and the primary sends a full one.
-    P.proc.send_signal(signal.SIGUSR1)
+    P.pause()
     time.sleep(0.3)
     S.stop()
     with open(saved, "r+b") as f:
@@ -382,13 +396,58 @@ def run(tmp, exe):
     fulls = P.fulls()
     mark = P.mark()
     S.start()
-    P.proc.send_signal(signal.SIGUSR2)
+    P.resume()
     if not os.path.exists(saved + ".bad") or "RAM checksum mismatch" not in S.proc.text():
         fail(f"a damaged replica file was not refused and moved aside: {S.proc.text()[-1500:]}")
     P.wait(lambda e: e.startswith("ack ") and e.endswith(" full"), "a full resync after the damaged file", mark)
     log(f"damaged file: refused (RAM checksum mismatch), moved to {saved}.bad, full resync")
     hashes_equal(S, P, "after the full resync")
+
+    # 7. A failed activation keeps the replica; the retry's answer waits for the ready fd. The
+    # VMM here is a program of this test (no /dev/kvm needed): first one that exits 1 with a
+    # message, then one that reports ready as dirtyrep-vmm does (fd 5) and stays. The real VMM
+    # is operator-failover-retry's.
+    epoch = S.wait(lambda s: s["state"] == "protected", "protected")["last_committed"]
     P.stop()
+    S.wait(lambda s: "waiting for promote" in s["detail"], "the lost primary (FailoverPolicy=manual)")
+    epoch = S.status()["last_committed"]
+    bad = os.path.join(tmp, "vmm-bad")
+    with open(bad, "w") as f:
+        f.write("#!/bin/sh\necho 'RAM image size does not match --memory' >&2\nexit 1\n")
+    good = os.path.join(tmp, "vmm-good")
+    with open(good, "w") as f:
+        f.write("#!/bin/sh\necho \"vmm-good: $*\"\nsleep 0.3\necho 1 >&5\nexec sleep 600\n")
+    os.chmod(bad, 0o755)
+    os.chmod(good, 0o755)
+    S.write(Vmm=bad)
+    ctl_ok(bus, "reload")
+    rc, out = ctl(bus, "failover", "t")
+    if rc == 0 or "RAM image size does not match --memory" not in out:
+        fail(f"a failed activation was not reported with the VMM's own error: exit {rc}: {out}")
+    st = S.status()
+    if st["role"] != "standby" or st["last_committed"] != epoch:
+        fail(f"after a failed activation: {st}, expected a standby with the replica of epoch {epoch}")
+    log(f"failed activation: standby {st['state']} at epoch {st['last_committed']}: {st['detail']}")
+    S.write(Vmm=good)
+    ctl_ok(bus, "reload")
+    t0 = time.time()
+    out = ctl_ok(bus, "failover", "t")
+    took = time.time() - t0
+    if "now primary" not in out or took < 0.3:
+        fail(f"the retried failover answered {out!r} after {took:.2f} s (before the VMM was ready?)")
+    role = open(os.path.join(S.state, "t.role")).read()
+    vmmlog = open(os.path.join(tmp, "run", "t.vmm.log")).read()
+    if "role=primary" not in role or f"from_epoch={epoch}" not in role:
+        fail(f"role file after the failover: {role!r}")
+    if "--restore /proc/self/fd/4 --ram-fd 3 --ready-fd 5" not in vmmlog:
+        fail(f"the VMM's output did not reach its log file: {vmmlog!r}")
+    st = S.status()
+    log(f"retried failover answered after {took:.2f} s: {out.strip()}; now {st['role']} {st['state']}; "
+        f"role file {role.split()}")
+    # Demoted again (this VMM is ours: stopped), the role file goes.
+    ctl_ok(bus, "failover", "t")
+    if os.path.exists(os.path.join(S.state, "t.role")) or S.status()["role"] != "standby":
+        fail("the demotion left the role file or the primary role")
     S.stop()
 
 
