@@ -155,15 +155,6 @@ bool standby_primary_connected(Standby *s);
 bool standby_replica_epoch(Standby *s, uint64_t *ret_epoch);
 /* Shown in the status while a promotion runs: state word (static string, or NULL to clear) and detail. */
 void standby_set_note(Standby *s, const char *state, const char *note);
-/*
- * Activation: closes every replication connection and the listener (the
- * replica can no longer change), then hands over the committed replica:
- * its RAM memfd (in the primary's memfd layout, for --ram-fd), its VmState
- * (malloc()ed) and its epoch. The Standby is empty afterwards; free it.
- * -ENODATA when there is no committed replica.
- */
-int standby_take_replica(Standby *s, int *ret_fd, uint8_t **ret_state, size_t *ret_state_len,
-                         uint64_t *ret_epoch);
 
 /*
  * The replica outside a Standby: kept across a reload that restarts the

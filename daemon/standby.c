@@ -1328,31 +1328,6 @@ bool standby_replica_epoch(Standby *s, uint64_t *ret_epoch)
         return true;
 }
 
-int standby_take_replica(Standby *s, int *ret_fd, uint8_t **ret_state, size_t *ret_state_len,
-                         uint64_t *ret_epoch)
-{
-        Replica *rep;
-
-        if (!s || !ret_fd || !ret_state || !ret_state_len)
-                return -EINVAL;
-        rep = &s->replica;
-        if (!rep->valid)
-                return -ENODATA;
-        /* Nothing may change the replica from here on: drop every connection (and
-         * with it any open epoch) and stop listening. */
-        while (s->conns)
-                conn_free(s, s->conns);
-        epoch_discard(s);
-        s->listener = link_listener_free(s->listener);
-        if (ret_epoch)
-                *ret_epoch = rep->epoch;
-        *ret_state = TAKE_PTR(rep->state);
-        *ret_state_len = rep->state_len;
-        *ret_fd = TAKE_FD(rep->fd);
-        replica_clear(rep);
-        return 0;
-}
-
 int standby_listen_address(Standby *s, char *buf, size_t len)
 {
         struct sockaddr_storage ss;
