@@ -262,8 +262,7 @@ def restart_promoted_setup(root, etc, drdir):
     with open(os.path.join(old, "dirtyrep.conf"), "w") as f:
         f.write("[Daemon]\nRuntimeDirectory=/run/dirtyrep-old\nStateDirectory=/var/lib/dirtyrep-old\n")
     with open(os.path.join(old, "vm.d/t.conf"), "w") as f:
-        f.write("[VM]\nRole=primary\nPeer=127.0.0.1:7741\nListen=127.0.0.1:7742\n"
-                "SecretFile=/etc/dirtyrep/secret\n")
+        f.write("[VM]\nRole=primary\nPeer=127.0.0.1:7741\nSecretFile=/etc/dirtyrep/secret\n")
     os.makedirs(os.path.join(root, "etc/dirtyrep/vmm"), exist_ok=True)
     with open(os.path.join(root, "etc/dirtyrep/vmm/t.conf"), "w") as f:
         f.write("VMM_ARGS=--kernel /run/dr/kv.elf --memory 64M\n")
