@@ -501,9 +501,24 @@ void failover_vmm_output(Failover *f, char *buf, size_t size)
                 char *nl = strchr(p, '\n');
                 p = nl ? nl + 1 : p;
         }
-        /* The lines, joined with "; ": a one-line reason. */
-        for (char *l = strtok_r(p, "\n", &save); l && o + 1 < size; l = strtok_r(NULL, "\n", &save)) {
-                int k = snprintf(buf + o, size - o, "%s%s", o ? "; " : "", l);
+        /* The last lines that fit (the error is usually the last one), in order, joined
+         * with "; ": a one-line reason. */
+        char *lines[64];
+        size_t n_lines = 0, first, need = 0;
+        for (char *l = strtok_r(p, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+                if (n_lines == ELEMENTSOF(lines)) {
+                        memmove(lines, lines + 1, sizeof(lines) - sizeof(lines[0]));
+                        n_lines--;
+                }
+                lines[n_lines++] = l;
+        }
+        for (first = n_lines; first > 0; first--) {
+                need += strlen(lines[first - 1]) + (first < n_lines ? 2 : 0);
+                if (need + 1 > size && first < n_lines)
+                        break;
+        }
+        for (size_t i = first; i < n_lines && o + 1 < size; i++) {
+                int k = snprintf(buf + o, size - o, "%s%s", o ? "; " : "", lines[i]);
                 if (k < 0)
                         break;
                 o = MIN(size - 1, o + (size_t) k);

@@ -425,8 +425,7 @@ static void vm_promotion_answer(Vm *vm, int r, const char *why)
         if (r >= 0)
                 (void) sd_bus_reply_method_return(call, "s", "primary");
         else
-                (void) sd_bus_reply_method_errorf(call, "org.dirtyrep1.Error.FailoverFailed",
-                                                  "Failover of VM '%s' failed: %s", vm->cfg->name, why);
+                (void) sd_bus_reply_method_errorf(call, "org.dirtyrep1.Error.FailoverFailed", "%s", why);
 }
 
 int vm_promote_call(Vm *vm, sd_bus_message *call)
@@ -672,7 +671,7 @@ static void on_vmm_exited(Failover *f, int code, int status, void *userdata)
         Vm *vm = userdata;
 
         if (vm->promoting) {
-                char out[160], why[256];
+                char out[180], why[256];
                 failover_vmm_output(f, out, sizeof(out));
                 snprintf(why, sizeof(why), "the VMM exited (%s %d) before the guest ran%s%s",
                          code == CLD_EXITED ? "status" : "signal", status, out[0] ? ": " : "", out);

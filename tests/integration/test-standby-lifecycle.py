@@ -413,7 +413,9 @@ def run(tmp, exe):
     epoch = S.status()["last_committed"]
     bad = os.path.join(tmp, "vmm-bad")
     with open(bad, "w") as f:
-        f.write("#!/bin/sh\necho 'RAM image size does not match --memory' >&2\nexit 1\n")
+        # Chatter first: the reason reported must be the last line.
+        f.write("#!/bin/sh\nfor i in 1 2 3 4 5 6 7 8; do echo \"vmm-bad: setting up part $i of the VM\"; done\n"
+                "echo 'RAM image size does not match --memory' >&2\nexit 1\n")
     good = os.path.join(tmp, "vmm-good")
     with open(good, "w") as f:
         f.write("#!/bin/sh\necho \"vmm-good: $*\"\nsleep 0.3\necho 1 >&5\nexec sleep 600\n")
