@@ -27,6 +27,11 @@
                            dirtyrep-vmm-t.scope; `systemctl restart dirtyrep` and `stop`/`start`
                            keep the same VMM serving (INCR keeps counting), the role is in
                            /var/lib/dirtyrep/t.role and the daemon reattaches as primary.
+  test-systemd.py failover-scope
+                           systemd-failover-scope, the same container without /dev/kvm: the
+                           primary is dr-linkprimary, the failover "VMM" a program that reports
+                           ready; the scope, the role file, the VMM's survival of `systemctl
+                           restart`/`stop`, the reattach, and a demotion stopping the scope.
                            The debootstrap result is made once per build directory
                            (BUILDDIR/control-nspawn-debootstrap, remade when the package
                            list changes); each run boots a fresh overlay of it.
@@ -200,7 +205,8 @@ incr() {
     [ -n "$line" ] && echo "$line"
 }
 incr_retry() { for i in $(seq 100); do v=$(incr) && [ -n "$v" ] && { echo "$v"; return 0; }; sleep 0.1; done; return 1; }
-vmm_pids() { cat "/sys/fs/cgroup$(systemctl show -p ControlGroup --value dirtyrep-vmm-t.scope)/cgroup.procs" 2>/dev/null | tr '\n' ' '; }
+# The processes in the VMM's scope, from /proc (no procps in the container).
+vmm_pids() { grep -l 'dirtyrep-vmm-t\.scope' /proc/[0-9]*/cgroup 2>/dev/null | cut -d/ -f3 | sort -n | tr '\n' ' '; }
 
 systemd-analyze verify --man=no dirtyrep-vmm@t.service 2> $R/verify-vmm.err; echo $? > $R/verify-vmm.rc
 mkdir -p /run/dirtyrep-old
@@ -312,6 +318,85 @@ def restart_promoted_check(res):
     check("reattaching to its VMM in dirtyrep-vmm-t.scope" in journal, "the journal does not show the reattach")
     log("PASS: failover answered once the guest ran; the VMM in its own scope kept serving across "
         "`systemctl restart` and `stop`/`start` of dirtyrep; the role was persisted and reattached")
+    return 0
+
+
+# systemd-failover-scope: the same promotion under real systemd without /dev/kvm: the primary is
+# dr-linkprimary (the replication protocol on synthetic RAM) and the "VMM" a program that only
+# reports ready (fd 5) and stays. Checks the daemon's side: the scope, the role file, the VMM
+# untouched by `systemctl restart`/`stop`, the reattach, and a demotion that stops the scope.
+INSIDE_SCOPE = r"""#!/bin/bash
+R=/run/dr-results
+exec > $R/log 2>&1
+set -x
+vmm_pids() { grep -l 'dirtyrep-vmm-t\.scope' /proc/[0-9]*/cgroup 2>/dev/null | cut -d/ -f3 | sort -n | tr '\n' ' '; }
+systemctl start dirtyrep; echo $? > $R/start.rc
+systemd-run --unit=dr-lp /run/dr/dr-linkprimary --connect 127.0.0.1:7741 --secret /etc/dirtyrep/secret --name t \
+    --pages 1024
+for i in $(seq 150); do dirtyrepctl status t | grep -q "standby, protected" && break; sleep 0.2; done
+dirtyrepctl status t > $R/status-standby.txt
+systemctl kill -s KILL dr-lp
+for i in $(seq 100); do dirtyrepctl failover t > $R/failover.txt 2>&1; rc=$?; [ $rc = 0 ] && break; sleep 0.2; done
+echo $rc > $R/failover.rc
+systemctl is-active dirtyrep-vmm-t.scope > $R/scope-active
+vmm_pids > $R/pids-before
+cat /var/lib/dirtyrep/t.role > $R/role 2>&1
+systemctl restart dirtyrep; echo $? > $R/restart.rc
+vmm_pids > $R/pids-after-restart
+dirtyrepctl status t > $R/status-restarted.txt
+systemctl stop dirtyrep; echo $? > $R/stop.rc
+vmm_pids > $R/pids-after-stop
+systemctl start dirtyrep
+dirtyrepctl failover t > $R/demote.txt 2>&1; echo $? > $R/demote.rc
+for i in $(seq 50); do [ "$(systemctl is-active dirtyrep-vmm-t.scope)" != active ] && break; sleep 0.1; done
+systemctl is-active dirtyrep-vmm-t.scope > $R/scope-after-demote
+vmm_pids > $R/pids-after-demote
+ls /var/lib/dirtyrep > $R/statedir
+journalctl -u dirtyrep --no-pager > $R/journal.txt
+echo done > $R/done
+systemctl poweroff
+"""
+
+
+def failover_scope_setup(root, etc, drdir, b):
+    with open(os.path.join(etc, "vm.d/t.conf"), "w") as f:
+        f.write("[VM]\nRole=standby\nListen=127.0.0.1:7741\nPeer=127.0.0.1:7742\nSecretFile=/etc/dirtyrep/secret\n"
+                "FailoverPolicy=manual\nVmm=/run/dr/fakevmm\n")
+    with open(os.path.join(drdir, "inside.sh"), "w") as f:
+        f.write(INSIDE_SCOPE)
+    with open(os.path.join(drdir, "fakevmm"), "w") as f:
+        f.write("#!/bin/bash\necho \"fakevmm $*\"\necho 1 >&5\nexec sleep infinity\n")
+    os.chmod(os.path.join(drdir, "fakevmm"), 0o755)
+    shutil.copy(os.path.join(b, "tests/integration/dr-linkprimary"), drdir)
+    with open(os.path.join(root, "etc/systemd/system/dr-test.service"), "w") as f:
+        f.write(TEST_UNIT_BASH)
+
+
+def failover_scope_check(res):
+    journal = read(res, "journal.txt")
+    check(read(res, "start.rc").strip() == "0", f"systemctl start dirtyrep failed:\n{journal[-3000:]}")
+    check("standby, protected" in read(res, "status-standby.txt"), f"never protected:\n{journal[-3000:]}")
+    check(read(res, "failover.rc").strip() == "0" and "now primary" in read(res, "failover.txt"),
+          f"failover: {read(res, 'failover.txt')}\n{journal[-3000:]}")
+    check(read(res, "scope-active").strip() == "active", "the VMM is not in dirtyrep-vmm-t.scope")
+    role = read(res, "role")
+    check("role=primary" in role and "unit=dirtyrep-vmm-t.scope" in role, f"role file: {role!r}")
+    pids = read(res, "pids-before").split()
+    log(f"VMM in dirtyrep-vmm-t.scope: pids {pids}; role file {role.split()}")
+    check(len(pids) == 1, f"processes in the scope: {pids}")
+    check(read(res, "restart.rc").strip() == "0" and read(res, "pids-after-restart").split() == pids,
+          f"the VMM did not survive `systemctl restart dirtyrep`: {read(res, 'pids-after-restart')!r}")
+    check("t: primary" in read(res, "status-restarted.txt"), "the restarted daemon is not the VM's primary")
+    check(read(res, "stop.rc").strip() == "0" and read(res, "pids-after-stop").split() == pids,
+          f"the VMM did not survive `systemctl stop dirtyrep`: {read(res, 'pids-after-stop')!r}")
+    check(journal.count("reattaching to its VMM in dirtyrep-vmm-t.scope") == 2, "no reattach after restart/start")
+    check(read(res, "demote.rc").strip() == "0" and "now standby" in read(res, "demote.txt"),
+          f"demotion: {read(res, 'demote.txt')}")
+    check(read(res, "scope-after-demote").strip() != "active" and read(res, "pids-after-demote").split() == [],
+          "the demotion did not stop the VMM's scope")
+    check("t.role" not in read(res, "statedir").split(), "the role file outlived the demotion")
+    log("PASS: the failover VMM ran in its own scope, survived restart and stop of dirtyrep, the daemon "
+        "reattached from the role file, and a demotion stopped the scope")
     return 0
 
 
@@ -657,13 +742,16 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree, mode="nspawn"):
     shutil.copy(ENV["DR_GUEST_DIRTIER"], os.path.join(drdir, "dirtier.elf"))
     if mode == "restart-promoted":
         restart_promoted_setup(root, etc, drdir)
+    elif mode == "failover-scope":
+        failover_scope_setup(root, etc, drdir, b)
     res = os.path.join(tmp, "res")
     os.makedirs(res)
 
     cmd = ["systemd-nspawn", "-D", root, "--register=no", "--keep-unit", "--private-network",
            "-M", "drtest" + str(os.getpid()),
-           f"--bind={res}:/run/dr-results", f"--bind-ro={drdir}:/run/dr", "--bind=/dev/kvm",
-           "-b", "--", "systemd.wants=dr-test.service", "systemd.firstboot=off"]
+           f"--bind={res}:/run/dr-results", f"--bind-ro={drdir}:/run/dr"] + \
+        (["--bind=/dev/kvm"] if mode != "failover-scope" else []) + \
+        ["-b", "--", "systemd.wants=dr-test.service", "systemd.firstboot=off"]
     t0 = time.time()
     rc, boot = run_group(cmd, 240, grace=15)
     t_end = time.time()
@@ -684,6 +772,8 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree, mode="nspawn"):
 
     if mode == "restart-promoted":
         return restart_promoted_check(res)
+    if mode == "failover-scope":
+        return failover_scope_check(res)
     check("dirtyrep:" in read(res, "group"), f"sysusers.d did not create group dirtyrep: {read(res, 'group')!r}")
     check(read(res, "verify.rc").strip() == "0" and read(res, "verify.err") == "",
           f"systemd-analyze verify in the container: {read(res, 'verify.err')!r}")
@@ -720,7 +810,7 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree, mode="nspawn"):
 
 
 def main():
-    if len(sys.argv) != 2 or sys.argv[1] not in ("units", "nspawn", "restart-promoted"):
+    if len(sys.argv) != 2 or sys.argv[1] not in ("units", "nspawn", "restart-promoted", "failover-scope"):
         print(__doc__)
         return 2
     if os.geteuid() != 0:
@@ -732,7 +822,7 @@ def main():
     if sys.argv[1] in ("nspawn", "restart-promoted") and not os.path.exists("/dev/kvm"):
         print("SKIP: /dev/kvm missing")
         return 77
-    if sys.argv[1] in ("nspawn", "restart-promoted"):
+    if sys.argv[1] in ("nspawn", "restart-promoted", "failover-scope"):
         return test_nspawn(sys.argv[1])
     with tempfile.TemporaryDirectory(prefix="dr-systemd-") as tmp:
         test_units(tmp)
