@@ -21,7 +21,8 @@ and session) and by page hashes of the replica against the primary's model:
   - the primary lost, an activation whose VMM exits at once: `dirtyrepctl failover`
     fails with the VMM's message and the standby keeps its replica; after a reload
     with a VMM that reports ready, the retry answers only then, and the role file
-    says primary; a demotion removes it.
+    says primary; a reload of the promoted VM keeps its VMM; without a service
+    manager a stop ends that VMM and removes the role file.
 
 Usage: test-standby-lifecycle.py PATH-TO-dr-linkprimary. Exit 0 pass, 1 fail, 77 skip.
 """
@@ -243,6 +244,14 @@ def ctl_ok(bus, *args):
     return out
 
 
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def hashes_equal(S, P, what):
     """Primary paused at a sealed epoch: the standby's replica must hash like the model."""
     mark = P.mark()
@@ -446,10 +455,28 @@ def run(tmp, exe):
     st = S.status()
     log(f"retried failover answered after {took:.2f} s: {out.strip()}; now {st['role']} {st['state']}; "
         f"role file {role.split()}")
-    # Demoted again (this VMM is ours: stopped), the role file goes.
-    ctl_ok(bus, "failover", "t")
-    if os.path.exists(os.path.join(S.state, "t.role")) or S.status()["role"] != "standby":
-        fail("the demotion left the role file or the primary role")
+    # A reload that changes the promoted VM's configuration keeps its VMM (handed to the new role).
+    vmm = children(S.proc.pid)
+    if len(vmm) != 1:
+        fail(f"the daemon's children after the failover: {vmm}")
+    S.write(EpochMs="30")
+    ctl_ok(bus, "reload")
+    st = S.status()
+    if children(S.proc.pid) != vmm or st["role"] != "primary":
+        fail(f"a reload of the promoted VM lost its VMM: children {children(S.proc.pid)} (was {vmm}), {st}")
+    log(f"reload of the promoted VM: VMM pid {vmm[0]} kept, still {st['role']}")
+    # Without a service manager the VMM has no unit of its own: a stop ends it, and the role file
+    # goes with it (the next start must not wait for a VMM that is gone).
+    S.stop()
+    if os.path.exists(f"/proc/{vmm[0]}") and open(f"/proc/{vmm[0]}/stat").read().split()[2] != "Z":
+        fail("the VMM outlived the daemon without a unit of its own")
+    if os.path.exists(os.path.join(S.state, "t.role")):
+        fail("the role file outlived a VMM stopped with the daemon")
+    S.start()
+    st = S.status()
+    if st["role"] != "standby":
+        fail(f"after the VMM was stopped with the daemon, the VM came back as {st}")
+    log(f"stop without a service manager: VMM stopped, role file removed, back as {st['role']} {st['state']}")
     S.stop()
 
 
