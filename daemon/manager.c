@@ -162,8 +162,8 @@ static int vm_role_save(Vm *vm)
         }
         (void) mkdir(vm_state_dir(vm), 0700);
         if (vm->promoted)
-                n = snprintf(buf, sizeof(buf), "role=primary\nfrom_epoch=%" PRIu64 "\nunit=%s\n", vm->promoted_from,
-                             vm->vmm_unit);
+                n = snprintf(buf, sizeof(buf), "role=primary\nfrom_epoch=%" PRIu64 "\nunit=%s\n%s", vm->promoted_from,
+                             vm->vmm_unit, vm->promoted_synced ? "standby_synced=1\n" : "");
         else
                 n = snprintf(buf, sizeof(buf), "maintenance=1\n");
         fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -187,12 +187,12 @@ static void vm_role_load(Vm *vm)
 {
         char path[PATH_MAX], buf[512], unit[sizeof(vm->vmm_unit)] = "";
         _cleanup_close_ int fd = -EBADF;
-        bool primary = false, maint = false;
+        bool primary = false, maint = false, synced = false;
         uint64_t from = 0;
         ssize_t n;
         char *save = NULL;
 
-        vm->promoted = vm->maintenance = false;
+        vm->promoted = vm->maintenance = vm->promoted_synced = false;
         vm->vmm_unit[0] = 0;
         if (vm_role_path(vm, "", path, sizeof(path)) < 0)
                 return;
@@ -211,6 +211,8 @@ static void vm_role_load(Vm *vm)
                         primary = true;
                 else if (streq(l, "maintenance=1"))
                         maint = true;
+                else if (streq(l, "standby_synced=1"))
+                        synced = true;
                 else if (has_prefix(l, "from_epoch=")) {
                         if (parse_u64(l + strlen("from_epoch="), &from) < 0)
                                 goto bad;
@@ -226,6 +228,7 @@ static void vm_role_load(Vm *vm)
                 goto bad;
         vm->promoted = primary;
         vm->promoted_from = from;
+        vm->promoted_synced = primary && synced;
         vm->maintenance = maint;
         memcpy(vm->vmm_unit, unit, sizeof(unit));
         return;
@@ -639,6 +642,7 @@ static void on_vmm_ready(Failover *f, void *userdata)
         vm->kept = standby_replica_free(vm->kept);
         vm->promoted = true;
         vm->promoted_from = vm->promote_epoch;
+        vm->promoted_synced = false;
         (void) vm_role_save(vm);
         vm_forget_saved_replica(vm, NULL);
         log_notice("VM %s: guest running on this host %.1f ms after the promotion began", vm->cfg->name,
@@ -710,7 +714,7 @@ int vm_demote(Vm *vm, char *why, size_t why_size)
                 (void) vm_stop_vmm_unit(vm); /* started before a restart of this daemon */
         vm->primary = primary_free(vm->primary);
         (void) failover_service_address(vm->failover, false);
-        vm->promoted = false;
+        vm->promoted = vm->promoted_synced = false;
         vm->vmm_unit[0] = 0;
         (void) vm_role_save(vm);
         vm->error[0] = 0;
@@ -772,13 +776,17 @@ int vm_attach(Vm *vm)
                 if (r >= 0)
                         r = primary_set_tls(vm->primary, tls);
                 if (r >= 0 && vm->promoted) {
-                        /* Its VMM runs on (its own unit); this reattaches to it. Unprotected until a
-                         * standby syncs, as right after the failover. */
+                        /* Its VMM runs on (its own unit); this reattaches to it. Until a standby had
+                         * synced from it, it runs unprotected, as right after the failover; once one
+                         * had, that standby may hold the only copy of what was acknowledged, so output
+                         * waits for its resync, as for any primary that restarts. */
                         log_notice("VM %s: primary here since the failover from epoch %" PRIu64
-                                   " (%s/%s.role); reattaching to its VMM%s%s",
+                                   " (%s/%s.role); reattaching to its VMM%s%s%s",
                                    cfg->name, vm->promoted_from, vm_state_dir(vm), cfg->name,
-                                   vm->vmm_unit[0] ? " in " : "", vm->vmm_unit);
-                        primary_set_promoted(vm->primary, vm->promoted_from);
+                                   vm->vmm_unit[0] ? " in " : "", vm->vmm_unit,
+                                   vm->promoted_synced ? "; output waits for the standby's resync" : "");
+                        if (!vm->promoted_synced)
+                                primary_set_promoted(vm->primary, vm->promoted_from);
                 }
                 if (r >= 0)
                         r = primary_start(vm->primary);
@@ -1225,8 +1233,21 @@ static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata)
 {
         Manager *m = userdata;
 
-        for (size_t i = 0; i < m->n_vms; i++)
-                bus_vm_check_changes(m, m->vms[i]);
+        for (size_t i = 0; i < m->n_vms; i++) {
+                Vm *vm = m->vms[i];
+                bus_vm_check_changes(m, vm);
+                /* A promoted primary's first standby ACK: a restart must not run it unprotected
+                 * any more (vm_attach). Up to one tick late: a crash in that window restarts it
+                 * unprotected (docs/architecture.md, known problems). */
+                if (vm->promoted && !vm->promoted_synced && vm->primary) {
+                        ReplStatus st;
+                        primary_get_status(vm->primary, &st);
+                        if (st.last_committed > 0 && streq(st.state, "protected")) {
+                                vm->promoted_synced = true;
+                                (void) vm_role_save(vm);
+                        }
+                }
+        }
 
         if (m->status_ticks++ % NOTIFY_EVERY_TICKS == 0) {
                 char status[sizeof(m->last_notify_status)];

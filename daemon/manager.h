@@ -58,6 +58,7 @@ typedef struct Vm {
         bool maintenance;       /* standby role down on request (dirtyrepctl maintenance) */
         bool promoted;          /* primary here since a failover: StateDirectory/NAME.role */
         uint64_t promoted_from; /* the replica's epoch it started from */
+        bool promoted_synced;   /* a standby has acked an epoch of it since (persisted too) */
         char vmm_unit[128];     /* the failover VMM's own systemd unit, or "" */
 } Vm;
 
