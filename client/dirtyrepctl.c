@@ -864,6 +864,38 @@ static int verb_failover(int argc, char *argv[])
         return 0;
 }
 
+/* maintenance VM on|off: the standby down without the primary suspending, and back with a resync. */
+static int verb_maintenance(int argc, char *argv[])
+{
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
+        char name[NAME_MAX_LEN + 1];
+        const char *state = NULL;
+        bool on;
+        int r;
+
+        if (streq(argv[argc - 1], "on"))
+                on = true;
+        else if (streq(argv[argc - 1], "off"))
+                on = false;
+        else {
+                fprintf(stderr, "dirtyrepctl: maintenance [VM] on|off, not '%s'\n", argv[argc - 1]);
+                return EXIT_USAGE;
+        }
+        r = call_vm(argc - 1, argv, "Maintenance", "Maintenance", &reply, name, "b", (int) on);
+        if (r != 0)
+                return r;
+        if (sd_bus_message_read(reply, "s", &state) <= 0)
+                state = on ? "maintenance" : "standby";
+        if (on)
+                printf("VM %s: standby in maintenance: not replicating, the primary runs UNPROTECTED; "
+                       "`dirtyrepctl maintenance %s off` brings it back with a resync\n",
+                       name, name);
+        else
+                printf("VM %s: maintenance over, %s again; the primary resyncs it (see dirtyrepctl status %s)\n",
+                       name, state, name);
+        return 0;
+}
+
 static int verb_reload(int argc, char *argv[])
 {
         _cleanup_(sd_bus_error_free) sd_bus_error e = SD_BUS_ERROR_NULL;
@@ -1345,6 +1377,7 @@ static const Verb verbs[] = {
         {"reload", 0, 0, verb_reload}, {"events", 0, 0, verb_events}, {"version", 0, 0, verb_version},
         {"metrics", 0, 1, verb_metrics},
         {"image", 1, -1, verb_image, true},
+        {"maintenance", 1, 2, verb_maintenance},
 };
 
 static void help(void)
@@ -1362,6 +1395,8 @@ static void help(void)
                "  failover [VM]          Promote a standby or demote a primary (--force: even when unsafe)\n"
                "  resume VM              Release a suspended or held primary: it runs UNPROTECTED\n"
                "                         (only when no other host serves the VM)\n"
+               "  maintenance [VM] on|off  Standby host: stop replicating without suspending the primary\n"
+               "                         (it runs unprotected), then resume with a resync\n"
                "  reload                 Re-read the configuration (changed VMs restart, others untouched)\n"
                "  events                 Follow state changes as they happen (--json: one object a\n"
                "                         line, timestamped, after a dump of the current state)\n"

@@ -182,6 +182,9 @@ static int method_reload(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                                          "The configuration is invalid, nothing was changed:\n%s",
                                          errors ? errors : "(no details)");
         }
+        if (r == -EBUSY && errors)
+                /* Refused: it would have discarded a replica, or hit a promotion (the reason names it). */
+                return sd_bus_error_setf(error, BUS_ERROR("ReloadRefused"), "Reload refused: %s", errors);
         if (r < 0)
                 return sd_bus_error_set_errnof(error, r, "Reload failed: %m");
         log_event(LOG_INFO, DR_MESSAGE_RELOADED, NULL, 0,
@@ -553,6 +556,10 @@ static int method_failover(sd_bus_message *msg, void *userdata, sd_bus_error *er
                 if (r >= 0) {
                         log_notice("VM %s: failover (promotion) requested over D-Bus%s", vm->cfg->name,
                                    force ? ", forced" : "");
+                        /* Answered once the guest runs, or with the reason it does not. */
+                        r = vm_promote_call(vm, msg);
+                        if (r >= 0)
+                                return 1;
                         return sd_bus_reply_method_return(msg, "s", "primary");
                 }
         } else if (vm->primary) {
@@ -563,7 +570,10 @@ static int method_failover(sd_bus_message *msg, void *userdata, sd_bus_error *er
                 }
         } else
                 return sd_bus_error_setf(error, BUS_ERROR("NotAttached"), "VM '%s' has no running role%s",
-                                         vm->cfg->name, vm->promoting ? " (a promotion is running)" : "");
+                                         vm->cfg->name,
+                                         vm->promoting      ? " (a promotion is running)"
+                                         : vm->maintenance ? " (in maintenance: dirtyrepctl maintenance VM off)"
+                                                           : "");
         switch (r) {
         case -EBUSY:
                 return sd_bus_error_setf(error, BUS_ERROR("Unsafe"), "Failover of VM '%s' refused: %s",
@@ -575,6 +585,33 @@ static int method_failover(sd_bus_message *msg, void *userdata, sd_bus_error *er
                 return sd_bus_error_setf(error, BUS_ERROR("FailoverFailed"), "Failover of VM '%s' failed: %s",
                                          vm->cfg->name, why[0] ? why : strerror(-r));
         }
+}
+
+/* Planned maintenance of a standby: Maintenance(true) takes it down without the primary
+ * suspending (told through the link), Maintenance(false) brings it back with a resync. */
+static int method_maintenance(sd_bus_message *msg, void *userdata, sd_bus_error *error)
+{
+        Vm *vm = userdata;
+        char why[256] = "";
+        int on, r;
+
+        r = check_privileged(msg, error);
+        if (r < 0)
+                return r;
+        r = sd_bus_message_read(msg, "b", &on);
+        if (r < 0)
+                return r;
+        r = vm_maintenance(vm, on, why, sizeof(why));
+        bus_vm_check_changes(vm->manager, vm);
+        if (r == -EALREADY)
+                return sd_bus_error_setf(error, BUS_ERROR("AlreadyInState"), "%s", why);
+        if (r == -EINVAL)
+                return sd_bus_error_setf(error, BUS_ERROR("NotStandby"), "%s", why);
+        if (r < 0)
+                return sd_bus_error_setf(error, BUS_ERROR("MaintenanceFailed"), "Maintenance of VM '%s': %s",
+                                         vm->cfg->name, why[0] ? why : strerror(-r));
+        log_notice("VM %s: maintenance %s requested over D-Bus", vm->cfg->name, on ? "start" : "end");
+        return sd_bus_reply_method_return(msg, "s", on ? "maintenance" : "standby");
 }
 
 static int method_attach(sd_bus_message *msg, void *userdata, sd_bus_error *error)
@@ -653,9 +690,10 @@ static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *erro
  * PropertiesChanged (checked every 200 ms); counters change every epoch
  * and are read on demand (no signal, "EmitsChangedSignal" false).
  *
- * Failover(force) -> the role it becomes: "primary" (a promotion was
- * started; it runs asynchronously and State says how far it got) or
- * "standby" (demoted). CheckpointImage(dir, parent, compress) answers once
+ * Failover(force) -> the role it becomes: "primary" (answered once the
+ * guest runs on the replica, or an error naming why it does not; the
+ * replica is then kept and the failover can be retried) or "standby"
+ * (demoted). Maintenance(on) -> "maintenance" or "standby". CheckpointImage(dir, parent, compress) answers once
  * the image is written.
  */
 static const sd_bus_vtable vm_vtable[] = {
@@ -714,6 +752,8 @@ static const sd_bus_vtable vm_vtable[] = {
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Failover", SD_BUS_ARGS("b", force), SD_BUS_RESULT("s", role), method_failover,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Maintenance", SD_BUS_ARGS("b", on), SD_BUS_RESULT("s", state),
+                                method_maintenance, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("CheckpointImage", SD_BUS_ARGS("s", dir, "s", parent, "b", compress),
                                 SD_BUS_RESULT("t", epoch, "t", pages, "t", bytes, "t", pause_ns),
                                 method_checkpoint_image, SD_BUS_VTABLE_UNPRIVILEGED),

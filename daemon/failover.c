@@ -9,6 +9,7 @@
  * SIGCHLD handling and never reaps a child that is not its own.
  */
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -55,6 +56,8 @@ struct Failover {
         Child vmm;
         int ready_fd;
         sd_event_source *ready_source;
+        char vmm_log[PATH_MAX]; /* its stdout and stderr, so a failed start can say why */
+        uint64_t vmm_log_start; /* where this start's output begins in it */
 
         bool address_up;
         int address_error;     /* the last add/remove failed with this (0: it did not) */
@@ -373,7 +376,8 @@ static int on_vmm_ready(sd_event_source *s, int fd, uint32_t revents, void *user
 
 int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t state_len, uint64_t epoch)
 {
-        _cleanup_close_ int ram_fd = ram_fd_in, state_fd = -EBADF, rd = -EBADF, wr = -EBADF;
+        _cleanup_close_ int ram_fd = ram_fd_in, state_fd = -EBADF, rd = -EBADF, wr = -EBADF, log_fd = -EBADF;
+        off_t log_fd_start = 0;
         _cleanup_free_ char **argv = NULL;
         char state_path[64];
         int p[2], fds[3];
@@ -426,9 +430,21 @@ int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t s
         extern char **environ;
         /* A stale socket of a VMM that died would make the new one fail to bind. */
         (void) unlink(f->vm->control_socket);
-        log_notice("VM %s: starting %s on the replica of epoch %" PRIu64 " (%zu bytes of state)",
-                   f->vm->name, f->vm->vmm, epoch, state_len);
-        pid = spawn(argv, environ, fds, 3, -1, false);
+        /* Its output goes to a file of its own, not to our stderr: it must outlive this
+         * daemon (a pipe to us would break), and a start that fails can quote it. */
+        snprintf(f->vmm_log, sizeof(f->vmm_log), "%s/%s.vmm.log",
+                 f->d && f->d->runtime_directory ? f->d->runtime_directory : "/run/dirtyrep", f->vm->name);
+        log_fd = open(f->vmm_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (log_fd < 0) {
+                log_warning_errno(-errno, "VM %s: cannot open %s, the VMM writes to our stderr: %m", f->vm->name,
+                                  f->vmm_log);
+                f->vmm_log[0] = 0;
+        } else
+                log_fd_start = lseek(log_fd, 0, SEEK_END);
+        f->vmm_log_start = log_fd_start > 0 ? (uint64_t) log_fd_start : 0;
+        log_notice("VM %s: starting %s on the replica of epoch %" PRIu64 " (%zu bytes of state)%s%s",
+                   f->vm->name, f->vm->vmm, epoch, state_len, f->vmm_log[0] ? ", output to " : "", f->vmm_log);
+        pid = spawn(argv, environ, fds, 3, log_fd, false);
         if (pid < 0)
                 return log_error_errno(pid, "VM %s: cannot start %s: %m", f->vm->name, f->vm->vmm);
         wr = safe_close(wr);
@@ -458,6 +474,92 @@ void failover_stop_vmm(Failover *f)
         f->ready_source = sd_event_source_disable_unref(f->ready_source);
         f->ready_fd = safe_close(f->ready_fd);
         child_stop(&f->vmm, VMM_STOP_GRACE_USEC);
+}
+
+void failover_vmm_output(Failover *f, char *buf, size_t size)
+{
+        _cleanup_close_ int fd = -EBADF;
+        char tail[1024], *save = NULL, *p;
+        off_t end, from;
+        ssize_t n;
+        size_t o = 0;
+
+        buf[0] = 0;
+        if (!f || !f->vmm_log[0])
+                return;
+        fd = open(f->vmm_log, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0)
+                return;
+        end = lseek(fd, 0, SEEK_END);
+        if (end <= (off_t) f->vmm_log_start)
+                return;
+        from = MAX((off_t) f->vmm_log_start, end - (off_t) sizeof(tail) + 1);
+        n = pread(fd, tail, sizeof(tail) - 1, from);
+        if (n <= 0)
+                return;
+        tail[n] = 0;
+        p = tail;
+        if (from > (off_t) f->vmm_log_start) { /* cut into a line: drop its start */
+                char *nl = strchr(p, '\n');
+                p = nl ? nl + 1 : p;
+        }
+        /* The last lines that fit (the error is usually the last one), in order, joined
+         * with "; ": a one-line reason. */
+        char *lines[64];
+        size_t n_lines = 0, first, need = 0;
+        for (char *l = strtok_r(p, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+                if (n_lines == ELEMENTSOF(lines)) {
+                        memmove(lines, lines + 1, sizeof(lines) - sizeof(lines[0]));
+                        n_lines--;
+                }
+                lines[n_lines++] = l;
+        }
+        for (first = n_lines; first > 0; first--) {
+                need += strlen(lines[first - 1]) + (first < n_lines ? 2 : 0);
+                if (need + 1 > size && first < n_lines)
+                        break;
+        }
+        for (size_t i = first; i < n_lines && o + 1 < size; i++) {
+                int k = snprintf(buf + o, size - o, "%s%s", o ? "; " : "", lines[i]);
+                if (k < 0)
+                        break;
+                o = MIN(size - 1, o + (size_t) k);
+        }
+}
+
+void failover_forget_vmm(Failover *f)
+{
+        if (!f || f->vmm.pid <= 0)
+                return;
+        log_notice("VM %s: leaving the VMM (pid %d) running", f->vm->name, (int) f->vmm.pid);
+        f->ready_source = sd_event_source_disable_unref(f->ready_source);
+        f->ready_fd = safe_close(f->ready_fd);
+        child_release(&f->vmm);
+}
+
+int failover_move_vmm(Failover *to, Failover *from)
+{
+        int r;
+
+        if (!to || !from || to->vmm.pid > 0)
+                return -EINVAL;
+        if (from->vmm.pid <= 0)
+                return 0;
+        to->vmm.pid = from->vmm.pid;
+        to->vmm.pidfd = TAKE_FD(from->vmm.pidfd);
+        from->vmm.exit_source = sd_event_source_disable_unref(from->vmm.exit_source);
+        from->vmm.pid = 0;
+        memcpy(to->vmm_log, from->vmm_log, sizeof(to->vmm_log));
+        to->vmm_log_start = from->vmm_log_start;
+        r = sd_event_add_io(to->event, &to->vmm.exit_source, to->vmm.pidfd, EPOLLIN, on_vmm_exit, to);
+        if (r < 0)
+                return r;
+        if (from->ready_fd >= 0) {
+                to->ready_fd = TAKE_FD(from->ready_fd);
+                from->ready_source = sd_event_source_disable_unref(from->ready_source);
+                r = sd_event_add_io(to->event, &to->ready_source, to->ready_fd, EPOLLIN, on_vmm_ready, to);
+        }
+        return r;
 }
 
 /* ---- service address ------------------------------------------------------------------ */

@@ -62,6 +62,14 @@ pid_t failover_vmm_pid(Failover *f);
 /* Stops our VMM: SIGTERM, SIGKILL after 2 s; waits (bounded) for it. */
 void failover_stop_vmm(Failover *f);
 
+/* The VMM's output since its last start (the last lines that fit, "; "-joined): the reason
+ * a start failed. Empty when there is none. */
+void failover_vmm_output(Failover *f, char *buf, size_t size);
+/* Stops watching our VMM without stopping it: it lives on in a unit of its own. */
+void failover_forget_vmm(Failover *f);
+/* Hands our VMM (and its watch) over to another Failover of the same VM (a reload). */
+int failover_move_vmm(Failover *to, Failover *from);
+
 /* Takes (up) or gives up (!up) ServiceAddress= on ServiceInterface=; logs.
  * 0 when not configured. */
 int failover_service_address(Failover *f, bool up);

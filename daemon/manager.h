@@ -55,6 +55,16 @@ typedef struct Vm {
          * service address; it is added only once the suspension ends (status timer). */
         bool service_address_deferred;
         uint64_t failovers; /* promotions that got the guest running here, since the Vm was created */
+        sd_bus_message *failover_call; /* a Failover() call, answered when the promotion ends */
+        /* The replica while no Standby holds it: during an activation (until the guest
+         * runs), planned maintenance, a reload's restart of the role. Never dropped: a
+         * Vm freed with it saves it to StateDirectory/NAME.replica. */
+        StandbyReplica *kept;
+        bool maintenance;       /* standby role down on request (dirtyrepctl maintenance) */
+        bool promoted;          /* primary here since a failover: StateDirectory/NAME.role */
+        uint64_t promoted_from; /* the replica's epoch it started from */
+        bool promoted_synced;   /* a standby has acked an epoch of it since (persisted too) */
+        char vmm_unit[128];     /* the failover VMM's own systemd unit, or "" */
 } Vm;
 
 /* One --vm NAME block of the command line: settings as "Key=Value". */
@@ -125,8 +135,20 @@ int vm_detach(Vm *vm);
  * primary still connected or a promotion running, -ENODATA no replica).
  */
 int vm_promote(Vm *vm, bool force, char *why, size_t why_size);
+/* Keeps a D-Bus Failover() call (referenced) to answer once the promotion vm_promote() started
+ * ends: the guest runs, or the real error. -EBUSY when one is kept already. */
+int vm_promote_call(Vm *vm, sd_bus_message *call);
 /* Primary -> standby: stops the VMM dirtyrepd started, drops the service address, listens. */
 int vm_demote(Vm *vm, char *why, size_t why_size);
+
+/*
+ * Planned maintenance of a standby (on): the primary is told through the link that
+ * this standby goes away and will not promote (it runs on unprotected instead of
+ * holding output), the role stops, the replica is kept (stale until resynced) and
+ * the state persists across a daemon restart. off: listens again, the primary
+ * resyncs. -EALREADY (already so), -EINVAL (a primary: run it on the standby host).
+ */
+int vm_maintenance(Vm *vm, bool on, char *why, size_t why_size);
 
 /* Seals an epoch now. -EMEDIUMTYPE for a standby, -ENOTCONN/-EBUSY/... from primary_checkpoint(). */
 int vm_checkpoint(Vm *vm, uint64_t *ret_epoch);

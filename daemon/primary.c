@@ -1708,16 +1708,31 @@ static void guard_arm(Primary *p)
 static void on_down(Link *l, int error, const char *reason, void *userdata)
 {
         Primary *p = userdata;
-        bool stopping, guard;
+        bool stopping, guard, maintenance;
 
         log_warning_errno(error, "VM %s: replication link to %s down: %s", p->vm->name, link_peer_name(l), reason);
         pthread_mutex_lock(&p->mutex);
         stopping = p->stop || p->failed;
         snprintf(p->detail, sizeof(p->detail), "link to %s down: %s", link_peer_name(l), reason);
         guard = p->had_standby && p->guard == GUARD_NONE;
+        maintenance = link_down_by_peer(l) && error == STANDBY_MAINTENANCE_CODE;
+        if (maintenance) {
+                /* The authenticated standby said it goes down for planned maintenance and
+                 * will not promote until it has resynced: no split brain to guard against,
+                 * so run on (unprotected) instead of holding output and suspending. */
+                guard = false;
+                p->guard = GUARD_UNPROTECTED;
+                snprintf(p->detail, sizeof(p->detail),
+                         "standby %s in planned maintenance: running UNPROTECTED until it resyncs",
+                         link_peer_name(l));
+        }
         if (guard)
                 p->guard = GUARD_HOLDING;
         pthread_mutex_unlock(&p->mutex);
+        if (maintenance)
+                log_warning("VM %s: the standby went down for planned maintenance: output is released without "
+                            "a standby's ACK, the VM runs UNPROTECTED until it is back and resynced",
+                            p->vm->name);
         drop_link(p);
         if (!stopping)
                 (void) schedule_reconnect(p);

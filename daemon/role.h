@@ -9,6 +9,7 @@
  * never exits the process, and one VM's failure never touches another's.
  */
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <openssl/types.h>
@@ -177,15 +178,52 @@ bool standby_primary_connected(Standby *s);
 bool standby_replica_epoch(Standby *s, uint64_t *ret_epoch);
 /* Shown in the status while a promotion runs: state word (static string, or NULL to clear) and detail. */
 void standby_set_note(Standby *s, const char *state, const char *note);
+
 /*
- * Activation: closes every replication connection and the listener (the
- * replica can no longer change), then hands over the committed replica:
- * its RAM memfd (in the primary's memfd layout, for --ram-fd), its VmState
- * (malloc()ed) and its epoch. The Standby is empty afterwards; free it.
- * -ENODATA when there is no committed replica.
+ * The replica outside a Standby: kept across a reload that restarts the
+ * role, a daemon stop (saved to a file, restored at start), an activation
+ * that failed before the guest ran, and planned maintenance. It is the only
+ * copy of the VM once the primary is gone: nothing here ever drops it
+ * unless the caller frees it.
  */
-int standby_take_replica(Standby *s, int *ret_fd, uint8_t **ret_state, size_t *ret_state_len,
-                         uint64_t *ret_epoch);
+typedef struct StandbyReplica StandbyReplica;
+
+/* ERROR code a standby sends its primary when it goes down for planned
+ * maintenance (dirtyrepctl maintenance): it will not promote until it has
+ * resynced, so the primary runs on unprotected instead of holding output. */
+#define STANDBY_MAINTENANCE_CODE (-ENOLINK)
+
+/*
+ * Takes the committed replica out of s: every connection is closed (code != 0:
+ * the active one first gets an ERROR frame with code and reason, given up to
+ * 200 ms to leave) and the listener stops. -ENODATA (and nothing closed) when
+ * there is no committed replica.
+ */
+int standby_release_replica(Standby *s, int code, const char *reason, StandbyReplica **ret);
+/* Gives s the replica (taken) before standby_start(); -EBUSY once started or holding one. */
+int standby_adopt_replica(Standby *s, StandbyReplica *rep);
+StandbyReplica *standby_replica_free(StandbyReplica *rep);
+DEFINE_TRIVIAL_CLEANUP_FUNC(StandbyReplica *, standby_replica_free);
+uint64_t standby_replica_get_epoch(const StandbyReplica *rep);
+/* Stale: the primary ran unprotected since (maintenance), so promoting from it would lose
+ * what the primary released meanwhile. Cleared by the next committed epoch. */
+bool standby_replica_is_stale(const StandbyReplica *rep);
+void standby_replica_set_stale(StandbyReplica *rep, bool stale);
+/* Whether the Standby's replica is stale (see above). */
+bool standby_replica_stale(Standby *s);
+/* A new fd of the replica's memfd (for the VMM's --ram-fd) and its VmState (borrowed). */
+int standby_replica_activation(const StandbyReplica *rep, int *ret_fd, const uint8_t **ret_state,
+                               size_t *ret_state_len);
+/*
+ * The replica as a file: dir/NAME.replica, written to a temporary file, fsync()ed,
+ * renamed, the directory fsync()ed (a crash leaves the old file or the new one). Header,
+ * layout and state are checksummed, the RAM too (CRC32C of every byte, sparse on disk).
+ * load: -ENOENT when there is none; every field is bounded before use and any mismatch is
+ * -EBADMSG with a reason.
+ */
+int standby_replica_save(const StandbyReplica *rep, const char *dir, const char *name);
+int standby_replica_load(const char *dir, const char *name, StandbyReplica **ret, char *why, size_t why_size);
+int standby_replica_remove(const char *dir, const char *name);
 
 /*
  * A primary started on a replica by failover: it starts unprotected

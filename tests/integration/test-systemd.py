@@ -21,6 +21,19 @@
                            the standby SIGSTOPped until the primary suspends: a clean
                            `systemctl stop` leaves the VM suspended (its console stops)
                            and `systemctl start` brings the daemon back suspended.
+  test-systemd.py restart-promoted
+                           operator-restart-promoted, in the same container: dirtyrep.service
+                           is the standby of a second dirtyrepd (the primary "host", with its
+                           VMM as a transient unit); the primary is SIGKILLed, `dirtyrepctl
+                           failover` returns once the kv guest answers, its VMM runs in
+                           dirtyrep-vmm-t.scope; `systemctl restart dirtyrep` and `stop`/`start`
+                           keep the same VMM serving (INCR keeps counting), the role is in
+                           /var/lib/dirtyrep/t.role and the daemon reattaches as primary.
+  test-systemd.py failover-scope
+                           systemd-failover-scope, the same container without /dev/kvm: the
+                           primary is dr-linkprimary, the failover "VMM" a program that reports
+                           ready; the scope, the role file, the VMM's survival of `systemctl
+                           restart`/`stop`, the reattach, and a demotion stopping the scope.
                            The debootstrap result is made once per build directory
                            (BUILDDIR/control-nspawn-debootstrap, remade when the package
                            list changes); each run boots a fresh overlay of it.
@@ -86,7 +99,7 @@ def test_units(tmp):
     dest = os.path.join(tmp, "dest")
     install(builddir, dest)
     # Every control-plane file where the system looks for it.
-    for suffix in ("/systemd/system/dirtyrep.service", "/sysusers.d/dirtyrep.conf", "/tmpfiles.d/dirtyrep.conf",
+    for suffix in ("/systemd/system/dirtyrep.service", "/systemd/system/dirtyrep-vmm@.service", "/sysusers.d/dirtyrep.conf", "/tmpfiles.d/dirtyrep.conf",
                    "/dbus-1/system.d/org.dirtyrep1.conf", "/bash-completion/completions/dirtyrepctl",
                    "/man1/dirtyrepctl.1", "/man8/dirtyrepd.8", "/man5/dirtyrep.conf.5",
                    "/sbin/dirtyrepd", "/bin/dirtyrepctl"):
@@ -100,8 +113,11 @@ def test_units(tmp):
     # verify checks that ExecStart= exists: show the installed tree at its real place, in a
     # private mount namespace (an overlay of the install over the prefix), nothing on the host changes.
     lower = os.path.join(dest, prefix.lstrip("/"))
+    # The VMM template, as an instance (verify needs one).
+    vmm_unit = os.path.join(tmp, "dirtyrep-vmm@t.service")
+    shutil.copy(find_one(dest, "/systemd/system/dirtyrep-vmm@.service"), vmm_unit)
     script = (f"mount -t overlay overlay -o lowerdir={lower}:{prefix} {prefix} && "
-              f"exec systemd-analyze verify --man=no {unit}")
+              f"exec systemd-analyze verify --man=no {unit} {vmm_unit}")
     if not os.path.isdir(prefix):
         fail(f"prefix {prefix} does not exist on this host")
     c = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
@@ -191,6 +207,219 @@ systemctl stop dr-vmm dr-standby
 echo done > $R/done
 systemctl poweroff
 """
+
+# operator-restart-promoted: the standby host's dirtyrep.service fails over, and a restart of it
+# must not touch the guest (its VMM runs in dirtyrep-vmm-t.scope). The old primary "host" is a
+# second dirtyrepd and its VMM as transient units, killed with SIGKILL (a dead host).
+INSIDE_RESTART = r"""#!/bin/bash
+R=/run/dr-results
+exec > $R/log 2>&1
+set -x
+# One INCR k through the guest's service port (RESP); prints the integer reply or nothing.
+incr() {
+    local line
+    exec 3<>/dev/tcp/127.0.0.1/6380 || return 1
+    printf '*2\r\n$4\r\nINCR\r\n$1\r\nk\r\n' >&3
+    read -t 3 -r line <&3
+    exec 3>&-
+    line=${line//[^0-9]/}
+    [ -n "$line" ] && echo "$line"
+}
+incr_retry() { for i in $(seq 100); do v=$(incr) && [ -n "$v" ] && { echo "$v"; return 0; }; sleep 0.1; done; return 1; }
+# The processes in the VMM's scope, from /proc (no procps in the container).
+vmm_pids() { grep -l 'dirtyrep-vmm-t\.scope' /proc/[0-9]*/cgroup 2>/dev/null | cut -d/ -f3 | sort -n | tr '\n' ' '; }
+
+systemd-analyze verify --man=no dirtyrep-vmm@t.service 2> $R/verify-vmm.err; echo $? > $R/verify-vmm.rc
+mkdir -p /run/dirtyrep-old
+systemd-run --unit=dr-oldvmm --property=Type=exec /usr/bin/dirtyrep-vmm --name t --kernel /run/dr/kv.elf \
+    --memory 64M --control /run/dirtyrep-old/t.sock --console /run/dr-results/old-console.log \
+    --service-listen 127.0.0.1:6380
+systemd-run --unit=dr-oldprimary --property=Type=exec /usr/sbin/dirtyrepd --bus=none --config /etc/dirtyrep-old/dirtyrep.conf --config-dir /etc/dirtyrep-old/vm.d
+systemctl start dirtyrep; echo $? > $R/start.rc
+for i in $(seq 300); do dirtyrepctl status t | grep -q "standby, protected" && break; sleep 0.2; done
+dirtyrepctl status t > $R/status-standby.txt
+v1=$(incr_retry); echo "$v1" > $R/v1
+
+# The primary host dies.
+systemctl kill -s KILL dr-oldprimary dr-oldvmm
+for i in $(seq 100); do dirtyrepctl failover t > $R/failover.txt 2> $R/failover.err; rc=$?; [ $rc = 0 ] && break; sleep 0.2; done
+echo $rc > $R/failover.rc
+v2=$(incr); echo "$v2" > $R/v2
+systemctl is-active dirtyrep-vmm-t.scope > $R/scope-active
+vmm_pids > $R/pids-before
+cat /var/lib/dirtyrep/t.role > $R/role 2>&1
+
+# The operator restarts the daemon: the guest is not touched.
+systemctl restart dirtyrep; echo $? > $R/restart.rc
+v3=$(incr_retry); echo "$v3" > $R/v3
+vmm_pids > $R/pids-after-restart
+for i in $(seq 150); do dirtyrepctl status t | grep -q "t: primary, unprotected" && break; sleep 0.2; done
+dirtyrepctl status t > $R/status-restarted.txt; echo $? > $R/status-restarted.rc
+# Stopped altogether, the guest still answers; started again, the daemon reattaches.
+systemctl stop dirtyrep; echo $? > $R/stop.rc
+v4=$(incr_retry); echo "$v4" > $R/v4
+vmm_pids > $R/pids-after-stop
+systemctl start dirtyrep
+for i in $(seq 150); do dirtyrepctl status t | grep -q "t: primary, unprotected" && break; sleep 0.2; done
+dirtyrepctl status t > $R/status-again.txt
+v5=$(incr_retry); echo "$v5" > $R/v5
+journalctl -u dirtyrep --no-pager > $R/journal.txt
+systemctl stop dirtyrep dirtyrep-vmm-t.scope
+echo done > $R/done
+systemctl poweroff
+"""
+
+TEST_UNIT_BASH = """[Unit]
+Description=dirtyrep systemd test
+After=dbus.service systemd-sysusers.service systemd-tmpfiles-setup.service
+[Service]
+Type=oneshot
+ExecStart=/bin/bash /run/dr/inside.sh
+"""
+
+
+def restart_promoted_setup(root, etc, drdir):
+    """Configuration of the scenario above: dirtyrep.service is the standby, /etc/dirtyrep-old the primary."""
+    with open(os.path.join(etc, "vm.d/t.conf"), "w") as f:
+        f.write("[VM]\nRole=standby\nListen=127.0.0.1:7741\nPeer=127.0.0.1:7742\nSecretFile=/etc/dirtyrep/secret\n"
+                "FailoverPolicy=manual\nVmm=/usr/bin/dirtyrep-vmm\n"
+                "VmmArgs=--service-listen 127.0.0.1:6380 --console /run/dirtyrep/t-console.log\n")
+    old = os.path.join(root, "etc/dirtyrep-old")
+    os.makedirs(os.path.join(old, "vm.d"))
+    with open(os.path.join(old, "dirtyrep.conf"), "w") as f:
+        f.write("[Daemon]\nRuntimeDirectory=/run/dirtyrep-old\nStateDirectory=/var/lib/dirtyrep-old\n")
+    with open(os.path.join(old, "vm.d/t.conf"), "w") as f:
+        f.write("[VM]\nRole=primary\nPeer=127.0.0.1:7741\nSecretFile=/etc/dirtyrep/secret\n")
+    os.makedirs(os.path.join(root, "etc/dirtyrep/vmm"), exist_ok=True)
+    with open(os.path.join(root, "etc/dirtyrep/vmm/t.conf"), "w") as f:
+        f.write("VMM_ARGS=--kernel /run/dr/kv.elf --memory 64M\n")
+    with open(os.path.join(drdir, "inside.sh"), "w") as f:
+        f.write(INSIDE_RESTART)
+    shutil.copy(ENV["DR_GUEST_KV"], os.path.join(drdir, "kv.elf"))
+    with open(os.path.join(root, "etc/systemd/system/dr-test.service"), "w") as f:
+        f.write(TEST_UNIT_BASH)
+
+
+def restart_promoted_check(res):
+    def num(name):
+        v = read(res, name).strip()
+        return int(v) if v.isdigit() else None
+
+    journal = read(res, "journal.txt")
+    check(read(res, "verify-vmm.rc").strip() == "0" and read(res, "verify-vmm.err") == "",
+          f"systemd-analyze verify dirtyrep-vmm@t.service: {read(res, 'verify-vmm.err')!r}")
+    check(read(res, "start.rc").strip() == "0", f"systemctl start dirtyrep failed:\n{journal[-3000:]}")
+    log("standby before the failover:\n" + read(res, "status-standby.txt"))
+    check("standby, protected" in read(res, "status-standby.txt"), "the standby never got protected")
+    v = [num(f"v{i}") for i in range(1, 6)]
+    log(f"INCR k: before the failover {v[0]}, after it {v[1]}, after `systemctl restart dirtyrep` {v[2]}, "
+        f"with the daemon stopped {v[3]}, after it started again {v[4]}")
+    check(read(res, "failover.rc").strip() == "0" and "now primary" in read(res, "failover.txt"),
+          f"dirtyrepctl failover: {read(res, 'failover.rc')} {read(res, 'failover.txt')} {read(res, 'failover.err')}"
+          f"\n{journal[-3000:]}")
+    check(v[0] is not None, "the guest never answered before the failover")
+    check(v[1] is not None and v[1] > v[0],
+          f"the guest did not answer at once after `dirtyrepctl failover` returned (v2={v[1]}, v1={v[0]})")
+    check(read(res, "scope-active").strip() == "active", "the failover VMM is not in dirtyrep-vmm-t.scope")
+    check("role=primary" in read(res, "role"), f"the role was not persisted: {read(res, 'role')!r}")
+    before = read(res, "pids-before").split()
+    check(len(before) >= 1, "no process in dirtyrep-vmm-t.scope")
+    check(read(res, "restart.rc").strip() == "0", "systemctl restart dirtyrep failed")
+    check(read(res, "pids-after-restart").split() == before,
+          f"the VMM changed across `systemctl restart dirtyrep`: {before} -> {read(res, 'pids-after-restart')}")
+    check(v[2] is not None and v[2] > v[1], f"the guest lost state or stopped answering across the restart: {v}")
+    log("after the restart:\n" + read(res, "status-restarted.txt"))
+    check("t: primary, unprotected" in read(res, "status-restarted.txt"),
+          "the restarted daemon did not come back as the VM's primary")
+    check(read(res, "stop.rc").strip() == "0" and read(res, "pids-after-stop").split() == before,
+          "the VMM did not survive `systemctl stop dirtyrep`")
+    check(v[3] is not None and v[3] > v[2], f"the guest did not answer with the daemon stopped: {v}")
+    check("t: primary, unprotected" in read(res, "status-again.txt"), "no reattach after the start")
+    check(v[4] is not None and v[4] > v[3], f"the guest did not answer after the reattach: {v}")
+    check("reattaching to its VMM in dirtyrep-vmm-t.scope" in journal, "the journal does not show the reattach")
+    log("PASS: failover answered once the guest ran; the VMM in its own scope kept serving across "
+        "`systemctl restart` and `stop`/`start` of dirtyrep; the role was persisted and reattached")
+    return 0
+
+
+# systemd-failover-scope: the same promotion under real systemd without /dev/kvm: the primary is
+# dr-linkprimary (the replication protocol on synthetic RAM) and the "VMM" a program that only
+# reports ready (fd 5) and stays. Checks the daemon's side: the scope, the role file, the VMM
+# untouched by `systemctl restart`/`stop`, the reattach, and a demotion that stops the scope.
+INSIDE_SCOPE = r"""#!/bin/bash
+R=/run/dr-results
+exec > $R/log 2>&1
+set -x
+vmm_pids() { grep -l 'dirtyrep-vmm-t\.scope' /proc/[0-9]*/cgroup 2>/dev/null | cut -d/ -f3 | sort -n | tr '\n' ' '; }
+systemctl start dirtyrep; echo $? > $R/start.rc
+systemd-run --unit=dr-lp /run/dr/dr-linkprimary --connect 127.0.0.1:7741 --secret /etc/dirtyrep/secret --name t \
+    --pages 1024
+for i in $(seq 150); do dirtyrepctl status t | grep -q "standby, protected" && break; sleep 0.2; done
+dirtyrepctl status t > $R/status-standby.txt
+systemctl kill -s KILL dr-lp
+for i in $(seq 100); do dirtyrepctl failover t > $R/failover.txt 2>&1; rc=$?; [ $rc = 0 ] && break; sleep 0.2; done
+echo $rc > $R/failover.rc
+systemctl is-active dirtyrep-vmm-t.scope > $R/scope-active
+vmm_pids > $R/pids-before
+cat /var/lib/dirtyrep/t.role > $R/role 2>&1
+systemctl restart dirtyrep; echo $? > $R/restart.rc
+vmm_pids > $R/pids-after-restart
+dirtyrepctl status t > $R/status-restarted.txt
+systemctl stop dirtyrep; echo $? > $R/stop.rc
+vmm_pids > $R/pids-after-stop
+systemctl start dirtyrep
+dirtyrepctl failover t > $R/demote.txt 2>&1; echo $? > $R/demote.rc
+for i in $(seq 50); do [ "$(systemctl is-active dirtyrep-vmm-t.scope)" != active ] && break; sleep 0.1; done
+systemctl is-active dirtyrep-vmm-t.scope > $R/scope-after-demote
+vmm_pids > $R/pids-after-demote
+ls /var/lib/dirtyrep > $R/statedir
+journalctl -u dirtyrep --no-pager > $R/journal.txt
+echo done > $R/done
+systemctl poweroff
+"""
+
+
+def failover_scope_setup(root, etc, drdir, b):
+    with open(os.path.join(etc, "vm.d/t.conf"), "w") as f:
+        f.write("[VM]\nRole=standby\nListen=127.0.0.1:7741\nPeer=127.0.0.1:7742\nSecretFile=/etc/dirtyrep/secret\n"
+                "FailoverPolicy=manual\nVmm=/run/dr/fakevmm\n")
+    with open(os.path.join(drdir, "inside.sh"), "w") as f:
+        f.write(INSIDE_SCOPE)
+    with open(os.path.join(drdir, "fakevmm"), "w") as f:
+        f.write("#!/bin/bash\necho \"fakevmm $*\"\necho 1 >&5\nexec sleep infinity\n")
+    os.chmod(os.path.join(drdir, "fakevmm"), 0o755)
+    shutil.copy(os.path.join(b, "tests/integration/dr-linkprimary"), drdir)
+    with open(os.path.join(root, "etc/systemd/system/dr-test.service"), "w") as f:
+        f.write(TEST_UNIT_BASH)
+
+
+def failover_scope_check(res):
+    journal = read(res, "journal.txt")
+    check(read(res, "start.rc").strip() == "0", f"systemctl start dirtyrep failed:\n{journal[-3000:]}")
+    check("standby, protected" in read(res, "status-standby.txt"), f"never protected:\n{journal[-3000:]}")
+    check(read(res, "failover.rc").strip() == "0" and "now primary" in read(res, "failover.txt"),
+          f"failover: {read(res, 'failover.txt')}\n{journal[-3000:]}")
+    check(read(res, "scope-active").strip() == "active", "the VMM is not in dirtyrep-vmm-t.scope")
+    role = read(res, "role")
+    check("role=primary" in role and "unit=dirtyrep-vmm-t.scope" in role, f"role file: {role!r}")
+    pids = read(res, "pids-before").split()
+    log(f"VMM in dirtyrep-vmm-t.scope: pids {pids}; role file {role.split()}")
+    check(len(pids) == 1, f"processes in the scope: {pids}")
+    check(read(res, "restart.rc").strip() == "0" and read(res, "pids-after-restart").split() == pids,
+          f"the VMM did not survive `systemctl restart dirtyrep`: {read(res, 'pids-after-restart')!r}")
+    check("t: primary" in read(res, "status-restarted.txt"), "the restarted daemon is not the VM's primary")
+    check(read(res, "stop.rc").strip() == "0" and read(res, "pids-after-stop").split() == pids,
+          f"the VMM did not survive `systemctl stop dirtyrep`: {read(res, 'pids-after-stop')!r}")
+    check(journal.count("reattaching to its VMM in dirtyrep-vmm-t.scope") == 2, "no reattach after restart/start")
+    check(read(res, "demote.rc").strip() == "0" and "now standby" in read(res, "demote.txt"),
+          f"demotion: {read(res, 'demote.txt')}")
+    check(read(res, "scope-after-demote").strip() != "active" and read(res, "pids-after-demote").split() == [],
+          "the demotion did not stop the VMM's scope")
+    check("t.role" not in read(res, "statedir").split(), "the role file outlived the demotion")
+    log("PASS: the failover VMM ran in its own scope, survived restart and stop of dirtyrep, the daemon "
+        "reattached from the role file, and a demotion stopped the scope")
+    return 0
+
 
 TEST_UNIT = """[Unit]
 Description=dirtyrep systemd test
@@ -460,7 +689,7 @@ def sweep_stale_runs():
             remove_tree(d)
 
 
-def test_nspawn():
+def test_nspawn(mode="nspawn"):
     if not shutil.which("systemd-nspawn"):
         print("SKIP: systemd-nspawn is not installed (package systemd-container)")
         return 77
@@ -472,7 +701,7 @@ def test_nspawn():
     if ENV.get("DR_NSPAWN_MNTNS") != str(os.getpid()):
         os.environ["DR_NSPAWN_MNTNS"] = str(os.getpid())
         os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", sys.executable,
-                              os.path.abspath(__file__), "nspawn"])
+                              os.path.abspath(__file__), mode])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("killed by SIGTERM (meson timeout?)"))
     sweep_stale_runs()
     builddir = ENV["DR_BUILDDIR"]
@@ -488,13 +717,13 @@ def test_nspawn():
     with tempfile.TemporaryDirectory(prefix=f"dr-nspawn-{os.getpid()}-") as tmp:
         root = os.path.join(tmp, "root")
         try:
-            return nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree)
+            return nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree, mode)
         finally:
             umount_under(root)
             lock.close()
 
 
-def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree):
+def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree, mode="nspawn"):
     # A fresh copy of the cached tree for this run: an overlay whose upper layer is this run's.
     upper, work = os.path.join(tmp, "upper"), os.path.join(tmp, "work")
     for d in (root, upper, work):
@@ -532,13 +761,18 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree):
     with open(os.path.join(drdir, "inside.sh"), "w") as f:
         f.write(INSIDE)
     shutil.copy(ENV["DR_GUEST_DIRTIER"], os.path.join(drdir, "dirtier.elf"))
+    if mode == "restart-promoted":
+        restart_promoted_setup(root, etc, drdir)
+    elif mode == "failover-scope":
+        failover_scope_setup(root, etc, drdir, b)
     res = os.path.join(tmp, "res")
     os.makedirs(res)
 
     cmd = ["systemd-nspawn", "-D", root, "--register=no", "--keep-unit", "--private-network",
            "-M", "drtest" + str(os.getpid()),
-           f"--bind={res}:/run/dr-results", f"--bind-ro={drdir}:/run/dr", "--bind=/dev/kvm",
-           "-b", "--", "systemd.wants=dr-test.service", "systemd.firstboot=off"]
+           f"--bind={res}:/run/dr-results", f"--bind-ro={drdir}:/run/dr"] + \
+        (["--bind=/dev/kvm"] if mode != "failover-scope" else []) + \
+        ["-b", "--", "systemd.wants=dr-test.service", "systemd.firstboot=off"]
     t0 = time.time()
     rc, boot = run_group(cmd, 240, grace=15)
     t_end = time.time()
@@ -557,6 +791,10 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree):
         log(inside[-4000:])
         fail("the in-container script did not finish")
 
+    if mode == "restart-promoted":
+        return restart_promoted_check(res)
+    if mode == "failover-scope":
+        return failover_scope_check(res)
     check("dirtyrep:" in read(res, "group"), f"sysusers.d did not create group dirtyrep: {read(res, 'group')!r}")
     check(read(res, "verify.rc").strip() == "0" and read(res, "verify.err") == "",
           f"systemd-analyze verify in the container: {read(res, 'verify.err')!r}")
@@ -607,7 +845,7 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree):
 
 
 def main():
-    if len(sys.argv) != 2 or sys.argv[1] not in ("units", "nspawn"):
+    if len(sys.argv) != 2 or sys.argv[1] not in ("units", "nspawn", "restart-promoted", "failover-scope"):
         print(__doc__)
         return 2
     if os.geteuid() != 0:
@@ -616,11 +854,11 @@ def main():
     if not shutil.which("systemd-analyze"):
         print("SKIP: systemd-analyze is not installed")
         return 77
-    if sys.argv[1] == "nspawn" and not os.path.exists("/dev/kvm"):
+    if sys.argv[1] in ("nspawn", "restart-promoted") and not os.path.exists("/dev/kvm"):
         print("SKIP: /dev/kvm missing")
         return 77
-    if sys.argv[1] == "nspawn":
-        return test_nspawn()
+    if sys.argv[1] in ("nspawn", "restart-promoted", "failover-scope"):
+        return test_nspawn(sys.argv[1])
     with tempfile.TemporaryDirectory(prefix="dr-systemd-") as tmp:
         test_units(tmp)
         return 0

@@ -996,4 +996,135 @@ TEST(staging_bound)
         fixture_done(&f);
 }
 
+/* Flips one byte of src's copy at off and checks that loading it fails with -EBADMSG. */
+static void assert_corrupt_refused(Fixture *f, const char *name, off_t off, bool truncate_instead)
+{
+        char cmd[512], why[256] = "";
+        StandbyReplica *rep = NULL;
+        int fd;
+
+        snprintf(cmd, sizeof(cmd), "cp --sparse=always '%s/vm0.replica' '%s/%s.replica'", f->dir, f->dir, name);
+        ASSERT_EQ(system(cmd), 0);
+        snprintf(cmd, sizeof(cmd), "%s/%s.replica", f->dir, name);
+        fd = open(cmd, O_RDWR | O_CLOEXEC);
+        ASSERT_TRUE(fd >= 0);
+        if (truncate_instead)
+                ASSERT_OK(ftruncate(fd, off));
+        else {
+                uint8_t b;
+                ASSERT_EQ(pread(fd, &b, 1, off), 1);
+                b ^= 0x20;
+                ASSERT_EQ(pwrite(fd, &b, 1, off), 1);
+        }
+        close(fd);
+        ASSERT_EQ(standby_replica_load(f->dir, name, &rep, why, sizeof(why)), -EBADMSG);
+        ASSERT_TRUE(rep == NULL);
+        fprintf(stderr, "  %s refused: %s\n", name, why);
+        ASSERT_TRUE(why[0] != 0);
+}
+
+/*
+ * The replica outside a Standby (issue 19): released from a Standby with an
+ * ERROR to its primary, saved to a file, every kind of damage to the file
+ * refused, restored into a new Standby that the same primary session resyncs
+ * incrementally; the stale mark (maintenance) holds until the next commit.
+ */
+TEST(replica_release_save_restore)
+{
+        _cleanup_free_ uint8_t *model = NULL;
+        StandbyReplica *rep = NULL;
+        uint64_t pages[40], epoch = 0;
+        char why[256], addr[64];
+        struct stat stb;
+        Fixture f;
+        Prim p;
+
+        fixture_init(&f);
+        fill_random(f.ram, R0_PAGES * 4096, 21); /* region 1 stays zero: holes in the file */
+        prim_connect(&f, &p);
+        epoch_full(&f, &p, 1);
+        for (uint64_t e = 2; e <= 4; e++)
+                epoch_send(&f, &p, e, false, e - 1, pages, model_dirty(&f, (uint32_t) e, pages, 40), "state-r");
+        assert_replica(&f, 4);
+
+        /* Released while the primary is connected: it is told why (maintenance), the replica moves out. */
+        ASSERT_OK(standby_release_replica(f.s, STANDBY_MAINTENANCE_CODE, "going down for maintenance", &rep));
+        ASSERT_TRUE(RUN_UNTIL(f.e, p.downs > 0, 5000));
+        ASSERT_EQ(p.down_error, STANDBY_MAINTENANCE_CODE);
+        ASSERT_CONTAINS(p.down_reason, "maintenance");
+        ASSERT_TRUE(!standby_replica_epoch(f.s, NULL));
+        ASSERT_EQ(standby_release_replica(f.s, 0, NULL, &rep), -ENODATA);
+        ASSERT_EQ(standby_replica_get_epoch(rep), 4);
+        prim_free(&p);
+
+        /* Saved: sparse (region 1 and the gap before it are holes), atomically named. */
+        standby_replica_set_stale(rep, true);
+        ASSERT_OK(standby_replica_save(rep, f.dir, "vm0"));
+        rep = standby_replica_free(rep);
+        {
+                char path[128];
+                snprintf(path, sizeof(path), "%s/vm0.replica", f.dir);
+                ASSERT_OK(stat(path, &stb));
+                snprintf(path, sizeof(path), "%s/vm0.replica.tmp", f.dir);
+                ASSERT_TRUE(access(path, F_OK) < 0);
+        }
+        fprintf(stderr, "  saved: %lld bytes, %lld allocated\n", (long long) stb.st_size,
+                (long long) stb.st_blocks * 512);
+        ASSERT_TRUE((uint64_t) stb.st_blocks * 512 < (uint64_t) stb.st_size);
+
+        /* Damage anywhere is refused with a reason, never half loaded. */
+        assert_corrupt_refused(&f, "hdr", 20, false);             /* epoch */
+        assert_corrupt_refused(&f, "state", 4096 + 2, false);     /* state bytes */
+        assert_corrupt_refused(&f, "ram", 8192 + 4096 * 7 + 100, false); /* a RAM page */
+        assert_corrupt_refused(&f, "short", stb.st_size - 4096, true);
+        ASSERT_EQ(standby_replica_load(f.dir, "missing", &rep, why, sizeof(why)), -ENOENT);
+
+        /* A new Standby (a restarted daemon) adopts it and listens. */
+        f.s = standby_free(f.s);
+        (void) sd_event_run(f.e, 0);
+        ASSERT_OK(standby_replica_load(f.dir, "vm0", &rep, why, sizeof(why)));
+        ASSERT_TRUE(standby_replica_is_stale(rep));
+        ASSERT_OK(standby_new(f.e, &f.d, &f.vm, SECRET, sizeof(SECRET), &f.s));
+        ASSERT_OK(standby_adopt_replica(f.s, rep));
+        rep = NULL;
+        ASSERT_OK(standby_start(f.s));
+        ASSERT_OK(standby_listen_address(f.s, addr, sizeof(addr)));
+        ASSERT_OK(parse_socket_address(addr, &f.addr, &f.addr_len, false));
+        ASSERT_TRUE(standby_replica_epoch(f.s, &epoch));
+        ASSERT_EQ(epoch, 4);
+        ASSERT_TRUE(standby_replica_stale(f.s));
+        assert_replica(&f, 4);
+
+        /* The same primary session resyncs incrementally from it; the commit clears stale. */
+        prim_connect(&f, &p);
+        ASSERT_TRUE(p.welcome_has_lc);
+        ASSERT_EQ(p.welcome_lc, 4);
+        ASSERT_EQ(p.welcome_session_len, 16);
+        epoch_send(&f, &p, 5, false, 4, pages, model_dirty(&f, 5, pages, 40), "state-5");
+        assert_replica(&f, 5);
+        ASSERT_TRUE(!standby_replica_stale(f.s));
+
+        /* Activation hands out a new fd of the same memfd and the state. */
+        {
+                const uint8_t *state = NULL;
+                size_t state_len = 0;
+                int fd = -EBADF;
+
+                ASSERT_OK(standby_release_replica(f.s, 0, NULL, &rep));
+                ASSERT_OK(standby_replica_activation(rep, &fd, &state, &state_len));
+                ASSERT_EQ(state_len, 7);
+                ASSERT_TRUE(memcmp(state, "state-5", 7) == 0);
+                ASSERT_OK(fstat(fd, &stb));
+                ASSERT_EQ(stb.st_size, (R1_MEMFD_PAGE + R1_PAGES) * 4096);
+                model = malloc(4096);
+                ASSERT_TRUE(model);
+                ASSERT_EQ(pread(fd, model, 4096, 4096 * 3), 4096);
+                ASSERT_TRUE(memcmp(model, f.ram + 3 * 4096, 4096) == 0);
+                close(fd);
+                rep = standby_replica_free(rep);
+        }
+        prim_free(&p);
+        fixture_done(&f);
+}
+
 DEFINE_TEST_MAIN
