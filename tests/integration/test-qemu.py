@@ -198,6 +198,8 @@ def test_restore(tmp, a, qemu):
     q = Qemu(tmp, qemu, "dirtier", "ws=8M rate=5000 report_ms=200")
     q.wait_socket()
     progressing(q, "the primary")
+    # The last progress line before the snapshot: the snapshot's guest wrote at least that much.
+    _, w_before = writes_of(q)
     ram, state = os.path.join(tmp, "replica.ram"), os.path.join(tmp, "replica.state")
     r = subprocess.run([ENV["DR_HARVESTER"], "snapshot", "--control", q.control, "--state", state, "--ram", ram],
                        capture_output=True, text=True, timeout=120)
@@ -205,7 +207,6 @@ def test_restore(tmp, a, qemu):
         fail(f"dr-harvester snapshot: {r.returncode} {r.stdout} {r.stderr}")
     log(r.stdout.strip())
     q.kill()  # the primary dies (the snapshot was its last committed epoch)
-    _, w_before = writes_of(q)
     os.truncate(ram, 256 << 20)
     n = Qemu(tmp, qemu, "dirtier", "ws=8M rate=5000 report_ms=200", tag="restored",
              memory=f"memory-backend-file,id=m0,size={RAM},mem-path={ram},share=on",
@@ -216,7 +217,7 @@ def test_restore(tmp, a, qemu):
     if any(l.startswith("dirtier: cpu=0 ws_base") for l in n.lines()):
         fail("the restored guest booted again (start line on COM1)")
     if w_after <= w_before:
-        fail(f"restored guest's writes {w_after} not above the primary's {w_before}")
+        fail(f"restored guest's writes {w_after} not above the primary's {w_before} before the snapshot")
     w2 = progressing(n, "the restored guest")
     if "device state restored" not in n.text():
         fail("QEMU did not report the restore")
