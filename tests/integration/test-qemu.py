@@ -59,7 +59,7 @@ def qemu_args(qemu, guest, append, cpus=1, control=None, console=None, memory=No
          "-kernel", kernel, "-append", append, "-display", "none", "-nodefaults", "-no-user-config",
          "-serial", "file:" + console, "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-no-reboot"]
     if control:
-        a += ["-object", f"dirtyrep-agent,id=dr0,path={control},name=t" + agent_extra]
+        a += ["-device", f"dirtyrep-agent,path={control},name=t" + agent_extra]
     return a + list(extra)
 
 
@@ -175,7 +175,7 @@ def test_badinput(tmp, a, qemu):
                    memory="memory-backend-ram,id=m0,size=16M")
     other = os.path.join(tmp, "second.sock")
     expect_refusal(tmp, qemu, "two-agents", ["only one"],
-                   extra=["-object", f"dirtyrep-agent,id=dr1,path={other},name=u"])
+                   extra=["-device", f"dirtyrep-agent,path={other},name=u"])
 
     # A client that pauses the VM and vanishes (dr-harvester snapshot without
     # --resume exits with the VM paused): the agent resumes it.
@@ -245,7 +245,7 @@ def qemu_kv_args(qemu, hostdir, control=None):
              "-kernel", ENV["DR_GUEST_KV"], "-display", "none", "-nodefaults", "-no-user-config",
              "-serial", "file:" + console, "-chardev", "socket,id=svc,host=0.0.0.0,port=6379,server=on,wait=off",
              "-device", "isa-serial,chardev=svc", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-no-reboot",
-             "-object", "dirtyrep-agent,id=dr0,chardev=svc," + agent])
+             "-device", "dirtyrep-agent,chardev=svc," + agent])
 
 
 def test_failover(tmp, a, qemu):
