@@ -7,6 +7,9 @@ real sockets, real KVM.
   test-qemu.py consistency --guest dirtier|memtouch --cpus N [--epochs N]
   test-qemu.py badinput   (no share=on, no dirty ring, SMM, two agents, a
                            client gone mid-pause: clear errors, VM never left paused)
+  test-qemu.py checks     (no KVM needed: the built QEMU has the device, and
+                           refuses a second one, a missing path=, a ready-fd=
+                           without restore=, and an accelerator other than KVM)
   test-qemu.py restore    (a replica's RAM memfd and saved state started in a
                            new QEMU with restore=: the guest goes on, no reboot)
   test-qemu.py failover [--trials N]
@@ -197,6 +200,34 @@ def test_badinput(tmp, a, qemu):
     log("PASS: bad configurations refused with clear errors; the VM never stays paused")
 
 
+def test_checks(tmp, a, qemu):
+    base = [qemu, "-machine", "pc,memory-backend=m0,smm=off", "-object",
+            f"memory-backend-memfd,id=m0,size=64M,share=on", "-m", "64M", "-display", "none", "-nodefaults",
+            "-no-user-config", "-L", "/usr/share/seabios", "-L", "/usr/share/qemu", "-accel", "qtest"]
+    r = subprocess.run([qemu, "-device", "help"], capture_output=True, text=True, timeout=60)
+    if 'name "dirtyrep-agent"' not in r.stdout + r.stderr:
+        fail(f"{qemu} has no dirtyrep-agent device")
+    sock = os.path.join(tmp, "a.sock")
+    cases = [
+        ("qtest accelerator", ["-device", f"dirtyrep-agent,path={sock},name=t"], "needs KVM: -accel kvm"),
+        ("two agents", ["-device", f"dirtyrep-agent,path={sock},name=t",
+                        "-device", f"dirtyrep-agent,path={sock}2,name=u"], "only one per QEMU"),
+        ("no path", ["-device", "dirtyrep-agent,name=t"], "path= (the control socket) is required"),
+        ("no name", ["-device", f"dirtyrep-agent,path={sock}"], "name= (the VM's name in dirtyrepd) is required"),
+        ("ready-fd alone", ["-device", f"dirtyrep-agent,path={sock},name=t,ready-fd=2"],
+         "ready-fd= is only for restore="),
+    ]
+    for what, extra, expect in cases:
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=60)
+        out = (r.stdout + r.stderr).strip()
+        if r.returncode == 0 or expect not in out:
+            fail(f"{what}: exit {r.returncode}, expected an error with {expect!r}, got {out[-400:]!r}")
+        log(f"{what}: refused: {out.splitlines()[-1]}")
+    if os.path.exists(sock):
+        fail("a refused agent left its control socket behind")
+    log("PASS: the device exists and refuses bad configurations")
+
+
 def test_restore(tmp, a, qemu):
     """The failover path of QEMU: RAM as a replica holds it (each region at its
     memfd offset) plus the saved state, started with restore= on a
@@ -308,14 +339,14 @@ def test_failover(tmp, a, qemu):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["consistency", "badinput", "restore", "failover"])
+    ap.add_argument("what", choices=["consistency", "badinput", "restore", "failover", "checks"])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--guest", default="dirtier", choices=["dirtier", "memtouch"])
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=500)
     ap.add_argument("--seed", type=int, default=int(time.time()))
     a = ap.parse_args()
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if a.what != "checks" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         log("SKIP: no /dev/kvm")
         return 77
     log(f"seed {a.seed}")
