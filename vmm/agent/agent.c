@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -255,8 +256,17 @@ int dr_agent_set_regions(DrAgent *a, const DrAgentRegion *regions, size_t n_regi
         pthread_mutex_lock(&a->lock);
         if (atomic_load(&a->attached))
                 r = -EBUSY;
-        else
+        else {
+                /*
+                 * Not attached, so not tracking (detach clears `tracking` first): a
+                 * note_guest_write() that starts now returns before it touches the
+                 * regions. One that saw tracking on before the detach may still walk
+                 * them: wait for it (it never blocks).
+                 */
+                while (atomic_load(&a->note_users) > 0)
+                        sched_yield();
                 r = regions_install(a, regions, n_regions);
+        }
         pthread_mutex_unlock(&a->lock);
         return r;
 }
@@ -832,9 +842,12 @@ void dr_agent_note_guest_write(DrAgent *a, uint64_t gpa, uint64_t len)
 
         if (!a || len == 0)
                 return;
-        /* Acquire pairs with the seq_cst store in agent_set_tracking(). */
-        if (!atomic_load_explicit(&a->tracking, memory_order_acquire))
+        /* Counted before tracking is looked at: dr_agent_set_regions() waits for us (all seq_cst). */
+        atomic_fetch_add(&a->note_users, 1);
+        if (!atomic_load(&a->tracking)) {
+                atomic_fetch_sub(&a->note_users, 1);
                 return;
+        }
         end = gpa + len < gpa ? UINT64_MAX : gpa + len;
 
         for (size_t i = 0; i < a->n_regions; i++) {
@@ -857,6 +870,7 @@ void dr_agent_note_guest_write(DrAgent *a, uint64_t gpa, uint64_t len)
         if (covered > 0)
                 /* Release: a client that loads the new sequence (acquire) sees the bits set above. */
                 __atomic_fetch_add((uint64_t *) a->vmm_dirty_map + 1, 1, __ATOMIC_RELEASE);
+        atomic_fetch_sub(&a->note_users, 1);
 }
 
 /* ---- output ---- */
