@@ -44,6 +44,7 @@ static_assert(sizeof(VmRole) == sizeof(int), "enum size");
 static_assert(sizeof(ConfigTracking) == sizeof(int), "enum size");
 static_assert(sizeof(ConfigCompression) == sizeof(int), "enum size");
 static_assert(sizeof(FailoverPolicy) == sizeof(int), "enum size");
+static_assert(sizeof(VmmType) == sizeof(int), "enum size");
 static_assert(sizeof(SplitBrainPolicy) == sizeof(int), "enum size");
 
 /* ---------------------------------------------------------------------- */
@@ -842,6 +843,8 @@ static const char *const compression_names[] = {
         [CONFIG_COMPRESSION_LZ4] = "lz4", [CONFIG_COMPRESSION_NONE] = "none", NULL};
 static const char *const failover_names[] = {
         [FAILOVER_POLICY_MANUAL] = "manual", [FAILOVER_POLICY_AUTO] = "auto", NULL};
+static const char *const vmm_type_names[] = {
+        [VMM_TYPE_DIRTYREP_VMM] = "dirtyrep-vmm", [VMM_TYPE_QEMU] = "qemu", NULL};
 static const char *const split_brain_names[] = {
         [SPLIT_BRAIN_POLICY_SUSPEND] = "suspend", [SPLIT_BRAIN_POLICY_CONTINUE] = "continue", NULL};
 
@@ -886,6 +889,7 @@ enum {
         VK_MAX_STAGING,
         VK_VMM,
         VK_VMM_ARGS,
+        VK_VMM_TYPE,
         VK_FENCE_COMMAND,
         VK_FAILOVER_POLICY,
         VK_SERVICE_ADDRESS,
@@ -917,6 +921,7 @@ static const KeyDef vm_keys[_VK_MAX] = {
         [VK_MAX_STAGING] = {"MaxStagingMB", parse_uint32_range, V(max_staging_mb), 16, 65536},
         [VK_VMM] = {"Vmm", parse_path, V(vmm), .max = PATH_MAX - 1},
         [VK_VMM_ARGS] = {"VmmArgs", parse_vmm_args, V(vmm_args_string), .flags = KEY_EMPTY_UNSETS},
+        [VK_VMM_TYPE] = {"VmmType", parse_choice, V(vmm_type), .choices = vmm_type_names},
         [VK_FENCE_COMMAND] = {"FenceCommand", parse_command, V(fence_command), .flags = KEY_EMPTY_UNSETS},
         [VK_FAILOVER_POLICY] = {"FailoverPolicy", parse_choice, V(failover_policy),
                                 .choices = failover_names},
@@ -1270,6 +1275,7 @@ static int vm_config_new_default(const char *path, const char *name, VmConfig **
         v->split_brain_policy = SPLIT_BRAIN_POLICY_SUSPEND;
         v->output_commit = true;
         v->console_commit = false;
+        v->vmm_type = VMM_TYPE_DIRTYREP_VMM;
         v->name = strdup(name);
         v->path = strdup(path);
         v->vmm = strdup(DEFAULT_VMM);
@@ -1452,7 +1458,10 @@ static void check_failover_needs(const VmConfig *v, ErrorList *e, const char *pa
                         e, path, policy_line,
                         "FailoverPolicy=auto requires Peer=ADDRESS:PORT: after a failover this host is the "
                         "primary and replicates to the old primary's host (set Peer= to its Listen=)");
-        (void) config_vmm_args_scan(v->vmm_args, v->n_vmm_args, vmm_arg_conflict, &c);
+        /* dirtyrep-vmm's options, read as its getopt reads them; QEMU's command line is a template
+         * checked by config_qemu_args_problem() instead. */
+        if (v->vmm_type != VMM_TYPE_QEMU)
+                (void) config_vmm_args_scan(v->vmm_args, v->n_vmm_args, vmm_arg_conflict, &c);
 }
 
 /* Parses one VM file into e; returns 0 (check e->any), or -ENOMEM. */
@@ -1503,6 +1512,13 @@ static int vm_parse(const char *path, const char *name, const char *text, size_t
                                              pr.line[VK_FAILOVER_POLICY] ? pr.line[VK_FAILOVER_POLICY]
                                                                          : pr.line[VK_ROLE],
                                              pr.line[VK_VMM_ARGS]);
+                if (v->vmm_type == VMM_TYPE_QEMU && pr.valid[VK_VMM_TYPE] &&
+                    !(pr.line[VK_VMM_ARGS] > 0 && !pr.valid[VK_VMM_ARGS])) {
+                        char b[128];
+                        const char *problem = config_qemu_args_problem(v, b, sizeof(b));
+                        if (problem)
+                                error_add(e, path, pr.line[VK_VMM_TYPE], "VmmType=qemu: %s", problem);
+                }
                 if (v->tls) {
                         const char *missing =
                                 tls_missing(v, pr.line[VK_TLS_CERT] > 0 && !pr.valid[VK_TLS_CERT],
@@ -1815,7 +1831,7 @@ bool vm_config_equal(const VmConfig *a, const VmConfig *b)
                str_eq_null(a->secret_file, b->secret_file) && a->max_inflight_epochs == b->max_inflight_epochs &&
                a->compression == b->compression && a->pre_copy == b->pre_copy &&
                a->max_staging_mb == b->max_staging_mb && str_eq_null(a->vmm, b->vmm) &&
-               str_eq_null(a->vmm_args_string, b->vmm_args_string) &&
+               str_eq_null(a->vmm_args_string, b->vmm_args_string) && a->vmm_type == b->vmm_type &&
                str_eq_null(a->fence_command, b->fence_command) && a->failover_policy == b->failover_policy &&
                a->service_address.family == b->service_address.family &&
                (a->service_address.family == AF_UNSPEC ||
@@ -1970,6 +1986,13 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
         if ((!is_new || valid[VK_ROLE]) && !(given[VK_PEER] && !valid[VK_PEER]) &&
             !(given[VK_VMM_ARGS] && !valid[VK_VMM_ARGS]))
                 check_failover_needs(v, &e, origin, 0, 0);
+        if (v->vmm_type == VMM_TYPE_QEMU && !(given[VK_VMM_TYPE] && !valid[VK_VMM_TYPE]) &&
+            !(given[VK_VMM_ARGS] && !valid[VK_VMM_ARGS])) {
+                char b[128];
+                const char *problem = config_qemu_args_problem(v, b, sizeof(b));
+                if (problem)
+                        error_add(&e, origin, 0, "VmmType=qemu: %s", problem);
+        }
         if (v->tls) {
                 const char *missing = tls_missing(v, given[VK_TLS_CERT] && !valid[VK_TLS_CERT],
                                                   given[VK_TLS_KEY] && !valid[VK_TLS_KEY],
@@ -2426,6 +2449,103 @@ const char *config_compression_to_string(ConfigCompression c)
 const char *failover_policy_to_string(FailoverPolicy p)
 {
         return (unsigned) p < ELEMENTSOF(failover_names) - 1 ? failover_names[p] : NULL;
+}
+
+const char *vmm_type_to_string(VmmType t)
+{
+        return (unsigned) t < ELEMENTSOF(vmm_type_names) - 1 ? vmm_type_names[t] : NULL;
+}
+
+int vmm_arg_expand(const char *word, const VmmArgValues *val, char **ret, char *ret_bad, unsigned *ret_seen)
+{
+        _cleanup_free_ char *out = NULL;
+        size_t len = 0, cap = strlen(word) + 1;
+
+        out = malloc(cap);
+        if (!out)
+                return -ENOMEM;
+        for (const char *p = word; *p; p++) {
+                const char *add = NULL;
+                char one[2] = { *p, 0 };
+                unsigned bit = 0;
+
+                if (*p != '%')
+                        add = one;
+                else {
+                        switch (*++p) {
+                        case 'r':
+                                add = val->ram;
+                                bit = 1u << 0;
+                                break;
+                        case 's':
+                                add = val->state;
+                                bit = 1u << 1;
+                                break;
+                        case 'f':
+                                add = val->ready_fd;
+                                bit = 1u << 2;
+                                break;
+                        case 'c':
+                                add = val->control;
+                                bit = 1u << 3;
+                                break;
+                        case 'n':
+                                add = val->name;
+                                break;
+                        case '%':
+                                add = "%";
+                                break;
+                        default:
+                                if (ret_bad)
+                                        *ret_bad = *p ?: '%';
+                                return -EINVAL;
+                        }
+                        if (ret_seen)
+                                *ret_seen |= bit;
+                        add = add ?: "";
+                }
+                size_t n = strlen(add);
+                if (len + n + 1 > cap) {
+                        char *t = realloc(out, cap = (len + n + 1) * 2);
+                        if (!t)
+                                return -ENOMEM;
+                        out = t;
+                }
+                memcpy(out + len, add, n);
+                len += n;
+        }
+        out[len] = 0;
+        *ret = TAKE_PTR(out);
+        return 0;
+}
+
+const char *config_qemu_args_problem(const VmConfig *v, char *buf, size_t size)
+{
+        static const VmmArgValues probe = {};
+        static const char *const names[] = {"%r (the replica's RAM)", "%s (the saved state)",
+                                            "%f (the ready fd)", "%c (the control socket)"};
+        unsigned seen = 0;
+
+        for (size_t i = 0; i < v->n_vmm_args; i++) {
+                _cleanup_free_ char *x = NULL;
+                char bad = 0;
+                int r = vmm_arg_expand(v->vmm_args[i], &probe, &x, &bad, &seen);
+
+                if (r == -EINVAL) {
+                        snprintf(buf, size, "unknown placeholder %%%c in VmmArgs= (%%r %%s %%f %%c %%n %%%%)", bad);
+                        return buf;
+                }
+                if (r < 0) {
+                        snprintf(buf, size, "out of memory");
+                        return buf;
+                }
+        }
+        for (unsigned i = 0; i < ELEMENTSOF(names); i++)
+                if (!(seen & (1u << i))) {
+                        snprintf(buf, size, "VmmArgs= lacks %s, which failover fills in", names[i]);
+                        return buf;
+                }
+        return NULL;
 }
 
 const char *split_brain_policy_to_string(SplitBrainPolicy p)

@@ -57,6 +57,7 @@
  * | Vmm=                | BINDIR/dirtyrep-vmm      | absolute path                   |
  * | VmmArgs=        (e) | none                     | words, '..' or ".." quoting,    |
  * |                     |                          | at most CONFIG_VMM_ARGS_MAX     |
+ * | VmmType=            | dirtyrep-vmm             | dirtyrep-vmm, qemu (2)          |
  * | FenceCommand=   (e) | none                     | command line, first word an     |
  * |                     |                          | absolute path                   |
  * | FailoverPolicy=     | manual                   | auto, manual                    |
@@ -77,6 +78,11 @@
  * |                     |  the CA signed)          | must carry (SAN or CN)          |
  * (1) /run/dirtyrep/NAME.sock from config_parse_vm_file(); config_load()
  *     re-derives it from the daemon's RuntimeDirectory= when that is set.
+ * (2) qemu: Vmm= is a QEMU with the dirtyrep-agent object (docs/qemu.md) and
+ *     VmmArgs= its whole command line, in which failover replaces %r (the
+ *     replica's RAM, a path), %s (the saved state, a path), %f (the ready
+ *     fd number), %c (ControlSocket=), %n (the VM's name) and %% (a %);
+ *     %r, %s, %f and %c are required, other %-sequences are errors.
  *
  * Booleans (yes, no) are systemd's: also true/false, on/off, 1/0. Keys in
  * milliseconds take systemd time spans ("20ms", "2s"; a bare number is ms).
@@ -138,6 +144,11 @@ typedef enum ConfigCompression {
         CONFIG_COMPRESSION_NONE,
 } ConfigCompression;
 
+typedef enum VmmType {
+        VMM_TYPE_DIRTYREP_VMM,
+        VMM_TYPE_QEMU,
+} VmmType;
+
 typedef enum FailoverPolicy {
         FAILOVER_POLICY_MANUAL,
         FAILOVER_POLICY_AUTO,
@@ -196,6 +207,7 @@ typedef struct VmConfig {
         char *vmm_args_string; /* as written, or NULL */
         char **vmm_args;       /* split, NULL-terminated; never NULL */
         size_t n_vmm_args;
+        VmmType vmm_type;
         char *fence_command; /* or NULL */
         FailoverPolicy failover_policy;
         ConfigCidr service_address;
@@ -372,4 +384,19 @@ const char *vm_role_to_string(VmRole r);
 const char *config_tracking_to_string(ConfigTracking t);
 const char *config_compression_to_string(ConfigCompression c);
 const char *failover_policy_to_string(FailoverPolicy p);
+const char *vmm_type_to_string(VmmType t);
+
+/* The values of VmmArgs= placeholders for VmmType=qemu; NULL ones are not substituted. */
+typedef struct VmmArgValues {
+        const char *ram, *state, *ready_fd, *control, *name;
+} VmmArgValues;
+/*
+ * Expands one VmmArgs= word of VmmType=qemu into a malloc()ed string
+ * (*ret). Returns 0, -EINVAL for an unknown %-sequence (its character in
+ * *ret_bad when given), -ENOMEM. Sets bit 0..3 of *ret_seen (when given)
+ * for %r, %s, %f, %c found.
+ */
+int vmm_arg_expand(const char *word, const VmmArgValues *val, char **ret, char *ret_bad, unsigned *ret_seen);
+/* NULL when VmmType=qemu's VmmArgs= has every required placeholder, else what is missing or wrong. */
+const char *config_qemu_args_problem(const VmConfig *v, char *buf, size_t size);
 const char *split_brain_policy_to_string(SplitBrainPolicy p);

@@ -374,11 +374,19 @@ static int on_vmm_ready(sd_event_source *s, int fd, uint32_t revents, void *user
         return 0;
 }
 
+static void words_freep(char ***l)
+{
+        for (char **p = *l; p && *p; p++)
+                free(*p);
+        free(*l);
+}
+
 int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t state_len, uint64_t epoch)
 {
         _cleanup_close_ int ram_fd = ram_fd_in, state_fd = -EBADF, rd = -EBADF, wr = -EBADF, log_fd = -EBADF;
         off_t log_fd_start = 0;
         _cleanup_free_ char **argv = NULL;
+        _cleanup_(words_freep) char **expanded = NULL;
         char state_path[64];
         int p[2], fds[3];
         size_t n = 0;
@@ -411,20 +419,36 @@ int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t s
         if (!argv)
                 return -ENOMEM;
         argv[n++] = f->vm->vmm;
-        for (size_t i = 0; i < f->vm->n_vmm_args; i++)
-                argv[n++] = f->vm->vmm_args[i];
-        argv[n++] = (char *) "--name";
-        argv[n++] = f->vm->name;
-        argv[n++] = (char *) "--control";
-        argv[n++] = f->vm->control_socket;
-        argv[n++] = (char *) "--restore";
-        argv[n++] = state_path;
-        argv[n++] = (char *) "--ram-fd";
-        argv[n++] = (char *) "3";
-        argv[n++] = (char *) "--ready-fd";
-        argv[n++] = (char *) "5";
-        if (f->vm->console_commit)
-                argv[n++] = (char *) "--console-commit";
+        if (f->vm->vmm_type == VMM_TYPE_QEMU) {
+                /* QEMU (docs/qemu.md): VmmArgs= is its command line with placeholders. */
+                const VmmArgValues val = { .ram = "/proc/self/fd/3", .state = state_path, .ready_fd = "5",
+                                           .control = f->vm->control_socket, .name = f->vm->name };
+
+                expanded = calloc(f->vm->n_vmm_args + 1, sizeof(char *));
+                if (!expanded)
+                        return -ENOMEM;
+                for (size_t i = 0; i < f->vm->n_vmm_args; i++) {
+                        r = vmm_arg_expand(f->vm->vmm_args[i], &val, &expanded[i], NULL, NULL);
+                        if (r < 0) /* VmmArgs= was checked at load: only -ENOMEM is left */
+                                return log_error_errno(r, "VM %s: cannot expand VmmArgs=: %m", f->vm->name);
+                        argv[n++] = expanded[i];
+                }
+        } else {
+                for (size_t i = 0; i < f->vm->n_vmm_args; i++)
+                        argv[n++] = f->vm->vmm_args[i];
+                argv[n++] = (char *) "--name";
+                argv[n++] = f->vm->name;
+                argv[n++] = (char *) "--control";
+                argv[n++] = f->vm->control_socket;
+                argv[n++] = (char *) "--restore";
+                argv[n++] = state_path;
+                argv[n++] = (char *) "--ram-fd";
+                argv[n++] = (char *) "3";
+                argv[n++] = (char *) "--ready-fd";
+                argv[n++] = (char *) "5";
+                if (f->vm->console_commit)
+                        argv[n++] = (char *) "--console-commit";
+        }
         argv[n] = NULL;
 
         extern char **environ;

@@ -1,12 +1,18 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /* libdirtyrep-agent without KVM: VM state encoding and the output-commit queue. */
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include "dr-agent.h"
 #include "log.h"
 #include "output.h"
 #include "state.h"
 #include "tests.h"
+#include "util.h"
 
 static void fill_snapshot(VmSnapshot *s)
 {
@@ -298,6 +304,82 @@ TEST(output_queue_many_small_chunks)
         for (uint64_t e = 1; e <= 300; e++)
                 for (int k = 0; k < 10; k++)
                         ASSERT_EQ(s.buf[3][(e - 1) * 10 + k], (char) ('A' + (e + k) % 26));
+}
+
+static bool wait_attached(DrAgent *a, bool want)
+{
+        for (int i = 0; i < 2000; i++) {
+                if (dr_agent_attached(a) == want)
+                        return true;
+                usleep(5000);
+        }
+        return false;
+}
+
+TEST(set_regions_only_while_detached)
+{
+        /* No KVM needed: ring mode does no KVM ioctl until a client asks. */
+        char path[] = "/tmp/dr-test-agent-XXXXXX";
+        _cleanup_close_ int memfd = -EBADF, devnull = -EBADF, client = -EBADF;
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct kvm_run *run;
+        DrAgent *a = NULL;
+        uint8_t *ram;
+        DrAgentRegion regions[3];
+        DrAgentConfig cfg = {};
+
+        ASSERT_TRUE(mkdtemp(path));
+        memfd = memfd_new_sized("test-ram", 4 << 20);
+        ASSERT_TRUE(memfd >= 0);
+        ram = mmap(NULL, 4 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+        ASSERT_TRUE(ram != MAP_FAILED);
+        run = calloc(1, 4096);
+        ASSERT_TRUE(run);
+        devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+        ASSERT_TRUE(devnull >= 0);
+
+        /* A PC before and after its firmware shadowed the BIOS: slots come and go. */
+        regions[0] = (DrAgentRegion) { .slot = 0, .guest_phys = 0, .size = 0xa0000, .memfd = memfd,
+                                       .host_addr = ram };
+        regions[1] = (DrAgentRegion) { .slot = 1, .guest_phys = 0x100000, .size = 0x300000, .memfd = memfd,
+                                       .memfd_offset = 0x100000, .host_addr = ram + 0x100000 };
+        regions[2] = (DrAgentRegion) { .slot = 5, .guest_phys = 0xf0000, .size = 0x10000, .memfd = memfd,
+                                       .memfd_offset = 0xf0000, .host_addr = ram + 0xf0000,
+                                       .kvm_flags = KVM_MEM_READONLY };
+        ASSERT_TRUE(strlen(path) + 10 < sizeof(sa.sun_path));
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/a.sock", path);
+        cfg = (DrAgentConfig) { .socket_path = sa.sun_path, .kvm_fd = devnull, .vm_fd = devnull, .vm_name = "t",
+                                .mode = DR_TRACKING_RING, .ring_entries = 4096, .regions = regions,
+                                .n_regions = 2, .n_vcpus = 1 };
+        ASSERT_OK(dr_agent_new(&cfg, &a));
+        ASSERT_OK(dr_agent_add_vcpu(a, 0, devnull, run));
+
+        /* Bad lists are refused and change nothing. */
+        ASSERT_EQ(dr_agent_set_regions(a, regions, 0), -EINVAL);
+        regions[2].guest_phys = 0x9f000; /* overlaps slot 0 */
+        ASSERT_EQ(dr_agent_set_regions(a, regions, 3), -EINVAL);
+        regions[2].guest_phys = 0xf0000;
+        regions[2].kvm_flags = KVM_MEM_LOG_DIRTY_PAGES; /* the agent's own flag */
+        ASSERT_EQ(dr_agent_set_regions(a, regions, 3), -EINVAL);
+        regions[2].kvm_flags = KVM_MEM_READONLY;
+        ASSERT_OK(dr_agent_set_regions(a, regions, 3));
+
+        /* With a client attached the layout it holds must not change under it. */
+        ASSERT_OK(dr_agent_start(a));
+        client = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        ASSERT_TRUE(client >= 0);
+        ASSERT_TRUE(connect(client, (struct sockaddr *) &sa, sizeof(sa)) == 0);
+        ASSERT_TRUE(wait_attached(a, true));
+        ASSERT_EQ(dr_agent_set_regions(a, regions, 2), -EBUSY);
+        client = safe_close(client);
+        ASSERT_TRUE(wait_attached(a, false));
+        ASSERT_OK(dr_agent_set_regions(a, regions, 2));
+
+        a = dr_agent_free(a);
+        ASSERT_TRUE(access(sa.sun_path, F_OK) < 0);
+        munmap(ram, 4 << 20);
+        free(run);
+        ASSERT_TRUE(rmdir(path) == 0);
 }
 
 int main(void)

@@ -124,6 +124,48 @@ TEST(vm_defaults)
         ASSERT_TRUE(!v->console_commit);
 }
 
+TEST(vm_vmm_type_qemu)
+{
+        static const VmmArgValues val = { .ram = "/proc/self/fd/3", .state = "/proc/self/fd/4", .ready_fd = "5",
+                                          .control = "/run/dirtyrep/web.sock", .name = "web" };
+        _cleanup_(vm_config_freep) VmConfig *d = vm_ok(PRIMARY_MIN);
+        _cleanup_(vm_config_freep) VmConfig *v = NULL;
+        _cleanup_free_ char *x = NULL, *e = NULL;
+        unsigned seen = 0;
+        char bad = 0;
+
+        ASSERT_EQ(d->vmm_type, VMM_TYPE_DIRTYREP_VMM);
+        ASSERT_STREQ(vmm_type_to_string(VMM_TYPE_QEMU), "qemu");
+
+        v = vm_ok(PRIMARY_MIN "Vmm=/usr/bin/qemu-system-x86_64\nVmmType=qemu\n"
+                  "VmmArgs=-S -object memory-backend-file,id=m0,size=256M,mem-path=%r,share=on "
+                  "-object 'dirtyrep-agent,id=dr0,path=%c,name=%n,restore=%s,ready-fd=%f' -name 100%%\n");
+        ASSERT_EQ(v->vmm_type, VMM_TYPE_QEMU);
+        ASSERT_EQ(v->n_vmm_args, 7);
+        ASSERT_OK(vmm_arg_expand(v->vmm_args[4], &val, &x, &bad, &seen));
+        ASSERT_STREQ(x, "dirtyrep-agent,id=dr0,path=/run/dirtyrep/web.sock,name=web,restore=/proc/self/fd/4,"
+                        "ready-fd=5");
+        ASSERT_EQ(seen, 0xe);
+        x = mfree_str(x);
+        ASSERT_OK(vmm_arg_expand(v->vmm_args[6], &val, &x, NULL, NULL));
+        ASSERT_STREQ(x, "100%");
+        x = mfree_str(x);
+        ASSERT_EQ(vmm_arg_expand("a%xb", &val, &x, &bad, NULL), -EINVAL);
+        ASSERT_EQ(bad, 'x');
+        ASSERT_EQ(vmm_arg_expand("end%", &val, &x, &bad, NULL), -EINVAL);
+        ASSERT_TRUE(x == NULL);
+
+        /* Failover could not start this QEMU on the replica: refused at load, naming what is missing. */
+        e = vm_errors(PRIMARY_MIN "VmmType=qemu\nVmmArgs=-object dirtyrep-agent,path=%c,restore=%s,ready-fd=%f\n");
+        ASSERT_TRUE(strstr(e, "VmmType=qemu: VmmArgs= lacks %r (the replica's RAM)") != NULL);
+        e = mfree_str(e);
+        e = vm_errors(PRIMARY_MIN "VmmType=qemu\nVmmArgs=%r %s %f %c %q\n");
+        ASSERT_TRUE(strstr(e, "unknown placeholder %q") != NULL);
+        e = mfree_str(e);
+        e = vm_errors(PRIMARY_MIN "VmmType=kvmtool\n");
+        ASSERT_TRUE(strstr(e, "VmmType=") != NULL);
+}
+
 TEST(vm_all_keys)
 {
         static const char text[] = "\xEF\xBB\xBF# a standby with every key set\n"

@@ -166,7 +166,8 @@ def real_meson(tmp):
 # What must be marked, by name: the tests in this project that need KVM or root.
 REQUIRED = [(r"^repl-", {"kvm"}), (r"^commit-waits-for-ack$", {"kvm"}), (r"^failover-", {"kvm", "root"}), (r"^faults-short$", {"kvm", "root"}),
             (r"^systemd-nspawn$", {"kvm", "root"}), (r"^systemd-units$", {"root"}), (r"^control-", {"kvm"}),
-            (r"^security-(tls|tamper|preauth)", {"kvm"}), (r"^security-caps$", {"root"})]
+            (r"^security-(tls|tamper|preauth)", {"kvm"}), (r"^security-caps$", {"root"}),
+            (r"^qemu-(repl|badinput|restore|failover)", {"kvm"}), (r"^operator-(reload|failover|maintenance|restart)", {"kvm", "root"})]
 
 
 def build_metadata():

@@ -112,6 +112,8 @@ struct DrAgent {
         /* Mirrors of session state for vCPU threads and any-thread callers (also set under lock). */
         atomic_bool attached;
         atomic_bool tracking;
+        /* dr_agent_note_guest_write() calls walking the regions; dr_agent_set_regions() waits for 0. */
+        atomic_uint note_users;
 
         /* Agent thread only. */
         int client_fd;

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -83,6 +84,29 @@ static int bind_socket(const char *path, int *ret_fd)
         return 0;
 }
 
+static int validate_regions(const DrAgentRegion *regions, size_t n)
+{
+        if (!regions || n == 0 || n > DR_AGENT_MAX_REGIONS)
+                return -EINVAL;
+        for (size_t i = 0; i < n; i++) {
+                const DrAgentRegion *r = &regions[i];
+
+                if (r->memfd < 0 || !r->host_addr || r->size == 0 || r->size % PAGE_SIZE_4K != 0 ||
+                    r->guest_phys % PAGE_SIZE_4K != 0 || r->memfd_offset % PAGE_SIZE_4K != 0 ||
+                    r->guest_phys + r->size < r->guest_phys ||
+                    (r->kvm_flags & ~(uint32_t) KVM_MEM_READONLY) != 0)
+                        return -EINVAL;
+                for (size_t j = 0; j < i; j++) {
+                        const DrAgentRegion *o = &regions[j];
+                        if (o->slot == r->slot)
+                                return -EINVAL;
+                        if (r->guest_phys < o->guest_phys + o->size && o->guest_phys < r->guest_phys + r->size)
+                                return -EINVAL;
+                }
+        }
+        return 0;
+}
+
 static int validate_config(const DrAgentConfig *cfg)
 {
         if (!cfg || isempty(cfg->socket_path) || cfg->kvm_fd < 0 || cfg->vm_fd < 0)
@@ -95,28 +119,10 @@ static int validate_config(const DrAgentConfig *cfg)
                 return -EINVAL; /* KVM: power of two, >= one page, <= 64k entries */
         if (cfg->n_vcpus == 0 || cfg->n_vcpus > DR_AGENT_MAX_VCPUS)
                 return -EINVAL;
-        if (!cfg->regions || cfg->n_regions == 0 || cfg->n_regions > DR_AGENT_MAX_REGIONS)
-                return -EINVAL;
         if (cfg->kick_signal < 0 || cfg->kick_signal > SIGRTMAX || cfg->kick_signal == SIGKILL ||
             cfg->kick_signal == SIGSTOP)
                 return -EINVAL;
-
-        for (size_t i = 0; i < cfg->n_regions; i++) {
-                const DrAgentRegion *r = &cfg->regions[i];
-
-                if (r->memfd < 0 || !r->host_addr || r->size == 0 || r->size % PAGE_SIZE_4K != 0 ||
-                    r->guest_phys % PAGE_SIZE_4K != 0 || r->memfd_offset % PAGE_SIZE_4K != 0 ||
-                    r->guest_phys + r->size < r->guest_phys)
-                        return -EINVAL;
-                for (size_t j = 0; j < i; j++) {
-                        const DrAgentRegion *o = &cfg->regions[j];
-                        if (o->slot == r->slot)
-                                return -EINVAL;
-                        if (r->guest_phys < o->guest_phys + o->size && o->guest_phys < r->guest_phys + r->size)
-                                return -EINVAL;
-                }
-        }
-        return 0;
+        return validate_regions(cfg->regions, cfg->n_regions);
 }
 
 /* Turns on manual dirty-log protection (+ initially-set) for bitmap mode when KVM has it. */
@@ -136,6 +142,135 @@ static bool enable_manual_protect(int vm_fd)
         return true;
 }
 
+static void close_regions(AgentRegion *regions, size_t n)
+{
+        for (size_t i = 0; i < n; i++)
+                regions[i].r.memfd = safe_close(regions[i].r.memfd);
+}
+
+/*
+ * Takes a validated region list: dups the memfds, lays out one 64-bit
+ * aligned bitmap per region in the shared bitmaps, and creates the
+ * vmm_dirty memfd (and the bitmap memfd in bitmap mode) to match. Replaces
+ * what was there only when everything succeeded.
+ */
+static int regions_install(DrAgent *a, const DrAgentRegion *regions, size_t n)
+{
+        AgentRegion nr[DR_AGENT_MAX_REGIONS] = {};
+        _cleanup_close_ int vd_fd = -EBADF, bm_fd = -EBADF;
+        uint8_t *vd_map = NULL, *bm_map = NULL;
+        uint64_t off = AGENT_VMM_DIRTY_HEADER, bm_size = 0, vd_size;
+        int r;
+
+        for (size_t i = 0; i < n; i++)
+                nr[i].r.memfd = -EBADF;
+        for (size_t i = 0; i < n; i++) {
+                AgentRegion *ar = &nr[i];
+
+                ar->r = regions[i];
+                ar->r.memfd = fcntl(regions[i].memfd, F_DUPFD_CLOEXEC, 3);
+                if (ar->r.memfd < 0) {
+                        r = -errno;
+                        goto fail;
+                }
+                ar->npages = ar->r.size / a->page_size;
+                ar->bitmap_bytes = DIV_ROUND_UP(ar->npages, 64) * 8;
+                ar->bitmap_offset = bm_size;
+                bm_size += ar->bitmap_bytes;
+                ar->vmm_dirty_offset = off;
+                off += ar->bitmap_bytes;
+        }
+        vd_size = ALIGN_TO(off, (uint64_t) a->page_size);
+        bm_size = ALIGN_TO(bm_size, (uint64_t) a->page_size);
+
+        if (a->mode == DR_TRACKING_BITMAP) {
+                bm_fd = memfd_new_sized("dirtyrep-bitmap", bm_size);
+                if (bm_fd < 0) {
+                        r = bm_fd;
+                        goto fail;
+                }
+                bm_map = mmap(NULL, bm_size, PROT_READ | PROT_WRITE, MAP_SHARED, bm_fd, 0);
+                if (bm_map == MAP_FAILED) {
+                        bm_map = NULL;
+                        r = -errno;
+                        goto fail;
+                }
+        }
+        vd_fd = memfd_new_sized("dirtyrep-vmm-dirty", vd_size);
+        if (vd_fd < 0) {
+                r = vd_fd;
+                goto fail;
+        }
+        vd_map = mmap(NULL, vd_size, PROT_READ | PROT_WRITE, MAP_SHARED, vd_fd, 0);
+        if (vd_map == MAP_FAILED) {
+                vd_map = NULL;
+                r = -errno;
+                goto fail;
+        }
+        /* Header: magic bytes, then le64 sequence (x86-64 is little-endian: native atomics are le). */
+        memcpy(vd_map, AGENT_VMM_DIRTY_MAGIC, 8);
+        ((uint64_t *) vd_map)[1] = 0;
+
+        /* Swap in. */
+        close_regions(a->regions, a->n_regions);
+        memcpy(a->regions, nr, sizeof(nr));
+        a->n_regions = n;
+        if (a->bitmap_map)
+                munmap(a->bitmap_map, a->bitmap_size);
+        safe_close(a->bitmap_fd);
+        a->bitmap_fd = a->mode == DR_TRACKING_BITMAP ? TAKE_FD(bm_fd) : -EBADF;
+        a->bitmap_map = bm_map;
+        a->bitmap_size = bm_size;
+        if (a->vmm_dirty_map)
+                munmap(a->vmm_dirty_map, a->vmm_dirty_size);
+        safe_close(a->vmm_dirty_fd);
+        a->vmm_dirty_fd = TAKE_FD(vd_fd);
+        a->vmm_dirty_map = vd_map;
+        a->vmm_dirty_size = vd_size;
+        return 0;
+
+fail:
+        close_regions(nr, n);
+        if (bm_map)
+                munmap(bm_map, bm_size);
+        if (vd_map)
+                munmap(vd_map, vd_size);
+        return r;
+}
+
+int dr_agent_set_regions(DrAgent *a, const DrAgentRegion *regions, size_t n_regions)
+{
+        int r;
+
+        if (!a)
+                return -EINVAL;
+        r = validate_regions(regions, n_regions);
+        if (r < 0)
+                return r;
+
+        /*
+         * Under the lock: accept_client() sets `attached` under it before the
+         * agent thread reads any region, so either the client sees the new
+         * list or we see the client.
+         */
+        pthread_mutex_lock(&a->lock);
+        if (atomic_load(&a->attached))
+                r = -EBUSY;
+        else {
+                /*
+                 * Not attached, so not tracking (detach clears `tracking` first): a
+                 * note_guest_write() that starts now returns before it touches the
+                 * regions. One that saw tracking on before the detach may still walk
+                 * them: wait for it (it never blocks).
+                 */
+                while (atomic_load(&a->note_users) > 0)
+                        sched_yield();
+                r = regions_install(a, regions, n_regions);
+        }
+        pthread_mutex_unlock(&a->lock);
+        return r;
+}
+
 static void dr_agent_freep_internal(DrAgent **a)
 {
         if (*a)
@@ -147,7 +282,6 @@ int dr_agent_new(const DrAgentConfig *cfg, DrAgent **ret)
         _cleanup_(dr_agent_freep_internal) DrAgent *a = NULL;
         struct sigaction sa = { .sa_handler = kick_handler };
         pthread_condattr_t ca;
-        uint64_t off;
         int r;
 
         if (!ret)
@@ -195,26 +329,6 @@ int dr_agent_new(const DrAgentConfig *cfg, DrAgent **ret)
                         .state = DR__CONTROL__VCPU_RUN_STATE__VCPU_RUN_STATE_STOPPED,
                 };
 
-        /* Regions: dup the memfds; lay out one 64-bit aligned bitmap per region in each shared bitmap. */
-        a->n_regions = cfg->n_regions;
-        a->bitmap_size = 0;
-        off = AGENT_VMM_DIRTY_HEADER;
-        for (size_t i = 0; i < cfg->n_regions; i++) {
-                AgentRegion *ar = &a->regions[i];
-
-                ar->r = cfg->regions[i];
-                ar->r.memfd = fcntl(cfg->regions[i].memfd, F_DUPFD_CLOEXEC, 3);
-                if (ar->r.memfd < 0)
-                        return -errno;
-                ar->npages = ar->r.size / a->page_size;
-                ar->bitmap_bytes = DIV_ROUND_UP(ar->npages, 64) * 8;
-                ar->bitmap_offset = a->bitmap_size;
-                a->bitmap_size += ar->bitmap_bytes;
-                ar->vmm_dirty_offset = off;
-                off += ar->bitmap_bytes;
-        }
-        a->vmm_dirty_size = ALIGN_TO(off, (uint64_t) a->page_size);
-
         r = output_queue_new(DR_AGENT_MAX_CHANNELS, cfg->output_limit ?: AGENT_DEFAULT_OUTPUT_LIMIT,
                              a->cb.output_release, a->userdata, &a->outq);
         if (r < 0)
@@ -228,30 +342,12 @@ int dr_agent_new(const DrAgentConfig *cfg, DrAgent **ret)
                 a->ring_full_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
                 if (a->ring_full_fd < 0)
                         return -errno;
-        } else {
-                a->bitmap_size = ALIGN_TO(a->bitmap_size, (uint64_t) a->page_size);
-                a->bitmap_fd = memfd_new_sized("dirtyrep-bitmap", a->bitmap_size);
-                if (a->bitmap_fd < 0)
-                        return a->bitmap_fd;
-                a->bitmap_map = mmap(NULL, a->bitmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, a->bitmap_fd, 0);
-                if (a->bitmap_map == MAP_FAILED) {
-                        a->bitmap_map = NULL;
-                        return -errno;
-                }
+        } else
                 a->manual_protect = enable_manual_protect(a->vm_fd);
-        }
 
-        a->vmm_dirty_fd = memfd_new_sized("dirtyrep-vmm-dirty", a->vmm_dirty_size);
-        if (a->vmm_dirty_fd < 0)
-                return a->vmm_dirty_fd;
-        a->vmm_dirty_map = mmap(NULL, a->vmm_dirty_size, PROT_READ | PROT_WRITE, MAP_SHARED, a->vmm_dirty_fd, 0);
-        if (a->vmm_dirty_map == MAP_FAILED) {
-                a->vmm_dirty_map = NULL;
-                return -errno;
-        }
-        /* Header: magic bytes, then le64 sequence (x86-64 is little-endian: native atomics are le). */
-        memcpy(a->vmm_dirty_map, AGENT_VMM_DIRTY_MAGIC, 8);
-        ((uint64_t *) a->vmm_dirty_map)[1] = 0;
+        r = regions_install(a, cfg->regions, cfg->n_regions);
+        if (r < 0)
+                return r;
 
         a->state_size = AGENT_STATE_INITIAL;
         a->state_fd = memfd_new_sized("dirtyrep-state", a->state_size);
@@ -694,7 +790,7 @@ int agent_set_tracking(DrAgent *a, bool on)
                 const AgentRegion *ar = &a->regions[i];
                 struct kvm_userspace_memory_region m = {
                         .slot = ar->r.slot,
-                        .flags = on ? KVM_MEM_LOG_DIRTY_PAGES : 0,
+                        .flags = ar->r.kvm_flags | (on ? KVM_MEM_LOG_DIRTY_PAGES : 0),
                         .guest_phys_addr = ar->r.guest_phys,
                         .memory_size = ar->r.size,
                         .userspace_addr = (uint64_t) (uintptr_t) ar->r.host_addr,
@@ -746,9 +842,12 @@ void dr_agent_note_guest_write(DrAgent *a, uint64_t gpa, uint64_t len)
 
         if (!a || len == 0)
                 return;
-        /* Acquire pairs with the seq_cst store in agent_set_tracking(). */
-        if (!atomic_load_explicit(&a->tracking, memory_order_acquire))
+        /* Counted before tracking is looked at: dr_agent_set_regions() waits for us (all seq_cst). */
+        atomic_fetch_add(&a->note_users, 1);
+        if (!atomic_load(&a->tracking)) {
+                atomic_fetch_sub(&a->note_users, 1);
                 return;
+        }
         end = gpa + len < gpa ? UINT64_MAX : gpa + len;
 
         for (size_t i = 0; i < a->n_regions; i++) {
@@ -771,6 +870,7 @@ void dr_agent_note_guest_write(DrAgent *a, uint64_t gpa, uint64_t len)
         if (covered > 0)
                 /* Release: a client that loads the new sequence (acquire) sees the bits set above. */
                 __atomic_fetch_add((uint64_t *) a->vmm_dirty_map + 1, 1, __ATOMIC_RELEASE);
+        atomic_fetch_sub(&a->note_users, 1);
 }
 
 /* ---- output ---- */

@@ -48,6 +48,8 @@ typedef struct DrAgentRegion {
         int memfd;             /* borrowed; the agent dups what it needs */
         uint64_t memfd_offset;
         void *host_addr;       /* the VMM's mapping (userspace_addr of the slot) */
+        uint32_t kvm_flags;    /* other KVM_MEM_* flags of the slot (KVM_MEM_READONLY), kept when
+                                * tracking switches KVM_MEM_LOG_DIRTY_PAGES; 0 for plain RAM */
 } DrAgentRegion;
 
 typedef struct DrAgentCallbacks {
@@ -90,6 +92,16 @@ typedef struct DrAgentConfig {
  * handler for kick_signal. Does not start serving yet.
  */
 int dr_agent_new(const DrAgentConfig *cfg, DrAgent **ret);
+
+/*
+ * Replaces the region list (same rules as DrAgentConfig.regions) for a VMM
+ * whose memory slots change while it runs (QEMU: firmware reprogramming the
+ * PC's shadow RAM at boot). Only while no control client is attached: a
+ * client holds a layout and dirty-ring entries that name the old slots.
+ * Returns -EBUSY while one is attached (the caller must not change slots
+ * then), -EINVAL for a bad list. Any thread.
+ */
+int dr_agent_set_regions(DrAgent *a, const DrAgentRegion *regions, size_t n_regions);
 
 /* Registers vCPU `index` (0..n_vcpus-1) with its fd and kvm_run mapping. Before dr_agent_start(). */
 int dr_agent_add_vcpu(DrAgent *a, unsigned index, int vcpu_fd, struct kvm_run *run);

@@ -738,7 +738,10 @@ static void accept_client(DrAgent *a)
         a->client_uid = cred.uid;
         a->client_pid = cred.pid;
         a->hello_done = false;
+        /* Under the lock: dr_agent_set_regions() checks `attached` under it. */
+        pthread_mutex_lock(&a->lock);
         atomic_store(&a->attached, true);
+        pthread_mutex_unlock(&a->lock);
         log_info("Control client attached (uid %u, pid %d).", (unsigned) cred.uid, (int) cred.pid);
 }
 

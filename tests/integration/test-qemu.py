@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""dirtyrepd with QEMU: Debian's QEMU with the dirtyrep-agent object
+(scripts/build-qemu, vmm/qemu/), a guest, a primary and a standby dirtyrepd,
+real sockets, real KVM.
+
+  test-qemu.py consistency --guest dirtier|memtouch --cpus N [--epochs N]
+  test-qemu.py badinput   (no share=on, no dirty ring, SMM, two agents, a
+                           client gone mid-pause: clear errors, VM never left paused)
+  test-qemu.py checks     (no KVM needed: the built QEMU has the device, and
+                           refuses a second one, a missing path=, a ready-fd=
+                           without restore=, and an accelerator other than KVM)
+  test-qemu.py restore    (a replica's RAM memfd and saved state started in a
+                           new QEMU with restore=: the guest goes on, no reboot)
+  test-qemu.py failover [--trials N]
+                          (test-failover.py's kill trials with QEMU: network
+                           namespaces, the kv guest behind the service address,
+                           output commit on COM2; the primary host SIGKILLed,
+                           the standby starts QEMU on its replica (VmmType=qemu);
+                           no acknowledged INCR lost, then fail back)
+
+The patched QEMU is $DR_QEMU, or what scripts/build-qemu prints (instant
+when cached; scripts/test builds it before the tests).
+Exit 0 pass, 1 fail, 77 skip (no /dev/kvm).
+"""
+import argparse
+import importlib.util
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("test_replication", os.path.join(HERE, "test-replication.py"))
+tr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tr)
+log, fail, Proc, ENV = tr.log, tr.fail, tr.Proc, tr.ENV
+
+RAM = "256M"
+
+
+def find_qemu():
+    if ENV.get("DR_QEMU"):
+        return ENV["DR_QEMU"]
+    build = ENV.get("DR_BUILDDIR")
+    script = os.path.join(ENV.get("DR_SRCDIR", os.path.join(HERE, "..", "..")), "scripts", "build-qemu")
+    r = subprocess.run([script] + ([build] if build else []), capture_output=True, text=True, timeout=3000)
+    if r.returncode != 0:
+        fail(f"scripts/build-qemu failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def qemu_args(qemu, guest, append, cpus=1, control=None, console=None, memory=None, agent_extra="",
+              accel="kvm,dirty-ring-size=4096", machine="pc,memory-backend=m0,smm=off", extra=()):
+    kernel = ENV["DR_GUEST_" + guest.upper()]
+    memory = memory or f"memory-backend-memfd,id=m0,size={RAM},share=on"
+    a = [qemu, "-name", "t", "-machine", machine, "-accel", accel, "-smp", str(cpus), "-m", RAM,
+         "-object", memory, "-L", "/usr/share/seabios", "-L", "/usr/share/qemu",
+         "-kernel", kernel, "-append", append, "-display", "none", "-nodefaults", "-no-user-config",
+         "-serial", "file:" + console, "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-no-reboot"]
+    if control:
+        a += ["-device", f"dirtyrep-agent,path={control},name=t" + agent_extra]
+    return a + list(extra)
+
+
+class Qemu(Proc):
+    runs = 0
+
+    def __init__(self, tmp, qemu, guest, append, cpus=1, tag=None, **kw):
+        Qemu.runs += 1
+        tag = tag or f"qemu{Qemu.runs}"
+        self.control = os.path.join(tmp, tag + ".sock")
+        self.console = os.path.join(tmp, tag + ".com1")
+        super().__init__(tmp, tag, qemu_args(qemu, guest, append, cpus, self.control, self.console, **kw))
+
+    def lines(self):
+        try:
+            with open(self.console, errors="replace") as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def dump(self):
+        super().dump()
+        log(f"--- {self.tag} COM1 ---\n" + "\n".join(self.lines()[-15:]))
+
+    def wait_line(self, regex, timeout=60, after=0):
+        end = time.time() + timeout
+        while time.time() < end:
+            found = [m for m in (re.search(regex, l) for l in self.lines()[after:]) if m]
+            if found:
+                return found[-1]
+            if self.proc.poll() is not None:
+                fail(f"{self.tag} exited with {self.proc.returncode} before COM1 showed {regex!r}")
+            time.sleep(0.05)
+        fail(f"{self.tag}: timed out waiting for {regex!r} on COM1")
+
+    def wait_socket(self, timeout=60):
+        end = time.time() + timeout
+        while not os.path.exists(self.control):
+            if self.proc.poll() is not None:
+                fail(f"{self.tag} exited with {self.proc.returncode} before creating {self.control}")
+            if time.time() > end:
+                fail(f"{self.tag}: no control socket after {timeout}s")
+            time.sleep(0.05)
+
+
+def writes_of(q, after=0):
+    """The dirtier's last progress line: (pass, writes)."""
+    m = q.wait_line(r"^dirtier: cpu=0 pass=(\d+) writes=(\d+) rate=\d+$", after=after)
+    return int(m.group(1)), int(m.group(2))
+
+
+def progressing(q, what, timeout=30):
+    """The guest makes progress: a later progress line with more writes."""
+    n = len(q.lines())
+    _, w0 = writes_of(q)
+    end = time.time() + timeout
+    while time.time() < end:
+        _, w1 = writes_of(q, after=n)
+        if w1 > w0:
+            return w1
+        time.sleep(0.1)
+    fail(f"{what}: the guest made no progress in {timeout}s (writes stay at {w0})")
+
+
+def expect_refusal(tmp, qemu, tag, words, **kw):
+    """QEMU must exit non-zero at start-up with an error naming all of `words`."""
+    q = Qemu(tmp, qemu, "dirtier", "ws=8M rate=5000 report_ms=200", tag=tag, **kw)
+    try:
+        rc = q.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        fail(f"{tag}: QEMU did not refuse to start")
+    q.kill()
+    text = q.text()
+    # A word, or a tuple of alternatives of which one must appear.
+    missing = [w for w in words if not any(x in text for x in (w if isinstance(w, tuple) else (w,)))]
+    if rc == 0 or missing:
+        fail(f"{tag}: exit {rc}, error does not mention {missing}: {text.strip()[-500:]!r}")
+    log(f"{tag}: refused (exit {rc}): {text.strip().splitlines()[-1]}")
+
+
+def test_consistency(tmp, a, qemu):
+    append = ("ws=32M pattern=random rate=25000 report_ms=500" if a.guest == "dirtier"
+              else "ws=16M report_ms=500")
+    vmm = Qemu(tmp, qemu, a.guest, append, cpus=a.cpus)
+    vmm.wait_socket()
+    primary, standby = tr.pair(tmp, vmm, "ring")
+    primary.wait(lambda s: s["state"] == "protected", "the primary to be protected", timeout=90)
+    rng = random.Random(a.seed)
+    checks = sorted(rng.sample(range(20, a.epochs), 4))
+    log(f"checking at epochs ~{checks} of {a.epochs}")
+    for k, target in enumerate(checks):
+        primary.wait(lambda s: s["last_committed"] >= target, f"epoch {target}", timeout=a.epochs * 0.2 + 60)
+        tr.compare_at_freeze(tmp, primary, standby, a.guest, k)
+    st = primary.wait(lambda s: s["last_committed"] >= a.epochs, f"{a.epochs} epochs",
+                      timeout=a.epochs * 0.2 + 60)
+    if a.guest == "dirtier":
+        progressing(vmm, "after the checks")
+    log(f"primary: {st}")
+    log(f"standby: {standby.status()}")
+    for p in (primary, standby, vmm):
+        rc = p.stop()
+        if rc != 0:
+            fail(f"{p.tag} exited {rc} on SIGTERM")
+    log(f"PASS: QEMU, {a.guest}, {a.cpus} vCPU(s), {st['last_committed']} epochs, "
+        f"pause p50 {st['pause_ns_p50'] / 1e6:.2f} ms p99 {st['pause_ns_p99'] / 1e6:.2f} ms")
+
+
+def test_badinput(tmp, a, qemu):
+    expect_refusal(tmp, qemu, "no-share", ["share=on", "memory-backend"],
+                   memory=f"memory-backend-memfd,id=m0,size={RAM},share=off")
+    expect_refusal(tmp, qemu, "no-ring", ["dirty-ring-size"], accel="kvm")
+    # smm=on: with "auto" a host KVM without SMM would quietly give none. Such a
+    # host makes QEMU itself refuse smm=on, which is fine too.
+    expect_refusal(tmp, qemu, "smm", [("smm=off", "SMM")], machine="pc,memory-backend=m0,smm=on")
+    expect_refusal(tmp, qemu, "no-backend", ["memory-backend"], machine="pc,smm=off",
+                   memory="memory-backend-ram,id=m0,size=16M")
+    other = os.path.join(tmp, "second.sock")
+    expect_refusal(tmp, qemu, "two-agents", ["only one"],
+                   extra=["-device", f"dirtyrep-agent,path={other},name=u"])
+
+    # A client that pauses the VM and vanishes (dr-harvester snapshot without
+    # --resume exits with the VM paused): the agent resumes it.
+    q = Qemu(tmp, qemu, "dirtier", "ws=8M rate=5000 report_ms=200")
+    q.wait_socket()
+    progressing(q, "before the client")
+    for i in range(3):
+        r = subprocess.run([ENV["DR_HARVESTER"], "snapshot", "--control", q.control,
+                            "--state", os.path.join(tmp, "st"), "--ram", os.path.join(tmp, "ram")],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0 or "resumed=0" not in r.stdout:
+            fail(f"dr-harvester snapshot: {r.returncode} {r.stdout} {r.stderr}")
+        w = progressing(q, f"after client {i + 1} left mid-pause")
+        log(f"client {i + 1} paused the VM and left: the guest goes on (writes={w})")
+    if "gone" not in q.text():
+        fail("QEMU did not log that the control client went away")
+    # A second client while one is attached is refused; the first keeps the VM.
+    q.stop()
+    log("PASS: bad configurations refused with clear errors; the VM never stays paused")
+
+
+def test_checks(tmp, a, qemu):
+    base = [qemu, "-machine", "pc,memory-backend=m0,smm=off", "-object",
+            f"memory-backend-memfd,id=m0,size=64M,share=on", "-m", "64M", "-display", "none", "-nodefaults",
+            "-no-user-config", "-L", "/usr/share/seabios", "-L", "/usr/share/qemu", "-accel", "qtest"]
+    r = subprocess.run([qemu, "-device", "help"], capture_output=True, text=True, timeout=60)
+    if 'name "dirtyrep-agent"' not in r.stdout + r.stderr:
+        fail(f"{qemu} has no dirtyrep-agent device")
+    sock = os.path.join(tmp, "a.sock")
+    cases = [
+        ("qtest accelerator", ["-device", f"dirtyrep-agent,path={sock},name=t"], "needs KVM: -accel kvm"),
+        ("two agents", ["-device", f"dirtyrep-agent,path={sock},name=t",
+                        "-device", f"dirtyrep-agent,path={sock}2,name=u"], "only one per QEMU"),
+        ("no path", ["-device", "dirtyrep-agent,name=t"], "path= (the control socket) is required"),
+        ("no name", ["-device", f"dirtyrep-agent,path={sock}"], "name= (the VM's name in dirtyrepd) is required"),
+        ("ready-fd alone", ["-device", f"dirtyrep-agent,path={sock},name=t,ready-fd=2"],
+         "ready-fd= is only for restore="),
+    ]
+    for what, extra, expect in cases:
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=60)
+        out = (r.stdout + r.stderr).strip()
+        if r.returncode == 0 or expect not in out:
+            fail(f"{what}: exit {r.returncode}, expected an error with {expect!r}, got {out[-400:]!r}")
+        log(f"{what}: refused: {out.splitlines()[-1]}")
+    if os.path.exists(sock):
+        fail("a refused agent left its control socket behind")
+    log("PASS: the device exists and refuses bad configurations")
+
+
+def test_restore(tmp, a, qemu):
+    """The failover path of QEMU: RAM as a replica holds it (each region at its
+    memfd offset) plus the saved state, started with restore= on a
+    memory-backend-file of that RAM; the guest continues."""
+    q = Qemu(tmp, qemu, "dirtier", "ws=8M rate=5000 report_ms=200")
+    q.wait_socket()
+    progressing(q, "the primary")
+    # The last progress line before the snapshot: the snapshot's guest wrote at least that much.
+    _, w_before = writes_of(q)
+    ram, state = os.path.join(tmp, "replica.ram"), os.path.join(tmp, "replica.state")
+    r = subprocess.run([ENV["DR_HARVESTER"], "snapshot", "--control", q.control, "--state", state, "--ram", ram],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        fail(f"dr-harvester snapshot: {r.returncode} {r.stdout} {r.stderr}")
+    log(r.stdout.strip())
+    q.kill()  # the primary dies (the snapshot was its last committed epoch)
+    os.truncate(ram, 256 << 20)
+    n = Qemu(tmp, qemu, "dirtier", "ws=8M rate=5000 report_ms=200", tag="restored",
+             memory=f"memory-backend-file,id=m0,size={RAM},mem-path={ram},share=on",
+             agent_extra=f",restore={state}", extra=["-S"])
+    n.wait_socket()
+    n.wait_line(r"^dirtier: cpu=0 pass=\d+ writes=\d+ rate=\d+$", timeout=60)
+    _, w_after = writes_of(n)
+    if any(l.startswith("dirtier: cpu=0 ws_base") for l in n.lines()):
+        fail("the restored guest booted again (start line on COM1)")
+    if w_after <= w_before:
+        fail(f"restored guest's writes {w_after} not above the primary's {w_before} before the snapshot")
+    w2 = progressing(n, "the restored guest")
+    if "device state restored" not in n.text():
+        fail("QEMU did not report the restore")
+    n.stop()
+    log(f"PASS: restored from the snapshot: writes {w_before} -> {w_after} -> {w2}, no reboot")
+
+
+def qemu_kv_args(qemu, hostdir, control=None):
+    """The kv guest under QEMU, RESP on COM2 (TCP 6379) through the agent's output
+    commit. control=None: the failover template of VmmType=qemu (placeholders)."""
+    promoted = control is None
+    mem = ("memory-backend-file,id=m0,size=64M,mem-path=%r,share=on" if promoted
+           else "memory-backend-memfd,id=m0,size=64M,share=on")
+    agent = "path=%c,name=%n,restore=%s,ready-fd=%f" if promoted else f"path={control},name=t"
+    console = os.path.join(hostdir, "console-promoted.log" if promoted else "console.log")
+    return ((["-S"] if promoted else []) +
+            ["-name", "t", "-machine", "pc,memory-backend=m0,smm=off", "-accel", "kvm,dirty-ring-size=4096",
+             "-m", "64M", "-object", mem, "-L", "/usr/share/seabios", "-L", "/usr/share/qemu",
+             "-kernel", ENV["DR_GUEST_KV"], "-display", "none", "-nodefaults", "-no-user-config",
+             "-serial", "file:" + console, "-chardev", "socket,id=svc,host=0.0.0.0,port=6379,server=on,wait=off",
+             "-device", "isa-serial,chardev=svc", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-no-reboot",
+             "-device", "dirtyrep-agent,chardev=svc," + agent])
+
+
+def test_failover(tmp, a, qemu):
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("redis-cli") or not shutil.which("ip"):
+        log("SKIP: needs root, iproute2 and redis-cli")
+        sys.exit(77)
+    spec = importlib.util.spec_from_file_location("test_failover", os.path.join(HERE, "test-failover.py"))
+    tf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tf)
+    import drtest as dt
+
+    def start_qemu_kv(tmp_, host):
+        h = os.path.join(tmp_, host)
+        os.makedirs(h, exist_ok=True)
+        return dt.Proc(tmp_, f"vmm-{host}", dt.ns_exec(host, qemu, *qemu_kv_args(qemu, h, os.path.join(h, "vm.sock"))))
+
+    dt.start_kv = start_qemu_kv  # setup_pair() starts the first primary's VM with it
+    # Both hosts' standbys start QEMU on the replica; the template is the same for both.
+    extra = {"VmmType": "qemu", "Vmm": qemu, "VmmArgs": " ".join(qemu_kv_args(qemu, tmp))}
+    dt.install_sigterm()
+    try:
+        dt.net_up()
+        dt.write_fence(tmp)
+        A, B = dt.setup_pair(tmp, extra)
+        P, S = A, B
+        times = []
+        for k in range(a.trials):
+            t = time.time()
+            tf.failover_trial(tmp, k, P, S, f"k{k}")
+            times.append(time.time() - t)
+            # The promoted QEMU's stderr is in its dirtyrepd's log: it restored, it did not boot.
+            if "device state restored" not in S.daemon.text():
+                fail(f"trial {k}: no 'device state restored' from the QEMU the standby started")
+            tf.rejoin(tmp, P, S, extra)
+            P, S = S, P
+        log(f"{a.trials} failovers with QEMU, no acknowledged write lost; trial time mean "
+            f"{sum(times) / len(times):.2f} s")
+        tf.page_hash_check(tmp, P, S)
+        dt.stop_all()
+    except dt.Fail as e:
+        for p in dt.LIVE:
+            p.dump()
+        fail(str(e))
+    finally:
+        for pg in dt.GROUPS:
+            try:
+                os.killpg(pg, 9)
+            except ProcessLookupError:
+                pass
+        for p in list(dt.LIVE):
+            try:
+                os.killpg(p.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.kill()
+        dt.net_down()
+    log("PASS: QEMU failed over and back with no acknowledged write lost")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["consistency", "badinput", "restore", "failover", "checks"])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--guest", default="dirtier", choices=["dirtier", "memtouch"])
+    ap.add_argument("--cpus", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=int(time.time()))
+    a = ap.parse_args()
+    if a.what != "checks" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        log("SKIP: no /dev/kvm")
+        return 77
+    log(f"seed {a.seed}")
+    qemu = find_qemu()
+    log(f"QEMU: {qemu}")
+    with tempfile.TemporaryDirectory(prefix="dr-qemu-") as tmp:
+        try:
+            globals()["test_" + a.what](tmp, a, qemu)
+        finally:
+            for p in list(tr.LIVE):
+                p.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
