@@ -3,7 +3,7 @@
 
 test-systemd.py's tree (systemd, dbus, the runtime libraries of the installed executables) plus the cluster
 stack, installed with apt-get inside the tree (`systemd-nspawn --pipe`, the host's network):
-pacemaker, corosync, crmsh, resource-agents (ocf-tester), fence-agents. Made once per build directory
+pacemaker, corosync, crmsh, resource-agents (ocf-tester), fence-agents, libxml2-utils. Made once per build directory
 (BUILDDIR/pacemaker-nspawn-tree, remade when the recipe or the package list changes); each container boots a
 fresh overlay of it. Reuses test-systemd.py's helpers (debootstrap, mirror, runtime packages) unchanged.
 """
@@ -22,7 +22,8 @@ log, fail, check, run = tsd.log, tsd.fail, tsd.check, tsd.run
 # test-systemd's limit (420 s) is too short on a loaded host: measured 383 s at load average 12 on 2 CPUs.
 tsd.DEBOOTSTRAP_TIMEOUT = 1200
 
-CLUSTER_PACKAGES = ("pacemaker", "corosync", "crmsh", "resource-agents", "fence-agents")
+# libxml2-utils: ocf-tester checks the agent's meta-data against ra-api-1.dtd with xmllint.
+CLUSTER_PACKAGES = ("pacemaker", "corosync", "crmsh", "resource-agents", "fence-agents", "libxml2-utils")
 EXTRA_BASE = ("iproute2", "procps", "python3")
 RECIPE = 1
 APT_TIMEOUT = 600  # measured: about 25 s from the host's mirror
@@ -34,8 +35,8 @@ def cluster_tree(builddir, pkgs):
     cache = os.path.join(builddir, "pacemaker-nspawn-tree")
     partial, stamp = cache + ".partial", cache + ".stamp"
     base = sorted(set(pkgs) | set(EXTRA_BASE))
-    want = (f"recipe {RECIPE}: debootstrap --variant=minbase --merged-usr --include={','.join(base)} "
-            f"{tsd.SUITE}; apt-get install --no-install-recommends {' '.join(CLUSTER_PACKAGES)}")
+    base_want = f"recipe {RECIPE}: debootstrap --variant=minbase --merged-usr --include={','.join(base)} {tsd.SUITE}"
+    want = f"{base_want}; apt-get install --no-install-recommends {' '.join(CLUSTER_PACKAGES)}"
 
     def current():
         have = open(stamp).read().splitlines() if os.path.exists(stamp) else []
@@ -55,9 +56,15 @@ def cluster_tree(builddir, pkgs):
         t0 = time.time()
         # test-systemd's make_tree() debootstraps into partial and renames it to cache with its stamp; a
         # tree whose package installation failed keeps that stamp, and the next run only retries apt-get.
+        # Only the cluster packages changed (the same debootstrap): apt-get adds them to the tree.
+        old = open(stamp).read().splitlines()[:1] if os.path.exists(stamp) else []
+        if old and old[0].startswith(base_want + ";") and os.path.exists(os.path.join(cache, "usr/lib/os-release")):
+            os.unlink(stamp)
+            with open(stamp + ".base", "w") as f:
+                f.write(base_want + "\n")
         have = open(stamp + ".base").read().splitlines()[:1] if os.path.exists(stamp + ".base") else []
-        if have != [want] or not os.path.exists(os.path.join(cache, "usr/lib/os-release")):
-            made, why = tsd.make_tree(cache, partial, stamp + ".base", want, base)
+        if have != [base_want] or not os.path.exists(os.path.join(cache, "usr/lib/os-release")):
+            made, why = tsd.make_tree(cache, partial, stamp + ".base", base_want, base)
             if not made:
                 lock.close()
                 return None, why, None

@@ -13,12 +13,36 @@
                                  it (re)starts the peer primary and its VMM; once the
                                  standby is protected, it kills them (a host death). Then
                                  `ocf-tester` runs every action of the installed agent
-                                 (meta-data, validate-all, monitor stopped/running, start
-                                 twice, promote twice (onto the replica), demote twice,
-                                 notify, stop twice, validate-all without parameters) and
-                                 must pass; by hand: a probe where the VM is not configured
-                                 answers "not running", FailoverPolicy=auto fails
-                                 validate-all with OCF_ERR_INSTALLED.
+                                 (meta-data against ra-api-1.dtd, validate-all, monitor and
+                                 probe stopped/running, start twice, notify, three
+                                 promotions onto a fresh replica each, demotions, stop
+                                 twice, reload) and must pass; by hand: a probe where the VM
+                                 is not configured answers "not running", FailoverPolicy=auto
+                                 fails validate-all with OCF_ERR_INSTALLED.
+  test-pacemaker.py kill-primary three containers n1, n2 (dirtyrepd + the kv guest) and n3
+                                 (quorum) on a bridge in a network namespace, corosync knet
+                                 (token 1500 ms), Pacemaker with the promotable clone, an
+                                 IPaddr2 service address after the promoted instance and
+                                 STONITH by fence_drhost (kills a node's container from the
+                                 host). Five times (DR_PCMK_TRIALS): a redis-cli INCR loop,
+                                 SIGKILL to the primary's container init; the cluster must
+                                 fence it and promote the standby, every acknowledged INCR
+                                 is found (strictly rising), the killed node boots, rejoins,
+                                 gets a full resync and the next kill fails back to it.
+                                 crm_mon -1 -r is checked each time (nodes online, quorum,
+                                 fence device started, Promoted/Unpromoted, no failures).
+                                 The kill-to-service-back times go to DR_PCMK_RESULT (JSON)
+                                 when set (bench/pacemaker-bench.py).
+  test-pacemaker.py partition    the same cluster; n1 (primary)'s switch port goes down (its
+                                 traffic dropped both ways) while one client INCRs through
+                                 the service address and another on n1's own loopback: n1
+                                 loses quorum, the majority fences it and promotes n2; each
+                                 client's acknowledged values rise strictly, no value is
+                                 acknowledged twice, and the next INCR on n2 is above all.
+  test-pacemaker.py cluster-smoke  the same cluster without a VM (runs without /dev/kvm):
+                                 quorum, the agent starts standbys on n1 and n2 (n1's stale
+                                 Role=primary demoted), nothing promoted without a replica,
+                                 stonith_admin --fence n2 kills its container, n2 rejoins.
 
 The containers' tree is made once per build directory (tests/integration/pmtree.py); each
 run boots fresh overlays of it. Exit 0 pass, 1 fail, 77 skip (says why).
@@ -774,7 +798,7 @@ def test_partition(cache, b):
 
 
 def test_cluster_smoke(cache, b):
-    """By hand, without /dev/kvm (not registered in meson): the cluster machinery alone. Three nodes form
+    """pacemaker-cluster-smoke, runs without /dev/kvm too: the cluster machinery alone. Three nodes form
     a quorate cluster; the agent starts the clone on n1 and n2 as standbys (n1's stale Role=primary without
     a VM is demoted by start), nothing is promoted (no replica: no score), n3 never runs it; STONITH
     through fence_drhost kills n2's container; n2 boots, rejoins and runs its standby again."""
