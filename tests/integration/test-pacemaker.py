@@ -243,7 +243,9 @@ def ocf_tester_in(n):
     check(c.returncode == 0, "cannot start the peer loop")
 
     t0 = time.time()
-    c = n.sh(f"ocf-tester -v -n t -o vm=t {AGENT}", timeout=400)
+    # Each promotion waits for the peer loop's VM to boot and fully sync (at most half the operation
+    # timeout): room for a loaded host.
+    c = n.sh(f"ocf-tester -v -n t -o vm=t -o CRM_meta_timeout=240000 {AGENT}", timeout=900)
     took = time.time() - t0
     peer = n.sh("journalctl -u dr-peer-loop --no-pager -o cat | tail -20", quiet=True).stdout
     log("peer loop:\n" + peer)
