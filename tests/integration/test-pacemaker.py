@@ -42,7 +42,8 @@
   test-pacemaker.py cluster-smoke  the same cluster without a VM (runs without /dev/kvm):
                                  quorum, the agent starts standbys on n1 and n2 (n1's stale
                                  Role=primary demoted), nothing promoted without a replica,
-                                 stonith_admin --fence n2 kills its container, n2 rejoins.
+                                 stonith_admin --fence n2 kills its container, n2 rejoins;
+                                 n1's switch port down: the majority fences it.
 
 The containers' tree is made once per build directory (tests/integration/pmtree.py); each
 run boots fresh overlays of it. Exit 0 pass, 1 fail, 77 skip (says why).
@@ -803,7 +804,8 @@ def test_cluster_smoke(cache, b):
     """pacemaker-cluster-smoke, runs without /dev/kvm too: the cluster machinery alone. Three nodes form
     a quorate cluster; the agent starts the clone on n1 and n2 as standbys (n1's stale Role=primary without
     a VM is demoted by start), nothing is promoted (no replica: no score), n3 never runs it; STONITH
-    through fence_drhost kills n2's container; n2 boots, rejoins and runs its standby again."""
+    through fence_drhost kills n2's container; n2 boots, rejoins and runs its standby again; n1 cut off
+    (its switch port down) is fenced by the majority."""
     with tempfile.TemporaryDirectory(prefix=f"dr-pcmk-{os.getpid()}-") as tmp:
         cl = start_cluster(tmp, cache, b, vm=False)
         try:
@@ -845,8 +847,28 @@ def test_cluster_smoke(cache, b):
             cl.boot("n2")
             out = wait_unpromoted("rejoin")
             log("crm_mon -1 -r after n2 rejoined:\n" + out)
+            # A partition (the switch port the partition test cuts): n1 alone has no quorum, the majority
+            # fences it on its own.
+            t_cut = time.time()
+            cl.port("n1", False)
+            end = time.time() + 120
+            while time.time() < end and not any(e[2] == "n1" for e in cl.fence.events):
+                time.sleep(0.1)
+            check(any(e[2] == "n1" for e in cl.fence.events) and not cl.nodes["n1"].alive(),
+                  "the majority did not fence the partitioned n1")
+            t_fenced = next(e[0] for e in cl.fence.events if e[2] == "n1")
+            end = time.time() + 60
+            mon = ""
+            while time.time() < end:
+                mon = cl.crm_mon("n2")
+                if "OFFLINE: [ n1 ]" in mon and "partition with quorum" in mon:
+                    break
+                time.sleep(0.5)
+            check("OFFLINE: [ n1 ]" in mon and "partition with quorum" in mon,
+                  f"the majority does not show n1 offline with quorum:\n{mon}")
+            log(f"n1 partitioned: fenced by the majority {t_fenced - t_cut:.1f} s after its port went down")
             log("PASS: cluster formed, standbys started by the agent, nothing promoted without a replica, "
-                "n2 fenced by fence_drhost and rejoined")
+                "n2 fenced by fence_drhost and rejoined, a partitioned n1 fenced by the majority")
             return 0
         finally:
             cl.destroy()
