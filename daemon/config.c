@@ -842,7 +842,8 @@ static const char *const tracking_names[] = {[CONFIG_TRACKING_AUTO] = "auto",
 static const char *const compression_names[] = {
         [CONFIG_COMPRESSION_LZ4] = "lz4", [CONFIG_COMPRESSION_NONE] = "none", NULL};
 static const char *const failover_names[] = {
-        [FAILOVER_POLICY_MANUAL] = "manual", [FAILOVER_POLICY_AUTO] = "auto", NULL};
+        [FAILOVER_POLICY_MANUAL] = "manual", [FAILOVER_POLICY_AUTO] = "auto",
+        [FAILOVER_POLICY_CLUSTER] = "cluster", NULL};
 static const char *const vmm_type_names[] = {
         [VMM_TYPE_DIRTYREP_VMM] = "dirtyrep-vmm", [VMM_TYPE_QEMU] = "qemu", NULL};
 static const char *const split_brain_names[] = {
@@ -1519,6 +1520,13 @@ static int vm_parse(const char *path, const char *name, const char *text, size_t
                         if (problem)
                                 error_add(e, path, pr.line[VK_VMM_TYPE], "VmmType=qemu: %s", problem);
                 }
+                /* The cluster fences an isolated primary; one that released output on its own before
+                 * that would lose what it acknowledged when the cluster promotes the replica. */
+                if (v->failover_policy == FAILOVER_POLICY_CLUSTER &&
+                    v->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE)
+                        error_add(e, path, pr.line[VK_SPLIT_BRAIN_POLICY],
+                                  "SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster "
+                                  "(use suspend)");
                 if (v->tls) {
                         const char *missing =
                                 tls_missing(v, pr.line[VK_TLS_CERT] > 0 && !pr.valid[VK_TLS_CERT],
@@ -1993,6 +2001,9 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                 if (problem)
                         error_add(&e, origin, 0, "VmmType=qemu: %s", problem);
         }
+        if (v->failover_policy == FAILOVER_POLICY_CLUSTER && v->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE)
+                error_add(&e, origin, 0,
+                          "SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster (use suspend)");
         if (v->tls) {
                 const char *missing = tls_missing(v, given[VK_TLS_CERT] && !valid[VK_TLS_CERT],
                                                   given[VK_TLS_KEY] && !valid[VK_TLS_KEY],

@@ -60,7 +60,8 @@
  * | VmmType=            | dirtyrep-vmm             | dirtyrep-vmm, qemu (2)          |
  * | FenceCommand=   (e) | none                     | command line, first word an     |
  * |                     |                          | absolute path                   |
- * | FailoverPolicy=     | manual                   | auto, manual                    |
+ * | FailoverPolicy=     | manual                   | auto, manual, cluster (not with |
+ * |                     |                          | SplitBrainPolicy=continue)      |
  * | ServiceAddress= (e) | none                     | IPV4/PREFIX or IPV6/PREFIX;     |
  * |                     |                          | needs ServiceInterface=         |
  * | ServiceInterface=(e)| none                     | interface name, 1..15 bytes     |
@@ -152,6 +153,7 @@ typedef enum VmmType {
 typedef enum FailoverPolicy {
         FAILOVER_POLICY_MANUAL,
         FAILOVER_POLICY_AUTO,
+        FAILOVER_POLICY_CLUSTER, /* Pacemaker decides (ocf:dirtyrep:dirtyrep): never promote on our own */
 } FailoverPolicy;
 
 typedef enum SplitBrainPolicy {

@@ -541,6 +541,15 @@ static void on_standby_lost(Standby *s, int error, const char *reason, void *use
         char why[256];
         int r;
 
+        if (vm->cfg->failover_policy == FAILOVER_POLICY_CLUSTER) {
+                /* Pacemaker fences the old primary and promotes through the resource agent (Failover());
+                 * the replica stays as it is until then. */
+                log_warning("VM %s: primary lost; FailoverPolicy=cluster: waiting for the cluster to fence it and "
+                            "promote",
+                            vm->cfg->name);
+                standby_set_note(s, NULL, "primary lost; FailoverPolicy=cluster: waiting for the cluster to promote");
+                return;
+        }
         if (vm->cfg->failover_policy != FAILOVER_POLICY_AUTO) {
                 log_warning("VM %s: primary lost; FailoverPolicy=manual: waiting for an explicit promote",
                             vm->cfg->name);

@@ -331,6 +331,21 @@ TEST(vm_error_classes)
         assert_vm_error("# only a comment\n", VM_PATH ": no [VM] section");
 }
 
+TEST(vm_failover_policy_cluster)
+{
+        _cleanup_(vm_config_freep) VmConfig *v = vm_ok(PRIMARY_MIN "FailoverPolicy=cluster\n");
+
+        ASSERT_EQ(v->failover_policy, FAILOVER_POLICY_CLUSTER);
+        ASSERT_STREQ(failover_policy_to_string(v->failover_policy), "cluster");
+        ASSERT_EQ(v->split_brain_policy, SPLIT_BRAIN_POLICY_SUSPEND);
+        /* An isolated primary that released output on its own would lose acknowledged writes. */
+        assert_vm_error(PRIMARY_MIN "FailoverPolicy=cluster\nSplitBrainPolicy=continue\n",
+                        VM_PATH ":6: SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster "
+                        "(use suspend)");
+        assert_vm_error(PRIMARY_MIN "FailoverPolicy=pacemaker\n",
+                        VM_PATH ":5: FailoverPolicy=pacemaker: must be one of: manual, auto, cluster");
+}
+
 TEST(vm_control_socket_must_fit_sun_path)
 {
         char text[512], expect[512];

@@ -167,7 +167,8 @@ def real_meson(tmp):
 REQUIRED = [(r"^repl-", {"kvm"}), (r"^commit-waits-for-ack$", {"kvm"}), (r"^failover-", {"kvm", "root"}), (r"^faults-short$", {"kvm", "root"}),
             (r"^systemd-nspawn$", {"kvm", "root"}), (r"^systemd-units$", {"root"}), (r"^control-", {"kvm"}),
             (r"^security-(tls|tamper|preauth)", {"kvm"}), (r"^security-caps$", {"root"}),
-            (r"^qemu-(repl|badinput|restore|failover)", {"kvm"}), (r"^operator-(reload|failover|maintenance|restart)", {"kvm", "root"})]
+            (r"^qemu-(repl|badinput|restore|failover)", {"kvm"}), (r"^operator-(reload|failover|maintenance|restart)", {"kvm", "root"}),
+            (r"^pacemaker-(ocf|kill|partition)", {"kvm", "root"}), (r"^pacemaker-cluster-smoke$", {"root"})]
 
 
 def build_metadata():
