@@ -1940,6 +1940,9 @@ static void link_tls_handshake(Link *l)
 
                 put_le32(magic, FRAME_MAGIC);
                 if (n > 0) {
+                        /* The peer spoke (the listener's first-bytes limit is met: what follows
+                         * goes to OpenSSL, not through link_note_rx()). */
+                        l->rx_any = true;
                         /* A short prefix is left to OpenSSL: waiting here for the rest would spin. */
                         l->tls_peeked = true;
                         if (n == (ssize_t) sizeof(head) && memcmp(head, magic, sizeof(head)) == 0) {
