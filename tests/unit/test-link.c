@@ -518,6 +518,34 @@ TEST(proof_layout)
         ASSERT_EQ(link_proof(SECRET, 0, "dirtyrep-primary", a, b, "vm0", UUID, NULL, 0, p3), -EINVAL);
 }
 
+TEST(session_keys_field_limits)
+{
+        /* link_session_keys() takes every field up to 255 bytes (and a 32-byte binding): all of
+         * them at once must fit its info buffer, and one byte more is refused. */
+        uint8_t n1[255], n2[255], uuid[255], binding[32], a[32], b[32], a2[32], b2[32];
+        char name[256];
+
+        memset(n1, 1, sizeof(n1));
+        memset(n2, 2, sizeof(n2));
+        memset(uuid, 3, sizeof(uuid));
+        memset(binding, 4, sizeof(binding));
+        memset(name, 'v', 255);
+        name[255] = 0;
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
+                                    sizeof(binding), a, b));
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
+                                    sizeof(binding), a2, b2));
+        ASSERT_TRUE(memcmp(a, a2, 32) == 0 && memcmp(b, b2, 32) == 0 && memcmp(a, b, 32) != 0);
+        /* The last field counts: another binding, other keys. */
+        binding[31] ^= 1;
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
+                                    sizeof(binding), a2, b2));
+        ASSERT_TRUE(memcmp(a, a2, 32) != 0);
+        ASSERT_EQ(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, 256, binding,
+                                    sizeof(binding), a2, b2),
+                  -EINVAL);
+}
+
 TEST(bad_crc)
 {
         uint8_t payload[4096], h[FRAME_HEADER_SIZE], t[LINK_MAC_TRAILER_BYTES];
