@@ -1940,6 +1940,9 @@ static void link_tls_handshake(Link *l)
 
                 put_le32(magic, FRAME_MAGIC);
                 if (n > 0) {
+                        /* The peer spoke (the listener's first-bytes limit is met: what follows
+                         * goes to OpenSSL, not through link_note_rx()). */
+                        l->rx_any = true;
                         /* A short prefix is left to OpenSSL: waiting here for the rest would spin. */
                         l->tls_peeked = true;
                         if (n == (ssize_t) sizeof(head) && memcmp(head, magic, sizeof(head)) == 0) {
@@ -2493,12 +2496,11 @@ int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, u
         r = sd_event_add_io(e, &ll->io, ll->fd, EPOLLIN, on_listener_io, ll);
         if (r < 0)
                 return r;
-        /* Below everything else on the loop: a flood of connections (each refused one costs an
-         * accept() and a close()) must not delay the established link's reads and timers; new
-         * connections are taken whenever the loop has nothing more urgent. */
-        r = sd_event_source_set_priority(ll->io, SD_EVENT_PRIORITY_IDLE);
-        if (r < 0)
-                return r;
+        /* The default priority, on purpose: sd-event never dispatches a lower one while a source
+         * above it is pending, and one VM's link applying a full sync is pending for as long as
+         * the sync lasts (its socket never runs dry), so another VM's primary could not connect
+         * meanwhile. At the same priority sources take turns; a flood costs at most 32 accept()s
+         * and close()s per turn (on_listener_io()). */
         *ret = TAKE_PTR(ll);
         return 0;
 }

@@ -801,6 +801,8 @@ int vm_attach(Vm *vm)
                 if (r >= 0)
                         r = primary_start(vm->primary);
                 vm->service_address_deferred = r >= 0 && primary_suspended(vm->primary);
+                if (r >= 0)
+                        (void) primary_take_attach_suspended(vm->primary); /* decided here */
                 if (vm->service_address_deferred && cfg->service_address.family != AF_UNSPEC)
                         log_notice("VM %s: suspended: the service address waits until the suspension ends",
                                    cfg->name);
@@ -1250,6 +1252,18 @@ static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata)
         for (size_t i = 0; i < m->n_vms; i++) {
                 Vm *vm = m->vms[i];
 
+                /* The VMM was not reachable at vm_attach() (not started yet, another client still
+                 * attached, ...): the address went up then, and the attach that followed found
+                 * the VM suspended. Another host may serve it: the address goes. */
+                if (vm->primary && primary_take_attach_suspended(vm->primary) && !vm->service_address_deferred &&
+                    primary_suspended(vm->primary)) {
+                        if (vm->cfg->service_address.family != AF_UNSPEC)
+                                log_notice("VM %s: attached to a suspended VM: the service address is removed "
+                                           "until the suspension ends",
+                                           vm->cfg->name);
+                        (void) failover_service_address(vm->failover, false);
+                        vm->service_address_deferred = true;
+                }
                 if (vm->service_address_deferred && vm->primary && !primary_suspended(vm->primary)) {
                         vm->service_address_deferred = false;
                         (void) failover_service_address(vm->failover, true);

@@ -171,6 +171,9 @@ struct Primary {
         char image_err[256];
         Guard guard;
         bool suspended;   /* the epoch thread paused the VM for GUARD_SUSPENDED */
+        /* Under mutex. attach_now() found the VM suspended (HelloReply.suspended); taken by the manager,
+         * which keeps the service address away meanwhile (primary_take_attach_suspended()). */
+        bool attach_suspended;
         bool had_standby; /* a standby committed an epoch of this primary */
         uint64_t last_commit_usec; /* when an ACK last advanced the committed epoch */
         uint64_t commit_gap_max_usec;
@@ -2069,6 +2072,7 @@ static int attach_now(Primary *p)
                 pthread_mutex_lock(&p->mutex);
                 p->guard = GUARD_SUSPENDED;
                 p->suspended = true;
+                p->attach_suspended = true;
                 pthread_mutex_unlock(&p->mutex);
                 log_error("VM %s: the VMM says the VM is SUSPENDED by the split-brain guard (%" PRIu64
                           " bytes of output held): it stays paused until a standby at %s resyncs it, or "
@@ -2289,6 +2293,17 @@ bool primary_suspended(Primary *p)
 
         pthread_mutex_lock(&p->mutex);
         r = p->guard == GUARD_SUSPENDED;
+        pthread_mutex_unlock(&p->mutex);
+        return r;
+}
+
+bool primary_take_attach_suspended(Primary *p)
+{
+        bool r;
+
+        pthread_mutex_lock(&p->mutex);
+        r = p->attach_suspended;
+        p->attach_suspended = false;
         pthread_mutex_unlock(&p->mutex);
         return r;
 }

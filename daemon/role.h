@@ -90,6 +90,12 @@ void primary_get_status(Primary *p, ReplStatus *ret);
 void primary_drain(Primary *p);
 /* The split-brain guard suspends the VM (also: it came back suspended at attach). */
 bool primary_suspended(Primary *p);
+/*
+ * Whether an attach found the VM suspended (the VMM said so in its Hello) since the last call:
+ * the attach may come from a retry long after primary_start(), when the manager already added
+ * the service address.
+ */
+bool primary_take_attach_suspended(Primary *p);
 bool primary_drained(Primary *p);
 /*
  * The operator's way out of the split-brain guard (`dirtyrepctl resume`): a

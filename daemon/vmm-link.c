@@ -399,6 +399,43 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
  *
  * Returns 0 or -EPERM with the reason in why.
  */
+/*
+ * The directories above a VMM user's own directory: each owned by root, this daemon's euid or that
+ * user, and writable by nobody else. Otherwise another user could have made the whole directory
+ * (mkdir /tmp/vms, then the socket inside), and it would pass as "a directory of its own".
+ */
+static int check_ancestors(const char *dir, uid_t owner, char *why, size_t why_size)
+{
+        _cleanup_free_ char *real = realpath(dir, NULL);
+        struct stat ast;
+        char *slash;
+
+        if (!real)
+                return -errno;
+        while ((slash = strrchr(real, '/'))) {
+                if (slash == real) {
+                        if (!real[1])
+                                break; /* "/" was the last one checked */
+                        slash[1] = 0;
+                } else
+                        *slash = 0;
+                if (stat(real, &ast) < 0)
+                        return -errno;
+                if ((ast.st_uid != 0 && ast.st_uid != geteuid() && ast.st_uid != owner) ||
+                    (ast.st_mode & 0022) != 0) {
+                        snprintf(why, why_size,
+                                 "the socket's directory %s (uid %u) is below %s (uid %u, mode %03o), which "
+                                 "others can write: another user could have made that directory and the "
+                                 "socket in it. Put the socket in a directory of the VMM's user below "
+                                 "directories only root writes (/run, /home, ...)",
+                                 dir, (unsigned) owner, real, (unsigned) ast.st_uid,
+                                 (unsigned) (ast.st_mode & 07777));
+                        return -EPERM;
+                }
+        }
+        return 0;
+}
+
 static int check_socket_file(const char *path, struct stat *ret_st, char *why, size_t why_size)
 {
         _cleanup_free_ char *dir = strdup(path);
@@ -426,7 +463,7 @@ static int check_socket_file(const char *path, struct stat *ret_st, char *why, s
         if (stat(dir, &dst) < 0)
                 return -errno;
         if (dst.st_uid == st.st_uid && (dst.st_mode & 0022) == 0)
-                return 0;
+                return check_ancestors(dir, st.st_uid, why, why_size);
         snprintf(why, why_size,
                  "%s is owned by uid %u, which is neither root, nor this daemon's uid, nor the owner of a "
                  "directory only it can write (%s: uid %u, mode %03o): another user could have put it there. "

@@ -75,7 +75,8 @@ int vmm_link_open(const char *path, const char *client, VmmLink **ret);
 /*
  * The same, and on -EPERM says in why[why_size] who serves the socket and why that is refused:
  * the socket file must be owned by root, by this process's euid, or by the owner of a directory
- * only that owner can write; the connected peer (SO_PEERCRED) must be root or the file's owner.
+ * only that owner can write (every directory above it owned by root, this euid or that owner and
+ * writable by nobody else); the connected peer (SO_PEERCRED) must be root or the file's owner.
  * vmm_link_open() applies the same checks.
  */
 int vmm_link_open_checked(const char *path, const char *client, char *why, size_t why_size, VmmLink **ret);

@@ -2,15 +2,19 @@
 /* libdirtyrep-agent without KVM: VM state encoding and the output-commit queue. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "agent-internal.h"
 #include "dr-agent.h"
 #include "log.h"
 #include "output.h"
 #include "state.h"
+#include "util.h"
 #include "tests.h"
 #include "util.h"
 
@@ -380,6 +384,67 @@ TEST(set_regions_only_while_detached)
         munmap(ram, 4 << 20);
         free(run);
         ASSERT_TRUE(rmdir(path) == 0);
+}
+
+/* An agent without KVM: any open fd passes for kvm_fd and vm_fd until an ioctl is made. */
+static void agent_without_kvm(Sink *s, char *sock, DrAgent **ret, int *ret_null_fd, int *ret_memfd, void **ret_map)
+{
+        DrAgentRegion region = { .slot = 0, .size = 16 * 4096 };
+        DrAgentConfig cfg = {
+                .socket_path = sock,
+                .vm_name = "t",
+                .mode = DR_TRACKING_RING,
+                .ring_entries = 256,
+                .regions = &region,
+                .n_regions = 1,
+                .n_vcpus = 1,
+                .cb = { .output_release = sink_release },
+                .userdata = s,
+        };
+
+        *ret_null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+        ASSERT_TRUE(*ret_null_fd >= 0);
+        *ret_memfd = memfd_new_sized("test-ram", region.size);
+        ASSERT_TRUE(*ret_memfd >= 0);
+        *ret_map = mmap(NULL, region.size, PROT_READ | PROT_WRITE, MAP_SHARED, *ret_memfd, 0);
+        ASSERT_TRUE(*ret_map != MAP_FAILED);
+        region.memfd = *ret_memfd;
+        region.host_addr = *ret_map;
+        cfg.kvm_fd = cfg.vm_fd = *ret_null_fd;
+        ASSERT_OK(dr_agent_new(&cfg, ret));
+}
+
+TEST(agent_free_drops_held_output)
+{
+        /* The VMM exits while output waits for a standby's acknowledgement (a client that
+         * stopped with hold_output or vanished, or a suspended VM): it must not be released
+         * on the way out, the standby may fail over from an older epoch. */
+        for (int suspended = 0; suspended <= 1; suspended++) {
+                char dir[] = "/tmp/test-agent-XXXXXX", sock[64];
+                int null_fd, memfd;
+                void *map;
+                DrAgent *a = NULL;
+                Sink s = {};
+
+                ASSERT_TRUE(mkdtemp(dir));
+                snprintf(sock, sizeof(sock), "%s/control", dir);
+                agent_without_kvm(&s, sock, &a, &null_fd, &memfd, &map);
+                /* What Resume{epoch 7} does for a client, then that client goes away holding. */
+                output_queue_hold(a->outq, 7);
+                a->suspended = suspended;
+                ASSERT_OK(dr_agent_output_submit(a, 1, "reply", 5));
+                ASSERT_EQ(output_queue_orphan(a->outq), 5);
+                ASSERT_OK(dr_agent_output_submit(a, 1, "more", 4));
+                ASSERT_EQ(s.len[1], 0);
+                a = dr_agent_free(a);
+                ASSERT_EQ(s.len[1], 0);
+                ASSERT_EQ(s.calls, 0);
+                munmap(map, 16 * 4096);
+                close(memfd);
+                close(null_fd);
+                (void) unlink(sock);
+                (void) rmdir(dir);
+        }
 }
 
 int main(void)

@@ -97,9 +97,14 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         return 0;
 }
 
+/* Time on_frame() spends per frame (a standby applying pages), for the tests that need a busy loop. */
+static unsigned frame_work_us;
+
 static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, void *userdata)
 {
         Side *s = userdata;
+        if (frame_work_us)
+                usleep(frame_work_us);
         if (s->frames < ELEMENTSOF(s->seen))
                 s->seen[s->frames] = (Seen){type, (uint32_t) len, crc32c(0, payload, len)};
         s->frames++;
@@ -511,6 +516,34 @@ TEST(proof_layout)
         ASSERT_OK(link_proof(SECRET, sizeof(SECRET), "dirtyrep-primary", a, b, "vm0", UUID, a, 32, p3));
         ASSERT_TRUE(memcmp(p1, p3, 32) != 0);
         ASSERT_EQ(link_proof(SECRET, 0, "dirtyrep-primary", a, b, "vm0", UUID, NULL, 0, p3), -EINVAL);
+}
+
+TEST(session_keys_field_limits)
+{
+        /* link_session_keys() takes every field up to 255 bytes (and a 32-byte binding): all of
+         * them at once must fit its info buffer, and one byte more is refused. */
+        uint8_t n1[255], n2[255], uuid[255], binding[32], a[32], b[32], a2[32], b2[32];
+        char name[256];
+
+        memset(n1, 1, sizeof(n1));
+        memset(n2, 2, sizeof(n2));
+        memset(uuid, 3, sizeof(uuid));
+        memset(binding, 4, sizeof(binding));
+        memset(name, 'v', 255);
+        name[255] = 0;
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
+                                    sizeof(binding), a, b));
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
+                                    sizeof(binding), a2, b2));
+        ASSERT_TRUE(memcmp(a, a2, 32) == 0 && memcmp(b, b2, 32) == 0 && memcmp(a, b, 32) != 0);
+        /* The last field counts: another binding, other keys. */
+        binding[31] ^= 1;
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
+                                    sizeof(binding), a2, b2));
+        ASSERT_TRUE(memcmp(a, a2, 32) != 0);
+        ASSERT_EQ(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, 256, binding,
+                                    sizeof(binding), a2, b2),
+                  -EINVAL);
 }
 
 TEST(bad_crc)
@@ -1190,6 +1223,79 @@ TEST(listener_first_bytes_deadline)
         ASSERT_TRUE(RUN_UNTIL(f.e, closed_by_peer(fd), 1000));
         safe_close(fd);
         many_done(&f, &m);
+}
+
+/* ---- a busy link and another VM's listener on the same loop ---------------------------- */
+
+typedef struct Streamer {
+        Link *l;
+        bool stop;
+        unsigned sent;
+} Streamer;
+
+static void *streamer_main(void *userdata)
+{
+        Streamer *st = userdata;
+        static uint8_t payload[1 << 20];
+
+        while (!__atomic_load_n(&st->stop, __ATOMIC_ACQUIRE) &&
+               link_send(st->l, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload), true) >= 0)
+                st->sent++;
+        return NULL;
+}
+
+static int count_accept(LinkListener *ll, int fd, const char *peer, void *userdata)
+{
+        (*(unsigned *) userdata)++;
+        safe_close(fd);
+        return 0;
+}
+
+TEST(listener_served_while_a_link_streams)
+{
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        struct sockaddr_storage addr2;
+        socklen_t addr2_len;
+        LinkListener *ll2 = NULL;
+        unsigned accepted = 0;
+        Streamer st = {};
+        pthread_t th;
+        uint64_t start;
+        Fixture f;
+        bool ok;
+        int fd;
+
+        /* One daemon loop serves every VM: while one VM's standby applies a full sync (its socket
+         * never runs dry), another VM's listener must still take its primary's connection, or
+         * that primary times out its handshake and its VM stays unprotected (or suspended) for
+         * as long as the sync lasts. */
+        fixture_init(&f, SECRET, sizeof(SECRET));
+        primary_connect(&f, SECRET, sizeof(SECRET), NULL);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.p.ups && f.s.ups, 2000));
+        ASSERT_OK(link_listener_new(f.e, (struct sockaddr *) &sin, sizeof(sin), 4, count_accept, &accepted, &ll2));
+        ASSERT_OK(link_listener_address(ll2, &addr2, &addr2_len));
+
+        frame_work_us = 5000;
+        st.l = f.primary;
+        ASSERT_EQ(pthread_create(&th, NULL, streamer_main, &st), 0);
+        (void) RUN_UNTIL(f.e, false, 300);
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_TRUE(fd >= 0);
+        ASSERT_OK(RET_NERRNO(connect(fd, (struct sockaddr *) &addr2, addr2_len)));
+        start = now_usec();
+        ok = RUN_UNTIL(f.e, accepted > 0, 2000);
+        fprintf(stderr, "  other listener %s after %" PRIu64 " ms (%u frames of 1 MiB streamed)\n",
+                ok ? "took the connection" : "did not take the connection", (now_usec() - start) / 1000,
+                st.sent);
+        __atomic_store_n(&st.stop, true, __ATOMIC_RELEASE);
+        frame_work_us = 0;
+        f.primary = link_free(f.primary); /* a send blocked in the queue returns */
+        ASSERT_EQ(pthread_join(th, NULL), 0);
+        safe_close(fd);
+        ll2 = link_listener_free(ll2);
+        fixture_done(&f);
+        ASSERT_TRUE(ok);
+        ASSERT_TRUE(f.s.downs + f.p.downs <= 1);
 }
 
 /* ---- back-pressure: a raw standby that stops reading -------------------------------- */

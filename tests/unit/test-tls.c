@@ -614,4 +614,62 @@ TEST(link_tls_terminator_relay_refused)
         SSL_CTX_free(t.as_primary);
 }
 
+/* A TLS client that completes the TLS handshake, then says nothing until told to go. */
+typedef struct SlowPrimary {
+        struct sockaddr_storage addr;
+        socklen_t addr_len;
+        SSL_CTX *ctx;
+        bool tls_up, go;
+} SlowPrimary;
+
+static void *slow_primary_main(void *userdata)
+{
+        SlowPrimary *sp = userdata;
+        SSL *ssl = SSL_new(sp->ctx);
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        if (ssl && fd >= 0 && connect(fd, (struct sockaddr *) &sp->addr, sp->addr_len) == 0 &&
+            SSL_set_fd(ssl, fd) == 1 && SSL_connect(ssl) == 1)
+                __atomic_store_n(&sp->tls_up, true, __ATOMIC_RELEASE);
+        while (!__atomic_load_n(&sp->go, __ATOMIC_ACQUIRE))
+                usleep(10 * 1000);
+        SSL_free(ssl);
+        if (fd >= 0)
+                close(fd);
+        return NULL;
+}
+
+/* The listener's 1 s "first bytes" limit is for strangers that send nothing: a primary whose
+ * TLS handshake went through has sent plenty, and keeps its slot until the handshake timeout
+ * (a loaded host may be slow to follow with HELLO). */
+TEST(link_tls_first_bytes_count)
+{
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        SlowPrimary sp = {.addr_len = sizeof(sp.addr)};
+        uint64_t start, elapsed;
+        pthread_t th;
+        Fixture f;
+
+        setup();
+        memset(&f, 0, sizeof(f));
+        f.standby_tls = ctx_new("standby.test", "ca1", "primary.test");
+        sp.ctx = ctx_new("primary.test", "ca1", "standby.test");
+        ASSERT_OK(sd_event_new(&f.e));
+        ASSERT_OK(link_listener_new(f.e, (struct sockaddr *) &sin, sizeof(sin), 4, on_accept, &f, &f.ll));
+        ASSERT_OK(link_listener_address(f.ll, &sp.addr, &sp.addr_len));
+        start = now_usec();
+        ASSERT_EQ(pthread_create(&th, NULL, slow_primary_main, &sp), 0);
+        ASSERT_TRUE(RUN_UNTIL(f.e, f.s.downs > 0, 6000));
+        elapsed = now_usec() - start;
+        fprintf(stderr, "  TLS peer without HELLO dropped after %" PRIu64 " ms\n", elapsed / 1000);
+        ASSERT_TRUE(__atomic_load_n(&sp.tls_up, __ATOMIC_ACQUIRE));
+        ASSERT_EQ(f.s.down_error, -ETIMEDOUT);
+        assert_reason(&f.s, "handshake with");
+        ASSERT_TRUE(elapsed >= 2500 * 1000); /* the fixture's 3 s handshake timeout, not 1 s */
+        __atomic_store_n(&sp.go, true, __ATOMIC_RELEASE);
+        ASSERT_EQ(pthread_join(th, NULL), 0);
+        SSL_CTX_free(sp.ctx);
+        fixture_done(&f);
+}
+
 DEFINE_TEST_MAIN

@@ -145,6 +145,27 @@ TEST(control_socket_of_a_vmm_user_in_its_own_directory)
         server_stop(&s, path);
 }
 
+TEST(control_socket_in_a_directory_below_a_shared_one)
+{
+        char shared[128], dir[160], path[192], why[512];
+        Server s;
+
+        if (!need_root())
+                return;
+        /* Its own directory, but in one everybody may write (as /tmp/vms/vm.sock): anyone could
+         * have made the directory, and the socket in it. */
+        snprintf(shared, sizeof(shared), "%s/shared2", tmpdir);
+        make_dir(shared, 0, 01777);
+        snprintf(dir, sizeof(dir), "%s/vms", shared);
+        make_dir(dir, NOBODY, 0700);
+        snprintf(path, sizeof(path), "%s/vm.sock", dir);
+        s = serve(path, NOBODY, NOBODY);
+        ASSERT_EQ(try_open(path, why, sizeof(why)), -EPERM);
+        ASSERT_TRUE(strstr(why, "others can write"));
+        server_stop(&s, path);
+        ASSERT_OK(RET_NERRNO(rmdir(dir)));
+}
+
 TEST(control_socket_served_by_another_uid)
 {
         char path[128], why[512];
@@ -176,12 +197,17 @@ TEST(control_socket_not_a_socket)
 
 int main(void)
 {
-        snprintf(tmpdir, sizeof(tmpdir), "/tmp/dr-vmm-link-XXXXXX");
-        ASSERT_TRUE(mkdtemp(tmpdir));
+        /* Below /run when root: a directory under /tmp (writable by all) is never "a VMM user's
+         * own", whatever its own owner and mode. */
+        snprintf(tmpdir, sizeof(tmpdir), "/run/dr-vmm-link-XXXXXX");
+        if (geteuid() != 0 || !mkdtemp(tmpdir)) {
+                snprintf(tmpdir, sizeof(tmpdir), "/tmp/dr-vmm-link-XXXXXX");
+                ASSERT_TRUE(mkdtemp(tmpdir));
+        }
         /* nobody must reach its directories below. */
         ASSERT_OK(RET_NERRNO(chmod(tmpdir, 0755)));
         tests_run();
-        for (const char *sub = "shared\0vmmuser\0"; *sub; sub += strlen(sub) + 1) {
+        for (const char *sub = "shared\0vmmuser\0shared2\0"; *sub; sub += strlen(sub) + 1) {
                 char d[128];
                 snprintf(d, sizeof(d), "%s/%s", tmpdir, sub);
                 (void) rmdir(d);

@@ -461,7 +461,16 @@ DrAgent *dr_agent_free(DrAgent *a)
                 if (a->vcpus[i].ring)
                         munmap(a->vcpus[i].ring, (size_t) a->ring_entries * sizeof(struct kvm_dirty_gfn));
         if (a->outq) {
-                (void) output_queue_unhold(a->outq); /* nothing held is ever dropped */
+                /* Held output was never acknowledged by a standby (a client stopped with
+                 * hold_output or vanished, or the VM is suspended and another host may serve
+                 * it now): letting it out as the VMM exits would show clients replies that a
+                 * failover rolls back. Nothing is held unless a client asked for it. */
+                uint64_t held = output_queue_held_bytes(a->outq);
+
+                if (held > 0)
+                        log_warning("VMM stopping with %llu bytes of output held for a standby's "
+                                    "acknowledgement%s: dropped, not released.",
+                                    (unsigned long long) held, a->suspended ? " (the VM is suspended)" : "");
                 output_queue_free(a->outq);
         }
         pthread_cond_destroy(&a->vcpu_cond);
