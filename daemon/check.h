@@ -2,7 +2,7 @@
 #pragma once
 
 /*
- * The configuration checks that need the system (config.c's are pure):
+ * The configuration checks that need the system (config.c, config-parse.c, config-check.c are pure):
  * every VM's SecretFile= read as the daemon reads it, and the VMM that
  * failover would start asked whether it accepts VmmArgs= together with
  * what activation passes (`Vmm= --check VmmArgs... --name ... --restore

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * dirtyrepd configuration text (daemon/config.c). The first byte picks what
+ * dirtyrepd configuration text (daemon/config.c, config-parse.c). The first byte picks what
  * the rest is: even = a dirtyrep.conf, odd = a vm.d file. Accepted VM files
  * also go through config_validate() (as two VMs, so the cross-checks find
  * something) and config_find_vm(); rejected input must come with an error

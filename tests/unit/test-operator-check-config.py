@@ -196,11 +196,11 @@ def main(tmp):
     # --help: an option the table lacks would make getopt's abbreviation rule resolve differently.
     helptext = subprocess.run([vmm, "--help"], capture_output=True, text=True).stdout
     vmm_opts = set(re.findall(r"^\s+(?:-\w )?--([a-z][a-z-]*)", helptext, re.M))
-    src = open(os.path.join(ENV["DR_SRCDIR"], "daemon", "config.c")).read()
+    src = open(os.path.join(ENV["DR_SRCDIR"], "daemon", "config-check.c")).read()
     table = src[src.index("vmm_options[] = {"):src.index("};", src.index("vmm_options[] = {"))]
     daemon_opts = set(re.findall(r'\{"([a-z-]+)", ', table))
     check(vmm_opts and vmm_opts == daemon_opts,
-          f"daemon/config.c vmm_options differ from dirtyrep-vmm --help: only in the VMM {vmm_opts - daemon_opts}, "
+          f"daemon/config-check.c vmm_options differ from dirtyrep-vmm --help: only in the VMM {vmm_opts - daemon_opts}, "
           f"only in the table {daemon_opts - vmm_opts}")
 
     if FAILED:
