@@ -50,8 +50,8 @@ static double cpu_s(void)
 {
         struct rusage ru;
         getrusage(RUSAGE_SELF, &ru);
-        return (double) ru.ru_utime.tv_sec + (double) ru.ru_utime.tv_usec / 1e6 + (double) ru.ru_stime.tv_sec +
-               (double) ru.ru_stime.tv_usec / 1e6;
+        return (double) ru.ru_utime.tv_sec + (double) ru.ru_utime.tv_usec / 1e6 +
+               (double) ru.ru_stime.tv_sec + (double) ru.ru_stime.tv_usec / 1e6;
 }
 
 #ifdef HAVE_LINK_MAC
@@ -77,12 +77,14 @@ static void bench_mac(void)
                 if (link_mac_seal(m, i, hdr, buf, big, t) < 0)
                         exit(1);
         dt = now_s() - t0;
-        printf("gmac   4 MiB frame: %8.0f MB/s  (%.3f ms per frame)\n", n * (double) big / dt / 1e6, dt / n * 1e3);
+        printf("gmac   4 MiB frame: %8.0f MB/s  (%.3f ms per frame)\n", n * (double) big / dt / 1e6,
+               dt / n * 1e3);
         t0 = now_s();
         for (unsigned i = 0; i < n; i++)
                 sink += crc32c(0, buf, big);
         dt = now_s() - t0;
-        printf("crc32c 4 MiB frame: %8.0f MB/s  (%.3f ms per frame)\n", n * (double) big / dt / 1e6, dt / n * 1e3);
+        printf("crc32c 4 MiB frame: %8.0f MB/s  (%.3f ms per frame)\n", n * (double) big / dt / 1e6,
+               dt / n * 1e3);
 
         n = 200000;
         t0 = now_s();
@@ -137,7 +139,10 @@ static const LinkCallbacks cb = {.on_up = on_up, .on_frame = on_frame, .on_down 
 static int on_accept(LinkListener *ll, int fd, const char *peer, void *userdata)
 {
         Bench *b = userdata;
-        LinkParams p = {.side = LINK_STANDBY, .secret = SECRET, .secret_len = sizeof(SECRET), .listener = ll,
+        LinkParams p = {.side = LINK_STANDBY,
+                        .secret = SECRET,
+                        .secret_len = sizeof(SECRET),
+                        .listener = ll,
                         .heartbeat_misses = 100};
         return link_accept(b->e, fd, &p, &cb, b, &b->standby);
 }
@@ -187,7 +192,10 @@ int main(int argc, char **argv)
         h.vm_uuid = (ProtobufCBinaryData){16, (uint8_t *) UUID};
         h.session = (ProtobufCBinaryData){16, session};
         h.page_size = 4096;
-        LinkParams p = {.side = LINK_PRIMARY, .secret = SECRET, .secret_len = sizeof(SECRET), .hello = &h,
+        LinkParams p = {.side = LINK_PRIMARY,
+                        .secret = SECRET,
+                        .secret_len = sizeof(SECRET),
+                        .hello = &h,
                         .heartbeat_misses = 100};
         if (link_connect(b.e, (struct sockaddr *) &ss, sl, &p, &cb, &b, &b.primary) < 0)
                 return 1;
@@ -204,7 +212,8 @@ int main(int argc, char **argv)
         dt = now_s() - t0;
         dc = cpu_s() - c0;
         pthread_join(t, NULL);
-        printf("link   %llu MiB in %zu KiB frames over 127.0.0.1: %.2f s, %.0f MB/s, CPU %.2f s (%.2f s per GB)\n",
+        printf("link   %llu MiB in %zu KiB frames over 127.0.0.1: %.2f s, %.0f MB/s, CPU %.2f s (%.2f s per "
+               "GB)\n",
                (unsigned long long) (b.total >> 20), b.frame >> 10, dt, (double) b.received / dt / 1e6, dc,
                dc / ((double) b.received / 1e9));
         link_free(b.primary);

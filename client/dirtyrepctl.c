@@ -28,8 +28,8 @@
 #include "macros.h"
 #include "monitor.h"
 
-#define VMS_MAX      1024 /* more than the daemon serves (CONFIG_VMS_MAX) */
-#define STRING_MAX   1024 /* longest property string kept */
+#define VMS_MAX    1024 /* more than the daemon serves (CONFIG_VMS_MAX) */
+#define STRING_MAX 1024 /* longest property string kept */
 
 static const char *arg_bus_address;
 bool arg_json;
@@ -534,8 +534,9 @@ static void print_status(const VmInfo *v)
         bool primary = streq(role, "primary");
         char b1[32], b2[32], b3[32];
 
-        printf("%s %s: %s, %s\n", vm_status_exit(v) == EXIT_VM_FAILED ? state_mark("failed") : state_mark(state),
-               v->name, role, state);
+        printf("%s %s: %s, %s\n",
+               vm_status_exit(v) == EXIT_VM_FAILED ? state_mark("failed") : state_mark(state), v->name, role,
+               state);
         if (*detail)
                 printf("%16s: %s\n", "Detail", detail);
         printf("%16s: %s (link %s)\n", "Peer", *peer ? peer : "-", prop_b(v, "LinkUp") ? "up" : "down");
@@ -860,7 +861,8 @@ static int verb_maintenance(int argc, char *argv[])
                        "`dirtyrepctl maintenance %s off` brings it back with a resync\n",
                        name, name);
         else
-                printf("VM %s: maintenance over, %s again; the primary resyncs it (see dirtyrepctl status %s)\n",
+                printf("VM %s: maintenance over, %s again; the primary resyncs it (see dirtyrepctl status "
+                       "%s)\n",
                        name, state, name);
         return 0;
 }
@@ -918,12 +920,12 @@ typedef struct Verb {
 } Verb;
 
 static const Verb verbs[] = {
-        {"status", 0, 1, verb_status}, {"list", 0, 0, verb_list},     {"checkpoint", 0, 1, verb_checkpoint},
-        {"attach", 1, 1, verb_attach}, {"detach", 1, 1, verb_detach}, {"failover", 0, 1, verb_failover},
-        {"resume", 1, 1, verb_resume},
-        {"reload", 0, 0, verb_reload}, {"events", 0, 0, verb_events}, {"version", 0, 0, verb_version},
-        {"metrics", 0, 1, verb_metrics},
-        {"image", 1, -1, verb_image, true},
+        {"status", 0, 1, verb_status},           {"list", 0, 0, verb_list},
+        {"checkpoint", 0, 1, verb_checkpoint},   {"attach", 1, 1, verb_attach},
+        {"detach", 1, 1, verb_detach},           {"failover", 0, 1, verb_failover},
+        {"resume", 1, 1, verb_resume},           {"reload", 0, 0, verb_reload},
+        {"events", 0, 0, verb_events},           {"version", 0, 0, verb_version},
+        {"metrics", 0, 1, verb_metrics},         {"image", 1, -1, verb_image, true},
         {"maintenance", 1, 2, verb_maintenance},
 };
 
@@ -973,8 +975,16 @@ static void help(void)
  */
 static int parse_options(int argc, char *argv[], bool *ret_help)
 {
-        enum { ARG_JSON = 0x100, ARG_FORCE, ARG_BUS_ADDRESS, ARG_NO_LEGEND, ARG_VERSION, ARG_IMAGE, ARG_PARENT,
-               ARG_RAW };
+        enum {
+                ARG_JSON = 0x100,
+                ARG_FORCE,
+                ARG_BUS_ADDRESS,
+                ARG_NO_LEGEND,
+                ARG_VERSION,
+                ARG_IMAGE,
+                ARG_PARENT,
+                ARG_RAW
+        };
         static const struct option opts[] = {{"help", no_argument, NULL, 'h'},
                                              {"version", no_argument, NULL, ARG_VERSION},
                                              {"json", no_argument, NULL, ARG_JSON},

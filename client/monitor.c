@@ -249,30 +249,36 @@ static const struct Metric {
         {"dirtyrep_vm_last_committed_epoch", "gauge",
          "Primary: last epoch the standby acknowledged; standby: last epoch applied.", "LastCommitted", M_U},
         {"dirtyrep_vm_lag_epochs", "gauge", "Sealed epochs not yet acknowledged (primary).", "Lag", M_U},
-        {"dirtyrep_vm_inflight_epochs", "gauge", "Epochs sealed and not yet acknowledged.", "InflightEpochs", M_U},
+        {"dirtyrep_vm_inflight_epochs", "gauge", "Epochs sealed and not yet acknowledged.", "InflightEpochs",
+         M_U},
         {"dirtyrep_vm_epochs_committed_total", "counter", "Epochs committed since the role started.",
          "EpochsCommitted", M_U},
-        {"dirtyrep_vm_full_syncs_total", "counter", "Full syncs started since the role started.", "FullSyncs", M_U},
+        {"dirtyrep_vm_full_syncs_total", "counter", "Full syncs started since the role started.",
+         "FullSyncs", M_U},
         {"dirtyrep_vm_incremental_syncs_total", "counter", "Incremental resyncs since the role started.",
          "IncrementalSyncs", M_U},
-        {"dirtyrep_vm_pause_p50_seconds", "gauge", "Median epoch seal pause (recent window).", "PauseNSecP50", M_NS},
+        {"dirtyrep_vm_pause_p50_seconds", "gauge", "Median epoch seal pause (recent window).",
+         "PauseNSecP50", M_NS},
         {"dirtyrep_vm_pause_p99_seconds", "gauge", "99th percentile epoch seal pause (recent window).",
          "PauseNSecP99", M_NS},
-        {"dirtyrep_vm_pause_max_seconds", "gauge", "Longest epoch seal pause (recent window).", "PauseNSecMax", M_NS},
+        {"dirtyrep_vm_pause_max_seconds", "gauge", "Longest epoch seal pause (recent window).",
+         "PauseNSecMax", M_NS},
         {"dirtyrep_vm_guest_pause_p99_seconds", "gauge",
-         "99th percentile of the pause as the agent saw the vCPUs stopped (0: not reported).", "VmPauseNSecP99",
-         M_NS},
-        {"dirtyrep_vm_dirty_pages_per_second", "gauge", "Pages dirtied per second, last epoch.", "DirtyPagesPerSec",
-         M_D},
-        {"dirtyrep_vm_pages_last_epoch", "gauge", "Distinct pages in the last epoch.", "PagesLastEpoch", M_U},
+         "99th percentile of the pause as the agent saw the vCPUs stopped (0: not reported).",
+         "VmPauseNSecP99", M_NS},
+        {"dirtyrep_vm_dirty_pages_per_second", "gauge", "Pages dirtied per second, last epoch.",
+         "DirtyPagesPerSec", M_D},
+        {"dirtyrep_vm_pages_last_epoch", "gauge", "Distinct pages in the last epoch.", "PagesLastEpoch",
+         M_U},
         {"dirtyrep_vm_sent_bytes_total", "counter", "Bytes sent on the replication link.", "BytesSent", M_U},
         {"dirtyrep_vm_received_bytes_total", "counter", "Bytes received on the replication link.",
          "BytesReceived", M_U},
-        {"dirtyrep_vm_compression_ratio", "gauge", "Page bytes per byte on the wire.", "CompressionRatio", M_D},
+        {"dirtyrep_vm_compression_ratio", "gauge", "Page bytes per byte on the wire.", "CompressionRatio",
+         M_D},
         {"dirtyrep_vm_staging_bytes", "gauge", "Memory held for epochs not yet acknowledged or committed.",
          "StagingBytes", M_U},
-        {"dirtyrep_vm_full_sync_done_bytes", "gauge", "Running full sync: RAM sent so far (0: none running).",
-         "SyncBytesDone", M_U},
+        {"dirtyrep_vm_full_sync_done_bytes", "gauge",
+         "Running full sync: RAM sent so far (0: none running).", "SyncBytesDone", M_U},
         {"dirtyrep_vm_full_sync_total_bytes", "gauge", "Running full sync: all of RAM (0: none running).",
          "SyncBytesTotal", M_U},
         {"dirtyrep_vm_last_sync_seconds", "gauge", "Duration of the last completed resync, to its ACK.",
@@ -315,9 +321,10 @@ static void metrics_write(FILE *f, const VmInfo *infos, size_t n, bool up)
                 metric_label(f, prop_s(&infos[i], "State"));
                 fputs("\"} 1\n", f);
         }
-        metric_head(f, "dirtyrep_vm_status", "gauge",
-                    "dirtyrepctl status's exit code for the VM: 0 protected, 10 unprotected, 11 suspended, 12 "
-                    "failed.");
+        metric_head(
+                f, "dirtyrep_vm_status", "gauge",
+                "dirtyrepctl status's exit code for the VM: 0 protected, 10 unprotected, 11 suspended, 12 "
+                "failed.");
         for (size_t i = 0; i < n; i++) {
                 fputs("dirtyrep_vm_status{vm=\"", f);
                 metric_label(f, infos[i].name);
@@ -434,7 +441,8 @@ int verb_metrics(int argc, char *argv[])
         /* An unreachable daemon is a metric too (dirtyrep_up 0), and still an error. */
         r = metrics_output(path, infos, n, ret == 0);
         if (r < 0) {
-                fprintf(stderr, "dirtyrepctl: metrics: cannot write %s: %s\n", path ? path : "stdout", strerror(-r));
+                fprintf(stderr, "dirtyrepctl: metrics: cannot write %s: %s\n", path ? path : "stdout",
+                        strerror(-r));
                 if (ret == 0)
                         ret = EXIT_FAILURE;
         }

@@ -9,8 +9,8 @@
 
 int fdpass_send(int sock, const void *buf, size_t len, const int *fds, size_t n_fds)
 {
-        struct iovec iov = { .iov_base = (void *) buf, .iov_len = len };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+        struct iovec iov = {.iov_base = (void *) buf, .iov_len = len};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
         _cleanup_free_ void *control = NULL;
         ssize_t n;
 
@@ -54,7 +54,7 @@ ssize_t fdpass_recv(int sock, void *buf, size_t cap, int *fds, size_t max_fds, s
                 struct cmsghdr align;
                 char buf[CMSG_SPACE(sizeof(int) * FDPASS_MAX_FDS)];
         } control;
-        struct iovec iov = { .iov_base = buf, .iov_len = cap };
+        struct iovec iov = {.iov_base = buf, .iov_len = cap};
         struct msghdr mh = {
                 .msg_iov = &iov,
                 .msg_iovlen = 1,

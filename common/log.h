@@ -50,7 +50,7 @@ int log_struct_internal(int level, int error, const char *file, int line, const 
         log_struct_internal((level), 0, __FILE__, __LINE__, __func__, (message_id), (vm), (epoch),          \
                             __VA_ARGS__)
 
-#define log_full_errno(level, error, ...) \
+#define log_full_errno(level, error, ...)                                                                   \
         log_internal((level), (error), __FILE__, __LINE__, __func__, __VA_ARGS__)
 
 #define log_debug(...)   log_full_errno(LOG_DEBUG, 0, __VA_ARGS__)

@@ -390,8 +390,8 @@ static void image_done(Primary *p, const PrimaryImageResult *res, void *userdata
                 (void) sd_bus_reply_method_errorf(msg, BUS_ERROR("ImageFailed"), "Image %s: %s", res->dir,
                                                   res->error);
         else
-                (void) sd_bus_reply_method_return(msg, "tttt", res->epoch, res->present_pages, res->total_bytes,
-                                                  res->pause_ns);
+                (void) sd_bus_reply_method_return(msg, "tttt", res->epoch, res->present_pages,
+                                                  res->total_bytes, res->pause_ns);
         sd_bus_message_unref(msg);
 }
 
@@ -406,7 +406,8 @@ static void image_done(Primary *p, const PrimaryImageResult *res, void *userdata
 static int image_path_confine(const DaemonConfig *d, const char *path, char **ret_real, char *why,
                               size_t why_size)
 {
-        _cleanup_free_ char *root_cfg = NULL, *root = NULL, *real = NULL, *parent = NULL, *real_parent = NULL;
+        _cleanup_free_ char *root_cfg = NULL, *root = NULL, *real = NULL, *parent = NULL,
+                            *real_parent = NULL;
         char *slash;
         size_t n;
 
@@ -506,9 +507,9 @@ static int method_checkpoint_image(sd_bus_message *msg, void *userdata, sd_bus_e
                         parent = real_parent;
         }
         if (!vm->primary)
-                return sd_bus_error_setf(error, vm->standby ? BUS_ERROR("NotPrimary") : BUS_ERROR("NotAttached"),
-                                         "VM '%s' is not a running primary; images are taken at its seals",
-                                         vm->cfg->name);
+                return sd_bus_error_setf(
+                        error, vm->standby ? BUS_ERROR("NotPrimary") : BUS_ERROR("NotAttached"),
+                        "VM '%s' is not a running primary; images are taken at its seals", vm->cfg->name);
         /* Run by systemd, the daemon writes inside dirtyrep.service's sandbox: an image in its
          * private /tmp would "succeed" where nobody finds it. Say so instead. */
         if (getenv("INVOCATION_ID")) {
@@ -527,12 +528,13 @@ static int method_checkpoint_image(sd_bus_message *msg, void *userdata, sd_bus_e
                                                  "VM '%s' has no standby connected; no epoch is sealed",
                                                  vm->cfg->name);
                 if (r == -EBUSY)
-                        return sd_bus_error_setf(error, BUS_ERROR("Busy"),
-                                                 "VM '%s' is taking another image, frozen, or at its in-flight "
-                                                 "limit; try again",
-                                                 vm->cfg->name);
-                return sd_bus_error_setf(error, BUS_ERROR("ImageFailed"), "Image of VM '%s': %s", vm->cfg->name,
-                                         strerror(-r));
+                        return sd_bus_error_setf(
+                                error, BUS_ERROR("Busy"),
+                                "VM '%s' is taking another image, frozen, or at its in-flight "
+                                "limit; try again",
+                                vm->cfg->name);
+                return sd_bus_error_setf(error, BUS_ERROR("ImageFailed"), "Image of VM '%s': %s",
+                                         vm->cfg->name, strerror(-r));
         }
         log_info("VM %s: image %s requested over D-Bus", vm->cfg->name, dir);
         return 1; /* answered by image_done() */
@@ -569,11 +571,11 @@ static int method_failover(sd_bus_message *msg, void *userdata, sd_bus_error *er
                         return sd_bus_reply_method_return(msg, "s", "standby");
                 }
         } else
-                return sd_bus_error_setf(error, BUS_ERROR("NotAttached"), "VM '%s' has no running role%s",
-                                         vm->cfg->name,
-                                         vm->promoting      ? " (a promotion is running)"
-                                         : vm->maintenance ? " (in maintenance: dirtyrepctl maintenance VM off)"
-                                                           : "");
+                return sd_bus_error_setf(
+                        error, BUS_ERROR("NotAttached"), "VM '%s' has no running role%s", vm->cfg->name,
+                        vm->promoting     ? " (a promotion is running)"
+                        : vm->maintenance ? " (in maintenance: dirtyrepctl maintenance VM off)"
+                                          : "");
         switch (r) {
         case -EBUSY:
                 return sd_bus_error_setf(error, BUS_ERROR("Unsafe"), "Failover of VM '%s' refused: %s",
@@ -582,8 +584,9 @@ static int method_failover(sd_bus_message *msg, void *userdata, sd_bus_error *er
                 return sd_bus_error_setf(error, BUS_ERROR("NoReplica"), "Failover of VM '%s' refused: %s",
                                          vm->cfg->name, why);
         default:
-                return sd_bus_error_setf(error, BUS_ERROR("FailoverFailed"), "Failover of VM '%s' failed: %s",
-                                         vm->cfg->name, why[0] ? why : strerror(-r));
+                return sd_bus_error_setf(error, BUS_ERROR("FailoverFailed"),
+                                         "Failover of VM '%s' failed: %s", vm->cfg->name,
+                                         why[0] ? why : strerror(-r));
         }
 }
 
@@ -662,7 +665,8 @@ static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         if (r < 0)
                 return r;
         if (!vm->primary)
-                return sd_bus_error_setf(error, vm->standby ? BUS_ERROR("NotPrimary") : BUS_ERROR("NotAttached"),
+                return sd_bus_error_setf(error,
+                                         vm->standby ? BUS_ERROR("NotPrimary") : BUS_ERROR("NotAttached"),
                                          "VM '%s' is not an attached primary", vm->cfg->name);
         r = primary_resume_unprotected(vm->primary);
         bus_vm_check_changes(vm->manager, vm);
@@ -678,8 +682,8 @@ static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                 return sd_bus_error_setf(error, BUS_ERROR("Unprotected"), "VM '%s' already runs unprotected",
                                          vm->cfg->name);
         default:
-                return sd_bus_error_setf(error, BUS_ERROR("NotAttached"), "VM '%s' is not attached to its VMM",
-                                         vm->cfg->name);
+                return sd_bus_error_setf(error, BUS_ERROR("NotAttached"),
+                                         "VM '%s' is not attached to its VMM", vm->cfg->name);
         }
 }
 
@@ -693,8 +697,8 @@ static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *erro
  * Failover(force) -> the role it becomes: "primary" (answered once the
  * guest runs on the replica, or an error naming why it does not; the
  * replica is then kept and the failover can be retried) or "standby"
- * (demoted). Maintenance(on) -> "maintenance" or "standby". CheckpointImage(dir, parent, compress) answers once
- * the image is written.
+ * (demoted). Maintenance(on) -> "maintenance" or "standby". CheckpointImage(dir, parent, compress) answers
+ * once the image is written.
  */
 static const sd_bus_vtable vm_vtable[] = {
         SD_BUS_VTABLE_START(0),
@@ -750,8 +754,8 @@ static const sd_bus_vtable vm_vtable[] = {
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Resume", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_resume,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD_WITH_ARGS("Failover", SD_BUS_ARGS("b", force), SD_BUS_RESULT("s", role), method_failover,
-                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Failover", SD_BUS_ARGS("b", force), SD_BUS_RESULT("s", role),
+                                method_failover, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Maintenance", SD_BUS_ARGS("b", on), SD_BUS_RESULT("s", state),
                                 method_maintenance, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("CheckpointImage", SD_BUS_ARGS("s", dir, "s", parent, "b", compress),

@@ -12,7 +12,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define DAEMON_CAPABILITIES ((UINT64_C(1) << 12 /* CAP_NET_ADMIN */) | (UINT64_C(1) << 13 /* CAP_NET_RAW    \
+#define DAEMON_CAPABILITIES                                                                                 \
+        ((UINT64_C(1) << 12 /* CAP_NET_ADMIN */) | (UINT64_C(1) << 13 /* CAP_NET_RAW    \
                                                                                            */))
 
 /*

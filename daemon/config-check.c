@@ -394,7 +394,8 @@ const char *config_qemu_args_problem(const VmConfig *v, char *buf, size_t size)
                 int r = vmm_arg_expand(v->vmm_args[i], &probe, &x, &bad, &seen);
 
                 if (r == -EINVAL) {
-                        snprintf(buf, size, "unknown placeholder %%%c in VmmArgs= (%%r %%s %%f %%c %%n %%%%)", bad);
+                        snprintf(buf, size,
+                                 "unknown placeholder %%%c in VmmArgs= (%%r %%s %%f %%c %%n %%%%)", bad);
                         return buf;
                 }
                 if (r < 0) {

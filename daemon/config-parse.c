@@ -624,9 +624,10 @@ static const char *const tracking_names[] = {[CONFIG_TRACKING_AUTO] = "auto",
                                              NULL};
 static const char *const compression_names[] = {
         [CONFIG_COMPRESSION_LZ4] = "lz4", [CONFIG_COMPRESSION_NONE] = "none", NULL};
-static const char *const failover_names[] = {
-        [FAILOVER_POLICY_MANUAL] = "manual", [FAILOVER_POLICY_AUTO] = "auto",
-        [FAILOVER_POLICY_CLUSTER] = "cluster", NULL};
+static const char *const failover_names[] = {[FAILOVER_POLICY_MANUAL] = "manual",
+                                             [FAILOVER_POLICY_AUTO] = "auto",
+                                             [FAILOVER_POLICY_CLUSTER] = "cluster",
+                                             NULL};
 static const char *const vmm_type_names[] = {
         [VMM_TYPE_DIRTYREP_VMM] = "dirtyrep-vmm", [VMM_TYPE_QEMU] = "qemu", NULL};
 static const char *const split_brain_names[] = {

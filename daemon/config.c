@@ -32,8 +32,8 @@
 
 #include "dirtyrep-build.h"
 
-#define DEFAULT_VMM               BINDIR "/dirtyrep-vmm"
-#define ERRORS_TOTAL_MAX          (CONFIG_ERRORS_MAX * 4U) /* over all files of one load */
+#define DEFAULT_VMM      BINDIR "/dirtyrep-vmm"
+#define ERRORS_TOTAL_MAX (CONFIG_ERRORS_MAX * 4U) /* over all files of one load */
 
 /* ---------------------------------------------------------------------- */
 /* Error collection */
@@ -499,14 +499,15 @@ bool vm_config_equal(const VmConfig *a, const VmConfig *b)
 {
         if (!a || !b)
                 return a == b;
-        return streq(a->name, b->name) && a->role == b->role && str_eq_null(a->control_socket, b->control_socket) &&
-               address_equal(&a->peer, &b->peer) && address_equal(&a->listen, &b->listen) &&
-               a->epoch_ms == b->epoch_ms && a->tracking == b->tracking &&
-               str_eq_null(a->secret_file, b->secret_file) && a->max_inflight_epochs == b->max_inflight_epochs &&
-               a->compression == b->compression && a->pre_copy == b->pre_copy &&
-               a->max_staging_mb == b->max_staging_mb && str_eq_null(a->vmm, b->vmm) &&
-               str_eq_null(a->vmm_args_string, b->vmm_args_string) && a->vmm_type == b->vmm_type &&
-               str_eq_null(a->fence_command, b->fence_command) && a->failover_policy == b->failover_policy &&
+        return streq(a->name, b->name) && a->role == b->role &&
+               str_eq_null(a->control_socket, b->control_socket) && address_equal(&a->peer, &b->peer) &&
+               address_equal(&a->listen, &b->listen) && a->epoch_ms == b->epoch_ms &&
+               a->tracking == b->tracking && str_eq_null(a->secret_file, b->secret_file) &&
+               a->max_inflight_epochs == b->max_inflight_epochs && a->compression == b->compression &&
+               a->pre_copy == b->pre_copy && a->max_staging_mb == b->max_staging_mb &&
+               str_eq_null(a->vmm, b->vmm) && str_eq_null(a->vmm_args_string, b->vmm_args_string) &&
+               a->vmm_type == b->vmm_type && str_eq_null(a->fence_command, b->fence_command) &&
+               a->failover_policy == b->failover_policy &&
                a->service_address.family == b->service_address.family &&
                (a->service_address.family == AF_UNSPEC ||
                 (a->service_address.prefixlen == b->service_address.prefixlen &&
@@ -570,7 +571,8 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                 r = vm_config_new_default(origin, name, &v);
                 if (r >= 0 && c->daemon->runtime_directory_set) {
                         free(v->control_socket);
-                        if (asprintf(&v->control_socket, "%s/%s.sock", c->daemon->runtime_directory, name) < 0) {
+                        if (asprintf(&v->control_socket, "%s/%s.sock", c->daemon->runtime_directory, name) <
+                            0) {
                                 v->control_socket = NULL;
                                 r = -ENOMEM;
                         }
@@ -611,7 +613,8 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                 if (!k) {
                         const KeyDef *similar = find_similar_key(&vm_section, key);
                         if (similar)
-                                error_add(&e, origin, 0, "unknown key %s= in section [VM], did you mean %s=?",
+                                error_add(&e, origin, 0,
+                                          "unknown key %s= in section [VM], did you mean %s=?",
                                           escape_value(key, esc, sizeof(esc)), similar->name);
                         else
                                 error_add(&e, origin, 0, "unknown key %s= in section [VM]",
@@ -655,7 +658,8 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                 if (v->service_address.family != AF_UNSPEC && !v->service_interface)
                         error_add(&e, origin, 0, "ServiceAddress= requires ServiceInterface=");
                 if (v->service_interface && v->service_address.family == AF_UNSPEC)
-                        error_add(&e, origin, 0, "ServiceInterface= is only meaningful with ServiceAddress=");
+                        error_add(&e, origin, 0,
+                                  "ServiceInterface= is only meaningful with ServiceAddress=");
         }
         if ((!is_new || valid[VK_ROLE]) && !(given[VK_PEER] && !valid[VK_PEER]) &&
             !(given[VK_VMM_ARGS] && !valid[VK_VMM_ARGS]))
@@ -667,9 +671,11 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                 if (problem)
                         error_add(&e, origin, 0, "VmmType=qemu: %s", problem);
         }
-        if (v->failover_policy == FAILOVER_POLICY_CLUSTER && v->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE)
+        if (v->failover_policy == FAILOVER_POLICY_CLUSTER &&
+            v->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE)
                 error_add(&e, origin, 0,
-                          "SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster (use suspend)");
+                          "SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster (use "
+                          "suspend)");
         if (v->tls) {
                 const char *missing = tls_missing(v, given[VK_TLS_CERT] && !valid[VK_TLS_CERT],
                                                   given[VK_TLS_KEY] && !valid[VK_TLS_KEY],
@@ -1118,7 +1124,7 @@ int vmm_arg_expand(const char *word, const VmmArgValues *val, char **ret, char *
                 return -ENOMEM;
         for (const char *p = word; *p; p++) {
                 const char *add = NULL;
-                char one[2] = { *p, 0 };
+                char one[2] = {*p, 0};
                 unsigned bit = 0;
 
                 if (*p != '%')

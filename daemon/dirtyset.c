@@ -8,7 +8,7 @@
 
 int dirtyset_init(DirtySet *s, uint64_t pages)
 {
-        *s = (DirtySet) {
+        *s = (DirtySet){
                 .pages = pages,
                 .words = DIV_ROUND_UP(pages, 64),
         };
@@ -26,7 +26,7 @@ void dirtyset_done(DirtySet *s)
 {
         free(s->w);
         free(s->sum);
-        *s = (DirtySet) {};
+        *s = (DirtySet){};
 }
 
 DirtySet *dirtyset_new(uint64_t pages)

@@ -24,12 +24,12 @@
 #include "macros.h"
 
 typedef struct DirtySet {
-        uint64_t *w;       /* level 0: one bit per page */
-        uint64_t *sum;     /* level 1: one bit per word of w */
-        uint64_t pages;    /* capacity */
-        uint64_t words;    /* of w */
+        uint64_t *w;    /* level 0: one bit per page */
+        uint64_t *sum;  /* level 1: one bit per word of w */
+        uint64_t pages; /* capacity */
+        uint64_t words; /* of w */
         uint64_t sum_words;
-        uint64_t n;        /* pages in the set (exact) */
+        uint64_t n; /* pages in the set (exact) */
 } DirtySet;
 
 int dirtyset_init(DirtySet *s, uint64_t pages);

@@ -421,8 +421,11 @@ int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t s
         argv[n++] = f->vm->vmm;
         if (f->vm->vmm_type == VMM_TYPE_QEMU) {
                 /* QEMU (docs/qemu.md): VmmArgs= is its command line with placeholders. */
-                const VmmArgValues val = { .ram = "/proc/self/fd/3", .state = state_path, .ready_fd = "5",
-                                           .control = f->vm->control_socket, .name = f->vm->name };
+                const VmmArgValues val = {.ram = "/proc/self/fd/3",
+                                          .state = state_path,
+                                          .ready_fd = "5",
+                                          .control = f->vm->control_socket,
+                                          .name = f->vm->name};
 
                 expanded = calloc(f->vm->n_vmm_args + 1, sizeof(char *));
                 if (!expanded)
@@ -460,14 +463,15 @@ int failover_activate(Failover *f, int ram_fd_in, const uint8_t *state, size_t s
                  f->d && f->d->runtime_directory ? f->d->runtime_directory : "/run/dirtyrep", f->vm->name);
         log_fd = open(f->vmm_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
         if (log_fd < 0) {
-                log_warning_errno(-errno, "VM %s: cannot open %s, the VMM writes to our stderr: %m", f->vm->name,
-                                  f->vmm_log);
+                log_warning_errno(-errno, "VM %s: cannot open %s, the VMM writes to our stderr: %m",
+                                  f->vm->name, f->vmm_log);
                 f->vmm_log[0] = 0;
         } else
                 log_fd_start = lseek(log_fd, 0, SEEK_END);
         f->vmm_log_start = log_fd_start > 0 ? (uint64_t) log_fd_start : 0;
         log_notice("VM %s: starting %s on the replica of epoch %" PRIu64 " (%zu bytes of state)%s%s",
-                   f->vm->name, f->vm->vmm, epoch, state_len, f->vmm_log[0] ? ", output to " : "", f->vmm_log);
+                   f->vm->name, f->vm->vmm, epoch, state_len, f->vmm_log[0] ? ", output to " : "",
+                   f->vmm_log);
         pid = spawn(argv, environ, fds, 3, log_fd, false);
         if (pid < 0)
                 return log_error_errno(pid, "VM %s: cannot start %s: %m", f->vm->name, f->vm->vmm);

@@ -34,7 +34,8 @@ int link_session_keys(const uint8_t *secret, size_t secret_len, const uint8_t *n
                       uint8_t ret_primary_to_standby[LINK_KEY_BYTES],
                       uint8_t ret_standby_to_primary[LINK_KEY_BYTES])
 {
-        /* Six length prefixes, the label, four fields of up to FIELD_MAX (two nonces, name, UUID), the binding. */
+        /* Six length prefixes, the label, four fields of up to FIELD_MAX (two nonces, name, UUID), the
+         * binding. */
         uint8_t info[6 * 4 + sizeof(INFO_LABEL) + 4 * FIELD_MAX + LINK_BINDING_MAX], out[2 * LINK_KEY_BYTES];
         EVP_KDF *kdf = NULL;
         EVP_KDF_CTX *kctx = NULL;
@@ -112,8 +113,8 @@ LinkMac *link_mac_free(LinkMac *m)
 }
 
 /* GMAC: GCM with everything as additional data and no plaintext. */
-static int mac_compute(LinkMac *m, uint64_t seq, const uint8_t header[FRAME_HEADER_SIZE], const void *payload,
-                       size_t len, uint8_t tag[LINK_MAC_TAG_BYTES])
+static int mac_compute(LinkMac *m, uint64_t seq, const uint8_t header[FRAME_HEADER_SIZE],
+                       const void *payload, size_t len, uint8_t tag[LINK_MAC_TAG_BYTES])
 {
         uint8_t iv[GCM_IV_BYTES] = {};
         int outl = 0;

@@ -94,10 +94,10 @@
 /* Pre-authentication limits of a listener (see link.h). A stranger that sends nothing is closed
  * after FIRST_BYTES_MS; at most MAX_PER_SOURCE connections of one address are in handshake; the
  * warning about dropped strangers is logged at most once per WARN_INTERVAL. */
-#define FIRST_BYTES_MS               1000u
-#define LISTENER_MAX_PER_SOURCE      2u
-#define LISTENER_WARN_INTERVAL_USEC  (10u * USEC_PER_SEC)
-#define DEFAULT_QUEUE_LIMIT  ((size_t) 32 << 20)
+#define FIRST_BYTES_MS              1000u
+#define LISTENER_MAX_PER_SOURCE     2u
+#define LISTENER_WARN_INTERVAL_USEC (10u * USEC_PER_SEC)
+#define DEFAULT_QUEUE_LIMIT         ((size_t) 32 << 20)
 
 static void protobuf_c_message_freep(ProtobufCMessage **m)
 {
@@ -119,9 +119,9 @@ typedef enum HandshakeStep {
 
 typedef struct TxFrame {
         struct TxFrame *next;
-        size_t len; /* header + payload (+ the MAC trailer when mac) */
-        bool mac;    /* decided under `mutex` when queued; the writer seals it just before sending */
-        bool sealed; /* writer: the trailer is written */
+        size_t len;     /* header + payload (+ the MAC trailer when mac) */
+        bool mac;       /* decided under `mutex` when queued; the writer seals it just before sending */
+        bool sealed;    /* writer: the trailer is written */
         uint8_t data[]; /* room for header, payload and a trailer */
 } TxFrame;
 
@@ -801,8 +801,8 @@ static int writer_send_batch(Link *l, TxFrame *batch)
                 iov[n++] = (struct iovec){batch->data + off, batch->len - off};
                 gathered = batch->len - off;
                 /* Gather what one sendmsg() can take (about the socket buffer), sealing as we go. */
-                for (TxFrame *f = batch->next; f && n < TX_IOV_MAX && gathered < (size_t) SOCKET_BUFFER_BYTES;
-                     f = f->next) {
+                for (TxFrame *f = batch->next;
+                     f && n < TX_IOV_MAX && gathered < (size_t) SOCKET_BUFFER_BYTES; f = f->next) {
                         r = writer_seal(l, f);
                         if (r < 0)
                                 break;
@@ -1547,7 +1547,8 @@ static int handle_auth(Link *l, const uint8_t *payload, size_t len)
                                   "authentication failed: the peer %s does not know the shared secret "
                                   "(check SecretFile=)%s",
                                   l->peer_name,
-                                  l->ssl ? ", or the handshake was relayed through another TLS connection" : "");
+                                  l->ssl ? ", or the handshake was relayed through another TLS connection"
+                                         : "");
         /* From the frame after AUTH on, the primary's frames are keyed. */
         l->rx_mac = TAKE_PTR(l->rx_pending_mac);
 
@@ -2309,9 +2310,9 @@ int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *c
         /* The first bytes are due soon (a primary sends HELLO, or its TLS ClientHello, at once);
          * the whole handshake within handshake_timeout_ms. */
         l->accepted_usec = loop_now(l);
-        r = sd_event_source_set_time(l->deadline_source,
-                                     l->accepted_usec + (uint64_t) MIN(FIRST_BYTES_MS, l->handshake_timeout_ms) *
-                                                                USEC_PER_MSEC);
+        r = sd_event_source_set_time(
+                l->deadline_source,
+                l->accepted_usec + (uint64_t) MIN(FIRST_BYTES_MS, l->handshake_timeout_ms) * USEC_PER_MSEC);
         if (r < 0)
                 return r;
 
@@ -2401,7 +2402,8 @@ static void listener_evict(LinkListener *ll, Link *victim, const char *why)
 
         victim->preauth_dropped = true;
         listener_note_drop(ll, victim->peer_host, why);
-        link_down(victim, -ECONNREFUSED, false, "%s dropped before authentication: %s", victim->peer_name, why);
+        link_down(victim, -ECONNREFUSED, false, "%s dropped before authentication: %s", victim->peer_name,
+                  why);
 }
 
 /*

@@ -69,7 +69,7 @@ typedef enum LinkState {
 typedef struct LinkStats {
         uint64_t frames_sent, frames_received;
         uint64_t bytes_sent, bytes_received;
-        uint64_t queued_bytes;      /* in the send queue now */
+        uint64_t queued_bytes; /* in the send queue now */
         uint64_t queue_high_water;
         uint64_t heartbeats_sent, heartbeats_received;
 } LinkStats;
@@ -99,14 +99,14 @@ typedef struct LinkParams {
         LinkSide side;
         const uint8_t *secret; /* shared secret, borrowed for the Link's life */
         size_t secret_len;
-        uint32_t heartbeat_ms;          /* default 50 */
-        uint32_t heartbeat_misses;      /* default 4 */
-        uint32_t handshake_timeout_ms;  /* default 5000 */
-        size_t send_queue_limit;        /* bytes; default 32 MiB */
-        uint32_t max_frame;             /* payload cap; default REPL_MAX_FRAME */
+        uint32_t heartbeat_ms;         /* default 50 */
+        uint32_t heartbeat_misses;     /* default 4 */
+        uint32_t handshake_timeout_ms; /* default 5000 */
+        size_t send_queue_limit;       /* bytes; default 32 MiB */
+        uint32_t max_frame;            /* payload cap; default REPL_MAX_FRAME */
         /* Primary: the Hello to send (the Link fills in nonce and version). */
         const Dr__Repl__Hello *hello;
-        const char *peer_name;          /* for messages, e.g. "10.0.0.2:7788" */
+        const char *peer_name; /* for messages, e.g. "10.0.0.2:7788" */
         /* Standby, optional: the listener the fd came from. The Link then counts
          * against its max_pending until the handshake ends (up, down or freed). */
         struct LinkListener *listener;
@@ -128,8 +128,8 @@ int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *c
 Link *link_free(Link *l);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Link *, link_free);
 
-/* Queues a frame of `type` with a copy of payload. 0, -EAGAIN (!block and full), -ENOTCONN (not up yet, or down),
- * -EMSGSIZE. */
+/* Queues a frame of `type` with a copy of payload. 0, -EAGAIN (!block and full), -ENOTCONN (not up yet, or
+ * down), -EMSGSIZE. */
 int link_send(Link *l, uint16_t type, const void *payload, size_t len, bool block);
 /* Packs a protobuf message and queues it. */
 int link_send_message(Link *l, uint16_t type, const ProtobufCMessage *m, bool block);
@@ -167,8 +167,8 @@ const uint8_t *link_peer_session(const Link *l);
  */
 typedef struct LinkListener LinkListener;
 int link_listener_new(sd_event *e, const struct sockaddr *sa, socklen_t salen, unsigned max_pending,
-                      int (*on_accept)(LinkListener *ll, int fd, const char *peer, void *userdata), void *userdata,
-                      LinkListener **ret);
+                      int (*on_accept)(LinkListener *ll, int fd, const char *peer, void *userdata),
+                      void *userdata, LinkListener **ret);
 LinkListener *link_listener_free(LinkListener *ll);
 DEFINE_TRIVIAL_CLEANUP_FUNC(LinkListener *, link_listener_free);
 /* The bound address (useful with port 0). */

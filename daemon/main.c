@@ -54,9 +54,9 @@
 #include "role.h"
 #include "util.h"
 
-#define DEBUG_LINE_MAX 4096
+#define DEBUG_LINE_MAX    4096
 #define DEBUG_CLIENTS_MAX 16
-#define STALL_MAX_SEC 120
+#define STALL_MAX_SEC     120
 
 /* The daemon: the manager plus the debug socket. */
 typedef struct Daemon {
@@ -112,29 +112,30 @@ static int vm_status_json(Vm *vm, char *out, size_t size)
 
         vm_get_status(vm, &st);
         for (size_t i = 0, o = 0; i < COMMIT_GAP_BUCKETS; i++)
-                o += (size_t) snprintf(gaps + o, sizeof(gaps) - o, "%s%" PRIu64, i ? ", " : "", st.commit_gaps[i]);
+                o += (size_t) snprintf(gaps + o, sizeof(gaps) - o, "%s%" PRIu64, i ? ", " : "",
+                                       st.commit_gaps[i]);
         json_escape(st.detail, detail, sizeof(detail));
         json_escape(st.peer, peer, sizeof(peer));
-        return snprintf(out, size,
-                        "{\"vm\": \"%s\", \"role\": \"%s\", \"state\": \"%s\", \"detail\": \"%s\", "
-                        "\"link_up\": %s, \"peer\": \"%s\", \"last_sealed\": %" PRIu64
-                        ", \"last_committed\": %" PRIu64 ", \"epochs_committed\": %" PRIu64
-                        ", \"full_syncs\": %" PRIu64 ", \"incremental_syncs\": %" PRIu64
-                        ", \"pause_ns_p50\": %" PRIu64 ", \"pause_ns_p99\": %" PRIu64 ", \"pause_ns_max\": %" PRIu64
-                        ", \"vm_pause_ns_p50\": %" PRIu64 ", \"vm_pause_ns_p99\": %" PRIu64
-                        ", \"vm_pause_ns_max\": %" PRIu64
-                        ", \"pages_last_epoch\": %" PRIu64 ", \"dirty_pages_per_s\": %.1f, \"bytes_sent\": %" PRIu64
-                        ", \"bytes_received\": %" PRIu64 ", \"inflight\": %" PRIu64
-                        ", \"compression_ratio\": %.3f, \"staging_bytes\": %" PRIu64 ", \"ram_bytes\": %" PRIu64
-                        ", \"last_sync_usec\": %" PRIu64 ", \"last_sync_full\": %s"
-                        ", \"commit_gap_max_usec\": %" PRIu64 ", \"commit_gaps\": [%s]}\n",
-                        vm->cfg->name, st.role ? st.role : "?", st.state ? st.state : "?", detail,
-                        st.link_up ? "true" : "false", peer, st.last_sealed, st.last_committed,
-                        st.epochs_committed, st.full_syncs, st.incremental_syncs, st.pause_ns_p50, st.pause_ns_p99,
-                        st.pause_ns_max, st.vm_pause_ns_p50, st.vm_pause_ns_p99, st.vm_pause_ns_max,
-                        st.pages_last_epoch, st.dirty_pages_per_s, st.bytes_sent,
-                        st.bytes_received, st.inflight, st.compression_ratio, st.staging_bytes, st.ram_bytes,
-                        st.last_sync_usec, st.last_sync_full ? "true" : "false", st.commit_gap_max_usec, gaps);
+        return snprintf(
+                out, size,
+                "{\"vm\": \"%s\", \"role\": \"%s\", \"state\": \"%s\", \"detail\": \"%s\", "
+                "\"link_up\": %s, \"peer\": \"%s\", \"last_sealed\": %" PRIu64
+                ", \"last_committed\": %" PRIu64 ", \"epochs_committed\": %" PRIu64
+                ", \"full_syncs\": %" PRIu64 ", \"incremental_syncs\": %" PRIu64
+                ", \"pause_ns_p50\": %" PRIu64 ", \"pause_ns_p99\": %" PRIu64 ", \"pause_ns_max\": %" PRIu64
+                ", \"vm_pause_ns_p50\": %" PRIu64 ", \"vm_pause_ns_p99\": %" PRIu64
+                ", \"vm_pause_ns_max\": %" PRIu64 ", \"pages_last_epoch\": %" PRIu64
+                ", \"dirty_pages_per_s\": %.1f, \"bytes_sent\": %" PRIu64 ", \"bytes_received\": %" PRIu64
+                ", \"inflight\": %" PRIu64 ", \"compression_ratio\": %.3f, \"staging_bytes\": %" PRIu64
+                ", \"ram_bytes\": %" PRIu64 ", \"last_sync_usec\": %" PRIu64 ", \"last_sync_full\": %s"
+                ", \"commit_gap_max_usec\": %" PRIu64 ", \"commit_gaps\": [%s]}\n",
+                vm->cfg->name, st.role ? st.role : "?", st.state ? st.state : "?", detail,
+                st.link_up ? "true" : "false", peer, st.last_sealed, st.last_committed, st.epochs_committed,
+                st.full_syncs, st.incremental_syncs, st.pause_ns_p50, st.pause_ns_p99, st.pause_ns_max,
+                st.vm_pause_ns_p50, st.vm_pause_ns_p99, st.vm_pause_ns_max, st.pages_last_epoch,
+                st.dirty_pages_per_s, st.bytes_sent, st.bytes_received, st.inflight, st.compression_ratio,
+                st.staging_bytes, st.ram_bytes, st.last_sync_usec, st.last_sync_full ? "true" : "false",
+                st.commit_gap_max_usec, gaps);
 }
 
 static DebugClient *debug_client_free(DebugClient *c)
@@ -166,7 +167,8 @@ static void debug_reply(DebugClient *c, const char *fmt, ...)
 static size_t split_words(char *line, char **words, size_t max)
 {
         size_t n = 0;
-        for (char *save = NULL, *w = strtok_r(line, " \t", &save); w && n < max; w = strtok_r(NULL, " \t", &save))
+        for (char *save = NULL, *w = strtok_r(line, " \t", &save); w && n < max;
+             w = strtok_r(NULL, " \t", &save))
                 words[n++] = w;
         return n;
 }
@@ -233,7 +235,8 @@ static bool debug_execute(DebugClient *c, char *line)
                 return false;
         }
         if (streq(w[0], "image") && (n == 3 || n == 4) && vm->primary) {
-                r = primary_checkpoint_image(vm->primary, w[2], n == 4 ? w[3] : NULL, true, debug_image_done, c);
+                r = primary_checkpoint_image(vm->primary, w[2], n == 4 ? w[3] : NULL, true, debug_image_done,
+                                             c);
                 if (r < 0) {
                         debug_reply(c, "error image: %s\n", strerror(-r));
                         return false;
@@ -275,8 +278,12 @@ static bool debug_execute(DebugClient *c, char *line)
                         return false;
                 }
         } else {
-                debug_reply(c, "error '%s' with %zu argument(s) is not a request for %s VM '%s'\n", w[0], n - 1,
-                            vm->primary ? "primary" : vm->standby ? "standby" : "failed", vm->cfg->name);
+                debug_reply(c, "error '%s' with %zu argument(s) is not a request for %s VM '%s'\n", w[0],
+                            n - 1,
+                            vm->primary   ? "primary"
+                            : vm->standby ? "standby"
+                                          : "failed",
+                            vm->cfg->name);
                 return false;
         }
         if (r < 0)
@@ -347,7 +354,7 @@ static int on_debug_accept(sd_event_source *s, int fd, uint32_t revents, void *u
 
 static int debug_socket_open(Daemon *m, const char *path)
 {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
         int r;
 
         if (strlen(path) >= sizeof(sa.sun_path))
@@ -431,7 +438,8 @@ static int check_config(const Config *config)
                 ret = 1;
         }
         if (ret != 0) {
-                log_error("Configuration is invalid (%s, %s/*.conf%s): the daemon would start, but these would "
+                log_error("Configuration is invalid (%s, %s/*.conf%s): the daemon would start, but these "
+                          "would "
                           "fail a VM or its failover",
                           arg_config ?: "no main file", arg_config_dir ?: "no VM directory",
                           arg_n_vms > 0 ? ", command line" : "");
@@ -496,13 +504,14 @@ static int take_instance_lock(const char *runtime_directory)
                         if (pid[0])
                                 snprintf(who, sizeof(who), " (PID %s)", pid);
                         safe_close(fd);
-                        return log_struct_internal(LOG_ERR, -EBUSY, __FILE__, __LINE__, __func__,
-                                                   DR_MESSAGE_ALREADY_RUNNING, NULL, 0,
-                                                   "Another dirtyrepd%s is running with RuntimeDirectory=%s (it "
-                                                   "holds %s). This one exits without touching anything. Use "
-                                                   "dirtyrepctl to talk to it, or stop it first (systemctl stop "
-                                                   "dirtyrep).",
-                                                   who, runtime_directory, path);
+                        return log_struct_internal(
+                                LOG_ERR, -EBUSY, __FILE__, __LINE__, __func__, DR_MESSAGE_ALREADY_RUNNING,
+                                NULL, 0,
+                                "Another dirtyrepd%s is running with RuntimeDirectory=%s (it "
+                                "holds %s). This one exits without touching anything. Use "
+                                "dirtyrepctl to talk to it, or stop it first (systemctl stop "
+                                "dirtyrep).",
+                                who, runtime_directory, path);
                 }
                 safe_close(fd);
                 return log_error_errno(r, "Cannot lock %s: %m", path);
@@ -558,14 +567,15 @@ static int cli_vm_add(const char *option, const char *key, const char *value)
                 return log_error_errno(-EINVAL, "%s needs a --vm NAME before it", option);
         v = &arg_vms[arg_n_vms - 1];
         if (v->n_settings >= MANAGER_CLI_SETTINGS_MAX)
-                return log_error_errno(-E2BIG, "--vm %s: more than %u settings", v->name, MANAGER_CLI_SETTINGS_MAX);
+                return log_error_errno(-E2BIG, "--vm %s: more than %u settings", v->name,
+                                       MANAGER_CLI_SETTINGS_MAX);
         if (key) {
                 if (asprintf(&s, "%s=%s", key, value) < 0)
                         return log_oom();
         } else {
                 if (!strchr(value, '='))
-                        return log_error_errno(-EINVAL, "--vm %s: %s expects KEY=VALUE, got '%s'", v->name, option,
-                                               value);
+                        return log_error_errno(-EINVAL, "--vm %s: %s expects KEY=VALUE, got '%s'", v->name,
+                                               option, value);
                 s = strdup(value);
                 if (!s)
                         return log_oom();
@@ -588,7 +598,7 @@ static int cli_vm_begin(const char *name)
                 return log_oom();
         arg_vms = l;
         /* The name is checked with the settings, so its error reads like the others. */
-        arg_vms[arg_n_vms++] = (CliVm){ .name = (char *) name };
+        arg_vms[arg_n_vms++] = (CliVm){.name = (char *) name};
         return 0;
 }
 
@@ -609,36 +619,36 @@ static int parse_argv(int argc, char **argv)
         static const struct {
                 const char *option, *key;
         } vm_options[] = {
-                { "role", "Role" },
-                { "control-socket", "ControlSocket" },
-                { "peer", "Peer" },
-                { "listen", "Listen" },
-                { "epoch-ms", "EpochMs" },
-                { "tracking", "Tracking" },
-                { "secret-file", "SecretFile" },
-                { "max-inflight-epochs", "MaxInflightEpochs" },
-                { "compression", "Compression" },
+                {"role", "Role"},
+                {"control-socket", "ControlSocket"},
+                {"peer", "Peer"},
+                {"listen", "Listen"},
+                {"epoch-ms", "EpochMs"},
+                {"tracking", "Tracking"},
+                {"secret-file", "SecretFile"},
+                {"max-inflight-epochs", "MaxInflightEpochs"},
+                {"compression", "Compression"},
         };
         struct option opts[32] = {
-                { "help", no_argument, NULL, 'h' },
-                { "version", no_argument, NULL, ARG_VERSION },
-                { "config", required_argument, NULL, 'c' },
-                { "config-dir", required_argument, NULL, 'd' },
-                { "check-config", no_argument, NULL, ARG_CHECK },
-                { "sandbox", required_argument, NULL, ARG_SANDBOX },
-                { "debug-socket", required_argument, NULL, ARG_DEBUG },
-                { "bus", required_argument, NULL, ARG_BUS },
-                { "bus-address", required_argument, NULL, ARG_BUS_ADDRESS },
-                { "vm", required_argument, NULL, ARG_VM },
-                { "set", required_argument, NULL, ARG_SET },
-                { "keep-capabilities", no_argument, NULL, ARG_KEEP_CAPS },
+                {"help", no_argument, NULL, 'h'},
+                {"version", no_argument, NULL, ARG_VERSION},
+                {"config", required_argument, NULL, 'c'},
+                {"config-dir", required_argument, NULL, 'd'},
+                {"check-config", no_argument, NULL, ARG_CHECK},
+                {"sandbox", required_argument, NULL, ARG_SANDBOX},
+                {"debug-socket", required_argument, NULL, ARG_DEBUG},
+                {"bus", required_argument, NULL, ARG_BUS},
+                {"bus-address", required_argument, NULL, ARG_BUS_ADDRESS},
+                {"vm", required_argument, NULL, ARG_VM},
+                {"set", required_argument, NULL, ARG_SET},
+                {"keep-capabilities", no_argument, NULL, ARG_KEEP_CAPS},
         };
         size_t n_opts = 12;
         int c, r;
 
         for (size_t i = 0; i < ELEMENTSOF(vm_options); i++)
-                opts[n_opts++] = (struct option){ vm_options[i].option, required_argument, NULL,
-                                                  ARG_VM_KEY + (int) i };
+                opts[n_opts++] =
+                        (struct option){vm_options[i].option, required_argument, NULL, ARG_VM_KEY + (int) i};
         assert(n_opts < ELEMENTSOF(opts));
 
         while ((c = getopt_long(argc, argv, "hc:d:", opts, NULL)) >= 0)
@@ -666,8 +676,8 @@ static int parse_argv(int argc, char **argv)
                         else if (streq(optarg, "none"))
                                 arg_sandbox = SANDBOX_NONE;
                         else
-                                return log_error_errno(-EINVAL, "--sandbox= must be auto, unit or none, not '%s'",
-                                                       optarg);
+                                return log_error_errno(
+                                        -EINVAL, "--sandbox= must be auto, unit or none, not '%s'", optarg);
                         break;
                 case ARG_DEBUG:
                         arg_debug_socket = optarg;
@@ -683,8 +693,8 @@ static int parse_argv(int argc, char **argv)
                         else if (streq(optarg, "none"))
                                 arg_bus = BUS_NONE;
                         else
-                                return log_error_errno(-EINVAL, "--bus= must be auto, system or none, not '%s'",
-                                                       optarg);
+                                return log_error_errno(
+                                        -EINVAL, "--bus= must be auto, system or none, not '%s'", optarg);
                         break;
                 case ARG_BUS_ADDRESS:
                         if (!*optarg || strlen(optarg) > 4096)
@@ -745,9 +755,10 @@ static int on_drain_timer(sd_event_source *s, uint64_t usec, void *userdata)
                         waiting++;
         if (waiting == 0 || now_usec() >= stop_deadline) {
                 if (waiting > 0)
-                        log_warning("Stopping: %zu VM(s) still have unacknowledged epochs after %llu ms; their "
-                                    "output stays held in the VMM",
-                                    waiting, (unsigned long long) (STOP_DRAIN_USEC / USEC_PER_MSEC));
+                        log_warning(
+                                "Stopping: %zu VM(s) still have unacknowledged epochs after %llu ms; their "
+                                "output stays held in the VMM",
+                                waiting, (unsigned long long) (STOP_DRAIN_USEC / USEC_PER_MSEC));
                 return sd_event_exit(sd_event_source_get_event(s), 0);
         }
         (void) sd_event_source_set_time_relative(s, STOP_DRAIN_POLL_USEC);
@@ -795,7 +806,7 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 
 int main(int argc, char **argv)
 {
-        Daemon d = { .debug_fd = -EBADF };
+        Daemon d = {.debug_fd = -EBADF};
         Manager *m = &d.manager;
         _cleanup_(config_freep) Config *config = NULL;
         _cleanup_free_ char *errors = NULL;
@@ -890,7 +901,8 @@ int main(int argc, char **argv)
                         goto out;
                 }
                 if (r < 0)
-                        log_warning("Running without the D-Bus API (--bus=auto); only the debug socket is served");
+                        log_warning("Running without the D-Bus API (--bus=auto); only the debug socket is "
+                                    "served");
         }
         r = manager_start_status_timer(m);
         if (r < 0) {
@@ -903,8 +915,8 @@ int main(int argc, char **argv)
                 manager_format_status(m, status, sizeof(status));
                 (void) sd_notifyf(false, "READY=1\nSTATUS=%s", status);
         }
-        log_event(LOG_INFO, DR_MESSAGE_STARTED, NULL, 0, "dirtyrepd %s serving %zu VM(s)%s", DIRTYREP_VERSION,
-                  m->n_vms, m->bus ? ", D-Bus API up" : "");
+        log_event(LOG_INFO, DR_MESSAGE_STARTED, NULL, 0, "dirtyrepd %s serving %zu VM(s)%s",
+                  DIRTYREP_VERSION, m->n_vms, m->bus ? ", D-Bus API up" : "");
         r = sd_event_loop(m->event);
         if (r < 0)
                 log_error_errno(r, "Event loop failed: %m");

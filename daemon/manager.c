@@ -53,13 +53,16 @@ void vm_get_status(Vm *vm, ReplStatus *st)
                 st->state = "maintenance";
                 if (vm->kept)
                         snprintf(st->detail, sizeof(st->detail),
-                                 "planned maintenance: not replicating, the primary runs unprotected; replica of "
-                                 "epoch %" PRIu64 " kept (stale until resynced); `dirtyrepctl maintenance %s off` "
+                                 "planned maintenance: not replicating, the primary runs unprotected; "
+                                 "replica of "
+                                 "epoch %" PRIu64
+                                 " kept (stale until resynced); `dirtyrepctl maintenance %s off` "
                                  "resumes",
                                  standby_replica_get_epoch(vm->kept), vm->cfg->name);
                 else
                         snprintf(st->detail, sizeof(st->detail),
-                                 "planned maintenance: not replicating, no replica held; `dirtyrepctl maintenance "
+                                 "planned maintenance: not replicating, no replica held; `dirtyrepctl "
+                                 "maintenance "
                                  "%s off` resumes",
                                  vm->cfg->name);
                 st->last_committed = vm->kept ? standby_replica_get_epoch(vm->kept) : 0;
@@ -162,8 +165,9 @@ static int vm_role_save(Vm *vm)
         }
         (void) mkdir(vm_state_dir(vm), 0700);
         if (vm->promoted)
-                n = snprintf(buf, sizeof(buf), "role=primary\nfrom_epoch=%" PRIu64 "\nunit=%s\n%s", vm->promoted_from,
-                             vm->vmm_unit, vm->promoted_synced ? "standby_synced=1\n" : "");
+                n = snprintf(buf, sizeof(buf), "role=primary\nfrom_epoch=%" PRIu64 "\nunit=%s\n%s",
+                             vm->promoted_from, vm->vmm_unit,
+                             vm->promoted_synced ? "standby_synced=1\n" : "");
         else
                 n = snprintf(buf, sizeof(buf), "maintenance=1\n");
         fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -201,8 +205,9 @@ static void vm_role_load(Vm *vm)
                 return;
         n = loop_read_upto(fd, buf, sizeof(buf) - 1);
         if (n < 0 || (size_t) n >= sizeof(buf) - 1) {
-                log_error("VM %s: %s is unreadable or too long; ignored, Role= from the configuration applies",
-                          vm->cfg->name, path);
+                log_error(
+                        "VM %s: %s is unreadable or too long; ignored, Role= from the configuration applies",
+                        vm->cfg->name, path);
                 return;
         }
         buf[n] = 0;
@@ -243,8 +248,8 @@ static void vm_forget_saved_replica(Vm *vm, const char *why)
 {
         int r = standby_replica_remove(vm_state_dir(vm), vm->cfg->name);
         if (r > 0 && why)
-                log_notice("VM %s: removed the saved replica %s/%s.replica: %s", vm->cfg->name, vm_state_dir(vm),
-                           vm->cfg->name, why);
+                log_notice("VM %s: removed the saved replica %s/%s.replica: %s", vm->cfg->name,
+                           vm_state_dir(vm), vm->cfg->name, why);
         if (r < 0)
                 log_warning_errno(r, "VM %s: cannot remove its saved replica in %s: %m", vm->cfg->name,
                                   vm_state_dir(vm));
@@ -263,11 +268,13 @@ static void vm_save_kept(Vm *vm)
         r = standby_replica_save(vm->kept, vm_state_dir(vm), vm->cfg->name);
         if (r < 0)
                 log_error_errno(r,
-                                "VM %s: cannot save the replica of epoch %" PRIu64 " to %s/%s.replica: %m; it is "
+                                "VM %s: cannot save the replica of epoch %" PRIu64
+                                " to %s/%s.replica: %m; it is "
                                 "LOST with this stop (free space there, or keep the daemon running)",
                                 vm->cfg->name, epoch, vm_state_dir(vm), vm->cfg->name);
         else
-                log_notice("VM %s: replica of epoch %" PRIu64 " saved to %s/%s.replica; the next start restores "
+                log_notice("VM %s: replica of epoch %" PRIu64
+                           " saved to %s/%s.replica; the next start restores "
                            "it",
                            vm->cfg->name, epoch, vm_state_dir(vm), vm->cfg->name);
         vm->kept = standby_replica_free(vm->kept);
@@ -370,15 +377,17 @@ static int vm_vmm_to_scope(Vm *vm, pid_t pid)
                 return -ENOTCONN;
         snprintf(unit, sizeof(unit), "dirtyrep-vmm-%s.scope", vm->cfg->name);
         snprintf(desc, sizeof(desc), "dirtyrep VM %s (started by dirtyrepd at failover)", vm->cfg->name);
-        r = sd_bus_message_new_method_call(bus, &msg, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-                                           "org.freedesktop.systemd1.Manager", "StartTransientUnit");
+        r = sd_bus_message_new_method_call(bus, &msg, "org.freedesktop.systemd1",
+                                           "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
+                                           "StartTransientUnit");
         if (r >= 0)
                 r = sd_bus_message_append(msg, "ss", unit, "fail");
         if (r >= 0)
                 r = sd_bus_message_open_container(msg, 'a', "(sv)");
         if (r >= 0)
-                r = sd_bus_message_append(msg, "(sv)(sv)(sv)", "PIDs", "au", 1, (uint32_t) pid, "Description", "s",
-                                          desc, "CollectMode", "s", "inactive-or-failed");
+                r = sd_bus_message_append(msg, "(sv)(sv)(sv)", "PIDs", "au", 1, (uint32_t) pid,
+                                          "Description", "s", desc, "CollectMode", "s",
+                                          "inactive-or-failed");
         if (r >= 0)
                 r = sd_bus_message_close_container(msg);
         if (r >= 0)
@@ -455,7 +464,8 @@ static void vm_activation_failed(Vm *vm, const char *reason)
         if (vm->failover)
                 (void) failover_service_address(vm->failover, false);
         snprintf(why, sizeof(why), "activation failed: %s", reason);
-        log_error("VM %s: %s; the replica of epoch %" PRIu64 " is kept, back to standby: fix the cause and run "
+        log_error("VM %s: %s; the replica of epoch %" PRIu64
+                  " is kept, back to standby: fix the cause and run "
                   "`dirtyrepctl failover %s` again",
                   vm->cfg->name, why, epoch, vm->cfg->name);
         vm_promotion_answer(vm, -EIO, why);
@@ -509,8 +519,10 @@ int vm_promote(Vm *vm, bool force, char *why, size_t why_size)
         }
         if (!force && standby_replica_stale(vm->standby)) {
                 snprintf(why, why_size,
-                         "the replica of VM %s (epoch %" PRIu64 ") is from before planned maintenance and the "
-                         "primary ran unprotected since: wait for the resync, or force to accept losing what it "
+                         "the replica of VM %s (epoch %" PRIu64
+                         ") is from before planned maintenance and the "
+                         "primary ran unprotected since: wait for the resync, or force to accept losing "
+                         "what it "
                          "did meanwhile",
                          vm->cfg->name, epoch);
                 return -EBUSY;
@@ -530,8 +542,8 @@ int vm_promote(Vm *vm, bool force, char *why, size_t why_size)
         vm->promote_epoch = epoch;
         vm->promote_start_usec = now_usec();
         vm->error[0] = 0;
-        log_notice("VM %s: promoting to primary from the replica of epoch %" PRIu64 "%s", vm->cfg->name, epoch,
-                   force ? " (forced)" : "");
+        log_notice("VM %s: promoting to primary from the replica of epoch %" PRIu64 "%s", vm->cfg->name,
+                   epoch, force ? " (forced)" : "");
         return 0;
 }
 
@@ -544,10 +556,12 @@ static void on_standby_lost(Standby *s, int error, const char *reason, void *use
         if (vm->cfg->failover_policy == FAILOVER_POLICY_CLUSTER) {
                 /* Pacemaker fences the old primary and promotes through the resource agent (Failover());
                  * the replica stays as it is until then. */
-                log_warning("VM %s: primary lost; FailoverPolicy=cluster: waiting for the cluster to fence it and "
+                log_warning("VM %s: primary lost; FailoverPolicy=cluster: waiting for the cluster to fence "
+                            "it and "
                             "promote",
                             vm->cfg->name);
-                standby_set_note(s, NULL, "primary lost; FailoverPolicy=cluster: waiting for the cluster to promote");
+                standby_set_note(s, NULL,
+                                 "primary lost; FailoverPolicy=cluster: waiting for the cluster to promote");
                 return;
         }
         if (vm->cfg->failover_policy != FAILOVER_POLICY_AUTO) {
@@ -575,7 +589,8 @@ static int on_promote_defer(sd_event_source *src, void *userdata)
         }
         vm->promoting = true;
         if (vm->promote_force) {
-                log_warning("VM %s: forced promotion: the fence command's result is only logged", vm->cfg->name);
+                log_warning("VM %s: forced promotion: the fence command's result is only logged",
+                            vm->cfg->name);
                 standby_set_note(vm->standby, "promoting", "forced promotion");
         } else
                 standby_set_note(vm->standby, "fencing", "running the fence command");
@@ -673,7 +688,8 @@ static void on_vmm_ready(Failover *f, void *userdata)
         }
         if (r < 0) {
                 vm->primary = primary_free(vm->primary);
-                snprintf(vm->error, sizeof(vm->error), "promoted, but the primary role failed: %s", strerror(-r));
+                snprintf(vm->error, sizeof(vm->error), "promoted, but the primary role failed: %s",
+                         strerror(-r));
                 log_error("VM %s: %s", vm->cfg->name, vm->error);
                 return;
         }
@@ -756,7 +772,8 @@ int vm_attach(Vm *vm)
         vm->detached = false;
         vm->error[0] = 0;
         if (!vm->failover) {
-                r = failover_new(vm->manager->event, vm->daemon, cfg, &failover_callbacks, vm, &vm->failover);
+                r = failover_new(vm->manager->event, vm->daemon, cfg, &failover_callbacks, vm,
+                                 &vm->failover);
                 if (r < 0) {
                         snprintf(vm->error, sizeof(vm->error), "failover setup: %s", strerror(-r));
                         log_error("VM %s: %s", cfg->name, vm->error);
@@ -770,7 +787,8 @@ int vm_attach(Vm *vm)
 
                 if (vm->kept) {
                         snprintf(vm->error, sizeof(vm->error),
-                                 "holds a replica (epoch %" PRIu64 ") but is to be primary: refusing to discard it",
+                                 "holds a replica (epoch %" PRIu64
+                                 ") but is to be primary: refusing to discard it",
                                  standby_replica_get_epoch(vm->kept));
                         log_error("VM %s: %s", cfg->name, vm->error);
                         return -EBUSY;
@@ -871,9 +889,10 @@ int vm_maintenance(Vm *vm, bool on, char *why, size_t why_size)
                         snprintf(why, why_size, "cannot start the standby role: %s", vm->error);
                         return r;
                 }
-                log_notice("VM %s: maintenance over: listening again; the primary resyncs (the replica stays "
-                           "stale, i.e. not promotable, until then)",
-                           vm->cfg->name);
+                log_notice(
+                        "VM %s: maintenance over: listening again; the primary resyncs (the replica stays "
+                        "stale, i.e. not promotable, until then)",
+                        vm->cfg->name);
                 return 0;
         }
         if (vm->primary || vm->promoting || vm->promoted || vm->cfg->role == VM_ROLE_PRIMARY) {
@@ -885,9 +904,10 @@ int vm_maintenance(Vm *vm, bool on, char *why, size_t why_size)
         }
         vm->promote_defer = sd_event_source_disable_unref(vm->promote_defer);
         if (vm->standby)
-                vm_keep_replica(vm, STANDBY_MAINTENANCE_CODE,
-                                "standby going down for planned maintenance; it will not fail over until it has "
-                                "resynced");
+                vm_keep_replica(
+                        vm, STANDBY_MAINTENANCE_CODE,
+                        "standby going down for planned maintenance; it will not fail over until it has "
+                        "resynced");
         vm->standby = standby_free(vm->standby);
         /* The primary now releases output without our ACKs: until a resync, this replica
          * misses what the outside world already saw. */
@@ -896,7 +916,8 @@ int vm_maintenance(Vm *vm, bool on, char *why, size_t why_size)
         vm->detached = false;
         (void) vm_role_save(vm);
         log_warning("VM %s: planned maintenance: replication stopped, the primary runs UNPROTECTED; replica "
-                    "of epoch %" PRIu64 " kept (not promotable until resynced); `dirtyrepctl maintenance %s off` "
+                    "of epoch %" PRIu64
+                    " kept (not promotable until resynced); `dirtyrepctl maintenance %s off` "
                     "ends it",
                     vm->cfg->name, standby_replica_get_epoch(vm->kept), vm->cfg->name);
         return 0;
@@ -1093,10 +1114,11 @@ int manager_reload(Manager *m, unsigned *ret_added, unsigned *ret_removed, unsig
                  * only where that cannot be done without losing something. */
                 if (old && (old->promoting || old->promote_defer)) {
                         r = -EBUSY;
-                        if (ret_errors && asprintf(ret_errors,
-                                                   "VM %s: a promotion is running; nothing was changed, reload "
-                                                   "again once it has finished (dirtyrepctl status %s)\n",
-                                                   old->cfg->name, old->cfg->name) < 0)
+                        if (ret_errors &&
+                            asprintf(ret_errors,
+                                     "VM %s: a promotion is running; nothing was changed, reload "
+                                     "again once it has finished (dirtyrepctl status %s)\n",
+                                     old->cfg->name, old->cfg->name) < 0)
                                 *ret_errors = NULL;
                 }
                 if (old && !old->promoted && c->vms[i]->role == VM_ROLE_PRIMARY &&
@@ -1106,12 +1128,16 @@ int manager_reload(Manager *m, unsigned *ret_added, unsigned *ret_removed, unsig
                         r = -EBUSY;
                         if (ret_errors &&
                             asprintf(ret_errors,
-                                     "VM %s: this host holds its replica (epoch %" PRIu64 "), the only copy if the "
-                                     "primary is lost; Role=primary would discard it. Nothing was changed. Fail "
+                                     "VM %s: this host holds its replica (epoch %" PRIu64
+                                     "), the only copy if the "
+                                     "primary is lost; Role=primary would discard it. Nothing was changed. "
+                                     "Fail "
                                      "over instead (dirtyrepctl failover %s), or remove the VM from the "
-                                     "configuration first (its replica is saved to %s/%s.replica; delete that "
+                                     "configuration first (its replica is saved to %s/%s.replica; delete "
+                                     "that "
                                      "file to discard it)\n",
-                                     old->cfg->name, epoch, old->cfg->name, vm_state_dir(old), old->cfg->name) < 0)
+                                     old->cfg->name, epoch, old->cfg->name, vm_state_dir(old),
+                                     old->cfg->name) < 0)
                                 *ret_errors = NULL;
                 }
                 if (r == -EBUSY) {
@@ -1120,7 +1146,8 @@ int manager_reload(Manager *m, unsigned *ret_added, unsigned *ret_removed, unsig
                                         vms[j]->cfg = NULL; /* still owned by c */
                                         vm_free(vms[j]);
                                 }
-                        log_error("Reload refused: %s", ret_errors && *ret_errors ? *ret_errors : "see above");
+                        log_error("Reload refused: %s",
+                                  ret_errors && *ret_errors ? *ret_errors : "see above");
                         return r;
                 }
                 r = vm_new(m, c->vms[i], c->daemon, &vms[n]);
@@ -1255,12 +1282,13 @@ static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata)
                 /* The VMM was not reachable at vm_attach() (not started yet, another client still
                  * attached, ...): the address went up then, and the attach that followed found
                  * the VM suspended. Another host may serve it: the address goes. */
-                if (vm->primary && primary_take_attach_suspended(vm->primary) && !vm->service_address_deferred &&
-                    primary_suspended(vm->primary)) {
+                if (vm->primary && primary_take_attach_suspended(vm->primary) &&
+                    !vm->service_address_deferred && primary_suspended(vm->primary)) {
                         if (vm->cfg->service_address.family != AF_UNSPEC)
-                                log_notice("VM %s: attached to a suspended VM: the service address is removed "
-                                           "until the suspension ends",
-                                           vm->cfg->name);
+                                log_notice(
+                                        "VM %s: attached to a suspended VM: the service address is removed "
+                                        "until the suspension ends",
+                                        vm->cfg->name);
                         (void) failover_service_address(vm->failover, false);
                         vm->service_address_deferred = true;
                 }

@@ -22,12 +22,12 @@ bool page_is_zero(const uint8_t *data)
         return true;
 }
 
-int page_batch_init(PageBatch *b, uint64_t epoch, uint8_t *buf, size_t cap, uint32_t max_records, bool compress,
-                    PageBatchStats *stats)
+int page_batch_init(PageBatch *b, uint64_t epoch, uint8_t *buf, size_t cap, uint32_t max_records,
+                    bool compress, PageBatchStats *stats)
 {
         if (cap < PAGE_BATCH_HEADER + PAGE_RECORD_MAX || max_records == 0)
                 return -EINVAL;
-        *b = (PageBatch) {
+        *b = (PageBatch){
                 .buf = buf,
                 .cap = cap,
                 .used = PAGE_BATCH_HEADER,
@@ -80,8 +80,8 @@ int page_batch_add(PageBatch *b, uint64_t page, const uint8_t *data)
                 b->stats->lz4_skipped++;
         } else if (b->compress) {
                 /* Only worth it below a raw page; LZ4 returns 0 when it does not fit. */
-                clen = LZ4_compress_default((const char *) data, (char *) rec + PAGE_RECORD_HEADER, PAGE_BYTES,
-                                            (int) MIN(room, PAGE_BYTES - 1));
+                clen = LZ4_compress_default((const char *) data, (char *) rec + PAGE_RECORD_HEADER,
+                                            PAGE_BYTES, (int) MIN(room, PAGE_BYTES - 1));
                 if (b->stats) {
                         if (clen > 0)
                                 b->stats->lz4_fails = 0;

@@ -20,9 +20,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PAGE_BATCH_HEADER   16u
-#define PAGE_RECORD_HEADER  16u
-#define PAGE_BYTES          4096u
+#define PAGE_BATCH_HEADER  16u
+#define PAGE_RECORD_HEADER 16u
+#define PAGE_BYTES         4096u
 
 enum {
         PAGE_ZERO = 0,
@@ -43,11 +43,11 @@ typedef struct PageBatchStats {
         uint64_t lz4_skipped; /* pages sent raw without trying */
 } PageBatchStats;
 
-#define PAGE_LZ4_FAILS 4u
+#define PAGE_LZ4_FAILS    4u
 #define PAGE_LZ4_SKIP_MAX 64u
 
 typedef struct PageBatch {
-        uint8_t *buf;   /* caller-owned, at least PAGE_BATCH_HEADER + one worst-case record */
+        uint8_t *buf; /* caller-owned, at least PAGE_BATCH_HEADER + one worst-case record */
         size_t cap;
         size_t used;
         uint32_t n;
@@ -60,8 +60,8 @@ typedef struct PageBatch {
 #define PAGE_RECORD_MAX (PAGE_RECORD_HEADER + PAGE_BYTES)
 
 /* Starts a batch for `epoch` in buf[cap]. cap must hold the header and one record. */
-int page_batch_init(PageBatch *b, uint64_t epoch, uint8_t *buf, size_t cap, uint32_t max_records, bool compress,
-                    PageBatchStats *stats);
+int page_batch_init(PageBatch *b, uint64_t epoch, uint8_t *buf, size_t cap, uint32_t max_records,
+                    bool compress, PageBatchStats *stats);
 
 /*
  * Appends page `page` whose 4096 bytes are at `data`. Returns 0, or -ENOSPC

@@ -59,20 +59,20 @@
 #include "util.h"
 #include "vmm-link.h"
 
-#define ATTACH_RETRY_USEC     (1 * USEC_PER_SEC)
-#define GONE_CHECK_USEC       (50 * 1000ULL) /* report_stop(): is a VMM that still answers dying? */
-#define GONE_CHECKS           20u
-#define BACKOFF_MIN_MS        100u
-#define BACKOFF_MAX_MS        2000u
-#define RING_HARVEST_USEC     1000u  /* ring: collect every millisecond */
-#define PRECOPY_RESET_USEC    2000u  /* pre-copy: re-protect at least this often so pages become copyable */
-#define PAUSE_TIMEOUT_MS      2000u
-#define PAUSE_TIMEOUTS_MAX    5u     /* in a row, each followed by RESUME, before protection ends */
-#define PAUSE_WINDOW          1024u  /* seals the pause percentiles are computed over */
-#define BATCH_RECORDS         256u   /* per PAGES frame: ~1 MiB raw, well under REPL_MAX_FRAME */
-#define BATCH_CAP             (PAGE_BATCH_HEADER + BATCH_RECORDS * PAGE_RECORD_MAX)
-#define PRECOPY_BATCHES       4u     /* per harvest tick, so seals and requests are not starved */
-#define REQUEST_TIMEOUT_USEC  (30 * USEC_PER_SEC)
+#define ATTACH_RETRY_USEC    (1 * USEC_PER_SEC)
+#define GONE_CHECK_USEC      (50 * 1000ULL) /* report_stop(): is a VMM that still answers dying? */
+#define GONE_CHECKS          20u
+#define BACKOFF_MIN_MS       100u
+#define BACKOFF_MAX_MS       2000u
+#define RING_HARVEST_USEC    1000u /* ring: collect every millisecond */
+#define PRECOPY_RESET_USEC   2000u /* pre-copy: re-protect at least this often so pages become copyable */
+#define PAUSE_TIMEOUT_MS     2000u
+#define PAUSE_TIMEOUTS_MAX   5u    /* in a row, each followed by RESUME, before protection ends */
+#define PAUSE_WINDOW         1024u /* seals the pause percentiles are computed over */
+#define BATCH_RECORDS        256u  /* per PAGES frame: ~1 MiB raw, well under REPL_MAX_FRAME */
+#define BATCH_CAP            (PAGE_BATCH_HEADER + BATCH_RECORDS * PAGE_RECORD_MAX)
+#define PRECOPY_BATCHES      4u /* per harvest tick, so seals and requests are not starved */
+#define REQUEST_TIMEOUT_USEC (30 * USEC_PER_SEC)
 
 /*
  * Split-brain guard (output side). Once a standby has committed an epoch of
@@ -170,11 +170,11 @@ struct Primary {
         uint64_t image_pause_ns;
         char image_err[256];
         Guard guard;
-        bool suspended;   /* the epoch thread paused the VM for GUARD_SUSPENDED */
+        bool suspended; /* the epoch thread paused the VM for GUARD_SUSPENDED */
         /* Under mutex. attach_now() found the VM suspended (HelloReply.suspended); taken by the manager,
          * which keeps the service address away meanwhile (primary_take_attach_suspended()). */
         bool attach_suspended;
-        bool had_standby; /* a standby committed an epoch of this primary */
+        bool had_standby;          /* a standby committed an epoch of this primary */
         uint64_t last_commit_usec; /* when an ACK last advanced the committed epoch */
         uint64_t commit_gap_max_usec;
         uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
@@ -201,14 +201,14 @@ typedef struct Epoch {
         const VmmLayout *lay;
         /* Dirty sets cost what is in them, not what RAM is (dirtyset.h): nothing
          * below walks a RAM-sized bitmap between two seals. */
-        DirtySet col;    /* collected, ring entries not yet reset */
-        DirtySet fresh;  /* collected and re-protected: may be copied */
-        DirtySet *run;   /* sent (or to be sent) in the running epoch */
-        History *hist;   /* sealed, not acked, oldest first */
+        DirtySet col;   /* collected, ring entries not yet reset */
+        DirtySet fresh; /* collected and re-protected: may be copied */
+        DirtySet *run;  /* sent (or to be sent) in the running epoch */
+        History *hist;  /* sealed, not acked, oldest first */
         size_t n_hist;
         DirtySet **pool; /* spare sets */
         size_t n_pool;
-        uint64_t cur;    /* the running epoch */
+        uint64_t cur;            /* the running epoch */
         unsigned pause_timeouts; /* PAUSEs in a row that timed out (seal postponed) */
         bool cur_full;
         uint64_t last_sealed;
@@ -232,15 +232,15 @@ typedef struct Epoch {
          * its own epoch's. The first image after attach must be full: pages written
          * before tracking started are in no set. */
         DirtySet since_image;
-        bool image_chain;             /* an image was written since attach */
+        bool image_chain; /* an image was written since attach */
         uint8_t last_image_id[16];
-        ImageCapture *image_cap;      /* pre-copied, taken at the next seal */
+        ImageCapture *image_cap; /* pre-copied, taken at the next seal */
         char *image_dir, *image_parent;
         bool image_compress;
         /* The writer thread of the last image; joined before the next one and at exit. */
         pthread_t image_thread;
         bool image_thread_started;
-        _Atomic bool image_written;   /* the writer finished; the epoch thread collects it */
+        _Atomic bool image_written; /* the writer finished; the epoch thread collects it */
         struct ImageJob *image_job;
         bool suspended; /* paused by the split-brain guard */
 } Epoch;
@@ -262,12 +262,11 @@ typedef struct ImageJob {
 
 static void image_job_free(ImageJob *j);
 DEFINE_TRIVIAL_CLEANUP_FUNC_VOID(ImageJob *, image_job_free);
-static void image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const uint8_t *state, size_t state_len,
-                            int copy_result);
+static void image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const uint8_t *state,
+                            size_t state_len, int copy_result);
 static int seal_request_possible_locked(Primary *p);
 
 /* ---- small helpers ---------------------------------------------------------------------- */
-
 
 static void wake(int fd)
 {
@@ -296,7 +295,8 @@ static int harvest_wait(Epoch *e, int timeout_ms);
  * Link's queue limit. Returns 0, -ENOTCONN (session gone), -ECANCELED
  * (stopping), or a tracking error from harvesting.
  */
-static int ep_send(Epoch *e, uint16_t type, const void *buf, size_t len, const ProtobufCMessage *m, bool may_wait)
+static int ep_send(Epoch *e, uint16_t type, const void *buf, size_t len, const ProtobufCMessage *m,
+                   bool may_wait)
 {
         Primary *p = e->p;
         int r;
@@ -395,7 +395,8 @@ static int harvest_tick(Epoch *e, bool force)
         Primary *p = e->p;
         uint64_t now = now_usec();
         bool ring = e->t.ops == &tracker_ring_ops;
-        uint64_t interval = ring ? RING_HARVEST_USEC : MAX((uint64_t) p->vm->epoch_ms * USEC_PER_MSEC / 4, 1000u);
+        uint64_t interval =
+                ring ? RING_HARVEST_USEC : MAX((uint64_t) p->vm->epoch_ms * USEC_PER_MSEC / 4, 1000u);
         int64_t n;
 
         if (!force && now - e->last_collect_us < interval)
@@ -418,8 +419,8 @@ static int harvest_tick(Epoch *e, bool force)
 static int harvest_wait(Epoch *e, int timeout_ms)
 {
         struct pollfd pf[2] = {
-                { .fd = e->p->wake_fd, .events = POLLIN },
-                { .fd = e->lay->ring_full_fd, .events = POLLIN },
+                {.fd = e->p->wake_fd, .events = POLLIN},
+                {.fd = e->lay->ring_full_fd, .events = POLLIN},
         };
         int n = e->lay->ring_full_fd >= 0 && e->t.ops == &tracker_ring_ops ? 2 : 1;
 
@@ -488,8 +489,8 @@ static int handle_acks(Epoch *e)
                 /* Output of epoch n is released only now that the standby committed n. */
                 r = vmm_link_release_output(e->vmm, acked, &bytes);
                 if (r < 0)
-                        return log_error_errno(r, "VM %s: ReleaseOutput(%" PRIu64 ") failed: %s", p->vm->name,
-                                               acked, vmm_link_last_error(e->vmm));
+                        return log_error_errno(r, "VM %s: ReleaseOutput(%" PRIu64 ") failed: %s",
+                                               p->vm->name, acked, vmm_link_last_error(e->vmm));
         }
         e->released = acked;
         pthread_mutex_lock(&p->mutex);
@@ -593,7 +594,8 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
                 (void) dirtyset_move(&e->fresh, e->run);
                 hist_drop_upto(e, UINT64_MAX);
                 e->cur_full = false;
-                log_info("VM %s: incremental resync: epoch %" PRIu64 " on base %" PRIu64 ", %" PRIu64 " pages",
+                log_info("VM %s: incremental resync: epoch %" PRIu64 " on base %" PRIu64 ", %" PRIu64
+                         " pages",
                          p->vm->name, e->cur, L, e->fresh.n);
                 pthread_mutex_lock(&p->mutex);
                 p->incremental_syncs++;
@@ -656,8 +658,8 @@ static int precopy(Epoch *e)
                                     e->p->vm->compression == CONFIG_COMPRESSION_LZ4, &e->pstats);
                 if (r < 0)
                         return r;
-                for (uint64_t w = dirtyset_next_word(&e->fresh, 0); w < e->fresh.words && n_taken < BATCH_RECORDS;
-                     w = dirtyset_next_word(&e->fresh, w + 1))
+                for (uint64_t w = dirtyset_next_word(&e->fresh, 0);
+                     w < e->fresh.words && n_taken < BATCH_RECORDS; w = dirtyset_next_word(&e->fresh, w + 1))
                         for (uint64_t v = e->fresh.w[w]; v && n_taken < BATCH_RECORDS; v &= v - 1) {
                                 uint64_t page = w * 64 + (uint64_t) __builtin_ctzll(v);
                                 /* The page's ring entry was reset before we got here (fresh
@@ -771,7 +773,8 @@ static int seal(Epoch *e, bool freeze)
                 set_failed_locked(p, "PAUSE failed: %s", vmm_link_last_error(e->vmm));
                 pthread_mutex_unlock(&p->mutex);
                 wake(p->notify_fd);
-                return log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
+                return log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name,
+                                       vmm_link_last_error(e->vmm));
         }
         e->pause_timeouts = 0;
         /* Ordering rule: collect, reset, and only then copy. With the reset folded
@@ -852,7 +855,7 @@ static int seal(Epoch *e, bool freeze)
         e->epoch_start_us = now_usec();
         e->last_sealed = sealed;
         image_seal_done(e, sealed, pause_ns, state, state_len, image_copy_r);
-        e->hist[e->n_hist++] = (History) { .epoch = sealed, .full = e->cur_full, .bits = e->run };
+        e->hist[e->n_hist++] = (History){.epoch = sealed, .full = e->cur_full, .bits = e->run};
         e->run = pool_get(e);
         e->cur++;
         e->cur_full = false;
@@ -932,7 +935,7 @@ static void image_post(Epoch *e, int r, uint64_t epoch, uint64_t pause_ns, const
         p->image_result = r;
         p->image_epoch = epoch;
         p->image_pause_ns = pause_ns;
-        p->image_stats = st ? *st : (ImageWriteStats) {};
+        p->image_stats = st ? *st : (ImageWriteStats){};
         snprintf(p->image_err, sizeof(p->image_err), "%s", r < 0 ? (err && *err ? err : strerror(-r)) : "");
         p->image_ready = true;
         pthread_mutex_unlock(&p->mutex);
@@ -982,7 +985,8 @@ static void image_collect(Epoch *e, bool wait)
         } else {
                 /* Nothing is lost for the next image: its pages count from the last good one. */
                 (void) dirtyset_merge(&e->since_image, j->covered);
-                log_error_errno(j->result, "VM %s: writing image %s failed: %s", e->p->vm->name, j->dir, j->err);
+                log_error_errno(j->result, "VM %s: writing image %s failed: %s", e->p->vm->name, j->dir,
+                                j->err);
         }
         image_post(e, j->result, j->epoch, j->pause_ns, &j->stats, j->err);
         image_job_free(j);
@@ -1014,9 +1018,10 @@ static void image_start(Epoch *e)
         pthread_mutex_unlock(&p->mutex);
 
         if (parent && !e->image_chain)
-                return image_post(e, -ESTALE, 0, 0, NULL,
-                                  "no image was taken since dirtyrepd attached to this VMM: take a full one first "
-                                  "(without a parent)");
+                return image_post(
+                        e, -ESTALE, 0, 0, NULL,
+                        "no image was taken since dirtyrepd attached to this VMM: take a full one first "
+                        "(without a parent)");
         r = image_layout_from_vmm(e->lay, &il, ram);
         if (r >= 0)
                 r = image_capture_new(&il, ram, &cap);
@@ -1039,8 +1044,8 @@ static void image_start(Epoch *e)
  * the pause); hand it to a writer thread. since_image restarts empty: the
  * next image counts from this one. Otherwise the epoch's pages join it.
  */
-static void image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const uint8_t *state, size_t state_len,
-                            int copy_result)
+static void image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const uint8_t *state,
+                            size_t state_len, int copy_result)
 {
         _cleanup_(image_job_freep) ImageJob *j = NULL;
         int r;
@@ -1098,7 +1103,8 @@ static void image_shutdown(Epoch *e)
                 e->image_cap = image_capture_free(e->image_cap);
                 e->image_dir = mfree(e->image_dir);
                 e->image_parent = mfree(e->image_parent);
-                image_post(e, -ESTALE, 0, 0, NULL, "replication stopped before the image's epoch was sealed");
+                image_post(e, -ESTALE, 0, 0, NULL,
+                           "replication stopped before the image's epoch was sealed");
         }
         pthread_mutex_lock(&p->mutex);
         req = p->image_req;
@@ -1172,7 +1178,8 @@ static void stop_tracking_logged(Epoch *e, bool hold)
 
         /* A VMM that is gone needs no StopTracking (and its agent holds, were it alive). */
         if (r < 0 && r != -ECONNRESET && r != -EPIPE && r != -ENOTCONN && r != -ESHUTDOWN)
-                log_error_errno(r, "VM %s: StopTracking failed: %s", e->p->vm->name, vmm_link_last_error(e->vmm));
+                log_error_errno(r, "VM %s: StopTracking failed: %s", e->p->vm->name,
+                                vmm_link_last_error(e->vmm));
 }
 
 /*
@@ -1211,14 +1218,15 @@ static void epoch_stop_vmm(Epoch *e, int loop_result)
         if (g == GUARD_SUSPENDED && !e->suspended) {
                 r = vmm_link_suspend(e->vmm, PAUSE_TIMEOUT_MS);
                 if (r < 0 && r != -ETIMEDOUT)
-                        log_error_errno(r, "VM %s: suspending the VM before stopping failed: %s", p->vm->name,
-                                        vmm_link_last_error(e->vmm));
+                        log_error_errno(r, "VM %s: suspending the VM before stopping failed: %s",
+                                        p->vm->name, vmm_link_last_error(e->vmm));
                 else
                         e->suspended = true;
         }
         if (e->suspended || g == GUARD_SUSPENDED) {
                 stop_tracking_logged(e, true);
-                log_warning("VM %s: stopping replication of a SUSPENDED VM: it stays paused with its output held "
+                log_warning("VM %s: stopping replication of a SUSPENDED VM: it stays paused with its output "
+                            "held "
                             "until a dirtyrepd resyncs it with a standby or `dirtyrepctl resume %s` runs it "
                             "unprotected",
                             p->vm->name, p->vm->name);
@@ -1232,14 +1240,17 @@ static void epoch_stop_vmm(Epoch *e, int loop_result)
         /* On failure too the agent keeps output held (as for a client that vanished). */
         stop_tracking_logged(e, true);
         if (loop_result < 0 && loop_result != -ECANCELED)
-                log_error("VM %s: replication stopped on an error; the VM runs on, its output after epoch %" PRIu64
-                          " stays held in the VMM until a new session's standby commits: `dirtyrepctl detach %s` "
+                log_error("VM %s: replication stopped on an error; the VM runs on, its output after epoch "
+                          "%" PRIu64 " stays held in the VMM until a new session's standby commits: "
+                          "`dirtyrepctl detach %s` "
                           "and `dirtyrepctl attach %s` start one",
                           p->vm->name, acked, p->vm->name, p->vm->name);
         else
                 log_notice("VM %s: replication stopped with the standby at epoch %" PRIu64 " of %" PRIu64
-                           ": the VM runs on, its output from later epochs stays held in the VMM until dirtyrepd "
-                           "attaches and a standby commits (to run it unprotected instead: `dirtyrepctl resume %s` before a "
+                           ": the VM runs on, its output from later epochs stays held in the VMM until "
+                           "dirtyrepd "
+                           "attaches and a standby commits (to run it unprotected instead: `dirtyrepctl "
+                           "resume %s` before a "
                            "stop)",
                            p->vm->name, acked, e->cur, p->vm->name);
 }
@@ -1309,8 +1320,8 @@ static int epoch_next_timeout_ms(Epoch *e)
         uint64_t now = now_usec(), next = e->epoch_start_us + (uint64_t) e->p->vm->epoch_ms * USEC_PER_MSEC;
         uint64_t ms = next > now ? DIV_ROUND_UP(next - now, 1000u) : 0;
 
-        if (e->t.ops == &tracker_ring_ops || (e->p->vm->pre_copy && e->fresh.n > 0) || !e->p->vm->output_commit ||
-            e->p->guard == GUARD_UNPROTECTED) /* racy read: only a timeout */
+        if (e->t.ops == &tracker_ring_ops || (e->p->vm->pre_copy && e->fresh.n > 0) ||
+            !e->p->vm->output_commit || e->p->guard == GUARD_UNPROTECTED) /* racy read: only a timeout */
                 ms = MIN(ms, 1u);
         else
                 ms = MIN(ms, MAX(e->p->vm->epoch_ms / 4, 1u));
@@ -1369,8 +1380,8 @@ static int guard_apply(Epoch *e, bool *frozen)
         if (g == GUARD_UNPROTECTED || !p->vm->output_commit) {
                 r = vmm_link_release_output(e->vmm, e->cur, NULL);
                 if (r < 0)
-                        return log_error_errno(r, "VM %s: ReleaseOutput(%" PRIu64 ") failed: %s", p->vm->name,
-                                               e->cur, vmm_link_last_error(e->vmm));
+                        return log_error_errno(r, "VM %s: ReleaseOutput(%" PRIu64 ") failed: %s",
+                                               p->vm->name, e->cur, vmm_link_last_error(e->vmm));
                 e->released = MAX(e->released, e->cur);
         }
         return 0;
@@ -1415,7 +1426,8 @@ static int epoch_loop(Epoch *e)
                         pthread_mutex_lock(&p->mutex);
                         p->frozen = p->thaw_req = p->freeze_req = false;
                         if (r < 0)
-                                set_failed_locked(p, "RESUME after thaw failed: %s", vmm_link_last_error(e->vmm));
+                                set_failed_locked(p, "RESUME after thaw failed: %s",
+                                                  vmm_link_last_error(e->vmm));
                         pthread_cond_broadcast(&p->cond);
                         pthread_mutex_unlock(&p->mutex);
                         if (r < 0)
@@ -1580,7 +1592,8 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         /* A standby again: output waits for its ACKs (the resync's first), a suspended
          * VM resumes (the epoch thread sees both with the new link generation). */
         if (p->guard != GUARD_NONE)
-                log_notice("VM %s: standby %s connected: output commit resumes", p->vm->name, link_peer_name(l));
+                log_notice("VM %s: standby %s connected: output commit resumes", p->vm->name,
+                           link_peer_name(l));
         p->guard = GUARD_NONE;
         pthread_mutex_unlock(&p->mutex);
         p->split_timer = sd_event_source_disable_unref(p->split_timer);
@@ -1627,7 +1640,8 @@ static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, 
         sealed = p->last_sealed;
         pthread_mutex_unlock(&p->mutex);
         if (a->epoch > sealed || a->epoch < atomic_load_explicit(&p->acked, memory_order_relaxed)) {
-                link_fail(l, -EPROTO, "ACK for epoch %" PRIu64 " (last sealed %" PRIu64 ")", a->epoch, sealed);
+                link_fail(l, -EPROTO, "ACK for epoch %" PRIu64 " (last sealed %" PRIu64 ")", a->epoch,
+                          sealed);
                 dr__repl__ack__free_unpacked(a, NULL);
                 return -EPROTO;
         }
@@ -1681,11 +1695,13 @@ static int on_split_timer(sd_event_source *s, uint64_t usec, void *userdata)
         if (cont)
                 log_error("VM %s: standby lost for %" PRIu32
                           " ms: the VM now runs UNPROTECTED and releases its output; a failover now would "
-                          "lose what it did since epoch %" PRIu64 ", and a promoted standby would mean split brain",
+                          "lose what it did since epoch %" PRIu64
+                          ", and a promoted standby would mean split brain",
                           p->vm->name, p->vm->split_brain_timeout_ms,
                           atomic_load_explicit(&p->acked, memory_order_relaxed));
         else
-                log_error("VM %s: standby lost for %" PRIu32 " ms: suspending the VM (SplitBrainPolicy=suspend)",
+                log_error("VM %s: standby lost for %" PRIu32
+                          " ms: suspending the VM (SplitBrainPolicy=suspend)",
                           p->vm->name, p->vm->split_brain_timeout_ms);
         wake(p->wake_fd);
         return 0;
@@ -1696,15 +1712,17 @@ static void guard_arm(Primary *p)
 {
         int r;
 
-        log_warning("VM %s: standby lost: output held; SplitBrainPolicy=%s applies in %" PRIu32 " ms", p->vm->name,
-                    split_brain_policy_to_string(p->vm->split_brain_policy), p->vm->split_brain_timeout_ms);
+        log_warning("VM %s: standby lost: output held; SplitBrainPolicy=%s applies in %" PRIu32 " ms",
+                    p->vm->name, split_brain_policy_to_string(p->vm->split_brain_policy),
+                    p->vm->split_brain_timeout_ms);
         p->split_timer = sd_event_source_disable_unref(p->split_timer);
         r = sd_event_add_time_relative(p->event, &p->split_timer, CLOCK_MONOTONIC,
                                        (uint64_t) p->vm->split_brain_timeout_ms * USEC_PER_MSEC, 1000,
                                        on_split_timer, p);
         if (r < 0) {
                 /* Cannot time it: the safe side is to keep holding (as with no policy). */
-                log_error_errno(r, "VM %s: cannot arm the split-brain timer, output stays held: %m", p->vm->name);
+                log_error_errno(r, "VM %s: cannot arm the split-brain timer, output stays held: %m",
+                                p->vm->name);
         }
 }
 
@@ -1713,7 +1731,8 @@ static void on_down(Link *l, int error, const char *reason, void *userdata)
         Primary *p = userdata;
         bool stopping, guard, maintenance;
 
-        log_warning_errno(error, "VM %s: replication link to %s down: %s", p->vm->name, link_peer_name(l), reason);
+        log_warning_errno(error, "VM %s: replication link to %s down: %s", p->vm->name, link_peer_name(l),
+                          reason);
         pthread_mutex_lock(&p->mutex);
         stopping = p->stop || p->failed;
         snprintf(p->detail, sizeof(p->detail), "link to %s down: %s", link_peer_name(l), reason);
@@ -1733,9 +1752,10 @@ static void on_down(Link *l, int error, const char *reason, void *userdata)
                 p->guard = GUARD_HOLDING;
         pthread_mutex_unlock(&p->mutex);
         if (maintenance)
-                log_warning("VM %s: the standby went down for planned maintenance: output is released without "
-                            "a standby's ACK, the VM runs UNPROTECTED until it is back and resynced",
-                            p->vm->name);
+                log_warning(
+                        "VM %s: the standby went down for planned maintenance: output is released without "
+                        "a standby's ACK, the VM runs UNPROTECTED until it is back and resynced",
+                        p->vm->name);
         drop_link(p);
         if (!stopping)
                 (void) schedule_reconnect(p);
@@ -1879,7 +1899,7 @@ int primary_checkpoint_image(Primary *p, const char *dir, const char *parent, bo
  * file, but nobody accepts (ECONNREFUSED), or the file is gone. */
 static bool vmm_alive(const char *path)
 {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
         _cleanup_close_ int fd = -EBADF;
 
         if (strlen(path) >= sizeof(sa.sun_path))
@@ -1888,7 +1908,8 @@ static bool vmm_alive(const char *path)
         fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0)
                 return true;
-        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 && (errno == ECONNREFUSED || errno == ENOENT))
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 &&
+            (errno == ECONNREFUSED || errno == ENOENT))
                 return false;
         return true;
 }
@@ -2027,8 +2048,8 @@ static int attach_now(Primary *p)
         }
         if (r < 0) {
                 pthread_mutex_lock(&p->mutex);
-                snprintf(p->detail, sizeof(p->detail), "VMM control socket %s: %s%s%s", p->vm->control_socket,
-                         strerror(-r), vmm && vmm_link_last_error(vmm)[0] ? ": " : "",
+                snprintf(p->detail, sizeof(p->detail), "VMM control socket %s: %s%s%s",
+                         p->vm->control_socket, strerror(-r), vmm && vmm_link_last_error(vmm)[0] ? ": " : "",
                          vmm ? vmm_link_last_error(vmm) : "");
                 pthread_mutex_unlock(&p->mutex);
                 if (r != -ENOENT && r != -ECONNREFUSED)
@@ -2039,12 +2060,13 @@ static int attach_now(Primary *p)
         lay = vmm_link_layout(vmm);
         if (!mode_matches(p->vm->tracking, lay->mode)) {
                 pthread_mutex_lock(&p->mutex);
-                set_failed_locked(p,
-                                  "Tracking=%s but the VMM tracks with %s; start the VMM with --tracking %s or "
-                                  "set Tracking=auto",
-                                  config_tracking_to_string(p->vm->tracking),
-                                  lay->mode == DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING ? "rings" : "a bitmap",
-                                  config_tracking_to_string(p->vm->tracking));
+                set_failed_locked(
+                        p,
+                        "Tracking=%s but the VMM tracks with %s; start the VMM with --tracking %s or "
+                        "set Tracking=auto",
+                        config_tracking_to_string(p->vm->tracking),
+                        lay->mode == DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING ? "rings" : "a bitmap",
+                        config_tracking_to_string(p->vm->tracking));
                 pthread_mutex_unlock(&p->mutex);
                 return log_error_errno(-EINVAL, "VM %s: %s", p->vm->name, p->detail);
         }
@@ -2062,7 +2084,8 @@ static int attach_now(Primary *p)
         if (r >= 0) {
                 r = vmm_link_start_tracking(vmm);
                 if (r < 0)
-                        log_error_errno(r, "VM %s: StartTracking failed: %s", p->vm->name, vmm_link_last_error(vmm));
+                        log_error_errno(r, "VM %s: StartTracking failed: %s", p->vm->name,
+                                        vmm_link_last_error(vmm));
         }
         if (r >= 0 && vmm_link_hello_suspended(vmm)) {
                 /* The split-brain guard suspended this VM under an earlier dirtyrepd (or
@@ -2076,15 +2099,18 @@ static int attach_now(Primary *p)
                 pthread_mutex_unlock(&p->mutex);
                 log_error("VM %s: the VMM says the VM is SUSPENDED by the split-brain guard (%" PRIu64
                           " bytes of output held): it stays paused until a standby at %s resyncs it, or "
-                          "`dirtyrepctl resume %s` runs it unprotected (only if the other host does not serve it)",
+                          "`dirtyrepctl resume %s` runs it unprotected (only if the other host does not "
+                          "serve it)",
                           p->vm->name, vmm_link_hello_held_bytes(vmm), p->vm->peer.text, p->vm->name);
         } else if (r >= 0) {
                 /* Output from here on is held under epoch 1 until the standby commits it. */
                 r = vmm_link_resume(vmm, 1);
                 if (r < 0)
-                        log_error_errno(r, "VM %s: Resume(1) failed: %s", p->vm->name, vmm_link_last_error(vmm));
+                        log_error_errno(r, "VM %s: Resume(1) failed: %s", p->vm->name,
+                                        vmm_link_last_error(vmm));
                 else if (vmm_link_hello_held_bytes(vmm) > 0)
-                        log_notice("VM %s: %" PRIu64 " bytes of output held by an earlier dirtyrepd wait for the "
+                        log_notice("VM %s: %" PRIu64
+                                   " bytes of output held by an earlier dirtyrepd wait for the "
                                    "standby's first commit",
                                    p->vm->name, vmm_link_hello_held_bytes(vmm));
         }
@@ -2114,12 +2140,14 @@ static int attach_now(Primary *p)
         p->attached = true;
         if (p->guard == GUARD_SUSPENDED)
                 snprintf(p->detail, sizeof(p->detail),
-                         "suspended before attach (split-brain guard, kept by the VMM); waiting for a standby at %s "
+                         "suspended before attach (split-brain guard, kept by the VMM); waiting for a "
+                         "standby at %s "
                          "or `dirtyrepctl resume`",
                          p->vm->peer.text);
         else if (p->promoted)
                 snprintf(p->detail, sizeof(p->detail),
-                         "promoted from the replica of epoch %" PRIu64 "; unprotected until a standby at %s syncs",
+                         "promoted from the replica of epoch %" PRIu64
+                         "; unprotected until a standby at %s syncs",
                          p->promoted_from, p->vm->peer.text);
         else
                 snprintf(p->detail, sizeof(p->detail), "attached; connecting to %s", p->vm->peer.text);
@@ -2141,14 +2169,14 @@ static int on_attach_timer(sd_event_source *s, uint64_t usec, void *userdata)
 static int schedule_attach(Primary *p)
 {
         p->attach_timer = sd_event_source_disable_unref(p->attach_timer);
-        return sd_event_add_time_relative(p->event, &p->attach_timer, CLOCK_MONOTONIC, ATTACH_RETRY_USEC, 1000,
-                                          on_attach_timer, p);
+        return sd_event_add_time_relative(p->event, &p->attach_timer, CLOCK_MONOTONIC, ATTACH_RETRY_USEC,
+                                          1000, on_attach_timer, p);
 }
 
 /* ---- public API ----------------------------------------------------------------------- */
 
-int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret, size_t secret_len,
-                Primary **ret)
+int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret,
+                size_t secret_len, Primary **ret)
 {
         _cleanup_(primary_freep) Primary *p = NULL;
         static const char label[] = "dirtyrep-vm-uuid:";
@@ -2185,8 +2213,10 @@ int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
         md = EVP_MD_CTX_new();
         if (!md)
                 return -ENOMEM;
-        ok = EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(md, label, strlen(label)) == 1 &&
-             EVP_DigestUpdate(md, vm->name, strlen(vm->name)) == 1 && EVP_DigestFinal_ex(md, digest, &dlen) == 1;
+        ok = EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 &&
+             EVP_DigestUpdate(md, label, strlen(label)) == 1 &&
+             EVP_DigestUpdate(md, vm->name, strlen(vm->name)) == 1 &&
+             EVP_DigestFinal_ex(md, digest, &dlen) == 1;
         EVP_MD_CTX_free(md);
         if (!ok || dlen < sizeof(p->uuid))
                 return -EIO;
@@ -2341,7 +2371,8 @@ int primary_resume_unprotected(Primary *p)
         }
         p->guard = GUARD_UNPROTECTED;
         snprintf(p->detail, sizeof(p->detail),
-                 "resumed by the operator: running UNPROTECTED until a standby at %s syncs", p->vm->peer.text);
+                 "resumed by the operator: running UNPROTECTED until a standby at %s syncs",
+                 p->vm->peer.text);
         pthread_mutex_unlock(&p->mutex);
         p->split_timer = sd_event_source_disable_unref(p->split_timer);
         log_error("VM %s: the operator resumed the VM (was %s): held output is released and the VM runs "
@@ -2377,7 +2408,7 @@ void primary_get_status(Primary *p, ReplStatus *ret)
         LinkStats ls = {};
         Link *l;
 
-        *ret = (ReplStatus) { .role = "primary" };
+        *ret = (ReplStatus){.role = "primary"};
         pthread_mutex_lock(&p->mutex);
         if (p->failed)
                 ret->state = "failed";
@@ -2445,23 +2476,23 @@ void primary_get_status(Primary *p, ReplStatus *ret)
 }
 
 /* Waits on the condition variable until pred holds, the thread failed, or the timeout. */
-#define WAIT_FOR(p, pred)                                                                                         \
-        ({                                                                                                        \
-                struct timespec _ts;                                                                              \
-                int _r = 0;                                                                                       \
-                clock_gettime(CLOCK_REALTIME, &_ts);                                                              \
-                _ts.tv_sec += REQUEST_TIMEOUT_USEC / USEC_PER_SEC;                                                \
-                while (!(pred)) {                                                                                 \
-                        if ((p)->failed || !(p)->attached) {                                                      \
-                                _r = -ESTALE;                                                                     \
-                                break;                                                                            \
-                        }                                                                                         \
-                        if (pthread_cond_timedwait(&(p)->cond, &(p)->mutex, &_ts) == ETIMEDOUT) {                 \
-                                _r = (pred) ? 0 : -ETIMEDOUT;                                                     \
-                                break;                                                                            \
-                        }                                                                                         \
-                }                                                                                                 \
-                _r;                                                                                               \
+#define WAIT_FOR(p, pred)                                                                                   \
+        ({                                                                                                  \
+                struct timespec _ts;                                                                        \
+                int _r = 0;                                                                                 \
+                clock_gettime(CLOCK_REALTIME, &_ts);                                                        \
+                _ts.tv_sec += REQUEST_TIMEOUT_USEC / USEC_PER_SEC;                                          \
+                while (!(pred)) {                                                                           \
+                        if ((p)->failed || !(p)->attached) {                                                \
+                                _r = -ESTALE;                                                               \
+                                break;                                                                      \
+                        }                                                                                   \
+                        if (pthread_cond_timedwait(&(p)->cond, &(p)->mutex, &_ts) == ETIMEDOUT) {           \
+                                _r = (pred) ? 0 : -ETIMEDOUT;                                               \
+                                break;                                                                      \
+                        }                                                                                   \
+                }                                                                                           \
+                _r;                                                                                         \
         })
 
 /*

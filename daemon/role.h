@@ -18,18 +18,21 @@
 #include "config.h"
 #include "macros.h"
 
-#define COMMIT_GAP_BUCKETS  8
-#define COMMIT_GAP_EDGES_MS { 30, 50, 100, 200, 500, 1000, 2000 }
+#define COMMIT_GAP_BUCKETS 8
+#define COMMIT_GAP_EDGES_MS                                                                                 \
+        {                                                                                                   \
+                30, 50, 100, 200, 500, 1000, 2000                                                           \
+        }
 
 typedef struct ReplStatus {
-        const char *role;      /* "primary" or "standby" */
+        const char *role; /* "primary" or "standby" */
         /* One word an operator can act on:
          * primary: "attaching" (waiting for the VMM), "connecting" (no standby),
          *          "syncing" (full or incremental resync running), "protected"
          *          (epochs committing), "failed" (see detail);
          * standby: "listening" (no primary), "syncing", "protected", "failed". */
         const char *state;
-        char detail[256];      /* last error, or what it is waiting for */
+        char detail[256]; /* last error, or what it is waiting for */
         bool link_up;
         char peer[80];
         uint64_t last_sealed;    /* primary */
@@ -71,8 +74,8 @@ typedef struct ReplStatus {
 typedef struct Primary Primary;
 
 /* Borrowed: d, vm (for the Primary's life); secret is copied. */
-int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret, size_t secret_len,
-                Primary **ret);
+int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret,
+                size_t secret_len, Primary **ret);
 /* Starts attaching to the VMM (retrying while its socket is absent) and connecting to the peer. */
 int primary_start(Primary *p);
 /* TLS on the replication link (daemon/tls.h), before primary_start(); takes its own reference.
@@ -120,8 +123,8 @@ int primary_checkpoint(Primary *p, uint64_t *ret_epoch);
  * and when the Primary is freed first.
  */
 typedef struct PrimaryImageResult {
-        int result;             /* 0 or -errno */
-        const char *error;      /* message when result < 0 */
+        int result;        /* 0 or -errno */
+        const char *error; /* message when result < 0 */
         const char *dir;
         uint64_t epoch;         /* the seal the image reflects */
         uint64_t pause_ns;      /* that seal's pause, image copy included */
@@ -145,8 +148,8 @@ int primary_reset_pauses(Primary *p);
 
 typedef struct Standby Standby;
 
-int standby_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret, size_t secret_len,
-                Standby **ret);
+int standby_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret,
+                size_t secret_len, Standby **ret);
 /* Starts listening on vm->listen. */
 int standby_start(Standby *s);
 /* TLS on the replication link, as primary_set_tls(). */
@@ -228,7 +231,8 @@ int standby_replica_activation(const StandbyReplica *rep, int *ret_fd, const uin
  * -EBADMSG with a reason.
  */
 int standby_replica_save(const StandbyReplica *rep, const char *dir, const char *name);
-int standby_replica_load(const char *dir, const char *name, StandbyReplica **ret, char *why, size_t why_size);
+int standby_replica_load(const char *dir, const char *name, StandbyReplica **ret, char *why,
+                         size_t why_size);
 int standby_replica_remove(const char *dir, const char *name);
 
 /*

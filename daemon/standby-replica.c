@@ -224,10 +224,10 @@ int standby_replica_remove(const char *dir, const char *name)
         return 0;
 }
 
-#define BAD(...)                                                                                                 \
-        ({                                                                                                       \
-                snprintf(why, why_size, __VA_ARGS__);                                                            \
-                -EBADMSG;                                                                                        \
+#define BAD(...)                                                                                            \
+        ({                                                                                                  \
+                snprintf(why, why_size, __VA_ARGS__);                                                       \
+                -EBADMSG;                                                                                   \
         })
 
 int standby_replica_load(const char *dir, const char *name, StandbyReplica **ret, char *why, size_t why_size)
@@ -325,7 +325,8 @@ int standby_replica_load(const char *dir, const char *name, StandbyReplica **ret
                 hole = lseek(fd, data, SEEK_HOLE);
                 if (hole < 0)
                         return -errno;
-                for (uint64_t x = (uint64_t) data - ram_off; x < (uint64_t) hole - ram_off; x += RFILE_CHUNK) {
+                for (uint64_t x = (uint64_t) data - ram_off; x < (uint64_t) hole - ram_off;
+                     x += RFILE_CHUNK) {
                         size_t k = (size_t) MIN((uint64_t) RFILE_CHUNK, (uint64_t) hole - ram_off - x);
                         r = pread_exact(fd, R->map + x, k, (off_t) (ram_off + x));
                         if (r < 0)

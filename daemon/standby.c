@@ -64,8 +64,8 @@
 #include "standby-internal.h"
 #include "util.h"
 
-#define STANDBY_MAX_PENDING     16u /* connections in handshake at once (link.h: 2 per source address) */
-#define HASH_CHUNK_PAGES        16384u
+#define STANDBY_MAX_PENDING 16u /* connections in handshake at once (link.h: 2 per source address) */
+#define HASH_CHUNK_PAGES    16384u
 /* A link that went down is kept this long before it is freed, so its final
  * ERROR frame (queued by link_fail) is written before the socket closes:
  * link_free() stops the writer at once. At most DEAD_MAX wait at a time. */

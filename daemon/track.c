@@ -60,7 +60,8 @@ int tracker_reset_and_resume(Tracker *t, uint64_t epoch)
                         return r;
                 r = vmm_link_resume(t->link, epoch);
                 if (r < 0)
-                        snprintf(t->error, sizeof(t->error), "RESUME failed: %s", vmm_link_last_error(t->link));
+                        snprintf(t->error, sizeof(t->error), "RESUME failed: %s",
+                                 vmm_link_last_error(t->link));
                 return r;
         }
         r = vmm_link_resume_reset(t->link, epoch, &count);

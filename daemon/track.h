@@ -50,13 +50,14 @@ extern const TrackerOps tracker_bitmap_ops;
 
 struct Tracker {
         const TrackerOps *ops;
-        VmmLink *link;              /* borrowed */
+        VmmLink *link; /* borrowed */
         const VmmLayout *lay;
-        uint32_t fetch[VMM_LINK_MAX_VCPUS]; /* ring mode: next entry to read per vCPU */
-        bool fetch_known[VMM_LINK_MAX_VCPUS]; /* false until the ring's position was found (see track-ring.c) */
-        uint64_t pending_reset;     /* ring mode: marked since the last RESET_RINGS */
-        unsigned empty_full_streak; /* ring-full wake-ups that found nothing: wedge detection */
-        bool force_reset;           /* ring mode: call RESET_RINGS even with nothing marked (wakes a full vCPU) */
+        uint32_t fetch[VMM_LINK_MAX_VCPUS];   /* ring mode: next entry to read per vCPU */
+        bool fetch_known[VMM_LINK_MAX_VCPUS]; /* false until the ring's position was found (see track-ring.c)
+                                               */
+        uint64_t pending_reset;               /* ring mode: marked since the last RESET_RINGS */
+        unsigned empty_full_streak;           /* ring-full wake-ups that found nothing: wedge detection */
+        bool force_reset; /* ring mode: call RESET_RINGS even with nothing marked (wakes a full vCPU) */
         TrackerStats stats;
         char error[256];
 };

@@ -22,9 +22,9 @@ struct VmmLink {
         uint64_t next_id;
         VmmLayout layout;
         uint64_t vmm_dirty_seen_seq;
-        uint32_t features; /* HelloReply.features (Dr__Control__Feature bits) */
-        uint64_t last_paused_ns; /* the last ResumeReply.paused_ns, 0 when the agent sent none */
-        bool hello_suspended;    /* HelloReply.suspended */
+        uint32_t features;         /* HelloReply.features (Dr__Control__Feature bits) */
+        uint64_t last_paused_ns;   /* the last ResumeReply.paused_ns, 0 when the agent sent none */
+        bool hello_suspended;      /* HelloReply.suspended */
         uint64_t hello_held_bytes; /* HelloReply.held_output_bytes */
         char last_error[256];
 };
@@ -103,8 +103,8 @@ VmmLink *vmm_link_free(VmmLink *l)
  * Sends req and waits for its reply. Fds that arrive with the reply are
  * returned through fds/ret_n_fds (owned by the caller) or closed.
  */
-static int link_call(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply **ret, int *fds, size_t max_fds,
-                     size_t *ret_n_fds)
+static int link_call(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply **ret, int *fds,
+                     size_t max_fds, size_t *ret_n_fds)
 {
         uint8_t buf[DR__CONTROL__CONTROL_LIMIT__CONTROL_MAX_MESSAGE];
         Dr__Control__Reply *reply;
@@ -133,7 +133,8 @@ static int link_call(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply *
                 return (int) n;
         }
         if (n == 0) {
-                snprintf(l->last_error, sizeof(l->last_error), "the VMM's agent closed the control connection");
+                snprintf(l->last_error, sizeof(l->last_error),
+                         "the VMM's agent closed the control connection");
                 return -ECONNRESET;
         }
         reply = dr__control__reply__unpack(NULL, (size_t) n, buf);
@@ -200,7 +201,8 @@ static int fd_at(int *fds, size_t n_fds, uint32_t index)
         return fd;
 }
 
-/* Whether [offset, offset + len) is 8-byte aligned, starts at min or later and ends by size (no overflow). */
+/* Whether [offset, offset + len) is 8-byte aligned, starts at min or later and ends by size (no overflow).
+ */
 static bool shared_range_ok(uint64_t offset, uint64_t len, uint64_t min, uint64_t size)
 {
         return offset % 8 == 0 && offset >= min && offset <= size && len <= size - offset;
@@ -278,7 +280,8 @@ static int layout_adopt(VmmLink *l, const Dr__Control__Layout *m, int *fds, size
                 if (fstat(fd, &st) < 0)
                         return -errno;
                 /* Overflow-safe: fd_offset + size may wrap around 2^64. */
-                if (mr->fd_offset > (uint64_t) st.st_size || mr->size > (uint64_t) st.st_size - mr->fd_offset)
+                if (mr->fd_offset > (uint64_t) st.st_size ||
+                    mr->size > (uint64_t) st.st_size - mr->fd_offset)
                         return -EBADMSG;
                 r->slot = mr->slot;
                 r->guest_phys = mr->guest_phys;
@@ -464,17 +467,18 @@ static int check_socket_file(const char *path, struct stat *ret_st, char *why, s
                 return -errno;
         if (dst.st_uid == st.st_uid && (dst.st_mode & 0022) == 0)
                 return check_ancestors(dir, st.st_uid, why, why_size);
-        snprintf(why, why_size,
-                 "%s is owned by uid %u, which is neither root, nor this daemon's uid, nor the owner of a "
-                 "directory only it can write (%s: uid %u, mode %03o): another user could have put it there. "
-                 "Run the VMM as root or as the daemon's user, or put its socket in a directory of its own",
-                 path, (unsigned) st.st_uid, dir, (unsigned) dst.st_uid, (unsigned) (dst.st_mode & 07777));
+        snprintf(
+                why, why_size,
+                "%s is owned by uid %u, which is neither root, nor this daemon's uid, nor the owner of a "
+                "directory only it can write (%s: uid %u, mode %03o): another user could have put it there. "
+                "Run the VMM as root or as the daemon's user, or put its socket in a directory of its own",
+                path, (unsigned) st.st_uid, dir, (unsigned) dst.st_uid, (unsigned) (dst.st_mode & 07777));
         return -EPERM;
 }
 
 int vmm_link_open_checked(const char *path, const char *client, char *why, size_t why_size, VmmLink **ret)
 {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
         _cleanup_close_ int fd = -EBADF;
         struct ucred cred;
         socklen_t cl = sizeof(cred);
@@ -502,7 +506,8 @@ int vmm_link_open_checked(const char *path, const char *client, char *why, size_
                 return -errno;
         if (cred.uid != 0 && cred.uid != st.st_uid) {
                 snprintf(why, why_size,
-                         "the process serving %s (pid %d, uid %u) is neither root nor the socket's owner (uid %u)",
+                         "the process serving %s (pid %d, uid %u) is neither root nor the socket's owner "
+                         "(uid %u)",
                          path, (int) cred.pid, (unsigned) cred.uid, (unsigned) st.st_uid);
                 return -EPERM;
         }
@@ -575,13 +580,13 @@ int vmm_link_open_fd(int fd, const char *client, VmmLink **ret)
         return 0;
 }
 
-#define SIMPLE_REQUEST(l, field, CASE, msgtype, INIT)                     \
-        ({                                                                \
-                Dr__Control__Request _req = DR__CONTROL__REQUEST__INIT;   \
-                msgtype _m = INIT;                                        \
-                _req.body_case = DR__CONTROL__REQUEST__BODY_##CASE;       \
-                _req.field = &_m;                                         \
-                link_simple((l), &_req, DR__CONTROL__REPLY__BODY__NOT_SET, NULL); \
+#define SIMPLE_REQUEST(l, field, CASE, msgtype, INIT)                                                       \
+        ({                                                                                                  \
+                Dr__Control__Request _req = DR__CONTROL__REQUEST__INIT;                                     \
+                msgtype _m = INIT;                                                                          \
+                _req.body_case = DR__CONTROL__REQUEST__BODY_##CASE;                                         \
+                _req.field = &_m;                                                                           \
+                link_simple((l), &_req, DR__CONTROL__REPLY__BODY__NOT_SET, NULL);                           \
         })
 
 int vmm_link_start_tracking(VmmLink *l)

@@ -29,11 +29,11 @@ typedef struct VmmRegion {
         uint64_t guest_phys;
         uint64_t size;
         uint64_t n_pages;
-        uint64_t first_page;     /* index of this region's first page in the VM-wide page numbering */
+        uint64_t first_page; /* index of this region's first page in the VM-wide page numbering */
         int fd;
         uint64_t fd_offset;
-        const uint8_t *ram;      /* read-only MAP_SHARED mapping of the region */
-        uint64_t bitmap_offset;  /* into the bitmap memfd (bitmap mode) */
+        const uint8_t *ram;     /* read-only MAP_SHARED mapping of the region */
+        uint64_t bitmap_offset; /* into the bitmap memfd (bitmap mode) */
         uint64_t vmm_dirty_offset;
 } VmmRegion;
 
@@ -53,13 +53,13 @@ typedef struct VmmLayout {
         size_t n_regions;
         VmmVcpu vcpus[VMM_LINK_MAX_VCPUS];
         size_t n_vcpus;
-        uint64_t total_pages;    /* sum of n_pages over regions */
-        int ring_full_fd;        /* eventfd, or -1 */
-        int bitmap_fd;           /* or -1 */
-        uint8_t *bitmap;         /* MAP_SHARED read-only view of bitmap_fd */
+        uint64_t total_pages; /* sum of n_pages over regions */
+        int ring_full_fd;     /* eventfd, or -1 */
+        int bitmap_fd;        /* or -1 */
+        uint8_t *bitmap;      /* MAP_SHARED read-only view of bitmap_fd */
         uint64_t bitmap_size;
         int vmm_dirty_fd;
-        uint8_t *vmm_dirty;      /* MAP_SHARED read-write */
+        uint8_t *vmm_dirty; /* MAP_SHARED read-write */
         uint64_t vmm_dirty_size;
         int state_fd;
 } VmmLayout;

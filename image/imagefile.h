@@ -41,8 +41,8 @@
 #define IMAGE_PAGE_SIZE      4096U
 #define IMAGE_MAX_REGIONS    RAM_MAX_REGIONS
 #define IMAGE_MAX_VCPUS      128U
-#define IMAGE_MAX_DEPTH      64U          /* incremental images on top of one full image */
-#define IMAGE_RUN_MAX_PAGES  256U         /* a PRESENT run holds at most 1 MiB */
+#define IMAGE_MAX_DEPTH      64U           /* incremental images on top of one full image */
+#define IMAGE_RUN_MAX_PAGES  256U          /* a PRESENT run holds at most 1 MiB */
 #define IMAGE_RAM_MAX        RAM_MAX_BYTES /* 1 TiB, the reference VMM's bound */
 #define IMAGE_INVENTORY_MAX  (64U << 10)
 #define IMAGE_STATE_MAX      (256U << 20)

@@ -5,7 +5,7 @@ DR_DEPS=(
   meson ninja-build pkg-config gcc binutils uuid-dev libjson-c-dev
   protobuf-c-compiler libprotobuf-c-dev libsystemd-dev liblz4-dev
   libnl-3-dev libnl-route-3-dev libssl-dev openssl
-  python3 python3-prometheus-client iproute2 redis-tools qemu-system-x86 clang
+  python3 python3-prometheus-client iproute2 redis-tools qemu-system-x86 clang clang-format
   dbus-daemon systemd systemd-container util-linux debootstrap debian-archive-keyring
 )
 

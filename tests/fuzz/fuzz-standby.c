@@ -225,8 +225,8 @@ static bool handshake(int fd, bool two_regions)
         c = dr__repl__challenge__unpack(NULL, len, buf);
         if (!c || c->nonce.len != 32)
                 abort();
-        if (link_proof(secret, sizeof(secret), "dirtyrep-primary", c->nonce.data, nonce, VM_NAME, uuid, NULL, 0,
-                       proof) < 0)
+        if (link_proof(secret, sizeof(secret), "dirtyrep-primary", c->nonce.data, nonce, VM_NAME, uuid, NULL,
+                       0, proof) < 0)
                 abort();
         {
                 uint8_t p2s[LINK_KEY_BYTES], s2p[LINK_KEY_BYTES];

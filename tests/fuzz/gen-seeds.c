@@ -58,7 +58,7 @@ static size_t standby_epoch(uint8_t *out, uint64_t epoch, uint64_t base, const u
         Dr__Repl__EpochBegin b = DR__REPL__EPOCH_BEGIN__INIT;
         Dr__Repl__EpochState st = DR__REPL__EPOCH_STATE__INIT;
         Dr__Repl__EpochEnd e = DR__REPL__EPOCH_END__INIT;
-        uint8_t vmstate[16] = { 8, 1 };
+        uint8_t vmstate[16] = {8, 1};
         size_t at = 0, len;
         PageBatch pb;
 
@@ -78,7 +78,7 @@ static size_t standby_epoch(uint8_t *out, uint64_t epoch, uint64_t base, const u
         len = page_batch_finish(&pb);
         at += rec(out + at, DR__REPL__FRAME_TYPE__FRAME_PAGES, batch, len);
         st.epoch = epoch;
-        st.vmstate = (ProtobufCBinaryData) { sizeof(vmstate), vmstate };
+        st.vmstate = (ProtobufCBinaryData){sizeof(vmstate), vmstate};
         at += rec_message(out + at, DR__REPL__FRAME_TYPE__FRAME_STATE, &st.base);
         e.epoch = epoch;
         e.page_records = n;
@@ -105,13 +105,14 @@ static size_t vmm_open_replies(uint8_t *out, bool ring, uint64_t vmm_dirty_offse
         Dr__Control__Layout lay = DR__CONTROL__LAYOUT__INIT;
         Dr__Control__Region r0 = DR__CONTROL__REGION__INIT, r1 = DR__CONTROL__REGION__INIT;
         Dr__Control__Vcpu v0 = DR__CONTROL__VCPU__INIT, v1 = DR__CONTROL__VCPU__INIT;
-        Dr__Control__Region *regions[] = { &r0, &r1 };
-        Dr__Control__Vcpu *vcpus[] = { &v0, &v1 };
+        Dr__Control__Region *regions[] = {&r0, &r1};
+        Dr__Control__Vcpu *vcpus[] = {&v0, &v1};
         size_t at = 0;
 
         h.version = DR__CONTROL__CONTROL_VERSION__CONTROL_VERSION_CURRENT;
         h.has_features = true;
-        h.features = DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE | DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS;
+        h.features = DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE |
+                     DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS;
         r.id = 1;
         r.body_case = DR__CONTROL__REPLY__BODY_HELLO;
         r.hello = &h;
@@ -260,10 +261,10 @@ int main(int argc, char **argv)
         {
                 Dr__Control__Reply r = DR__CONTROL__REPLY__INIT;
                 Dr__Control__Layout l = DR__CONTROL__LAYOUT__INIT;
-                Dr__Control__Region reg = DR__CONTROL__REGION__INIT, *regs[1] = { &reg };
-                Dr__Control__Vcpu v = DR__CONTROL__VCPU__INIT, *vs[1] = { &v };
+                Dr__Control__Region reg = DR__CONTROL__REGION__INIT, *regs[1] = {&reg};
+                Dr__Control__Vcpu v = DR__CONTROL__VCPU__INIT, *vs[1] = {&v};
                 Dr__Control__StatusReply st = DR__CONTROL__STATUS_REPLY__INIT;
-                Dr__Control__VcpuStatus vst = DR__CONTROL__VCPU_STATUS__INIT, *vsts[1] = { &vst };
+                Dr__Control__VcpuStatus vst = DR__CONTROL__VCPU_STATUS__INIT, *vsts[1] = {&vst};
 
                 r.id = 2;
                 reg.slot = 0;
@@ -302,15 +303,15 @@ int main(int argc, char **argv)
                 /* fuzz-link: what a stranger may send a standby. */
                 static uint8_t nonce[32], uuid[16], session[16], buf[4096];
                 Dr__Repl__Hello h = DR__REPL__HELLO__INIT;
-                Dr__Repl__MemRegion mr = DR__REPL__MEM_REGION__INIT, *mrs[] = { &mr };
+                Dr__Repl__MemRegion mr = DR__REPL__MEM_REGION__INIT, *mrs[] = {&mr};
                 Dr__Repl__Auth a = DR__REPL__AUTH__INIT;
                 size_t n, m;
 
                 h.version = DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT;
                 h.vm_name = "vm0";
-                h.vm_uuid = (ProtobufCBinaryData) { 16, uuid };
-                h.session = (ProtobufCBinaryData) { 16, session };
-                h.nonce = (ProtobufCBinaryData) { 32, nonce };
+                h.vm_uuid = (ProtobufCBinaryData){16, uuid};
+                h.session = (ProtobufCBinaryData){16, session};
+                h.nonce = (ProtobufCBinaryData){32, nonce};
                 h.page_size = 4096;
                 mr.size = 1 << 20;
                 h.n_regions = 1;
@@ -319,9 +320,10 @@ int main(int argc, char **argv)
                 frame_header_build(buf, 1, buf + FRAME_HEADER_SIZE, (uint32_t) n);
                 put("fuzz-link", "hello", buf, FRAME_HEADER_SIZE + n);
                 /* Hello followed by an Auth with a made-up proof. */
-                a.proof = (ProtobufCBinaryData) { 32, nonce };
+                a.proof = (ProtobufCBinaryData){32, nonce};
                 m = dr__repl__auth__pack(&a, buf + 2 * FRAME_HEADER_SIZE + n);
-                frame_header_build(buf + FRAME_HEADER_SIZE + n, 3, buf + 2 * FRAME_HEADER_SIZE + n, (uint32_t) m);
+                frame_header_build(buf + FRAME_HEADER_SIZE + n, 3, buf + 2 * FRAME_HEADER_SIZE + n,
+                                   (uint32_t) m);
                 put("fuzz-link", "hello-auth", buf, 2 * FRAME_HEADER_SIZE + n + m);
                 /* Data before the handshake. */
                 frame_header_build(buf, 6, NULL, 0);
@@ -330,7 +332,7 @@ int main(int argc, char **argv)
         }
         {
                 static uint8_t buf[4 * (PAGE_BATCH_HEADER + 4 * PAGE_RECORD_MAX + 1024)];
-                static const uint64_t p1[] = { 0, 3, 15 }, p2[] = { 4, 17, 19 }, p3[] = { 5 };
+                static const uint64_t p1[] = {0, 3, 15}, p2[] = {4, 17, 19}, p3[] = {5};
                 Dr__Repl__EpochEnd e = DR__REPL__EPOCH_END__INIT;
                 size_t at;
 
@@ -360,7 +362,7 @@ int main(int argc, char **argv)
                 /* Bitmap: walk the layout, sync (GET_DIRTY_LOG per slot), VMM-dirty pages,
                  * pause with state, resume. Operation numbers: see fuzz-vmm-link.c. */
                 buf[0] = 5;
-                memcpy(buf + 1, (const uint8_t[]) { 12, 0, 11, 6, 2 }, 5);
+                memcpy(buf + 1, (const uint8_t[]){12, 0, 11, 6, 2}, 5);
                 at = 6 + vmm_open_replies(buf + 6, false, 64, 0, 4096);
                 dl.dirty_pages = 3;
                 r.body_case = DR__CONTROL__REPLY__BODY_GET_DIRTY_LOG;
@@ -383,7 +385,7 @@ int main(int argc, char **argv)
 
                 /* Ring: sync (harvest, RESET_RINGS), pause, resume with reset. */
                 buf[0] = 3;
-                memcpy(buf + 1, (const uint8_t[]) { 0, 5, 2 }, 3);
+                memcpy(buf + 1, (const uint8_t[]){0, 5, 2}, 3);
                 at = 4 + vmm_open_replies(buf + 4, true, 64, 0, 4096);
                 rs.count = 8;
                 r.body_case = DR__CONTROL__REPLY__BODY_RESET_RINGS;
@@ -406,7 +408,7 @@ int main(int argc, char **argv)
                  * checks (the daemon then read and zeroed memory outside the mapping), and
                  * sizes beyond the memfd passed too (SIGBUS on the first access). */
                 buf[0] = 2;
-                memcpy(buf + 1, (const uint8_t[]) { 11, 0 }, 2);
+                memcpy(buf + 1, (const uint8_t[]){11, 0}, 2);
                 at = 3 + vmm_open_replies(buf + 3, false, UINT64_MAX - 7, 0, 4096);
                 put("fuzz-vmm-link", "crash-vmm-dirty-offset-wrap", buf, at);
                 r.body_case = DR__CONTROL__REPLY__BODY_GET_DIRTY_LOG;

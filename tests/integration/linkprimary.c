@@ -17,8 +17,8 @@
  * this session's epoch still covered (the last acked, or the one in flight)
  * means an incremental epoch on it, anything else a full one. SIGUSR1 stops
  * sending new epochs (the model is frozen at the last one sent), SIGUSR2
- * resumes; each says so on stdout ("paused at N", "resumed"). After every ACK the model's page hash file (one LE CRC32C per
- * page, as `hash` on the debug socket writes it) goes to --hash.
+ * resumes; each says so on stdout ("paused at N", "resumed"). After every ACK the model's page hash file
+ * (one LE CRC32C per page, as `hash` on the debug socket writes it) goes to --hash.
  *
  * stdout, one event per line: "up lc=N session=ours|other|none",
  * "ack N full|inc", "down CODE REASON".
@@ -59,10 +59,10 @@ typedef struct P {
         bool up, paused;
         uint64_t n_pages;
         uint8_t *ram;
-        uint64_t sealed, acked;    /* last sent, last acknowledged (0: none) */
+        uint64_t sealed, acked; /* last sent, last acknowledged (0: none) */
         bool inflight, need_full;
-        uint64_t inflight_base;    /* 0: full */
-        uint64_t *dirty;           /* pages changed in the epoch in flight */
+        uint64_t inflight_base; /* 0: full */
+        uint64_t *dirty;        /* pages changed in the epoch in flight */
         size_t n_dirty;
         const char *hash_path;
         uint32_t interval_ms;
@@ -93,7 +93,8 @@ static int send_pages(P *p, uint64_t epoch, const uint64_t *pages, size_t n)
                         return r;
                 for (; i < n; i++) {
                         const uint8_t *d = p->ram + pages[i] * PAGE_BYTES;
-                        r = page_is_zero(d) ? page_batch_add_zero(&b, pages[i]) : page_batch_add(&b, pages[i], d);
+                        r = page_is_zero(d) ? page_batch_add_zero(&b, pages[i])
+                                            : page_batch_add(&b, pages[i], d);
                         if (r == -ENOSPC)
                                 break;
                         if (r < 0)
@@ -269,7 +270,10 @@ static void fill_heartbeat(Link *l, Dr__Repl__Heartbeat *hb, void *userdata)
 }
 
 static const LinkCallbacks callbacks = {
-        .on_up = on_up, .on_frame = on_frame, .on_down = on_down, .fill_heartbeat = fill_heartbeat,
+        .on_up = on_up,
+        .on_frame = on_frame,
+        .on_down = on_down,
+        .fill_heartbeat = fill_heartbeat,
 };
 
 static int on_retry(sd_event_source *s, uint64_t usec, void *userdata)
@@ -313,8 +317,7 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         } else if (si->ssi_signo == SIGUSR2) {
                 p->paused = false;
                 printf("resumed\n");
-        }
-        else
+        } else
                 return sd_event_exit(sd_event_source_get_event(s), 0);
         return 0;
 }
@@ -322,9 +325,12 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
 int main(int argc, char *argv[])
 {
         static const struct option opts[] = {
-                {"connect", required_argument, NULL, 'c'}, {"secret", required_argument, NULL, 's'},
-                {"name", required_argument, NULL, 'n'},    {"pages", required_argument, NULL, 'p'},
-                {"interval-ms", required_argument, NULL, 'i'}, {"hash", required_argument, NULL, 'h'},
+                {"connect", required_argument, NULL, 'c'},
+                {"secret", required_argument, NULL, 's'},
+                {"name", required_argument, NULL, 'n'},
+                {"pages", required_argument, NULL, 'p'},
+                {"interval-ms", required_argument, NULL, 'i'},
+                {"hash", required_argument, NULL, 'h'},
                 {},
         };
         static const char label[] = "dirtyrep-vm-uuid:";
@@ -339,9 +345,15 @@ int main(int argc, char *argv[])
         setvbuf(stdout, NULL, _IOLBF, 0);
         while ((c = getopt_long(argc, argv, "", opts, NULL)) >= 0)
                 switch (c) {
-                case 'c': connect_to = optarg; break;
-                case 's': secret_file = optarg; break;
-                case 'n': name = optarg; break;
+                case 'c':
+                        connect_to = optarg;
+                        break;
+                case 's':
+                        secret_file = optarg;
+                        break;
+                case 'n':
+                        name = optarg;
+                        break;
                 case 'p':
                         if (parse_u64(optarg, &pages) < 0 || pages == 0 || pages > (1u << 20))
                                 return fprintf(stderr, "--pages: 1..1048576\n"), 2;
@@ -350,8 +362,11 @@ int main(int argc, char *argv[])
                         if (parse_u32(optarg, &p.interval_ms) < 0 || p.interval_ms == 0)
                                 return fprintf(stderr, "--interval-ms: a positive number\n"), 2;
                         break;
-                case 'h': p.hash_path = optarg; break;
-                default: return 2;
+                case 'h':
+                        p.hash_path = optarg;
+                        break;
+                default:
+                        return 2;
                 }
         if (!connect_to || !secret_file || !name)
                 return fprintf(stderr, "usage: dr-linkprimary --connect ADDR:PORT --secret FILE --name VM "
@@ -376,7 +391,8 @@ int main(int argc, char *argv[])
                 EVP_MD_CTX *md = EVP_MD_CTX_new();
                 if (!md || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1 ||
                     EVP_DigestUpdate(md, label, strlen(label)) != 1 ||
-                    EVP_DigestUpdate(md, name, strlen(name)) != 1 || EVP_DigestFinal_ex(md, digest, &dlen) != 1)
+                    EVP_DigestUpdate(md, name, strlen(name)) != 1 ||
+                    EVP_DigestFinal_ex(md, digest, &dlen) != 1)
                         return 1;
                 EVP_MD_CTX_free(md);
         }
@@ -411,8 +427,8 @@ int main(int argc, char *argv[])
         if (sd_event_default(&p.e) < 0)
                 return 1;
         for (int sig = 0; sig < 4; sig++)
-                (void) sd_event_add_signal(p.e, NULL, (int[]){SIGTERM, SIGINT, SIGUSR1, SIGUSR2}[sig], on_signal,
-                                           &p);
+                (void) sd_event_add_signal(p.e, NULL, (int[]){SIGTERM, SIGINT, SIGUSR1, SIGUSR2}[sig],
+                                           on_signal, &p);
         now = now_usec();
         r = sd_event_add_time(p.e, &p.retry, CLOCK_MONOTONIC, now, 1000, on_retry, &p);
         if (r >= 0)

@@ -20,27 +20,27 @@
 #include "fdpass.h"
 #include "macros.h"
 
-#define CHECK(expr)                                                                            \
-        do {                                                                                   \
-                if (!(expr)) {                                                                 \
-                        fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #expr); \
-                        exit(1);                                                               \
-                }                                                                              \
+#define CHECK(expr)                                                                                         \
+        do {                                                                                                \
+                if (!(expr)) {                                                                              \
+                        fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #expr);            \
+                        exit(1);                                                                            \
+                }                                                                                           \
         } while (0)
 
-#define CHECK_EQ(a, b)                                                                           \
-        do {                                                                                     \
-                long long _a = (long long) (a), _b = (long long) (b);                            \
-                if (_a != _b) {                                                                  \
-                        fprintf(stderr, "%s:%d: %s == %s failed: %lld != %lld\n", __FILE__, __LINE__, \
-                                #a, #b, _a, _b);                                                 \
-                        exit(1);                                                                 \
-                }                                                                                \
+#define CHECK_EQ(a, b)                                                                                      \
+        do {                                                                                                \
+                long long _a = (long long) (a), _b = (long long) (b);                                       \
+                if (_a != _b) {                                                                             \
+                        fprintf(stderr, "%s:%d: %s == %s failed: %lld != %lld\n", __FILE__, __LINE__, #a,   \
+                                #b, _a, _b);                                                                \
+                        exit(1);                                                                            \
+                }                                                                                           \
         } while (0)
 
 static inline int peer_connect(const char *path)
 {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
         int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 
         if (fd < 0)
@@ -75,7 +75,7 @@ static inline Dr__Control__Reply *peer_recv(int fd, int *fds, size_t max_fds, si
         static uint8_t buf[65536];
         int tmp[FDPASS_MAX_FDS];
         size_t n = 0;
-        struct pollfd p = { .fd = fd, .events = POLLIN };
+        struct pollfd p = {.fd = fd, .events = POLLIN};
         ssize_t len;
 
         if (poll(&p, 1, 10000) <= 0)
@@ -140,7 +140,6 @@ static inline int peer_simple(int fd, Dr__Control__Request *req, Dr__Control__Re
         return e;
 }
 
-
 static inline int peer_hello(int fd)
 {
         Dr__Control__Hello h = DR__CONTROL__HELLO__INIT;
@@ -196,13 +195,26 @@ static inline Dr__Control__Request peer_empty_request(Dr__Control__Request__Body
 
         r.body_case = c;
         switch (c) {
-        case DR__CONTROL__REQUEST__BODY_GET_LAYOUT: r.get_layout = &gl; break;
-        case DR__CONTROL__REQUEST__BODY_START_TRACKING: r.start_tracking = &st; break;
-        case DR__CONTROL__REQUEST__BODY_STOP_TRACKING: r.stop_tracking = &sp; break;
-        case DR__CONTROL__REQUEST__BODY_RESET_RINGS: r.reset_rings = &rr; break;
-        case DR__CONTROL__REQUEST__BODY_SAVE_STATE: r.save_state = &ss; break;
-        case DR__CONTROL__REQUEST__BODY_GET_STATUS: r.get_status = &gs; break;
-        default: CHECK(!"not an empty request");
+        case DR__CONTROL__REQUEST__BODY_GET_LAYOUT:
+                r.get_layout = &gl;
+                break;
+        case DR__CONTROL__REQUEST__BODY_START_TRACKING:
+                r.start_tracking = &st;
+                break;
+        case DR__CONTROL__REQUEST__BODY_STOP_TRACKING:
+                r.stop_tracking = &sp;
+                break;
+        case DR__CONTROL__REQUEST__BODY_RESET_RINGS:
+                r.reset_rings = &rr;
+                break;
+        case DR__CONTROL__REQUEST__BODY_SAVE_STATE:
+                r.save_state = &ss;
+                break;
+        case DR__CONTROL__REQUEST__BODY_GET_STATUS:
+                r.get_status = &gs;
+                break;
+        default:
+                CHECK(!"not an empty request");
         }
         return r;
 }

@@ -136,8 +136,8 @@ static int ws_pages(const VmmLayout *lay, uint64_t **ret, size_t *ret_n)
                                         page = r->first_page + (gpa - r->guest_phys) / lay->page_size;
                         }
                         if (page == UINT64_MAX)
-                                return log_error_errno(-ERANGE, "Working set page 0x%" PRIx64 " is outside guest RAM",
-                                                       gpa);
+                                return log_error_errno(
+                                        -ERANGE, "Working set page 0x%" PRIx64 " is outside guest RAM", gpa);
                         pages[n++] = page;
                 }
         *ret = TAKE_PTR(pages);
@@ -159,7 +159,7 @@ static int harvest_for(Tracker *t, DirtySet *dirty, unsigned ms)
         int64_t n;
 
         while (now_usec() < end) {
-                struct pollfd p = { .fd = lay->ring_full_fd, .events = POLLIN };
+                struct pollfd p = {.fd = lay->ring_full_fd, .events = POLLIN};
                 int timeout = (int) MIN((end - now_usec()) / 1000 + 1, 1u);
 
                 if (lay->ring_full_fd >= 0 && poll(&p, 1, timeout) > 0 && (p.revents & POLLIN)) {
@@ -240,7 +240,8 @@ static int cmd_check(void)
                 /* Ordering rule: collect, reset, only then read contents. */
                 n = tracker_sync(&t, dirty);
                 if (n < 0)
-                        return log_error_errno((int) n, "Final harvest of round %u failed: %s", round, t.error);
+                        return log_error_errno((int) n, "Final harvest of round %u failed: %s", round,
+                                               t.error);
                 snapshot_stamps(t.lay, pages, n_pages, s1);
 
                 for (size_t i = 0; i < n_pages; i++) {
@@ -296,10 +297,12 @@ static int cmd_check(void)
 
         if (empty_rounds > arg_rounds / 2)
                 return log_error_errno(-ENODATA, "%u of %u rounds saw no guest writes; is dirtier running?",
-                                       empty_rounds, arg_rounds), 1;
+                                       empty_rounds, arg_rounds),
+                       1;
         if (t.ops == &tracker_ring_ops && t.stats.marked != t.stats.resets)
                 return log_error_errno(-EUCLEAN, "harvested %" PRIu64 " ring entries but KVM reset %" PRIu64,
-                                       t.stats.marked, t.stats.resets), 1;
+                                       t.stats.marked, t.stats.resets),
+                       1;
         if (arg_expect_ring_full) {
                 Dr__Control__StatusReply *st = NULL;
                 uint64_t full = 0;
@@ -310,9 +313,12 @@ static int cmd_check(void)
                 for (size_t i = 0; i < st->n_vcpus; i++)
                         full += st->vcpus[i]->ring_full_exits;
                 dr__control__status_reply__free_unpacked(st, NULL);
-                log_info("ring-full exits=%" PRIu64 " ring-full events=%" PRIu64, full, t.stats.ring_full_events);
+                log_info("ring-full exits=%" PRIu64 " ring-full events=%" PRIu64, full,
+                         t.stats.ring_full_events);
                 if (full == 0 || t.stats.ring_full_events == 0)
-                        return log_error_errno(-ENODATA, "expected the vCPUs to stop on ring-full, none did"), 1;
+                        return log_error_errno(-ENODATA,
+                                               "expected the vCPUs to stop on ring-full, none did"),
+                               1;
         }
         printf("harvester: mode=%s rounds=%u written=%" PRIu64 " reported=%" PRIu64 " entries=%" PRIu64
                " marked=%" PRIu64 " resets=%" PRIu64 " ring_full_events=%" PRIu64 " missed=0\n",
@@ -337,7 +343,7 @@ static int cmd_wedge(void)
 
         end = now_usec() + (uint64_t) arg_timeout_ms * USEC_PER_MSEC;
         while (now_usec() < end) {
-                struct pollfd p = { .fd = t.lay->ring_full_fd, .events = POLLIN };
+                struct pollfd p = {.fd = t.lay->ring_full_fd, .events = POLLIN};
                 Dr__Control__StatusReply *st = NULL;
                 bool agent_wedged = false;
                 int64_t n;
@@ -504,8 +510,8 @@ static int cmd_bench_harvest(void)
                "\"ring_full_events\": %" PRIu64 ", \"marked\": %" PRIu64 ", \"resets\": %" PRIu64
                ", \"seconds\": %.2f}\n",
                t.ops->name, (double) t.stats.entries * 1e6 / (double) (t1 - t0),
-               collect_ns ? (double) t.stats.entries * 1e9 / (double) collect_ns : 0.0, t.stats.ring_full_events,
-               t.stats.marked, t.stats.resets, (double) (t1 - t0) / 1e6);
+               collect_ns ? (double) t.stats.entries * 1e9 / (double) collect_ns : 0.0,
+               t.stats.ring_full_events, t.stats.marked, t.stats.resets, (double) (t1 - t0) / 1e6);
         return 0;
 }
 
@@ -526,7 +532,7 @@ static void on_epochs_sigterm(int sig)
 static int cmd_epochs(void)
 {
         _cleanup_(vmm_link_freep) VmmLink *link = NULL;
-        struct sigaction sa = { .sa_handler = on_epochs_sigterm, .sa_flags = SA_RESTART };
+        struct sigaction sa = {.sa_handler = on_epochs_sigterm, .sa_flags = SA_RESTART};
         uint64_t epoch = 1, released = 0, end;
         int r;
 
@@ -591,21 +597,13 @@ static void help(void)
 int main(int argc, char **argv)
 {
         static const struct option opts[] = {
-                { "control", required_argument, NULL, 'c' },
-                { "ws", required_argument, NULL, 'w' },
-                { "rounds", required_argument, NULL, 'r' },
-                { "interval-ms", required_argument, NULL, 'i' },
-                { "ring-full-only", no_argument, NULL, 'F' },
-                { "expect-ring-full", no_argument, NULL, 'E' },
-                { "state", required_argument, NULL, 's' },
-                { "ram", required_argument, NULL, 'm' },
-                { "resume", no_argument, NULL, 'R' },
-                { "count", required_argument, NULL, 'n' },
-                { "seconds", required_argument, NULL, 'S' },
-                { "timeout-ms", required_argument, NULL, 't' },
-                { "help", no_argument, NULL, 'h' },
-                {}
-        };
+                {"control", required_argument, NULL, 'c'},  {"ws", required_argument, NULL, 'w'},
+                {"rounds", required_argument, NULL, 'r'},   {"interval-ms", required_argument, NULL, 'i'},
+                {"ring-full-only", no_argument, NULL, 'F'}, {"expect-ring-full", no_argument, NULL, 'E'},
+                {"state", required_argument, NULL, 's'},    {"ram", required_argument, NULL, 'm'},
+                {"resume", no_argument, NULL, 'R'},         {"count", required_argument, NULL, 'n'},
+                {"seconds", required_argument, NULL, 'S'},  {"timeout-ms", required_argument, NULL, 't'},
+                {"help", no_argument, NULL, 'h'},           {}};
         const char *cmd;
         int c, r;
 

@@ -27,12 +27,13 @@
 #include "state.h"
 #include "util.h"
 
-#define RAM_SIZE (4u << 20)
-#define CODE_GPA 0x1000
+#define RAM_SIZE    (4u << 20)
+#define CODE_GPA    0x1000
 #define COUNTER_GPA 0x8000
-/* Large enough that the harvest loop keeps up; a full ring of CPL0 (emulated) stores can jam (docs/kvm-host.md). */
+/* Large enough that the harvest loop keeps up; a full ring of CPL0 (emulated) stores can jam
+ * (docs/kvm-host.md). */
 #define RING_ENTRIES 65536
-#define PORT 0x10
+#define PORT         0x10
 
 /*
  * 32-bit code at CODE_GPA:
@@ -137,14 +138,14 @@ static bool guest_progresses(Vm *vm)
 static void vm_start(Vm *vm, DrTrackingMode mode)
 {
         struct kvm_sregs sregs;
-        struct kvm_regs regs = { .rip = CODE_GPA, .rflags = 0x2 };
+        struct kvm_regs regs = {.rip = CODE_GPA, .rflags = 0x2};
         struct kvm_pit_config pit = {};
         _cleanup_free_ struct kvm_cpuid2 *cpuid = NULL;
         struct kvm_userspace_memory_region mr;
         DrAgentRegion region;
         DrAgentConfig cfg;
 
-        *vm = (Vm) { .mode = mode };
+        *vm = (Vm){.mode = mode};
         vm->kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
         if (vm->kvm < 0 && (errno == ENOENT || errno == ENODEV)) {
                 printf("no /dev/kvm: skipping\n");
@@ -158,8 +159,8 @@ static void vm_start(Vm *vm, DrTrackingMode mode)
         CHECK(ioctl(vm->vm, KVM_CREATE_PIT2, &pit) == 0);
 
         if (mode == DR_TRACKING_RING) {
-                struct kvm_enable_cap cap = { .cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
-                                              .args[0] = RING_ENTRIES * sizeof(struct kvm_dirty_gfn) };
+                struct kvm_enable_cap cap = {.cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+                                             .args[0] = RING_ENTRIES * sizeof(struct kvm_dirty_gfn)};
                 if (ioctl(vm->vm, KVM_ENABLE_CAP, &cap) < 0) {
                         cap.cap = KVM_CAP_DIRTY_LOG_RING;
                         CHECK(ioctl(vm->vm, KVM_ENABLE_CAP, &cap) == 0);
@@ -171,8 +172,10 @@ static void vm_start(Vm *vm, DrTrackingMode mode)
         vm->ram = mmap(NULL, RAM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, vm->memfd, 0);
         CHECK(vm->ram != MAP_FAILED);
         memcpy(vm->ram + CODE_GPA, guest_code, sizeof(guest_code));
-        mr = (struct kvm_userspace_memory_region) { .slot = 0, .guest_phys_addr = 0, .memory_size = RAM_SIZE,
-                                                    .userspace_addr = (uintptr_t) vm->ram };
+        mr = (struct kvm_userspace_memory_region){.slot = 0,
+                                                  .guest_phys_addr = 0,
+                                                  .memory_size = RAM_SIZE,
+                                                  .userspace_addr = (uintptr_t) vm->ram};
         CHECK(ioctl(vm->vm, KVM_SET_USER_MEMORY_REGION, &mr) == 0);
 
         vm->vcpu = ioctl(vm->vm, KVM_CREATE_VCPU, 0);
@@ -186,22 +189,22 @@ static void vm_start(Vm *vm, DrTrackingMode mode)
         CHECK(ioctl(vm->vcpu, KVM_SET_CPUID2, cpuid) == 0);
 
         CHECK(ioctl(vm->vcpu, KVM_GET_SREGS, &sregs) == 0);
-        sregs.cs = (struct kvm_segment) { .limit = 0xffffffff, .selector = 8, .type = 0xb, .present = 1,
-                                          .db = 1, .s = 1, .g = 1 };
-        sregs.ds = (struct kvm_segment) { .limit = 0xffffffff, .selector = 0x10, .type = 0x3, .present = 1,
-                                          .db = 1, .s = 1, .g = 1 };
+        sregs.cs = (struct kvm_segment){
+                .limit = 0xffffffff, .selector = 8, .type = 0xb, .present = 1, .db = 1, .s = 1, .g = 1};
+        sregs.ds = (struct kvm_segment){
+                .limit = 0xffffffff, .selector = 0x10, .type = 0x3, .present = 1, .db = 1, .s = 1, .g = 1};
         sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
-        sregs.tr = (struct kvm_segment) { .limit = 0xffff, .type = 0xb, .present = 1 };
-        sregs.ldt = (struct kvm_segment) { .limit = 0xffff, .type = 0x2, .present = 1 };
+        sregs.tr = (struct kvm_segment){.limit = 0xffff, .type = 0xb, .present = 1};
+        sregs.ldt = (struct kvm_segment){.limit = 0xffff, .type = 0x2, .present = 1};
         sregs.cr0 = 0x11;
         sregs.cr4 = sregs.efer = 0;
         CHECK(ioctl(vm->vcpu, KVM_SET_SREGS, &sregs) == 0);
         CHECK(ioctl(vm->vcpu, KVM_SET_REGS, &regs) == 0);
 
         snprintf(vm->sock, sizeof(vm->sock), "/tmp/dr-agent-selfvm-%d.sock", (int) getpid());
-        region = (DrAgentRegion) { .slot = 0, .guest_phys = 0, .size = RAM_SIZE, .memfd = vm->memfd,
-                                   .host_addr = vm->ram };
-        cfg = (DrAgentConfig) {
+        region = (DrAgentRegion){
+                .slot = 0, .guest_phys = 0, .size = RAM_SIZE, .memfd = vm->memfd, .host_addr = vm->ram};
+        cfg = (DrAgentConfig){
                 .socket_path = vm->sock,
                 .kvm_fd = vm->kvm,
                 .vm_fd = vm->vm,
@@ -212,7 +215,7 @@ static void vm_start(Vm *vm, DrTrackingMode mode)
                 .n_regions = 1,
                 .n_vcpus = 1,
                 .output_limit = 1 << 20,
-                .cb = { .output_release = on_release, .vcpu_wedged = on_wedged },
+                .cb = {.output_release = on_release, .vcpu_wedged = on_wedged},
                 .userdata = vm,
         };
         CHECK(dr_agent_new(&cfg, &vm->agent) >= 0);
@@ -371,7 +374,8 @@ static void test_layout(Vm *vm, int fd, int *ret_fds, size_t *ret_n, Dr__Control
 static void test_ring_harvest(Vm *vm, int fd, int vcpu_fd, int efd)
 {
         struct kvm_dirty_gfn *ring;
-        uint64_t fetch = vm->fetch, harvested = 0, reset_total = 0, t_end = now_usec() + 400000, ring_full_events = 0;
+        uint64_t fetch = vm->fetch, harvested = 0, reset_total = 0, t_end = now_usec() + 400000,
+                 ring_full_events = 0;
         uint32_t c0 = counter(vm);
         bool saw_counter = false;
 
@@ -380,7 +384,7 @@ static void test_ring_harvest(Vm *vm, int fd, int vcpu_fd, int efd)
         CHECK(ring != MAP_FAILED);
 
         while (now_usec() < t_end) {
-                struct pollfd p = { .fd = efd, .events = POLLIN };
+                struct pollfd p = {.fd = efd, .events = POLLIN};
                 Dr__Control__Request r = peer_empty_request(DR__CONTROL__REQUEST__BODY_RESET_RINGS);
                 Dr__Control__Reply *rep;
                 uint64_t batch = 0, v;
@@ -474,9 +478,9 @@ static void test_vmm_dirty(Vm *vm, int vmm_dirty_fd, uint64_t offset)
         CHECK(memcmp(m, "DRVMDIRT", 8) == 0);
         bits = (uint64_t *) ((uint8_t *) m + offset);
         seq0 = __atomic_load_n(&m[1], __ATOMIC_ACQUIRE);
-        dr_agent_note_guest_write(vm->agent, 0x3000, 0x2000);     /* pages 3, 4 */
-        dr_agent_note_guest_write(vm->agent, 0x3fff00, 0x1000);  /* page 1023 + beyond RAM */
-        dr_agent_note_guest_write(vm->agent, 0x10000000, 4096);   /* outside RAM: ignored */
+        dr_agent_note_guest_write(vm->agent, 0x3000, 0x2000);   /* pages 3, 4 */
+        dr_agent_note_guest_write(vm->agent, 0x3fff00, 0x1000); /* page 1023 + beyond RAM */
+        dr_agent_note_guest_write(vm->agent, 0x10000000, 4096); /* outside RAM: ignored */
         CHECK_EQ(__atomic_load_n(&m[1], __ATOMIC_ACQUIRE), seq0 + 2);
         CHECK_EQ(__atomic_exchange_n(&bits[0], 0, __ATOMIC_ACQ_REL), (1ULL << 3) | (1ULL << 4));
         CHECK_EQ(__atomic_exchange_n(&bits[15], 0, __ATOMIC_ACQ_REL), 1ULL << 63);
@@ -548,7 +552,8 @@ static void test_fused_seal(Vm *vm, int fd, int vcpu_fd, int state_fd, DrTrackin
                 buf = malloc(len);
                 CHECK(pread(state_fd, buf, len, 0) == (ssize_t) len);
                 CHECK(state_decode(buf, len, &snap) >= 0);
-                CHECK(snap->vcpus[0].regs.rip >= CODE_GPA && snap->vcpus[0].regs.rip < CODE_GPA + sizeof(guest_code));
+                CHECK(snap->vcpus[0].regs.rip >= CODE_GPA &&
+                      snap->vcpus[0].regs.rip < CODE_GPA + sizeof(guest_code));
                 c = counter(vm);
 
                 if (ring)
@@ -706,11 +711,13 @@ static void measure_round_trips(int fd, uint64_t epoch0)
         }
         qsort(rt, N, sizeof(uint64_t), cmp_u64);
         qsort(pause_ns, N, sizeof(uint64_t), cmp_u64);
-        printf("  PAUSE->RESUME round trip (client side, %d runs): min %llu us, median %llu us, p99 %llu us, "
+        printf("  PAUSE->RESUME round trip (client side, %d runs): min %llu us, median %llu us, p99 %llu "
+               "us, "
                "max %llu us; agent pause_ns median %llu us, p99 %llu us\n",
                N, (unsigned long long) rt[0] / 1000, (unsigned long long) rt[N / 2] / 1000,
                (unsigned long long) rt[N * 99 / 100] / 1000, (unsigned long long) rt[N - 1] / 1000,
-               (unsigned long long) pause_ns[N / 2] / 1000, (unsigned long long) pause_ns[N * 99 / 100] / 1000);
+               (unsigned long long) pause_ns[N / 2] / 1000,
+               (unsigned long long) pause_ns[N * 99 / 100] / 1000);
 }
 
 static void run(DrTrackingMode mode)

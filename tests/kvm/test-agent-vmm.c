@@ -142,8 +142,8 @@ int main(void)
         pid = fork();
         CHECK(pid >= 0);
         if (pid == 0) {
-                execl(vmm, vmm, "--kernel", guest, "--append", "report_ms=100", "--memory", "64M", "--control",
-                      sock_path, "--console", console_path, (char *) NULL);
+                execl(vmm, vmm, "--kernel", guest, "--append", "report_ms=100", "--memory", "64M",
+                      "--control", sock_path, "--console", console_path, (char *) NULL);
                 _exit(127);
         }
 

@@ -39,17 +39,17 @@
 #include "util.h"
 
 #define MAX_INFLIGHT 3
-#define FAIL(...)                                                                                                \
-        do {                                                                                                     \
-                fprintf(stderr, "FAIL: " __VA_ARGS__);                                                           \
-                fputc('\n', stderr);                                                                             \
-                cleanup_vmm();                                                                                   \
-                exit(1);                                                                                         \
+#define FAIL(...)                                                                                           \
+        do {                                                                                                \
+                fprintf(stderr, "FAIL: " __VA_ARGS__);                                                      \
+                fputc('\n', stderr);                                                                        \
+                cleanup_vmm();                                                                              \
+                exit(1);                                                                                    \
         } while (0)
-#define CHECK(x)                                                                                                 \
-        do {                                                                                                     \
-                if (!(x))                                                                                        \
-                        FAIL("%s:%d: %s", __FILE__, __LINE__, #x);                                               \
+#define CHECK(x)                                                                                            \
+        do {                                                                                                \
+                if (!(x))                                                                                   \
+                        FAIL("%s:%d: %s", __FILE__, __LINE__, #x);                                          \
         } while (0)
 
 static const uint8_t SECRET[] = "test-primary shared secret, 32+b";
@@ -105,7 +105,7 @@ typedef struct Standby {
         uint64_t committed;    /* last applied epoch */
         uint8_t session[16];
         bool have_session;
-        uint64_t max_unacked;  /* highest (ended - acked) seen */
+        uint64_t max_unacked; /* highest (ended - acked) seen */
         uint64_t ended, acked_sent;
         unsigned full_syncs, incrementals;
         char error[256];
@@ -232,9 +232,11 @@ static int sb_on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t le
                         return -EPROTO;
                 }
                 pthread_mutex_lock(&s->mutex);
-                if (!b->full && (!b->has_base_epoch || b->base_epoch != s->committed || b->epoch <= s->committed)) {
-                        snprintf(s->error, sizeof(s->error), "incremental epoch %" PRIu64 " on base %" PRIu64
-                                 " but we hold %" PRIu64, b->epoch, b->base_epoch, s->committed);
+                if (!b->full &&
+                    (!b->has_base_epoch || b->base_epoch != s->committed || b->epoch <= s->committed)) {
+                        snprintf(s->error, sizeof(s->error),
+                                 "incremental epoch %" PRIu64 " on base %" PRIu64 " but we hold %" PRIu64,
+                                 b->epoch, b->base_epoch, s->committed);
                         pthread_mutex_unlock(&s->mutex);
                         link_fail(l, -EPROTO, "bad base");
                         dr__repl__epoch_begin__free_unpacked(b, NULL);
@@ -260,8 +262,10 @@ static int sb_on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t le
                         goto bad;
                 n = page_batch_decode(payload, len, s->n_pages, &epoch, sb_page, s);
                 if (n < 0 || epoch != s->epoch) {
-                        fprintf(stderr, "standby: PAGES of %zu bytes: decode %" PRId64 ", epoch %" PRIu64
-                                " (in epoch %" PRIu64 ")\n", len, n, epoch, s->epoch);
+                        fprintf(stderr,
+                                "standby: PAGES of %zu bytes: decode %" PRId64 ", epoch %" PRIu64
+                                " (in epoch %" PRIu64 ")\n",
+                                len, n, epoch, s->epoch);
                         goto bad;
                 }
                 s->records += (uint64_t) n;
@@ -396,12 +400,13 @@ static void *sb_thread(void *userdata)
 
 static void sb_start(Standby *s, unsigned ack_delay_ms)
 {
-        struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
 
         s->ack_delay_ms = ack_delay_ms;
         pthread_mutex_init(&s->mutex, NULL);
         CHECK(sd_event_new(&s->e) >= 0);
-        CHECK(link_listener_new(s->e, (struct sockaddr *) &sin, sizeof(sin), 4, sb_on_accept, s, &s->ll) >= 0);
+        CHECK(link_listener_new(s->e, (struct sockaddr *) &sin, sizeof(sin), 4, sb_on_accept, s, &s->ll) >=
+              0);
         CHECK(link_listener_address(s->ll, &s->addr, &s->addr_len) >= 0);
         s->quit_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         CHECK(s->quit_fd >= 0);
@@ -416,12 +421,12 @@ static void sb_start(Standby *s, unsigned ack_delay_ms)
 /* ---- the test -------------------------------------------------------------------------- */
 
 /* Runs the primary's loop until cond holds or ms pass. */
-#define RUN_UNTIL(e, cond, ms)                                                                                 \
-        ({                                                                                                     \
-                uint64_t _end = now_usec() + (uint64_t) (ms) * 1000u;                                          \
-                while (!(cond) && now_usec() < _end)                                                           \
-                        CHECK(sd_event_run((e), 10000) >= 0);                                                  \
-                (cond);                                                                                        \
+#define RUN_UNTIL(e, cond, ms)                                                                              \
+        ({                                                                                                  \
+                uint64_t _end = now_usec() + (uint64_t) (ms) *1000u;                                        \
+                while (!(cond) && now_usec() < _end)                                                        \
+                        CHECK(sd_event_run((e), 10000) >= 0);                                               \
+                (cond);                                                                                     \
         })
 
 static uint64_t sb_committed(Standby *s)
@@ -463,9 +468,10 @@ static void compare_hashes(Standby *s, const char *path, uint64_t epoch)
         }
         pthread_mutex_unlock(&s->mutex);
         if (diff)
-                FAIL("epoch %" PRIu64 ": %zu pages differ between primary and replica (first: page %zu)", epoch, diff,
-                     first);
-        printf("epoch %" PRIu64 ": replica identical (%" PRIu64 " pages, %zu non-zero)\n", epoch, s->n_pages, nonzero);
+                FAIL("epoch %" PRIu64 ": %zu pages differ between primary and replica (first: page %zu)",
+                     epoch, diff, first);
+        printf("epoch %" PRIu64 ": replica identical (%" PRIu64 " pages, %zu non-zero)\n", epoch, s->n_pages,
+               nonzero);
 }
 
 int main(int argc, char **argv)
@@ -527,17 +533,20 @@ int main(int argc, char **argv)
                 int fd = open(console, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
                 if (fd >= 0)
                         dup2(fd, STDOUT_FILENO);
-                execl(vmm, vmm, "--name", "t-primary", "--control", ctl, "--console", console, "--kernel", guest,
-                      "--cpus", "1", "--memory", "256M", "--tracking", mode, "--append", append, (char *) NULL);
+                execl(vmm, vmm, "--name", "t-primary", "--control", ctl, "--console", console, "--kernel",
+                      guest, "--cpus", "1", "--memory", "256M", "--tracking", mode, "--append", append,
+                      (char *) NULL);
                 _exit(127);
         }
 
         primary_get_status(p, &st);
-        CHECK(RUN_UNTIL(e, (primary_get_status(p, &st), streq(st.state, "protected") || streq(st.state, "failed")),
-                        30000));
+        CHECK(RUN_UNTIL(
+                e, (primary_get_status(p, &st), streq(st.state, "protected") || streq(st.state, "failed")),
+                30000));
         if (streq(st.state, "failed"))
                 FAIL("primary failed: %s", st.detail);
-        printf("protected after full sync: last_committed=%" PRIu64 " detail=%s\n", st.last_committed, st.detail);
+        printf("protected after full sync: last_committed=%" PRIu64 " detail=%s\n", st.last_committed,
+               st.detail);
 
         for (unsigned round = 0; round < 4; round++) {
                 uint64_t epoch = 0, t_end = now_usec() + 1500 * 1000;
@@ -567,8 +576,9 @@ int main(int argc, char **argv)
                          * on the standby's last committed one (the standby checks the base). */
                         CHECK(eventfd_write(sb.cut_fd, 1) == 0);
                         CHECK(RUN_UNTIL(e, (primary_get_status(p, &st), !st.link_up), 5000));
-                        CHECK(RUN_UNTIL(e, (primary_get_status(p, &st), st.incremental_syncs == 1 &&
-                                                                             streq(st.state, "protected")),
+                        CHECK(RUN_UNTIL(e,
+                                        (primary_get_status(p, &st),
+                                         st.incremental_syncs == 1 && streq(st.state, "protected")),
                                         15000));
                         printf("resynced incrementally after a cut: last_committed=%" PRIu64 "\n",
                                st.last_committed);
@@ -593,8 +603,8 @@ int main(int argc, char **argv)
         pthread_mutex_lock(&sb.mutex);
         printf("mode=%s epoch_ms=%u rate=%u ack_delay_ms=%u: sealed=%" PRIu64 " committed=%" PRIu64
                " pause p50=%.3f ms p99=%.3f ms max=%.3f ms pages_last_epoch=%" PRIu64 " dirty=%.0f/s "
-               "compression=%.2f bytes_sent=%" PRIu64 " max_inflight(primary)=%" PRIu64 " max_unacked(standby)=%" PRIu64
-               " full_syncs=%" PRIu64 "\n",
+               "compression=%.2f bytes_sent=%" PRIu64 " max_inflight(primary)=%" PRIu64
+               " max_unacked(standby)=%" PRIu64 " full_syncs=%" PRIu64 "\n",
                mode, epoch_ms, rate, ack_delay, st.last_sealed, st.last_committed, st.pause_ns_p50 / 1e6,
                st.pause_ns_p99 / 1e6, st.pause_ns_max / 1e6, st.pages_last_epoch, st.dirty_pages_per_s,
                st.compression_ratio, st.bytes_sent, max_inflight_seen, sb.max_unacked, st.full_syncs);

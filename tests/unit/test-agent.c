@@ -27,21 +27,32 @@ static void fill_snapshot(VmSnapshot *s)
                 v->cpuid = calloc(3, sizeof(*v->cpuid));
                 ASSERT_TRUE(v->cpuid);
                 for (unsigned k = 0; k < 3; k++)
-                        v->cpuid[k] = (struct kvm_cpuid_entry2) { .function = k, .index = i, .flags = 1,
-                                                                  .eax = 0x1000 + k, .ebx = 2, .ecx = 3,
-                                                                  .edx = 0xffffffffu };
+                        v->cpuid[k] = (struct kvm_cpuid_entry2){.function = k,
+                                                                .index = i,
+                                                                .flags = 1,
+                                                                .eax = 0x1000 + k,
+                                                                .ebx = 2,
+                                                                .ecx = 3,
+                                                                .edx = 0xffffffffu};
                 v->mp_state.mp_state = KVM_MP_STATE_HALTED;
                 v->regs.rax = 0x1122334455667788ULL + i;
                 v->regs.r15 = 15;
                 v->regs.rip = 0xffffffff81000000ULL;
                 v->regs.rflags = 0x202;
-                v->sregs.cs = (struct kvm_segment) { .base = 0, .limit = 0xffffffff, .selector = 0x10, .type = 11,
-                                                     .present = 1, .dpl = 0, .l = 1, .g = 1, .s = 1 };
-                v->sregs.ss = (struct kvm_segment) { .selector = 0x23, .dpl = 3, .type = 3, .present = 1 };
-                v->sregs.tr = (struct kvm_segment) { .base = 0x5000, .limit = 0x67, .type = 11, .present = 1 };
+                v->sregs.cs = (struct kvm_segment){.base = 0,
+                                                   .limit = 0xffffffff,
+                                                   .selector = 0x10,
+                                                   .type = 11,
+                                                   .present = 1,
+                                                   .dpl = 0,
+                                                   .l = 1,
+                                                   .g = 1,
+                                                   .s = 1};
+                v->sregs.ss = (struct kvm_segment){.selector = 0x23, .dpl = 3, .type = 3, .present = 1};
+                v->sregs.tr = (struct kvm_segment){.base = 0x5000, .limit = 0x67, .type = 11, .present = 1};
                 v->sregs.ldt.unusable = 1;
-                v->sregs.gdt = (struct kvm_dtable) { .base = 0x1000, .limit = 0x3f };
-                v->sregs.idt = (struct kvm_dtable) { .base = 0x2000, .limit = 0xfff };
+                v->sregs.gdt = (struct kvm_dtable){.base = 0x1000, .limit = 0x3f};
+                v->sregs.idt = (struct kvm_dtable){.base = 0x2000, .limit = 0xfff};
                 v->sregs.cr0 = 0x80050033;
                 v->sregs.cr3 = 0x9000;
                 v->sregs.cr4 = 0x6a0;
@@ -64,8 +75,8 @@ static void fill_snapshot(VmSnapshot *s)
                 v->n_msrs = 2;
                 v->msrs = calloc(2, sizeof(*v->msrs));
                 ASSERT_TRUE(v->msrs);
-                v->msrs[0] = (struct kvm_msr_entry) { .index = 0x10, .data = 123456789 };
-                v->msrs[1] = (struct kvm_msr_entry) { .index = 0xc0000080, .data = 0xd01 };
+                v->msrs[0] = (struct kvm_msr_entry){.index = 0x10, .data = 123456789};
+                v->msrs[1] = (struct kvm_msr_entry){.index = 0xc0000080, .data = 0xd01};
                 v->events.exception.injected = 1;
                 v->events.exception.nr = 14;
                 v->events.exception.has_error_code = 1;
@@ -79,14 +90,14 @@ static void fill_snapshot(VmSnapshot *s)
         }
         s->has_pit = 1;
         for (unsigned k = 0; k < 3; k++)
-                s->pit.channels[k] = (struct kvm_pit_channel_state) { .count = 65536 - k, .mode = 2, .rw_mode = 3,
-                                                                      .gate = 1, .count_load_time = -5 };
+                s->pit.channels[k] = (struct kvm_pit_channel_state){
+                        .count = 65536 - k, .mode = 2, .rw_mode = 3, .gate = 1, .count_load_time = -5};
         s->pit.flags = KVM_PIT_FLAGS_HPET_LEGACY;
         s->has_clock = 1;
         s->clock.clock = 987654321;
         s->has_irqchip = 1;
-        s->pic[0] = (struct kvm_pic_state) { .irq_base = 0x20, .imr = 0xfb, .elcr_mask = 0xf8, .init4 = 1 };
-        s->pic[1] = (struct kvm_pic_state) { .irq_base = 0x28, .imr = 0xff, .elcr_mask = 0xde };
+        s->pic[0] = (struct kvm_pic_state){.irq_base = 0x20, .imr = 0xfb, .elcr_mask = 0xf8, .init4 = 1};
+        s->pic[1] = (struct kvm_pic_state){.irq_base = 0x28, .imr = 0xff, .elcr_mask = 0xde};
         s->ioapic.base_address = 0xfec00000;
         s->ioapic.id = 2;
         for (unsigned k = 0; k < KVM_IOAPIC_NUM_PINS; k++)
@@ -189,7 +200,7 @@ TEST(state_rejects_bad_input)
                 ASSERT_OK(state_encode(t, &b2, &l2));
                 ASSERT_EQ(state_decode(b2, l2, &d), -EBADMSG);
         }
-        ASSERT_EQ(dr_state_restore(0, 0, (const int[]) { 0 }, 1, garbage, 10, NULL, NULL), -EBADMSG);
+        ASSERT_EQ(dr_state_restore(0, 0, (const int[]){0}, 1, garbage, 10, NULL, NULL), -EBADMSG);
 }
 
 typedef struct Sink {
@@ -325,7 +336,7 @@ TEST(set_regions_only_while_detached)
         /* No KVM needed: ring mode does no KVM ioctl until a client asks. */
         char path[] = "/tmp/dr-test-agent-XXXXXX";
         _cleanup_close_ int memfd = -EBADF, devnull = -EBADF, client = -EBADF;
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
         struct kvm_run *run;
         DrAgent *a = NULL;
         uint8_t *ram;
@@ -343,18 +354,32 @@ TEST(set_regions_only_while_detached)
         ASSERT_TRUE(devnull >= 0);
 
         /* A PC before and after its firmware shadowed the BIOS: slots come and go. */
-        regions[0] = (DrAgentRegion) { .slot = 0, .guest_phys = 0, .size = 0xa0000, .memfd = memfd,
-                                       .host_addr = ram };
-        regions[1] = (DrAgentRegion) { .slot = 1, .guest_phys = 0x100000, .size = 0x300000, .memfd = memfd,
-                                       .memfd_offset = 0x100000, .host_addr = ram + 0x100000 };
-        regions[2] = (DrAgentRegion) { .slot = 5, .guest_phys = 0xf0000, .size = 0x10000, .memfd = memfd,
-                                       .memfd_offset = 0xf0000, .host_addr = ram + 0xf0000,
-                                       .kvm_flags = KVM_MEM_READONLY };
+        regions[0] = (DrAgentRegion){
+                .slot = 0, .guest_phys = 0, .size = 0xa0000, .memfd = memfd, .host_addr = ram};
+        regions[1] = (DrAgentRegion){.slot = 1,
+                                     .guest_phys = 0x100000,
+                                     .size = 0x300000,
+                                     .memfd = memfd,
+                                     .memfd_offset = 0x100000,
+                                     .host_addr = ram + 0x100000};
+        regions[2] = (DrAgentRegion){.slot = 5,
+                                     .guest_phys = 0xf0000,
+                                     .size = 0x10000,
+                                     .memfd = memfd,
+                                     .memfd_offset = 0xf0000,
+                                     .host_addr = ram + 0xf0000,
+                                     .kvm_flags = KVM_MEM_READONLY};
         ASSERT_TRUE(strlen(path) + 10 < sizeof(sa.sun_path));
         snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/a.sock", path);
-        cfg = (DrAgentConfig) { .socket_path = sa.sun_path, .kvm_fd = devnull, .vm_fd = devnull, .vm_name = "t",
-                                .mode = DR_TRACKING_RING, .ring_entries = 4096, .regions = regions,
-                                .n_regions = 2, .n_vcpus = 1 };
+        cfg = (DrAgentConfig){.socket_path = sa.sun_path,
+                              .kvm_fd = devnull,
+                              .vm_fd = devnull,
+                              .vm_name = "t",
+                              .mode = DR_TRACKING_RING,
+                              .ring_entries = 4096,
+                              .regions = regions,
+                              .n_regions = 2,
+                              .n_vcpus = 1};
         ASSERT_OK(dr_agent_new(&cfg, &a));
         ASSERT_OK(dr_agent_add_vcpu(a, 0, devnull, run));
 
@@ -387,9 +412,10 @@ TEST(set_regions_only_while_detached)
 }
 
 /* An agent without KVM: any open fd passes for kvm_fd and vm_fd until an ioctl is made. */
-static void agent_without_kvm(Sink *s, char *sock, DrAgent **ret, int *ret_null_fd, int *ret_memfd, void **ret_map)
+static void agent_without_kvm(Sink *s, char *sock, DrAgent **ret, int *ret_null_fd, int *ret_memfd,
+                              void **ret_map)
 {
-        DrAgentRegion region = { .slot = 0, .size = 16 * 4096 };
+        DrAgentRegion region = {.slot = 0, .size = 16 * 4096};
         DrAgentConfig cfg = {
                 .socket_path = sock,
                 .vm_name = "t",
@@ -398,7 +424,7 @@ static void agent_without_kvm(Sink *s, char *sock, DrAgent **ret, int *ret_null_
                 .regions = &region,
                 .n_regions = 1,
                 .n_vcpus = 1,
-                .cb = { .output_release = sink_release },
+                .cb = {.output_release = sink_release},
                 .userdata = s,
         };
 

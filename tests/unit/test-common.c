@@ -17,11 +17,9 @@ static RamLayout two_regions(void)
 {
         return (RamLayout){
                 .page_size = RAM_PAGE_SIZE,
-                .regions = {{.slot = 0, .guest_phys = 0, .size = 3ULL << 30, .fd_offset = 0},
-                            {.slot = 1,
-                             .guest_phys = 4ULL << 30,
-                             .size = 2ULL << 30,
-                             .fd_offset = 3ULL << 30}},
+                .regions =
+                        {{.slot = 0, .guest_phys = 0, .size = 3ULL << 30, .fd_offset = 0},
+                         {.slot = 1, .guest_phys = 4ULL << 30, .size = 2ULL << 30, .fd_offset = 3ULL << 30}},
                 .n_regions = 2,
         };
 }
@@ -104,16 +102,16 @@ TEST(uuid_text_forms)
         static const char *const bad[] = {
                 "",
                 "not-a-uuid",
-                "123e4567e89b12d3a456426614174000",        /* no hyphens */
-                "123e4567--e89b-12d3-a456-426614174000",   /* repeated hyphen (the old parser took it) */
-                "123e4567-e89b--12d3-a456-42661417400",    /* repeated hyphen, same length */
-                "123e4567-e89b-12d3-a456-42661417400-",    /* hyphen at the end */
-                "123e-4567-e89b-12d3-a456426614174000",    /* hyphens in the wrong places */
-                "123e4567-e89b-12d3-a456-4266141740000",   /* one digit too many */
-                "123e4567-e89b-12d3-a456-42661417400",     /* one digit short */
-                " 123e4567-e89b-12d3-a456-426614174000",   /* surrounding text */
+                "123e4567e89b12d3a456426614174000",      /* no hyphens */
+                "123e4567--e89b-12d3-a456-426614174000", /* repeated hyphen (the old parser took it) */
+                "123e4567-e89b--12d3-a456-42661417400",  /* repeated hyphen, same length */
+                "123e4567-e89b-12d3-a456-42661417400-",  /* hyphen at the end */
+                "123e-4567-e89b-12d3-a456426614174000",  /* hyphens in the wrong places */
+                "123e4567-e89b-12d3-a456-4266141740000", /* one digit too many */
+                "123e4567-e89b-12d3-a456-42661417400",   /* one digit short */
+                " 123e4567-e89b-12d3-a456-426614174000", /* surrounding text */
                 "123e4567-e89b-12d3-a456-426614174000\n",
-                "123e4567-e89b-12d3-a456-42661417400g",    /* not hex */
+                "123e4567-e89b-12d3-a456-42661417400g", /* not hex */
                 "{123e4567-e89b-12d3-a456-426614174000}",
         };
         uint8_t u[16];
@@ -139,7 +137,7 @@ TEST(uuid_text_forms)
 
 TEST(crc32c_vectors)
 {
-        static const uint8_t zeros[32] = { 0 };
+        static const uint8_t zeros[32] = {0};
         uint8_t ones[32], inc[32];
 
         memset(ones, 0xff, sizeof(ones));

@@ -126,8 +126,11 @@ TEST(vm_defaults)
 
 TEST(vm_vmm_type_qemu)
 {
-        static const VmmArgValues val = { .ram = "/proc/self/fd/3", .state = "/proc/self/fd/4", .ready_fd = "5",
-                                          .control = "/run/dirtyrep/web.sock", .name = "web" };
+        static const VmmArgValues val = {.ram = "/proc/self/fd/3",
+                                         .state = "/proc/self/fd/4",
+                                         .ready_fd = "5",
+                                         .control = "/run/dirtyrep/web.sock",
+                                         .name = "web"};
         _cleanup_(vm_config_freep) VmConfig *d = vm_ok(PRIMARY_MIN);
         _cleanup_(vm_config_freep) VmConfig *v = NULL;
         _cleanup_free_ char *x = NULL, *e = NULL;
@@ -137,7 +140,8 @@ TEST(vm_vmm_type_qemu)
         ASSERT_EQ(d->vmm_type, VMM_TYPE_DIRTYREP_VMM);
         ASSERT_STREQ(vmm_type_to_string(VMM_TYPE_QEMU), "qemu");
 
-        v = vm_ok(PRIMARY_MIN "Vmm=/usr/bin/qemu-system-x86_64\nVmmType=qemu\n"
+        v = vm_ok(PRIMARY_MIN
+                  "Vmm=/usr/bin/qemu-system-x86_64\nVmmType=qemu\n"
                   "VmmArgs=-S -object memory-backend-file,id=m0,size=256M,mem-path=%r,share=on "
                   "-object 'dirtyrep-agent,id=dr0,path=%c,name=%n,restore=%s,ready-fd=%f' -name 100%%\n");
         ASSERT_EQ(v->vmm_type, VMM_TYPE_QEMU);
@@ -156,7 +160,8 @@ TEST(vm_vmm_type_qemu)
         ASSERT_TRUE(x == NULL);
 
         /* Failover could not start this QEMU on the replica: refused at load, naming what is missing. */
-        e = vm_errors(PRIMARY_MIN "VmmType=qemu\nVmmArgs=-object dirtyrep-agent,path=%c,restore=%s,ready-fd=%f\n");
+        e = vm_errors(PRIMARY_MIN
+                      "VmmType=qemu\nVmmArgs=-object dirtyrep-agent,path=%c,restore=%s,ready-fd=%f\n");
         ASSERT_TRUE(strstr(e, "VmmType=qemu: VmmArgs= lacks %r (the replica's RAM)") != NULL);
         e = mfree_str(e);
         e = vm_errors(PRIMARY_MIN "VmmType=qemu\nVmmArgs=%r %s %f %c %q\n");
@@ -168,31 +173,32 @@ TEST(vm_vmm_type_qemu)
 
 TEST(vm_all_keys)
 {
-        static const char text[] = "\xEF\xBB\xBF# a standby with every key set\n"
-                                   "; another comment\n"
-                                   "\n"
-                                   "  [VM]  \r\n"
-                                   "Role = standby\r\n"
-                                   "ControlSocket=/run/x/web.sock\n"
-                                   "Peer=[2001:db8::1]:7001\n"
-                                   "\tListen =  [::]:0 \t\n"
-                                   "EpochMs=10000\n"
-                                   "Tracking=bitmap\n"
-                                   "SecretFile=/etc/dirtyrep/secret\n"
-                                   "MaxInflightEpochs=64\n"
-                                   "Compression=none\n"
-                                   "PreCopy=no\n"
-                                   "MaxStagingMB=65536\n"
-                                   "Vmm=/opt/bin/my-vmm\n"
-                                   "VmmArgs=--ring-entries 1024  --console '/run/dirtyrep/web console' \"a b\"c\n"
-                                   "FenceCommand=/usr/local/bin/fence --host old\n"
-                                   "FailoverPolicy=auto\n"
-                                   "ServiceAddress=2001:db8::10/64\n"
-                                   "ServiceInterface=eth0\n"
-                                   "SplitBrainTimeoutMs=100\n"
-                                   "SplitBrainPolicy=continue\n"
-                                   "OutputCommit=no\n"
-                                   "ConsoleCommit=yes"; /* no final newline */
+        static const char text[] =
+                "\xEF\xBB\xBF# a standby with every key set\n"
+                "; another comment\n"
+                "\n"
+                "  [VM]  \r\n"
+                "Role = standby\r\n"
+                "ControlSocket=/run/x/web.sock\n"
+                "Peer=[2001:db8::1]:7001\n"
+                "\tListen =  [::]:0 \t\n"
+                "EpochMs=10000\n"
+                "Tracking=bitmap\n"
+                "SecretFile=/etc/dirtyrep/secret\n"
+                "MaxInflightEpochs=64\n"
+                "Compression=none\n"
+                "PreCopy=no\n"
+                "MaxStagingMB=65536\n"
+                "Vmm=/opt/bin/my-vmm\n"
+                "VmmArgs=--ring-entries 1024  --console '/run/dirtyrep/web console' \"a b\"c\n"
+                "FenceCommand=/usr/local/bin/fence --host old\n"
+                "FailoverPolicy=auto\n"
+                "ServiceAddress=2001:db8::10/64\n"
+                "ServiceInterface=eth0\n"
+                "SplitBrainTimeoutMs=100\n"
+                "SplitBrainPolicy=continue\n"
+                "OutputCommit=no\n"
+                "ConsoleCommit=yes"; /* no final newline */
         _cleanup_(vm_config_freep) VmConfig *v = vm_ok(text);
         const struct sockaddr_in6 *peer = (const struct sockaddr_in6 *) &v->peer.sa;
         struct in6_addr expect;
@@ -214,7 +220,8 @@ TEST(vm_all_keys)
         ASSERT_TRUE(!v->pre_copy);
         ASSERT_EQ(v->max_staging_mb, 65536);
         ASSERT_STREQ(v->vmm, "/opt/bin/my-vmm");
-        ASSERT_STREQ(v->vmm_args_string, "--ring-entries 1024  --console '/run/dirtyrep/web console' \"a b\"c");
+        ASSERT_STREQ(v->vmm_args_string,
+                     "--ring-entries 1024  --console '/run/dirtyrep/web console' \"a b\"c");
         ASSERT_EQ(v->n_vmm_args, 5);
         ASSERT_STREQ(v->vmm_args[0], "--ring-entries");
         ASSERT_STREQ(v->vmm_args[1], "1024");
@@ -260,13 +267,15 @@ TEST(vm_error_classes)
         assert_vm_error(PRIMARY_MIN "EpochMs=99999999999999999999999\n",
                         VM_PATH ":5: EpochMs=99999999999999999999999: must be between 1 and 10000");
         assert_vm_error(PRIMARY_MIN "EpochMs=0x10\n",
-                        VM_PATH ":5: EpochMs=0x10: not a time span (20ms, 2s; a bare number is milliseconds), must be between 1 and 10000");
+                        VM_PATH ":5: EpochMs=0x10: not a time span (20ms, 2s; a bare number is "
+                                "milliseconds), must be between 1 and 10000");
         assert_vm_error(PRIMARY_MIN "EpochMs=-1\n",
-                        VM_PATH ":5: EpochMs=-1: not a time span (20ms, 2s; a bare number is milliseconds), must be between 1 and 10000");
-        assert_vm_error(
-                PRIMARY_MIN "EpochMs=20 # inline comment\n", VM_PATH
-                ":5: EpochMs=20 # inline comment: not a time span (20ms, 2s; a bare number is milliseconds), must be "
-                "between 1 and 10000");
+                        VM_PATH ":5: EpochMs=-1: not a time span (20ms, 2s; a bare number is milliseconds), "
+                                "must be between 1 and 10000");
+        assert_vm_error(PRIMARY_MIN "EpochMs=20 # inline comment\n",
+                        VM_PATH ":5: EpochMs=20 # inline comment: not a time span (20ms, 2s; a bare number "
+                                "is milliseconds), must be "
+                                "between 1 and 10000");
         assert_vm_error(PRIMARY_MIN "[Network]\nFoo=1\nBar=2\n",
                         VM_PATH ":5: unknown section [Network], expected [VM]");
         assert_vm_error(PRIMARY_MIN "[VM\n", VM_PATH ":5: invalid section header \"[VM\"");
@@ -339,8 +348,8 @@ TEST(vm_failover_policy_cluster)
         ASSERT_STREQ(failover_policy_to_string(v->failover_policy), "cluster");
         ASSERT_EQ(v->split_brain_policy, SPLIT_BRAIN_POLICY_SUSPEND);
         /* An isolated primary that released output on its own would lose acknowledged writes. */
-        assert_vm_error(PRIMARY_MIN "FailoverPolicy=cluster\nSplitBrainPolicy=continue\n",
-                        VM_PATH ":6: SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster "
+        assert_vm_error(PRIMARY_MIN "FailoverPolicy=cluster\nSplitBrainPolicy=continue\n", VM_PATH
+                        ":6: SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster "
                         "(use suspend)");
         assert_vm_error(PRIMARY_MIN "FailoverPolicy=pacemaker\n",
                         VM_PATH ":5: FailoverPolicy=pacemaker: must be one of: manual, auto, cluster");
@@ -990,9 +999,9 @@ TEST(systemd_time_spans)
                 const char *s;
                 uint64_t ms;
         } ok[] = {
-                {"20", 20},         {"20ms", 20},     {"2s", 2000},        {"1.5s", 1500},  {"1min 30s", 90000},
-                {"1min30s", 90000}, {"500 ms", 500},  {"2000us", 2},       {"0.25s", 250},  {"1h", 3600000},
-                {"3sec", 3000},     {"20msec", 20},   {" 7 ", 7},
+                {"20", 20},         {"20ms", 20},    {"2s", 2000},  {"1.5s", 1500}, {"1min 30s", 90000},
+                {"1min30s", 90000}, {"500 ms", 500}, {"2000us", 2}, {"0.25s", 250}, {"1h", 3600000},
+                {"3sec", 3000},     {"20msec", 20},  {" 7 ", 7},
         };
         static const char *const bad[] = {"", "ms", "20 parsecs", "-1s", "0x10", "2s-", "1..5s"};
         uint64_t v;
@@ -1020,11 +1029,12 @@ TEST(systemd_time_spans)
 TEST(did_you_mean_edit_distance)
 {
         /* Not only case: a letter missing, one too many, two swapped. */
-        assert_vm_error(PRIMARY_MIN "EpocMs=5\n", VM_PATH ":5: unknown key EpocMs= in section [VM], did you mean EpochMs=?");
+        assert_vm_error(PRIMARY_MIN "EpocMs=5\n",
+                        VM_PATH ":5: unknown key EpocMs= in section [VM], did you mean EpochMs=?");
         assert_vm_error(PRIMARY_MIN "Trackking=ring\n",
                         VM_PATH ":5: unknown key Trackking= in section [VM], did you mean Tracking=?");
-        assert_vm_error(PRIMARY_MIN "FailoverPolciy=auto\n",
-                        VM_PATH ":5: unknown key FailoverPolciy= in section [VM], did you mean FailoverPolicy=?");
+        assert_vm_error(PRIMARY_MIN "FailoverPolciy=auto\n", VM_PATH
+                        ":5: unknown key FailoverPolciy= in section [VM], did you mean FailoverPolicy=?");
         assert_vm_error(PRIMARY_MIN "secretfile=/x\n",
                         VM_PATH ":5: unknown key secretfile= in section [VM], did you mean SecretFile=?");
         /* Nothing close: no guess. */
@@ -1038,23 +1048,23 @@ TEST(failover_needs)
         _cleanup_free_ char *errors = NULL;
 
         /* The man page's old example: an automatic standby with nowhere to replicate to after failover. */
-        assert_vm_error(STANDBY_MIN "FailoverPolicy=auto\n",
-                        VM_PATH ":5: FailoverPolicy=auto requires Peer=ADDRESS:PORT: after a failover this host is "
+        assert_vm_error(STANDBY_MIN "FailoverPolicy=auto\n", VM_PATH
+                        ":5: FailoverPolicy=auto requires Peer=ADDRESS:PORT: after a failover this host is "
                         "the primary and replicates to the old primary's host (set Peer= to its Listen=)");
         vm_config_free(vm_ok(STANDBY_MIN "FailoverPolicy=auto\nPeer=192.0.2.1:7000\n"));
         vm_config_free(vm_ok(STANDBY_MIN "FailoverPolicy=manual\n"));
 
         /* VmmArgs= as getopt_long() reads them: abbreviations, '=', short clusters. */
-        assert_vm_error(STANDBY_MIN "VmmArgs=--mem 2G\n",
-                        VM_PATH ":5: VmmArgs=: --mem is read by the VMM as --memory, which must not be set here: "
+        assert_vm_error(STANDBY_MIN "VmmArgs=--mem 2G\n", VM_PATH
+                        ":5: VmmArgs=: --mem is read by the VMM as --memory, which must not be set here: "
                         "the RAM size is the replica's");
-        assert_vm_error(STANDBY_MIN "VmmArgs=--memory=2G\n",
-                        VM_PATH ":5: VmmArgs=: --memory=2G (--memory) must not be set here: the RAM size is the "
+        assert_vm_error(STANDBY_MIN "VmmArgs=--memory=2G\n", VM_PATH
+                        ":5: VmmArgs=: --memory=2G (--memory) must not be set here: the RAM size is the "
                         "replica's");
-        assert_vm_error(STANDBY_MIN "VmmArgs=-m2G\n",
-                        VM_PATH ":5: VmmArgs=: -m2G (--memory) must not be set here: the RAM size is the replica's");
-        assert_vm_error(STANDBY_MIN "VmmArgs=--contr /run/x.sock\n",
-                        VM_PATH ":5: VmmArgs=: --contr is read by the VMM as --control, which must not be set here: "
+        assert_vm_error(STANDBY_MIN "VmmArgs=-m2G\n", VM_PATH
+                        ":5: VmmArgs=: -m2G (--memory) must not be set here: the RAM size is the replica's");
+        assert_vm_error(STANDBY_MIN "VmmArgs=--contr /run/x.sock\n", VM_PATH
+                        ":5: VmmArgs=: --contr is read by the VMM as --control, which must not be set here: "
                         "activation passes --control with ControlSocket=");
         errors = vm_errors(STANDBY_MIN "VmmArgs=--cpus 2 --kernel /k --ram-fd 7\n");
         ASSERT_CONTAINS(errors, "--cpus (--cpus) must not be set here: the vCPU count is the replica's");

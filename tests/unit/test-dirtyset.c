@@ -50,7 +50,7 @@ static void check(DirtySet *s, const uint8_t *ref)
 TEST(random_ops)
 {
         /* Not a multiple of 64 nor of 64*64: the tail words and summary bits are exercised. */
-        const uint64_t pages[] = { 1, 63, 64, 65, 4095, 4096, 4097, 70001 };
+        const uint64_t pages[] = {1, 63, 64, 65, 4095, 4096, 4097, 70001};
 
         for (size_t c = 0; c < sizeof(pages) / sizeof(pages[0]); c++) {
                 uint64_t P = pages[c];

@@ -551,7 +551,8 @@ static const char *jstr(json_object *o, const char *key)
 TEST(json_paths_utf8)
 {
         /* "grüße-镜像", and a name that is not UTF-8: 0xff, a lone continuation byte, a cut sequence. */
-        static const char good[] = "gr\xc3\xbc\xc3\x9f" "e-\xe9\x95\x9c\xe5\x83\x8f";
+        static const char good[] = "gr\xc3\xbc\xc3\x9f"
+                                   "e-\xe9\x95\x9c\xe5\x83\x8f";
         static const char bad[] = "bad-\xff-\x80-\xe9\x95";
         _cleanup_free_ char *d0 = NULL, *d1 = NULL, *db = NULL, *ppath = NULL, *out = NULL;
         _cleanup_free_ uint64_t *covered = NULL;

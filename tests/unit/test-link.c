@@ -370,8 +370,8 @@ static void raw_keys(const uint8_t pnonce[32], const uint8_t snonce[32], LinkSid
 {
         uint8_t p2s[LINK_KEY_BYTES], s2p[LINK_KEY_BYTES];
 
-        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), pnonce, snonce, 32, "vm0", UUID, 16, NULL, 0, p2s,
-                                    s2p));
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), pnonce, snonce, 32, "vm0", UUID, 16, NULL, 0,
+                                    p2s, s2p));
         raw_reset();
         ASSERT_OK(link_mac_new(side == LINK_PRIMARY ? p2s : s2p, &raw.tx));
         ASSERT_OK(link_mac_new(side == LINK_PRIMARY ? s2p : p2s, &raw.rx));
@@ -531,15 +531,15 @@ TEST(session_keys_field_limits)
         memset(binding, 4, sizeof(binding));
         memset(name, 'v', 255);
         name[255] = 0;
-        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
-                                    sizeof(binding), a, b));
-        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
-                                    sizeof(binding), a2, b2));
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid),
+                                    binding, sizeof(binding), a, b));
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid),
+                                    binding, sizeof(binding), a2, b2));
         ASSERT_TRUE(memcmp(a, a2, 32) == 0 && memcmp(b, b2, 32) == 0 && memcmp(a, b, 32) != 0);
         /* The last field counts: another binding, other keys. */
         binding[31] ^= 1;
-        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid), binding,
-                                    sizeof(binding), a2, b2));
+        ASSERT_OK(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, sizeof(uuid),
+                                    binding, sizeof(binding), a2, b2));
         ASSERT_TRUE(memcmp(a, a2, 32) != 0);
         ASSERT_EQ(link_session_keys(SECRET, sizeof(SECRET), n1, n2, sizeof(n1), name, uuid, 256, binding,
                                     sizeof(binding), a2, b2),
@@ -682,7 +682,8 @@ TEST(relayed_handshake_then_forged_ack)
         ASSERT_OK(RET_NERRNO(getsockname(rl, (struct sockaddr *) &f.addr, &sl)));
         f.addr_len = sl;
         primary_connect(&f, SECRET, sizeof(SECRET), NULL);
-        for (uint64_t end = now_usec() + 2 * USEC_PER_SEC; pfd < 0; pfd = accept4(rl, NULL, NULL, SOCK_CLOEXEC)) {
+        for (uint64_t end = now_usec() + 2 * USEC_PER_SEC; pfd < 0;
+             pfd = accept4(rl, NULL, NULL, SOCK_CLOEXEC)) {
                 ASSERT_TRUE(now_usec() < end);
                 ASSERT_TRUE(sd_event_run(f.e, 1000) >= 0);
         }
@@ -705,7 +706,8 @@ TEST(relayed_handshake_then_forged_ack)
         /* An ACK with a valid CRC and the sequence number the primary expects. */
         ack.epoch = 1;
         len = dr__repl__ack__pack(&ack, frame + FRAME_HEADER_SIZE);
-        frame_header_build(frame, DR__REPL__FRAME_TYPE__FRAME_ACK, frame + FRAME_HEADER_SIZE, (uint32_t) len);
+        frame_header_build(frame, DR__REPL__FRAME_TYPE__FRAME_ACK, frame + FRAME_HEADER_SIZE,
+                           (uint32_t) len);
         put_le64(frame + FRAME_HEADER_SIZE + len, down.keyed_frames);
         fill_random(frame + FRAME_HEADER_SIZE + len + 8, LINK_MAC_TAG_BYTES, 11);
         ASSERT_OK(loop_write(pfd, frame, FRAME_HEADER_SIZE + len + LINK_MAC_TRAILER_BYTES));
@@ -1094,8 +1096,8 @@ static void many_init(Fixture *f, Many *m, unsigned max_pending)
         memset(m, 0, sizeof(*m));
         m->f = f;
         f->ll = link_listener_free(f->ll);
-        ASSERT_OK(link_listener_new(f->e, (struct sockaddr *) &sin, sizeof(sin), max_pending, many_on_accept, m,
-                                    &f->ll));
+        ASSERT_OK(link_listener_new(f->e, (struct sockaddr *) &sin, sizeof(sin), max_pending, many_on_accept,
+                                    m, &f->ll));
         ASSERT_OK(link_listener_address(f->ll, &f->addr, &f->addr_len));
 }
 
@@ -1272,7 +1274,8 @@ TEST(listener_served_while_a_link_streams)
         fixture_init(&f, SECRET, sizeof(SECRET));
         primary_connect(&f, SECRET, sizeof(SECRET), NULL);
         ASSERT_TRUE(RUN_UNTIL(f.e, f.p.ups && f.s.ups, 2000));
-        ASSERT_OK(link_listener_new(f.e, (struct sockaddr *) &sin, sizeof(sin), 4, count_accept, &accepted, &ll2));
+        ASSERT_OK(link_listener_new(f.e, (struct sockaddr *) &sin, sizeof(sin), 4, count_accept, &accepted,
+                                    &ll2));
         ASSERT_OK(link_listener_address(ll2, &addr2, &addr2_len));
 
         frame_work_us = 5000;

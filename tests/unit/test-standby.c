@@ -1003,7 +1003,8 @@ static void assert_corrupt_refused(Fixture *f, const char *name, off_t off, bool
         StandbyReplica *rep = NULL;
         int fd;
 
-        snprintf(cmd, sizeof(cmd), "cp --sparse=always '%s/vm0.replica' '%s/%s.replica'", f->dir, f->dir, name);
+        snprintf(cmd, sizeof(cmd), "cp --sparse=always '%s/vm0.replica' '%s/%s.replica'", f->dir, f->dir,
+                 name);
         ASSERT_EQ(system(cmd), 0);
         snprintf(cmd, sizeof(cmd), "%s/%s.replica", f->dir, name);
         fd = open(cmd, O_RDWR | O_CLOEXEC);
@@ -1044,11 +1045,13 @@ TEST(replica_release_save_restore)
         prim_connect(&f, &p);
         epoch_full(&f, &p, 1);
         for (uint64_t e = 2; e <= 4; e++)
-                epoch_send(&f, &p, e, false, e - 1, pages, model_dirty(&f, (uint32_t) e, pages, 40), "state-r");
+                epoch_send(&f, &p, e, false, e - 1, pages, model_dirty(&f, (uint32_t) e, pages, 40),
+                           "state-r");
         assert_replica(&f, 4);
 
         /* Released while the primary is connected: it is told why (maintenance), the replica moves out. */
-        ASSERT_OK(standby_release_replica(f.s, STANDBY_MAINTENANCE_CODE, "going down for maintenance", &rep));
+        ASSERT_OK(
+                standby_release_replica(f.s, STANDBY_MAINTENANCE_CODE, "going down for maintenance", &rep));
         ASSERT_TRUE(RUN_UNTIL(f.e, p.downs > 0, 5000));
         ASSERT_EQ(p.down_error, STANDBY_MAINTENANCE_CODE);
         ASSERT_CONTAINS(p.down_reason, "maintenance");
@@ -1073,8 +1076,8 @@ TEST(replica_release_save_restore)
         ASSERT_TRUE((uint64_t) stb.st_blocks * 512 < (uint64_t) stb.st_size);
 
         /* Damage anywhere is refused with a reason, never half loaded. */
-        assert_corrupt_refused(&f, "hdr", 20, false);             /* epoch */
-        assert_corrupt_refused(&f, "state", 4096 + 2, false);     /* state bytes */
+        assert_corrupt_refused(&f, "hdr", 20, false);                    /* epoch */
+        assert_corrupt_refused(&f, "state", 4096 + 2, false);            /* state bytes */
         assert_corrupt_refused(&f, "ram", 8192 + 4096 * 7 + 100, false); /* a RAM page */
         assert_corrupt_refused(&f, "short", stb.st_size - 4096, true);
         ASSERT_EQ(standby_replica_load(f.dir, "missing", &rep, why, sizeof(why)), -ENOENT);

@@ -603,7 +603,7 @@ TEST(link_tls_terminator_relay_refused)
         SSL_CTX_free(ptls);
         ASSERT_TRUE(RUN_UNTIL(f.e, f.p.downs && f.s.downs, 5000));
         ASSERT_TRUE(__atomic_load_n(&t.both_tls_up, __ATOMIC_ACQUIRE)); /* its certificates were good */
-        ASSERT_TRUE(t.forwarded > 0);                                   /* HELLO and CHALLENGE went through */
+        ASSERT_TRUE(t.forwarded > 0); /* HELLO and CHALLENGE went through */
         ASSERT_EQ(f.p.ups + f.s.ups + f.s.frames, 0);
         ASSERT_EQ(f.p.down_error, -EACCES);
         assert_reason(&f.p, "relayed through another TLS connection");

@@ -16,40 +16,38 @@ typedef struct TestCase {
         void (*func)(void);
 } TestCase;
 
-#define TEST(n)                                                                         \
-        static void test_##n(void);                                                     \
-        static const TestCase test_case_##n __attribute__((used, section("dr_tests"),   \
-                                                           aligned(sizeof(void *)))) = { \
-                #n, test_##n                                                            \
-        };                                                                              \
+#define TEST(n)                                                                                             \
+        static void test_##n(void);                                                                         \
+        static const TestCase test_case_##n                                                                 \
+                __attribute__((used, section("dr_tests"), aligned(sizeof(void *)))) = {#n, test_##n};       \
         static void test_##n(void)
 
-#define ASSERT_TRUE(expr)                                                                      \
-        do {                                                                                   \
-                if (!(expr)) {                                                                 \
-                        fprintf(stderr, "%s:%d: assertion failed: %s\n", __FILE__, __LINE__, #expr); \
-                        exit(1);                                                               \
-                }                                                                              \
+#define ASSERT_TRUE(expr)                                                                                   \
+        do {                                                                                                \
+                if (!(expr)) {                                                                              \
+                        fprintf(stderr, "%s:%d: assertion failed: %s\n", __FILE__, __LINE__, #expr);        \
+                        exit(1);                                                                            \
+                }                                                                                           \
         } while (0)
 
-#define ASSERT_EQ(a, b)                                                                          \
-        do {                                                                                     \
-                intmax_t _a = (intmax_t) (a), _b = (intmax_t) (b);                               \
-                if (_a != _b) {                                                                  \
-                        fprintf(stderr, "%s:%d: %s == %s failed: %jd != %jd\n", __FILE__, __LINE__, #a, \
-                                #b, _a, _b);                                                     \
-                        exit(1);                                                                 \
-                }                                                                                \
+#define ASSERT_EQ(a, b)                                                                                     \
+        do {                                                                                                \
+                intmax_t _a = (intmax_t) (a), _b = (intmax_t) (b);                                          \
+                if (_a != _b) {                                                                             \
+                        fprintf(stderr, "%s:%d: %s == %s failed: %jd != %jd\n", __FILE__, __LINE__, #a, #b, \
+                                _a, _b);                                                                    \
+                        exit(1);                                                                            \
+                }                                                                                           \
         } while (0)
 
 /* Evaluates expr once: it may allocate or have side effects. */
-#define ASSERT_OK(expr)                                                                        \
-        do {                                                                                   \
-                intmax_t _r = (intmax_t) (expr);                                               \
-                if (_r < 0) {                                                                  \
-                        fprintf(stderr, "%s:%d: %s failed: %jd\n", __FILE__, __LINE__, #expr, _r); \
-                        exit(1);                                                               \
-                }                                                                              \
+#define ASSERT_OK(expr)                                                                                     \
+        do {                                                                                                \
+                intmax_t _r = (intmax_t) (expr);                                                            \
+                if (_r < 0) {                                                                               \
+                        fprintf(stderr, "%s:%d: %s failed: %jd\n", __FILE__, __LINE__, #expr, _r);          \
+                        exit(1);                                                                            \
+                }                                                                                           \
         } while (0)
 
 extern const TestCase __start_dr_tests[];
@@ -68,8 +66,8 @@ static inline int tests_run(void)
         return 0;
 }
 
-#define DEFINE_TEST_MAIN             \
-        int main(void)               \
-        {                            \
-                return tests_run();  \
+#define DEFINE_TEST_MAIN                                                                                    \
+        int main(void)                                                                                      \
+        {                                                                                                   \
+                return tests_run();                                                                         \
         }

@@ -13,29 +13,29 @@
 #include "output.h"
 
 #define AGENT_DEFAULT_OUTPUT_LIMIT (16u * 1024 * 1024)
-#define AGENT_MAX_RING_ENTRIES 65536u         /* KVM's maximum: 1 MiB of 16-byte entries */
-#define AGENT_STATE_MAX (64u * 1024 * 1024)   /* cap on what SaveState writes */
-#define AGENT_STATE_INITIAL (1u * 1024 * 1024)
-#define AGENT_VMM_DIRTY_HEADER 64
-#define AGENT_VMM_DIRTY_MAGIC "DRVMDIRT" /* 8 bytes, no NUL: le64 magic of control.proto */
+#define AGENT_MAX_RING_ENTRIES     65536u              /* KVM's maximum: 1 MiB of 16-byte entries */
+#define AGENT_STATE_MAX            (64u * 1024 * 1024) /* cap on what SaveState writes */
+#define AGENT_STATE_INITIAL        (1u * 1024 * 1024)
+#define AGENT_VMM_DIRTY_HEADER     64
+#define AGENT_VMM_DIRTY_MAGIC      "DRVMDIRT" /* 8 bytes, no NUL: le64 magic of control.proto */
 /* Ring-full exits in a row with nothing to harvest or reset before a vCPU is declared wedged. */
-#define AGENT_WEDGE_STREAK 64
+#define AGENT_WEDGE_STREAK             64
 #define AGENT_DEFAULT_PAUSE_TIMEOUT_MS 1000
-#define AGENT_SEND_TIMEOUT_MS 2000
+#define AGENT_SEND_TIMEOUT_MS          2000
 
 typedef struct AgentRegion {
-        DrAgentRegion r;          /* r.memfd is the agent's own dup */
+        DrAgentRegion r; /* r.memfd is the agent's own dup */
         uint64_t npages;
-        uint64_t bitmap_offset;   /* in the bitmap memfd (bitmap mode) */
+        uint64_t bitmap_offset; /* in the bitmap memfd (bitmap mode) */
         uint64_t vmm_dirty_offset;
-        uint64_t bitmap_bytes;    /* one bitmap: npages rounded up to 64 bits */
+        uint64_t bitmap_bytes; /* one bitmap: npages rounded up to 64 bits */
 } AgentRegion;
 
 typedef struct AgentVcpu {
         unsigned index;
-        int fd;                       /* borrowed from the VMM */
-        struct kvm_run *run;          /* borrowed */
-        struct kvm_dirty_gfn *ring;   /* our own mapping of its dirty ring, or NULL */
+        int fd;                     /* borrowed from the VMM */
+        struct kvm_run *run;        /* borrowed */
+        struct kvm_dirty_gfn *ring; /* our own mapping of its dirty ring, or NULL */
 
         /* Under DrAgent.lock. */
         bool registered;
@@ -48,8 +48,8 @@ typedef struct AgentVcpu {
          * between runs is never cut in half by SaveState.
          */
         bool busy;
-        bool pending_completion;      /* last exit went to the VMM: KVM may owe an I/O completion */
-        bool ring_wait;               /* waiting for ResetRings after a ring-full exit */
+        bool pending_completion; /* last exit went to the VMM: KVM may owe an I/O completion */
+        bool ring_wait;          /* waiting for ResetRings after a ring-full exit */
         uint64_t ring_wait_gen;
         bool wedged;
         Dr__Control__VcpuRunState state;
@@ -69,7 +69,7 @@ struct DrAgent {
         uint32_t ring_entries;
         uint32_t page_size;
         uint64_t tsc_khz;
-        bool manual_protect;          /* KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on for this VM */
+        bool manual_protect; /* KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on for this VM */
         AgentRegion regions[DR_AGENT_MAX_REGIONS];
         size_t n_regions;
         unsigned n_vcpus;
@@ -79,16 +79,16 @@ struct DrAgent {
         int kick_signal;
 
         int listen_fd;
-        int stop_fd;                  /* eventfd: dr_agent_stop() -> agent thread */
-        int ring_full_fd;             /* eventfd handed to the client (ring mode) */
-        int bitmap_fd;                /* memfd (bitmap mode) */
+        int stop_fd;      /* eventfd: dr_agent_stop() -> agent thread */
+        int ring_full_fd; /* eventfd handed to the client (ring mode) */
+        int bitmap_fd;    /* memfd (bitmap mode) */
         uint8_t *bitmap_map;
         uint64_t bitmap_size;
         int vmm_dirty_fd;
         uint8_t *vmm_dirty_map;
         uint64_t vmm_dirty_size;
         int state_fd;
-        uint64_t state_size;          /* current memfd size; only ever grows (the client maps it) */
+        uint64_t state_size; /* current memfd size; only ever grows (the client maps it) */
 
         OutputQueue *outq;
 
@@ -97,15 +97,15 @@ struct DrAgent {
 
         /* vCPU coordination. */
         pthread_mutex_t lock;
-        pthread_cond_t vcpu_cond;     /* vCPUs wait here: resume, reset, stop */
-        pthread_cond_t agent_cond;    /* Pause waits here for vCPUs to become idle */
+        pthread_cond_t vcpu_cond;  /* vCPUs wait here: resume, reset, stop */
+        pthread_cond_t agent_cond; /* Pause waits here for vCPUs to become idle */
         bool paused;
         /* Pause{suspend}: the split-brain guard's pause. Survives StopTracking and the
          * client's departure; only Resume{unsuspend} clears it (proto/control.proto). */
         bool suspended;
-        uint64_t paused_since_ns;     /* when the Pause arrived (0: none), for ResumeReply.paused_ns */
+        uint64_t paused_since_ns; /* when the Pause arrived (0: none), for ResumeReply.paused_ns */
         bool stopping;
-        uint64_t reset_gen;           /* bumped by every ResetRings and detach */
+        uint64_t reset_gen; /* bumped by every ResetRings and detach */
         uint64_t resets_total;
         uint64_t epoch;
         bool have_epoch;

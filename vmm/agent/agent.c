@@ -37,7 +37,7 @@ static void kick_handler(int sig)
 static int bind_socket(const char *path, int *ret_fd)
 {
         _cleanup_close_ int fd = -EBADF;
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
 
         if (strlen(path) >= sizeof(sa.sun_path))
                 return -ENAMETOOLONG;
@@ -100,7 +100,8 @@ static int validate_regions(const DrAgentRegion *regions, size_t n)
                         const DrAgentRegion *o = &regions[j];
                         if (o->slot == r->slot)
                                 return -EINVAL;
-                        if (r->guest_phys < o->guest_phys + o->size && o->guest_phys < r->guest_phys + r->size)
+                        if (r->guest_phys < o->guest_phys + o->size &&
+                            o->guest_phys < r->guest_phys + r->size)
                                 return -EINVAL;
                 }
         }
@@ -113,9 +114,8 @@ static int validate_config(const DrAgentConfig *cfg)
                 return -EINVAL;
         if (cfg->mode != DR_TRACKING_RING && cfg->mode != DR_TRACKING_BITMAP)
                 return -EINVAL;
-        if (cfg->mode == DR_TRACKING_RING &&
-            (!IS_POWER_OF_2(cfg->ring_entries) || cfg->ring_entries < 256 ||
-             cfg->ring_entries > AGENT_MAX_RING_ENTRIES))
+        if (cfg->mode == DR_TRACKING_RING && (!IS_POWER_OF_2(cfg->ring_entries) || cfg->ring_entries < 256 ||
+                                              cfg->ring_entries > AGENT_MAX_RING_ENTRIES))
                 return -EINVAL; /* KVM: power of two, >= one page, <= 64k entries */
         if (cfg->n_vcpus == 0 || cfg->n_vcpus > DR_AGENT_MAX_VCPUS)
                 return -EINVAL;
@@ -129,7 +129,7 @@ static int validate_config(const DrAgentConfig *cfg)
 static bool enable_manual_protect(int vm_fd)
 {
         int caps = ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2);
-        struct kvm_enable_cap cap = { .cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 };
+        struct kvm_enable_cap cap = {.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
 
         if (caps <= 0)
                 return false;
@@ -280,7 +280,7 @@ static void dr_agent_freep_internal(DrAgent **a)
 int dr_agent_new(const DrAgentConfig *cfg, DrAgent **ret)
 {
         _cleanup_(dr_agent_freep_internal) DrAgent *a = NULL;
-        struct sigaction sa = { .sa_handler = kick_handler };
+        struct sigaction sa = {.sa_handler = kick_handler};
         pthread_condattr_t ca;
         int r;
 
@@ -323,7 +323,7 @@ int dr_agent_new(const DrAgentConfig *cfg, DrAgent **ret)
                 return -ENOMEM;
         a->n_vcpus = cfg->n_vcpus;
         for (unsigned i = 0; i < cfg->n_vcpus; i++)
-                a->vcpus[i] = (AgentVcpu) {
+                a->vcpus[i] = (AgentVcpu){
                         .index = i,
                         .fd = -EBADF,
                         .state = DR__CONTROL__VCPU_RUN_STATE__VCPU_RUN_STATE_STOPPED,
@@ -385,8 +385,10 @@ int dr_agent_add_vcpu(DrAgent *a, unsigned index, int vcpu_fd, struct kvm_run *r
                                PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd,
                                (off_t) KVM_DIRTY_LOG_PAGE_OFFSET * a->page_size);
                 if (p == MAP_FAILED)
-                        log_warning_errno(-errno, "vCPU %u: cannot map its dirty ring, jam detection is "
-                                                  "limited: %m", index);
+                        log_warning_errno(-errno,
+                                          "vCPU %u: cannot map its dirty ring, jam detection is "
+                                          "limited: %m",
+                                          index);
                 else
                         v->ring = p;
         }
@@ -565,7 +567,8 @@ int dr_agent_vcpu_before_run(DrAgent *a, unsigned index)
                 __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_RELAXED);
                 if (ioctl(v->fd, KVM_RUN, 0) == 0)
                         log_warning("vCPU %u: exit %u while completing I/O before a pause; it is not "
-                                    "delivered to the VMM", index, v->run->exit_reason);
+                                    "delivered to the VMM",
+                                    index, v->run->exit_reason);
                 pthread_mutex_lock(&a->lock);
         }
 
@@ -868,7 +871,8 @@ void dr_agent_note_guest_write(DrAgent *a, uint64_t gpa, uint64_t len)
                         continue;
                 first = (lo - ar->r.guest_phys) / a->page_size;
                 last = (hi - 1 - ar->r.guest_phys) / a->page_size;
-                bitmap_set_atomic((uint64_t *) (a->vmm_dirty_map + ar->vmm_dirty_offset), first, last - first + 1);
+                bitmap_set_atomic((uint64_t *) (a->vmm_dirty_map + ar->vmm_dirty_offset), first,
+                                  last - first + 1);
                 covered += hi - lo;
         }
 

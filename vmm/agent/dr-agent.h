@@ -29,8 +29,8 @@
 extern "C" {
 #endif
 
-#define DR_AGENT_MAX_VCPUS   128
-#define DR_AGENT_MAX_REGIONS 32
+#define DR_AGENT_MAX_VCPUS    128
+#define DR_AGENT_MAX_REGIONS  32
 #define DR_AGENT_MAX_CHANNELS 4
 
 typedef struct DrAgent DrAgent;
@@ -45,11 +45,11 @@ typedef struct DrAgentRegion {
         uint32_t slot;
         uint64_t guest_phys;
         uint64_t size;
-        int memfd;             /* borrowed; the agent dups what it needs */
+        int memfd; /* borrowed; the agent dups what it needs */
         uint64_t memfd_offset;
-        void *host_addr;       /* the VMM's mapping (userspace_addr of the slot) */
-        uint32_t kvm_flags;    /* other KVM_MEM_* flags of the slot (KVM_MEM_READONLY), kept when
-                                * tracking switches KVM_MEM_LOG_DIRTY_PAGES; 0 for plain RAM */
+        void *host_addr;    /* the VMM's mapping (userspace_addr of the slot) */
+        uint32_t kvm_flags; /* other KVM_MEM_* flags of the slot (KVM_MEM_READONLY), kept when
+                             * tracking switches KVM_MEM_LOG_DIRTY_PAGES; 0 for plain RAM */
 } DrAgentRegion;
 
 typedef struct DrAgentCallbacks {
@@ -70,18 +70,18 @@ typedef struct DrAgentCallbacks {
 } DrAgentCallbacks;
 
 typedef struct DrAgentConfig {
-        const char *socket_path;  /* unix SOCK_SEQPACKET, created mode 0600 */
-        int kvm_fd;               /* borrowed */
-        int vm_fd;                /* borrowed */
+        const char *socket_path; /* unix SOCK_SEQPACKET, created mode 0600 */
+        int kvm_fd;              /* borrowed */
+        int vm_fd;               /* borrowed */
         const char *vm_name;
         uint8_t vm_uuid[16];
         DrTrackingMode mode;
-        uint32_t ring_entries;    /* per vCPU, ring mode only (KVM_CAP_DIRTY_LOG_RING was enabled with it) */
+        uint32_t ring_entries; /* per vCPU, ring mode only (KVM_CAP_DIRTY_LOG_RING was enabled with it) */
         const DrAgentRegion *regions;
         size_t n_regions;
         unsigned n_vcpus;
-        size_t output_limit;      /* bytes held per channel before submit returns -ENOBUFS; 0: 16 MiB */
-        int kick_signal;          /* signal used to kick vCPU threads out of KVM_RUN; 0: SIGUSR1 */
+        size_t output_limit; /* bytes held per channel before submit returns -ENOBUFS; 0: 16 MiB */
+        int kick_signal;     /* signal used to kick vCPU threads out of KVM_RUN; 0: SIGUSR1 */
         DrAgentCallbacks cb;
         void *userdata;
 } DrAgentConfig;

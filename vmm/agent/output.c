@@ -37,7 +37,8 @@ struct OutputQueue {
 
 #define CHUNK_MIN 64
 
-int output_queue_new(unsigned n_channels, size_t limit, OutputReleaseFn fn, void *userdata, OutputQueue **ret)
+int output_queue_new(unsigned n_channels, size_t limit, OutputReleaseFn fn, void *userdata,
+                     OutputQueue **ret)
 {
         OutputQueue *q;
 
@@ -103,7 +104,7 @@ static int channel_append(Channel *ch, uint64_t epoch, const void *buf, size_t l
         Chunk *c = malloc(sizeof(Chunk) + cap);
         if (!c)
                 return -ENOMEM;
-        *c = (Chunk) { .epoch = epoch, .len = len, .cap = cap };
+        *c = (Chunk){.epoch = epoch, .len = len, .cap = cap};
         memcpy(c->data, buf, len);
         if (t) {
                 t->next = c;

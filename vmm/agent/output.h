@@ -25,7 +25,8 @@ typedef struct OutputQueue OutputQueue;
 typedef void (*OutputReleaseFn)(void *userdata, unsigned channel, const void *buf, size_t len);
 
 /* limit: bytes held per channel. fn may be NULL (output discarded). */
-int output_queue_new(unsigned n_channels, size_t limit, OutputReleaseFn fn, void *userdata, OutputQueue **ret);
+int output_queue_new(unsigned n_channels, size_t limit, OutputReleaseFn fn, void *userdata,
+                     OutputQueue **ret);
 OutputQueue *output_queue_free(OutputQueue *q);
 DEFINE_TRIVIAL_CLEANUP_FUNC(OutputQueue *, output_queue_free);
 

@@ -34,7 +34,7 @@
 #include "macros.h"
 #include "util.h"
 
-#define MAX_MESSAGE ((size_t) DR__CONTROL__CONTROL_LIMIT__CONTROL_MAX_MESSAGE)
+#define MAX_MESSAGE          ((size_t) DR__CONTROL__CONTROL_LIMIT__CONTROL_MAX_MESSAGE)
 #define PAUSE_TIMEOUT_MAX_MS 10000u
 
 /* One reply under construction. Large; allocated per request. */
@@ -141,8 +141,8 @@ static int handle_hello(DrAgent *a, const Dr__Control__Hello *m, Ctx *c)
                                 m->version, DR__CONTROL__CONTROL_VERSION__CONTROL_VERSION_CURRENT);
         }
         a->hello_done = true;
-        log_info("Control client \"%s\" (uid %u, pid %d) said hello.", m->client ?: "", (unsigned) a->client_uid,
-                 (int) a->client_pid);
+        log_info("Control client \"%s\" (uid %u, pid %d) said hello.", m->client ?: "",
+                 (unsigned) a->client_uid, (int) a->client_pid);
 
         c->hello = (Dr__Control__HelloReply) DR__CONTROL__HELLO_REPLY__INIT;
         c->hello.version = DR__CONTROL__CONTROL_VERSION__CONTROL_VERSION_CURRENT;
@@ -152,8 +152,9 @@ static int handle_hello(DrAgent *a, const Dr__Control__Hello *m, Ctx *c)
         c->hello.vm_uuid.data = a->vm_uuid;
         c->hello.vm_uuid.len = sizeof(a->vm_uuid);
         c->hello.has_features = true;
-        c->hello.features = DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE |
-                            (a->mode == DR_TRACKING_RING ? DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS : 0);
+        c->hello.features =
+                DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE |
+                (a->mode == DR_TRACKING_RING ? DR__CONTROL__FEATURE__FEATURE_RESUME_RESETS_RINGS : 0);
         pthread_mutex_lock(&a->lock);
         c->hello.has_suspended = true;
         c->hello.suspended = a->suspended;
@@ -161,7 +162,8 @@ static int handle_hello(DrAgent *a, const Dr__Control__Hello *m, Ctx *c)
         c->hello.has_held_output_bytes = true;
         c->hello.held_output_bytes = output_queue_held_bytes(a->outq);
         if (c->hello.suspended)
-                log_notice("The VM is suspended (split-brain guard of an earlier client): it stays paused until "
+                log_notice("The VM is suspended (split-brain guard of an earlier client): it stays paused "
+                           "until "
                            "a client resumes it with Resume{unsuspend}.");
         c->reply.body_case = DR__CONTROL__REPLY__BODY_HELLO;
         c->reply.hello = &c->hello;
@@ -266,10 +268,11 @@ static int save_state(DrAgent *a, Ctx *c, uint64_t *ret_len);
 
 static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
 {
-        unsigned timeout_ms = m->has_timeout_ms && m->timeout_ms > 0 ? MIN(m->timeout_ms, PAUSE_TIMEOUT_MAX_MS)
-                                                                      : AGENT_DEFAULT_PAUSE_TIMEOUT_MS;
+        unsigned timeout_ms = m->has_timeout_ms && m->timeout_ms > 0
+                                      ? MIN(m->timeout_ms, PAUSE_TIMEOUT_MAX_MS)
+                                      : AGENT_DEFAULT_PAUSE_TIMEOUT_MS;
         uint64_t t0 = now_nsec(), deadline = t0 + (uint64_t) timeout_ms * 1000000ULL;
-        struct timespec ts = { .tv_sec = deadline / 1000000000ULL, .tv_nsec = deadline % 1000000000ULL };
+        struct timespec ts = {.tv_sec = deadline / 1000000000ULL, .tv_nsec = deadline % 1000000000ULL};
         bool idle;
 
         pthread_mutex_lock(&a->lock);
@@ -279,8 +282,9 @@ static int handle_pause(DrAgent *a, const Dr__Control__Pause *m, Ctx *c)
         if (m->has_suspend && m->suspend && !a->suspended) {
                 /* Sticky from here, also if the wait below times out. */
                 a->suspended = true;
-                log_warning("VM suspended by the control client (split-brain guard): it stays paused until a "
-                            "client resumes it explicitly.");
+                log_warning(
+                        "VM suspended by the control client (split-brain guard): it stays paused until a "
+                        "client resumes it explicitly.");
         }
         agent_kick_locked(a);
         while (!(idle = agent_all_idle_locked(a)))
@@ -323,15 +327,18 @@ static int handle_resume(DrAgent *a, const Dr__Control__Resume *m, Ctx *c)
         pthread_mutex_unlock(&a->lock);
         /* Only the agent thread changes `suspended`, so it cannot change under us. */
         if (suspended && !unsuspend)
-                return ctx_fail(c, -EPERM,
-                                "the VM is suspended by the split-brain guard; only Resume{unsuspend} resumes it");
+                return ctx_fail(
+                        c, -EPERM,
+                        "the VM is suspended by the split-brain guard; only Resume{unsuspend} resumes it");
         if (m->has_reset_rings && m->reset_rings) {
                 if (a->mode != DR_TRACKING_RING)
-                        return ctx_fail(c, -EOPNOTSUPP, "the VM tracks dirty pages with a bitmap, not rings");
+                        return ctx_fail(c, -EOPNOTSUPP,
+                                        "the VM tracks dirty pages with a bitmap, not rings");
                 /* Re-protect before any vCPU runs: the client copied while paused. */
                 n = reset_rings(a);
                 if (n < 0)
-                        return ctx_fail(c, n, "KVM_RESET_DIRTY_RINGS before resuming: %s; the VM stays paused",
+                        return ctx_fail(c, n,
+                                        "KVM_RESET_DIRTY_RINGS before resuming: %s; the VM stays paused",
                                         strerror(-n));
         }
         pthread_mutex_lock(&a->lock);
@@ -459,7 +466,7 @@ static int clear_dirty_runs(DrAgent *a, const AgentRegion *ar, const uint64_t *b
                 while (w < w_end && __atomic_load_n(&bm[w], __ATOMIC_RELAXED) != 0)
                         w++;
                 /* KVM: first_page a multiple of 64, num_pages too unless the range ends the slot. */
-                cl = (struct kvm_clear_dirty_log) {
+                cl = (struct kvm_clear_dirty_log){
                         .slot = ar->r.slot,
                         .first_page = start * 64,
                         .num_pages = (uint32_t) MIN((w - start) * 64, ar->npages - start * 64),
@@ -523,11 +530,12 @@ static int handle_clear_dirty_log(DrAgent *a, const Dr__Control__ClearDirtyLog *
         if (m->first_page % 64 != 0 || m->num_pages == 0 || m->first_page >= ar->npages ||
             m->num_pages > ar->npages - m->first_page ||
             (m->num_pages % 64 != 0 && m->first_page + m->num_pages != ar->npages))
-                return ctx_fail(c, -EINVAL,
-                                "bad range: first_page %llu, num_pages %llu in a slot of %llu pages "
-                                "(first_page and num_pages must be multiples of 64 unless the range ends the slot)",
-                                (unsigned long long) m->first_page, (unsigned long long) m->num_pages,
-                                (unsigned long long) ar->npages);
+                return ctx_fail(
+                        c, -EINVAL,
+                        "bad range: first_page %llu, num_pages %llu in a slot of %llu pages "
+                        "(first_page and num_pages must be multiples of 64 unless the range ends the slot)",
+                        (unsigned long long) m->first_page, (unsigned long long) m->num_pages,
+                        (unsigned long long) ar->npages);
 
         r = clear_dirty_runs(a, ar, (const uint64_t *) (a->bitmap_map + ar->bitmap_offset), m->first_page,
                              m->num_pages);
@@ -602,7 +610,8 @@ static int dispatch(DrAgent *a, const Dr__Control__Request *req, Ctx *c)
                         /* The client stops, but its standby has not acknowledged everything held:
                          * keep holding (as after a crash) for the next client's first release. */
                         uint64_t held = output_queue_holding(a->outq) ? output_queue_orphan(a->outq) : 0;
-                        log_info("Tracking stopped by the client; %llu bytes of output stay held, and new output "
+                        log_info("Tracking stopped by the client; %llu bytes of output stay held, and new "
+                                 "output "
                                  "too, until the next client releases it.",
                                  (unsigned long long) held);
                         return r;
@@ -668,11 +677,13 @@ void agent_detach(DrAgent *a, const char *why)
         pthread_mutex_unlock(&a->lock);
 
         if (a->suspended)
-                log_warning("Control client (uid %u, pid %d) gone (%s): the VM stays SUSPENDED (paused, %llu "
-                            "bytes of output held) until a client resumes it.",
-                            (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
+                log_warning(
+                        "Control client (uid %u, pid %d) gone (%s): the VM stays SUSPENDED (paused, %llu "
+                        "bytes of output held) until a client resumes it.",
+                        (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
         else if (was_holding && !was_tracking)
-                log_info("Control client (uid %u, pid %d) gone (%s): VM resumed, %llu bytes of output stay held, "
+                log_info("Control client (uid %u, pid %d) gone (%s): VM resumed, %llu bytes of output stay "
+                         "held, "
                          "and new output too, until a client attaches and releases it.",
                          (unsigned) a->client_uid, (int) a->client_pid, why, (unsigned long long) released);
         else if (was_holding)
@@ -698,8 +709,8 @@ static void accept_client(DrAgent *a)
         _cleanup_close_ int fd = -EBADF;
         struct ucred cred = {};
         socklen_t sl = sizeof(cred);
-        struct timeval tv = { .tv_sec = AGENT_SEND_TIMEOUT_MS / 1000,
-                              .tv_usec = (AGENT_SEND_TIMEOUT_MS % 1000) * 1000 };
+        struct timeval tv = {.tv_sec = AGENT_SEND_TIMEOUT_MS / 1000,
+                             .tv_usec = (AGENT_SEND_TIMEOUT_MS % 1000) * 1000};
         int fl;
 
         fd = accept4(a->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
@@ -715,14 +726,16 @@ static void accept_client(DrAgent *a)
         }
         if (cred.uid != 0 && cred.uid != geteuid()) {
                 log_warning("Refusing control connection from uid %u (pid %d): only root and uid %u may "
-                            "control this VM.", (unsigned) cred.uid, (int) cred.pid, (unsigned) geteuid());
+                            "control this VM.",
+                            (unsigned) cred.uid, (int) cred.pid, (unsigned) geteuid());
                 (void) reply_error(fd, 0, -EPERM, "permission denied for uid %u", (unsigned) cred.uid);
                 return;
         }
         if (a->client_fd >= 0) {
                 log_notice("Refusing a second control client (uid %u, pid %d): pid %d is attached.",
                            (unsigned) cred.uid, (int) cred.pid, (int) a->client_pid);
-                (void) reply_error(fd, 0, -EBUSY, "another client (pid %d) is attached", (int) a->client_pid);
+                (void) reply_error(fd, 0, -EBUSY, "another client (pid %d) is attached",
+                                   (int) a->client_pid);
                 return;
         }
 
@@ -748,7 +761,7 @@ static void accept_client(DrAgent *a)
 /* recv() returned 0: the peer closed, or sent an empty packet. Only poll can tell. */
 static bool peer_closed(int fd)
 {
-        struct pollfd p = { .fd = fd, .events = POLLRDHUP };
+        struct pollfd p = {.fd = fd, .events = POLLRDHUP};
         return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR));
 }
 
@@ -846,9 +859,9 @@ void *agent_thread_main(void *userdata)
 
         for (;;) {
                 struct pollfd p[3] = {
-                        { .fd = a->stop_fd, .events = POLLIN },
-                        { .fd = a->listen_fd, .events = POLLIN },
-                        { .fd = a->client_fd, .events = POLLIN },
+                        {.fd = a->stop_fd, .events = POLLIN},
+                        {.fd = a->listen_fd, .events = POLLIN},
+                        {.fd = a->client_fd, .events = POLLIN},
                 };
                 int n = poll(p, a->client_fd >= 0 ? 3 : 2, -1);
 

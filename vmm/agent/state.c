@@ -96,12 +96,12 @@ static void *arena_alloc(Arena *a, size_t size)
         return p;
 }
 
-#define ARENA_NEW(a, type, init)                          \
-        ({                                                \
-                type *_m_ = arena_alloc((a), sizeof(type)); \
-                if (_m_)                                  \
-                        *_m_ = (type) init;               \
-                _m_;                                      \
+#define ARENA_NEW(a, type, init)                                                                            \
+        ({                                                                                                  \
+                type *_m_ = arena_alloc((a), sizeof(type));                                                 \
+                if (_m_)                                                                                    \
+                        *_m_ = (type) init;                                                                 \
+                _m_;                                                                                        \
         })
 
 static Dr__Vmstate__Segment *encode_segment(Arena *a, const struct kvm_segment *s)
@@ -496,10 +496,10 @@ static void vm_state_unpackedp(Dr__Vmstate__VmState **p)
 #define BAD(fmt, ...) log_error_errno(-EBADMSG, "Invalid VM state: " fmt, ##__VA_ARGS__)
 
 /* Fields carried as uint32 but 8 or 16 bits wide in KVM: reject, never truncate. */
-#define CHECK_MAX(v, max, what)                                                            \
-        do {                                                                               \
-                if ((uint64_t) (v) > (uint64_t) (max))                                     \
-                        return BAD("%s out of range (%llu)", what, (unsigned long long) (v)); \
+#define CHECK_MAX(v, max, what)                                                                             \
+        do {                                                                                                \
+                if ((uint64_t) (v) > (uint64_t) (max))                                                      \
+                        return BAD("%s out of range (%llu)", what, (unsigned long long) (v));               \
         } while (0)
 
 static int decode_segment(const Dr__Vmstate__Segment *m, struct kvm_segment *s)
@@ -507,7 +507,7 @@ static int decode_segment(const Dr__Vmstate__Segment *m, struct kvm_segment *s)
         CHECK_MAX(m->selector, UINT16_MAX, "segment selector");
         CHECK_MAX(m->type, 15, "segment type");
         CHECK_MAX(m->dpl, 3, "segment dpl");
-        *s = (struct kvm_segment) {
+        *s = (struct kvm_segment){
                 .base = m->base_address,
                 .limit = m->limit,
                 .selector = m->selector,
@@ -527,21 +527,31 @@ static int decode_segment(const Dr__Vmstate__Segment *m, struct kvm_segment *s)
 static int decode_dtable(const Dr__Vmstate__DescriptorTable *m, struct kvm_dtable *d)
 {
         CHECK_MAX(m->limit, UINT16_MAX, "descriptor table limit");
-        *d = (struct kvm_dtable) { .base = m->base_address, .limit = m->limit };
+        *d = (struct kvm_dtable){.base = m->base_address, .limit = m->limit};
         return 0;
 }
 
 static int decode_pic(const Dr__Vmstate__PicState *m, struct kvm_pic_state *p)
 {
-        const uint32_t f[16] = { m->last_irr,      m->irr,       m->imr,
-                                 m->isr,           m->priority_add, m->irq_base,
-                                 m->read_reg_select, m->poll,    m->special_mask,
-                                 m->init_state,    m->auto_eoi,  m->rotate_on_auto_eoi,
-                                 m->special_fully_nested_mode, m->init4, m->elcr,
-                                 m->elcr_mask };
+        const uint32_t f[16] = {m->last_irr,
+                                m->irr,
+                                m->imr,
+                                m->isr,
+                                m->priority_add,
+                                m->irq_base,
+                                m->read_reg_select,
+                                m->poll,
+                                m->special_mask,
+                                m->init_state,
+                                m->auto_eoi,
+                                m->rotate_on_auto_eoi,
+                                m->special_fully_nested_mode,
+                                m->init4,
+                                m->elcr,
+                                m->elcr_mask};
         for (size_t i = 0; i < ELEMENTSOF(f); i++)
                 CHECK_MAX(f[i], UINT8_MAX, "8259 register");
-        *p = (struct kvm_pic_state) {
+        *p = (struct kvm_pic_state){
                 .last_irr = m->last_irr,
                 .irr = m->irr,
                 .imr = m->imr,
@@ -596,7 +606,7 @@ static int decode_vcpu(const Dr__Vmstate__VcpuState *m, VcpuSnapshot *v)
         }
         for (size_t i = 0; i < m->n_cpuid; i++) {
                 const Dr__Vmstate__CpuidEntry *c = m->cpuid[i];
-                v->cpuid[i] = (struct kvm_cpuid_entry2) {
+                v->cpuid[i] = (struct kvm_cpuid_entry2){
                         .function = c->function,
                         .index = c->index,
                         .flags = c->flags,
@@ -608,18 +618,32 @@ static int decode_vcpu(const Dr__Vmstate__VcpuState *m, VcpuSnapshot *v)
         }
 
         v->mp_state.mp_state = m->mp_state;
-        v->regs = (struct kvm_regs) {
-                .rax = r->rax, .rbx = r->rbx, .rcx = r->rcx, .rdx = r->rdx,
-                .rsi = r->rsi, .rdi = r->rdi, .rsp = r->rsp, .rbp = r->rbp,
-                .r8 = r->r8,   .r9 = r->r9,   .r10 = r->r10, .r11 = r->r11,
-                .r12 = r->r12, .r13 = r->r13, .r14 = r->r14, .r15 = r->r15,
-                .rip = r->rip, .rflags = r->rflags,
+        v->regs = (struct kvm_regs){
+                .rax = r->rax,
+                .rbx = r->rbx,
+                .rcx = r->rcx,
+                .rdx = r->rdx,
+                .rsi = r->rsi,
+                .rdi = r->rdi,
+                .rsp = r->rsp,
+                .rbp = r->rbp,
+                .r8 = r->r8,
+                .r9 = r->r9,
+                .r10 = r->r10,
+                .r11 = r->r11,
+                .r12 = r->r12,
+                .r13 = r->r13,
+                .r14 = r->r14,
+                .r15 = r->r15,
+                .rip = r->rip,
+                .rflags = r->rflags,
         };
 
         if ((k = decode_segment(s->cs, &v->sregs.cs)) < 0 || (k = decode_segment(s->ds, &v->sregs.ds)) < 0 ||
             (k = decode_segment(s->es, &v->sregs.es)) < 0 || (k = decode_segment(s->fs, &v->sregs.fs)) < 0 ||
             (k = decode_segment(s->gs, &v->sregs.gs)) < 0 || (k = decode_segment(s->ss, &v->sregs.ss)) < 0 ||
-            (k = decode_segment(s->tr, &v->sregs.tr)) < 0 || (k = decode_segment(s->ldt, &v->sregs.ldt)) < 0 ||
+            (k = decode_segment(s->tr, &v->sregs.tr)) < 0 ||
+            (k = decode_segment(s->ldt, &v->sregs.ldt)) < 0 ||
             (k = decode_dtable(s->gdt, &v->sregs.gdt)) < 0 || (k = decode_dtable(s->idt, &v->sregs.idt)) < 0)
                 return k;
         v->sregs.cr0 = s->cr0;
@@ -733,14 +757,15 @@ int state_decode(const uint8_t *buf, size_t len, VmSnapshot **ret)
                 for (size_t i = 0; i < 3; i++) {
                         const Dr__Vmstate__PitChannel *c = m->pit->channels[i];
                         struct kvm_pit_channel_state *k = &s->pit.channels[i];
-                        const uint32_t b[] = { c->count_latched, c->status_latched, c->status, c->read_state,
-                                               c->write_state, c->write_latch, c->rw_mode, c->mode,
-                                               c->bcd, c->gate };
+                        const uint32_t b[] = {c->count_latched, c->status_latched, c->status,
+                                              c->read_state,    c->write_state,    c->write_latch,
+                                              c->rw_mode,       c->mode,           c->bcd,
+                                              c->gate};
                         CHECK_MAX(c->count, 65536, "PIT count");
                         CHECK_MAX(c->latched_count, UINT16_MAX, "PIT latched count");
                         for (size_t j = 0; j < ELEMENTSOF(b); j++)
                                 CHECK_MAX(b[j], UINT8_MAX, "PIT register");
-                        *k = (struct kvm_pit_channel_state) {
+                        *k = (struct kvm_pit_channel_state){
                                 .count = c->count,
                                 .latched_count = c->latched_count,
                                 .count_latched = c->count_latched,
@@ -820,7 +845,7 @@ static size_t msr_list_n;
 
 static int msr_list_get(int kvm_fd, int vcpu_fd, const uint32_t **ret, size_t *ret_n)
 {
-        struct kvm_msr_list probe = { .nmsrs = 0 };
+        struct kvm_msr_list probe = {.nmsrs = 0};
         _cleanup_free_ struct kvm_msr_list *list = NULL;
         _cleanup_free_ struct kvm_msrs *msrs = NULL;
         _cleanup_free_ uint32_t *keep = NULL;
@@ -860,7 +885,7 @@ static int msr_list_get(int kvm_fd, int vcpu_fd, const uint32_t **ret, size_t *r
 
                 msrs->nmsrs = batch;
                 for (size_t j = 0; j < batch; j++)
-                        msrs->entries[j] = (struct kvm_msr_entry) { .index = list->indices[i + j] };
+                        msrs->entries[j] = (struct kvm_msr_entry){.index = list->indices[i + j]};
                 got = ioctl(vcpu_fd, KVM_GET_MSRS, msrs);
                 if (got < 0) {
                         r = -errno;
@@ -974,14 +999,14 @@ int state_capture(int kvm_fd, int vm_fd, const int *vcpu_fds, unsigned n_vcpus, 
                 return -errno;
         s->has_clock = 1;
 
-        chip = (struct kvm_irqchip) { .chip_id = KVM_IRQCHIP_PIC_MASTER };
+        chip = (struct kvm_irqchip){.chip_id = KVM_IRQCHIP_PIC_MASTER};
         if (ioctl(vm_fd, KVM_GET_IRQCHIP, &chip) >= 0) {
                 s->pic[0] = chip.chip.pic;
-                chip = (struct kvm_irqchip) { .chip_id = KVM_IRQCHIP_PIC_SLAVE };
+                chip = (struct kvm_irqchip){.chip_id = KVM_IRQCHIP_PIC_SLAVE};
                 if (ioctl(vm_fd, KVM_GET_IRQCHIP, &chip) < 0)
                         return -errno;
                 s->pic[1] = chip.chip.pic;
-                chip = (struct kvm_irqchip) { .chip_id = KVM_IRQCHIP_IOAPIC };
+                chip = (struct kvm_irqchip){.chip_id = KVM_IRQCHIP_IOAPIC};
                 if (ioctl(vm_fd, KVM_GET_IRQCHIP, &chip) < 0)
                         return -errno;
                 s->ioapic = chip.chip.ioapic;
@@ -1029,10 +1054,10 @@ static int apply_vcpu(int fd, unsigned i, size_t xsave_size, const VcpuSnapshot 
         size_t want = xsave_size ?: sizeof(struct kvm_xsave);
         int r;
 
-#define SET(req, arg, what)                                                                  \
-        do {                                                                                 \
-                if (ioctl(fd, req, arg) < 0)                                                 \
-                        return log_error_errno(-errno, "vCPU %u: " what " failed: %m", i);   \
+#define SET(req, arg, what)                                                                                 \
+        do {                                                                                                \
+                if (ioctl(fd, req, arg) < 0)                                                                \
+                        return log_error_errno(-errno, "vCPU %u: " what " failed: %m", i);                  \
         } while (0)
 
         cpuid = calloc(1, sizeof(*cpuid) + (v->n_cpuid ?: 1) * sizeof(struct kvm_cpuid_entry2));
@@ -1051,8 +1076,9 @@ static int apply_vcpu(int fd, unsigned i, size_t xsave_size, const VcpuSnapshot 
          * a longer one is refused rather than silently cut.
          */
         if (v->xsave_len > want)
-                return log_error_errno(-EBADMSG, "vCPU %u: saved XSAVE area has %zu bytes, this host takes %zu",
-                                       i, v->xsave_len, want);
+                return log_error_errno(-EBADMSG,
+                                       "vCPU %u: saved XSAVE area has %zu bytes, this host takes %zu", i,
+                                       v->xsave_len, want);
         xsave = calloc(1, want);
         if (!xsave)
                 return -ENOMEM;
@@ -1086,7 +1112,8 @@ int state_apply(int kvm_fd, int vm_fd, const int *vcpu_fds, unsigned n_vcpus, co
         int r;
 
         if (s->n_vcpus != n_vcpus)
-                return log_error_errno(-EINVAL, "Saved state has %u vCPUs, the VM has %u.", s->n_vcpus, n_vcpus);
+                return log_error_errno(-EINVAL, "Saved state has %u vCPUs, the VM has %u.", s->n_vcpus,
+                                       n_vcpus);
 
         for (unsigned i = 0; i < n_vcpus; i++) {
                 r = apply_vcpu(vcpu_fds[i], i, xsave_size, &s->vcpus[i]);
@@ -1101,18 +1128,18 @@ int state_apply(int kvm_fd, int vm_fd, const int *vcpu_fds, unsigned n_vcpus, co
                  * flags 0: restore the saved kvmclock value as is, without
                  * KVM_CLOCK_REALTIME moving it by the wall time that passed.
                  */
-                struct kvm_clock_data c = { .clock = s->clock.clock };
+                struct kvm_clock_data c = {.clock = s->clock.clock};
                 if (ioctl(vm_fd, KVM_SET_CLOCK, &c) < 0)
                         return log_error_errno(-errno, "KVM_SET_CLOCK failed: %m");
         }
         if (s->has_irqchip) {
-                chip = (struct kvm_irqchip) { .chip_id = KVM_IRQCHIP_PIC_MASTER, .chip.pic = s->pic[0] };
+                chip = (struct kvm_irqchip){.chip_id = KVM_IRQCHIP_PIC_MASTER, .chip.pic = s->pic[0]};
                 if (ioctl(vm_fd, KVM_SET_IRQCHIP, &chip) < 0)
                         return log_error_errno(-errno, "KVM_SET_IRQCHIP (PIC master) failed: %m");
-                chip = (struct kvm_irqchip) { .chip_id = KVM_IRQCHIP_PIC_SLAVE, .chip.pic = s->pic[1] };
+                chip = (struct kvm_irqchip){.chip_id = KVM_IRQCHIP_PIC_SLAVE, .chip.pic = s->pic[1]};
                 if (ioctl(vm_fd, KVM_SET_IRQCHIP, &chip) < 0)
                         return log_error_errno(-errno, "KVM_SET_IRQCHIP (PIC slave) failed: %m");
-                chip = (struct kvm_irqchip) { .chip_id = KVM_IRQCHIP_IOAPIC, .chip.ioapic = s->ioapic };
+                chip = (struct kvm_irqchip){.chip_id = KVM_IRQCHIP_IOAPIC, .chip.ioapic = s->ioapic};
                 if (ioctl(vm_fd, KVM_SET_IRQCHIP, &chip) < 0)
                         return log_error_errno(-errno, "KVM_SET_IRQCHIP (IOAPIC) failed: %m");
         }

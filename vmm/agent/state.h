@@ -16,12 +16,12 @@
 #include "macros.h"
 
 /* Bounds applied on decode (all input is hostile). */
-#define STATE_MAX_VCPUS       128     /* == DR_AGENT_MAX_VCPUS */
-#define STATE_MAX_CPUID       256
-#define STATE_MAX_MSRS        1024
-#define STATE_MAX_XSAVE       (64 * 1024)
-#define STATE_MIN_XSAVE       4096    /* legacy struct kvm_xsave */
-#define STATE_MAX_DEVICES     (16 * 1024 * 1024)
+#define STATE_MAX_VCPUS   128 /* == DR_AGENT_MAX_VCPUS */
+#define STATE_MAX_CPUID   256
+#define STATE_MAX_MSRS    1024
+#define STATE_MAX_XSAVE   (64 * 1024)
+#define STATE_MIN_XSAVE   4096 /* legacy struct kvm_xsave */
+#define STATE_MAX_DEVICES (16 * 1024 * 1024)
 
 typedef struct VcpuSnapshot {
         uint32_t index;
@@ -30,7 +30,7 @@ typedef struct VcpuSnapshot {
         struct kvm_mp_state mp_state;
         struct kvm_regs regs;
         struct kvm_sregs sregs;
-        uint8_t *xsave;      /* XSAVE area (first 4096 bytes are struct kvm_xsave) */
+        uint8_t *xsave; /* XSAVE area (first 4096 bytes are struct kvm_xsave) */
         size_t xsave_len;
         struct kvm_xcrs xcrs;
         struct kvm_debugregs debugregs;
@@ -39,7 +39,7 @@ typedef struct VcpuSnapshot {
         struct kvm_msr_entry *msrs;
         size_t n_msrs;
         struct kvm_vcpu_events events;
-        uint64_t tsc_khz;    /* 0: unknown */
+        uint64_t tsc_khz; /* 0: unknown */
 } VcpuSnapshot;
 
 typedef struct VmSnapshot {

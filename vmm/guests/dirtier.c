@@ -9,7 +9,7 @@
 #define DIRT_MAGIC 0x54524944u /* "DIRT" */
 
 enum pattern { PAT_SEQ, PAT_RANDOM, PAT_HOTCOLD };
-static const char *const pattern_names[] = { "seq", "random", "hotcold" };
+static const char *const pattern_names[] = {"seq", "random", "hotcold"};
 
 struct config {
         uint64_t ws_pages, hot_pages, rate, report_ms, run_ms, jam, jam_after_ms, fill, passes;
@@ -26,8 +26,8 @@ static void config_load(void)
         uint64_t ws = cfg_size("ws", 64ULL << 20);
 
         if (ws > avail) {
-                pr("dirtier: ws=%lu exceeds RAM above 0x%lx, clamped to %lu", ws,
-                   (uint64_t) GUEST_WORK_BASE, avail);
+                pr("dirtier: ws=%lu exceeds RAM above 0x%lx, clamped to %lu", ws, (uint64_t) GUEST_WORK_BASE,
+                   avail);
                 ws = avail;
         }
         cfg.ws_pages = ws / 4096;
@@ -168,7 +168,8 @@ void guest_main(unsigned cpu)
                 }
                 /* A jam later in the run, so a harvester can attach (and turn dirty
                  * logging on) first: the ring only jams while it is logging. */
-                if (cpu == 0 && cfg.jam && cfg.jam_after_ms && now - t_start >= ms_to_tsc(cfg.jam_after_ms)) {
+                if (cpu == 0 && cfg.jam && cfg.jam_after_ms &&
+                    now - t_start >= ms_to_tsc(cfg.jam_after_ms)) {
                         pr("dirtier: jam pages=%lu", cfg.jam);
                         sys_jam(cfg.jam);
                         cfg.jam = 0;

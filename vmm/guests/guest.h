@@ -17,17 +17,17 @@
 #define COM1 0x3f8
 #define COM2 0x2f8
 
-#define barrier() __asm__ __volatile__("" ::: "memory")
-#define READ_ONCE(x) (*(const volatile __typeof__(x) *) &(x))
+#define barrier()        __asm__ __volatile__("" ::: "memory")
+#define READ_ONCE(x)     (*(const volatile __typeof__(x) *) &(x))
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *) &(x) = (v))
-#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
-#define noreturn __attribute__((noreturn))
+#define ARRAY_SIZE(a)    (sizeof(a) / sizeof((a)[0]))
+#define noreturn         __attribute__((noreturn))
 #define printf_fmt(a, b) __attribute__((format(printf, a, b)))
 
 /* Filled by ring 0 before any CPU enters CPL3; read-only afterwards. */
 struct boot_info {
-        uint64_t ram_top;   /* end of the highest RAM range (mapped up to here) */
-        uint64_t work_end;  /* end of the RAM range that holds GUEST_WORK_BASE */
+        uint64_t ram_top;  /* end of the highest RAM range (mapped up to here) */
+        uint64_t work_end; /* end of the RAM range that holds GUEST_WORK_BASE */
         char cmdline[GUEST_CMDLINE_MAX];
 };
 extern struct boot_info boot_info;
@@ -115,8 +115,14 @@ static inline uint64_t syscall1(uint64_t code, uint64_t arg)
 {
         return syscall3(code, arg, 0, 0);
 }
-static inline void sys_wait(void) { syscall1(SYS_WAIT, 0); }
-static inline void sys_jam(uint64_t pages) { syscall1(SYS_JAM, pages); }
+static inline void sys_wait(void)
+{
+        syscall1(SYS_WAIT, 0);
+}
+static inline void sys_jam(uint64_t pages)
+{
+        syscall1(SYS_JAM, pages);
+}
 noreturn void sys_exit(int code);
 
 /* Provided by each guest program; runs in CPL3 on every CPU. */

@@ -74,8 +74,7 @@ static void boot_scan_memory(const struct multiboot_info *mbi)
                 if (len > 64 * 1024)
                         len = 64 * 1024;
                 while (off + sizeof(struct multiboot_mmap) <= len && n++ < 256) {
-                        const struct multiboot_mmap *e =
-                                (const void *) (uintptr_t) (mbi->mmap_addr + off);
+                        const struct multiboot_mmap *e = (const void *) (uintptr_t) (mbi->mmap_addr + off);
                         if (e->type == 1 && e->len > 0 && e->addr + e->len > e->addr) {
                                 uint64_t end = e->addr + e->len;
                                 if (end > top)
@@ -124,19 +123,23 @@ static void boot_tables(void)
         }
         for (unsigned v = 0; v < ARRAY_SIZE(isr_table); v++) {
                 uint64_t h = isr_table[v];
-                idt[2 * v] = (h & 0xffff) | ((uint64_t) SEL_KCODE << 16) | (0x8EULL << 40) |
-                             ((h >> 16) << 48);
+                idt[2 * v] =
+                        (h & 0xffff) | ((uint64_t) SEL_KCODE << 16) | (0x8EULL << 40) | ((h >> 16) << 48);
                 idt[2 * v + 1] = h >> 32;
         }
 }
 
 static void pic_init(void)
 {
-        outb(0x20, 0x11); outb(0xa0, 0x11);  /* ICW1: init, ICW4 needed */
-        outb(0x21, 0x20); outb(0xa1, 0x28);  /* ICW2: vector bases */
-        outb(0x21, 0x04); outb(0xa1, 0x02);  /* ICW3: slave on IRQ2 */
-        outb(0x21, 0x01); outb(0xa1, 0x01);  /* ICW4: 8086 mode */
-        outb(0x21, (uint8_t) ~(1u << 3));    /* only IRQ3 (COM2) */
+        outb(0x20, 0x11);
+        outb(0xa0, 0x11); /* ICW1: init, ICW4 needed */
+        outb(0x21, 0x20);
+        outb(0xa1, 0x28); /* ICW2: vector bases */
+        outb(0x21, 0x04);
+        outb(0xa1, 0x02); /* ICW3: slave on IRQ2 */
+        outb(0x21, 0x01);
+        outb(0xa1, 0x01);                 /* ICW4: 8086 mode */
+        outb(0x21, (uint8_t) ~(1u << 3)); /* only IRQ3 (COM2) */
         outb(0xa1, 0xff);
 }
 
@@ -145,7 +148,7 @@ static void cpu_load_tables(unsigned cpu)
         struct {
                 uint16_t limit;
                 uint64_t base;
-        } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint64_t) (uintptr_t) idt };
+        } __attribute__((packed)) idtr = {sizeof(idt) - 1, (uint64_t) (uintptr_t) idt};
         __asm__ __volatile__("lidt %0" : : "m"(idtr));
         __asm__ __volatile__("ltr %w0" : : "r"((uint16_t) (SEL_TSS0 + 16 * cpu)));
 }
@@ -286,15 +289,16 @@ static bool emulate_io(struct trap_frame *f)
 
         /* Not checking rflags.IOPL: PVM reports it as 0 in the frame even
          * though enter_user() set 3; the guest grants CPL3 port I/O anyway. */
-        if ((f->cs & 3) != 3 || f->rip < GUEST_LOAD_ADDR ||
-            f->rip >= GUEST_IMAGE_LIMIT - 2)
+        if ((f->cs & 3) != 3 || f->rip < GUEST_LOAD_ADDR || f->rip >= GUEST_IMAGE_LIMIT - 2)
                 return false;
         switch (ip[0]) {
-        case 0xe4: case 0xe6:
+        case 0xe4:
+        case 0xe6:
                 port = ip[1];
                 len = 2;
                 break;
-        case 0xec: case 0xee:
+        case 0xec:
+        case 0xee:
                 port = (uint16_t) f->rdx;
                 len = 1;
                 break;
@@ -360,8 +364,8 @@ void trap(struct trap_frame *f)
         }
         if (f->vector == 6 && (f->cs & 3) == 3) {
                 const uint8_t *ip = (const uint8_t *) (uintptr_t) f->rip;
-                if (f->rip >= GUEST_LOAD_ADDR && f->rip < GUEST_IMAGE_LIMIT - 1 &&
-                    ip[0] == 0x0f && ip[1] == 0x0b) {
+                if (f->rip >= GUEST_LOAD_ADDR && f->rip < GUEST_IMAGE_LIMIT - 1 && ip[0] == 0x0f &&
+                    ip[1] == 0x0b) {
                         syscall_ud2(f);
                         return;
                 }

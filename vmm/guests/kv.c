@@ -19,7 +19,7 @@
 #define VALUE_MAX   (64 * 1024)
 #define ARGS_MAX    64
 #define ARGBUF_SIZE (VALUE_MAX + KEY_MAX + 8 * 1024)
-#define HDR_MAX     24      /* "*N" / "$L" line */
+#define HDR_MAX     24           /* "*N" / "$L" line */
 #define BULK_LIMIT  (512u << 20) /* larger lengths are protocol errors */
 #define BUCKETS     65536
 
@@ -198,7 +198,9 @@ static void err_args(const struct arg *cmd)
         char name[33];
         for (size_t i = 0; i < n; i++) {
                 uint8_t c = cmd->p[i];
-                name[i] = (char) ((c >= 'A' && c <= 'Z') ? c - 'A' + 'a' : (c >= 0x20 && c < 0x7f) ? c : '?');
+                name[i] = (char) ((c >= 'A' && c <= 'Z')    ? c - 'A' + 'a'
+                                  : (c >= 0x20 && c < 0x7f) ? c
+                                                            : '?');
         }
         name[n] = 0;
         snprintf_lite(b, sizeof(b), "-ERR wrong number of arguments for '%s' command\r\n", name);
@@ -329,7 +331,9 @@ static void execute(struct arg *a, unsigned argc)
                 char b[96], name[33];
                 size_t n = cmd->n < 32 ? cmd->n : 32;
                 for (size_t i = 0; i < n; i++)
-                        name[i] = (cmd->p[i] >= 0x20 && cmd->p[i] < 0x7f && cmd->p[i] != '\'') ? (char) cmd->p[i] : '?';
+                        name[i] = (cmd->p[i] >= 0x20 && cmd->p[i] < 0x7f && cmd->p[i] != '\'')
+                                          ? (char) cmd->p[i]
+                                          : '?';
                 name[n] = 0;
                 snprintf_lite(b, sizeof(b), "-ERR unknown command '%s'\r\n", name);
                 out_str(b);
@@ -347,7 +351,7 @@ enum pstate {
         P_BULK_DATA, /* L bytes */
         P_BULK_CR,
         P_BULK_LF,
-        P_DISCARD,   /* after a protocol error: skip to '\n' */
+        P_DISCARD, /* after a protocol error: skip to '\n' */
 };
 
 static struct {
@@ -535,14 +539,14 @@ static void parser_feed(uint8_t c)
 
 /* ------------------------------------------------------------------ main */
 
-#define UART_IER 1
-#define UART_LSR 5
-#define UART_MSR 6
-#define UART_SCR 7
-#define IER_RDI  0x01
-#define IER_MSI  0x08
-#define LSR_DR   0x01
-#define MSR_DCD  0x80
+#define UART_IER   1
+#define UART_LSR   5
+#define UART_MSR   6
+#define UART_SCR   7
+#define IER_RDI    0x01
+#define IER_MSI    0x08
+#define LSR_DR     0x01
+#define MSR_DCD    0x80
 #define TURNAROUND 0xD5
 
 /* One emulated `out` on PVM hosts (a trap), a plain one elsewhere: once per transaction. */

@@ -174,7 +174,7 @@ static void ob_num(struct outbuf *o, uint64_t v, unsigned base, bool neg, unsign
 
 int vsnprintf_lite(char *buf, size_t size, const char *fmt, va_list ap)
 {
-        struct outbuf o = { buf, size, 0 };
+        struct outbuf o = {buf, size, 0};
 
         for (; *fmt; fmt++) {
                 if (*fmt != '%') {
@@ -322,9 +322,21 @@ int parse_size_lite(const char *s, uint64_t *ret)
                 any = true;
         }
         switch (*s) {
-        case 'k': case 'K': mul = 1ULL << 10; s++; break;
-        case 'm': case 'M': mul = 1ULL << 20; s++; break;
-        case 'g': case 'G': mul = 1ULL << 30; s++; break;
+        case 'k':
+        case 'K':
+                mul = 1ULL << 10;
+                s++;
+                break;
+        case 'm':
+        case 'M':
+                mul = 1ULL << 20;
+                s++;
+                break;
+        case 'g':
+        case 'G':
+                mul = 1ULL << 30;
+                s++;
+                break;
         }
         if (!any || *s || (v && mul > UINT64_MAX / v))
                 return -1;

@@ -78,7 +78,8 @@ int main(int argc, char **argv)
                 return 2;
         }
 
-        int r = memtouch_check((const uint8_t *) map + base, (uint64_t) st.st_size - base, &res, err, sizeof(err));
+        int r = memtouch_check((const uint8_t *) map + base, (uint64_t) st.st_size - base, &res, err,
+                               sizeof(err));
         munmap(map, (size_t) st.st_size);
         if (r < 0) {
                 fprintf(stderr, "memcheck: FAIL: %s\n", err);

@@ -58,8 +58,8 @@ static int check_cpu(const uint8_t *ram, uint64_t ram_size, unsigned c, const st
                             (unsigned long long) mc->data_base, (unsigned long long) pages,
                             (unsigned long long) ram_size);
         if (!in_image(mc->index_base, pages * 8, ram_size))
-                return fail(-EINVAL, err, errlen, "cpu %u: index 0x%llx + %llu entries is outside the image", c,
-                            (unsigned long long) mc->index_base, (unsigned long long) pages);
+                return fail(-EINVAL, err, errlen, "cpu %u: index 0x%llx + %llu entries is outside the image",
+                            c, (unsigned long long) mc->index_base, (unsigned long long) pages);
 
         for (uint64_t p = 0; p < pages; p++) {
                 uint64_t gpa = mc->data_base + p * MEMTOUCH_PAGE_SIZE;
@@ -73,8 +73,8 @@ static int check_cpu(const uint8_t *ram, uint64_t ram_size, unsigned c, const st
                         if (ix > committed && ix != mc->inflight_gen)
                                 return fail(-EBADMSG, err, errlen,
                                             "cpu %u page %llu (gpa 0x%llx): in-flight page has index %llu, "
-                                            "committed %llu, in-flight gen %llu", c,
-                                            (unsigned long long) p, (unsigned long long) gpa,
+                                            "committed %llu, in-flight gen %llu",
+                                            c, (unsigned long long) p, (unsigned long long) gpa,
                                             (unsigned long long) ix, (unsigned long long) committed,
                                             (unsigned long long) mc->inflight_gen);
                         if (ix == committed || ix == mc->inflight_gen)
@@ -83,21 +83,25 @@ static int check_cpu(const uint8_t *ram, uint64_t ram_size, unsigned c, const st
                         continue;
                 }
                 if (ix > committed)
-                        return fail(-EBADMSG, err, errlen,
-                                    "cpu %u page %llu (gpa 0x%llx): index %llu is newer than committed gen %llu",
-                                    c, (unsigned long long) p, (unsigned long long) gpa,
-                                    (unsigned long long) ix, (unsigned long long) committed);
+                        return fail(
+                                -EBADMSG, err, errlen,
+                                "cpu %u page %llu (gpa 0x%llx): index %llu is newer than committed gen %llu",
+                                c, (unsigned long long) p, (unsigned long long) gpa, (unsigned long long) ix,
+                                (unsigned long long) committed);
                 if (head != ix || tail != ix)
-                        return fail(-EBADMSG, err, errlen,
-                                    "cpu %u page %llu (gpa 0x%llx): header %llu trailer %llu, index says %llu "
-                                    "(committed %llu)", c, (unsigned long long) p, (unsigned long long) gpa,
-                                    (unsigned long long) head, (unsigned long long) tail,
-                                    (unsigned long long) ix, (unsigned long long) committed);
+                        return fail(
+                                -EBADMSG, err, errlen,
+                                "cpu %u page %llu (gpa 0x%llx): header %llu trailer %llu, index says %llu "
+                                "(committed %llu)",
+                                c, (unsigned long long) p, (unsigned long long) gpa,
+                                (unsigned long long) head, (unsigned long long) tail,
+                                (unsigned long long) ix, (unsigned long long) committed);
                 int w = page_mismatch(ram, gpa, ix);
                 if (w >= 0)
                         return fail(-EBADMSG, err, errlen,
                                     "cpu %u page %llu (gpa 0x%llx): body word %d is 0x%llx, expected 0x%llx "
-                                    "for gen %llu", c, (unsigned long long) p, (unsigned long long) gpa, w,
+                                    "for gen %llu",
+                                    c, (unsigned long long) p, (unsigned long long) gpa, w,
                                     (unsigned long long) load64(ram, gpa + 8ULL * (unsigned) w),
                                     (unsigned long long) memtouch_word(gpa, ix, (unsigned) w),
                                     (unsigned long long) ix);
@@ -133,8 +137,9 @@ int memtouch_check(const void *ram_v, uint64_t ram_size, MemtouchCheck *ret, cha
                 return fail(-EINVAL, err, errlen, "no memtouch descriptor (magic \"MEMTOUCH\") at 0x%llx",
                             (unsigned long long) MEMTOUCH_DESC_GPA);
         if (d.version != MEMTOUCH_VERSION || d.page_size != MEMTOUCH_PAGE_SIZE)
-                return fail(-EINVAL, err, errlen, "memtouch descriptor version %u page size %llu, expected %u/%u",
-                            d.version, (unsigned long long) d.page_size, MEMTOUCH_VERSION, MEMTOUCH_PAGE_SIZE);
+                return fail(-EINVAL, err, errlen,
+                            "memtouch descriptor version %u page size %llu, expected %u/%u", d.version,
+                            (unsigned long long) d.page_size, MEMTOUCH_VERSION, MEMTOUCH_PAGE_SIZE);
         if (d.ncpus == 0 || d.ncpus > MEMTOUCH_MAX_CPUS)
                 return fail(-EINVAL, err, errlen, "memtouch descriptor ncpus=%u outside 1..%u", d.ncpus,
                             MEMTOUCH_MAX_CPUS);

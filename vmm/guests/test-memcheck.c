@@ -21,14 +21,14 @@
 
 static int failures;
 
-#define CHECK(cond, ...)                                                       \
-        do {                                                                   \
-                if (!(cond)) {                                                 \
-                        fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);   \
-                        fprintf(stderr, __VA_ARGS__);                          \
-                        fputc('\n', stderr);                                   \
-                        failures++;                                            \
-                }                                                              \
+#define CHECK(cond, ...)                                                                                    \
+        do {                                                                                                \
+                if (!(cond)) {                                                                              \
+                        fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                \
+                        fprintf(stderr, __VA_ARGS__);                                                       \
+                        fputc('\n', stderr);                                                                \
+                        failures++;                                                                         \
+                }                                                                                           \
         } while (0)
 
 static struct memtouch_desc *desc(uint8_t *ram)
@@ -105,9 +105,10 @@ static void test_consistent(void)
         run_gens(ram, 3000, 1);
         int r = check(ram, RAM_SIZE, &res, err, sizeof(err));
         CHECK(r == 0, "consistent image rejected: %d %s", r, err);
-        CHECK(res.ncpus == NCPUS && res.committed[0] == 1500 && res.committed[1] == 1500,
-              "gens %llu,%llu", (unsigned long long) res.committed[0], (unsigned long long) res.committed[1]);
-        CHECK(res.pages_checked == NCPUS * PAGES, "pages_checked %llu", (unsigned long long) res.pages_checked);
+        CHECK(res.ncpus == NCPUS && res.committed[0] == 1500 && res.committed[1] == 1500, "gens %llu,%llu",
+              (unsigned long long) res.committed[0], (unsigned long long) res.committed[1]);
+        CHECK(res.pages_checked == NCPUS * PAGES, "pages_checked %llu",
+              (unsigned long long) res.pages_checked);
         free(ram);
 }
 

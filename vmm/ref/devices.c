@@ -58,8 +58,8 @@ void devices_pio(Vcpu *v, uint16_t port, bool out, uint8_t *data, unsigned size)
                 memset(data, 0xff, size);
         if (v->unhandled_logged < 16) {
                 v->unhandled_logged++;
-                log_debug("vCPU %u: %s of %u bytes at unassigned port 0x%x", v->index, out ? "write" : "read", size,
-                          port);
+                log_debug("vCPU %u: %s of %u bytes at unassigned port 0x%x", v->index,
+                          out ? "write" : "read", size, port);
         }
 }
 
@@ -89,7 +89,7 @@ static void uart_to_proto(Uart *u, UartState *st, Dr__Devices__Uart *m)
 int devices_save(Vm *vm, uint8_t **ret_buf, size_t *ret_len)
 {
         _cleanup_free_ UartState *st = NULL;
-        Dr__Devices__Uart uarts[2], *uart_ptrs[2] = { &uarts[0], &uarts[1] };
+        Dr__Devices__Uart uarts[2], *uart_ptrs[2] = {&uarts[0], &uarts[1]};
         Dr__Devices__Devices d = DR__DEVICES__DEVICES__INIT;
         uint8_t *buf;
         size_t len;
@@ -118,15 +118,16 @@ static int uart_from_proto(Uart *u, const Dr__Devices__Uart *m)
         _cleanup_free_ UartState *st = NULL;
 
         /* Registers are 8 bits wide; anything else is a corrupt or hostile blob. */
-        if (m->ier > 0xff || m->lcr > 0xff || m->mcr > 0xff || m->lsr > 0xff || m->msr > 0xff || m->scr > 0xff ||
-            m->dll > 0xff || m->dlm > 0xff || m->fcr > 0xff || (m->has_tx_hold && m->tx_hold > 0xff))
+        if (m->ier > 0xff || m->lcr > 0xff || m->mcr > 0xff || m->lsr > 0xff || m->msr > 0xff ||
+            m->scr > 0xff || m->dll > 0xff || m->dlm > 0xff || m->fcr > 0xff ||
+            (m->has_tx_hold && m->tx_hold > 0xff))
                 return -EBADMSG;
         if (m->has_rx_fifo && m->rx_fifo.len > UART_RX_FIFO_MAX)
                 return -EBADMSG;
         st = calloc(1, sizeof(*st));
         if (!st)
                 return -ENOMEM;
-        *st = (UartState) {
+        *st = (UartState){
                 .ier = (uint8_t) m->ier,
                 .lcr = (uint8_t) m->lcr,
                 .mcr = (uint8_t) m->mcr,
@@ -176,7 +177,8 @@ int devices_restore(Vm *vm, const uint8_t *buf, size_t len)
                 }
                 r = uart_from_proto(u, d->uarts[i]);
                 if (r < 0) {
-                        log_error_errno(r, "Device state of the UART at 0x%x is invalid: %m", d->uarts[i]->port);
+                        log_error_errno(r, "Device state of the UART at 0x%x is invalid: %m",
+                                        d->uarts[i]->port);
                         goto out;
                 }
         }

@@ -67,7 +67,7 @@ int kvm_create_vm(int kvm_fd)
 
 int kvm_enable_cap(int vm_fd, uint32_t cap, uint64_t arg0)
 {
-        struct kvm_enable_cap ec = { .cap = cap, .args[0] = arg0 };
+        struct kvm_enable_cap ec = {.cap = cap, .args[0] = arg0};
         return kvm_ioctl(vm_fd, KVM_ENABLE_CAP, &ec);
 }
 
@@ -103,13 +103,13 @@ int kvm_create_irqchip(int vm_fd)
 
 int kvm_create_pit2(int vm_fd)
 {
-        struct kvm_pit_config pc = { .flags = 0 };
+        struct kvm_pit_config pc = {.flags = 0};
         return kvm_ioctl(vm_fd, KVM_CREATE_PIT2, &pc);
 }
 
 int kvm_irq_line(int vm_fd, uint32_t irq, int level)
 {
-        struct kvm_irq_level il = { .irq = irq, .level = level ? 1 : 0 };
+        struct kvm_irq_level il = {.irq = irq, .level = level ? 1 : 0};
         return kvm_ioctl(vm_fd, KVM_IRQ_LINE, &il);
 }
 
@@ -181,7 +181,7 @@ int kvm_set_fpu(int vcpu_fd, const struct kvm_fpu *fpu)
 
 int kvm_set_mp_state(int vcpu_fd, uint32_t state)
 {
-        struct kvm_mp_state mp = { .mp_state = state };
+        struct kvm_mp_state mp = {.mp_state = state};
         return kvm_ioctl(vcpu_fd, KVM_SET_MP_STATE, &mp);
 }
 

@@ -102,7 +102,8 @@ static void help(void)
                "     --restore STATE        Start from a saved VM state instead of a kernel\n"
                "     --restore-image DIR    Start from a checkpoint image (follows its parent chain)\n"
                "     --ram FILE             RAM image for --restore (copied)\n"
-               "     --ram-fd N             RAM for --restore as an inherited fd (a memfd is used in place)\n"
+               "     --ram-fd N             RAM for --restore as an inherited fd (a memfd is used in "
+               "place)\n"
                "     --check                Check the arguments and exit (0: they would be accepted);\n"
                "                            nothing is opened (dirtyrepd --check-config uses it)\n"
                "     --ready-fd N           Write \"1\\n\" to fd N once the guest runs\n"
@@ -126,8 +127,8 @@ static bool name_is_valid(const char *s)
         if (n == 0 || n > NAME_MAX_LEN || s[0] == '.')
                 return false;
         for (const char *p = s; *p; p++)
-                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '_' ||
-                      *p == '-' || *p == '.'))
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                      *p == '_' || *p == '-' || *p == '.'))
                         return false;
         return true;
 }
@@ -140,7 +141,8 @@ static int parse_fd_arg(const char *s, const char *opt, int *ret)
         uint32_t v;
 
         if (parse_u32(s, &v) < 0 || v > INT32_MAX)
-                return log_error_errno(-EINVAL, "Invalid %s value '%s': expected a file descriptor number", opt, s);
+                return log_error_errno(-EINVAL, "Invalid %s value '%s': expected a file descriptor number",
+                                       opt, s);
         if (v <= 2)
                 return log_error_errno(-EINVAL, "%s %u: refusing to use a standard stream", opt, v);
         if (arg_check) {
@@ -173,33 +175,32 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 ARG_CHECK,
         };
         static const struct option options[] = {
-                { "help", no_argument, NULL, 'h' },
-                { "version", no_argument, NULL, ARG_VERSION },
-                { "kernel", required_argument, NULL, 'k' },
-                { "append", required_argument, NULL, 'a' },
-                { "memory", required_argument, NULL, 'm' },
-                { "cpus", required_argument, NULL, 'c' },
-                { "name", required_argument, NULL, 'n' },
-                { "uuid", required_argument, NULL, ARG_UUID },
-                { "tracking", required_argument, NULL, ARG_TRACKING },
-                { "ring-entries", required_argument, NULL, ARG_RING_ENTRIES },
-                { "control", required_argument, NULL, ARG_CONTROL },
-                { "console", required_argument, NULL, ARG_CONSOLE },
-                { "console-commit", no_argument, NULL, ARG_CONSOLE_COMMIT },
-                { "service-listen", required_argument, NULL, ARG_SERVICE_LISTEN },
-                { "restore", required_argument, NULL, ARG_RESTORE },
-                { "restore-image", required_argument, NULL, ARG_RESTORE_IMAGE },
-                { "ram", required_argument, NULL, ARG_RAM },
-                { "ram-fd", required_argument, NULL, ARG_RAM_FD },
-                { "ready-fd", required_argument, NULL, ARG_READY_FD },
-                { "check", no_argument, NULL, ARG_CHECK },
-                {}
-        };
+                {"help", no_argument, NULL, 'h'},
+                {"version", no_argument, NULL, ARG_VERSION},
+                {"kernel", required_argument, NULL, 'k'},
+                {"append", required_argument, NULL, 'a'},
+                {"memory", required_argument, NULL, 'm'},
+                {"cpus", required_argument, NULL, 'c'},
+                {"name", required_argument, NULL, 'n'},
+                {"uuid", required_argument, NULL, ARG_UUID},
+                {"tracking", required_argument, NULL, ARG_TRACKING},
+                {"ring-entries", required_argument, NULL, ARG_RING_ENTRIES},
+                {"control", required_argument, NULL, ARG_CONTROL},
+                {"console", required_argument, NULL, ARG_CONSOLE},
+                {"console-commit", no_argument, NULL, ARG_CONSOLE_COMMIT},
+                {"service-listen", required_argument, NULL, ARG_SERVICE_LISTEN},
+                {"restore", required_argument, NULL, ARG_RESTORE},
+                {"restore-image", required_argument, NULL, ARG_RESTORE_IMAGE},
+                {"ram", required_argument, NULL, ARG_RAM},
+                {"ram-fd", required_argument, NULL, ARG_RAM_FD},
+                {"ready-fd", required_argument, NULL, ARG_READY_FD},
+                {"check", no_argument, NULL, ARG_CHECK},
+                {}};
         bool ring_entries_set = false;
         uint32_t v;
         int c, r;
 
-        *o = (Options) {
+        *o = (Options){
                 .memory = 256ULL << 20,
                 .cpus = 1,
                 .name = "vm",
@@ -232,16 +233,17 @@ static int parse_argv(int argc, char *argv[], Options *o)
                 case 'm':
                         r = parse_size(optarg, &o->memory);
                         if (r < 0 || guest_ram_check_size(o->memory) < 0)
-                                return log_error_errno(-EINVAL,
-                                                       "Invalid --memory '%s': expected a size from 4M to 1T, "
-                                                       "a multiple of 4 KiB (e.g. 256M, 16G)",
-                                                       optarg);
+                                return log_error_errno(
+                                        -EINVAL,
+                                        "Invalid --memory '%s': expected a size from 4M to 1T, "
+                                        "a multiple of 4 KiB (e.g. 256M, 16G)",
+                                        optarg);
                         o->memory_set = true;
                         break;
                 case 'c':
                         if (parse_u32(optarg, &v) < 0 || v < 1 || v > DR_AGENT_MAX_VCPUS)
-                                return log_error_errno(-EINVAL, "Invalid --cpus '%s': expected 1..%u", optarg,
-                                                       DR_AGENT_MAX_VCPUS);
+                                return log_error_errno(-EINVAL, "Invalid --cpus '%s': expected 1..%u",
+                                                       optarg, DR_AGENT_MAX_VCPUS);
                         o->cpus = v;
                         o->cpus_set = true;
                         break;
@@ -264,23 +266,24 @@ static int parse_argv(int argc, char *argv[], Options *o)
                         else if (streq(optarg, "bitmap"))
                                 o->tracking = TRACKING_BITMAP;
                         else
-                                return log_error_errno(-EINVAL, "Invalid --tracking '%s': expected ring or bitmap",
-                                                       optarg);
+                                return log_error_errno(
+                                        -EINVAL, "Invalid --tracking '%s': expected ring or bitmap", optarg);
                         break;
                 case ARG_RING_ENTRIES:
                         if (parse_u32(optarg, &v) < 0 || v < RING_ENTRIES_MIN || v > RING_ENTRIES_MAX ||
                             !IS_POWER_OF_2(v))
-                                return log_error_errno(-EINVAL,
-                                                       "Invalid --ring-entries '%s': expected a power of two from "
-                                                       "%u to %u",
-                                                       optarg, RING_ENTRIES_MIN, RING_ENTRIES_MAX);
+                                return log_error_errno(
+                                        -EINVAL,
+                                        "Invalid --ring-entries '%s': expected a power of two from "
+                                        "%u to %u",
+                                        optarg, RING_ENTRIES_MIN, RING_ENTRIES_MAX);
                         o->ring_entries = v;
                         ring_entries_set = true;
                         break;
                 case ARG_CONTROL:
                         if (strlen(optarg) >= sizeof(((struct sockaddr_un *) NULL)->sun_path) || !*optarg)
-                                return log_error_errno(-ENAMETOOLONG, "Invalid --control '%s': empty or too long",
-                                                       optarg);
+                                return log_error_errno(-ENAMETOOLONG,
+                                                       "Invalid --control '%s': empty or too long", optarg);
                         o->control = optarg;
                         break;
                 case ARG_CONSOLE:
@@ -444,9 +447,11 @@ static int setup_tracking(int vm_fd, TrackingChoice choice, uint32_t ring_entrie
                         return log_error_errno(-EOPNOTSUPP,
                                                "This kernel has no KVM dirty ring; use --tracking bitmap");
                 if ((uint64_t) ring_entries * sizeof(struct kvm_dirty_gfn) > (uint64_t) max_bytes)
-                        return log_error_errno(-ERANGE, "--ring-entries %u exceeds this kernel's maximum of %u",
-                                               ring_entries, (unsigned) (max_bytes / sizeof(struct kvm_dirty_gfn)));
-                r = kvm_enable_cap(vm_fd, (uint32_t) cap, (uint64_t) ring_entries * sizeof(struct kvm_dirty_gfn));
+                        return log_error_errno(
+                                -ERANGE, "--ring-entries %u exceeds this kernel's maximum of %u",
+                                ring_entries, (unsigned) (max_bytes / sizeof(struct kvm_dirty_gfn)));
+                r = kvm_enable_cap(vm_fd, (uint32_t) cap,
+                                   (uint64_t) ring_entries * sizeof(struct kvm_dirty_gfn));
                 if (r < 0)
                         return log_error_errno(r, "Failed to enable the KVM dirty ring (%u entries): %m",
                                                ring_entries);
@@ -456,7 +461,8 @@ static int setup_tracking(int vm_fd, TrackingChoice choice, uint32_t ring_entrie
 
         manual = kvm_check_extension(vm_fd, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2);
         if (manual > 0) {
-                uint64_t flags = (uint64_t) manual & (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
+                uint64_t flags = (uint64_t) manual &
+                                 (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
                 r = kvm_enable_cap(vm_fd, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags);
                 if (r < 0)
                         return log_error_errno(r, "Failed to enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: %m");
@@ -487,7 +493,8 @@ static int open_console(const char *spec, int *ret)
         else
                 fd = open(spec, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOCTTY, 0644);
         if (fd < 0)
-                return log_error_errno(-errno, "Failed to open console %s: %m", streq(spec, "-") ? "stdout" : spec);
+                return log_error_errno(-errno, "Failed to open console %s: %m",
+                                       streq(spec, "-") ? "stdout" : spec);
         *ret = fd;
         return 0;
 }
@@ -594,7 +601,8 @@ static int load_kernel(Vm *vm, const Options *o)
 
         r = read_file_bounded(o->kernel, MULTIBOOT_IMAGE_MAX, &image, &len);
         if (r == -EFBIG)
-                return log_error_errno(r, "Kernel %s is larger than %u MiB", o->kernel, MULTIBOOT_IMAGE_MAX >> 20);
+                return log_error_errno(r, "Kernel %s is larger than %u MiB", o->kernel,
+                                       MULTIBOOT_IMAGE_MAX >> 20);
         if (r < 0)
                 return log_error_errno(r, "Failed to read kernel %s: %m", o->kernel);
 
@@ -610,13 +618,13 @@ static int load_kernel(Vm *vm, const Options *o)
         r = multiboot_load(vm->ram, image, len, cmdline, &boot, &why);
         if (r < 0)
                 return log_error_errno(r, "Cannot boot %s: %s", o->kernel, why);
-        log_debug("Loaded %s at 0x%" PRIx64 "-0x%" PRIx64 ", entry 0x%x, cmdline \"%s\"", o->kernel, boot.load_start,
-                  boot.load_end, boot.entry, cmdline);
+        log_debug("Loaded %s at 0x%" PRIx64 "-0x%" PRIx64 ", entry 0x%x, cmdline \"%s\"", o->kernel,
+                  boot.load_start, boot.load_end, boot.entry, cmdline);
 
         for (unsigned i = 0; i < vm->n_vcpus; i++) {
                 if (i == 0)
-                        r = vcpu_setup_boot(&vm->vcpus[i], boot.entry, MULTIBOOT_BOOTLOADER_MAGIC, boot.info_addr,
-                                            BOOT_STACK_TOP);
+                        r = vcpu_setup_boot(&vm->vcpus[i], boot.entry, MULTIBOOT_BOOTLOADER_MAGIC,
+                                            boot.info_addr, BOOT_STACK_TOP);
                 else
                         r = vcpu_setup_boot(&vm->vcpus[i], boot.entry, 0x44524150U /* "DRAP" */, i, 0);
                 if (r < 0)
@@ -645,10 +653,11 @@ static int restore_vcpu_count(Options *o)
         n = m->n_vcpus;
         dr__vmstate__vm_state__free_unpacked(m, NULL);
         if (n < 1 || n > DR_AGENT_MAX_VCPUS)
-                return log_error_errno(-EBADMSG, "State file %s has %zu vCPUs, expected 1..%u", o->restore, n,
-                                       DR_AGENT_MAX_VCPUS);
+                return log_error_errno(-EBADMSG, "State file %s has %zu vCPUs, expected 1..%u", o->restore,
+                                       n, DR_AGENT_MAX_VCPUS);
         if (o->cpus_set && o->cpus != n)
-                return log_error_errno(-EINVAL, "--cpus %u does not match the %zu vCPUs of the saved state %s",
+                return log_error_errno(-EINVAL,
+                                       "--cpus %u does not match the %zu vCPUs of the saved state %s",
                                        o->cpus, n, o->restore);
         o->cpus = (unsigned) n;
         return 0;
@@ -667,8 +676,9 @@ static int restore_image_open(Options *o, Image **ret)
                 return log_error_errno(r, "Cannot restore from image %s: %s", o->restore_image, err);
         size = image_layout_ram_size(&restore_img->layout);
         if (o->memory_set && o->memory != size)
-                return log_error_errno(-EINVAL, "--memory %" PRIu64 " MiB does not match the image's %" PRIu64
-                                                " MiB", o->memory >> 20, size >> 20);
+                return log_error_errno(-EINVAL,
+                                       "--memory %" PRIu64 " MiB does not match the image's %" PRIu64 " MiB",
+                                       o->memory >> 20, size >> 20);
         if (o->cpus_set && o->cpus != restore_img->inv->n_vcpus)
                 return log_error_errno(-EINVAL, "--cpus %u does not match the %" PRIu32 " vCPUs of image %s",
                                        o->cpus, restore_img->inv->n_vcpus, o->restore_image);
@@ -691,21 +701,23 @@ static int restore_image_ram(Vm *vm, const Options *o, const Image *restore_img)
                 return log_error_errno(r, "Failed to allocate %" PRIu64 " MiB of guest RAM: %m",
                                        o->memory >> 20);
         if (il->n_regions != vm->ram->n_regions)
-                return log_error_errno(-EINVAL, "Image %s has %zu RAM regions, this VMM lays out %u for %" PRIu64
-                                                " MiB", o->restore_image, il->n_regions, vm->ram->n_regions,
-                                       o->memory >> 20);
+                return log_error_errno(
+                        -EINVAL, "Image %s has %zu RAM regions, this VMM lays out %u for %" PRIu64 " MiB",
+                        o->restore_image, il->n_regions, vm->ram->n_regions, o->memory >> 20);
         for (unsigned i = 0; i < vm->ram->n_regions; i++) {
                 const DrAgentRegion *rg = &vm->ram->regions[i];
                 if (rg->slot != il->regions[i].slot || rg->guest_phys != il->regions[i].guest_phys ||
                     rg->size != il->regions[i].size || rg->memfd_offset != il->regions[i].fd_offset)
-                        return log_error_errno(-EINVAL, "Image %s: RAM region %u does not match this VMM's layout",
+                        return log_error_errno(-EINVAL,
+                                               "Image %s: RAM region %u does not match this VMM's layout",
                                                o->restore_image, i);
         }
         r = image_restore(restore_img, vm->ram->map, vm->ram->size, true, err, sizeof(err));
         if (r < 0)
                 return log_error_errno(r, "Cannot restore from image %s: %s", o->restore_image, err);
         log_info("Guest RAM: %" PRIu64 " MiB restored from image %s (chain depth %" PRIu32 ") in %" PRIu64
-                 " ms", vm->ram->size >> 20, o->restore_image, restore_img->inv->depth, (now_usec() - t0) / 1000);
+                 " ms",
+                 vm->ram->size >> 20, o->restore_image, restore_img->inv->depth, (now_usec() - t0) / 1000);
         return 0;
 }
 
@@ -767,7 +779,8 @@ static int setup_ram(Vm *vm, const Options *o, const Image *restore_img)
         if (r == -EMEDIUMTYPE)
                 return log_error_errno(r, "RAM image size does not match --memory");
         if (r == -ERANGE || r == -EINVAL)
-                return log_error_errno(r, "RAM image size is not a valid guest RAM size (4M..1T, 4 KiB multiple)");
+                return log_error_errno(
+                        r, "RAM image size is not a valid guest RAM size (4M..1T, 4 KiB multiple)");
         if (r == -EACCES)
                 return log_error_errno(r, "--ram-fd must be open read-write to be used in place");
         if (r < 0)
@@ -796,7 +809,8 @@ static int run_check(Run *R)
         Options *o = &R->o;
 
         if (o->service_listen && parse_listen(o->service_listen, &R->listen_addr, &R->listen_port) < 0) {
-                log_error("Invalid --service-listen '%s': expected ADDR:PORT or [V6ADDR]:PORT", o->service_listen);
+                log_error("Invalid --service-listen '%s': expected ADDR:PORT or [V6ADDR]:PORT",
+                          o->service_listen);
                 return VMM_EXIT_FAILURE;
         }
         printf("dirtyrep-vmm: arguments OK\n");
@@ -813,7 +827,8 @@ static int run_prepare(Run *R)
         if (o->restore_image && restore_image_open(o, &R->restore_img) < 0)
                 return -EINVAL;
         if (o->service_listen && parse_listen(o->service_listen, &R->listen_addr, &R->listen_port) < 0)
-                return log_error_errno(-EINVAL, "Invalid --service-listen '%s': expected ADDR:PORT or [V6ADDR]:PORT",
+                return log_error_errno(-EINVAL,
+                                       "Invalid --service-listen '%s': expected ADDR:PORT or [V6ADDR]:PORT",
                                        o->service_listen);
         if (!o->uuid_set) {
                 if (getrandom(o->uuid, sizeof(o->uuid), 0) != sizeof(o->uuid))
@@ -925,9 +940,9 @@ static int vm_create_devices(Vm *vm, const Run *R)
         if (r < 0)
                 return r;
         if (uart_new("COM1", COM1_BASE, COM1_IRQ, vm->vm_fd,
-                     &(UartBackend) { .tx = com1_tx, .tx_ready = com1_tx_ready }, vm, &vm->com1) < 0 ||
+                     &(UartBackend){.tx = com1_tx, .tx_ready = com1_tx_ready}, vm, &vm->com1) < 0 ||
             uart_new("COM2", COM2_BASE, COM2_IRQ, vm->vm_fd,
-                     &(UartBackend) { .tx = com2_tx, .tx_ready = com2_tx_ready, .rx_drained = com2_rx_drained },
+                     &(UartBackend){.tx = com2_tx, .tx_ready = com2_tx_ready, .rx_drained = com2_rx_drained},
                      vm, &vm->com2) < 0)
                 return log_oom();
         service_set_uarts(vm->service, vm->com2, vm->com1);
@@ -940,7 +955,7 @@ static int vm_create_agent(Vm *vm, const Options *o, DrTrackingMode mode)
         DrAgentConfig cfg;
         int r;
 
-        cfg = (DrAgentConfig) {
+        cfg = (DrAgentConfig){
                 .socket_path = o->control,
                 .kvm_fd = vm->kvm_fd,
                 .vm_fd = vm->vm_fd,
@@ -950,11 +965,12 @@ static int vm_create_agent(Vm *vm, const Options *o, DrTrackingMode mode)
                 .regions = vm->ram->regions,
                 .n_regions = vm->ram->n_regions,
                 .n_vcpus = vm->n_vcpus,
-                .cb = {
-                        .save_devices = agent_save_devices,
-                        .output_release = agent_output_release,
-                        .vcpu_wedged = agent_vcpu_wedged,
-                },
+                .cb =
+                        {
+                                .save_devices = agent_save_devices,
+                                .output_release = agent_output_release,
+                                .vcpu_wedged = agent_vcpu_wedged,
+                        },
                 .userdata = vm,
         };
         memcpy(cfg.vm_uuid, o->uuid, sizeof(o->uuid));
@@ -969,7 +985,8 @@ static int vm_create_agent(Vm *vm, const Options *o, DrTrackingMode mode)
         return 0;
 }
 
-/* The whole VM, ready to run: KVM, RAM, vCPUs, devices, then the restored state or the kernel, then the agent. */
+/* The whole VM, ready to run: KVM, RAM, vCPUs, devices, then the restored state or the kernel, then the
+ * agent. */
 static int vm_build(Run *R)
 {
         Vm *vm = R->vm;
@@ -986,7 +1003,8 @@ static int vm_build(Run *R)
                 r = restore_state(vm, &R->o, R->restore_img);
                 if (r < 0)
                         return r;
-                R->restore_img = image_free(R->restore_img); /* RAM and state are in; the files are not needed */
+                R->restore_img =
+                        image_free(R->restore_img); /* RAM and state are in; the files are not needed */
         } else {
                 r = load_kernel(vm, &R->o);
                 if (r < 0)
@@ -1002,8 +1020,9 @@ static void vm_go(Run *R)
         int r;
 
         if (R->mode == DR_TRACKING_RING)
-                log_info("VM %s (%s): %u vCPU(s), %" PRIu64 " MiB, ring tracking (%u entries), control %s", R->o.name,
-                         R->uuid_str, vm->n_vcpus, vm->ram->size >> 20, R->o.ring_entries, R->o.control);
+                log_info("VM %s (%s): %u vCPU(s), %" PRIu64 " MiB, ring tracking (%u entries), control %s",
+                         R->o.name, R->uuid_str, vm->n_vcpus, vm->ram->size >> 20, R->o.ring_entries,
+                         R->o.control);
         else
                 log_info("VM %s (%s): %u vCPU(s), %" PRIu64 " MiB, bitmap tracking, control %s", R->o.name,
                          R->uuid_str, vm->n_vcpus, vm->ram->size >> 20, R->o.control);
@@ -1027,8 +1046,8 @@ static void vm_wait(Vm *vm, int sig_fd)
 {
         for (;;) {
                 struct pollfd p[2] = {
-                        { .fd = sig_fd, .events = POLLIN },
-                        { .fd = vm->done_fd, .events = POLLIN },
+                        {.fd = sig_fd, .events = POLLIN},
+                        {.fd = vm->done_fd, .events = POLLIN},
                 };
 
                 if (poll(p, 2, -1) < 0) {
@@ -1093,7 +1112,7 @@ static void run_done(Run *R)
 
 static int run(int argc, char *argv[])
 {
-        _cleanup_(run_done) Run R = { .sig_fd = -EBADF, .mode = DR_TRACKING_BITMAP };
+        _cleanup_(run_done) Run R = {.sig_fd = -EBADF, .mode = DR_TRACKING_BITMAP};
         static Vm vm_storage;
         int r;
 
@@ -1107,7 +1126,7 @@ static int run(int argc, char *argv[])
                 return VMM_EXIT_FAILURE;
 
         R.vm = &vm_storage;
-        *R.vm = (Vm) {
+        *R.vm = (Vm){
                 .kvm_fd = -EBADF,
                 .vm_fd = -EBADF,
                 .n_vcpus = R.o.cpus,

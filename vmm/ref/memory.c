@@ -25,7 +25,7 @@ static void guest_ram_layout(GuestRam *ram)
 {
         uint64_t low = MIN(ram->size, RAM_LOW_LIMIT);
 
-        ram->regions[0] = (DrAgentRegion) {
+        ram->regions[0] = (DrAgentRegion){
                 .slot = 0,
                 .guest_phys = 0,
                 .size = low,
@@ -35,7 +35,7 @@ static void guest_ram_layout(GuestRam *ram)
         };
         ram->n_regions = 1;
         if (ram->size > RAM_LOW_LIMIT) {
-                ram->regions[1] = (DrAgentRegion) {
+                ram->regions[1] = (DrAgentRegion){
                         .slot = 1,
                         .guest_phys = RAM_HIGH_BASE,
                         .size = ram->size - RAM_LOW_LIMIT,
@@ -173,7 +173,8 @@ int guest_ram_register(GuestRam *ram, int vm_fd)
 {
         for (unsigned i = 0; i < ram->n_regions; i++) {
                 const DrAgentRegion *rg = &ram->regions[i];
-                int r = kvm_set_user_memory_region(vm_fd, rg->slot, 0, rg->guest_phys, rg->size, rg->host_addr);
+                int r = kvm_set_user_memory_region(vm_fd, rg->slot, 0, rg->guest_phys, rg->size,
+                                                   rg->host_addr);
                 if (r < 0)
                         return r;
         }

@@ -16,10 +16,10 @@
 #include "dr-agent.h"
 #include "macros.h"
 
-#define RAM_LOW_LIMIT  0xC0000000ULL  /* 3 GiB: LAPIC/IOAPIC/PCI hole above */
-#define RAM_HIGH_BASE  0x100000000ULL /* 4 GiB */
-#define RAM_SIZE_MIN   (4ULL << 20)
-#define RAM_SIZE_MAX   (1ULL << 40)   /* 1 TiB: a sanity bound, not a KVM limit */
+#define RAM_LOW_LIMIT 0xC0000000ULL  /* 3 GiB: LAPIC/IOAPIC/PCI hole above */
+#define RAM_HIGH_BASE 0x100000000ULL /* 4 GiB */
+#define RAM_SIZE_MIN  (4ULL << 20)
+#define RAM_SIZE_MAX  (1ULL << 40) /* 1 TiB: a sanity bound, not a KVM limit */
 
 typedef struct GuestRam {
         int memfd;

@@ -7,16 +7,16 @@
 #include "multiboot.h"
 
 /* Multiboot v1 header flags we understand; any other bit in 0..15 must make us refuse. */
-#define MB_FLAG_PAGE_ALIGN 0x00000001U
-#define MB_FLAG_MEMORY     0x00000002U
-#define MB_FLAG_VIDEO      0x00000004U /* we have no framebuffer; ignored, as QEMU does */
+#define MB_FLAG_PAGE_ALIGN  0x00000001U
+#define MB_FLAG_MEMORY      0x00000002U
+#define MB_FLAG_VIDEO       0x00000004U /* we have no framebuffer; ignored, as QEMU does */
 #define MB_FLAG_AOUT_KLUDGE 0x00010000U
 
 /* multiboot_info flags */
-#define MBI_MEMORY   (1U << 0)
-#define MBI_CMDLINE  (1U << 2)
-#define MBI_MMAP     (1U << 6)
-#define MBI_LOADER   (1U << 9)
+#define MBI_MEMORY  (1U << 0)
+#define MBI_CMDLINE (1U << 2)
+#define MBI_MMAP    (1U << 6)
+#define MBI_LOADER  (1U << 9)
 
 #define EBDA_START 0x9fc00ULL
 #define MAX_PHDRS  64
@@ -88,9 +88,8 @@ static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 static int build_boot_area(GuestRam *ram, const char *cmdline, uint32_t *ret_info)
 {
         static const uint64_t gdt[3] = {
-                0,
-                0x00cf9b000000ffffULL, /* 0x08: code, base 0, limit 4 GiB, 32-bit */
-                0x00cf93000000ffffULL, /* 0x10: data, base 0, limit 4 GiB */
+                0, 0x00cf9b000000ffffULL, /* 0x08: code, base 0, limit 4 GiB, 32-bit */
+                0x00cf93000000ffffULL,    /* 0x10: data, base 0, limit 4 GiB */
         };
         static const char loader_name[] = "dirtyrep-vmm";
         struct mb_mmap_entry mmap[5];
@@ -109,11 +108,11 @@ static int build_boot_area(GuestRam *ram, const char *cmdline, uint32_t *ret_inf
         memcpy(area + (BOOT_GDT_ADDR - BOOT_AREA_START), gdt, sizeof(gdt));
         memcpy(area + (BOOT_CMDLINE - BOOT_AREA_START), cmdline, cl + 1);
 
-        mmap[n++] = (struct mb_mmap_entry) { 20, 0, EBDA_START, 1 };
-        mmap[n++] = (struct mb_mmap_entry) { 20, EBDA_START, 0x100000ULL - EBDA_START, 2 };
-        mmap[n++] = (struct mb_mmap_entry) { 20, 0x100000ULL, low - 0x100000ULL, 1 };
+        mmap[n++] = (struct mb_mmap_entry){20, 0, EBDA_START, 1};
+        mmap[n++] = (struct mb_mmap_entry){20, EBDA_START, 0x100000ULL - EBDA_START, 2};
+        mmap[n++] = (struct mb_mmap_entry){20, 0x100000ULL, low - 0x100000ULL, 1};
         if (ram->n_regions > 1)
-                mmap[n++] = (struct mb_mmap_entry) { 20, ram->regions[1].guest_phys, ram->regions[1].size, 1 };
+                mmap[n++] = (struct mb_mmap_entry){20, ram->regions[1].guest_phys, ram->regions[1].size, 1};
 
         info.flags = MBI_MEMORY | MBI_CMDLINE | MBI_MMAP | MBI_LOADER;
         info.mem_lower = (uint32_t) (EBDA_START / 1024);
@@ -137,7 +136,7 @@ int multiboot_load(GuestRam *ram, const uint8_t *image, size_t len, const char *
 {
         const Elf32_Ehdr *eh;
         Elf32_Phdr ph[MAX_PHDRS];
-        MultibootBoot b = { .load_start = UINT64_MAX };
+        MultibootBoot b = {.load_start = UINT64_MAX};
         uint32_t flags, entry = 0;
         bool have_entry = false;
         unsigned n_load = 0;
@@ -146,19 +145,24 @@ int multiboot_load(GuestRam *ram, const uint8_t *image, size_t len, const char *
         if (len > MULTIBOOT_IMAGE_MAX)
                 return fail(ret_why, "image larger than 256 MiB", -EFBIG);
         if (find_header(image, len, &flags) < 0)
-                return fail(ret_why, "no multiboot v1 header (magic 0x1BADB002 with valid checksum) in the first 8 KiB",
-                            -ENOEXEC);
+                return fail(
+                        ret_why,
+                        "no multiboot v1 header (magic 0x1BADB002 with valid checksum) in the first 8 KiB",
+                        -ENOEXEC);
         if (flags & 0xffffU & ~(MB_FLAG_PAGE_ALIGN | MB_FLAG_MEMORY | MB_FLAG_VIDEO))
-                return fail(ret_why, "multiboot header requests a feature this loader does not provide", -ENOEXEC);
+                return fail(ret_why, "multiboot header requests a feature this loader does not provide",
+                            -ENOEXEC);
 
         if (len < sizeof(Elf32_Ehdr) || memcmp(image, ELFMAG, SELFMAG) != 0)
                 return fail(ret_why,
-                            flags & MB_FLAG_AOUT_KLUDGE ? "not an ELF image (a.out-kludge images are not supported)"
-                                                        : "not an ELF image",
+                            flags & MB_FLAG_AOUT_KLUDGE
+                                    ? "not an ELF image (a.out-kludge images are not supported)"
+                                    : "not an ELF image",
                             -ENOEXEC);
         eh = (const Elf32_Ehdr *) image;
         if (eh->e_ident[EI_CLASS] != ELFCLASS32 || eh->e_ident[EI_DATA] != ELFDATA2LSB)
-                return fail(ret_why, "not a little-endian ELF32 image (wrap ELF64 with objcopy -O elf32-i386)",
+                return fail(ret_why,
+                            "not a little-endian ELF32 image (wrap ELF64 with objcopy -O elf32-i386)",
                             -ENOEXEC);
         if (eh->e_type != ET_EXEC || (eh->e_machine != EM_386 && eh->e_machine != EM_X86_64))
                 return fail(ret_why, "not an x86 ELF executable", -ENOEXEC);
@@ -181,7 +185,8 @@ int multiboot_load(GuestRam *ram, const uint8_t *image, size_t len, const char *
                 if (!guest_ram_ptr(ram, p->p_paddr, p->p_memsz))
                         return fail(ret_why, "PT_LOAD segment outside guest RAM", -ERANGE);
                 if (ranges_overlap(p->p_paddr, p->p_memsz, BOOT_AREA_START, BOOT_AREA_END - BOOT_AREA_START))
-                        return fail(ret_why, "PT_LOAD segment overlaps the loader's boot area (0x6000-0x9000)",
+                        return fail(ret_why,
+                                    "PT_LOAD segment overlaps the loader's boot area (0x6000-0x9000)",
                                     -ERANGE);
                 if (!have_entry && eh->e_entry >= p->p_vaddr && eh->e_entry - p->p_vaddr < p->p_memsz) {
                         entry = p->p_paddr + (eh->e_entry - p->p_vaddr);

@@ -17,15 +17,15 @@
 #define MULTIBOOT_BOOTLOADER_MAGIC 0x2BADB002U
 #define MULTIBOOT_SEARCH           8192
 #define MULTIBOOT_IMAGE_MAX        (256U << 20)
-#define MULTIBOOT_CMDLINE_MAX      4096  /* including the NUL */
+#define MULTIBOOT_CMDLINE_MAX      4096 /* including the NUL */
 
 /* Boot area in low memory (below the EBDA at 0x9fc00). */
-#define BOOT_AREA_START  0x6000U
-#define BOOT_GDT_ADDR    0x6000U  /* flat null/code(0x08)/data(0x10) */
-#define BOOT_STACK_TOP   0x6000U  /* an initial ESP (multiboot leaves it undefined) */
-#define BOOT_INFO_ADDR   0x7000U  /* struct multiboot_info, mmap, loader name */
-#define BOOT_CMDLINE     0x8000U
-#define BOOT_AREA_END    (BOOT_CMDLINE + MULTIBOOT_CMDLINE_MAX)
+#define BOOT_AREA_START 0x6000U
+#define BOOT_GDT_ADDR   0x6000U /* flat null/code(0x08)/data(0x10) */
+#define BOOT_STACK_TOP  0x6000U /* an initial ESP (multiboot leaves it undefined) */
+#define BOOT_INFO_ADDR  0x7000U /* struct multiboot_info, mmap, loader name */
+#define BOOT_CMDLINE    0x8000U
+#define BOOT_AREA_END   (BOOT_CMDLINE + MULTIBOOT_CMDLINE_MAX)
 
 #define BOOT_CS 0x08
 #define BOOT_DS 0x10

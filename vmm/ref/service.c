@@ -33,11 +33,11 @@
 #define HANGUP_MAX_USEC  (1000 * USEC_PER_MSEC)
 
 typedef struct Client {
-        int fd; /* -EBADF: free slot */
-        uint64_t id; /* unique for the process lifetime; 0 is "nobody" */
+        int fd;             /* -EBADF: free slot */
+        uint64_t id;        /* unique for the process lifetime; 0 is "nobody" */
         const char *doomed; /* set by service_send(): the I/O thread drops the client for this reason */
-        bool eof; /* the peer finished sending: dropped once its input has been fed */
-        uint8_t *in; /* SERVICE_IN_MAX: read from the socket, not yet fed to COM2 */
+        bool eof;           /* the peer finished sending: dropped once its input has been fed */
+        uint8_t *in;        /* SERVICE_IN_MAX: read from the socket, not yet fed to COM2 */
         size_t in_len;
         uint8_t *out; /* released bytes the socket has not taken yet */
         size_t out_len, out_cap;
@@ -93,7 +93,7 @@ static Client *service_client(Service *s, uint64_t id, unsigned slot)
 
 int service_new(const char *addr, uint16_t port, Service **ret)
 {
-        struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+        struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
         _cleanup_close_ int fd = -EBADF, wfd = -EBADF;
         struct addrinfo *res = NULL;
         struct sockaddr_storage ss;
@@ -150,8 +150,8 @@ no_listener:
         if (s->listen_fd < 0)
                 goto done;
         /* Tests look for exactly this line to learn the port. */
-        fprintf(stderr, "dirtyrep-vmm: service port listening on %s%s%s:%s\n", strchr(host, ':') ? "[" : "", host,
-                strchr(host, ':') ? "]" : "", serv);
+        fprintf(stderr, "dirtyrep-vmm: service port listening on %s%s%s:%s\n", strchr(host, ':') ? "[" : "",
+                host, strchr(host, ':') ? "]" : "", serv);
         fflush(stderr);
 done:
         *ret = s;
@@ -201,7 +201,7 @@ static void tap_tx_enqueue(void *userdata)
                 t->len++;
         else if (s->seg_len < SERVICE_SEGMENTS_MAX) {
                 s->seg[(s->seg_head + s->seg_len) % SERVICE_SEGMENTS_MAX] =
-                        (Segment) { .client = s->active, .slot = s->active_slot, .len = 1 };
+                        (Segment){.client = s->active, .slot = s->active_slot, .len = 1};
                 s->seg_len++;
         } else {
                 /*
@@ -240,7 +240,8 @@ static void tap_scratch_write(void *userdata, uint8_t value, bool rx_empty)
         if (!s->markers_seen)
                 log_info("Service port: the guest marks turnarounds; serving clients concurrently");
         s->markers_seen = true;
-        /* Bytes still in the FIFO belong to the next transaction of the same client: not a turnaround yet. */
+        /* Bytes still in the FIFO belong to the next transaction of the same client: not a turnaround yet.
+         */
         if (rx_empty) {
                 s->in_txn = false;
                 if (!s->hangup)
@@ -282,7 +283,8 @@ void service_set_uarts(Service *s, Uart *service, Uart *console)
 {
         s->uart = service;
         s->console = console;
-        /* Without a listener nothing is submitted for anybody (com2_tx), so there is nothing to attribute. */
+        /* Without a listener nothing is submitted for anybody (com2_tx), so there is nothing to attribute.
+         */
         if (s->listen_fd >= 0)
                 uart_set_tap(service, &service_tap, s);
 }
@@ -360,8 +362,8 @@ static bool service_queue_locked(Service *s, Client *c, const uint8_t *buf, size
 {
         if (len > SERVICE_OUT_MAX - c->out_len) {
                 /* Only reachable when the guest ignores THRE; a slow client cannot stall the guest. */
-                log_error("Service client %" PRIu64 " too slow (%zu bytes buffered); disconnecting it", c->id,
-                          c->out_len);
+                log_error("Service client %" PRIu64 " too slow (%zu bytes buffered); disconnecting it",
+                          c->id, c->out_len);
                 c->doomed = "output buffer full";
                 return false;
         }
@@ -397,7 +399,8 @@ void service_send(Service *s, const void *buf, size_t len)
                 size_t n;
 
                 if (s->seg_len == 0) {
-                        /* Bytes the guest wrote before this process attributed anything (e.g. restored in THR). */
+                        /* Bytes the guest wrote before this process attributed anything (e.g. restored in
+                         * THR). */
                         log_debug("Service port: %zu released bytes without a writer; dropped", len);
                         break;
                 }
@@ -411,7 +414,8 @@ void service_send(Service *s, const void *buf, size_t len)
                                 log_error("Service port output dropped: no client connected");
                         s->drop_logged = true;
                 } else
-                        log_debug("Service port: %zu bytes for departed client %" PRIu64 " dropped", n, g->client);
+                        log_debug("Service port: %zu bytes for departed client %" PRIu64 " dropped", n,
+                                  g->client);
                 if (c && c->doomed)
                         wake = true;
                 p += n;
@@ -463,7 +467,8 @@ static void service_accept(Service *s)
         if (i == SERVICE_CLIENTS_MAX || !in) {
                 pthread_mutex_unlock(&s->lock);
                 if (in)
-                        log_notice("Service port busy: %u clients connected, refusing another", SERVICE_CLIENTS_MAX);
+                        log_notice("Service port busy: %u clients connected, refusing another",
+                                   SERVICE_CLIENTS_MAX);
                 else
                         log_oom();
                 free(in);
@@ -471,7 +476,7 @@ static void service_accept(Service *s)
                 return;
         }
         free(s->clients[i].in);
-        s->clients[i] = (Client) {
+        s->clients[i] = (Client){
                 .fd = fd,
                 .id = ++s->next_id,
                 .in = in,
@@ -560,8 +565,8 @@ static void *service_thread(void *userdata)
                 int timeout, carrier;
                 bool stopping, kick;
 
-                p[0] = (struct pollfd) { .fd = s->wake_fd, .events = POLLIN };
-                p[1] = (struct pollfd) { .fd = s->listen_fd, .events = POLLIN }; /* -1 without a listener */
+                p[0] = (struct pollfd){.fd = s->wake_fd, .events = POLLIN};
+                p[1] = (struct pollfd){.fd = s->listen_fd, .events = POLLIN}; /* -1 without a listener */
 
                 pthread_mutex_lock(&s->lock);
                 stopping = s->stopping;
@@ -591,7 +596,7 @@ static void *service_thread(void *userdata)
                         if (ev == 0)
                                 continue;
                         slot_of[n - 2] = i;
-                        p[n++] = (struct pollfd) { .fd = c->fd, .events = ev };
+                        p[n++] = (struct pollfd){.fd = c->fd, .events = ev};
                 }
                 pthread_mutex_unlock(&s->lock);
                 if (stopping)

@@ -43,7 +43,7 @@
 #include "macros.h"
 #include "uart.h"
 
-#define SERVICE_OUT_MAX      (1U << 20) /* released bytes buffered per client, and over all clients / 2 */
+#define SERVICE_OUT_MAX      (1U << 20)  /* released bytes buffered per client, and over all clients / 2 */
 #define SERVICE_IN_MAX       (16U << 10) /* bytes read from a client and not yet fed to COM2 */
 #define SERVICE_CLIENTS_MAX  64
 #define SERVICE_SEGMENTS_MAX 65536 /* output attribution FIFO (one entry per change of client) */

@@ -57,14 +57,14 @@
 #define LSR_TEMT 0x40
 #define LSR_ERRS (LSR_OE | LSR_PE | LSR_FE | LSR_BI)
 
-#define MSR_DCTS 0x01
-#define MSR_DDSR 0x02
-#define MSR_TERI 0x04
-#define MSR_DDCD 0x08
-#define MSR_CTS  0x10
-#define MSR_DSR  0x20
-#define MSR_RI   0x40
-#define MSR_DCD  0x80
+#define MSR_DCTS   0x01
+#define MSR_DDSR   0x02
+#define MSR_TERI   0x04
+#define MSR_DDCD   0x08
+#define MSR_CTS    0x10
+#define MSR_DSR    0x20
+#define MSR_RI     0x40
+#define MSR_DCD    0x80
 #define MSR_DELTAS 0x0f
 
 struct Uart {
@@ -81,8 +81,8 @@ struct Uart {
         bool carrier_down; /* uart_set_carrier(false): MSR.DCD reads 0 outside loopback */
 
         uint8_t ier, lcr, mcr, lsr_errs, msr, scr, dll, dlm, fcr;
-        bool thr_interrupt;   /* THR-empty interrupt pending until IIR read or THR write */
-        bool tx_hold_valid;   /* a byte the backend refused (-ENOBUFS) waits in THR */
+        bool thr_interrupt; /* THR-empty interrupt pending until IIR read or THR write */
+        bool tx_hold_valid; /* a byte the backend refused (-ENOBUFS) waits in THR */
         uint8_t tx_hold;
         bool tx_blocked_seen; /* the guest saw THRE=0: signal THR empty when it clears */
 
@@ -362,7 +362,7 @@ void uart_write(Uart *u, unsigned offset, uint8_t value)
                         uart_rx_clear(u);
                 if ((value ^ u->fcr) & FCR_ENABLE)
                         uart_rx_clear(u); /* toggling FIFO mode resets the FIFOs */
-                u->fcr = value & 0xc9;  /* enable, DMA mode, trigger level */
+                u->fcr = value & 0xc9;    /* enable, DMA mode, trigger level */
                 break;
         case UART_LCR:
                 u->lcr = value;
@@ -425,7 +425,8 @@ size_t uart_rx_fill(Uart *u)
         pthread_mutex_lock(&u->lock);
         /* In loopback mode the receiver is cut off from the outside: leave the bytes with the feeder. */
         while (u->tap_set && u->tap.rx_pull && !(u->mcr & MCR_LOOP) && u->rx_len < UART_RX_FIFO_MAX) {
-                size_t n = u->tap.rx_pull(u->tap_userdata, buf, UART_RX_FIFO_MAX - u->rx_len, u->rx_len == 0);
+                size_t n =
+                        u->tap.rx_pull(u->tap_userdata, buf, UART_RX_FIFO_MAX - u->rx_len, u->rx_len == 0);
 
                 if (n == 0)
                         break;
@@ -469,7 +470,7 @@ void uart_tx_kick(Uart *u)
 void uart_save(Uart *u, UartState *s)
 {
         pthread_mutex_lock(&u->lock);
-        *s = (UartState) {
+        *s = (UartState){
                 .ier = u->ier,
                 .lcr = u->lcr,
                 .mcr = u->mcr,

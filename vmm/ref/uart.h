@@ -53,7 +53,8 @@ typedef struct UartTap {
         void (*tx_enqueue)(void *userdata);
         /* The byte of the last tx_enqueue() never reaches tx(): overwritten in THR, or tx() failed. */
         void (*tx_cancel)(void *userdata);
-        /* The guest wrote SCR (offset 7). rx_empty: the receive FIFO holds no byte the guest has not read. */
+        /* The guest wrote SCR (offset 7). rx_empty: the receive FIFO holds no byte the guest has not read.
+         */
         void (*scratch_write)(void *userdata, uint8_t value, bool rx_empty);
         /* uart_rx_fill(): copy up to `room` bytes to feed into `buf`; returns the count. */
         size_t (*rx_pull)(void *userdata, uint8_t *buf, size_t room, bool rx_empty);

@@ -44,7 +44,7 @@ int vcpu_create(Vm *vm, unsigned index, const struct kvm_cpuid2 *supported)
         size_t sz = sizeof(*supported) + supported->nent * sizeof(supported->entries[0]);
         int r;
 
-        *v = (Vcpu) { .vm = vm, .index = index, .fd = -EBADF };
+        *v = (Vcpu){.vm = vm, .index = index, .fd = -EBADF};
         r = kvm_create_vcpu(vm->vm_fd, index);
         if (r < 0)
                 return log_error_errno(r, "KVM_CREATE_VCPU(%u) failed: %m", index);
@@ -73,7 +73,7 @@ int vcpu_create(Vm *vm, unsigned index, const struct kvm_cpuid2 *supported)
 
 static void seg_flat(struct kvm_segment *s, uint16_t selector, uint8_t type)
 {
-        *s = (struct kvm_segment) {
+        *s = (struct kvm_segment){
                 .base = 0,
                 .limit = 0xffffffff,
                 .selector = selector,
@@ -91,13 +91,9 @@ int vcpu_setup_boot(Vcpu *v, uint32_t entry, uint32_t eax, uint32_t ebx, uint32_
 {
         struct kvm_sregs sregs;
         struct kvm_regs regs = {
-                .rip = entry,
-                .rax = eax,
-                .rbx = ebx,
-                .rsp = esp,
-                .rflags = 0x2, /* reserved bit 1; IF=0 */
+                .rip = entry, .rax = eax, .rbx = ebx, .rsp = esp, .rflags = 0x2, /* reserved bit 1; IF=0 */
         };
-        struct kvm_fpu fpu = { .fcw = 0x37f, .mxcsr = 0x1f80 };
+        struct kvm_fpu fpu = {.fcw = 0x37f, .mxcsr = 0x1f80};
         int r;
 
         r = kvm_get_sregs(v->fd, &sregs);
@@ -113,8 +109,8 @@ int vcpu_setup_boot(Vcpu *v, uint32_t entry, uint32_t eax, uint32_t ebx, uint32_
         sregs.idt.base = 0;
         sregs.idt.limit = 0;
         /* VMX wants a usable busy TSS and an LDT in protected mode even if the guest never uses them. */
-        sregs.tr = (struct kvm_segment) { .limit = 0xffff, .type = 0xb, .present = 1 };
-        sregs.ldt = (struct kvm_segment) { .limit = 0xffff, .type = 0x2, .present = 1 };
+        sregs.tr = (struct kvm_segment){.limit = 0xffff, .type = 0xb, .present = 1};
+        sregs.ldt = (struct kvm_segment){.limit = 0xffff, .type = 0x2, .present = 1};
         sregs.cr0 = 0x11; /* PE | ET; caches on, as a BIOS leaves them */
         sregs.cr2 = 0;
         sregs.cr3 = 0;
@@ -134,7 +130,8 @@ int vcpu_setup_boot(Vcpu *v, uint32_t entry, uint32_t eax, uint32_t ebx, uint32_
                 /* guest-abi.md: APs start at the entry point themselves, no INIT/SIPI. */
                 r = kvm_set_mp_state(v->fd, KVM_MP_STATE_RUNNABLE);
                 if (r < 0)
-                        return log_error_errno(r, "KVM_SET_MP_STATE(RUNNABLE) on vCPU %u failed: %m", v->index);
+                        return log_error_errno(r, "KVM_SET_MP_STATE(RUNNABLE) on vCPU %u failed: %m",
+                                               v->index);
         }
         return 0;
 }
@@ -181,8 +178,8 @@ static void vcpu_dump(Vcpu *v)
                 return;
         log_error("vCPU %u: rip=0x%llx rsp=0x%llx rflags=0x%llx rax=0x%llx cr0=0x%llx cr3=0x%llx cr4=0x%llx "
                   "efer=0x%llx cs=0x%x",
-                  v->index, regs.rip, regs.rsp, regs.rflags, regs.rax, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer,
-                  sregs.cs.selector);
+                  v->index, regs.rip, regs.rsp, regs.rflags, regs.rax, sregs.cr0, sregs.cr3, sregs.cr4,
+                  sregs.efer, sregs.cs.selector);
 }
 
 /*
@@ -235,8 +232,9 @@ static bool vcpu_handle_exit_reason(Vcpu *v, int *ret_status)
                         *ret_status = VMM_EXIT_OK;
                         return false;
                 case KVM_SYSTEM_EVENT_RESET:
-                        log_info("vCPU %u: guest asked for a reset, which dirtyrep-vmm does not do; stopping",
-                                 v->index);
+                        log_info(
+                                "vCPU %u: guest asked for a reset, which dirtyrep-vmm does not do; stopping",
+                                v->index);
                         *ret_status = VMM_EXIT_OK;
                         return false;
                 case KVM_SYSTEM_EVENT_CRASH:
@@ -275,7 +273,8 @@ static void *vcpu_thread(void *userdata)
                         break;
                 if (r == -EDEADLK) {
                         /* The agent logged why; the VMM keeps serving the control socket. */
-                        log_error("vCPU %u stopped: its dirty ring jammed (use --tracking bitmap on this host)",
+                        log_error("vCPU %u stopped: its dirty ring jammed (use --tracking bitmap on this "
+                                  "host)",
                                   v->index);
                         break;
                 }

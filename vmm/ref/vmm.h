@@ -15,14 +15,14 @@
 #include "uart.h"
 
 /* Exit statuses of dirtyrep-vmm (documented in --help). */
-#define VMM_EXIT_OK           0
-#define VMM_EXIT_FAILURE      1
-#define VMM_EXIT_GUEST_CRASH  3 /* triple fault, KVM internal error, failed entry */
+#define VMM_EXIT_OK          0
+#define VMM_EXIT_FAILURE     1
+#define VMM_EXIT_GUEST_CRASH 3 /* triple fault, KVM internal error, failed entry */
 
-#define COM1_BASE 0x3f8
-#define COM1_IRQ  4
-#define COM2_BASE 0x2f8
-#define COM2_IRQ  3
+#define COM1_BASE       0x3f8
+#define COM1_IRQ        4
+#define COM2_BASE       0x2f8
+#define COM2_IRQ        3
 #define DEBUG_EXIT_PORT 0x501
 
 /* Output-commit channels of the agent. */
@@ -57,7 +57,7 @@ struct Vm {
         bool console_commit; /* COM1 output through channel 0 of the output queue */
 
         /* A vCPU asks the main thread to stop the VM: first status wins. */
-        int done_fd;          /* eventfd the main thread polls */
+        int done_fd;            /* eventfd the main thread polls */
         atomic_int exit_status; /* -1 until someone asks */
 };
 
