@@ -1232,6 +1232,7 @@ TEST(listener_first_bytes_deadline)
 typedef struct Streamer {
         Link *l;
         bool stop;
+        bool done; /* set (release) when the thread no longer touches l */
         unsigned sent;
 } Streamer;
 
@@ -1243,6 +1244,7 @@ static void *streamer_main(void *userdata)
         while (!__atomic_load_n(&st->stop, __ATOMIC_ACQUIRE) &&
                link_send(st->l, DR__REPL__FRAME_TYPE__FRAME_PAGES, payload, sizeof(payload), true) >= 0)
                 st->sent++;
+        __atomic_store_n(&st->done, true, __ATOMIC_RELEASE);
         return NULL;
 }
 
@@ -1292,8 +1294,13 @@ TEST(listener_served_while_a_link_streams)
                 st.sent);
         __atomic_store_n(&st.stop, true, __ATOMIC_RELEASE);
         frame_work_us = 0;
-        f.primary = link_free(f.primary); /* a send blocked in the queue returns */
+        /* A sending thread must be gone before link_free() (the daemon stops its epoch thread
+         * first): the loop drains the queue until a blocked send returns and the thread sees stop.
+         * (Freeing first let a send that had not reached the queue yet touch the freed Link:
+         * ASan in CI.) */
+        ASSERT_TRUE(RUN_UNTIL(f.e, __atomic_load_n(&st.done, __ATOMIC_ACQUIRE), 10000));
         ASSERT_EQ(pthread_join(th, NULL), 0);
+        f.primary = link_free(f.primary);
         safe_close(fd);
         ll2 = link_listener_free(ll2);
         fixture_done(&f);
