@@ -433,25 +433,7 @@ static void print_json(const VmInfo *v, bool last)
 {
         printf("  {\"VM\": ");
         json_string(stdout, v->name);
-        for (size_t i = 0; i < v->n_props; i++) {
-                const Prop *p = &v->props[i];
-                printf(", \"%s\": ", p->name);
-                switch (p->type) {
-                case 's':
-                        json_string(stdout, p->s ? p->s : "");
-                        break;
-                case 'b':
-                        printf("%s", p->b ? "true" : "false");
-                        break;
-                case 't':
-                case 'u':
-                        printf("%" PRIu64, p->u);
-                        break;
-                case 'd':
-                        printf("%.3f", p->d);
-                        break;
-                }
-        }
+        print_json_props(v);
         printf("}%s\n", last ? "" : ",");
 }
 
