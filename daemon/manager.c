@@ -22,6 +22,7 @@
 #include "manager.h"
 #include "tls.h"
 #include "util.h"
+#include "vmm-link.h"
 
 #define STATUS_INTERVAL_USEC (200 * 1000ULL)
 #define NOTIFY_EVERY_TICKS   5 /* STATUS= at most once a second */
@@ -992,6 +993,20 @@ static int vm_new(Manager *m, VmConfig *cfg, const DaemonConfig *d, Vm **ret)
 static void vm_start(Vm *vm)
 {
         vm_role_load(vm);
+        if (vm->promoted && !vmm_link_listening(vm->cfg->control_socket)) {
+                /* The VMM the failover started is gone with this host's last life (a crash, a
+                 * reboot, a kill of its unit): there is nothing here to reattach to, and the
+                 * peer may have failed over since. Claiming the primary role (and the service
+                 * address) now could make two hosts answer; Role= decides instead. */
+                log_warning("VM %s: %s/%s.role says this host is primary since the failover from epoch "
+                            "%" PRIu64 ", but no VMM listens on %s any more: the promotion is void, "
+                            "Role= from the configuration applies",
+                            vm->cfg->name, vm_state_dir(vm), vm->cfg->name, vm->promoted_from,
+                            vm->cfg->control_socket);
+                vm->promoted = vm->promoted_synced = false;
+                vm->vmm_unit[0] = 0;
+                (void) vm_role_save(vm);
+        }
         if (vm->maintenance) {
                 (void) vm_load_saved(vm);
                 if (vm->kept) {

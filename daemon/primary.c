@@ -109,7 +109,7 @@ struct Primary {
 
         /* Loop thread only. */
         sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer, *gone_timer;
-        unsigned gone_checks; /* vmm_alive() re-checks after the epoch thread stopped */
+        unsigned gone_checks; /* vmm_link_listening() re-checks after the epoch thread stopped */
         unsigned backoff_ms;
         bool started;
         Dr__Repl__Hello hello;
@@ -1897,23 +1897,6 @@ int primary_checkpoint_image(Primary *p, const char *dir, const char *parent, bo
 
 /* Whether the VMM still serves its control socket: a dead VMM leaves the
  * file, but nobody accepts (ECONNREFUSED), or the file is gone. */
-static bool vmm_alive(const char *path)
-{
-        struct sockaddr_un sa = {.sun_family = AF_UNIX};
-        _cleanup_close_ int fd = -EBADF;
-
-        if (strlen(path) >= sizeof(sa.sun_path))
-                return true; /* cannot tell: assume the worst (it runs) */
-        strcpy(sa.sun_path, path);
-        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (fd < 0)
-                return true;
-        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 &&
-            (errno == ECONNREFUSED || errno == ENOENT))
-                return false;
-        return true;
-}
-
 static int on_gone_timer(sd_event_source *s, uint64_t usec, void *userdata);
 
 /*
@@ -1938,7 +1921,7 @@ static void report_stop(Primary *p)
         pthread_mutex_unlock(&p->mutex);
         if (!l)
                 return;
-        if (!vmm_alive(p->vm->control_socket)) {
+        if (!vmm_link_listening(p->vm->control_socket)) {
                 log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
                 link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
                 return;

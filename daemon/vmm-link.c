@@ -476,6 +476,23 @@ static int check_socket_file(const char *path, struct stat *ret_st, char *why, s
         return -EPERM;
 }
 
+bool vmm_link_listening(const char *path)
+{
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        _cleanup_close_ int fd = -EBADF;
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return true; /* cannot tell: assume the worst (it runs) */
+        strcpy(sa.sun_path, path);
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return true;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 &&
+            (errno == ECONNREFUSED || errno == ENOENT))
+                return false;
+        return true;
+}
+
 int vmm_link_open_checked(const char *path, const char *client, char *why, size_t why_size, VmmLink **ret)
 {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};

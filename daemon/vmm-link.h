@@ -80,6 +80,13 @@ int vmm_link_open(const char *path, const char *client, VmmLink **ret);
  * vmm_link_open() applies the same checks.
  */
 int vmm_link_open_checked(const char *path, const char *client, char *why, size_t why_size, VmmLink **ret);
+/*
+ * Whether something listens on the VMM control socket at path: false only when
+ * connect() says nobody does (ECONNREFUSED, ENOENT); true when it connects and
+ * when it cannot tell (assume the worst: the VMM runs). The probe connection is
+ * closed at once, before any Hello.
+ */
+bool vmm_link_listening(const char *path);
 /* The same over an already connected SOCK_SEQPACKET socket (taken, also on failure). */
 int vmm_link_open_fd(int fd, const char *client, VmmLink **ret);
 VmmLink *vmm_link_free(VmmLink *l);

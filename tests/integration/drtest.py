@@ -754,9 +754,12 @@ class TamperProxy(Proxy):
                 if self.mode == "stall":
                     time.sleep(0.01)
                     continue
-                data = src.recv(262144)
+                slow = forward and self.mode == "slow"  # as Proxy.pump: about 20 KB/s
+                data = src.recv(1024 if slow else 262144)
                 if not data:
                     break
+                if slow:
+                    time.sleep(0.05)
                 while self.mode == "stall" and not self.stop:
                     time.sleep(0.01)
                 if raw:
