@@ -114,6 +114,10 @@ struct DrAgent {
         atomic_bool tracking;
         /* dr_agent_note_guest_write() calls walking the regions; dr_agent_set_regions() waits for 0. */
         atomic_uint note_users;
+        /* The VMM's memory slots changed while a client was attached (dr_agent_set_regions()
+         * returned -EBUSY): the regions the client tracks are no longer KVM's. Tracking
+         * requests fail with -ESTALE until the VMM installs the new list after the detach. */
+        atomic_bool layout_stale;
 
         /* Agent thread only. */
         int client_fd;

@@ -254,9 +254,13 @@ int dr_agent_set_regions(DrAgent *a, const DrAgentRegion *regions, size_t n_regi
          * list or we see the client.
          */
         pthread_mutex_lock(&a->lock);
-        if (atomic_load(&a->attached))
+        if (atomic_load(&a->attached)) {
+                /* Tracking cannot follow (KVM would get flags for slots that no longer exist, or
+                 * miss new ones): fail the session's tracking requests rather than let the
+                 * replica silently miss pages. */
+                atomic_store(&a->layout_stale, true);
                 r = -EBUSY;
-        else {
+        } else {
                 /*
                  * Not attached, so not tracking (detach clears `tracking` first): a
                  * note_guest_write() that starts now returns before it touches the
@@ -266,6 +270,8 @@ int dr_agent_set_regions(DrAgent *a, const DrAgentRegion *regions, size_t n_regi
                 while (atomic_load(&a->note_users) > 0)
                         sched_yield();
                 r = regions_install(a, regions, n_regions);
+                if (r >= 0)
+                        atomic_store(&a->layout_stale, false);
         }
         pthread_mutex_unlock(&a->lock);
         return r;

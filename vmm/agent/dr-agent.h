@@ -98,8 +98,11 @@ int dr_agent_new(const DrAgentConfig *cfg, DrAgent **ret);
  * whose memory slots change while it runs (QEMU: firmware reprogramming the
  * PC's shadow RAM at boot). Only while no control client is attached: a
  * client holds a layout and dirty-ring entries that name the old slots.
- * Returns -EBUSY while one is attached (the caller must not change slots
- * then), -EINVAL for a bad list. Any thread.
+ * Returns -EBUSY while one is attached, -EINVAL for a bad list. Any thread.
+ * After -EBUSY the attached client's tracking requests fail with -ESTALE
+ * (its layout is no longer KVM's: it must detach and attach again), and the
+ * caller must call again once the client is gone (QEMU retries on a timer):
+ * the agent keeps the old list until then.
  */
 int dr_agent_set_regions(DrAgent *a, const DrAgentRegion *regions, size_t n_regions);
 

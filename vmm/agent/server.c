@@ -596,6 +596,22 @@ static int dispatch(DrAgent *a, const Dr__Control__Request *req, Ctx *c)
                 return ctx_fail(c, -EPROTO, "the first request must be Hello");
 
         switch (req->body_case) {
+        case DR__CONTROL__REQUEST__BODY_GET_LAYOUT:
+        case DR__CONTROL__REQUEST__BODY_START_TRACKING:
+        case DR__CONTROL__REQUEST__BODY_RESET_RINGS:
+        case DR__CONTROL__REQUEST__BODY_PAUSE:
+        case DR__CONTROL__REQUEST__BODY_GET_DIRTY_LOG:
+                if (atomic_load(&a->layout_stale))
+                        return ctx_fail(c, -ESTALE,
+                                        "the guest's memory layout changed since this client attached; "
+                                        "dirty tracking cannot follow it: detach and attach again "
+                                        "(a full sync)");
+                break;
+        default:
+                break;
+        }
+
+        switch (req->body_case) {
         case DR__CONTROL__REQUEST__BODY_HELLO:
                 return handle_hello(a, req->hello, c);
         case DR__CONTROL__REQUEST__BODY_GET_LAYOUT:
