@@ -78,8 +78,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from drtest import *  # noqa: E402,F401,F403 (also re-exported to the benchmarks that load this file)
 
 
-def failover_trial(tmp, k, P, S, key, check=True):
-    """One kill: returns (lost, last_acked, got, failover_s)."""
+def failover_trial(tmp, k, P, S, key, check=True, drain=None):
+    """One kill: returns (lost, last_acked, got, failover_s). drain(), when given, runs
+    once the standby is promoted, before the GET (test-qemu.py: the serial line's stale
+    reply)."""
     loop = IncrLoop(tmp, f"{key}")
     run_s = random.uniform(0.3, 1.5) * SLOW
     time.sleep(run_s)
@@ -94,6 +96,8 @@ def failover_trial(tmp, k, P, S, key, check=True):
     if not acked:
         fail(f"trial {k}: no INCR was acknowledged in {run_s:.2f} s")
     last = acked[-1]
+    if drain:
+        drain()
     # The client reconnects to the same service address.
     end = time.time() + 15
     got = None
