@@ -993,7 +993,9 @@ static int vm_new(Manager *m, VmConfig *cfg, const DaemonConfig *d, Vm **ret)
 static void vm_start(Vm *vm)
 {
         vm_role_load(vm);
-        if (vm->promoted && !vmm_link_listening(vm->cfg->control_socket)) {
+        /* (A VMM handed over by a reload is this daemon's own child, whatever its socket says.) */
+        if (vm->promoted && failover_vmm_pid(vm->failover) == 0 &&
+            !vmm_link_listening(vm->cfg->control_socket)) {
                 /* The VMM the failover started is gone with this host's last life (a crash, a
                  * reboot, a kill of its unit): there is nothing here to reattach to, and the
                  * peer may have failed over since. Claiming the primary role (and the service
