@@ -14,7 +14,7 @@
 #include "link-mac.h"
 #include "util.h"
 
-const char *frame_type_name(uint16_t type)
+const char *link_frame_type_name(uint16_t type)
 {
         static const char *const names[] = {
                 [DR__REPL__FRAME_TYPE__FRAME_HELLO] = "HELLO",
@@ -85,7 +85,7 @@ int link_frame_complete(Link *l)
         l->rx_header_got = 0;
         if (frame_verify_payload(l->rx_header, &h, l->rx_payload) < 0)
                 return PROTO_FAIL(l, -EBADMSG, "CRC mismatch in %s frame (%u bytes) from %s",
-                                  frame_type_name(h.type), h.length, l->peer_name);
+                                  link_frame_type_name(h.type), h.length, l->peer_name);
         if (l->rx_mac) {
                 /* A CRC anyone can recompute; the tag only a holder of this session's key. */
                 uint64_t seq = 0;
@@ -96,17 +96,17 @@ int link_frame_complete(Link *l)
                                           "frame out of sequence from %s: %s frame numbered %" PRIu64
                                           " where %" PRIu64 " was due (replayed, dropped or reordered "
                                           "on the way); link closed, nothing of it applied",
-                                          l->peer_name, frame_type_name(h.type), seq, l->rx_seq);
+                                          l->peer_name, link_frame_type_name(h.type), seq, l->rx_seq);
                 if (r == -EBADMSG)
                         return PROTO_FAIL(l, -EBADMSG,
                                           "authentication failed for %s frame %" PRIu64
                                           " (%u bytes) from %s: its MAC does not match (altered on the "
                                           "way, or not sent by the peer); link closed, nothing of it "
                                           "applied",
-                                          frame_type_name(h.type), seq, h.length, l->peer_name);
+                                          link_frame_type_name(h.type), seq, h.length, l->peer_name);
                 if (r < 0)
                         return PROTO_FAIL(l, r, "failed to check the MAC of a %s frame from %s: %s",
-                                          frame_type_name(h.type), l->peer_name, strerror(-r));
+                                          link_frame_type_name(h.type), l->peer_name, strerror(-r));
                 l->rx_seq++;
         }
         pthread_mutex_lock(&l->mutex);

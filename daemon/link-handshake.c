@@ -18,6 +18,8 @@
 #include "link-mac.h"
 #include "util.h"
 
+#define PROOF_BYTES 32u
+
 static const char LABEL_STANDBY[] = "dirtyrep-standby";
 static const char LABEL_PRIMARY[] = "dirtyrep-primary";
 
@@ -96,7 +98,7 @@ static void link_tx_keyed(Link *l, LinkMac *tx)
         pthread_mutex_unlock(&l->mutex);
 }
 
-int handle_hello(Link *l, const uint8_t *payload, size_t len)
+int link_handle_hello(Link *l, const uint8_t *payload, size_t len)
 {
         _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
         _cleanup_(link_mac_freep) LinkMac *tx = NULL;
@@ -165,7 +167,7 @@ int handle_hello(Link *l, const uint8_t *payload, size_t len)
         return 0;
 }
 
-int handle_challenge(Link *l, const uint8_t *payload, size_t len)
+int link_handle_challenge(Link *l, const uint8_t *payload, size_t len)
 {
         _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
         _cleanup_(link_mac_freep) LinkMac *tx = NULL;
@@ -219,7 +221,7 @@ int handle_challenge(Link *l, const uint8_t *payload, size_t len)
         return 0;
 }
 
-int handle_auth(Link *l, const uint8_t *payload, size_t len)
+int link_handle_auth(Link *l, const uint8_t *payload, size_t len)
 {
         _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
         Dr__Repl__Welcome w = DR__REPL__WELCOME__INIT;
@@ -255,7 +257,7 @@ int handle_auth(Link *l, const uint8_t *payload, size_t len)
         return link_go_up(l, NULL);
 }
 
-int handle_welcome(Link *l, const uint8_t *payload, size_t len)
+int link_handle_welcome(Link *l, const uint8_t *payload, size_t len)
 {
         _cleanup_(protobuf_c_message_freep) ProtobufCMessage *m = NULL;
         Dr__Repl__Welcome *w;

@@ -29,6 +29,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "frame.h"
 #include "link-mac.h"
@@ -36,40 +37,14 @@
 #include "macros.h"
 #include "util.h"
 
-#define NONCE_BYTES               32u
-#define PROOF_BYTES               32u
-#define UUID_BYTES                16u
-#define SESSION_BYTES             16u
-#define VM_NAME_MAX               255u
-#define HANDSHAKE_MAX_FRAME       (64u * 1024u)
-#define SOCKET_BUFFER_BYTES       (4 * 1024 * 1024)
-#define RX_BUFFER_BYTES           (64u * 1024u)
-#define RX_READS_PER_DISPATCH     16u
-#define RX_TLS_READS_PER_DISPATCH 64u    /* a TLS read returns one record, at most 16 KiB */
-#define TLS_RECORD_MAX            16384u /* plaintext bytes per TLS record */
-/* Work one dispatch may do before the loop gets back to its timers. Reads
- * are counted in wire bytes, but a compressed PAGES frame of 16 KiB can
- * expand to 1 MiB of pages to apply: 16 reads of LZ4'd zero-tailed pages
- * once took the standby's loop past the peer's 200 ms liveness window, and
- * its heartbeats were not sent (the full-sync link flap). */
-#define RX_DISPATCH_BUDGET_USEC 2000u
-#define LOOP_STALL_FACTOR       5u
-#define LOOP_STALL_MIN_USEC     (2u * USEC_PER_SEC)
-#define TX_IOV_MAX              64u
-#define PEER_MESSAGE_MAX        200u
-#define LISTEN_BACKLOG          64
-#define TIMER_ACCURACY_USEC     1000u
+#define NONCE_BYTES         32u
+#define UUID_BYTES          16u
+#define SESSION_BYTES       16u
+#define VM_NAME_MAX         255u
+#define HANDSHAKE_MAX_FRAME (64u * 1024u)
+#define SOCKET_BUFFER_BYTES (4 * 1024 * 1024)
+#define TLS_RECORD_MAX      16384u /* plaintext bytes per TLS record */
 
-#define DEFAULT_HEARTBEAT_MS 50u
-#define DEFAULT_MISSES       4u
-#define DEFAULT_HANDSHAKE_MS 5000u
-/* Pre-authentication limits of a listener (see link.h). A stranger that sends nothing is closed
- * after FIRST_BYTES_MS; at most MAX_PER_SOURCE connections of one address are in handshake; the
- * warning about dropped strangers is logged at most once per WARN_INTERVAL. */
-#define FIRST_BYTES_MS              1000u
-#define LISTENER_MAX_PER_SOURCE     2u
-#define LISTENER_WARN_INTERVAL_USEC (10u * USEC_PER_SEC)
-#define DEFAULT_QUEUE_LIMIT         ((size_t) 32 << 20)
 static inline void protobuf_c_message_freep(ProtobufCMessage **m)
 {
         if (*m)
@@ -133,7 +108,7 @@ struct Link {
         bool rx_any;                      /* a byte arrived */
         bool preauth_dropped;             /* closed by the pre-authentication limits (link.h) */
 
-        /* TLS (NULL: plaintext). Under tls_lock(): every SSL_* call on ssl, tls_up, tls_failed.
+        /* TLS (NULL: plaintext). Under link_tls_lock(): every SSL_* call on ssl, tls_up, tls_failed.
          * A ticket lock: tls_next is the next ticket, tls_serving the one that holds it. */
         SSL *ssl;
         pthread_mutex_t tls_mutex;
@@ -212,52 +187,82 @@ struct Link {
                 (code);                                                                                     \
         })
 
-/* link.c */
+/* link.c: the state machine (loop thread). */
+/* Takes the link down once (a no-op when it is down): stops reading and the timers, drops the
+ * queue, with tell_peer sends a last ERROR{error, reason}, calls on_down. error < 0. */
 _printf_(4, 5) void link_down(Link *l, int error, bool tell_peer, const char *fmt, ...);
-TxFrame *error_frame(Link *l, int code, const char *message);
+/* An ERROR{code, message} frame, packed and with its header; NULL on failure (out of memory). */
+TxFrame *link_error_frame(Link *l, int code, const char *message);
+/* Loop thread: keeps the memory of l alive while a handler runs (link_free() may be called in it). */
 Link *link_ref(Link *l);
 void link_unref(Link *l);
 DEFINE_TRIVIAL_CLEANUP_FUNC_VOID(Link *, link_unref);
+/* The handshake is over (welcome: the standby's, on the primary; NULL on the standby): starts
+ * heartbeats and the liveness watch, lets senders in, calls on_up. 0 or negative (link down). */
 int link_go_up(Link *l, const Dr__Repl__Welcome *welcome);
+/* A complete, checked frame: to the handler its type and the step allow, or the link goes down. */
 int link_dispatch(Link *l, uint16_t type, const uint8_t *payload, size_t len);
+/* Reads what the socket (or OpenSSL) has, within the dispatch budget, and feeds the parser. */
 void link_read(Link *l);
-void socket_tune(int fd);
-void format_host(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
-void format_sockaddr(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
+void link_socket_tune(int fd);
+/* The address without the port ("?" for other families): what the per-source limit counts. */
+void link_format_host(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
+/* "ADDR:PORT" or "[V6]:PORT", for messages. */
+void link_format_sockaddr(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
 
-/* link-frame.c */
-const char *frame_type_name(uint16_t type);
+/* link-frame.c: the parser (loop thread). */
+const char *link_frame_type_name(uint16_t type);
+/* The frame in rx_header/rx_payload/rx_trailer is all there: checks CRC, sequence and MAC, then
+ * dispatches it. 0, or negative when the link went down. */
 int link_frame_complete(Link *l);
+/* Consumes len bytes of stream. 0 when all were consumed, negative when the link went down. */
 int link_feed(Link *l, const uint8_t *data, size_t len);
 
-/* link-handshake.c */
-int handle_hello(Link *l, const uint8_t *payload, size_t len);
-int handle_challenge(Link *l, const uint8_t *payload, size_t len);
-int handle_auth(Link *l, const uint8_t *payload, size_t len);
-int handle_welcome(Link *l, const uint8_t *payload, size_t len);
+/* link-handshake.c (loop thread). Each handler returns 0 or negative (the link is then down). */
+int link_handle_hello(Link *l, const uint8_t *payload, size_t len);
+int link_handle_challenge(Link *l, const uint8_t *payload, size_t len);
+int link_handle_auth(Link *l, const uint8_t *payload, size_t len);
+int link_handle_welcome(Link *l, const uint8_t *payload, size_t len);
+/* Primary: queues its HELLO, the first frame once the connection (and TLS) is up. */
 int link_queue_hello(Link *l);
 
-/* link-transport.c */
-int tls_set_fd(SSL *ssl, int fd);
-void tls_lock(Link *l);
-void tls_unlock(Link *l);
-ssize_t transport_recv(Link *l, void *buf, size_t len, char *why, size_t why_size);
-ssize_t transport_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_events);
-void transport_close_notify(Link *l);
+/* link-transport.c: plaintext or TLS. */
+/* Attaches fd (not owned) to ssl through a socket BIO that writes with MSG_NOSIGNAL. */
+int link_tls_set_fd(SSL *ssl, int fd);
+/* The TLS lock (FIFO) around every call into l->ssl, by either thread; never held while waiting. */
+void link_tls_lock(Link *l);
+void link_tls_unlock(Link *l);
+/* Loop thread: >0 bytes, 0 at the end of the stream, -EAGAIN, -EINTR or another negative errno;
+ * with TLS, a failure leaves its message in why. */
+ssize_t link_transport_recv(Link *l, void *buf, size_t len, char *why, size_t why_size);
+/* Writer thread: bytes of iov[0..n) sent, or negative; on -EAGAIN *ret_events says what to wait for. */
+ssize_t link_transport_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_events);
+/* Writer thread, at the end: close_notify with TLS (best effort). */
+void link_transport_close_notify(Link *l);
+/* Loop thread: one step of the TLS handshake each time the socket allows; then HELLO or its wait. */
 void link_tls_handshake(Link *l);
 
-/* link-writer.c */
+/* link-writer.c: the send queue (any thread, under `mutex`) and the writer thread. */
+/* A frame with room for payload_len bytes after the header and for a MAC trailer; NULL: ENOMEM. */
 TxFrame *txframe_new(size_t payload_len);
 void txframe_free_list(TxFrame *f);
+/* Under `mutex`, as f is queued: once this side's frames are keyed, f gets a trailer. */
 void txframe_mark_locked(Link *l, TxFrame *f);
+/* Builds f's header and appends it (takes f in every case). internal: the Link's own frames,
+ * which bypass the limit and the "up" check. 0, -ENOTCONN, -EAGAIN (!block and full). */
 int link_queue(Link *l, uint16_t type, TxFrame *f, bool block, bool internal);
+/* Packs m into a new TxFrame (no header yet). 0, -EMSGSIZE, -ENOMEM, -EIO. */
 int link_pack(Link *l, const ProtobufCMessage *m, TxFrame **ret);
+/* Loop thread: packs and queues a handshake frame, never blocking. */
 int link_send_internal(Link *l, uint16_t type, const ProtobufCMessage *m);
-void *writer_main(void *userdata);
+/* The writer thread's body (userdata: the Link). */
+void *link_writer_main(void *userdata);
 
-/* link-listener.c */
-void listener_release(Link *l);
-void listener_note_drop(LinkListener *ll, const char *host, const char *why);
+/* link-listener.c (loop thread). */
+/* l stops counting against its listener's pending handshakes (no-op without one). */
+void link_listener_release(Link *l);
+/* A stranger from host was dropped before authenticating: counted, and one rate-limited warning. */
+void link_listener_note_drop(LinkListener *ll, const char *host, const char *why);
 
 /*
  * Feeds len bytes to the Link's frame parser exactly as if they had been read

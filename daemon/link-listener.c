@@ -16,9 +16,16 @@
 #include "log.h"
 #include "util.h"
 
+#define LISTEN_BACKLOG 64
+/* Pre-authentication limits of a listener (see link.h). At most MAX_PER_SOURCE connections of one
+ * address are in handshake; the warning about dropped strangers is logged at most once per
+ * WARN_INTERVAL. (A stranger that sends nothing is closed after FIRST_BYTES_MS, in link.c.) */
+#define LISTENER_MAX_PER_SOURCE     2u
+#define LISTENER_WARN_INTERVAL_USEC (10u * USEC_PER_SEC)
+
 /* ---- listener ------------------------------------------------------------------------- */
 
-void listener_release(Link *l)
+void link_listener_release(Link *l)
 {
         LinkListener *ll = l->listener;
 
@@ -39,7 +46,7 @@ void listener_release(Link *l)
  * LISTENER_WARN_INTERVAL names the latest source and counts the others, so a flood cannot flood
  * the journal, and an operator still learns where it comes from.
  */
-void listener_note_drop(LinkListener *ll, const char *host, const char *why)
+void link_listener_note_drop(LinkListener *ll, const char *host, const char *why)
 {
         uint64_t now = now_usec();
         char local[64] = "?";
@@ -55,7 +62,7 @@ void listener_note_drop(LinkListener *ll, const char *host, const char *why)
                 return;
         }
         if (getsockname(ll->fd, (struct sockaddr *) &ss, &sl) >= 0)
-                format_sockaddr((struct sockaddr *) &ss, sl, local, sizeof(local));
+                link_format_sockaddr((struct sockaddr *) &ss, sl, local, sizeof(local));
         log_warning("Replication listener %s: dropped a connection from %s before authentication: %s "
                     "(%" PRIu64 " dropped in the last %u s, %" PRIu64 " in all). Something there connects "
                     "without completing the handshake: check that host, or filter it.",
@@ -91,7 +98,7 @@ static void listener_evict(LinkListener *ll, Link *victim, const char *why)
         _cleanup_(link_unrefp) _unused_ Link *ref = link_ref(victim);
 
         victim->preauth_dropped = true;
-        listener_note_drop(ll, victim->peer_host, why);
+        link_listener_note_drop(ll, victim->peer_host, why);
         link_down(victim, -ECONNREFUSED, false, "%s dropped before authentication: %s", victim->peer_name,
                   why);
 }
@@ -144,15 +151,15 @@ static int on_listener_io(sd_event_source *s, int fd, uint32_t revents, void *us
                                 log_warning_errno(-errno, "Failed to accept a replication connection: %m");
                         return 0;
                 }
-                format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
-                format_host((struct sockaddr *) &ss, sl, host, sizeof(host));
+                link_format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
+                link_format_host((struct sockaddr *) &ss, sl, host, sizeof(host));
                 why = listener_make_room(ll, host);
                 if (why) {
-                        listener_note_drop(ll, host, why);
+                        link_listener_note_drop(ll, host, why);
                         safe_close(cfd);
                         continue;
                 }
-                socket_tune(cfd);
+                link_socket_tune(cfd);
                 (void) ll->on_accept(ll, cfd, peer, ll->userdata);
         }
         return 0;

@@ -1,10 +1,10 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * The replication link's byte stream, plaintext or TLS (link-internal.h), and
- * the TLS handshake. The loop thread reads (transport_recv()) and runs the
- * handshake, the writer thread writes (transport_sendv(),
- * transport_close_notify()); with TLS both go through the one SSL object,
- * each call under the TLS lock (tls_lock(), FIFO), never held while waiting.
+ * the TLS handshake. The loop thread reads (link_transport_recv()) and runs the
+ * handshake, the writer thread writes (link_transport_sendv(),
+ * link_transport_close_notify()); with TLS both go through the one SSL object,
+ * each call under the TLS lock (link_tls_lock(), FIFO), never held while waiting.
  */
 #include <errno.h>
 #include <openssl/bio.h>
@@ -63,7 +63,7 @@ static void nosigpipe_init(void)
 }
 
 /* Attaches fd (not owned) to ssl through the no-SIGPIPE socket BIO. */
-int tls_set_fd(SSL *ssl, int fd)
+int link_tls_set_fd(SSL *ssl, int fd)
 {
         static pthread_once_t once = PTHREAD_ONCE_INIT;
         BIO *b;
@@ -82,7 +82,7 @@ int tls_set_fd(SSL *ssl, int fd)
 /* The TLS lock: FIFO between the loop thread and the writer. A plain mutex lets the thread
  * that just unlocked take it again before the woken one runs, and on a loaded host a reader
  * busy with a full sync kept the writer (and with it the heartbeats) out for long. */
-void tls_lock(Link *l)
+void link_tls_lock(Link *l)
 {
         uint64_t ticket;
 
@@ -93,7 +93,7 @@ void tls_lock(Link *l)
         pthread_mutex_unlock(&l->tls_mutex);
 }
 
-void tls_unlock(Link *l)
+void link_tls_unlock(Link *l)
 {
         pthread_mutex_lock(&l->tls_mutex);
         l->tls_serving++;
@@ -164,7 +164,7 @@ static int tls_explain(Link *l, bool up, char *buf, size_t size)
  * -EAGAIN, -EINTR, or another negative errno; with TLS, a failure leaves its
  * message in `why` (empty otherwise).
  */
-ssize_t transport_recv(Link *l, void *buf, size_t len, char *why, size_t why_size)
+ssize_t link_transport_recv(Link *l, void *buf, size_t len, char *why, size_t why_size)
 {
         size_t got = 0;
         int err, saved_errno;
@@ -175,7 +175,7 @@ ssize_t transport_recv(Link *l, void *buf, size_t len, char *why, size_t why_siz
                 return n < 0 ? -errno : n;
         }
 
-        tls_lock(l);
+        link_tls_lock(l);
         ERR_clear_error();
         errno = 0;
         err = SSL_read_ex(l->ssl, buf, len, &got) == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, 0);
@@ -204,7 +204,7 @@ ssize_t transport_recv(Link *l, void *buf, size_t len, char *why, size_t why_siz
                 break;
         }
         l->tls_pending = SSL_has_pending(l->ssl);
-        tls_unlock(l);
+        link_tls_unlock(l);
         l->tls_read_wants_write = err == SSL_ERROR_WANT_WRITE;
         return r;
 }
@@ -228,14 +228,14 @@ static ssize_t tls_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_
                 p = l->tls_txbuf;
         }
 
-        tls_lock(l);
+        link_tls_lock(l);
         ERR_clear_error();
         errno = 0;
         err = SSL_write_ex(l->ssl, p, len, &written) == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, 0);
         saved_errno = errno;
         if (err == SSL_ERROR_SSL || err == SSL_ERROR_SYSCALL)
                 l->tls_failed = true;
-        tls_unlock(l);
+        link_tls_unlock(l);
 
         switch (err) {
         case SSL_ERROR_NONE:
@@ -254,7 +254,7 @@ static ssize_t tls_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_
 
 /* Writer thread: bytes of iov[0..n) sent (>0), or a negative errno; on -EAGAIN *ret_events
  * says what to wait for. */
-ssize_t transport_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_events)
+ssize_t link_transport_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_events)
 {
         *ret_events = POLLOUT;
         if (!l->ssl) {
@@ -266,17 +266,17 @@ ssize_t transport_sendv(Link *l, const struct iovec *iov, size_t n, short *ret_e
 }
 
 /* Writer thread, at the end: TLS says goodbye with close_notify (best effort, non-blocking). */
-void transport_close_notify(Link *l)
+void link_transport_close_notify(Link *l)
 {
         if (!l->ssl)
                 return;
-        tls_lock(l);
+        link_tls_lock(l);
         if (l->tls_up && !l->tls_failed) {
                 ERR_clear_error();
                 (void) SSL_shutdown(l->ssl);
                 ERR_clear_error();
         }
-        tls_unlock(l);
+        link_tls_unlock(l);
 }
 
 /* A TLS side found replication frames where a TLS record should be. */
@@ -284,10 +284,10 @@ static void link_tls_plaintext_peer(Link *l)
 {
         if (l->side == LINK_STANDBY) {
                 /* Told in its own language, so the primary's log says why. */
-                TxFrame *f =
-                        error_frame(l, -EPROTO,
-                                    "this standby requires TLS for the VM (TLS=yes), the primary connected "
-                                    "in plaintext (TLS= must be the same on both hosts)");
+                TxFrame *f = link_error_frame(
+                        l, -EPROTO,
+                        "this standby requires TLS for the VM (TLS=yes), the primary connected "
+                        "in plaintext (TLS= must be the same on both hosts)");
                 if (f)
                         (void) send(l->fd, f->data, f->len, MSG_DONTWAIT | MSG_NOSIGNAL);
                 free(f);
@@ -327,7 +327,7 @@ void link_tls_handshake(Link *l)
                 }
         }
 
-        tls_lock(l);
+        link_tls_lock(l);
         ERR_clear_error();
         ok = SSL_do_handshake(l->ssl);
         err = ok == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, ok);
@@ -353,7 +353,7 @@ void link_tls_handshake(Link *l)
                 r = tls_explain(l, false, why, sizeof(why));
         }
         l->tls_pending = SSL_has_pending(l->ssl);
-        tls_unlock(l);
+        link_tls_unlock(l);
 
         switch (err) {
         case SSL_ERROR_WANT_READ:

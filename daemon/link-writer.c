@@ -23,6 +23,8 @@
 #include "link-mac.h"
 #include "util.h"
 
+#define TX_IOV_MAX 64u
+
 /* ---- send queue (any thread) ---------------------------------------------------------- */
 
 TxFrame *txframe_new(size_t payload_len)
@@ -240,7 +242,7 @@ static int writer_send_batch(Link *l, TxFrame *batch)
                 if (r < 0)
                         break;
 
-                sent = transport_sendv(l, iov, n, &events);
+                sent = link_transport_sendv(l, iov, n, &events);
                 if (sent < 0) {
                         if (sent == -EINTR)
                                 continue;
@@ -327,7 +329,7 @@ static uint64_t writer_heartbeat_locked(Link *l)
  * full-sync link flap). The loop's own liveness still travels in them
  * (loop_beats), checked by the peer over a longer window.
  */
-void *writer_main(void *userdata)
+void *link_writer_main(void *userdata)
 {
         Link *l = userdata;
 
@@ -354,7 +356,7 @@ void *writer_main(void *userdata)
                         break;
                 if (!l->q_head) {
                         /* Down and drained (a final ERROR went out): tell the peer. */
-                        transport_close_notify(l);
+                        link_transport_close_notify(l);
                         (void) shutdown(l->fd, SHUT_WR);
                         break;
                 }

@@ -21,7 +21,7 @@
  * With TLS, both sides first run the TLS handshake (STEP_TLS) and only then
  * the above, inside it. The SSL object is used by the loop thread (handshake,
  * reads) and the writer (writes, the final close_notify), never at the same
- * time: every call into it holds the TLS lock (tls_lock(): first come, first
+ * time: every call into it holds the TLS lock (link_tls_lock(): first come, first
  * served, so a reader decrypting a full sync cannot starve the writer's
  * heartbeats, or the other way round, as an unfair mutex can), which is never held while
  * waiting. The plaintext path takes none of this.
@@ -29,6 +29,9 @@
  * Any other frame before UP is -EPROTO; ERROR is accepted in every state.
  * Frames are limited to HANDSHAKE_MAX_FRAME until UP, so a stranger cannot
  * make the standby allocate max_frame bytes per connection.
+ *
+ * This file is the state machine; the parser, the handshake, the transport,
+ * the writer and the listener are in link-*.c (link-internal.h lists them).
  */
 #include <arpa/inet.h>
 #include <assert.h>
@@ -55,6 +58,28 @@
 #include "link.h"
 #include "log.h"
 #include "util.h"
+
+#define RX_BUFFER_BYTES           (64u * 1024u)
+#define RX_READS_PER_DISPATCH     16u
+#define RX_TLS_READS_PER_DISPATCH 64u /* a TLS read returns one record, at most 16 KiB */
+/* Work one dispatch may do before the loop gets back to its timers. Reads
+ * are counted in wire bytes, but a compressed PAGES frame of 16 KiB can
+ * expand to 1 MiB of pages to apply: 16 reads of LZ4'd zero-tailed pages
+ * once took the standby's loop past the peer's 200 ms liveness window, and
+ * its heartbeats were not sent (the full-sync link flap). */
+#define RX_DISPATCH_BUDGET_USEC 2000u
+#define LOOP_STALL_FACTOR       5u
+#define LOOP_STALL_MIN_USEC     (2u * USEC_PER_SEC)
+#define PEER_MESSAGE_MAX        200u
+#define TIMER_ACCURACY_USEC     1000u
+
+#define DEFAULT_HEARTBEAT_MS 50u
+#define DEFAULT_MISSES       4u
+#define DEFAULT_HANDSHAKE_MS 5000u
+/* A pre-authentication limit (see link.h; the listener's own are in link-listener.c): a stranger
+ * that sends nothing is closed after FIRST_BYTES_MS. */
+#define FIRST_BYTES_MS      1000u
+#define DEFAULT_QUEUE_LIMIT ((size_t) 32 << 20)
 
 static void link_set_state(Link *l, LinkState s)
 {
@@ -100,7 +125,7 @@ void link_get_stats(const Link *l, LinkStats *ret)
 
 /* ---- going down ----------------------------------------------------------------------- */
 
-TxFrame *error_frame(Link *l, int code, const char *message)
+TxFrame *link_error_frame(Link *l, int code, const char *message)
 {
         Dr__Repl__Error e = DR__REPL__ERROR__INIT;
         TxFrame *f = NULL;
@@ -130,10 +155,10 @@ void link_down(Link *l, int error, bool tell_peer, const char *fmt, ...)
         if (l->ssl) {
                 /* Before the TLS handshake there is no channel for an ERROR frame (OpenSSL sent
                  * its alert), and after a fatal TLS error there is none any more. */
-                tls_lock(l);
+                link_tls_lock(l);
                 if (!l->tls_up || l->tls_failed)
                         tell_peer = false;
-                tls_unlock(l);
+                link_tls_unlock(l);
         }
 
         va_start(ap, fmt);
@@ -141,7 +166,7 @@ void link_down(Link *l, int error, bool tell_peer, const char *fmt, ...)
         va_end(ap);
         link_set_state(l, LINK_DOWN);
         l->step = STEP_NONE;
-        listener_release(l);
+        link_listener_release(l);
 
         sd_event_source *sources[] = {l->io_source, l->deadline_source, l->heartbeat_source,
                                       l->connect_fail_source, l->rx_more_source};
@@ -150,7 +175,7 @@ void link_down(Link *l, int error, bool tell_peer, const char *fmt, ...)
                         (void) sd_event_source_set_enabled(*s, SD_EVENT_OFF);
 
         if (tell_peer)
-                err = error_frame(l, error, l->down_reason);
+                err = link_error_frame(l, error, l->down_reason);
 
         pthread_mutex_lock(&l->mutex);
         l->accepting = false;
@@ -232,7 +257,7 @@ Link *link_free(Link *l)
         assert(!l->freed);
         l->freed = true;
         link_set_state(l, LINK_DOWN);
-        listener_release(l);
+        link_listener_release(l);
 
         l->io_source = sd_event_source_disable_unref(l->io_source);
         l->wake_source = sd_event_source_disable_unref(l->wake_source);
@@ -323,7 +348,8 @@ static int on_deadline(sd_event_source *s, uint64_t usec, void *userdata)
                         if (!l->rx_any) {
                                 /* A connection that says nothing holds a handshake slot for nothing. */
                                 l->preauth_dropped = true;
-                                listener_note_drop(l->listener, l->peer_host, "it sent nothing within 1 s");
+                                link_listener_note_drop(l->listener, l->peer_host,
+                                                        "it sent nothing within 1 s");
                                 link_down(l, -ETIMEDOUT, false, "%s sent nothing within %u ms of connecting",
                                           l->peer_name, FIRST_BYTES_MS);
                                 return 0;
@@ -335,7 +361,7 @@ static int on_deadline(sd_event_source *s, uint64_t usec, void *userdata)
                 if (l->side == LINK_STANDBY) {
                         /* A stranger, as far as this side knows: counted, not logged one by one. */
                         l->preauth_dropped = true;
-                        listener_note_drop(l->listener, l->peer_host, "its handshake timed out");
+                        link_listener_note_drop(l->listener, l->peer_host, "its handshake timed out");
                 }
                 link_down(l, -ETIMEDOUT, true, "handshake with %s timed out after %u ms", l->peer_name,
                           l->handshake_timeout_ms);
@@ -424,7 +450,7 @@ int link_go_up(Link *l, const Dr__Repl__Welcome *welcome)
 
         link_set_state(l, LINK_UP);
         l->step = STEP_NONE;
-        listener_release(l);
+        link_listener_release(l);
         l->last_rx_usec = now;
 
         Dr__Repl__Heartbeat hb = DR__REPL__HEARTBEAT__INIT;
@@ -556,19 +582,19 @@ int link_dispatch(Link *l, uint16_t type, const uint8_t *payload, size_t len)
                 break;
         case STEP_WAIT_HELLO:
                 if (type == DR__REPL__FRAME_TYPE__FRAME_HELLO)
-                        return handle_hello(l, payload, len);
+                        return link_handle_hello(l, payload, len);
                 break;
         case STEP_WAIT_AUTH:
                 if (type == DR__REPL__FRAME_TYPE__FRAME_AUTH)
-                        return handle_auth(l, payload, len);
+                        return link_handle_auth(l, payload, len);
                 break;
         case STEP_WAIT_CHALLENGE:
                 if (type == DR__REPL__FRAME_TYPE__FRAME_CHALLENGE)
-                        return handle_challenge(l, payload, len);
+                        return link_handle_challenge(l, payload, len);
                 break;
         case STEP_WAIT_WELCOME:
                 if (type == DR__REPL__FRAME_TYPE__FRAME_WELCOME)
-                        return handle_welcome(l, payload, len);
+                        return link_handle_welcome(l, payload, len);
                 break;
         case STEP_NONE:
                 if (l->state != LINK_UP)
@@ -583,13 +609,13 @@ int link_dispatch(Link *l, uint16_t type, const uint8_t *payload, size_t len)
                 if (l->freed || l->state == LINK_DOWN)
                         return -ENOTCONN;
                 if (r < 0)
-                        return PROTO_FAIL(l, r, "%s frame from %s rejected: %s", frame_type_name(type),
+                        return PROTO_FAIL(l, r, "%s frame from %s rejected: %s", link_frame_type_name(type),
                                           l->peer_name, strerror(-r));
                 return 0;
         }
 
         return PROTO_FAIL(l, -EPROTO, "unexpected %s frame (type %u) from %s while %s",
-                          frame_type_name(type), type, l->peer_name, step_names[l->step]);
+                          link_frame_type_name(type), type, l->peer_name, step_names[l->step]);
 }
 
 /* ---- socket events (loop thread) ------------------------------------------------------ */
@@ -618,9 +644,10 @@ void link_read(Link *l)
 
                 /* Large payloads are read straight into place, small frames in bulk. */
                 if (direct)
-                        n = transport_recv(l, l->rx_payload + l->rx_payload_got, want, why, sizeof(why));
+                        n = link_transport_recv(l, l->rx_payload + l->rx_payload_got, want, why,
+                                                sizeof(why));
                 else
-                        n = transport_recv(l, l->rx_buf, RX_BUFFER_BYTES, why, sizeof(why));
+                        n = link_transport_recv(l, l->rx_buf, RX_BUFFER_BYTES, why, sizeof(why));
                 if (n < 0) {
                         if (n == -EINTR)
                                 continue;
@@ -738,7 +765,7 @@ static int on_connect_failed(sd_event_source *s, void *userdata)
 
 /* ---- construction --------------------------------------------------------------------- */
 
-void socket_tune(int fd)
+void link_socket_tune(int fd)
 {
         int one = 1, size = SOCKET_BUFFER_BYTES;
 
@@ -749,7 +776,7 @@ void socket_tune(int fd)
 }
 
 /* The address without the port ("?" for other families): what the per-source limit counts. */
-void format_host(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
+void link_format_host(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
 {
         snprintf(buf, size, "?");
         if (sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
@@ -758,7 +785,7 @@ void format_host(const struct sockaddr *sa, socklen_t len, char *buf, size_t siz
                 inet_ntop(AF_INET6, &((const struct sockaddr_in6 *) sa)->sin6_addr, buf, size);
 }
 
-void format_sockaddr(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
+void link_format_sockaddr(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
 {
         char host[INET6_ADDRSTRLEN] = "?";
 
@@ -824,7 +851,7 @@ static int link_new(sd_event *e, int fd, const LinkParams *p, const LinkCallback
                 l->tls_txbuf = malloc(TLS_RECORD_MAX);
                 if (!l->ssl || !l->tls_txbuf)
                         return -ENOMEM;
-                r = tls_set_fd(l->ssl, l->fd);
+                r = link_tls_set_fd(l->ssl, l->fd);
                 if (r < 0)
                         return r;
                 if (p->side == LINK_PRIMARY)
@@ -856,7 +883,7 @@ static int link_new(sd_event *e, int fd, const LinkParams *p, const LinkCallback
         if (r < 0)
                 return r;
 
-        r = -pthread_create(&l->writer, NULL, writer_main, l);
+        r = -pthread_create(&l->writer, NULL, link_writer_main, l);
         if (r < 0)
                 return r;
         l->writer_started = true;
@@ -896,9 +923,9 @@ int link_connect(sd_event *e, const struct sockaddr *sa, socklen_t salen, const 
         fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
                 return -errno;
-        socket_tune(fd); /* before connect(), so the window scale covers the large buffers */
+        link_socket_tune(fd); /* before connect(), so the window scale covers the large buffers */
 
-        format_sockaddr(sa, salen, peer, sizeof(peer));
+        link_format_sockaddr(sa, salen, peer, sizeof(peer));
         r = link_new(e, TAKE_FD(fd), p, cb, userdata, peer, &l);
         if (r < 0)
                 return r;
@@ -959,9 +986,9 @@ int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *c
         r = fcntl(fd, F_GETFL);
         if (r < 0 || fcntl(fd, F_SETFL, r | O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
                 return -errno;
-        socket_tune(fd);
+        link_socket_tune(fd);
         if (!p->peer_name && getpeername(fd, (struct sockaddr *) &ss, &sl) >= 0)
-                format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
+                link_format_sockaddr((struct sockaddr *) &ss, sl, peer, sizeof(peer));
 
         r = link_new(e, TAKE_FD(owned), p, cb, userdata, peer, &l);
         if (r < 0)
@@ -970,7 +997,7 @@ int link_accept(sd_event *e, int fd, const LinkParams *p, const LinkCallbacks *c
         l->step = l->ssl ? STEP_TLS : STEP_WAIT_HELLO;
         sl = sizeof(ss);
         if (getpeername(l->fd, (struct sockaddr *) &ss, &sl) >= 0)
-                format_host((struct sockaddr *) &ss, sl, l->peer_host, sizeof(l->peer_host));
+                link_format_host((struct sockaddr *) &ss, sl, l->peer_host, sizeof(l->peer_host));
         /* The first bytes are due soon (a primary sends HELLO, or its TLS ClientHello, at once);
          * the whole handshake within handshake_timeout_ms. */
         l->accepted_usec = loop_now(l);
