@@ -56,6 +56,7 @@ typedef struct Options {
         bool cpus_set;
         TrackingChoice tracking;
         uint32_t ring_entries;
+        bool ring_entries_set;
         const char *control;
         const char *console;
         bool console_commit;
@@ -156,47 +157,68 @@ static int parse_fd_arg(const char *s, const char *opt, int *ret)
         return 0;
 }
 
+/* The long options; help() says what each one means. */
+enum {
+        ARG_VERSION = 0x100,
+        ARG_UUID,
+        ARG_TRACKING,
+        ARG_RING_ENTRIES,
+        ARG_CONTROL,
+        ARG_CONSOLE,
+        ARG_CONSOLE_COMMIT,
+        ARG_SERVICE_LISTEN,
+        ARG_RESTORE,
+        ARG_RESTORE_IMAGE,
+        ARG_RAM,
+        ARG_RAM_FD,
+        ARG_READY_FD,
+        ARG_CHECK,
+};
+static const struct option options[] = {{"help", no_argument, NULL, 'h'},
+                                        {"version", no_argument, NULL, ARG_VERSION},
+                                        {"kernel", required_argument, NULL, 'k'},
+                                        {"append", required_argument, NULL, 'a'},
+                                        {"memory", required_argument, NULL, 'm'},
+                                        {"cpus", required_argument, NULL, 'c'},
+                                        {"name", required_argument, NULL, 'n'},
+                                        {"uuid", required_argument, NULL, ARG_UUID},
+                                        {"tracking", required_argument, NULL, ARG_TRACKING},
+                                        {"ring-entries", required_argument, NULL, ARG_RING_ENTRIES},
+                                        {"control", required_argument, NULL, ARG_CONTROL},
+                                        {"console", required_argument, NULL, ARG_CONSOLE},
+                                        {"console-commit", no_argument, NULL, ARG_CONSOLE_COMMIT},
+                                        {"service-listen", required_argument, NULL, ARG_SERVICE_LISTEN},
+                                        {"restore", required_argument, NULL, ARG_RESTORE},
+                                        {"restore-image", required_argument, NULL, ARG_RESTORE_IMAGE},
+                                        {"ram", required_argument, NULL, ARG_RAM},
+                                        {"ram-fd", required_argument, NULL, ARG_RAM_FD},
+                                        {"ready-fd", required_argument, NULL, ARG_READY_FD},
+                                        {"check", no_argument, NULL, ARG_CHECK},
+                                        {}};
+
+/* What the options mean together: one way to start the VM, and no option that the chosen one ignores. */
+static int options_check(const Options *o)
+{
+        if (!!o->kernel + !!o->restore + !!o->restore_image != 1)
+                return log_error_errno(-EINVAL, "Exactly one of --kernel and --restore (or --restore-image) "
+                                                "is required (see --help)");
+        if (o->restore_image && (o->ram_file || o->ram_fd >= 0))
+                return log_error_errno(-EINVAL, "--restore-image brings its own RAM: no --ram or --ram-fd");
+        if (o->restore_image && o->append)
+                return log_error_errno(-EINVAL, "--append only makes sense with --kernel");
+        if (o->restore && !!o->ram_file == (o->ram_fd >= 0))
+                return log_error_errno(-EINVAL, "--restore needs exactly one of --ram and --ram-fd");
+        if (!o->restore && !o->restore_image && (o->ram_file || o->ram_fd >= 0))
+                return log_error_errno(-EINVAL, "--ram and --ram-fd only make sense with --restore");
+        if (o->restore && o->append)
+                return log_error_errno(-EINVAL, "--append only makes sense with --kernel");
+        if (o->ring_entries_set && o->tracking == TRACKING_BITMAP)
+                return log_error_errno(-EINVAL, "--ring-entries only makes sense with ring tracking");
+        return 0;
+}
+
 static int parse_argv(int argc, char *argv[], Options *o)
 {
-        enum {
-                ARG_VERSION = 0x100,
-                ARG_UUID,
-                ARG_TRACKING,
-                ARG_RING_ENTRIES,
-                ARG_CONTROL,
-                ARG_CONSOLE,
-                ARG_CONSOLE_COMMIT,
-                ARG_SERVICE_LISTEN,
-                ARG_RESTORE,
-                ARG_RESTORE_IMAGE,
-                ARG_RAM,
-                ARG_RAM_FD,
-                ARG_READY_FD,
-                ARG_CHECK,
-        };
-        static const struct option options[] = {
-                {"help", no_argument, NULL, 'h'},
-                {"version", no_argument, NULL, ARG_VERSION},
-                {"kernel", required_argument, NULL, 'k'},
-                {"append", required_argument, NULL, 'a'},
-                {"memory", required_argument, NULL, 'm'},
-                {"cpus", required_argument, NULL, 'c'},
-                {"name", required_argument, NULL, 'n'},
-                {"uuid", required_argument, NULL, ARG_UUID},
-                {"tracking", required_argument, NULL, ARG_TRACKING},
-                {"ring-entries", required_argument, NULL, ARG_RING_ENTRIES},
-                {"control", required_argument, NULL, ARG_CONTROL},
-                {"console", required_argument, NULL, ARG_CONSOLE},
-                {"console-commit", no_argument, NULL, ARG_CONSOLE_COMMIT},
-                {"service-listen", required_argument, NULL, ARG_SERVICE_LISTEN},
-                {"restore", required_argument, NULL, ARG_RESTORE},
-                {"restore-image", required_argument, NULL, ARG_RESTORE_IMAGE},
-                {"ram", required_argument, NULL, ARG_RAM},
-                {"ram-fd", required_argument, NULL, ARG_RAM_FD},
-                {"ready-fd", required_argument, NULL, ARG_READY_FD},
-                {"check", no_argument, NULL, ARG_CHECK},
-                {}};
-        bool ring_entries_set = false;
         uint32_t v;
         int c, r;
 
@@ -278,7 +300,7 @@ static int parse_argv(int argc, char *argv[], Options *o)
                                         "%u to %u",
                                         optarg, RING_ENTRIES_MIN, RING_ENTRIES_MAX);
                         o->ring_entries = v;
-                        ring_entries_set = true;
+                        o->ring_entries_set = true;
                         break;
                 case ARG_CONTROL:
                         if (strlen(optarg) >= sizeof(((struct sockaddr_un *) NULL)->sun_path) || !*optarg)
@@ -326,21 +348,9 @@ static int parse_argv(int argc, char *argv[], Options *o)
         if (optind < argc)
                 return log_error_errno(-EINVAL, "Unexpected argument '%s' (see --help)", argv[optind]);
 
-        if (!!o->kernel + !!o->restore + !!o->restore_image != 1)
-                return log_error_errno(-EINVAL, "Exactly one of --kernel and --restore (or --restore-image) "
-                                                "is required (see --help)");
-        if (o->restore_image && (o->ram_file || o->ram_fd >= 0))
-                return log_error_errno(-EINVAL, "--restore-image brings its own RAM: no --ram or --ram-fd");
-        if (o->restore_image && o->append)
-                return log_error_errno(-EINVAL, "--append only makes sense with --kernel");
-        if (o->restore && !!o->ram_file == (o->ram_fd >= 0))
-                return log_error_errno(-EINVAL, "--restore needs exactly one of --ram and --ram-fd");
-        if (!o->restore && !o->restore_image && (o->ram_file || o->ram_fd >= 0))
-                return log_error_errno(-EINVAL, "--ram and --ram-fd only make sense with --restore");
-        if (o->restore && o->append)
-                return log_error_errno(-EINVAL, "--append only makes sense with --kernel");
-        if (ring_entries_set && o->tracking == TRACKING_BITMAP)
-                return log_error_errno(-EINVAL, "--ring-entries only makes sense with ring tracking");
+        r = options_check(o);
+        if (r < 0)
+                return r;
         return 1;
 }
 
