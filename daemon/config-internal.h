@@ -70,6 +70,7 @@ typedef int (*ValueParser)(const KeyDef *k, const char *value, void *field, char
 enum {
         KEY_EMPTY_UNSETS = 1 << 0, /* "Key=" sets the field back to unset */
         KEY_NO_WILDCARD = 1 << 1,  /* address: 0.0.0.0 / :: are refused (a peer) */
+        KEY_LIVE = 1 << 2,         /* applied without touching a VM: not compared by *_config_equal() */
 };
 
 struct KeyDef {
@@ -134,10 +135,11 @@ typedef struct SectionDef {
 
 extern const SectionDef daemon_section, vm_section;
 
-/* What the line parser saw, for the checks that span keys. */
+/* What the line parser (or the command line) saw, for the checks that span keys. */
 typedef struct ParseResult {
         unsigned section_line;   /* 0: the section never appeared */
-        unsigned line[KEYS_MAX]; /* where each key was set, 0: not set */
+        unsigned line[KEYS_MAX]; /* where each key was set, 0: not set or not from a file */
+        bool given[KEYS_MAX];    /* whether each key was set */
         bool valid[KEYS_MAX];    /* and whether its value parsed */
 } ParseResult;
 
@@ -149,6 +151,30 @@ void strv_free(char **l);
 const KeyDef *find_key(const SectionDef *sec, const char *key, bool ignore_case, size_t *ret_index);
 /* The key a misspelling most likely meant, or NULL. */
 const KeyDef *find_similar_key(const SectionDef *sec, const char *key);
+/*
+ * Sets key to value in target as sec describes, the one path every "Key=Value"
+ * takes (a file's line, the command line's --set): unknown key (with "did you
+ * mean"), a key given twice, an empty value, the key's parser. Records the key
+ * in pr (line 0: not from a file). Content errors go to e as "PATH:LINE: ...";
+ * returns 0 or -ENOMEM.
+ */
+int key_assign(const SectionDef *sec, void *target, const char *key, const char *value, const char *path,
+               unsigned line, ParseResult *pr, ErrorList *e);
+
+/*
+ * What the key tables say about storage: every key's field is freed, copied
+ * and compared by the kind of its value parser (a string, the split VmmArgs=,
+ * an address, a number, ...), so a new key needs no code here. Fields that
+ * are not keys (a VmConfig's name and path, ...) are the callers'.
+ */
+/* Frees the fields of sec's keys in target (and sets them to NULL). */
+void section_fields_free(const SectionDef *sec, void *target);
+/* dst is a byte copy of src: replaces its pointers to src's memory with copies. 0 or -ENOMEM
+ * (the fields not copied yet are NULL, so section_fields_free() on dst is safe). */
+int section_fields_copy(const SectionDef *sec, void *dst, const void *src);
+/* Whether a and b hold the same values for every key not marked KEY_LIVE. */
+bool section_fields_equal(const SectionDef *sec, const void *a, const void *b);
+
 /*
  * Parses text into target (a DaemonConfig or VmConfig already holding the
  * defaults) as sec describes. Content errors go to e; returns 0 or -ENOMEM.

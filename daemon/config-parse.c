@@ -637,7 +637,8 @@ static const char *const split_brain_names[] = {
 static const KeyDef daemon_keys[_DK_MAX] = {
         [DK_LISTEN_ADDRESS] = {"ListenAddress", parse_address, D(listen_address), .min = 0,
                                .flags = KEY_EMPTY_UNSETS},
-        [DK_LOG_LEVEL] = {"LogLevel", parse_log_level, D(log_level)},
+        /* KEY_LIVE: the daemon applies it at a reload without touching a VM. */
+        [DK_LOG_LEVEL] = {"LogLevel", parse_log_level, D(log_level), .flags = KEY_LIVE},
         [DK_STATE_DIRECTORY] = {"StateDirectory", parse_path, D(state_directory), .max = PATH_MAX - 1},
         [DK_RUNTIME_DIRECTORY] = {"RuntimeDirectory", parse_path, D(runtime_directory), .max = PATH_MAX - 1},
         [DK_HEARTBEAT_INTERVAL] = {"HeartbeatIntervalMs", parse_msec_range, D(heartbeat_interval_ms), 5,
@@ -690,6 +691,165 @@ static_assert(_DK_MAX <= KEYS_MAX && _VK_MAX <= KEYS_MAX, "KEYS_MAX");
 
 const SectionDef daemon_section = {"Daemon", daemon_keys, _DK_MAX};
 const SectionDef vm_section = {"VM", vm_keys, _VK_MAX};
+
+/* ---------------------------------------------------------------------- */
+/* Storage: free, copy and compare a key's field by the kind of its parser */
+
+typedef enum FieldKind {
+        FIELD_STRING,   /* char *, NULL: unset */
+        FIELD_VMM_ARGS, /* VmConfig's vmm_args_string with vmm_args and n_vmm_args */
+        FIELD_ADDRESS,  /* ConfigAddress */
+        FIELD_CIDR,     /* ConfigCidr */
+        FIELD_U32,      /* uint32_t */
+        FIELD_INT,      /* int (an enum, a log level) */
+        FIELD_BOOL,     /* bool */
+} FieldKind;
+
+static const struct {
+        ValueParser parse;
+        FieldKind kind;
+} parser_kinds[] = {
+        {parse_path, FIELD_STRING},     {parse_command, FIELD_STRING},    {parse_ifname, FIELD_STRING},
+        {parse_hostname, FIELD_STRING}, {parse_vmm_args, FIELD_VMM_ARGS}, {parse_address, FIELD_ADDRESS},
+        {parse_cidr, FIELD_CIDR},       {parse_uint32_range, FIELD_U32},  {parse_msec_range, FIELD_U32},
+        {parse_choice, FIELD_INT},      {parse_log_level, FIELD_INT},     {parse_yes_no, FIELD_BOOL},
+};
+
+static FieldKind key_kind(const KeyDef *k)
+{
+        for (size_t i = 0; i < ELEMENTSOF(parser_kinds); i++)
+                if (parser_kinds[i].parse == k->parse)
+                        return parser_kinds[i].kind;
+        assert(!"a value parser without a FieldKind in parser_kinds[]");
+        return FIELD_INT;
+}
+
+static VmConfig *vmm_args_owner(const KeyDef *k, const void *target)
+{
+        /* parse_vmm_args() writes VmConfig's vmm_args_string, vmm_args and n_vmm_args together. */
+        assert(k->offset == offsetof(VmConfig, vmm_args_string));
+        return (VmConfig *) target;
+}
+
+static bool str_eq_null(const char *a, const char *b)
+{
+        return (!a && !b) || (a && b && streq(a, b));
+}
+
+void section_fields_free(const SectionDef *sec, void *target)
+{
+        for (size_t i = 0; i < sec->n_keys; i++) {
+                const KeyDef *k = &sec->keys[i];
+                void *field = (char *) target + k->offset;
+
+                switch (key_kind(k)) {
+                case FIELD_STRING:
+                        *(char **) field = mfree(*(char **) field);
+                        break;
+                case FIELD_VMM_ARGS: {
+                        VmConfig *v = vmm_args_owner(k, target);
+                        v->vmm_args_string = mfree(v->vmm_args_string);
+                        strv_free(v->vmm_args);
+                        v->vmm_args = NULL;
+                        v->n_vmm_args = 0;
+                        break;
+                }
+                default:
+                        break;
+                }
+        }
+}
+
+static int vmm_args_copy(VmConfig *n, const VmConfig *v)
+{
+        n->vmm_args = NULL;
+        n->n_vmm_args = 0;
+        n->vmm_args_string = NULL;
+        if (set_string(&n->vmm_args_string, v->vmm_args_string) < 0)
+                return -ENOMEM;
+        n->vmm_args = calloc(v->n_vmm_args + 1, sizeof(char *));
+        if (!n->vmm_args)
+                return -ENOMEM;
+        for (size_t i = 0; i < v->n_vmm_args; i++) {
+                n->vmm_args[i] = strdup(v->vmm_args[i]);
+                if (!n->vmm_args[i])
+                        return -ENOMEM;
+                n->n_vmm_args++;
+        }
+        return 0;
+}
+
+int section_fields_copy(const SectionDef *sec, void *dst, const void *src)
+{
+        int r = 0;
+
+        /* First detach every pointer from src's memory, so a failure leaves dst freeable. */
+        for (size_t i = 0; i < sec->n_keys; i++) {
+                const KeyDef *k = &sec->keys[i];
+                if (key_kind(k) == FIELD_STRING)
+                        *(char **) ((char *) dst + k->offset) = NULL;
+                else if (key_kind(k) == FIELD_VMM_ARGS) {
+                        VmConfig *n = vmm_args_owner(k, dst);
+                        n->vmm_args_string = NULL;
+                        n->vmm_args = NULL;
+                        n->n_vmm_args = 0;
+                }
+        }
+        for (size_t i = 0; i < sec->n_keys && r >= 0; i++) {
+                const KeyDef *k = &sec->keys[i];
+
+                if (key_kind(k) == FIELD_STRING)
+                        r = set_string((char **) ((char *) dst + k->offset),
+                                       *(char *const *) ((const char *) src + k->offset));
+                else if (key_kind(k) == FIELD_VMM_ARGS)
+                        r = vmm_args_copy(vmm_args_owner(k, dst), vmm_args_owner(k, src));
+        }
+        return r;
+}
+
+static bool address_equal(const ConfigAddress *a, const ConfigAddress *b)
+{
+        return a->len == b->len && (a->len == 0 || streq(a->text, b->text));
+}
+
+static bool cidr_equal(const ConfigCidr *a, const ConfigCidr *b)
+{
+        return a->family == b->family &&
+               (a->family == AF_UNSPEC ||
+                (a->prefixlen == b->prefixlen &&
+                 memcmp(&a->addr, &b->addr,
+                        a->family == AF_INET ? sizeof(struct in_addr) : sizeof(struct in6_addr)) == 0));
+}
+
+static bool field_equal(const KeyDef *k, const void *a, const void *b)
+{
+        const void *fa = (const char *) a + k->offset, *fb = (const char *) b + k->offset;
+
+        switch (key_kind(k)) {
+        case FIELD_STRING:
+        case FIELD_VMM_ARGS: /* the split words follow from the string */
+                return str_eq_null(*(char *const *) fa, *(char *const *) fb);
+        case FIELD_ADDRESS:
+                return address_equal(fa, fb);
+        case FIELD_CIDR:
+                return cidr_equal(fa, fb);
+        case FIELD_U32:
+                return *(const uint32_t *) fa == *(const uint32_t *) fb;
+        case FIELD_INT:
+                return *(const int *) fa == *(const int *) fb;
+        case FIELD_BOOL:
+                return *(const bool *) fa == *(const bool *) fb;
+        }
+        return false;
+}
+
+bool section_fields_equal(const SectionDef *sec, const void *a, const void *b)
+{
+        for (size_t i = 0; i < sec->n_keys; i++)
+                if (!(sec->keys[i].flags & KEY_LIVE) && !field_equal(&sec->keys[i], a, b))
+                        return false;
+        return true;
+}
 
 /* ---------------------------------------------------------------------- */
 /* The line parser */
@@ -762,6 +922,51 @@ const KeyDef *find_similar_key(const SectionDef *sec, const char *key)
         return best_d <= limit ? best : NULL;
 }
 
+int key_assign(const SectionDef *sec, void *target, const char *key, const char *value, const char *path,
+               unsigned line, ParseResult *pr, ErrorList *e)
+{
+        char esc[ESCAPE_BUF_SIZE], problem[256] = "";
+        const KeyDef *k;
+        size_t ki;
+        int r;
+
+        k = find_key(sec, key, false, &ki);
+        if (!k) {
+                const KeyDef *similar = find_similar_key(sec, key);
+                if (similar)
+                        error_add(e, path, line, "unknown key %s= in section [%s], did you mean %s=?",
+                                  escape_value(key, esc, sizeof(esc)), sec->name, similar->name);
+                else
+                        error_add(e, path, line, "unknown key %s= in section [%s]",
+                                  escape_value(key, esc, sizeof(esc)), sec->name);
+                return 0;
+        }
+        if (pr->given[ki]) {
+                if (pr->line[ki] > 0)
+                        error_add(e, path, line, "duplicate key %s= (first set on line %u)", k->name,
+                                  pr->line[ki]);
+                else
+                        error_add(e, path, line, "%s= given twice", k->name);
+                return 0;
+        }
+        pr->given[ki] = true;
+        pr->line[ki] = line;
+        if (!*value && !(k->flags & KEY_EMPTY_UNSETS)) {
+                error_add(e, path, line, "%s=: empty value", k->name);
+                return 0;
+        }
+        r = k->parse(k, value, (char *) target + k->offset, problem, sizeof(problem));
+        if (r == -ENOMEM)
+                return r;
+        if (r < 0) {
+                error_add(e, path, line, "%s=%s: %s", k->name, escape_value(value, esc, sizeof(esc)),
+                          problem[0] ? problem : "invalid value");
+                return 0;
+        }
+        pr->valid[ki] = true;
+        return 0;
+}
+
 /*
  * Parses text into target (a DaemonConfig or VmConfig already holding the
  * defaults) as sec describes. Content errors go to e; returns 0 or -ENOMEM.
@@ -790,9 +995,7 @@ int ini_parse(const char *path, const char *text, size_t len, const SectionDef *
         while (off < len) {
                 const char *l = text + off, *nl = memchr(l, '\n', len - off);
                 size_t n = nl ? (size_t) (nl - l) : len - off;
-                char *s, *eq, *key, *value, problem[256];
-                const KeyDef *k;
-                size_t ki;
+                char *s, *eq, *key, *value;
                 bool bad = false;
                 int r;
 
@@ -865,40 +1068,9 @@ int ini_parse(const char *path, const char *text, size_t len, const SectionDef *
                 if (state == IN_UNKNOWN) /* already reported once, at its header */
                         continue;
 
-                k = find_key(sec, key, false, &ki);
-                if (!k) {
-                        const KeyDef *similar = find_similar_key(sec, key);
-                        if (similar)
-                                error_add(e, path, lineno,
-                                          "unknown key %s= in section [%s], did you mean %s=?",
-                                          escape_value(key, esc, sizeof(esc)), sec->name, similar->name);
-                        else
-                                error_add(e, path, lineno, "unknown key %s= in section [%s]",
-                                          escape_value(key, esc, sizeof(esc)), sec->name);
-                        continue;
-                }
-                if (pr->line[ki] > 0) {
-                        error_add(e, path, lineno, "duplicate key %s= (first set on line %u)", k->name,
-                                  pr->line[ki]);
-                        continue;
-                }
-                pr->line[ki] = lineno;
-                if (!*value && !(k->flags & KEY_EMPTY_UNSETS)) {
-                        error_add(e, path, lineno, "%s=: empty value", k->name);
-                        continue;
-                }
-
-                problem[0] = 0;
-                r = k->parse(k, value, (char *) target + k->offset, problem, sizeof(problem));
-                if (r == -ENOMEM)
+                r = key_assign(sec, target, key, value, path, lineno, pr, e);
+                if (r < 0)
                         return r;
-                if (r < 0) {
-                        error_add(e, path, lineno, "%s=%s: %s", k->name,
-                                  escape_value(value, esc, sizeof(esc)),
-                                  problem[0] ? problem : "invalid value");
-                        continue;
-                }
-                pr->valid[ki] = true;
         }
         return 0;
 }

@@ -2,10 +2,13 @@
 /*
  * dirtyrepd configuration. The parser is table driven (one KeyDef per key,
  * systemd's ConfigTableItem in miniature): a key's table entry says how to
- * parse it and where the result goes, so adding a key is one line plus a
- * default. Everything the files contain is hostile input: every line, value,
- * file and directory entry is bounded, and errors are collected (bounded)
- * instead of stopping at the first.
+ * parse it and where the result goes, and its parser's kind says how the
+ * field is freed, copied and compared; a file's line and the command line's
+ * --set take the same path (key_assign()). Adding a key is one line in the
+ * table (daemon/config-parse.c), a default, its entry in dirtyrep.conf(5)
+ * (test-config-man checks) and any check that spans keys. Everything the files contain is hostile input:
+ * every line, value, file and directory entry is bounded, and errors are collected (bounded) instead of
+ * stopping at the first.
  */
 #include <arpa/inet.h>
 #include <assert.h>
@@ -211,9 +214,7 @@ DaemonConfig *daemon_config_free(DaemonConfig *d)
         if (!d)
                 return NULL;
         free(d->path);
-        free(d->state_directory);
-        free(d->runtime_directory);
-        free(d->image_directory);
+        section_fields_free(&daemon_section, d);
         free(d);
         return NULL;
 }
@@ -268,17 +269,7 @@ VmConfig *vm_config_free(VmConfig *v)
                 return NULL;
         free(v->name);
         free(v->path);
-        free(v->control_socket);
-        free(v->secret_file);
-        free(v->vmm);
-        free(v->vmm_args_string);
-        strv_free(v->vmm_args);
-        free(v->fence_command);
-        free(v->service_interface);
-        free(v->tls_cert_file);
-        free(v->tls_key_file);
-        free(v->tls_ca_file);
-        free(v->tls_peer_name);
+        section_fields_free(&vm_section, v);
         free(v);
         return NULL;
 }
@@ -328,6 +319,77 @@ static const char *tls_missing(const VmConfig *v, bool cert_given, bool key_give
         return NULL;
 }
 
+/* A key given with a value that did not parse (reported already): checks that need it stay quiet. */
+static bool given_bad(const ParseResult *pr, size_t key)
+{
+        return pr->given[key] && !pr->valid[key];
+}
+
+/*
+ * The checks that span the keys of a VM, on the result: a file's VM (is_new)
+ * or a VM the command line changed or created. pr says which keys were
+ * given and where (line 0: not from a file).
+ */
+static void vm_check(const VmConfig *v, const ParseResult *pr, bool is_new, ErrorList *e, const char *path)
+{
+        unsigned at = pr->section_line;
+        /* Whether Role= is known: given and valid, or from the file a command line amends. */
+        bool role = !is_new || pr->valid[VK_ROLE];
+
+        if (is_new && !pr->given[VK_ROLE])
+                error_add(e, path, at, "Role= is required (primary or standby)");
+        if (!v->secret_file && !pr->given[VK_SECRET_FILE])
+                error_add(e, path, at, "SecretFile= is required");
+        if (role && v->role == VM_ROLE_PRIMARY && v->peer.len == 0 && !given_bad(pr, VK_PEER))
+                error_add(e, path, pr->line[VK_ROLE], "Role=primary requires Peer=ADDRESS:PORT");
+        if (role && v->role == VM_ROLE_STANDBY && v->listen.len == 0 && !given_bad(pr, VK_LISTEN))
+                error_add(e, path, pr->line[VK_ROLE], "Role=standby requires Listen=ADDRESS:PORT");
+        /* The pair must come together; a half given as an invalid value was reported already. */
+        if (!given_bad(pr, VK_SERVICE_ADDRESS) && !given_bad(pr, VK_SERVICE_INTERFACE)) {
+                if (v->service_address.family != AF_UNSPEC && !v->service_interface)
+                        error_add(e, path, pr->line[VK_SERVICE_ADDRESS],
+                                  "ServiceAddress= requires ServiceInterface=");
+                if (v->service_interface && v->service_address.family == AF_UNSPEC)
+                        error_add(e, path, pr->line[VK_SERVICE_INTERFACE],
+                                  "ServiceInterface= is only meaningful with ServiceAddress=");
+        }
+        /* A VmmArgs= that did not parse left the previous words, which were checked already. */
+        if (role && !given_bad(pr, VK_PEER))
+                check_failover_needs(v, e, path,
+                                     pr->line[VK_FAILOVER_POLICY] ? pr->line[VK_FAILOVER_POLICY]
+                                                                  : pr->line[VK_ROLE],
+                                     pr->line[VK_VMM_ARGS]);
+        if (v->vmm_type == VMM_TYPE_QEMU && !given_bad(pr, VK_VMM_TYPE) && !given_bad(pr, VK_VMM_ARGS)) {
+                char b[128];
+                const char *problem = config_qemu_args_problem(v, b, sizeof(b));
+                if (problem)
+                        error_add(e, path, pr->line[VK_VMM_TYPE], "VmmType=qemu: %s", problem);
+        }
+        /* The cluster fences an isolated primary; one that released output on its own before
+         * that would lose what it acknowledged when the cluster promotes the replica. */
+        if (v->failover_policy == FAILOVER_POLICY_CLUSTER &&
+            v->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE)
+                error_add(e, path, pr->line[VK_SPLIT_BRAIN_POLICY],
+                          "SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster (use "
+                          "suspend)");
+        if (v->tls) {
+                const char *missing = tls_missing(v, given_bad(pr, VK_TLS_CERT), given_bad(pr, VK_TLS_KEY),
+                                                  given_bad(pr, VK_TLS_CA));
+                if (missing)
+                        error_add(e, path, pr->line[VK_TLS], "TLS=yes requires %s", missing);
+        }
+}
+
+static void error_add_vm_name(ErrorList *e, const char *path, const char *name)
+{
+        char esc[ESCAPE_BUF_SIZE];
+
+        error_add(e, path, 0,
+                  "invalid VM name \"%s\": must be 1..%u characters of A-Z a-z 0-9 _ . - "
+                  "and not start with a dot",
+                  escape_value(name ? name : "", esc, sizeof(esc)), CONFIG_VM_NAME_MAX);
+}
+
 /* Parses one VM file into e; returns 0 (check e->any), or -ENOMEM. */
 static int vm_parse(const char *path, const char *name, const char *text, size_t len, VmConfig **ret,
                     ErrorList *e)
@@ -337,11 +399,7 @@ static int vm_parse(const char *path, const char *name, const char *text, size_t
         int r;
 
         if (!config_vm_name_is_valid(name)) {
-                char esc[ESCAPE_BUF_SIZE];
-                error_add(e, path, 0,
-                          "invalid VM name \"%s\": must be 1..%u characters of A-Z a-z 0-9 _ . - "
-                          "and not start with a dot",
-                          escape_value(name ? name : "", esc, sizeof(esc)), CONFIG_VM_NAME_MAX);
+                error_add_vm_name(e, path, name);
                 return 0;
         }
         r = vm_config_new_default(path, name, &v);
@@ -353,52 +411,8 @@ static int vm_parse(const char *path, const char *name, const char *text, size_t
 
         if (len <= CONFIG_FILE_MAX && pr.section_line == 0)
                 error_add(e, path, 0, "no [VM] section");
-        else if (pr.section_line > 0) {
-                if (pr.line[VK_ROLE] == 0)
-                        error_add(e, path, pr.section_line, "Role= is required (primary or standby)");
-                if (pr.line[VK_SECRET_FILE] == 0)
-                        error_add(e, path, pr.section_line, "SecretFile= is required");
-                if (pr.valid[VK_ROLE] && v->role == VM_ROLE_PRIMARY && pr.line[VK_PEER] == 0)
-                        error_add(e, path, pr.line[VK_ROLE], "Role=primary requires Peer=ADDRESS:PORT");
-                if (pr.valid[VK_ROLE] && v->role == VM_ROLE_STANDBY && pr.line[VK_LISTEN] == 0)
-                        error_add(e, path, pr.line[VK_ROLE], "Role=standby requires Listen=ADDRESS:PORT");
-                /* The pair must come together; a half given as an invalid value was reported already. */
-                bool sa_bad = pr.line[VK_SERVICE_ADDRESS] > 0 && !pr.valid[VK_SERVICE_ADDRESS];
-                bool si_bad = pr.line[VK_SERVICE_INTERFACE] > 0 && !pr.valid[VK_SERVICE_INTERFACE];
-                if (v->service_address.family != AF_UNSPEC && !v->service_interface && !si_bad)
-                        error_add(e, path, pr.line[VK_SERVICE_ADDRESS],
-                                  "ServiceAddress= requires ServiceInterface=");
-                if (v->service_interface && v->service_address.family == AF_UNSPEC && !sa_bad)
-                        error_add(e, path, pr.line[VK_SERVICE_INTERFACE],
-                                  "ServiceInterface= is only meaningful with ServiceAddress=");
-                if (pr.valid[VK_ROLE] && !(pr.line[VK_PEER] > 0 && !pr.valid[VK_PEER]))
-                        check_failover_needs(v, e, path,
-                                             pr.line[VK_FAILOVER_POLICY] ? pr.line[VK_FAILOVER_POLICY]
-                                                                         : pr.line[VK_ROLE],
-                                             pr.line[VK_VMM_ARGS]);
-                if (v->vmm_type == VMM_TYPE_QEMU && pr.valid[VK_VMM_TYPE] &&
-                    !(pr.line[VK_VMM_ARGS] > 0 && !pr.valid[VK_VMM_ARGS])) {
-                        char b[128];
-                        const char *problem = config_qemu_args_problem(v, b, sizeof(b));
-                        if (problem)
-                                error_add(e, path, pr.line[VK_VMM_TYPE], "VmmType=qemu: %s", problem);
-                }
-                /* The cluster fences an isolated primary; one that released output on its own before
-                 * that would lose what it acknowledged when the cluster promotes the replica. */
-                if (v->failover_policy == FAILOVER_POLICY_CLUSTER &&
-                    v->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE)
-                        error_add(e, path, pr.line[VK_SPLIT_BRAIN_POLICY],
-                                  "SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster "
-                                  "(use suspend)");
-                if (v->tls) {
-                        const char *missing =
-                                tls_missing(v, pr.line[VK_TLS_CERT] > 0 && !pr.valid[VK_TLS_CERT],
-                                            pr.line[VK_TLS_KEY] > 0 && !pr.valid[VK_TLS_KEY],
-                                            pr.line[VK_TLS_CA] > 0 && !pr.valid[VK_TLS_CA]);
-                        if (missing)
-                                error_add(e, path, pr.line[VK_TLS], "TLS=yes requires %s", missing);
-                }
-        }
+        else if (pr.section_line > 0)
+                vm_check(v, &pr, true, e, path);
         v->control_socket_set = pr.valid[VK_CONTROL_SOCKET];
         *ret = TAKE_PTR(v);
         return 0;
@@ -440,31 +454,10 @@ static int vm_config_copy(const VmConfig *v, VmConfig **ret)
         if (!n)
                 return -ENOMEM;
         *n = *v;
-        n->name = n->path = n->control_socket = n->secret_file = n->vmm = n->vmm_args_string = NULL;
-        n->fence_command = n->service_interface = NULL;
-        n->tls_cert_file = n->tls_key_file = n->tls_ca_file = n->tls_peer_name = NULL;
-        n->vmm_args = NULL;
-        n->n_vmm_args = 0;
-        if (set_string(&n->name, v->name) < 0 || set_string(&n->path, v->path) < 0 ||
-            set_string(&n->control_socket, v->control_socket) < 0 ||
-            set_string(&n->secret_file, v->secret_file) < 0 || set_string(&n->vmm, v->vmm) < 0 ||
-            set_string(&n->vmm_args_string, v->vmm_args_string) < 0 ||
-            set_string(&n->fence_command, v->fence_command) < 0 ||
-            set_string(&n->service_interface, v->service_interface) < 0 ||
-            set_string(&n->tls_cert_file, v->tls_cert_file) < 0 ||
-            set_string(&n->tls_key_file, v->tls_key_file) < 0 ||
-            set_string(&n->tls_ca_file, v->tls_ca_file) < 0 ||
-            set_string(&n->tls_peer_name, v->tls_peer_name) < 0)
+        n->name = n->path = NULL;
+        if (section_fields_copy(&vm_section, n, v) < 0 || set_string(&n->name, v->name) < 0 ||
+            set_string(&n->path, v->path) < 0)
                 return -ENOMEM;
-        n->vmm_args = calloc(v->n_vmm_args + 1, sizeof(char *));
-        if (!n->vmm_args)
-                return -ENOMEM;
-        for (size_t i = 0; i < v->n_vmm_args; i++) {
-                n->vmm_args[i] = strdup(v->vmm_args[i]);
-                if (!n->vmm_args[i])
-                        return -ENOMEM;
-                n->n_vmm_args++;
-        }
         *ret = TAKE_PTR(n);
         return 0;
 }
@@ -477,72 +470,82 @@ DaemonConfig *daemon_config_copy(const DaemonConfig *d)
         if (!n)
                 return NULL;
         *n = *d;
-        n->path = n->state_directory = n->runtime_directory = n->image_directory = NULL;
-        if (set_string(&n->path, d->path) < 0 || set_string(&n->state_directory, d->state_directory) < 0 ||
-            set_string(&n->runtime_directory, d->runtime_directory) < 0 ||
-            (d->image_directory && set_string(&n->image_directory, d->image_directory) < 0))
+        n->path = NULL;
+        if (section_fields_copy(&daemon_section, n, d) < 0 || set_string(&n->path, d->path) < 0)
                 return NULL;
         return TAKE_PTR(n);
-}
-
-static bool str_eq_null(const char *a, const char *b)
-{
-        return (!a && !b) || (a && b && streq(a, b));
-}
-
-static bool address_equal(const ConfigAddress *a, const ConfigAddress *b)
-{
-        return a->len == b->len && (a->len == 0 || streq(a->text, b->text));
 }
 
 bool vm_config_equal(const VmConfig *a, const VmConfig *b)
 {
         if (!a || !b)
                 return a == b;
-        return streq(a->name, b->name) && a->role == b->role &&
-               str_eq_null(a->control_socket, b->control_socket) && address_equal(&a->peer, &b->peer) &&
-               address_equal(&a->listen, &b->listen) && a->epoch_ms == b->epoch_ms &&
-               a->tracking == b->tracking && str_eq_null(a->secret_file, b->secret_file) &&
-               a->max_inflight_epochs == b->max_inflight_epochs && a->compression == b->compression &&
-               a->pre_copy == b->pre_copy && a->max_staging_mb == b->max_staging_mb &&
-               str_eq_null(a->vmm, b->vmm) && str_eq_null(a->vmm_args_string, b->vmm_args_string) &&
-               a->vmm_type == b->vmm_type && str_eq_null(a->fence_command, b->fence_command) &&
-               a->failover_policy == b->failover_policy &&
-               a->service_address.family == b->service_address.family &&
-               (a->service_address.family == AF_UNSPEC ||
-                (a->service_address.prefixlen == b->service_address.prefixlen &&
-                 memcmp(&a->service_address.addr, &b->service_address.addr,
-                        a->service_address.family == AF_INET ? sizeof(struct in_addr)
-                                                             : sizeof(struct in6_addr)) == 0)) &&
-               str_eq_null(a->service_interface, b->service_interface) &&
-               a->split_brain_timeout_ms == b->split_brain_timeout_ms &&
-               a->split_brain_policy == b->split_brain_policy && a->output_commit == b->output_commit &&
-               a->console_commit == b->console_commit && a->tls == b->tls &&
-               str_eq_null(a->tls_cert_file, b->tls_cert_file) &&
-               str_eq_null(a->tls_key_file, b->tls_key_file) &&
-               str_eq_null(a->tls_ca_file, b->tls_ca_file) &&
-               str_eq_null(a->tls_peer_name, b->tls_peer_name);
+        return streq(a->name, b->name) && section_fields_equal(&vm_section, a, b);
 }
 
 bool daemon_config_equal(const DaemonConfig *a, const DaemonConfig *b)
 {
         if (!a || !b)
                 return a == b;
-        /* LogLevel= is not compared: the daemon applies it without touching a VM. */
-        return address_equal(&a->listen_address, &b->listen_address) &&
-               str_eq_null(a->state_directory, b->state_directory) &&
-               str_eq_null(a->runtime_directory, b->runtime_directory) &&
-               str_eq_null(a->image_directory, b->image_directory) &&
-               a->heartbeat_interval_ms == b->heartbeat_interval_ms &&
-               a->heartbeat_misses == b->heartbeat_misses;
+        /* LogLevel= (KEY_LIVE) is not compared: the daemon applies it without touching a VM. */
+        return section_fields_equal(&daemon_section, a, b);
+}
+
+/* A VM the command line creates: the defaults, with the control socket the daemon's
+ * RuntimeDirectory= implies as config_load() does for files. */
+static int vm_config_new_cli(const Config *c, const char *origin, const char *name, VmConfig **ret)
+{
+        _cleanup_(vm_config_freep) VmConfig *v = NULL;
+        int r;
+
+        r = vm_config_new_default(origin, name, &v);
+        if (r < 0)
+                return r;
+        if (c->daemon->runtime_directory_set) {
+                v->control_socket = mfree(v->control_socket);
+                if (asprintf(&v->control_socket, "%s/%s.sock", c->daemon->runtime_directory, name) < 0) {
+                        v->control_socket = NULL;
+                        return -ENOMEM;
+                }
+        }
+        *ret = TAKE_PTR(v);
+        return 0;
+}
+
+/* One "Key=Value" of the command line into v: its own bounds, then the path a file's line takes. */
+static int vm_apply_assignment(VmConfig *v, const char *assignment, const char *origin, ParseResult *pr,
+                               ErrorList *e)
+{
+        _cleanup_free_ char *copy = strdup(assignment);
+        char esc[ESCAPE_BUF_SIZE], *eq;
+
+        if (!copy)
+                return -ENOMEM;
+        eq = strchr(copy, '=');
+        if (!eq || eq == copy) {
+                error_add(e, origin, 0, "expected Key=Value, got \"%s\"",
+                          escape_value(copy, esc, sizeof(esc)));
+                return 0;
+        }
+        *eq = 0;
+        if (strlen(eq + 1) > CONFIG_LINE_MAX) {
+                error_add(e, origin, 0, "%s=: value is longer than %u bytes",
+                          escape_value(copy, esc, sizeof(esc)), CONFIG_LINE_MAX);
+                return 0;
+        }
+        if (has_control(eq + 1)) {
+                error_add(e, origin, 0, "%s=: value contains control characters",
+                          escape_value(copy, esc, sizeof(esc)));
+                return 0;
+        }
+        return key_assign(&vm_section, v, copy, eq + 1, origin, 0, pr, e);
 }
 
 int config_apply_vm_settings(Config *c, const char *name, char *const *assignments, size_t n_assignments,
                              const char *origin, char **ret_errors)
 {
         _cleanup_(vm_config_freep) VmConfig *v = NULL;
-        bool given[KEYS_MAX] = {}, valid[KEYS_MAX] = {};
-        char esc[ESCAPE_BUF_SIZE];
+        ParseResult pr = {};
         ErrorList e = {};
         size_t idx = SIZE_MAX;
         bool is_new;
@@ -551,10 +554,7 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
         assert(c && c->daemon && origin);
 
         if (!config_vm_name_is_valid(name)) {
-                error_add(&e, origin, 0,
-                          "invalid VM name \"%s\": must be 1..%u characters of A-Z a-z 0-9 _ . - "
-                          "and not start with a dot",
-                          escape_value(name ? name : "", esc, sizeof(esc)), CONFIG_VM_NAME_MAX);
+                error_add_vm_name(&e, origin, name);
                 error_file_done(&e, origin);
                 return error_list_finish(&e, -EINVAL, ret_errors);
         }
@@ -562,133 +562,28 @@ int config_apply_vm_settings(Config *c, const char *name, char *const *assignmen
                 if (streq(c->vms[i]->name, name))
                         idx = i;
         is_new = idx == SIZE_MAX;
-        if (is_new) {
-                if (c->n_vms >= CONFIG_VMS_MAX) {
-                        error_add(&e, origin, 0, "more than %u VMs", CONFIG_VMS_MAX);
-                        error_file_done(&e, origin);
-                        return error_list_finish(&e, -EINVAL, ret_errors);
-                }
-                r = vm_config_new_default(origin, name, &v);
-                if (r >= 0 && c->daemon->runtime_directory_set) {
-                        free(v->control_socket);
-                        if (asprintf(&v->control_socket, "%s/%s.sock", c->daemon->runtime_directory, name) <
-                            0) {
-                                v->control_socket = NULL;
-                                r = -ENOMEM;
-                        }
-                }
-        } else
-                r = vm_config_copy(c->vms[idx], &v);
+        if (is_new && c->n_vms >= CONFIG_VMS_MAX) {
+                error_add(&e, origin, 0, "more than %u VMs", CONFIG_VMS_MAX);
+                error_file_done(&e, origin);
+                return error_list_finish(&e, -EINVAL, ret_errors);
+        }
+        r = is_new ? vm_config_new_cli(c, origin, name, &v) : vm_config_copy(c->vms[idx], &v);
         if (r < 0)
                 return error_list_finish(&e, r, ret_errors);
 
         for (size_t i = 0; i < n_assignments; i++) {
-                _cleanup_free_ char *copy = strdup(assignments[i]);
-                char problem[256] = "", *eq, *key, *value;
-                const KeyDef *k;
-                size_t ki;
-
-                if (!copy)
-                        return error_list_finish(&e, -ENOMEM, ret_errors);
-                eq = strchr(copy, '=');
-                if (!eq || eq == copy) {
-                        error_add(&e, origin, 0, "expected Key=Value, got \"%s\"",
-                                  escape_value(copy, esc, sizeof(esc)));
-                        continue;
-                }
-                *eq = 0;
-                key = copy;
-                value = eq + 1;
-                if (strlen(value) > CONFIG_LINE_MAX) {
-                        error_add(&e, origin, 0, "%s=: value is longer than %u bytes",
-                                  escape_value(key, esc, sizeof(esc)), CONFIG_LINE_MAX);
-                        continue;
-                }
-                if (has_control(value)) {
-                        error_add(&e, origin, 0, "%s=: value contains control characters",
-                                  escape_value(key, esc, sizeof(esc)));
-                        continue;
-                }
-                k = find_key(&vm_section, key, false, &ki);
-                if (!k) {
-                        const KeyDef *similar = find_similar_key(&vm_section, key);
-                        if (similar)
-                                error_add(&e, origin, 0,
-                                          "unknown key %s= in section [VM], did you mean %s=?",
-                                          escape_value(key, esc, sizeof(esc)), similar->name);
-                        else
-                                error_add(&e, origin, 0, "unknown key %s= in section [VM]",
-                                          escape_value(key, esc, sizeof(esc)));
-                        continue;
-                }
-                if (given[ki]) {
-                        error_add(&e, origin, 0, "%s= given twice", k->name);
-                        continue;
-                }
-                given[ki] = true;
-                if (!*value && !(k->flags & KEY_EMPTY_UNSETS)) {
-                        error_add(&e, origin, 0, "%s=: empty value", k->name);
-                        continue;
-                }
-                r = k->parse(k, value, (char *) v + k->offset, problem, sizeof(problem));
-                if (r == -ENOMEM)
+                r = vm_apply_assignment(v, assignments[i], origin, &pr, &e);
+                if (r < 0)
                         return error_list_finish(&e, r, ret_errors);
-                if (r < 0) {
-                        error_add(&e, origin, 0, "%s=%s: %s", k->name, escape_value(value, esc, sizeof(esc)),
-                                  problem[0] ? problem : "invalid value");
-                        continue;
-                }
-                valid[ki] = true;
         }
-
         /* The checks a file gets, on the result: for a VM from a file, the file's values count. */
-        if (is_new && !given[VK_ROLE])
-                error_add(&e, origin, 0, "Role= is required (primary or standby)");
-        if (!v->secret_file && !given[VK_SECRET_FILE])
-                error_add(&e, origin, 0, "SecretFile= is required");
-        if ((!is_new || valid[VK_ROLE]) && !(given[VK_PEER] && !valid[VK_PEER]) &&
-            !(given[VK_LISTEN] && !valid[VK_LISTEN])) {
-                if (v->role == VM_ROLE_PRIMARY && v->peer.len == 0)
-                        error_add(&e, origin, 0, "Role=primary requires Peer=ADDRESS:PORT");
-                if (v->role == VM_ROLE_STANDBY && v->listen.len == 0)
-                        error_add(&e, origin, 0, "Role=standby requires Listen=ADDRESS:PORT");
-        }
-        if (!(given[VK_SERVICE_ADDRESS] && !valid[VK_SERVICE_ADDRESS]) &&
-            !(given[VK_SERVICE_INTERFACE] && !valid[VK_SERVICE_INTERFACE])) {
-                if (v->service_address.family != AF_UNSPEC && !v->service_interface)
-                        error_add(&e, origin, 0, "ServiceAddress= requires ServiceInterface=");
-                if (v->service_interface && v->service_address.family == AF_UNSPEC)
-                        error_add(&e, origin, 0,
-                                  "ServiceInterface= is only meaningful with ServiceAddress=");
-        }
-        if ((!is_new || valid[VK_ROLE]) && !(given[VK_PEER] && !valid[VK_PEER]) &&
-            !(given[VK_VMM_ARGS] && !valid[VK_VMM_ARGS]))
-                check_failover_needs(v, &e, origin, 0, 0);
-        if (v->vmm_type == VMM_TYPE_QEMU && !(given[VK_VMM_TYPE] && !valid[VK_VMM_TYPE]) &&
-            !(given[VK_VMM_ARGS] && !valid[VK_VMM_ARGS])) {
-                char b[128];
-                const char *problem = config_qemu_args_problem(v, b, sizeof(b));
-                if (problem)
-                        error_add(&e, origin, 0, "VmmType=qemu: %s", problem);
-        }
-        if (v->failover_policy == FAILOVER_POLICY_CLUSTER &&
-            v->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE)
-                error_add(&e, origin, 0,
-                          "SplitBrainPolicy=continue cannot be combined with FailoverPolicy=cluster (use "
-                          "suspend)");
-        if (v->tls) {
-                const char *missing = tls_missing(v, given[VK_TLS_CERT] && !valid[VK_TLS_CERT],
-                                                  given[VK_TLS_KEY] && !valid[VK_TLS_KEY],
-                                                  given[VK_TLS_CA] && !valid[VK_TLS_CA]);
-                if (missing)
-                        error_add(&e, origin, 0, "TLS=yes requires %s", missing);
-        }
+        vm_check(v, &pr, is_new, &e, origin);
         error_file_done(&e, origin);
         if (e.any)
                 return error_list_finish(&e, -EINVAL, ret_errors);
         error_list_done(&e);
 
-        if (given[VK_CONTROL_SOCKET])
+        if (pr.given[VK_CONTROL_SOCKET])
                 v->control_socket_set = true;
         if (is_new) {
                 VmConfig **l = realloc(c->vms, (c->n_vms + 1) * sizeof(VmConfig *));

@@ -8,36 +8,19 @@
  * logged and marked failed; the daemon keeps serving the others.
  *
  * --debug-socket PATH serves a root-only (0600) diagnostic socket with a
- * line protocol, used by the integration tests and for field diagnosis:
- *   status                     one JSON object per VM, one per line
- *   checkpoint VM              seal an epoch now: "ok EPOCH"
- *   freeze VM | thaw VM        primary: seal and keep the VM paused / resume
- *   hash VM PATH               page-hash file (primary: frozen RAM; standby: replica)
- *   dump VM RAMPATH STATEPATH  standby: committed replica RAM and VmState
- *   image VM DIR [PARENT]      primary: checkpoint image at the next seal (LZ4), answered once
- *                              written: "ok EPOCH pages=N bytes=N pause_ns=N"
- *   promote VM [force]         standby: fence, then start the VM on the replica
- *                              (force: even with the primary connected or the fence failing)
- *   demote VM                  primary: stop the VMM dirtyrepd started, give up the
- *                              service address, become a standby again
- *   stall SECONDS              block the loop (the watchdog test)
- * Answers "ok ..." or "error MESSAGE". One request per connection.
+ * line protocol, used by the integration tests and for field diagnosis
+ * (daemon/debug.c, its requests in daemon/debug-request.h).
  */
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <inttypes.h>
-#include <limits.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/file.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 #include <unistd.h>
@@ -46,6 +29,7 @@
 #include "caps.h"
 #include "check.h"
 #include "config.h"
+#include "debug.h"
 #include "dirtyrep-build.h"
 #include "journal.h"
 #include "log.h"
@@ -54,25 +38,11 @@
 #include "role.h"
 #include "util.h"
 
-#define DEBUG_LINE_MAX    4096
-#define DEBUG_CLIENTS_MAX 16
-#define STALL_MAX_SEC     120
-
 /* The daemon: the manager plus the debug socket. */
 typedef struct Daemon {
         Manager manager;
-        int debug_fd;
-        sd_event_source *debug_source;
-        unsigned debug_clients;
+        DebugServer *debug;
 } Daemon;
-
-typedef struct DebugClient {
-        Daemon *d;
-        sd_event_source *source;
-        int fd;
-        char buf[DEBUG_LINE_MAX];
-        size_t len;
-} DebugClient;
 
 static const char *arg_config = SYSCONFDIR "/dirtyrep/dirtyrep.conf";
 static const char *arg_config_dir = SYSCONFDIR "/dirtyrep/vm.d";
@@ -87,303 +57,10 @@ static const char *arg_bus_address;
 static CliVm *arg_vms;
 static size_t arg_n_vms;
 
-/* JSON string body with the characters JSON requires escaped. */
-static void json_escape(const char *s, char *out, size_t size)
-{
-        size_t o = 0;
-
-        for (; *s && o + 7 < size; s++) {
-                unsigned char c = (unsigned char) *s;
-                if (c == '"' || c == '\\') {
-                        out[o++] = '\\';
-                        out[o++] = (char) c;
-                } else if (c < 0x20)
-                        o += (size_t) snprintf(out + o, size - o, "\\u%04x", c);
-                else
-                        out[o++] = (char) c;
-        }
-        out[o] = 0;
-}
-
-static int vm_status_json(Vm *vm, char *out, size_t size)
-{
-        char detail[600], peer[200], gaps[COMMIT_GAP_BUCKETS * 22];
-        ReplStatus st;
-
-        vm_get_status(vm, &st);
-        for (size_t i = 0, o = 0; i < COMMIT_GAP_BUCKETS; i++)
-                o += (size_t) snprintf(gaps + o, sizeof(gaps) - o, "%s%" PRIu64, i ? ", " : "",
-                                       st.commit_gaps[i]);
-        json_escape(st.detail, detail, sizeof(detail));
-        json_escape(st.peer, peer, sizeof(peer));
-        return snprintf(
-                out, size,
-                "{\"vm\": \"%s\", \"role\": \"%s\", \"state\": \"%s\", \"detail\": \"%s\", "
-                "\"link_up\": %s, \"peer\": \"%s\", \"last_sealed\": %" PRIu64
-                ", \"last_committed\": %" PRIu64 ", \"epochs_committed\": %" PRIu64
-                ", \"full_syncs\": %" PRIu64 ", \"incremental_syncs\": %" PRIu64
-                ", \"pause_ns_p50\": %" PRIu64 ", \"pause_ns_p99\": %" PRIu64 ", \"pause_ns_max\": %" PRIu64
-                ", \"vm_pause_ns_p50\": %" PRIu64 ", \"vm_pause_ns_p99\": %" PRIu64
-                ", \"vm_pause_ns_max\": %" PRIu64 ", \"pages_last_epoch\": %" PRIu64
-                ", \"dirty_pages_per_s\": %.1f, \"bytes_sent\": %" PRIu64 ", \"bytes_received\": %" PRIu64
-                ", \"inflight\": %" PRIu64 ", \"compression_ratio\": %.3f, \"staging_bytes\": %" PRIu64
-                ", \"ram_bytes\": %" PRIu64 ", \"last_sync_usec\": %" PRIu64 ", \"last_sync_full\": %s"
-                ", \"commit_gap_max_usec\": %" PRIu64 ", \"commit_gaps\": [%s]}\n",
-                vm->cfg->name, st.role ? st.role : "?", st.state ? st.state : "?", detail,
-                st.link_up ? "true" : "false", peer, st.last_sealed, st.last_committed, st.epochs_committed,
-                st.full_syncs, st.incremental_syncs, st.pause_ns_p50, st.pause_ns_p99, st.pause_ns_max,
-                st.vm_pause_ns_p50, st.vm_pause_ns_p99, st.vm_pause_ns_max, st.pages_last_epoch,
-                st.dirty_pages_per_s, st.bytes_sent, st.bytes_received, st.inflight, st.compression_ratio,
-                st.staging_bytes, st.ram_bytes, st.last_sync_usec, st.last_sync_full ? "true" : "false",
-                st.commit_gap_max_usec, gaps);
-}
-
-static DebugClient *debug_client_free(DebugClient *c)
-{
-        if (!c)
-                return NULL;
-        sd_event_source_disable_unref(c->source);
-        safe_close(c->fd);
-        c->d->debug_clients--;
-        free(c);
-        return NULL;
-}
-
-static void debug_reply(DebugClient *c, const char *fmt, ...) _printf_(2, 3);
-static void debug_reply(DebugClient *c, const char *fmt, ...)
-{
-        char buf[1024];
-        va_list ap;
-        int n;
-
-        va_start(ap, fmt);
-        n = vsnprintf(buf, sizeof(buf), fmt, ap);
-        va_end(ap);
-        if (n > 0)
-                (void) send(c->fd, buf, MIN((size_t) n, sizeof(buf) - 1), MSG_NOSIGNAL);
-}
-
-/* Splits line into at most max words on spaces. */
-static size_t split_words(char *line, char **words, size_t max)
-{
-        size_t n = 0;
-        for (char *save = NULL, *w = strtok_r(line, " \t", &save); w && n < max;
-             w = strtok_r(NULL, " \t", &save))
-                words[n++] = w;
-        return n;
-}
-
-static void debug_image_done(Primary *p, const PrimaryImageResult *res, void *userdata)
-{
-        DebugClient *c = userdata;
-
-        if (res->result < 0)
-                debug_reply(c, "error image: %s\n", res->error);
-        else
-                debug_reply(c, "ok %" PRIu64 " pages=%" PRIu64 " bytes=%" PRIu64 " pause_ns=%" PRIu64 "\n",
-                            res->epoch, res->present_pages, res->total_bytes, res->pause_ns);
-        debug_client_free(c);
-}
-
-/* Returns true when the request answers later (the client is then owned by the request). */
-static bool debug_execute(DebugClient *c, char *line)
-{
-        Manager *m = &c->d->manager;
-        char *w[5];
-        size_t n = split_words(line, w, ELEMENTSOF(w));
-        uint64_t epoch = 0;
-        Vm *vm;
-        int r;
-
-        if (n == 0) {
-                debug_reply(c, "error empty request\n");
-                return false;
-        }
-        if (streq(w[0], "status")) {
-                for (size_t i = 0; i < m->n_vms; i++) {
-                        char out[3072];
-                        if (n > 1 && !streq(m->vms[i]->cfg->name, w[1]))
-                                continue;
-                        vm_status_json(m->vms[i], out, sizeof(out));
-                        (void) send(c->fd, out, strlen(out), MSG_NOSIGNAL);
-                }
-                return false;
-        }
-        if (streq(w[0], "stall")) {
-                unsigned long sec;
-                char *end;
-
-                errno = 0;
-                sec = n == 2 ? strtoul(w[1], &end, 10) : ULONG_MAX;
-                if (n != 2 || errno != 0 || *end || sec > STALL_MAX_SEC) {
-                        debug_reply(c, "error stall needs a number of seconds, 0..%d\n", STALL_MAX_SEC);
-                        return false;
-                }
-                /* On purpose: nothing else runs, so WATCHDOG=1 stops (the watchdog test). */
-                log_warning("Debug socket: stalling the event loop for %lus", sec);
-                debug_reply(c, "ok 0\n");
-                (void) sleep((unsigned) sec);
-                return false;
-        }
-        if (n < 2) {
-                debug_reply(c, "error '%s' needs a VM name\n", w[0]);
-                return false;
-        }
-        vm = manager_find_vm(m, w[1]);
-        if (!vm) {
-                debug_reply(c, "error no VM named '%s'\n", w[1]);
-                return false;
-        }
-        if (streq(w[0], "image") && (n == 3 || n == 4) && vm->primary) {
-                r = primary_checkpoint_image(vm->primary, w[2], n == 4 ? w[3] : NULL, true, debug_image_done,
-                                             c);
-                if (r < 0) {
-                        debug_reply(c, "error image: %s\n", strerror(-r));
-                        return false;
-                }
-                /* Nothing more is read from this client; the answer comes from the callback. */
-                (void) sd_event_source_set_enabled(c->source, SD_EVENT_OFF);
-                return true;
-        }
-
-        if (streq(w[0], "checkpoint") && vm->primary)
-                r = primary_checkpoint(vm->primary, &epoch);
-        else if (streq(w[0], "freeze") && vm->primary)
-                r = primary_freeze(vm->primary, &epoch);
-        else if (streq(w[0], "thaw") && vm->primary)
-                r = primary_thaw(vm->primary);
-        else if (streq(w[0], "reset-pauses") && n == 2 && vm->primary)
-                r = primary_reset_pauses(vm->primary);
-        else if (streq(w[0], "resume") && n == 2 && vm->primary)
-                r = primary_resume_unprotected(vm->primary);
-        else if (streq(w[0], "hash") && n == 3 && vm->primary)
-                r = primary_hash_ram(vm->primary, w[2]);
-        else if (streq(w[0], "hash") && n == 3 && vm->standby)
-                r = standby_hash_replica(vm->standby, w[2], &epoch);
-        else if (streq(w[0], "dump") && n == 4 && vm->standby)
-                r = standby_dump_replica(vm->standby, w[2], w[3], &epoch);
-        else if (streq(w[0], "promote") && (n == 2 || (n == 3 && streq(w[2], "force")))) {
-                char why[256] = "";
-                r = vm_promote(vm, n == 3, why, sizeof(why));
-                if (r < 0) {
-                        debug_reply(c, "error promote: %s\n", why[0] ? why : strerror(-r));
-                        return false;
-                }
-                (void) standby_replica_epoch(vm->standby, &epoch);
-        } else if (streq(w[0], "demote") && n == 2) {
-                char why[256] = "";
-                r = vm_demote(vm, why, sizeof(why));
-                if (r < 0) {
-                        debug_reply(c, "error demote: %s\n", why[0] ? why : strerror(-r));
-                        return false;
-                }
-        } else {
-                debug_reply(c, "error '%s' with %zu argument(s) is not a request for %s VM '%s'\n", w[0],
-                            n - 1,
-                            vm->primary   ? "primary"
-                            : vm->standby ? "standby"
-                                          : "failed",
-                            vm->cfg->name);
-                return false;
-        }
-        if (r < 0)
-                debug_reply(c, "error %s: %s\n", w[0], strerror(-r));
-        else
-                debug_reply(c, "ok %" PRIu64 "\n", epoch);
-        return false;
-}
-
-static int on_debug_client(sd_event_source *s, int fd, uint32_t revents, void *userdata)
-{
-        DebugClient *c = userdata;
-        ssize_t k;
-        char *nl;
-
-        k = recv(fd, c->buf + c->len, sizeof(c->buf) - 1 - c->len, MSG_DONTWAIT);
-        if (k < 0 && (errno == EAGAIN || errno == EINTR))
-                return 0;
-        if (k <= 0) {
-                debug_client_free(c);
-                return 0;
-        }
-        c->len += (size_t) k;
-        c->buf[c->len] = 0;
-        nl = strchr(c->buf, '\n');
-        if (!nl) {
-                if (c->len >= sizeof(c->buf) - 1) {
-                        debug_reply(c, "error request longer than %d bytes\n", DEBUG_LINE_MAX - 1);
-                        debug_client_free(c);
-                }
-                return 0;
-        }
-        *nl = 0;
-        if (!debug_execute(c, c->buf))
-                debug_client_free(c);
-        return 0;
-}
-
-static int on_debug_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata)
-{
-        Daemon *m = userdata;
-        _cleanup_close_ int cfd = -EBADF;
-        struct ucred cred;
-        socklen_t len = sizeof(cred);
-        DebugClient *c;
-        int r;
-
-        cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (cfd < 0)
-                return 0;
-        /* The socket is 0600, but say it twice: only root and our own uid. */
-        if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 ||
-            (cred.uid != 0 && cred.uid != getuid()))
-                return 0;
-        if (m->debug_clients >= DEBUG_CLIENTS_MAX)
-                return 0;
-        c = calloc(1, sizeof(*c));
-        if (!c)
-                return 0;
-        c->d = m;
-        c->fd = TAKE_FD(cfd);
-        m->debug_clients++;
-        r = sd_event_add_io(m->manager.event, &c->source, c->fd, EPOLLIN, on_debug_client, c);
-        if (r < 0)
-                debug_client_free(c);
-        return 0;
-}
-
-static int debug_socket_open(Daemon *m, const char *path)
-{
-        struct sockaddr_un sa = {.sun_family = AF_UNIX};
-        int r;
-
-        if (strlen(path) >= sizeof(sa.sun_path))
-                return log_error_errno(-ENAMETOOLONG, "Debug socket path too long: %s", path);
-        strcpy(sa.sun_path, path);
-        m->debug_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (m->debug_fd < 0)
-                return log_error_errno(-errno, "socket(): %m");
-        (void) unlink(path);
-        if (bind(m->debug_fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
-                return log_error_errno(-errno, "Failed to bind debug socket %s: %m", path);
-        /* Nobody can connect before listen(), so chmod here is race-free. */
-        if (chmod(path, 0600) < 0)
-                return log_error_errno(-errno, "chmod(%s): %m", path);
-        if (listen(m->debug_fd, 16) < 0)
-                return log_error_errno(-errno, "listen(%s): %m", path);
-        r = sd_event_add_io(m->manager.event, &m->debug_source, m->debug_fd, EPOLLIN, on_debug_accept, m);
-        if (r < 0)
-                return log_error_errno(r, "Failed to watch the debug socket: %m");
-        return 0;
-}
-
 static void daemon_done(Daemon *d)
 {
         manager_done(&d->manager);
-        d->debug_source = sd_event_source_disable_unref(d->debug_source);
-        d->debug_fd = safe_close(d->debug_fd);
-        if (arg_debug_socket)
-                (void) unlink(arg_debug_socket);
+        d->debug = debug_server_free(d->debug);
         d->manager.event = sd_event_unref(d->manager.event);
         for (size_t i = 0; i < arg_n_vms; i++)
                 for (size_t j = 0; j < arg_vms[i].n_settings; j++)
@@ -806,7 +483,7 @@ static int on_sighup(sd_event_source *s, const struct signalfd_siginfo *si, void
 
 int main(int argc, char **argv)
 {
-        Daemon d = {.debug_fd = -EBADF};
+        Daemon d = {};
         Manager *m = &d.manager;
         _cleanup_(config_freep) Config *config = NULL;
         _cleanup_free_ char *errors = NULL;
@@ -842,7 +519,7 @@ int main(int argc, char **argv)
         /* Before anything is touched (debug socket, addresses, bus name, VMs). */
         r = take_instance_lock(config->daemon->runtime_directory);
         if (r < 0) {
-                arg_debug_socket = NULL; /* the other daemon's: daemon_done() must not unlink it */
+                /* The debug socket is not opened: the other daemon's stays. */
                 daemon_done(&d);
                 return 1;
         }
@@ -884,7 +561,7 @@ int main(int argc, char **argv)
                 log_warning("Failed to enable the service manager's watchdog: %s", strerror(-r));
 
         if (arg_debug_socket) {
-                r = debug_socket_open(&d, arg_debug_socket);
+                r = debug_server_open(m, arg_debug_socket, &d.debug);
                 if (r < 0)
                         goto out;
         }
