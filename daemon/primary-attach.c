@@ -155,9 +155,7 @@ int primary_attach(Primary *p)
                 e->vmm = NULL;
                 epoch_free(e);
                 free(e);
-                pthread_mutex_lock(&p->mutex);
-                primary_set_failed_locked(p, "attaching to the VMM failed: %s", strerror(-r));
-                pthread_mutex_unlock(&p->mutex);
+                primary_fail(p, "attaching to the VMM failed: %s", strerror(-r));
                 return r;
         }
         e->epoch_start_us = e->last_collect_us = e->last_reset_us = now_usec();
@@ -167,9 +165,7 @@ int primary_attach(Primary *p)
         if (r < 0) {
                 epoch_free(e);
                 free(e);
-                pthread_mutex_lock(&p->mutex);
-                primary_set_failed_locked(p, "cannot start the epoch thread: %s", strerror(-r));
-                pthread_mutex_unlock(&p->mutex);
+                primary_fail(p, "cannot start the epoch thread: %s", strerror(-r));
                 return r;
         }
         p->thread_started = true;

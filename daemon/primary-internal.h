@@ -228,6 +228,8 @@ static inline void wake(int fd)
 
 /* Under p->mutex: the Primary failed; detail says why. */
 void primary_set_failed_locked(Primary *p, const char *fmt, ...) _printf_(2, 3);
+/* The same, taking p->mutex. */
+void primary_fail(Primary *p, const char *fmt, ...) _printf_(2, 3);
 
 /* ---- epoch thread (primary.c) --------------------------------------------------------- */
 

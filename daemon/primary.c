@@ -51,14 +51,50 @@
 
 /* ---- small helpers ---------------------------------------------------------------------- */
 
+static void primary_vset_failed_locked(Primary *p, const char *fmt, va_list ap) _printf_(2, 0);
+static void primary_vset_failed_locked(Primary *p, const char *fmt, va_list ap)
+{
+        p->failed = true;
+        vsnprintf(p->detail, sizeof(p->detail), fmt, ap);
+}
+
 void primary_set_failed_locked(Primary *p, const char *fmt, ...)
 {
         va_list ap;
 
-        p->failed = true;
         va_start(ap, fmt);
-        vsnprintf(p->detail, sizeof(p->detail), fmt, ap);
+        primary_vset_failed_locked(p, fmt, ap);
         va_end(ap);
+}
+
+void primary_fail(Primary *p, const char *fmt, ...)
+{
+        va_list ap;
+
+        pthread_mutex_lock(&p->mutex);
+        va_start(ap, fmt);
+        primary_vset_failed_locked(p, fmt, ap);
+        va_end(ap);
+        pthread_mutex_unlock(&p->mutex);
+}
+
+/*
+ * Epoch thread: the pipeline failed. Marks the Primary failed (detail from
+ * fmt) and wakes the loop, which tells the standby. Returns r.
+ */
+static int epoch_fail(Epoch *e, int r, const char *fmt, ...) _printf_(3, 4);
+static int epoch_fail(Epoch *e, int r, const char *fmt, ...)
+{
+        Primary *p = e->p;
+        va_list ap;
+
+        pthread_mutex_lock(&p->mutex);
+        va_start(ap, fmt);
+        primary_vset_failed_locked(p, fmt, ap);
+        va_end(ap);
+        pthread_mutex_unlock(&p->mutex);
+        wake(p->notify_fd);
+        return r;
 }
 
 /* ---- sending from the epoch thread ------------------------------------------------------ */
@@ -141,13 +177,9 @@ static int tracking_failed(Epoch *e, int r, const char *what)
 {
         Primary *p = e->p;
 
-        pthread_mutex_lock(&p->mutex);
-        primary_set_failed_locked(p, "%s: %s", what, e->t.error[0] ? e->t.error : strerror(-r));
-        pthread_mutex_unlock(&p->mutex);
         log_error_errno(r, "VM %s: %s: %s; replication stopped", p->vm->name, what,
                         e->t.error[0] ? e->t.error : "error");
-        wake(p->notify_fd);
-        return r;
+        return epoch_fail(e, r, "%s: %s", what, e->t.error[0] ? e->t.error : strerror(-r));
 }
 
 /* Moves what was collected into `fresh` once its entries are reset (ordering rule). */
@@ -498,37 +530,34 @@ static void record_pause(Primary *p, uint64_t ns, uint64_t vm_ns)
         p->n_pauses++;
 }
 
-/*
- * Seals the running epoch: PAUSE -> final collect + reset -> VMM-written
- * pages -> copy the remaining dirty pages into staging -> SAVE_STATE ->
- * RESUME(cur + 1) (unless freezing) -> ship staging, STATE, EPOCH_END.
- *
- * Staging is bounded by MaxStagingMB. When an epoch's remaining dirty set is
- * larger, the VM stays paused while each full staging buffer is shipped
- * (queued on the link) and the copy continues: memory stays bounded and the
- * replica stays exact, at the price of a longer pause for that one epoch.
- * With pre-copy that only happens when the link cannot keep up at all.
- */
-static int seal(Epoch *e, bool freeze)
-{
-        Primary *p = e->p;
-        Dr__Repl__EpochState st = DR__REPL__EPOCH_STATE__INIT;
-        Dr__Repl__EpochEnd end = DR__REPL__EPOCH_END__INIT;
-        _cleanup_free_ uint8_t *state = NULL;
-        size_t state_len = 0;
-        uint64_t t0, pause_ns, vm_pause_ns, sealed = e->cur, distinct, dirty_pages, span_us;
+/* One seal's working state, shared by its steps. */
+typedef struct Seal {
+        uint64_t epoch; /* the epoch being sealed (e->cur until seal_account()) */
+        bool freeze;
         /* Round trips to the agent are where a loaded host stretches a pause (each
          * one waits for a thread to be scheduled): with the agent's features a seal
          * is two, PAUSE+SAVE_STATE and RESET_RINGS+RESUME, instead of four. */
-        bool state_in_pause = vmm_link_has_feature(e->vmm, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE);
-        bool reset_in_resume = !freeze && tracker_resume_resets(&e->t);
-        int image_copy_r = 0;
-        int64_t n;
+        bool state_in_pause, reset_in_resume;
+        uint8_t *state; /* SAVE_STATE's blob, owned */
+        size_t state_len;
+        uint64_t t0, pause_ns, vm_pause_ns;
+        uint64_t distinct; /* pages the epoch sent (pre-copy and staging) */
+        int image_copy_r;
+} Seal;
+
+/*
+ * PAUSE (with SAVE_STATE when the agent folds it in). Returns 0, 1 when the
+ * PAUSE timed out and the VM runs on in the same epoch (seal later), or a
+ * negative errno with the Primary failed.
+ */
+static int seal_pause(Epoch *e, Seal *s)
+{
+        Primary *p = e->p;
         int r;
 
-        t0 = now_nsec();
-        if (state_in_pause)
-                r = vmm_link_pause_save(e->vmm, PAUSE_TIMEOUT_MS, NULL, &state, &state_len);
+        s->t0 = now_nsec();
+        if (s->state_in_pause)
+                r = vmm_link_pause_save(e->vmm, PAUSE_TIMEOUT_MS, NULL, &s->state, &s->state_len);
         else
                 r = vmm_link_pause(e->vmm, PAUSE_TIMEOUT_MS, NULL);
         if (r == -ETIMEDOUT && e->pause_timeouts + 1 < PAUSE_TIMEOUTS_MAX) {
@@ -546,19 +575,23 @@ static int seal(Epoch *e, bool freeze)
                 }
         }
         if (r < 0) {
-                pthread_mutex_lock(&p->mutex);
-                primary_set_failed_locked(p, "PAUSE failed: %s", vmm_link_last_error(e->vmm));
-                pthread_mutex_unlock(&p->mutex);
-                wake(p->notify_fd);
-                return log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name,
-                                       vmm_link_last_error(e->vmm));
+                log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
+                return epoch_fail(e, r, "PAUSE failed: %s", vmm_link_last_error(e->vmm));
         }
         e->pause_timeouts = 0;
+        return 0;
+}
+
+/* Paused: the final collect (and reset), and the pages the VMM wrote itself. */
+static int seal_harvest(Epoch *e, Seal *s)
+{
+        int64_t n;
+
         /* Ordering rule: collect, reset, and only then copy. With the reset folded
          * into RESUME the copy comes before the reset, which is the same thing here:
          * every vCPU is parked from the collect to the reset, so no write can land
          * between the copy and the re-protection. */
-        n = reset_in_resume ? e->t.ops->collect(&e->t, &e->col) : tracker_sync(&e->t, &e->col);
+        n = s->reset_in_resume ? e->t.ops->collect(&e->t, &e->col) : tracker_sync(&e->t, &e->col);
         if (n < 0) {
                 (void) vmm_link_resume(e->vmm, e->cur);
                 return tracking_failed(e, (int) n, "final harvest failed");
@@ -569,6 +602,17 @@ static int seal(Epoch *e, bool freeze)
         col_to_fresh(e);
         /* Pages the VMM wrote itself (device emulation): KVM did not log them. */
         (void) vmm_link_take_vmm_dirty(e->vmm, &e->fresh);
+        return 0;
+}
+
+/*
+ * Paused: copies what is left to send into staging, shipping each full
+ * buffer (MaxStagingMB) while the VM stays paused, and the epoch's pages
+ * into an image taken at this seal. Returns 0 or the error of a shipment.
+ */
+static int seal_copy(Epoch *e, Seal *s)
+{
+        int r;
 
         e->stage_n = 0;
         for (uint64_t w = dirtyset_next_word(&e->fresh, 0); w < e->fresh.words;
@@ -581,9 +625,9 @@ static int seal(Epoch *e, bool freeze)
                 for (uint64_t v = bits; v; v &= v - 1) {
                         uint64_t page = w * 64 + (uint64_t) __builtin_ctzll(v);
                         if (e->stage_n == e->stage_cap) {
-                                r = ship_staging(e, sealed);
+                                r = ship_staging(e, s->epoch);
                                 if (r < 0 && r != -ENOTCONN)
-                                        goto fail_resume;
+                                        return r;
                                 e->stage_n = 0;
                         }
                         memcpy(e->stage_data + e->stage_n * PAGE_BYTES, vmm_layout_page_ptr(e->lay, page),
@@ -595,97 +639,156 @@ static int seal(Epoch *e, bool freeze)
         if (e->image_cap) {
                 /* An image at this seal: the epoch's own pages, from paused RAM. */
                 int64_t k = image_capture_copy(e->image_cap, e->run->w);
-                image_copy_r = k < 0 ? (int) k : 0;
+                s->image_copy_r = k < 0 ? (int) k : 0;
         }
+        return 0;
+}
 
-        r = state_in_pause ? 0 : vmm_link_save_state(e->vmm, &state, &state_len);
+/* SAVE_STATE (unless PAUSE did it) and RESUME(cur + 1) (unless freezing); the pause ends here. */
+static int seal_resume(Epoch *e, Seal *s)
+{
+        Primary *p = e->p;
+        int r;
+
+        r = s->state_in_pause ? 0 : vmm_link_save_state(e->vmm, &s->state, &s->state_len);
         if (r < 0) {
                 log_error_errno(r, "VM %s: SAVE_STATE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
-                pthread_mutex_lock(&p->mutex);
-                primary_set_failed_locked(p, "SAVE_STATE failed: %s", vmm_link_last_error(e->vmm));
-                pthread_mutex_unlock(&p->mutex);
-                goto fail_resume;
+                primary_fail(p, "SAVE_STATE failed: %s", vmm_link_last_error(e->vmm));
+                (void) vmm_link_resume(e->vmm, e->cur);
+                wake(p->notify_fd);
+                return r;
         }
-        if (!freeze) {
-                r = reset_in_resume ? tracker_reset_and_resume(&e->t, e->cur + 1)
-                                    : vmm_link_resume(e->vmm, e->cur + 1);
+        if (!s->freeze) {
+                r = s->reset_in_resume ? tracker_reset_and_resume(&e->t, e->cur + 1)
+                                       : vmm_link_resume(e->vmm, e->cur + 1);
                 if (r == -EUCLEAN)
                         return tracking_failed(e, r, "dirty ring reset at resume");
                 if (r < 0) {
-                        const char *why = reset_in_resume ? e->t.error : vmm_link_last_error(e->vmm);
-                        pthread_mutex_lock(&p->mutex);
-                        primary_set_failed_locked(p, "RESUME failed: %s", why);
-                        pthread_mutex_unlock(&p->mutex);
-                        wake(p->notify_fd);
+                        const char *why = s->reset_in_resume ? e->t.error : vmm_link_last_error(e->vmm);
+                        (void) epoch_fail(e, r, "RESUME failed: %s", why);
                         return log_error_errno(r, "VM %s: RESUME failed: %s", p->vm->name, why);
                 }
         }
-        pause_ns = now_nsec() - t0;
+        s->pause_ns = now_nsec() - s->t0;
         /* What the guest saw: the agent's Pause arrival to vCPU release, without
          * the two requests' trips between the processes (0 when freezing). */
-        vm_pause_ns = freeze ? 0 : vmm_link_last_paused_ns(e->vmm);
+        s->vm_pause_ns = s->freeze ? 0 : vmm_link_last_paused_ns(e->vmm);
+        return 0;
+}
 
-        distinct = e->run->n;
-        dirty_pages = e->dirty_since_seal;
-        span_us = MAX(now_usec() - e->epoch_start_us, 1u);
+/* Running again: the epoch joins the history, the next one starts, the status is updated. */
+static void seal_account(Epoch *e, Seal *s)
+{
+        Primary *p = e->p;
+        uint64_t dirty_pages = e->dirty_since_seal, span_us = MAX(now_usec() - e->epoch_start_us, 1u);
+
+        s->distinct = e->run->n;
         e->dirty_since_seal = 0;
         e->epoch_start_us = now_usec();
-        e->last_sealed = sealed;
-        epoch_image_seal_done(e, sealed, pause_ns, state, state_len, image_copy_r);
-        e->hist[e->n_hist++] = (History){.epoch = sealed, .full = e->cur_full, .bits = e->run};
+        e->last_sealed = s->epoch;
+        epoch_image_seal_done(e, s->epoch, s->pause_ns, s->state, s->state_len, s->image_copy_r);
+        e->hist[e->n_hist++] = (History){.epoch = s->epoch, .full = e->cur_full, .bits = e->run};
         e->run = pool_get(e);
         e->cur++;
         e->cur_full = false;
         if (!p->vm->output_commit) {
                 /* OutputCommit=no: output flows as soon as its epoch is sealed. */
-                (void) vmm_link_release_output(e->vmm, sealed, NULL);
-                e->released = MAX(e->released, sealed);
+                (void) vmm_link_release_output(e->vmm, s->epoch, NULL);
+                e->released = MAX(e->released, s->epoch);
         }
 
         pthread_mutex_lock(&p->mutex);
         /* A freezing seal counts up to where RESUME would have been. */
-        record_pause(p, pause_ns, vm_pause_ns);
+        record_pause(p, s->pause_ns, s->vm_pause_ns);
         p->page_bytes_in = e->pstats.bytes_in;
         p->page_bytes_out = e->pstats.bytes_out;
-        p->last_sealed = sealed;
-        p->pages_last_epoch = distinct;
+        p->last_sealed = s->epoch;
+        p->pages_last_epoch = s->distinct;
         p->dirty_rate = (double) dirty_pages * 1e6 / (double) span_us;
         p->inflight = e->n_hist;
         p->staging_bytes = (uint64_t) e->stage_n * PAGE_BYTES;
         pthread_mutex_unlock(&p->mutex);
+}
 
-        /* Ship while the next epoch runs. A lost link drops the rest: the pages are in
-         * the history bitmap and go out again in the resync. */
-        r = ship_staging(e, sealed);
+/*
+ * Ships the sealed epoch while the next one runs: staging, STATE, EPOCH_END,
+ * then the next epoch's EPOCH_BEGIN. A lost link drops the rest: the pages
+ * are in the history bitmap and go out again in the resync.
+ */
+static int seal_ship(Epoch *e, Seal *s)
+{
+        Primary *p = e->p;
+        Dr__Repl__EpochState st = DR__REPL__EPOCH_STATE__INIT;
+        Dr__Repl__EpochEnd end = DR__REPL__EPOCH_END__INIT;
+        int r;
+
+        r = ship_staging(e, s->epoch);
         if (r == 0) {
-                st.epoch = sealed;
-                st.vmstate.data = state;
-                st.vmstate.len = state_len;
+                st.epoch = s->epoch;
+                st.vmstate.data = s->state;
+                st.vmstate.len = s->state_len;
                 r = ep_send(e, DR__REPL__FRAME_TYPE__FRAME_STATE, NULL, 0, &st.base, true);
         }
         if (r == 0) {
-                end.epoch = sealed;
+                end.epoch = s->epoch;
                 end.page_records = e->page_records;
-                end.distinct_pages = distinct;
+                end.distinct_pages = s->distinct;
                 end.has_seal_pause_ns = true;
-                end.seal_pause_ns = pause_ns;
+                end.seal_pause_ns = s->pause_ns;
                 r = ep_send(e, DR__REPL__FRAME_TYPE__FRAME_EPOCH_END, NULL, 0, &end.base, true);
         }
         e->page_records = 0;
         e->stage_n = 0;
         if (r == 0)
-                r = send_begin(e, false, sealed);
+                r = send_begin(e, false, s->epoch);
         pthread_mutex_lock(&p->mutex);
         p->staging_bytes = 0;
         pthread_mutex_unlock(&p->mutex);
-        if (r == -ENOTCONN)
-                return 0;
-        return r;
+        return r == -ENOTCONN ? 0 : r;
+}
 
-fail_resume:
-        (void) vmm_link_resume(e->vmm, e->cur);
-        wake(p->notify_fd);
-        return r < 0 ? r : -EIO;
+/*
+ * Seals the running epoch: PAUSE -> final collect + reset -> VMM-written
+ * pages -> copy the remaining dirty pages into staging -> SAVE_STATE ->
+ * RESUME(cur + 1) (unless freezing) -> ship staging, STATE, EPOCH_END.
+ * Returns 0, 1 when the PAUSE timed out (the epoch goes on), or a negative
+ * errno (the pipeline stops).
+ *
+ * Staging is bounded by MaxStagingMB. When an epoch's remaining dirty set is
+ * larger, the VM stays paused while each full staging buffer is shipped
+ * (queued on the link) and the copy continues: memory stays bounded and the
+ * replica stays exact, at the price of a longer pause for that one epoch.
+ * With pre-copy that only happens when the link cannot keep up at all.
+ */
+static int seal(Epoch *e, bool freeze)
+{
+        Seal s = {
+                .epoch = e->cur,
+                .freeze = freeze,
+                .state_in_pause =
+                        vmm_link_has_feature(e->vmm, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE),
+                .reset_in_resume = !freeze && tracker_resume_resets(&e->t),
+        };
+        int r;
+
+        r = seal_pause(e, &s);
+        if (r == 0)
+                r = seal_harvest(e, &s);
+        if (r == 0) {
+                r = seal_copy(e, &s);
+                if (r < 0) {
+                        (void) vmm_link_resume(e->vmm, e->cur);
+                        wake(e->p->notify_fd);
+                }
+        }
+        if (r == 0)
+                r = seal_resume(e, &s);
+        if (r == 0) {
+                seal_account(e, &s);
+                r = seal_ship(e, &s);
+        }
+        free(s.state);
+        return r;
 }
 
 /* ---- test hook: page hashes ------------------------------------------------------------- */
