@@ -120,7 +120,6 @@ void epoch_image_collect(Epoch *e, bool wait)
 /* Epoch thread: takes up a request: pre-copies now (VM running), the rest at the next seal. */
 void epoch_image_start(Epoch *e)
 {
-        Primary *p = e->p;
         _cleanup_free_ char *dir = NULL, *parent = NULL;
         _cleanup_(image_capture_freep) ImageCapture *cap = NULL;
         const uint8_t *ram[IMAGE_MAX_REGIONS];
@@ -129,18 +128,11 @@ void epoch_image_start(Epoch *e)
         int64_t n;
         int r;
 
-        if (e->image_cap || e->image_thread_started)
+        if (e->image_cap || e->image_thread_started || !e->image_req.dir)
                 return;
-        pthread_mutex_lock(&p->mutex);
-        if (!p->image_req) {
-                pthread_mutex_unlock(&p->mutex);
-                return;
-        }
-        p->image_req = false;
-        dir = TAKE_PTR(p->image_dir);
-        parent = TAKE_PTR(p->image_parent);
-        compress = p->image_compress;
-        pthread_mutex_unlock(&p->mutex);
+        dir = TAKE_PTR(e->image_req.dir);
+        parent = TAKE_PTR(e->image_req.parent);
+        compress = e->image_req.compress;
 
         if (parent && !e->image_chain)
                 return image_post(
@@ -220,9 +212,6 @@ void epoch_image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const u
 /* Epoch thread exiting: finish or fail what is pending, so every request is answered. */
 void epoch_image_shutdown(Epoch *e)
 {
-        Primary *p = e->p;
-        bool req;
-
         epoch_image_collect(e, true);
         if (e->image_cap) {
                 e->image_cap = image_capture_free(e->image_cap);
@@ -231,12 +220,21 @@ void epoch_image_shutdown(Epoch *e)
                 image_post(e, -ESTALE, 0, 0, NULL,
                            "replication stopped before the image's epoch was sealed");
         }
-        pthread_mutex_lock(&p->mutex);
-        req = p->image_req;
-        p->image_req = false;
-        pthread_mutex_unlock(&p->mutex);
-        if (req)
+        if (e->image_req.dir) {
+                e->image_req.dir = mfree(e->image_req.dir);
+                e->image_req.parent = mfree(e->image_req.parent);
                 image_post(e, -ESTALE, 0, 0, NULL, "replication stopped before the image was taken");
+        }
+}
+
+void epoch_image_request(Epoch *e, Command *c)
+{
+        if (e->image_req.dir)
+                /* The loop sends one at a time (image_busy): not reached. */
+                return image_post(e, -EBUSY, 0, 0, NULL, "an image is being taken");
+        e->image_req.dir = TAKE_PTR(c->image.dir);
+        e->image_req.parent = TAKE_PTR(c->image.parent);
+        e->image_req.compress = c->image.compress;
 }
 
 /* Loop thread: runs a finished image's callback (or, when the Primary goes away, a cancelled one). */
@@ -280,37 +278,43 @@ void primary_image_deliver(Primary *p, bool cancel)
 int primary_checkpoint_image(Primary *p, const char *dir, const char *parent, bool compress,
                              primary_image_done_t done, void *userdata)
 {
+        _cleanup_(command_done) Command c = {
+                .type = CMD_IMAGE,
+                .image.compress = compress,
+        };
+        _cleanup_free_ char *req_dir = NULL;
         int r;
 
         if (!dir || !*dir || !done)
                 return -EINVAL;
         pthread_mutex_lock(&p->mutex);
-        if (p->image_busy)
-                r = -EBUSY;
-        else if (p->frozen)
+        if (p->image_busy || p->frozen)
                 r = -EBUSY;
         else
                 r = primary_seal_request_possible_locked(p);
-        if (r >= 0) {
-                p->image_dir = strdup(dir);
-                p->image_req_dir = strdup(dir);
-                p->image_parent = parent ? strdup(parent) : NULL;
-                if (!p->image_dir || !p->image_req_dir || (parent && !p->image_parent)) {
-                        p->image_dir = mfree(p->image_dir);
-                        p->image_req_dir = mfree(p->image_req_dir);
-                        p->image_parent = mfree(p->image_parent);
-                        r = -ENOMEM;
-                }
-        }
-        if (r >= 0) {
-                p->image_compress = compress;
-                p->image_busy = p->image_req = true;
-                p->image_ready = false;
-                p->image_cb = done;
-                p->image_userdata = userdata;
-        }
         pthread_mutex_unlock(&p->mutex);
-        if (r >= 0)
-                wake(p->wake_fd);
+        if (r < 0)
+                return r;
+        c.image.dir = strdup(dir);
+        c.image.parent = parent ? strdup(parent) : NULL;
+        req_dir = strdup(dir);
+        if (!c.image.dir || !req_dir || (parent && !c.image.parent))
+                return -ENOMEM;
+        /* Before the push: the epoch thread may answer at once. */
+        pthread_mutex_lock(&p->mutex);
+        p->image_req_dir = TAKE_PTR(req_dir);
+        p->image_busy = true;
+        p->image_ready = false;
+        p->image_cb = done;
+        p->image_userdata = userdata;
+        pthread_mutex_unlock(&p->mutex);
+        r = primary_push(p, &c);
+        if (r < 0) {
+                pthread_mutex_lock(&p->mutex);
+                p->image_req_dir = mfree(p->image_req_dir);
+                p->image_busy = false;
+                p->image_cb = NULL;
+                pthread_mutex_unlock(&p->mutex);
+        }
         return r;
 }

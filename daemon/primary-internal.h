@@ -5,13 +5,57 @@
  * Internal to daemon/primary*.c: the Primary (role.h) and its epoch thread.
  *
  * Files. primary.c: the epoch thread's pipeline (send, harvest, history,
- * resync, pre-copy, seal, ship), its loop, the Primary's life
- * (new/start/free) and the synchronous requests. primary-image.c:
- * checkpoint images taken at a seal. primary-guard.c: the split-brain guard
- * and how a primary stops its VMM. primary-link.c: the replication Link's
- * callbacks, reconnects and telling the standby why replication stopped.
+ * resync, pre-copy, seal, ship), its loop, and the Primary's life
+ * (new/start/free). primary-command.c: the command queue and the
+ * synchronous requests built on it. primary-image.c: checkpoint images
+ * taken at a seal. primary-guard.c: the split-brain guard and how a primary
+ * stops its VMM. primary-link.c: the replication Link's callbacks,
+ * reconnects and telling the standby why replication stopped.
  * primary-attach.c: attaching to the VMM and starting the epoch thread.
  * primary-status.c: the status snapshot.
+ *
+ * The boundary. Two threads per VM:
+ *
+ *   loop thread (sd-event, the caller's)        epoch thread (one per VM)
+ *   owns: the Link, the timers, the Hello,      owns: the VmmLink, the Tracker,
+ *         image callbacks, request counters           the Epoch (dirty sets, history,
+ *                                                      staging, image capture)
+ *        |  commands: Command in p->commands, then wake_fd     ^
+ *        +-----------------------------------------------------+
+ *        ^  completions and status: fields under p->mutex,     |
+ *        |  p->cond for the synchronous requests, notify_fd    |
+ *        +-----------------------------------------------------+
+ *
+ * Commands in (primary_push(), loop thread only): link generation (up with
+ * the standby's Welcome, or down), checkpoint, freeze, freeze cancel, thaw,
+ * page hashes, checkpoint image. The epoch thread takes them all at one
+ * place, the top of its loop (epoch_take_commands()), and acts on them in
+ * order; a link change replaces one still queued (only the newest
+ * generation matters). The queue is bounded (COMMAND_QUEUE_MAX, one slot
+ * kept for a link change): a full queue answers -EBUSY.
+ *
+ * Out, under p->mutex: the completions (checkpoint_done/epoch, frozen,
+ * hash_done/result, the image result) with a broadcast on p->cond, which
+ * the synchronous requests wait on (at most REQUEST_TIMEOUT_USEC); the
+ * image result and a failure also wake the loop through notify_fd. The
+ * status fields the epoch thread publishes (counters, pauses, inflight,
+ * sync progress) are read by primary_get_status() as one snapshot.
+ *
+ * Shared state that is neither: `stop` (the loop sets it once, in
+ * primary_free()); `link`, `link_up`, `link_gen` and `link_users` (the
+ * loop writes them, the thread reads them in ep_send(), see below); `guard`
+ * (the loop decides it, the thread applies it to the VM); `acked`
+ * (atomic, release/acquire) and `draining` (atomic hint). The loop never
+ * calls into the VmmLink; the thread never touches an sd-event source.
+ *
+ * Sending from the epoch thread. link_send() may be called from any thread,
+ * but the Link is freed on the loop thread when it goes down. The thread
+ * takes the pointer under the mutex and counts itself in link_users; the
+ * loop, before link_free(), clears p->link and waits until link_users is 0.
+ * That wait is short: a Link that is down refuses every send at once
+ * (-ENOTCONN), and the thread only ever sends non-blocking (-EAGAIN: it
+ * keeps harvesting for a millisecond and tries again), so nothing the
+ * thread does waits for the loop while it holds a use.
  */
 
 #include <pthread.h>
@@ -70,6 +114,49 @@ typedef struct History {
         DirtySet *bits; /* pages sent in that epoch */
 } History;
 
+/* A command from the loop to the epoch thread (the boundary above). */
+typedef enum CommandType {
+        CMD_NONE,          /* no command (a placeholder) */
+        CMD_LINK,          /* the Link went up (with the standby's Welcome) or down */
+        CMD_CHECKPOINT,    /* seal now; completion: checkpoint_done >= seq */
+        CMD_FREEZE,        /* seal and stay paused; completion: frozen */
+        CMD_FREEZE_CANCEL, /* a freeze whose caller gave up: do not freeze */
+        CMD_THAW,          /* resume a frozen VM; completion: !frozen */
+        CMD_HASH,          /* page hashes of frozen RAM; completion: hash_done >= seq */
+        CMD_IMAGE,         /* a checkpoint image at the next seal; completion: image_ready */
+} CommandType;
+
+typedef struct Command {
+        CommandType type;
+        union {
+                struct {
+                        uint64_t gen; /* p->link_gen after the change */
+                        bool up;
+                        bool ours;     /* the Welcome names our session */
+                        uint64_t last; /* the standby's last committed epoch */
+                } link;
+                struct {
+                        uint64_t seq;
+                } checkpoint;
+                struct {
+                        char *path; /* owned */
+                        uint64_t seq;
+                } hash;
+                struct {
+                        char *dir, *parent; /* owned; parent NULL: a full image */
+                        bool compress;
+                } image;
+        };
+} Command;
+
+#define COMMAND_QUEUE_MAX 16u
+
+typedef struct CommandQueue {
+        pthread_mutex_t mutex; /* only the queue's: never held with p->mutex */
+        Command ring[COMMAND_QUEUE_MAX];
+        size_t head, n;
+} CommandQueue;
+
 struct Primary {
         sd_event *event;
         const DaemonConfig *dcfg;
@@ -94,6 +181,10 @@ struct Primary {
         primary_image_done_t image_cb; /* loop only */
         void *image_userdata;
 
+        /* Loop thread only: the last sequence numbers handed out (Command). */
+        uint64_t checkpoint_seq, hash_seq;
+        CommandQueue commands; /* loop -> epoch thread */
+
         pthread_t thread;
         bool thread_started;
         int wake_fd;   /* loop -> epoch thread */
@@ -108,8 +199,6 @@ struct Primary {
         unsigned link_users; /* epoch-thread sends in progress on link */
         uint64_t link_gen;   /* bumped at every up and down */
         bool link_up;
-        bool welcome_ours;
-        uint64_t welcome_last;
         char peer[80];
         bool attached, failed;
         char detail[256];
@@ -128,16 +217,16 @@ struct Primary {
         double dirty_rate;
         uint64_t inflight, staging_bytes;
         uint64_t page_bytes_in, page_bytes_out;
-        uint64_t checkpoint_req, checkpoint_done, checkpoint_epoch;
-        bool freeze_req, frozen, thaw_req;
+        /* Completions, written by the epoch thread (the boundary above). */
+        uint64_t checkpoint_done, checkpoint_epoch;
+        bool frozen;
         uint64_t frozen_epoch;
-        /* Checkpoint images: one at a time. The loop sets image_req; the epoch
+        /* Checkpoint images: one at a time. The loop pushes CMD_IMAGE; the epoch
          * thread pre-copies, takes the image at its next seal, and a writer
          * thread writes it; the result goes back to the loop (image_ready). */
-        bool image_busy, image_req, image_ready;
-        char *image_dir, *image_parent; /* handed to the epoch thread */
-        char *image_req_dir;            /* kept for the result */
-        bool image_compress;
+        bool image_busy; /* loop: a request is out */
+        bool image_ready;
+        char *image_req_dir; /* loop: kept for the result */
         int image_result;
         uint64_t image_epoch;
         ImageWriteStats image_stats;
@@ -154,10 +243,8 @@ struct Primary {
         uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
         bool promoted;
         uint64_t promoted_from;
-        char *hash_path;
-        bool hash_req;
         int hash_result;
-        uint64_t hash_seq, hash_done;
+        uint64_t hash_done;
 
         /* Written by the loop on ACK, read by the epoch thread: the standby
          * committed every epoch <= acked. Release/acquire pairs the two. */
@@ -217,6 +304,13 @@ typedef struct Epoch {
         _Atomic bool image_written; /* the writer finished; the epoch thread collects it */
         struct ImageJob *image_job;
         bool suspended; /* paused by the split-brain guard */
+        /* Requests taken from the command queue. */
+        bool frozen, freeze_pending;
+        uint64_t checkpoint_want, checkpoint_done;
+        struct {
+                char *dir, *parent; /* dir NULL: none */
+                bool compress;
+        } image_req; /* waiting for epoch_image_start() */
 } Epoch;
 
 /* ---- shared helpers (primary.c) ------------------------------------------------------- */
@@ -245,7 +339,23 @@ int epoch_handle_acks(Epoch *e);
 /* Called with p->mutex held: -ENOTCONN, -EBUSY when a synchronous seal request cannot be served now. */
 int primary_seal_request_possible_locked(Primary *p);
 
+/* ---- the command queue (primary-command.c) -------------------------------------------- */
+
+void command_queue_init(CommandQueue *q);
+/* Frees what is still queued. */
+void command_queue_done(CommandQueue *q);
+/* Moves up to max commands, oldest first, to ret (the caller owns them now). Returns how many. */
+size_t command_queue_take(CommandQueue *q, Command *ret, size_t max);
+/* Frees what a command owns. */
+void command_done(Command *c);
+/* Loop thread: queues c and wakes the epoch thread. On success the queue owns c's strings and c
+ * is zeroed; -EBUSY (queue full) leaves c to the caller. */
+int primary_push(Primary *p, Command *c);
+
 /* ---- checkpoint images (primary-image.c), epoch thread -------------------------------- */
+
+/* Takes up an image command (its strings move into e); answered at once when one is pending. */
+void epoch_image_request(Epoch *e, Command *c);
 
 void epoch_image_collect(Epoch *e, bool wait);
 void epoch_image_start(Epoch *e);

@@ -43,19 +43,26 @@ static void link_flush(Link *l)
 
 void primary_drop_link(Primary *p)
 {
+        Command c = {.type = CMD_LINK};
+        bool changed;
         Link *l;
 
         pthread_mutex_lock(&p->mutex);
         l = p->link;
         p->link = NULL;
-        if (p->link_up)
+        changed = p->link_up;
+        if (changed)
                 p->link_gen++;
         p->link_up = false;
+        c.link.gen = p->link_gen;
         /* The epoch thread's sends on a down Link return at once; wait for them to leave. */
         while (p->link_users > 0)
                 pthread_cond_wait(&p->cond, &p->mutex);
         pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
+        if (changed)
+                (void) primary_push(p, &c); /* cannot fail: a link change always fits */
+        else
+                wake(p->wake_fd);
         link_flush(l);
         link_free(l);
 }
@@ -65,19 +72,23 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         Primary *p = userdata;
         bool ours = w && w->has_session && w->session.len == sizeof(p->session) &&
                     memcmp(w->session.data, p->session, sizeof(p->session)) == 0;
+        Command c = {
+                .type = CMD_LINK,
+                .link.up = true,
+                .link.ours = ours,
+                .link.last = w && w->has_last_committed ? w->last_committed : 0,
+        };
 
         pthread_mutex_lock(&p->mutex);
         p->link_up = true;
-        p->link_gen++;
+        c.link.gen = ++p->link_gen;
         p->syncing = true; /* until the resync epoch the thread starts now is acked */
         p->sync_epoch = UINT64_MAX;
-        p->welcome_ours = ours;
-        p->welcome_last = w && w->has_last_committed ? w->last_committed : 0;
         /* The standby committed that epoch of ours: its output may go (an ACK may have
          * been lost with the old link). Release pairs with epoch_handle_acks(). */
-        if (ours && p->welcome_last <= p->last_sealed &&
-            p->welcome_last > atomic_load_explicit(&p->acked, memory_order_relaxed))
-                atomic_store_explicit(&p->acked, p->welcome_last, memory_order_release);
+        if (ours && c.link.last <= p->last_sealed &&
+            c.link.last > atomic_load_explicit(&p->acked, memory_order_relaxed))
+                atomic_store_explicit(&p->acked, c.link.last, memory_order_release);
         snprintf(p->detail, sizeof(p->detail), "connected to %s", link_peer_name(l));
         /* A standby again: output waits for its ACKs (the resync's first), a suspended
          * VM resumes (the epoch thread sees both with the new link generation). */
@@ -91,7 +102,7 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         log_info("VM %s: replication link to %s up (standby holds epoch %" PRIu64 "%s)", p->vm->name,
                  link_peer_name(l), w && w->has_last_committed ? w->last_committed : 0,
                  ours ? " of this session" : "");
-        wake(p->wake_fd);
+        (void) primary_push(p, &c); /* cannot fail: a link change always fits */
         return 0;
 }
 

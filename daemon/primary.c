@@ -3,22 +3,8 @@
  * The primary half of role.h: attach to the local VMM, connect to the
  * standby, and run the epoch pipeline (docs/architecture.md, "Design invariants" and "dirtyrepd").
  *
- * Threads. The sd-event loop (the caller's) owns the replication Link, the
- * attach and reconnect timers and the status. One epoch thread per VM owns
- * the VmmLink and the Tracker (VmmLink is not thread-safe) and does all the
- * work that touches the VM: harvest, pre-copy, seal, ship. They share the
- * fields marked "under mutex" in struct Primary; the loop wakes the thread
- * with an eventfd (wake_fd), the thread wakes the loop with another
- * (notify_fd). The loop never calls into the VmmLink.
- *
- * Sending from the epoch thread. link_send() may be called from any thread,
- * but the Link is freed on the loop thread when it goes down. The thread
- * takes the pointer under the mutex and counts itself in link_users; the
- * loop, before link_free(), clears p->link and waits until link_users is 0.
- * That wait is short: a Link that is down refuses every send at once
- * (-ENOTCONN), and the thread only ever sends non-blocking (-EAGAIN: it
- * keeps harvesting for a millisecond and tries again), so nothing the
- * thread does waits for the loop while it holds a use.
+ * Threads: the loop and the epoch thread, and the command queue between
+ * them, are described at the top of primary-internal.h.
  *
  * Epochs. The running epoch `cur` collects its dirty pages in `col`
  * (collected, ring entries not yet reset), then `fresh` (reset: safe to
@@ -890,10 +876,8 @@ static bool should_seal(Epoch *e, bool *ret_freeze, bool *ret_ckpt)
 
         if (!e->session)
                 return false;
-        pthread_mutex_lock(&p->mutex);
-        freeze = p->freeze_req && !p->frozen;
-        ckpt = p->checkpoint_req > p->checkpoint_done;
-        pthread_mutex_unlock(&p->mutex);
+        freeze = e->freeze_pending && !e->frozen;
+        ckpt = e->checkpoint_want > e->checkpoint_done;
         /* Bounded in-flight: at the limit the epoch stretches. A checkpoint or freeze
          * request may take one epoch more: its caller blocks the loop thread, which is
          * the one that would receive the ACKs that make room (requests are synchronous,
@@ -922,54 +906,142 @@ static int epoch_next_timeout_ms(Epoch *e)
         return (int) MAX(ms, 1u);
 }
 
+/* CMD_THAW: resumes a frozen VM. */
+static int epoch_thaw(Epoch *e)
+{
+        Primary *p = e->p;
+        int r;
+
+        if (!e->frozen)
+                return 0;
+        r = vmm_link_resume(e->vmm, e->cur);
+        e->frozen = e->freeze_pending = false;
+        pthread_mutex_lock(&p->mutex);
+        p->frozen = false;
+        if (r < 0)
+                primary_set_failed_locked(p, "RESUME after thaw failed: %s", vmm_link_last_error(e->vmm));
+        pthread_cond_broadcast(&p->cond);
+        pthread_mutex_unlock(&p->mutex);
+        if (r < 0)
+                return r;
+        e->epoch_start_us = now_usec();
+        return 0;
+}
+
+/* CMD_HASH: page hashes of frozen RAM (-EBUSY unless frozen), answered through p->cond. */
+static void epoch_hash(Epoch *e, const Command *c)
+{
+        Primary *p = e->p;
+        int r = e->frozen ? hash_ram(e, c->hash.path) : -EBUSY;
+
+        pthread_mutex_lock(&p->mutex);
+        p->hash_result = r;
+        p->hash_done = c->hash.seq;
+        pthread_cond_broadcast(&p->cond);
+        pthread_mutex_unlock(&p->mutex);
+}
+
+/* Acts on one command; a link change is only noted in *link (the newest wins). */
+static int epoch_command(Epoch *e, Command *c, Command *link)
+{
+        switch (c->type) {
+        case CMD_NONE:
+                return 0;
+        case CMD_LINK:
+                *link = *c;
+                return 0;
+        case CMD_CHECKPOINT:
+                e->checkpoint_want = MAX(e->checkpoint_want, c->checkpoint.seq);
+                return 0;
+        case CMD_FREEZE:
+                e->freeze_pending = true;
+                return 0;
+        case CMD_FREEZE_CANCEL:
+                e->freeze_pending = false;
+                return 0;
+        case CMD_THAW:
+                return epoch_thaw(e);
+        case CMD_HASH:
+                epoch_hash(e, c);
+                return 0;
+        case CMD_IMAGE:
+                epoch_image_request(e, c);
+                return 0;
+        }
+        return 0;
+}
+
+/*
+ * The one place the epoch thread takes the loop's commands (the boundary in
+ * primary-internal.h). A link change is returned in *link (type CMD_LINK)
+ * for the caller to act on after the rest. Returns 0 or the error that ends
+ * the pipeline.
+ */
+static int epoch_take_commands(Epoch *e, Command *link)
+{
+        Command cmds[COMMAND_QUEUE_MAX];
+        size_t n = command_queue_take(&e->p->commands, cmds, ELEMENTSOF(cmds));
+        int r = 0;
+
+        for (size_t i = 0; i < n; i++) {
+                if (r >= 0)
+                        r = epoch_command(e, &cmds[i], link);
+                command_done(&cmds[i]);
+        }
+        return r;
+}
+
+/* Exiting: commands nobody will act on. An image request is kept, so epoch_image_shutdown() answers it. */
+static void epoch_drop_commands(Epoch *e)
+{
+        Command cmds[COMMAND_QUEUE_MAX];
+        size_t n = command_queue_take(&e->p->commands, cmds, ELEMENTSOF(cmds));
+
+        for (size_t i = 0; i < n; i++) {
+                if (cmds[i].type == CMD_IMAGE)
+                        epoch_image_request(e, &cmds[i]);
+                command_done(&cmds[i]);
+        }
+}
+
+/* The link went down or came up: what was in flight on the old one is discarded (its pages are in
+ * the history and the running set). */
+static int epoch_link_changed(Epoch *e, const Command *link)
+{
+        int r;
+
+        e->gen = link->link.gen;
+        e->session = false;
+        e->stage_n = 0;
+        if (!link->link.up)
+                return 0;
+        r = session_start(e, link->link.ours, link->link.last);
+        if (r == -ENOTCONN) {
+                e->session = false;
+                return 0;
+        }
+        return r;
+}
+
 static int epoch_loop(Epoch *e)
 {
         Primary *p = e->p;
         int r;
 
         for (;;) {
-                bool stop, up, ours, frozen, thaw, hash, freeze = false, ckpt = false;
-                uint64_t gen, L;
-                _cleanup_free_ char *path = NULL;
+                Command link = {.type = CMD_NONE}; /* CMD_LINK when the link changed */
+                bool stop, frozen, freeze = false, ckpt = false;
 
                 pthread_mutex_lock(&p->mutex);
                 stop = p->stop;
-                gen = p->link_gen;
-                up = p->link_up;
-                ours = p->welcome_ours;
-                L = p->welcome_last;
-                frozen = p->frozen;
-                thaw = p->thaw_req;
-                hash = p->hash_req;
-                if (hash)
-                        path = TAKE_PTR(p->hash_path);
                 pthread_mutex_unlock(&p->mutex);
                 if (stop)
                         return 0;
 
-                if (hash) {
-                        r = frozen ? hash_ram(e, path) : -EBUSY;
-                        pthread_mutex_lock(&p->mutex);
-                        p->hash_req = false;
-                        p->hash_result = r;
-                        p->hash_done++;
-                        pthread_cond_broadcast(&p->cond);
-                        pthread_mutex_unlock(&p->mutex);
-                }
-                if (frozen && thaw) {
-                        r = vmm_link_resume(e->vmm, e->cur);
-                        pthread_mutex_lock(&p->mutex);
-                        p->frozen = p->thaw_req = p->freeze_req = false;
-                        if (r < 0)
-                                primary_set_failed_locked(p, "RESUME after thaw failed: %s",
-                                                          vmm_link_last_error(e->vmm));
-                        pthread_cond_broadcast(&p->cond);
-                        pthread_mutex_unlock(&p->mutex);
-                        if (r < 0)
-                                return r;
-                        e->epoch_start_us = now_usec();
-                        frozen = false;
-                }
+                r = epoch_take_commands(e, &link);
+                if (r < 0)
+                        return r;
+                frozen = e->frozen;
 
                 r = epoch_handle_acks(e);
                 if (r < 0)
@@ -982,19 +1054,10 @@ static int epoch_loop(Epoch *e)
                 if (r < 0)
                         return r;
 
-                if (gen != e->gen) {
-                        /* The link went down or came up: what was in flight on the old one is
-                         * discarded (its pages are in the history and the running set). */
-                        e->gen = gen;
-                        e->session = false;
-                        e->stage_n = 0;
-                        if (up) {
-                                r = session_start(e, ours, L);
-                                if (r < 0 && r != -ENOTCONN)
-                                        return r;
-                                if (r == -ENOTCONN)
-                                        e->session = false;
-                        }
+                if (link.type == CMD_LINK && link.link.gen != e->gen) {
+                        r = epoch_link_changed(e, &link);
+                        if (r < 0)
+                                return r;
                         continue;
                 }
 
@@ -1011,9 +1074,15 @@ static int epoch_loop(Epoch *e)
                                         return r;
                                 continue;
                         }
+                        if (ckpt)
+                                e->checkpoint_done = e->checkpoint_want;
+                        if (freeze) {
+                                e->frozen = true;
+                                e->freeze_pending = false;
+                        }
                         pthread_mutex_lock(&p->mutex);
                         if (ckpt) {
-                                p->checkpoint_done = p->checkpoint_req;
+                                p->checkpoint_done = e->checkpoint_done;
                                 p->checkpoint_epoch = sealed;
                         }
                         if (freeze) {
@@ -1045,6 +1114,7 @@ void *epoch_thread(void *userdata)
 
         r = epoch_loop(e);
         epoch_stop_vmm(e, r);
+        epoch_drop_commands(e);
         if (r < 0 && r != -ECANCELED) {
                 pthread_mutex_lock(&p->mutex);
                 if (!p->failed)
@@ -1083,6 +1153,7 @@ int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
         p->wake_fd = p->notify_fd = -EBADF;
         pthread_mutex_init(&p->mutex, NULL);
         pthread_cond_init(&p->cond, NULL);
+        command_queue_init(&p->commands);
         p->event = sd_event_ref(e);
         p->dcfg = d;
         p->vm = vm;
@@ -1169,9 +1240,8 @@ Primary *primary_free(Primary *p)
                 pthread_join(p->thread, NULL);
         /* Every image request is answered: with its result, or cancelled. */
         primary_image_deliver(p, true);
-        free(p->image_dir);
-        free(p->image_parent);
         free(p->image_req_dir);
+        command_queue_done(&p->commands);
 
         p->attach_timer = sd_event_source_disable_unref(p->attach_timer);
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
@@ -1187,7 +1257,6 @@ Primary *primary_free(Primary *p)
         }
         free(p->regions);
         free(p->region_ptrs);
-        free(p->hash_path);
         pthread_cond_destroy(&p->cond);
         pthread_mutex_destroy(&p->mutex);
         sd_event_unref(p->event);
@@ -1202,147 +1271,4 @@ void primary_drain(Primary *p)
         pthread_mutex_unlock(&p->mutex);
         atomic_store_explicit(&p->draining, true, memory_order_relaxed);
         wake(p->wake_fd);
-}
-
-/* Waits on the condition variable until pred holds, the thread failed, or the timeout. */
-#define WAIT_FOR(p, pred)                                                                                   \
-        ({                                                                                                  \
-                struct timespec _ts;                                                                        \
-                int _r = 0;                                                                                 \
-                clock_gettime(CLOCK_REALTIME, &_ts);                                                        \
-                _ts.tv_sec += REQUEST_TIMEOUT_USEC / USEC_PER_SEC;                                          \
-                while (!(pred)) {                                                                           \
-                        if ((p)->failed || !(p)->attached) {                                                \
-                                _r = -ESTALE;                                                               \
-                                break;                                                                      \
-                        }                                                                                   \
-                        if (pthread_cond_timedwait(&(p)->cond, &(p)->mutex, &_ts) == ETIMEDOUT) {           \
-                                _r = (pred) ? 0 : -ETIMEDOUT;                                               \
-                                break;                                                                      \
-                        }                                                                                   \
-                }                                                                                           \
-                _r;                                                                                         \
-        })
-
-/*
- * Checkpoint and freeze wait on the loop thread for the epoch thread to seal.
- * The loop is what delivers ACKs and link changes, so wait only for what can
- * happen without it: with no link, or with the one extra in-flight epoch a
- * synchronous request may take already used (by an earlier request whose
- * ACKs are still queued on the loop), the seal cannot come; answer at once
- * (-ENOTCONN, -EBUSY) and let the caller retry after the loop ran.
- * Called with p->mutex held.
- */
-int primary_seal_request_possible_locked(Primary *p)
-{
-        if (!p->link_up)
-                return -ENOTCONN;
-        if (p->inflight >= MAX(p->vm->max_inflight_epochs, 1u) + 1u)
-                return -EBUSY;
-        return 0;
-}
-
-int primary_checkpoint(Primary *p, uint64_t *ret_epoch)
-{
-        uint64_t want;
-        int r;
-
-        pthread_mutex_lock(&p->mutex);
-        if (p->frozen) {
-                pthread_mutex_unlock(&p->mutex);
-                return -EBUSY;
-        }
-        r = primary_seal_request_possible_locked(p);
-        if (r < 0) {
-                pthread_mutex_unlock(&p->mutex);
-                return r;
-        }
-        want = ++p->checkpoint_req;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        pthread_mutex_lock(&p->mutex);
-        r = WAIT_FOR(p, p->checkpoint_done >= want);
-        if (r == 0 && ret_epoch)
-                *ret_epoch = p->checkpoint_epoch;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
-int primary_freeze(Primary *p, uint64_t *ret_epoch)
-{
-        int r;
-
-        pthread_mutex_lock(&p->mutex);
-        if (p->frozen) {
-                if (ret_epoch)
-                        *ret_epoch = p->frozen_epoch;
-                pthread_mutex_unlock(&p->mutex);
-                return 0;
-        }
-        r = primary_seal_request_possible_locked(p);
-        if (r < 0) {
-                pthread_mutex_unlock(&p->mutex);
-                return r;
-        }
-        p->freeze_req = true;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        pthread_mutex_lock(&p->mutex);
-        r = WAIT_FOR(p, p->frozen);
-        if (r == 0 && ret_epoch)
-                *ret_epoch = p->frozen_epoch;
-        if (r < 0)
-                p->freeze_req = false;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
-int primary_thaw(Primary *p)
-{
-        int r;
-
-        pthread_mutex_lock(&p->mutex);
-        if (!p->frozen) {
-                p->freeze_req = false;
-                pthread_mutex_unlock(&p->mutex);
-                return 0;
-        }
-        p->thaw_req = true;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        pthread_mutex_lock(&p->mutex);
-        r = WAIT_FOR(p, !p->frozen);
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
-int primary_hash_ram(Primary *p, const char *path)
-{
-        char *copy;
-        uint64_t want;
-        int r;
-
-        if (!path)
-                return -EINVAL;
-        copy = strdup(path);
-        if (!copy)
-                return -ENOMEM;
-        pthread_mutex_lock(&p->mutex);
-        if (!p->frozen) {
-                pthread_mutex_unlock(&p->mutex);
-                free(copy);
-                return -EBUSY;
-        }
-        free(p->hash_path);
-        p->hash_path = copy;
-        p->hash_req = true;
-        want = ++p->hash_seq;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        pthread_mutex_lock(&p->mutex);
-        r = WAIT_FOR(p, p->hash_done >= want);
-        if (r == 0)
-                r = p->hash_result;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
 }
