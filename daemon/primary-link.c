@@ -23,22 +23,13 @@ static int schedule_reconnect(Primary *p);
  * link_free() stops the writer at once, and the ERROR frame that link_fail()
  * queued (why this primary stopped) would never reach the standby, which then
  * sees a closed connection, a loss, and fails over while the VM may still run
- * here. So give the writer a moment (bounded: the loop waits) to send it.
+ * here. So give the writer a moment (bounded: the loop waits) to send it:
+ * the Link's writer signals each frame that leaves its queue.
  */
 #define FLUSH_WAIT_USEC (200 * USEC_PER_MSEC)
 static void link_flush(Link *l)
 {
-        uint64_t end = now_usec() + FLUSH_WAIT_USEC;
-        LinkStats ls;
-
-        if (!l)
-                return;
-        for (;;) {
-                link_get_stats(l, &ls);
-                if (ls.queued_bytes == 0 || now_usec() >= end)
-                        return;
-                (void) usleep(1000);
-        }
+        (void) link_wait_sent(l, FLUSH_WAIT_USEC);
 }
 
 void primary_drop_link(Primary *p)
