@@ -193,58 +193,64 @@ struct Primary {
         pthread_mutex_t mutex;
         pthread_cond_t cond; /* requests done, link_users dropped */
 
-        /* --- under mutex --- */
-        bool stop;
-        Link *link;          /* NULL when no Link is up or connecting */
-        unsigned link_users; /* epoch-thread sends in progress on link */
-        uint64_t link_gen;   /* bumped at every up and down */
-        bool link_up;
-        char peer[80];
-        bool attached, failed;
-        char detail[256];
-        uint64_t sync_epoch; /* epoch of the running resync; protected once acked */
-        bool syncing;
-        bool sync_full;             /* the running resync is a full one */
-        uint64_t sync_start_usec;   /* when it began */
-        uint64_t sync_walked_pages; /* full sync: pages of RAM walked and handed to the link */
-        uint64_t last_sync_usec;    /* how long the last completed one took, to its ACK */
-        bool last_sync_full;
-        uint64_t last_sealed, epochs_committed, full_syncs, incremental_syncs;
-        uint64_t pauses[PAUSE_WINDOW];
+        /* --- under mutex. Who writes: (L) the loop, (E) the epoch thread, (L,E) both. --- */
+        /* The shared link handshake (see "Sending from the epoch thread"). */
+        bool stop;           /* (L) once, in primary_free() */
+        Link *link;          /* (L) NULL when no Link is up or connecting */
+        unsigned link_users; /* (E, L waits for 0) epoch-thread sends in progress on link */
+        uint64_t link_gen;   /* (L) bumped at every up and down; the thread learns it by CMD_LINK */
+        bool link_up;        /* (L) */
+        char peer[80];       /* (L) */
+        /* State and its explanation. */
+        bool attached;    /* (L at attach, E when the pipeline ends) */
+        bool failed;      /* (L,E) */
+        char detail[256]; /* (L,E) */
+        Guard guard;      /* (L) decided by the loop, applied by the epoch thread */
+        bool suspended;   /* (E; L at attach) the VM is paused for GUARD_SUSPENDED */
+        /* (L) primary_attach() found the VM suspended (HelloReply.suspended); taken by the manager,
+         * which keeps the service address away meanwhile (primary_take_attach_suspended()). */
+        bool attach_suspended;
+        bool had_standby; /* (L) a standby committed an epoch of this primary */
+        bool promoted;    /* (L) */
+        uint64_t promoted_from;
+        /* Resyncs: started by the epoch thread, completed by the loop on their ACK. */
+        uint64_t sync_epoch;        /* (L,E) epoch of the running resync; protected once acked */
+        bool syncing;               /* (L,E) */
+        bool sync_full;             /* (E) the running resync is a full one */
+        uint64_t sync_start_usec;   /* (E) when it began */
+        uint64_t sync_walked_pages; /* (E) full sync: pages of RAM walked and handed to the link */
+        uint64_t last_sync_usec;    /* (L) how long the last completed one took, to its ACK */
+        bool last_sync_full;        /* (L) */
+        /* Status the epoch thread publishes at each seal (E), and the loop's ACK counters (L). */
+        uint64_t last_sealed;                                     /* (E) */
+        uint64_t epochs_committed, full_syncs, incremental_syncs; /* (L), (E), (E) */
+        uint64_t pauses[PAUSE_WINDOW];                            /* (E; L resets n_pauses) */
         uint64_t vm_pauses[PAUSE_WINDOW]; /* the agent's view of the same seals; 0: not reported */
         uint64_t n_pauses;
         uint64_t pages_last_epoch;
         double dirty_rate;
         uint64_t inflight, staging_bytes;
         uint64_t page_bytes_in, page_bytes_out;
-        /* Completions, written by the epoch thread (the boundary above). */
+        uint64_t last_commit_usec; /* (L) when an ACK last advanced the committed epoch */
+        uint64_t commit_gap_max_usec;
+        uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
+        /* Completions of commands (E), with a broadcast on cond (the boundary above). */
         uint64_t checkpoint_done, checkpoint_epoch;
         bool frozen;
         uint64_t frozen_epoch;
+        int hash_result;
+        uint64_t hash_done;
         /* Checkpoint images: one at a time. The loop pushes CMD_IMAGE; the epoch
          * thread pre-copies, takes the image at its next seal, and a writer
-         * thread writes it; the result goes back to the loop (image_ready). */
-        bool image_busy; /* loop: a request is out */
-        bool image_ready;
-        char *image_req_dir; /* loop: kept for the result */
+         * thread writes it; the result goes back to the loop (image_ready, notify_fd). */
+        bool image_busy;     /* (L) a request is out */
+        char *image_req_dir; /* (L) kept for the result */
+        bool image_ready;    /* (E, L clears it) the result below is there */
         int image_result;
         uint64_t image_epoch;
         ImageWriteStats image_stats;
         uint64_t image_pause_ns;
         char image_err[256];
-        Guard guard;
-        bool suspended; /* the epoch thread paused the VM for GUARD_SUSPENDED */
-        /* Under mutex. attach_now() found the VM suspended (HelloReply.suspended); taken by the manager,
-         * which keeps the service address away meanwhile (primary_take_attach_suspended()). */
-        bool attach_suspended;
-        bool had_standby;          /* a standby committed an epoch of this primary */
-        uint64_t last_commit_usec; /* when an ACK last advanced the committed epoch */
-        uint64_t commit_gap_max_usec;
-        uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
-        bool promoted;
-        uint64_t promoted_from;
-        int hash_result;
-        uint64_t hash_done;
 
         /* Written by the loop on ACK, read by the epoch thread: the standby
          * committed every epoch <= acked. Release/acquire pairs the two. */
