@@ -986,6 +986,8 @@ static int epoch_take_commands(Epoch *e, Command *link)
         for (size_t i = 0; i < n; i++) {
                 if (r >= 0)
                         r = epoch_command(e, &cmds[i], link);
+                else if (cmds[i].type == CMD_IMAGE)
+                        epoch_image_request(e, &cmds[i]); /* answered by epoch_image_shutdown() */
                 command_done(&cmds[i]);
         }
         return r;
