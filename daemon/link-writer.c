@@ -382,3 +382,32 @@ void *link_writer_main(void *userdata)
         pthread_mutex_unlock(&l->mutex);
         return NULL;
 }
+
+int link_wait_sent(Link *l, uint64_t timeout_usec)
+{
+        struct timespec ts;
+        uint64_t deadline;
+        int r = 0;
+
+        if (!l)
+                return 0;
+        /* cond_space runs on CLOCK_REALTIME (link_new()): the writer broadcasts it
+         * whenever frames leave the queue, and on a write error or stop. */
+        clock_gettime(CLOCK_REALTIME, &ts);
+        deadline = (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / 1000 + timeout_usec;
+        ts.tv_sec = (time_t) (deadline / USEC_PER_SEC);
+        ts.tv_nsec = (long) (deadline % USEC_PER_SEC) * 1000L;
+        pthread_mutex_lock(&l->mutex);
+        while (l->queued_bytes > 0) {
+                if (!l->writer_started || l->stop || l->write_error < 0) {
+                        r = -ENOTCONN; /* nobody will send the rest */
+                        break;
+                }
+                if (pthread_cond_timedwait(&l->cond_space, &l->mutex, &ts) == ETIMEDOUT) {
+                        r = l->queued_bytes > 0 ? -ETIMEDOUT : 0;
+                        break;
+                }
+        }
+        pthread_mutex_unlock(&l->mutex);
+        return r;
+}

@@ -138,6 +138,10 @@ void link_fail(Link *l, int code, const char *fmt, ...) _printf_(3, 4);
 
 LinkState link_state(const Link *l);
 void link_get_stats(const Link *l, LinkStats *ret);
+/* Waits (blocking, at most timeout_usec) until the writer has sent everything queued, such as the
+ * ERROR frame link_fail() queued. 0, -ETIMEDOUT, or -ENOTCONN when it never will (no writer, write
+ * error). Accepts NULL. */
+int link_wait_sent(Link *l, uint64_t timeout_usec);
 /* Tolerate up to usec of silence from the peer (0: the heartbeat window
  * only), e.g. while it applies a full sync. Any thread; the Link must be alive. */
 void link_set_patience(Link *l, uint64_t usec);

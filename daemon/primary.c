@@ -3,22 +3,8 @@
  * The primary half of role.h: attach to the local VMM, connect to the
  * standby, and run the epoch pipeline (docs/architecture.md, "Design invariants" and "dirtyrepd").
  *
- * Threads. The sd-event loop (the caller's) owns the replication Link, the
- * attach and reconnect timers and the status. One epoch thread per VM owns
- * the VmmLink and the Tracker (VmmLink is not thread-safe) and does all the
- * work that touches the VM: harvest, pre-copy, seal, ship. They share the
- * fields marked "under mutex" in struct Primary; the loop wakes the thread
- * with an eventfd (wake_fd), the thread wakes the loop with another
- * (notify_fd). The loop never calls into the VmmLink.
- *
- * Sending from the epoch thread. link_send() may be called from any thread,
- * but the Link is freed on the loop thread when it goes down. The thread
- * takes the pointer under the mutex and counts itself in link_users; the
- * loop, before link_free(), clears p->link and waits until link_users is 0.
- * That wait is short: a Link that is down refuses every send at once
- * (-ENOTCONN), and the thread only ever sends non-blocking (-EAGAIN: it
- * keeps harvesting for a millisecond and tries again), so nothing the
- * thread does waits for the loop while it holds a use.
+ * Threads: the loop and the epoch thread, and the command queue between
+ * them, are described at the top of primary-internal.h.
  *
  * Epochs. The running epoch `cur` collects its dirty pages in `col`
  * (collected, ring entries not yet reset), then `fresh` (reset: safe to
@@ -29,259 +15,72 @@
  */
 #include <assert.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
-#include <sys/socket.h>
-#include <sys/syscall.h>
-#include <sys/un.h>
-#include <fcntl.h>
 #include <unistd.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 
 #include "crc32c.h"
-#include "image-take.h"
-#include "imagefile.h"
-#include "link.h"
 #include "log.h"
-#include "macros.h"
-#include "pages.h"
-#include "role.h"
-#include "track.h"
+#include "primary-internal.h"
 #include "util.h"
-#include "vmm-link.h"
-
-#define ATTACH_RETRY_USEC    (1 * USEC_PER_SEC)
-#define GONE_CHECK_USEC      (50 * 1000ULL) /* report_stop(): is a VMM that still answers dying? */
-#define GONE_CHECKS          20u
-#define BACKOFF_MIN_MS       100u
-#define BACKOFF_MAX_MS       2000u
-#define RING_HARVEST_USEC    1000u /* ring: collect every millisecond */
-#define PRECOPY_RESET_USEC   2000u /* pre-copy: re-protect at least this often so pages become copyable */
-#define PAUSE_TIMEOUT_MS     2000u
-#define PAUSE_TIMEOUTS_MAX   5u    /* in a row, each followed by RESUME, before protection ends */
-#define PAUSE_WINDOW         1024u /* seals the pause percentiles are computed over */
-#define BATCH_RECORDS        256u  /* per PAGES frame: ~1 MiB raw, well under REPL_MAX_FRAME */
-#define BATCH_CAP            (PAGE_BATCH_HEADER + BATCH_RECORDS * PAGE_RECORD_MAX)
-#define PRECOPY_BATCHES      4u /* per harvest tick, so seals and requests are not starved */
-#define REQUEST_TIMEOUT_USEC (30 * USEC_PER_SEC)
-
-/*
- * Split-brain guard (output side). Once a standby has committed an epoch of
- * this primary, losing it means the standby may promote itself: from then on
- * no output is released (nothing is acked) until SplitBrainTimeoutMs= has
- * passed; then SplitBrainPolicy= decides: continue unprotected (held output
- * goes out, and new output at once) or suspend the VM. A standby that
- * connects again ends either (the resync is protected again: output waits
- * for its ACK).
- */
-typedef enum Guard {
-        GUARD_NONE,        /* output follows ACKs */
-        GUARD_HOLDING,     /* standby lost: output held, timer running */
-        GUARD_UNPROTECTED, /* output released at once (policy continue, or promoted) */
-        GUARD_SUSPENDED,   /* VM paused (policy suspend) */
-} Guard;
-
-typedef struct History {
-        uint64_t epoch;
-        bool full;      /* a full epoch: the standby's content before it is unknown */
-        DirtySet *bits; /* pages sent in that epoch */
-} History;
-
-struct Primary {
-        sd_event *event;
-        const DaemonConfig *dcfg;
-        const VmConfig *vm;
-        uint8_t *secret;
-        size_t secret_len;
-        SSL_CTX *tls; /* or NULL: plaintext */
-        uint8_t session[16];
-        uint8_t uuid[16];
-        char host[64];
-
-        /* Loop thread only. */
-        sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer, *gone_timer;
-        unsigned gone_checks; /* vmm_link_listening() re-checks after the epoch thread stopped */
-        unsigned backoff_ms;
-        bool started;
-        Dr__Repl__Hello hello;
-        Dr__Repl__MemRegion *regions;
-        Dr__Repl__MemRegion **region_ptrs;
-        uint64_t total_pages;
-        bool fail_reported;
-        primary_image_done_t image_cb; /* loop only */
-        void *image_userdata;
-
-        pthread_t thread;
-        bool thread_started;
-        int wake_fd;   /* loop -> epoch thread */
-        int notify_fd; /* epoch thread -> loop */
-
-        pthread_mutex_t mutex;
-        pthread_cond_t cond; /* requests done, link_users dropped */
-
-        /* --- under mutex --- */
-        bool stop;
-        Link *link;          /* NULL when no Link is up or connecting */
-        unsigned link_users; /* epoch-thread sends in progress on link */
-        uint64_t link_gen;   /* bumped at every up and down */
-        bool link_up;
-        bool welcome_ours;
-        uint64_t welcome_last;
-        char peer[80];
-        bool attached, failed;
-        char detail[256];
-        uint64_t sync_epoch; /* epoch of the running resync; protected once acked */
-        bool syncing;
-        bool sync_full;             /* the running resync is a full one */
-        uint64_t sync_start_usec;   /* when it began */
-        uint64_t sync_walked_pages; /* full sync: pages of RAM walked and handed to the link */
-        uint64_t last_sync_usec;    /* how long the last completed one took, to its ACK */
-        bool last_sync_full;
-        uint64_t last_sealed, epochs_committed, full_syncs, incremental_syncs;
-        uint64_t pauses[PAUSE_WINDOW];
-        uint64_t vm_pauses[PAUSE_WINDOW]; /* the agent's view of the same seals; 0: not reported */
-        uint64_t n_pauses;
-        uint64_t pages_last_epoch;
-        double dirty_rate;
-        uint64_t inflight, staging_bytes;
-        uint64_t page_bytes_in, page_bytes_out;
-        uint64_t checkpoint_req, checkpoint_done, checkpoint_epoch;
-        bool freeze_req, frozen, thaw_req;
-        uint64_t frozen_epoch;
-        /* Checkpoint images: one at a time. The loop sets image_req; the epoch
-         * thread pre-copies, takes the image at its next seal, and a writer
-         * thread writes it; the result goes back to the loop (image_ready). */
-        bool image_busy, image_req, image_ready;
-        char *image_dir, *image_parent; /* handed to the epoch thread */
-        char *image_req_dir;            /* kept for the result */
-        bool image_compress;
-        int image_result;
-        uint64_t image_epoch;
-        ImageWriteStats image_stats;
-        uint64_t image_pause_ns;
-        char image_err[256];
-        Guard guard;
-        bool suspended; /* the epoch thread paused the VM for GUARD_SUSPENDED */
-        /* Under mutex. attach_now() found the VM suspended (HelloReply.suspended); taken by the manager,
-         * which keeps the service address away meanwhile (primary_take_attach_suspended()). */
-        bool attach_suspended;
-        bool had_standby;          /* a standby committed an epoch of this primary */
-        uint64_t last_commit_usec; /* when an ACK last advanced the committed epoch */
-        uint64_t commit_gap_max_usec;
-        uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
-        bool promoted;
-        uint64_t promoted_from;
-        char *hash_path;
-        bool hash_req;
-        int hash_result;
-        uint64_t hash_seq, hash_done;
-
-        /* Written by the loop on ACK, read by the epoch thread: the standby
-         * committed every epoch <= acked. Release/acquire pairs the two. */
-        _Atomic uint64_t acked;
-        /* primary_drain(): the daemon is stopping; no new seals (only a hint, relaxed). */
-        _Atomic bool draining;
-        uint64_t drain_target; /* loop only: the last epoch sealed when the drain began */
-};
-
-/* The epoch thread's own state. */
-typedef struct Epoch {
-        Primary *p;
-        VmmLink *vmm;
-        Tracker t;
-        const VmmLayout *lay;
-        /* Dirty sets cost what is in them, not what RAM is (dirtyset.h): nothing
-         * below walks a RAM-sized bitmap between two seals. */
-        DirtySet col;   /* collected, ring entries not yet reset */
-        DirtySet fresh; /* collected and re-protected: may be copied */
-        DirtySet *run;  /* sent (or to be sent) in the running epoch */
-        History *hist;  /* sealed, not acked, oldest first */
-        size_t n_hist;
-        DirtySet **pool; /* spare sets */
-        size_t n_pool;
-        uint64_t cur;            /* the running epoch */
-        unsigned pause_timeouts; /* PAUSEs in a row that timed out (seal postponed) */
-        bool cur_full;
-        uint64_t last_sealed;
-        uint64_t released;   /* output released up to here */
-        uint64_t acked_seen; /* history pruned up to here */
-        uint64_t epoch_start_us, last_collect_us, last_reset_us;
-        /* The link session the running epoch is being sent on. */
-        uint64_t gen;
-        bool session; /* EPOCH_BEGIN(cur) went out on link generation gen */
-        uint64_t page_records;
-        /* Staging: page contents copied in the pause, shipped after resume. */
-        uint64_t *stage_pages;
-        uint8_t *stage_data;
-        size_t stage_cap, stage_n;
-        uint8_t *batch_buf;
-        PageBatchStats pstats;
-        uint64_t dirty_since_seal;
-        uint64_t seals_handled_ckpt;
-        /* Checkpoint images. since_image: pages dirtied in the epochs sealed since
-         * the last image (or since attach); an incremental image stores those plus
-         * its own epoch's. The first image after attach must be full: pages written
-         * before tracking started are in no set. */
-        DirtySet since_image;
-        bool image_chain; /* an image was written since attach */
-        uint8_t last_image_id[16];
-        ImageCapture *image_cap; /* pre-copied, taken at the next seal */
-        char *image_dir, *image_parent;
-        bool image_compress;
-        /* The writer thread of the last image; joined before the next one and at exit. */
-        pthread_t image_thread;
-        bool image_thread_started;
-        _Atomic bool image_written; /* the writer finished; the epoch thread collects it */
-        struct ImageJob *image_job;
-        bool suspended; /* paused by the split-brain guard */
-} Epoch;
-
-typedef struct ImageJob {
-        Epoch *e;
-        ImageCapture *cap;
-        DirtySet *covered; /* NULL: full image */
-        uint8_t *state;
-        size_t state_len;
-        char *dir, *parent;
-        bool compress, has_parent_id;
-        uint8_t parent_id[16];
-        uint64_t epoch, pause_ns;
-        int result;
-        ImageWriteStats stats;
-        char err[256];
-} ImageJob;
-
-static void image_job_free(ImageJob *j);
-DEFINE_TRIVIAL_CLEANUP_FUNC_VOID(ImageJob *, image_job_free);
-static void image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const uint8_t *state,
-                            size_t state_len, int copy_result);
-static int seal_request_possible_locked(Primary *p);
 
 /* ---- small helpers ---------------------------------------------------------------------- */
 
-static void wake(int fd)
+static void primary_vset_failed_locked(Primary *p, const char *fmt, va_list ap) _printf_(2, 0);
+static void primary_vset_failed_locked(Primary *p, const char *fmt, va_list ap)
 {
-        (void) eventfd_write(fd, 1);
+        p->failed = true;
+        vsnprintf(p->detail, sizeof(p->detail), fmt, ap);
 }
 
-static void set_failed_locked(Primary *p, const char *fmt, ...) _printf_(2, 3);
-static void set_failed_locked(Primary *p, const char *fmt, ...)
+void primary_set_failed_locked(Primary *p, const char *fmt, ...)
 {
         va_list ap;
 
-        p->failed = true;
         va_start(ap, fmt);
-        vsnprintf(p->detail, sizeof(p->detail), fmt, ap);
+        primary_vset_failed_locked(p, fmt, ap);
         va_end(ap);
+}
+
+void primary_fail(Primary *p, const char *fmt, ...)
+{
+        va_list ap;
+
+        pthread_mutex_lock(&p->mutex);
+        va_start(ap, fmt);
+        primary_vset_failed_locked(p, fmt, ap);
+        va_end(ap);
+        pthread_mutex_unlock(&p->mutex);
+}
+
+/*
+ * Epoch thread: the pipeline failed. Marks the Primary failed (detail from
+ * fmt) and wakes the loop, which tells the standby. Returns r.
+ */
+static int epoch_fail(Epoch *e, int r, const char *fmt, ...) _printf_(3, 4);
+static int epoch_fail(Epoch *e, int r, const char *fmt, ...)
+{
+        Primary *p = e->p;
+        va_list ap;
+
+        pthread_mutex_lock(&p->mutex);
+        va_start(ap, fmt);
+        primary_vset_failed_locked(p, fmt, ap);
+        va_end(ap);
+        pthread_mutex_unlock(&p->mutex);
+        wake(p->notify_fd);
+        return r;
 }
 
 /* ---- sending from the epoch thread ------------------------------------------------------ */
@@ -364,13 +163,9 @@ static int tracking_failed(Epoch *e, int r, const char *what)
 {
         Primary *p = e->p;
 
-        pthread_mutex_lock(&p->mutex);
-        set_failed_locked(p, "%s: %s", what, e->t.error[0] ? e->t.error : strerror(-r));
-        pthread_mutex_unlock(&p->mutex);
         log_error_errno(r, "VM %s: %s: %s; replication stopped", p->vm->name, what,
                         e->t.error[0] ? e->t.error : "error");
-        wake(p->notify_fd);
-        return r;
+        return epoch_fail(e, r, "%s: %s", what, e->t.error[0] ? e->t.error : strerror(-r));
 }
 
 /* Moves what was collected into `fresh` once its entries are reset (ordering rule). */
@@ -473,7 +268,7 @@ static void hist_drop_upto(Epoch *e, uint64_t epoch)
 }
 
 /* Acks arrived: release held output (output commit) and forget committed epochs. */
-static int handle_acks(Epoch *e)
+int epoch_handle_acks(Epoch *e)
 {
         Primary *p = e->p;
         /* Acquire pairs with the release store in on_frame(): the ack is for an epoch we sealed. */
@@ -721,37 +516,34 @@ static void record_pause(Primary *p, uint64_t ns, uint64_t vm_ns)
         p->n_pauses++;
 }
 
-/*
- * Seals the running epoch: PAUSE -> final collect + reset -> VMM-written
- * pages -> copy the remaining dirty pages into staging -> SAVE_STATE ->
- * RESUME(cur + 1) (unless freezing) -> ship staging, STATE, EPOCH_END.
- *
- * Staging is bounded by MaxStagingMB. When an epoch's remaining dirty set is
- * larger, the VM stays paused while each full staging buffer is shipped
- * (queued on the link) and the copy continues: memory stays bounded and the
- * replica stays exact, at the price of a longer pause for that one epoch.
- * With pre-copy that only happens when the link cannot keep up at all.
- */
-static int seal(Epoch *e, bool freeze)
-{
-        Primary *p = e->p;
-        Dr__Repl__EpochState st = DR__REPL__EPOCH_STATE__INIT;
-        Dr__Repl__EpochEnd end = DR__REPL__EPOCH_END__INIT;
-        _cleanup_free_ uint8_t *state = NULL;
-        size_t state_len = 0;
-        uint64_t t0, pause_ns, vm_pause_ns, sealed = e->cur, distinct, dirty_pages, span_us;
+/* One seal's working state, shared by its steps. */
+typedef struct Seal {
+        uint64_t epoch; /* the epoch being sealed (e->cur until seal_account()) */
+        bool freeze;
         /* Round trips to the agent are where a loaded host stretches a pause (each
          * one waits for a thread to be scheduled): with the agent's features a seal
          * is two, PAUSE+SAVE_STATE and RESET_RINGS+RESUME, instead of four. */
-        bool state_in_pause = vmm_link_has_feature(e->vmm, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE);
-        bool reset_in_resume = !freeze && tracker_resume_resets(&e->t);
-        int image_copy_r = 0;
-        int64_t n;
+        bool state_in_pause, reset_in_resume;
+        uint8_t *state; /* SAVE_STATE's blob, owned */
+        size_t state_len;
+        uint64_t t0, pause_ns, vm_pause_ns;
+        uint64_t distinct; /* pages the epoch sent (pre-copy and staging) */
+        int image_copy_r;
+} Seal;
+
+/*
+ * PAUSE (with SAVE_STATE when the agent folds it in). Returns 0, 1 when the
+ * PAUSE timed out and the VM runs on in the same epoch (seal later), or a
+ * negative errno with the Primary failed.
+ */
+static int seal_pause(Epoch *e, Seal *s)
+{
+        Primary *p = e->p;
         int r;
 
-        t0 = now_nsec();
-        if (state_in_pause)
-                r = vmm_link_pause_save(e->vmm, PAUSE_TIMEOUT_MS, NULL, &state, &state_len);
+        s->t0 = now_nsec();
+        if (s->state_in_pause)
+                r = vmm_link_pause_save(e->vmm, PAUSE_TIMEOUT_MS, NULL, &s->state, &s->state_len);
         else
                 r = vmm_link_pause(e->vmm, PAUSE_TIMEOUT_MS, NULL);
         if (r == -ETIMEDOUT && e->pause_timeouts + 1 < PAUSE_TIMEOUTS_MAX) {
@@ -769,19 +561,23 @@ static int seal(Epoch *e, bool freeze)
                 }
         }
         if (r < 0) {
-                pthread_mutex_lock(&p->mutex);
-                set_failed_locked(p, "PAUSE failed: %s", vmm_link_last_error(e->vmm));
-                pthread_mutex_unlock(&p->mutex);
-                wake(p->notify_fd);
-                return log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name,
-                                       vmm_link_last_error(e->vmm));
+                log_error_errno(r, "VM %s: PAUSE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
+                return epoch_fail(e, r, "PAUSE failed: %s", vmm_link_last_error(e->vmm));
         }
         e->pause_timeouts = 0;
+        return 0;
+}
+
+/* Paused: the final collect (and reset), and the pages the VMM wrote itself. */
+static int seal_harvest(Epoch *e, Seal *s)
+{
+        int64_t n;
+
         /* Ordering rule: collect, reset, and only then copy. With the reset folded
          * into RESUME the copy comes before the reset, which is the same thing here:
          * every vCPU is parked from the collect to the reset, so no write can land
          * between the copy and the re-protection. */
-        n = reset_in_resume ? e->t.ops->collect(&e->t, &e->col) : tracker_sync(&e->t, &e->col);
+        n = s->reset_in_resume ? e->t.ops->collect(&e->t, &e->col) : tracker_sync(&e->t, &e->col);
         if (n < 0) {
                 (void) vmm_link_resume(e->vmm, e->cur);
                 return tracking_failed(e, (int) n, "final harvest failed");
@@ -792,6 +588,17 @@ static int seal(Epoch *e, bool freeze)
         col_to_fresh(e);
         /* Pages the VMM wrote itself (device emulation): KVM did not log them. */
         (void) vmm_link_take_vmm_dirty(e->vmm, &e->fresh);
+        return 0;
+}
+
+/*
+ * Paused: copies what is left to send into staging, shipping each full
+ * buffer (MaxStagingMB) while the VM stays paused, and the epoch's pages
+ * into an image taken at this seal. Returns 0 or the error of a shipment.
+ */
+static int seal_copy(Epoch *e, Seal *s)
+{
+        int r;
 
         e->stage_n = 0;
         for (uint64_t w = dirtyset_next_word(&e->fresh, 0); w < e->fresh.words;
@@ -804,9 +611,9 @@ static int seal(Epoch *e, bool freeze)
                 for (uint64_t v = bits; v; v &= v - 1) {
                         uint64_t page = w * 64 + (uint64_t) __builtin_ctzll(v);
                         if (e->stage_n == e->stage_cap) {
-                                r = ship_staging(e, sealed);
+                                r = ship_staging(e, s->epoch);
                                 if (r < 0 && r != -ENOTCONN)
-                                        goto fail_resume;
+                                        return r;
                                 e->stage_n = 0;
                         }
                         memcpy(e->stage_data + e->stage_n * PAGE_BYTES, vmm_layout_page_ptr(e->lay, page),
@@ -818,300 +625,156 @@ static int seal(Epoch *e, bool freeze)
         if (e->image_cap) {
                 /* An image at this seal: the epoch's own pages, from paused RAM. */
                 int64_t k = image_capture_copy(e->image_cap, e->run->w);
-                image_copy_r = k < 0 ? (int) k : 0;
+                s->image_copy_r = k < 0 ? (int) k : 0;
         }
+        return 0;
+}
 
-        r = state_in_pause ? 0 : vmm_link_save_state(e->vmm, &state, &state_len);
+/* SAVE_STATE (unless PAUSE did it) and RESUME(cur + 1) (unless freezing); the pause ends here. */
+static int seal_resume(Epoch *e, Seal *s)
+{
+        Primary *p = e->p;
+        int r;
+
+        r = s->state_in_pause ? 0 : vmm_link_save_state(e->vmm, &s->state, &s->state_len);
         if (r < 0) {
                 log_error_errno(r, "VM %s: SAVE_STATE failed: %s", p->vm->name, vmm_link_last_error(e->vmm));
-                pthread_mutex_lock(&p->mutex);
-                set_failed_locked(p, "SAVE_STATE failed: %s", vmm_link_last_error(e->vmm));
-                pthread_mutex_unlock(&p->mutex);
-                goto fail_resume;
+                primary_fail(p, "SAVE_STATE failed: %s", vmm_link_last_error(e->vmm));
+                (void) vmm_link_resume(e->vmm, e->cur);
+                wake(p->notify_fd);
+                return r;
         }
-        if (!freeze) {
-                r = reset_in_resume ? tracker_reset_and_resume(&e->t, e->cur + 1)
-                                    : vmm_link_resume(e->vmm, e->cur + 1);
+        if (!s->freeze) {
+                r = s->reset_in_resume ? tracker_reset_and_resume(&e->t, e->cur + 1)
+                                       : vmm_link_resume(e->vmm, e->cur + 1);
                 if (r == -EUCLEAN)
                         return tracking_failed(e, r, "dirty ring reset at resume");
                 if (r < 0) {
-                        const char *why = reset_in_resume ? e->t.error : vmm_link_last_error(e->vmm);
-                        pthread_mutex_lock(&p->mutex);
-                        set_failed_locked(p, "RESUME failed: %s", why);
-                        pthread_mutex_unlock(&p->mutex);
-                        wake(p->notify_fd);
+                        const char *why = s->reset_in_resume ? e->t.error : vmm_link_last_error(e->vmm);
+                        (void) epoch_fail(e, r, "RESUME failed: %s", why);
                         return log_error_errno(r, "VM %s: RESUME failed: %s", p->vm->name, why);
                 }
         }
-        pause_ns = now_nsec() - t0;
+        s->pause_ns = now_nsec() - s->t0;
         /* What the guest saw: the agent's Pause arrival to vCPU release, without
          * the two requests' trips between the processes (0 when freezing). */
-        vm_pause_ns = freeze ? 0 : vmm_link_last_paused_ns(e->vmm);
+        s->vm_pause_ns = s->freeze ? 0 : vmm_link_last_paused_ns(e->vmm);
+        return 0;
+}
 
-        distinct = e->run->n;
-        dirty_pages = e->dirty_since_seal;
-        span_us = MAX(now_usec() - e->epoch_start_us, 1u);
+/* Running again: the epoch joins the history, the next one starts, the status is updated. */
+static void seal_account(Epoch *e, Seal *s)
+{
+        Primary *p = e->p;
+        uint64_t dirty_pages = e->dirty_since_seal, span_us = MAX(now_usec() - e->epoch_start_us, 1u);
+
+        s->distinct = e->run->n;
         e->dirty_since_seal = 0;
         e->epoch_start_us = now_usec();
-        e->last_sealed = sealed;
-        image_seal_done(e, sealed, pause_ns, state, state_len, image_copy_r);
-        e->hist[e->n_hist++] = (History){.epoch = sealed, .full = e->cur_full, .bits = e->run};
+        e->last_sealed = s->epoch;
+        epoch_image_seal_done(e, s->epoch, s->pause_ns, s->state, s->state_len, s->image_copy_r);
+        e->hist[e->n_hist++] = (History){.epoch = s->epoch, .full = e->cur_full, .bits = e->run};
         e->run = pool_get(e);
         e->cur++;
         e->cur_full = false;
         if (!p->vm->output_commit) {
                 /* OutputCommit=no: output flows as soon as its epoch is sealed. */
-                (void) vmm_link_release_output(e->vmm, sealed, NULL);
-                e->released = MAX(e->released, sealed);
+                (void) vmm_link_release_output(e->vmm, s->epoch, NULL);
+                e->released = MAX(e->released, s->epoch);
         }
 
         pthread_mutex_lock(&p->mutex);
         /* A freezing seal counts up to where RESUME would have been. */
-        record_pause(p, pause_ns, vm_pause_ns);
+        record_pause(p, s->pause_ns, s->vm_pause_ns);
         p->page_bytes_in = e->pstats.bytes_in;
         p->page_bytes_out = e->pstats.bytes_out;
-        p->last_sealed = sealed;
-        p->pages_last_epoch = distinct;
+        p->last_sealed = s->epoch;
+        p->pages_last_epoch = s->distinct;
         p->dirty_rate = (double) dirty_pages * 1e6 / (double) span_us;
         p->inflight = e->n_hist;
         p->staging_bytes = (uint64_t) e->stage_n * PAGE_BYTES;
         pthread_mutex_unlock(&p->mutex);
+}
 
-        /* Ship while the next epoch runs. A lost link drops the rest: the pages are in
-         * the history bitmap and go out again in the resync. */
-        r = ship_staging(e, sealed);
+/*
+ * Ships the sealed epoch while the next one runs: staging, STATE, EPOCH_END,
+ * then the next epoch's EPOCH_BEGIN. A lost link drops the rest: the pages
+ * are in the history bitmap and go out again in the resync.
+ */
+static int seal_ship(Epoch *e, Seal *s)
+{
+        Primary *p = e->p;
+        Dr__Repl__EpochState st = DR__REPL__EPOCH_STATE__INIT;
+        Dr__Repl__EpochEnd end = DR__REPL__EPOCH_END__INIT;
+        int r;
+
+        r = ship_staging(e, s->epoch);
         if (r == 0) {
-                st.epoch = sealed;
-                st.vmstate.data = state;
-                st.vmstate.len = state_len;
+                st.epoch = s->epoch;
+                st.vmstate.data = s->state;
+                st.vmstate.len = s->state_len;
                 r = ep_send(e, DR__REPL__FRAME_TYPE__FRAME_STATE, NULL, 0, &st.base, true);
         }
         if (r == 0) {
-                end.epoch = sealed;
+                end.epoch = s->epoch;
                 end.page_records = e->page_records;
-                end.distinct_pages = distinct;
+                end.distinct_pages = s->distinct;
                 end.has_seal_pause_ns = true;
-                end.seal_pause_ns = pause_ns;
+                end.seal_pause_ns = s->pause_ns;
                 r = ep_send(e, DR__REPL__FRAME_TYPE__FRAME_EPOCH_END, NULL, 0, &end.base, true);
         }
         e->page_records = 0;
         e->stage_n = 0;
         if (r == 0)
-                r = send_begin(e, false, sealed);
+                r = send_begin(e, false, s->epoch);
         pthread_mutex_lock(&p->mutex);
         p->staging_bytes = 0;
         pthread_mutex_unlock(&p->mutex);
-        if (r == -ENOTCONN)
-                return 0;
-        return r;
-
-fail_resume:
-        (void) vmm_link_resume(e->vmm, e->cur);
-        wake(p->notify_fd);
-        return r < 0 ? r : -EIO;
-}
-
-/* ---- checkpoint images ---------------------------------------------------------------------- */
-
-static void image_job_free(ImageJob *j)
-{
-        if (!j)
-                return;
-        image_capture_free(j->cap);
-        dirtyset_free(j->covered);
-        free(j->state);
-        free(j->dir);
-        free(j->parent);
-        free(j);
-}
-
-/* Epoch thread: hands an image result to the loop (primary_checkpoint_image's callback). */
-static void image_post(Epoch *e, int r, uint64_t epoch, uint64_t pause_ns, const ImageWriteStats *st,
-                       const char *err)
-{
-        Primary *p = e->p;
-
-        pthread_mutex_lock(&p->mutex);
-        p->image_result = r;
-        p->image_epoch = epoch;
-        p->image_pause_ns = pause_ns;
-        p->image_stats = st ? *st : (ImageWriteStats){};
-        snprintf(p->image_err, sizeof(p->image_err), "%s", r < 0 ? (err && *err ? err : strerror(-r)) : "");
-        p->image_ready = true;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->notify_fd);
-}
-
-/* The writer: fsyncs can take a while, so not on the epoch thread (harvesting goes on). */
-static void *image_writer(void *userdata)
-{
-        ImageJob *j = userdata;
-        ImageWriteOptions o = {
-                .vm_name = j->e->p->vm->name,
-                .vm_uuid = j->e->p->uuid,
-                .state = j->state,
-                .state_len = j->state_len,
-                .covered = j->parent ? j->covered->w : NULL,
-                .parent = j->parent,
-                .parent_id = j->has_parent_id ? j->parent_id : NULL,
-                .compress = j->compress,
-                .epoch = j->epoch,
-        };
-
-        j->result = image_capture_write(j->cap, j->dir, &o, &j->stats, j->err, sizeof(j->err));
-        atomic_store(&j->e->image_written, true);
-        wake(j->e->p->wake_fd);
-        return NULL;
-}
-
-/* Epoch thread: collects a finished writer (waits for it when `wait`). */
-static void image_collect(Epoch *e, bool wait)
-{
-        ImageJob *j;
-
-        if (!e->image_thread_started || (!wait && !atomic_load(&e->image_written)))
-                return;
-        pthread_join(e->image_thread, NULL);
-        e->image_thread_started = false;
-        atomic_store(&e->image_written, false);
-        j = TAKE_PTR(e->image_job);
-        if (j->result >= 0) {
-                memcpy(e->last_image_id, j->stats.image_id, sizeof(e->last_image_id));
-                e->image_chain = true;
-                log_info("VM %s: image %s written at epoch %" PRIu64 ": %" PRIu64 " pages stored, %" PRIu64
-                         " bytes, seal pause %.3f ms",
-                         e->p->vm->name, j->dir, j->epoch, j->stats.present_pages, j->stats.total_bytes,
-                         (double) j->pause_ns / 1e6);
-        } else {
-                /* Nothing is lost for the next image: its pages count from the last good one. */
-                (void) dirtyset_merge(&e->since_image, j->covered);
-                log_error_errno(j->result, "VM %s: writing image %s failed: %s", e->p->vm->name, j->dir,
-                                j->err);
-        }
-        image_post(e, j->result, j->epoch, j->pause_ns, &j->stats, j->err);
-        image_job_free(j);
-}
-
-/* Epoch thread: takes up a request: pre-copies now (VM running), the rest at the next seal. */
-static void image_start(Epoch *e)
-{
-        Primary *p = e->p;
-        _cleanup_free_ char *dir = NULL, *parent = NULL;
-        _cleanup_(image_capture_freep) ImageCapture *cap = NULL;
-        const uint8_t *ram[IMAGE_MAX_REGIONS];
-        ImageLayout il;
-        bool compress;
-        int64_t n;
-        int r;
-
-        if (e->image_cap || e->image_thread_started)
-                return;
-        pthread_mutex_lock(&p->mutex);
-        if (!p->image_req) {
-                pthread_mutex_unlock(&p->mutex);
-                return;
-        }
-        p->image_req = false;
-        dir = TAKE_PTR(p->image_dir);
-        parent = TAKE_PTR(p->image_parent);
-        compress = p->image_compress;
-        pthread_mutex_unlock(&p->mutex);
-
-        if (parent && !e->image_chain)
-                return image_post(
-                        e, -ESTALE, 0, 0, NULL,
-                        "no image was taken since dirtyrepd attached to this VMM: take a full one first "
-                        "(without a parent)");
-        r = image_layout_from_vmm(e->lay, &il, ram);
-        if (r >= 0)
-                r = image_capture_new(&il, ram, &cap);
-        if (r < 0)
-                return image_post(e, r, 0, 0, NULL, "cannot set up image staging for this VM's layout");
-        /* Pages of since_image were reset at their seals (collect -> reset -> copy); a
-         * full image copies all of RAM. Either way, a page written after its copy is
-         * logged in the running epoch and copied again at its seal, paused. */
-        n = image_capture_copy(cap, parent ? e->since_image.w : NULL);
-        if (n < 0)
-                return image_post(e, (int) n, 0, 0, NULL, "copying pages into image staging failed");
-        e->image_cap = TAKE_PTR(cap);
-        e->image_dir = TAKE_PTR(dir);
-        e->image_parent = TAKE_PTR(parent);
-        e->image_compress = compress;
+        return r == -ENOTCONN ? 0 : r;
 }
 
 /*
- * At the seal, RESUME done: the epoch's pages are in the capture (copied in
- * the pause); hand it to a writer thread. since_image restarts empty: the
- * next image counts from this one. Otherwise the epoch's pages join it.
+ * Seals the running epoch: PAUSE -> final collect + reset -> VMM-written
+ * pages -> copy the remaining dirty pages into staging -> SAVE_STATE ->
+ * RESUME(cur + 1) (unless freezing) -> ship staging, STATE, EPOCH_END.
+ * Returns 0, 1 when the PAUSE timed out (the epoch goes on), or a negative
+ * errno (the pipeline stops).
+ *
+ * Staging is bounded by MaxStagingMB. When an epoch's remaining dirty set is
+ * larger, the VM stays paused while each full staging buffer is shipped
+ * (queued on the link) and the copy continues: memory stays bounded and the
+ * replica stays exact, at the price of a longer pause for that one epoch.
+ * With pre-copy that only happens when the link cannot keep up at all.
  */
-static void image_seal_done(Epoch *e, uint64_t sealed, uint64_t pause_ns, const uint8_t *state,
-                            size_t state_len, int copy_result)
+static int seal(Epoch *e, bool freeze)
 {
-        _cleanup_(image_job_freep) ImageJob *j = NULL;
+        Seal s = {
+                .epoch = e->cur,
+                .freeze = freeze,
+                .state_in_pause =
+                        vmm_link_has_feature(e->vmm, DR__CONTROL__FEATURE__FEATURE_PAUSE_SAVES_STATE),
+                .reset_in_resume = !freeze && tracker_resume_resets(&e->t),
+        };
         int r;
 
-        if (!e->image_cap) {
-                (void) dirtyset_merge(&e->since_image, e->run);
-                return;
+        r = seal_pause(e, &s);
+        if (r == 0)
+                r = seal_harvest(e, &s);
+        if (r == 0) {
+                r = seal_copy(e, &s);
+                if (r < 0) {
+                        (void) vmm_link_resume(e->vmm, e->cur);
+                        wake(e->p->notify_fd);
+                }
         }
-        j = calloc(1, sizeof(*j));
-        if (j)
-                j->covered = dirtyset_new(e->lay->total_pages);
-        if (j && j->covered && state_len > 0)
-                j->state = memdup(state, state_len);
-        if (!j || !j->covered || !j->state || copy_result < 0) {
-                r = copy_result < 0 ? copy_result : -ENOMEM;
-                (void) dirtyset_merge(&e->since_image, e->run);
-                e->image_cap = image_capture_free(e->image_cap);
-                e->image_dir = mfree(e->image_dir);
-                e->image_parent = mfree(e->image_parent);
-                return image_post(e, r, sealed, pause_ns, NULL, "taking the image at the seal failed");
+        if (r == 0)
+                r = seal_resume(e, &s);
+        if (r == 0) {
+                seal_account(e, &s);
+                r = seal_ship(e, &s);
         }
-        (void) dirtyset_merge(j->covered, &e->since_image);
-        (void) dirtyset_merge(j->covered, e->run);
-        dirtyset_clear(&e->since_image);
-        j->e = e;
-        j->cap = TAKE_PTR(e->image_cap);
-        j->dir = TAKE_PTR(e->image_dir);
-        j->parent = TAKE_PTR(e->image_parent);
-        j->compress = e->image_compress;
-        j->state_len = state_len;
-        j->epoch = sealed;
-        j->pause_ns = pause_ns;
-        if (j->parent) {
-                j->has_parent_id = true;
-                memcpy(j->parent_id, e->last_image_id, sizeof(j->parent_id));
-        }
-        atomic_store(&e->image_written, false);
-        r = -pthread_create(&e->image_thread, NULL, image_writer, j);
-        if (r < 0) {
-                (void) dirtyset_merge(&e->since_image, j->covered);
-                return image_post(e, r, sealed, pause_ns, NULL, "cannot start the image writer thread");
-        }
-        e->image_thread_started = true;
-        e->image_job = TAKE_PTR(j);
-}
-
-/* Epoch thread exiting: finish or fail what is pending, so every request is answered. */
-static void image_shutdown(Epoch *e)
-{
-        Primary *p = e->p;
-        bool req;
-
-        image_collect(e, true);
-        if (e->image_cap) {
-                e->image_cap = image_capture_free(e->image_cap);
-                e->image_dir = mfree(e->image_dir);
-                e->image_parent = mfree(e->image_parent);
-                image_post(e, -ESTALE, 0, 0, NULL,
-                           "replication stopped before the image's epoch was sealed");
-        }
-        pthread_mutex_lock(&p->mutex);
-        req = p->image_req;
-        p->image_req = false;
-        pthread_mutex_unlock(&p->mutex);
-        if (req)
-                image_post(e, -ESTALE, 0, 0, NULL, "replication stopped before the image was taken");
+        free(s.state);
+        return r;
 }
 
 /* ---- test hook: page hashes ------------------------------------------------------------- */
@@ -1153,9 +816,9 @@ static int hash_ram(Epoch *e, const char *path)
 
 /* ---- the epoch thread ------------------------------------------------------------------- */
 
-static void epoch_free(Epoch *e)
+void epoch_free(Epoch *e)
 {
-        image_shutdown(e);
+        epoch_image_shutdown(e);
         dirtyset_done(&e->since_image);
         dirtyset_done(&e->col);
         dirtyset_done(&e->fresh);
@@ -1172,90 +835,7 @@ static void epoch_free(Epoch *e)
         vmm_link_free(e->vmm);
 }
 
-static void stop_tracking_logged(Epoch *e, bool hold)
-{
-        int r = hold ? vmm_link_stop_tracking_hold(e->vmm) : vmm_link_stop_tracking(e->vmm);
-
-        /* A VMM that is gone needs no StopTracking (and its agent holds, were it alive). */
-        if (r < 0 && r != -ECONNRESET && r != -EPIPE && r != -ENOTCONN && r != -ESHUTDOWN)
-                log_error_errno(r, "VM %s: StopTracking failed: %s", e->p->vm->name,
-                                vmm_link_last_error(e->vmm));
-}
-
-/*
- * Every way this primary stops (daemon stop or restart, a reload that changes
- * or removes the VM, Detach, an error of the epoch thread) ends here, on the
- * epoch thread, which owns the VmmLink. What the standby acknowledged is
- * released; nothing else is: held output of unacknowledged epochs (and of the
- * running one) stays held in the agent, and so does what the VM sends until
- * the next dirtyrepd's first release, because the standby may fail over from
- * its last committed epoch at any time (even during the next session's full
- * sync). A VM suspended by the split-brain guard stays suspended: another
- * host may be serving it. Only a VM whose output already flows by decision
- * (SplitBrainPolicy=continue, `dirtyrepctl resume`, OutputCommit=no) gives
- * its held output up. A crash does the same without us: the agent keeps
- * output held and a suspended VM paused.
- */
-static void epoch_stop_vmm(Epoch *e, int loop_result)
-{
-        Primary *p = e->p;
-        uint64_t acked;
-        Guard g;
-        int r;
-
-        if (!e->vmm)
-                return;
-        /* Release what the standby committed, including ACKs that arrived while stopping.
-         * Not after an error: the VmmLink may be what failed, and whatever stays held
-         * is released by the next session's first commit anyway. */
-        if (loop_result >= 0 || loop_result == -ECANCELED)
-                (void) handle_acks(e);
-        pthread_mutex_lock(&p->mutex);
-        g = p->guard;
-        pthread_mutex_unlock(&p->mutex);
-        acked = e->released;
-
-        if (g == GUARD_SUSPENDED && !e->suspended) {
-                r = vmm_link_suspend(e->vmm, PAUSE_TIMEOUT_MS);
-                if (r < 0 && r != -ETIMEDOUT)
-                        log_error_errno(r, "VM %s: suspending the VM before stopping failed: %s",
-                                        p->vm->name, vmm_link_last_error(e->vmm));
-                else
-                        e->suspended = true;
-        }
-        if (e->suspended || g == GUARD_SUSPENDED) {
-                stop_tracking_logged(e, true);
-                log_warning("VM %s: stopping replication of a SUSPENDED VM: it stays paused with its output "
-                            "held "
-                            "until a dirtyrepd resyncs it with a standby or `dirtyrepctl resume %s` runs it "
-                            "unprotected",
-                            p->vm->name, p->vm->name);
-                return;
-        }
-        if (g == GUARD_UNPROTECTED || !p->vm->output_commit) {
-                /* Output flows already: nothing held is waiting for the standby. */
-                stop_tracking_logged(e, false);
-                return;
-        }
-        /* On failure too the agent keeps output held (as for a client that vanished). */
-        stop_tracking_logged(e, true);
-        if (loop_result < 0 && loop_result != -ECANCELED)
-                log_error("VM %s: replication stopped on an error; the VM runs on, its output after epoch "
-                          "%" PRIu64 " stays held in the VMM until a new session's standby commits: "
-                          "`dirtyrepctl detach %s` "
-                          "and `dirtyrepctl attach %s` start one",
-                          p->vm->name, acked, p->vm->name, p->vm->name);
-        else
-                log_notice("VM %s: replication stopped with the standby at epoch %" PRIu64 " of %" PRIu64
-                           ": the VM runs on, its output from later epochs stays held in the VMM until "
-                           "dirtyrepd "
-                           "attaches and a standby commits (to run it unprotected instead: `dirtyrepctl "
-                           "resume %s` before a "
-                           "stop)",
-                           p->vm->name, acked, e->cur, p->vm->name);
-}
-
-static int epoch_init(Epoch *e)
+int epoch_init(Epoch *e)
 {
         Primary *p = e->p;
         uint32_t inflight = MAX(p->vm->max_inflight_epochs, 1u);
@@ -1296,10 +876,8 @@ static bool should_seal(Epoch *e, bool *ret_freeze, bool *ret_ckpt)
 
         if (!e->session)
                 return false;
-        pthread_mutex_lock(&p->mutex);
-        freeze = p->freeze_req && !p->frozen;
-        ckpt = p->checkpoint_req > p->checkpoint_done;
-        pthread_mutex_unlock(&p->mutex);
+        freeze = e->freeze_pending && !e->frozen;
+        ckpt = e->checkpoint_want > e->checkpoint_done;
         /* Bounded in-flight: at the limit the epoch stretches. A checkpoint or freeze
          * request may take one epoch more: its caller blocks the loop thread, which is
          * the one that would receive the ACKs that make room (requests are synchronous,
@@ -1328,63 +906,123 @@ static int epoch_next_timeout_ms(Epoch *e)
         return (int) MAX(ms, 1u);
 }
 
-/*
- * The split-brain guard and OutputCommit=no, on the epoch thread (it owns
- * the VmmLink). Unprotected: release everything held, every pass of the
- * loop (at most a millisecond apart, see epoch_next_timeout_ms()), so
- * output is not delayed by more than that. Suspended: the VM stays paused
- * until the guard lifts; *frozen makes the loop skip seals meanwhile.
- */
-static int guard_apply(Epoch *e, bool *frozen)
+/* CMD_THAW: resumes a frozen VM. */
+static int epoch_thaw(Epoch *e)
 {
         Primary *p = e->p;
-        Guard g;
         int r;
 
+        if (!e->frozen)
+                return 0;
+        r = vmm_link_resume(e->vmm, e->cur);
+        e->frozen = e->freeze_pending = false;
         pthread_mutex_lock(&p->mutex);
-        g = p->guard;
+        p->frozen = false;
+        if (r < 0)
+                primary_set_failed_locked(p, "RESUME after thaw failed: %s", vmm_link_last_error(e->vmm));
+        pthread_cond_broadcast(&p->cond);
         pthread_mutex_unlock(&p->mutex);
+        if (r < 0)
+                return r;
+        e->epoch_start_us = now_usec();
+        return 0;
+}
 
-        if (g == GUARD_SUSPENDED && !e->suspended && !*frozen) {
-                /* Pause{suspend}: the agent keeps the VM paused even if this daemon
-                 * stops or dies, and tells the next one (HelloReply.suspended). */
-                r = vmm_link_suspend(e->vmm, PAUSE_TIMEOUT_MS);
-                if (r < 0)
-                        return log_error_errno(r, "VM %s: PAUSE for the split-brain policy failed: %s",
-                                               p->vm->name, vmm_link_last_error(e->vmm));
-                e->suspended = true;
-                pthread_mutex_lock(&p->mutex);
-                p->suspended = true;
-                pthread_mutex_unlock(&p->mutex);
-                log_error("VM %s: VM suspended (SplitBrainPolicy=suspend): its output stays held until a "
-                          "standby resyncs",
-                          p->vm->name);
-        } else if (g != GUARD_SUSPENDED && e->suspended) {
-                r = vmm_link_unsuspend(e->vmm, e->cur);
-                if (r < 0)
-                        return log_error_errno(r, "VM %s: RESUME after suspension failed: %s", p->vm->name,
-                                               vmm_link_last_error(e->vmm));
-                e->suspended = false;
-                e->epoch_start_us = now_usec();
-                pthread_mutex_lock(&p->mutex);
-                p->suspended = false;
-                pthread_mutex_unlock(&p->mutex);
-                if (g == GUARD_UNPROTECTED)
-                        log_warning("VM %s: VM resumed by the operator: it runs UNPROTECTED", p->vm->name);
-                else
-                        log_notice("VM %s: VM resumed: a standby is connected", p->vm->name);
-        }
-        if (e->suspended)
-                *frozen = true;
+/* CMD_HASH: page hashes of frozen RAM (-EBUSY unless frozen), answered through p->cond. */
+static void epoch_hash(Epoch *e, const Command *c)
+{
+        Primary *p = e->p;
+        int r = e->frozen ? hash_ram(e, c->hash.path) : -EBUSY;
 
-        if (g == GUARD_UNPROTECTED || !p->vm->output_commit) {
-                r = vmm_link_release_output(e->vmm, e->cur, NULL);
-                if (r < 0)
-                        return log_error_errno(r, "VM %s: ReleaseOutput(%" PRIu64 ") failed: %s",
-                                               p->vm->name, e->cur, vmm_link_last_error(e->vmm));
-                e->released = MAX(e->released, e->cur);
+        pthread_mutex_lock(&p->mutex);
+        p->hash_result = r;
+        p->hash_done = c->hash.seq;
+        pthread_cond_broadcast(&p->cond);
+        pthread_mutex_unlock(&p->mutex);
+}
+
+/* Acts on one command; a link change is only noted in *link (the newest wins). */
+static int epoch_command(Epoch *e, Command *c, Command *link)
+{
+        switch (c->type) {
+        case CMD_NONE:
+                return 0;
+        case CMD_LINK:
+                *link = *c;
+                return 0;
+        case CMD_CHECKPOINT:
+                e->checkpoint_want = MAX(e->checkpoint_want, c->checkpoint.seq);
+                return 0;
+        case CMD_FREEZE:
+                e->freeze_pending = true;
+                return 0;
+        case CMD_FREEZE_CANCEL:
+                e->freeze_pending = false;
+                return 0;
+        case CMD_THAW:
+                return epoch_thaw(e);
+        case CMD_HASH:
+                epoch_hash(e, c);
+                return 0;
+        case CMD_IMAGE:
+                epoch_image_request(e, c);
+                return 0;
         }
         return 0;
+}
+
+/*
+ * The one place the epoch thread takes the loop's commands (the boundary in
+ * primary-internal.h). A link change is returned in *link (type CMD_LINK)
+ * for the caller to act on after the rest. Returns 0 or the error that ends
+ * the pipeline.
+ */
+static int epoch_take_commands(Epoch *e, Command *link)
+{
+        Command cmds[COMMAND_QUEUE_MAX];
+        size_t n = command_queue_take(&e->p->commands, cmds, ELEMENTSOF(cmds));
+        int r = 0;
+
+        for (size_t i = 0; i < n; i++) {
+                if (r >= 0)
+                        r = epoch_command(e, &cmds[i], link);
+                else if (cmds[i].type == CMD_IMAGE)
+                        epoch_image_request(e, &cmds[i]); /* answered by epoch_image_shutdown() */
+                command_done(&cmds[i]);
+        }
+        return r;
+}
+
+/* Exiting: commands nobody will act on. An image request is kept, so epoch_image_shutdown() answers it. */
+static void epoch_drop_commands(Epoch *e)
+{
+        Command cmds[COMMAND_QUEUE_MAX];
+        size_t n = command_queue_take(&e->p->commands, cmds, ELEMENTSOF(cmds));
+
+        for (size_t i = 0; i < n; i++) {
+                if (cmds[i].type == CMD_IMAGE)
+                        epoch_image_request(e, &cmds[i]);
+                command_done(&cmds[i]);
+        }
+}
+
+/* The link went down or came up: what was in flight on the old one is discarded (its pages are in
+ * the history and the running set). */
+static int epoch_link_changed(Epoch *e, const Command *link)
+{
+        int r;
+
+        e->gen = link->link.gen;
+        e->session = false;
+        e->stage_n = 0;
+        if (!link->link.up)
+                return 0;
+        r = session_start(e, link->link.ours, link->link.last);
+        if (r == -ENOTCONN) {
+                e->session = false;
+                return 0;
+        }
+        return r;
 }
 
 static int epoch_loop(Epoch *e)
@@ -1393,73 +1031,35 @@ static int epoch_loop(Epoch *e)
         int r;
 
         for (;;) {
-                bool stop, up, ours, frozen, thaw, hash, freeze = false, ckpt = false;
-                uint64_t gen, L;
-                _cleanup_free_ char *path = NULL;
+                Command link = {.type = CMD_NONE}; /* CMD_LINK when the link changed */
+                bool stop, frozen, freeze = false, ckpt = false;
 
                 pthread_mutex_lock(&p->mutex);
                 stop = p->stop;
-                gen = p->link_gen;
-                up = p->link_up;
-                ours = p->welcome_ours;
-                L = p->welcome_last;
-                frozen = p->frozen;
-                thaw = p->thaw_req;
-                hash = p->hash_req;
-                if (hash)
-                        path = TAKE_PTR(p->hash_path);
                 pthread_mutex_unlock(&p->mutex);
                 if (stop)
                         return 0;
 
-                if (hash) {
-                        r = frozen ? hash_ram(e, path) : -EBUSY;
-                        pthread_mutex_lock(&p->mutex);
-                        p->hash_req = false;
-                        p->hash_result = r;
-                        p->hash_done++;
-                        pthread_cond_broadcast(&p->cond);
-                        pthread_mutex_unlock(&p->mutex);
-                }
-                if (frozen && thaw) {
-                        r = vmm_link_resume(e->vmm, e->cur);
-                        pthread_mutex_lock(&p->mutex);
-                        p->frozen = p->thaw_req = p->freeze_req = false;
-                        if (r < 0)
-                                set_failed_locked(p, "RESUME after thaw failed: %s",
-                                                  vmm_link_last_error(e->vmm));
-                        pthread_cond_broadcast(&p->cond);
-                        pthread_mutex_unlock(&p->mutex);
+                r = epoch_take_commands(e, &link);
+                if (r < 0)
+                        return r;
+                frozen = e->frozen;
+
+                r = epoch_handle_acks(e);
+                if (r < 0)
+                        return r;
+                epoch_image_collect(e, false);
+                if (!frozen)
+                        epoch_image_start(e);
+
+                r = epoch_guard_apply(e, &frozen);
+                if (r < 0)
+                        return r;
+
+                if (link.type == CMD_LINK && link.link.gen != e->gen) {
+                        r = epoch_link_changed(e, &link);
                         if (r < 0)
                                 return r;
-                        e->epoch_start_us = now_usec();
-                        frozen = false;
-                }
-
-                r = handle_acks(e);
-                if (r < 0)
-                        return r;
-                image_collect(e, false);
-                if (!frozen)
-                        image_start(e);
-
-                r = guard_apply(e, &frozen);
-                if (r < 0)
-                        return r;
-
-                if (gen != e->gen) {
-                        /* The link went down or came up: what was in flight on the old one is
-                         * discarded (its pages are in the history and the running set). */
-                        e->gen = gen;
-                        e->session = false;
-                        e->stage_n = 0;
-                        if (up) {
-                                r = session_start(e, ours, L);
-                                if (r < 0 && r != -ENOTCONN)
-                                        return r;
-                                if (r == -ENOTCONN)
-                                        e->session = false;
-                        }
                         continue;
                 }
 
@@ -1476,9 +1076,15 @@ static int epoch_loop(Epoch *e)
                                         return r;
                                 continue;
                         }
+                        if (ckpt)
+                                e->checkpoint_done = e->checkpoint_want;
+                        if (freeze) {
+                                e->frozen = true;
+                                e->freeze_pending = false;
+                        }
                         pthread_mutex_lock(&p->mutex);
                         if (ckpt) {
-                                p->checkpoint_done = p->checkpoint_req;
+                                p->checkpoint_done = e->checkpoint_done;
                                 p->checkpoint_epoch = sealed;
                         }
                         if (freeze) {
@@ -1502,7 +1108,7 @@ static int epoch_loop(Epoch *e)
         }
 }
 
-static void *epoch_thread(void *userdata)
+void *epoch_thread(void *userdata)
 {
         Epoch *e = userdata;
         Primary *p = e->p;
@@ -1510,10 +1116,11 @@ static void *epoch_thread(void *userdata)
 
         r = epoch_loop(e);
         epoch_stop_vmm(e, r);
+        epoch_drop_commands(e);
         if (r < 0 && r != -ECANCELED) {
                 pthread_mutex_lock(&p->mutex);
                 if (!p->failed)
-                        set_failed_locked(p, "epoch pipeline stopped: %s", strerror(-r));
+                        primary_set_failed_locked(p, "epoch pipeline stopped: %s", strerror(-r));
                 p->attached = false;
                 /* Wake anyone waiting for a freeze or checkpoint: it will see `failed`. */
                 pthread_cond_broadcast(&p->cond);
@@ -1523,637 +1130,6 @@ static void *epoch_thread(void *userdata)
         epoch_free(e);
         free(e);
         return NULL;
-}
-
-/* ---- the loop side: link ---------------------------------------------------------------- */
-
-static int schedule_reconnect(Primary *p);
-
-/*
- * link_free() stops the writer at once, and the ERROR frame that link_fail()
- * queued (why this primary stopped) would never reach the standby, which then
- * sees a closed connection, a loss, and fails over while the VM may still run
- * here. So give the writer a moment (bounded: the loop waits) to send it.
- */
-#define FLUSH_WAIT_USEC (200 * USEC_PER_MSEC)
-static void link_flush(Link *l)
-{
-        uint64_t end = now_usec() + FLUSH_WAIT_USEC;
-        LinkStats ls;
-
-        if (!l)
-                return;
-        for (;;) {
-                link_get_stats(l, &ls);
-                if (ls.queued_bytes == 0 || now_usec() >= end)
-                        return;
-                (void) usleep(1000);
-        }
-}
-
-static void drop_link(Primary *p)
-{
-        Link *l;
-
-        pthread_mutex_lock(&p->mutex);
-        l = p->link;
-        p->link = NULL;
-        if (p->link_up)
-                p->link_gen++;
-        p->link_up = false;
-        /* The epoch thread's sends on a down Link return at once; wait for them to leave. */
-        while (p->link_users > 0)
-                pthread_cond_wait(&p->cond, &p->mutex);
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        link_flush(l);
-        link_free(l);
-}
-
-static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
-{
-        Primary *p = userdata;
-        bool ours = w && w->has_session && w->session.len == sizeof(p->session) &&
-                    memcmp(w->session.data, p->session, sizeof(p->session)) == 0;
-
-        pthread_mutex_lock(&p->mutex);
-        p->link_up = true;
-        p->link_gen++;
-        p->syncing = true; /* until the resync epoch the thread starts now is acked */
-        p->sync_epoch = UINT64_MAX;
-        p->welcome_ours = ours;
-        p->welcome_last = w && w->has_last_committed ? w->last_committed : 0;
-        /* The standby committed that epoch of ours: its output may go (an ACK may have
-         * been lost with the old link). Release pairs with handle_acks(). */
-        if (ours && p->welcome_last <= p->last_sealed &&
-            p->welcome_last > atomic_load_explicit(&p->acked, memory_order_relaxed))
-                atomic_store_explicit(&p->acked, p->welcome_last, memory_order_release);
-        snprintf(p->detail, sizeof(p->detail), "connected to %s", link_peer_name(l));
-        /* A standby again: output waits for its ACKs (the resync's first), a suspended
-         * VM resumes (the epoch thread sees both with the new link generation). */
-        if (p->guard != GUARD_NONE)
-                log_notice("VM %s: standby %s connected: output commit resumes", p->vm->name,
-                           link_peer_name(l));
-        p->guard = GUARD_NONE;
-        pthread_mutex_unlock(&p->mutex);
-        p->split_timer = sd_event_source_disable_unref(p->split_timer);
-        p->backoff_ms = BACKOFF_MIN_MS;
-        log_info("VM %s: replication link to %s up (standby holds epoch %" PRIu64 "%s)", p->vm->name,
-                 link_peer_name(l), w && w->has_last_committed ? w->last_committed : 0,
-                 ours ? " of this session" : "");
-        wake(p->wake_fd);
-        return 0;
-}
-
-/* Under mutex: the inter-commit gap histogram (role.h) gets the time since the last commit. */
-static void note_commit(Primary *p, uint64_t t)
-{
-        static const uint64_t edges_ms[] = COMMIT_GAP_EDGES_MS;
-        uint64_t gap;
-        size_t b = 0;
-
-        _Static_assert(ELEMENTSOF(edges_ms) == COMMIT_GAP_BUCKETS - 1, "one edge per bucket but the last");
-        if (p->last_commit_usec > 0 && t >= p->last_commit_usec) {
-                gap = t - p->last_commit_usec;
-                while (b < ELEMENTSOF(edges_ms) && gap > edges_ms[b] * 1000)
-                        b++;
-                p->commit_gaps[b]++;
-                p->commit_gap_max_usec = MAX(p->commit_gap_max_usec, gap);
-        }
-        p->last_commit_usec = t;
-}
-
-static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, void *userdata)
-{
-        Primary *p = userdata;
-        Dr__Repl__Ack *a;
-        uint64_t sealed;
-
-        if (type != DR__REPL__FRAME_TYPE__FRAME_ACK)
-                return 0;
-        a = dr__repl__ack__unpack(NULL, len, payload);
-        if (!a) {
-                link_fail(l, -EBADMSG, "undecodable ACK");
-                return -EBADMSG;
-        }
-        pthread_mutex_lock(&p->mutex);
-        sealed = p->last_sealed;
-        pthread_mutex_unlock(&p->mutex);
-        if (a->epoch > sealed || a->epoch < atomic_load_explicit(&p->acked, memory_order_relaxed)) {
-                link_fail(l, -EPROTO, "ACK for epoch %" PRIu64 " (last sealed %" PRIu64 ")", a->epoch,
-                          sealed);
-                dr__repl__ack__free_unpacked(a, NULL);
-                return -EPROTO;
-        }
-        pthread_mutex_lock(&p->mutex);
-        if (a->epoch > atomic_load_explicit(&p->acked, memory_order_relaxed)) {
-                p->epochs_committed++;
-                note_commit(p, now_usec());
-        }
-        if (p->syncing && a->epoch >= p->sync_epoch) {
-                link_set_patience(l, 0);
-                p->syncing = false;
-                p->last_sync_usec = now_usec() - p->sync_start_usec;
-                p->last_sync_full = p->sync_full;
-        }
-        p->had_standby = true;
-        pthread_mutex_unlock(&p->mutex);
-        /* Release pairs with the acquire load in handle_acks(). */
-        atomic_store_explicit(&p->acked, a->epoch, memory_order_release);
-        dr__repl__ack__free_unpacked(a, NULL);
-        wake(p->wake_fd);
-        return 0;
-}
-
-static void fill_heartbeat(Link *l, Dr__Repl__Heartbeat *hb, void *userdata)
-{
-        Primary *p = userdata;
-
-        pthread_mutex_lock(&p->mutex);
-        hb->has_last_sealed = true;
-        hb->last_sealed = p->last_sealed;
-        pthread_mutex_unlock(&p->mutex);
-}
-
-static int on_split_timer(sd_event_source *s, uint64_t usec, void *userdata)
-{
-        Primary *p = userdata;
-        bool cont = p->vm->split_brain_policy == SPLIT_BRAIN_POLICY_CONTINUE;
-
-        p->split_timer = sd_event_source_disable_unref(p->split_timer);
-        pthread_mutex_lock(&p->mutex);
-        if (p->guard != GUARD_HOLDING) {
-                pthread_mutex_unlock(&p->mutex);
-                return 0;
-        }
-        p->guard = cont ? GUARD_UNPROTECTED : GUARD_SUSPENDED;
-        snprintf(p->detail, sizeof(p->detail),
-                 cont ? "standby lost for %" PRIu32 " ms: running UNPROTECTED (SplitBrainPolicy=continue)"
-                      : "standby lost for %" PRIu32 " ms: VM suspended (SplitBrainPolicy=suspend)",
-                 p->vm->split_brain_timeout_ms);
-        pthread_mutex_unlock(&p->mutex);
-        if (cont)
-                log_error("VM %s: standby lost for %" PRIu32
-                          " ms: the VM now runs UNPROTECTED and releases its output; a failover now would "
-                          "lose what it did since epoch %" PRIu64
-                          ", and a promoted standby would mean split brain",
-                          p->vm->name, p->vm->split_brain_timeout_ms,
-                          atomic_load_explicit(&p->acked, memory_order_relaxed));
-        else
-                log_error("VM %s: standby lost for %" PRIu32
-                          " ms: suspending the VM (SplitBrainPolicy=suspend)",
-                          p->vm->name, p->vm->split_brain_timeout_ms);
-        wake(p->wake_fd);
-        return 0;
-}
-
-/* Standby lost: hold output, and apply the policy after SplitBrainTimeoutMs=. */
-static void guard_arm(Primary *p)
-{
-        int r;
-
-        log_warning("VM %s: standby lost: output held; SplitBrainPolicy=%s applies in %" PRIu32 " ms",
-                    p->vm->name, split_brain_policy_to_string(p->vm->split_brain_policy),
-                    p->vm->split_brain_timeout_ms);
-        p->split_timer = sd_event_source_disable_unref(p->split_timer);
-        r = sd_event_add_time_relative(p->event, &p->split_timer, CLOCK_MONOTONIC,
-                                       (uint64_t) p->vm->split_brain_timeout_ms * USEC_PER_MSEC, 1000,
-                                       on_split_timer, p);
-        if (r < 0) {
-                /* Cannot time it: the safe side is to keep holding (as with no policy). */
-                log_error_errno(r, "VM %s: cannot arm the split-brain timer, output stays held: %m",
-                                p->vm->name);
-        }
-}
-
-static void on_down(Link *l, int error, const char *reason, void *userdata)
-{
-        Primary *p = userdata;
-        bool stopping, guard, maintenance;
-
-        log_warning_errno(error, "VM %s: replication link to %s down: %s", p->vm->name, link_peer_name(l),
-                          reason);
-        pthread_mutex_lock(&p->mutex);
-        stopping = p->stop || p->failed;
-        snprintf(p->detail, sizeof(p->detail), "link to %s down: %s", link_peer_name(l), reason);
-        guard = p->had_standby && p->guard == GUARD_NONE;
-        maintenance = link_down_by_peer(l) && error == STANDBY_MAINTENANCE_CODE;
-        if (maintenance) {
-                /* The authenticated standby said it goes down for planned maintenance and
-                 * will not promote until it has resynced: no split brain to guard against,
-                 * so run on (unprotected) instead of holding output and suspending. */
-                guard = false;
-                p->guard = GUARD_UNPROTECTED;
-                snprintf(p->detail, sizeof(p->detail),
-                         "standby %s in planned maintenance: running UNPROTECTED until it resyncs",
-                         link_peer_name(l));
-        }
-        if (guard)
-                p->guard = GUARD_HOLDING;
-        pthread_mutex_unlock(&p->mutex);
-        if (maintenance)
-                log_warning(
-                        "VM %s: the standby went down for planned maintenance: output is released without "
-                        "a standby's ACK, the VM runs UNPROTECTED until it is back and resynced",
-                        p->vm->name);
-        drop_link(p);
-        if (!stopping)
-                (void) schedule_reconnect(p);
-        if (guard && !stopping)
-                guard_arm(p);
-}
-
-static const LinkCallbacks link_callbacks = {
-        .on_up = on_up,
-        .on_frame = on_frame,
-        .fill_heartbeat = fill_heartbeat,
-        .on_down = on_down,
-};
-
-static int connect_now(Primary *p)
-{
-        LinkParams lp = {
-                .side = LINK_PRIMARY,
-                .secret = p->secret,
-                .secret_len = p->secret_len,
-                .heartbeat_ms = p->dcfg->heartbeat_interval_ms,
-                .heartbeat_misses = p->dcfg->heartbeat_misses,
-                .hello = &p->hello,
-                .peer_name = p->vm->peer.text,
-                .tls = p->tls,
-        };
-        Link *l = NULL;
-        int r;
-
-        r = link_connect(p->event, (const struct sockaddr *) &p->vm->peer.sa, p->vm->peer.len, &lp,
-                         &link_callbacks, p, &l);
-        if (r < 0) {
-                pthread_mutex_lock(&p->mutex);
-                snprintf(p->detail, sizeof(p->detail), "connecting to %s failed: %s", p->vm->peer.text,
-                         strerror(-r));
-                pthread_mutex_unlock(&p->mutex);
-                return schedule_reconnect(p);
-        }
-        pthread_mutex_lock(&p->mutex);
-        p->link = l;
-        snprintf(p->peer, sizeof(p->peer), "%s", p->vm->peer.text);
-        pthread_mutex_unlock(&p->mutex);
-        return 0;
-}
-
-static int on_reconnect_timer(sd_event_source *s, uint64_t usec, void *userdata)
-{
-        Primary *p = userdata;
-
-        p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
-        return connect_now(p);
-}
-
-static int schedule_reconnect(Primary *p)
-{
-        uint64_t delay = p->backoff_ms;
-
-        p->backoff_ms = MIN(p->backoff_ms * 2, BACKOFF_MAX_MS);
-        p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
-        return sd_event_add_time_relative(p->event, &p->reconnect_timer, CLOCK_MONOTONIC,
-                                          delay * USEC_PER_MSEC, 1000, on_reconnect_timer, p);
-}
-
-/* Loop thread: runs a finished image's callback (or, when the Primary goes away, a cancelled one). */
-static void image_deliver(Primary *p, bool cancel)
-{
-        primary_image_done_t cb;
-        PrimaryImageResult res = {};
-        char err[sizeof(p->image_err)];
-        _cleanup_free_ char *dir = NULL;
-        void *userdata;
-
-        pthread_mutex_lock(&p->mutex);
-        if (!p->image_cb || (!p->image_ready && !cancel)) {
-                pthread_mutex_unlock(&p->mutex);
-                return;
-        }
-        if (p->image_ready) {
-                res.result = p->image_result;
-                res.epoch = p->image_epoch;
-                res.pause_ns = p->image_pause_ns;
-                res.present_pages = p->image_stats.present_pages;
-                res.stored_bytes = p->image_stats.stored_bytes;
-                res.total_bytes = p->image_stats.total_bytes;
-                res.write_ns = p->image_stats.write_ns;
-                snprintf(err, sizeof(err), "%s", p->image_err);
-        } else {
-                res.result = -ECANCELED;
-                snprintf(err, sizeof(err), "the VM's primary role was stopped");
-        }
-        res.error = err;
-        cb = p->image_cb;
-        userdata = p->image_userdata;
-        dir = TAKE_PTR(p->image_req_dir);
-        res.dir = dir;
-        p->image_cb = NULL;
-        p->image_ready = p->image_busy = false;
-        pthread_mutex_unlock(&p->mutex);
-        cb(p, &res, userdata);
-}
-
-int primary_checkpoint_image(Primary *p, const char *dir, const char *parent, bool compress,
-                             primary_image_done_t done, void *userdata)
-{
-        int r;
-
-        if (!dir || !*dir || !done)
-                return -EINVAL;
-        pthread_mutex_lock(&p->mutex);
-        if (p->image_busy)
-                r = -EBUSY;
-        else if (p->frozen)
-                r = -EBUSY;
-        else
-                r = seal_request_possible_locked(p);
-        if (r >= 0) {
-                p->image_dir = strdup(dir);
-                p->image_req_dir = strdup(dir);
-                p->image_parent = parent ? strdup(parent) : NULL;
-                if (!p->image_dir || !p->image_req_dir || (parent && !p->image_parent)) {
-                        p->image_dir = mfree(p->image_dir);
-                        p->image_req_dir = mfree(p->image_req_dir);
-                        p->image_parent = mfree(p->image_parent);
-                        r = -ENOMEM;
-                }
-        }
-        if (r >= 0) {
-                p->image_compress = compress;
-                p->image_busy = p->image_req = true;
-                p->image_ready = false;
-                p->image_cb = done;
-                p->image_userdata = userdata;
-        }
-        pthread_mutex_unlock(&p->mutex);
-        if (r >= 0)
-                wake(p->wake_fd);
-        return r;
-}
-
-/* Whether the VMM still serves its control socket: a dead VMM leaves the
- * file, but nobody accepts (ECONNREFUSED), or the file is gone. */
-static int on_gone_timer(sd_event_source *s, uint64_t usec, void *userdata);
-
-/*
- * Tells the standby why replication stopped. -EHOSTDOWN says the VM is gone
- * here, so it may fail over; anything else (the VM may still run here,
- * unprotected) must not make it do so. A VMM that is being killed resets its
- * control connection before its listening socket is closed: the kernel
- * closes a dying process's fds one by one, after tearing down its memory,
- * and closing the KVM fds destroys the VM, which took long enough here that
- * a connect() in between still succeeded (bench/load-bench.py --churn: the
- * standby heard -EIO and never failed over). So a VMM that still answers is
- * asked again every GONE_CHECK_USEC, GONE_CHECKS times, before -EIO.
- */
-static void report_stop(Primary *p)
-{
-        char detail[sizeof(p->detail)];
-        Link *l;
-
-        pthread_mutex_lock(&p->mutex);
-        l = p->link;
-        snprintf(detail, sizeof(detail), "%s", p->detail);
-        pthread_mutex_unlock(&p->mutex);
-        if (!l)
-                return;
-        if (!vmm_link_listening(p->vm->control_socket)) {
-                log_error("VM %s: the VMM is gone (%s): telling the standby", p->vm->name, detail);
-                link_fail(l, -EHOSTDOWN, "the primary's VM is gone: %s", detail); /* on_down drops it */
-                return;
-        }
-        if (p->gone_checks++ < GONE_CHECKS &&
-            sd_event_add_time_relative(p->event, &p->gone_timer, CLOCK_MONOTONIC, GONE_CHECK_USEC, 1000,
-                                       on_gone_timer, p) >= 0)
-                return;
-        link_fail(l, -EIO, "primary stopped replicating: %s", detail);
-}
-
-static int on_gone_timer(sd_event_source *s, uint64_t usec, void *userdata)
-{
-        Primary *p = userdata;
-
-        p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
-        report_stop(p);
-        return 0;
-}
-
-/* The epoch thread stopped (tracking error, VMM lost): stop shipping, tell the standby. */
-static int on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdata)
-{
-        Primary *p = userdata;
-        eventfd_t v;
-        bool failed;
-
-        (void) eventfd_read(fd, &v);
-        image_deliver(p, false);
-        pthread_mutex_lock(&p->mutex);
-        failed = p->failed;
-        pthread_mutex_unlock(&p->mutex);
-        if (!failed || p->fail_reported)
-                return 0;
-        p->fail_reported = true;
-        p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
-        report_stop(p);
-        return 0;
-}
-
-/* ---- the loop side: attach ------------------------------------------------------------- */
-
-static int build_hello(Primary *p, const VmmLayout *lay)
-{
-        free(p->regions);
-        free(p->region_ptrs);
-        p->regions = calloc(MAX(lay->n_regions, 1u), sizeof(*p->regions));
-        p->region_ptrs = calloc(MAX(lay->n_regions, 1u), sizeof(*p->region_ptrs));
-        if (!p->regions || !p->region_ptrs)
-                return -ENOMEM;
-        for (size_t i = 0; i < lay->n_regions; i++) {
-                p->regions[i] = (Dr__Repl__MemRegion) DR__REPL__MEM_REGION__INIT;
-                p->regions[i].slot = lay->regions[i].slot;
-                p->regions[i].guest_phys = lay->regions[i].guest_phys;
-                p->regions[i].size = lay->regions[i].size;
-                p->regions[i].memfd_offset = lay->regions[i].fd_offset;
-                p->region_ptrs[i] = &p->regions[i];
-        }
-        p->hello = (Dr__Repl__Hello) DR__REPL__HELLO__INIT;
-        p->hello.version = DR__REPL__REPL_VERSION__REPL_VERSION_CURRENT;
-        p->hello.vm_name = p->vm->name;
-        p->hello.vm_uuid.data = p->uuid;
-        p->hello.vm_uuid.len = sizeof(p->uuid);
-        p->hello.regions = p->region_ptrs;
-        p->hello.n_regions = lay->n_regions;
-        p->hello.page_size = lay->page_size;
-        p->hello.session.data = p->session;
-        p->hello.session.len = sizeof(p->session);
-        p->hello.primary_host = p->host;
-        p->hello.has_vcpus = true;
-        p->hello.vcpus = (uint32_t) lay->n_vcpus;
-        p->total_pages = lay->total_pages;
-        return 0;
-}
-
-static bool mode_matches(ConfigTracking want, Dr__Control__TrackingMode have)
-{
-        switch (want) {
-        case CONFIG_TRACKING_RING:
-                return have == DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING;
-        case CONFIG_TRACKING_BITMAP:
-                return have == DR__CONTROL__TRACKING_MODE__TRACKING_MODE_BITMAP;
-        default:
-                return true;
-        }
-}
-
-static int schedule_attach(Primary *p);
-
-static int attach_now(Primary *p)
-{
-        _cleanup_(vmm_link_freep) VmmLink *vmm = NULL;
-        Epoch *e = NULL;
-        const VmmLayout *lay;
-        int r;
-
-        char why[512] = "";
-
-        r = vmm_link_open_checked(p->vm->control_socket, "dirtyrepd", why, sizeof(why), &vmm);
-        if (r == -EPERM && why[0]) {
-                /* Not a VMM this daemon may trust: said once per attempt, as other attach errors. */
-                pthread_mutex_lock(&p->mutex);
-                snprintf(p->detail, sizeof(p->detail), "VMM control socket refused: %s", why);
-                pthread_mutex_unlock(&p->mutex);
-                log_error("VM %s: refusing the VMM control socket: %s; retrying", p->vm->name, why);
-                return schedule_attach(p);
-        }
-        if (r < 0) {
-                pthread_mutex_lock(&p->mutex);
-                snprintf(p->detail, sizeof(p->detail), "VMM control socket %s: %s%s%s",
-                         p->vm->control_socket, strerror(-r), vmm && vmm_link_last_error(vmm)[0] ? ": " : "",
-                         vmm ? vmm_link_last_error(vmm) : "");
-                pthread_mutex_unlock(&p->mutex);
-                if (r != -ENOENT && r != -ECONNREFUSED)
-                        log_warning_errno(r, "VM %s: attaching to %s failed: %m; retrying", p->vm->name,
-                                          p->vm->control_socket);
-                return schedule_attach(p);
-        }
-        lay = vmm_link_layout(vmm);
-        if (!mode_matches(p->vm->tracking, lay->mode)) {
-                pthread_mutex_lock(&p->mutex);
-                set_failed_locked(
-                        p,
-                        "Tracking=%s but the VMM tracks with %s; start the VMM with --tracking %s or "
-                        "set Tracking=auto",
-                        config_tracking_to_string(p->vm->tracking),
-                        lay->mode == DR__CONTROL__TRACKING_MODE__TRACKING_MODE_RING ? "rings" : "a bitmap",
-                        config_tracking_to_string(p->vm->tracking));
-                pthread_mutex_unlock(&p->mutex);
-                return log_error_errno(-EINVAL, "VM %s: %s", p->vm->name, p->detail);
-        }
-
-        e = calloc(1, sizeof(*e));
-        if (!e)
-                return -ENOMEM;
-        e->p = p;
-        e->vmm = vmm;
-        r = tracker_init(&e->t, vmm);
-        if (r >= 0)
-                r = epoch_init(e);
-        if (r >= 0)
-                r = build_hello(p, lay);
-        if (r >= 0) {
-                r = vmm_link_start_tracking(vmm);
-                if (r < 0)
-                        log_error_errno(r, "VM %s: StartTracking failed: %s", p->vm->name,
-                                        vmm_link_last_error(vmm));
-        }
-        if (r >= 0 && vmm_link_hello_suspended(vmm)) {
-                /* The split-brain guard suspended this VM under an earlier dirtyrepd (or
-                 * an earlier session of ours): another host may serve it now. It stays
-                 * so until a standby connects and resyncs, or the operator decides. */
-                e->suspended = true;
-                pthread_mutex_lock(&p->mutex);
-                p->guard = GUARD_SUSPENDED;
-                p->suspended = true;
-                p->attach_suspended = true;
-                pthread_mutex_unlock(&p->mutex);
-                log_error("VM %s: the VMM says the VM is SUSPENDED by the split-brain guard (%" PRIu64
-                          " bytes of output held): it stays paused until a standby at %s resyncs it, or "
-                          "`dirtyrepctl resume %s` runs it unprotected (only if the other host does not "
-                          "serve it)",
-                          p->vm->name, vmm_link_hello_held_bytes(vmm), p->vm->peer.text, p->vm->name);
-        } else if (r >= 0) {
-                /* Output from here on is held under epoch 1 until the standby commits it. */
-                r = vmm_link_resume(vmm, 1);
-                if (r < 0)
-                        log_error_errno(r, "VM %s: Resume(1) failed: %s", p->vm->name,
-                                        vmm_link_last_error(vmm));
-                else if (vmm_link_hello_held_bytes(vmm) > 0)
-                        log_notice("VM %s: %" PRIu64
-                                   " bytes of output held by an earlier dirtyrepd wait for the "
-                                   "standby's first commit",
-                                   p->vm->name, vmm_link_hello_held_bytes(vmm));
-        }
-        if (r < 0) {
-                e->vmm = NULL;
-                epoch_free(e);
-                free(e);
-                pthread_mutex_lock(&p->mutex);
-                set_failed_locked(p, "attaching to the VMM failed: %s", strerror(-r));
-                pthread_mutex_unlock(&p->mutex);
-                return r;
-        }
-        e->epoch_start_us = e->last_collect_us = e->last_reset_us = now_usec();
-        TAKE_PTR(vmm);
-
-        r = -pthread_create(&p->thread, NULL, epoch_thread, e);
-        if (r < 0) {
-                epoch_free(e);
-                free(e);
-                pthread_mutex_lock(&p->mutex);
-                set_failed_locked(p, "cannot start the epoch thread: %s", strerror(-r));
-                pthread_mutex_unlock(&p->mutex);
-                return r;
-        }
-        p->thread_started = true;
-        pthread_mutex_lock(&p->mutex);
-        p->attached = true;
-        if (p->guard == GUARD_SUSPENDED)
-                snprintf(p->detail, sizeof(p->detail),
-                         "suspended before attach (split-brain guard, kept by the VMM); waiting for a "
-                         "standby at %s "
-                         "or `dirtyrepctl resume`",
-                         p->vm->peer.text);
-        else if (p->promoted)
-                snprintf(p->detail, sizeof(p->detail),
-                         "promoted from the replica of epoch %" PRIu64
-                         "; unprotected until a standby at %s syncs",
-                         p->promoted_from, p->vm->peer.text);
-        else
-                snprintf(p->detail, sizeof(p->detail), "attached; connecting to %s", p->vm->peer.text);
-        pthread_mutex_unlock(&p->mutex);
-        log_info("VM %s: attached to %s (%s tracking, %zu vCPUs, %" PRIu64 " pages)", p->vm->name,
-                 p->vm->control_socket, e->t.ops->name, lay->n_vcpus, lay->total_pages);
-        return connect_now(p);
-}
-
-static int on_attach_timer(sd_event_source *s, uint64_t usec, void *userdata)
-{
-        Primary *p = userdata;
-
-        p->attach_timer = sd_event_source_disable_unref(p->attach_timer);
-        (void) attach_now(p);
-        return 0;
-}
-
-static int schedule_attach(Primary *p)
-{
-        p->attach_timer = sd_event_source_disable_unref(p->attach_timer);
-        return sd_event_add_time_relative(p->event, &p->attach_timer, CLOCK_MONOTONIC, ATTACH_RETRY_USEC,
-                                          1000, on_attach_timer, p);
 }
 
 /* ---- public API ----------------------------------------------------------------------- */
@@ -2179,6 +1155,7 @@ int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
         p->wake_fd = p->notify_fd = -EBADF;
         pthread_mutex_init(&p->mutex, NULL);
         pthread_cond_init(&p->cond, NULL);
+        command_queue_init(&p->commands);
         p->event = sd_event_ref(e);
         p->dcfg = d;
         p->vm = vm;
@@ -2234,14 +1211,14 @@ int primary_start(Primary *p)
                 return -EINVAL;
         if (p->started)
                 return -EALREADY;
-        r = sd_event_add_io(p->event, &p->notify_source, p->notify_fd, EPOLLIN, on_notify, p);
+        r = sd_event_add_io(p->event, &p->notify_source, p->notify_fd, EPOLLIN, primary_on_notify, p);
         if (r < 0)
                 return r;
         p->started = true;
         pthread_mutex_lock(&p->mutex);
         snprintf(p->detail, sizeof(p->detail), "waiting for the VMM at %s", p->vm->control_socket);
         pthread_mutex_unlock(&p->mutex);
-        r = attach_now(p);
+        r = primary_attach(p);
         /* A wrong tracking mode is final (status failed); everything else retries. */
         return r == -EINVAL ? r : 0;
 }
@@ -2258,16 +1235,15 @@ Primary *primary_free(Primary *p)
                 /* Tells the standby why, and makes any send in progress return. */
                 link_fail(p->link, -ECANCELED, "primary stopping");
         if (p->link)
-                drop_link(p);
+                primary_drop_link(p);
         if (p->wake_fd >= 0)
                 wake(p->wake_fd);
         if (p->thread_started)
                 pthread_join(p->thread, NULL);
         /* Every image request is answered: with its result, or cancelled. */
-        image_deliver(p, true);
-        free(p->image_dir);
-        free(p->image_parent);
+        primary_image_deliver(p, true);
         free(p->image_req_dir);
+        command_queue_done(&p->commands);
 
         p->attach_timer = sd_event_source_disable_unref(p->attach_timer);
         p->reconnect_timer = sd_event_source_disable_unref(p->reconnect_timer);
@@ -2283,7 +1259,6 @@ Primary *primary_free(Primary *p)
         }
         free(p->regions);
         free(p->region_ptrs);
-        free(p->hash_path);
         pthread_cond_destroy(&p->cond);
         pthread_mutex_destroy(&p->mutex);
         sd_event_unref(p->event);
@@ -2298,313 +1273,4 @@ void primary_drain(Primary *p)
         pthread_mutex_unlock(&p->mutex);
         atomic_store_explicit(&p->draining, true, memory_order_relaxed);
         wake(p->wake_fd);
-}
-
-bool primary_suspended(Primary *p)
-{
-        bool r;
-
-        pthread_mutex_lock(&p->mutex);
-        r = p->guard == GUARD_SUSPENDED;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
-bool primary_take_attach_suspended(Primary *p)
-{
-        bool r;
-
-        pthread_mutex_lock(&p->mutex);
-        r = p->attach_suspended;
-        p->attach_suspended = false;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
-bool primary_drained(Primary *p)
-{
-        bool done;
-
-        pthread_mutex_lock(&p->mutex);
-        /* Nothing more can come: no standby to ACK, or the guard already holds everything. */
-        done = !p->attached || p->failed || !p->link_up || p->guard != GUARD_NONE ||
-               atomic_load_explicit(&p->acked, memory_order_relaxed) >= p->drain_target;
-        pthread_mutex_unlock(&p->mutex);
-        return done;
-}
-
-int primary_resume_unprotected(Primary *p)
-{
-        Guard was;
-
-        pthread_mutex_lock(&p->mutex);
-        if (p->failed || !p->attached) {
-                pthread_mutex_unlock(&p->mutex);
-                return -ENOTCONN;
-        }
-        was = p->guard;
-        if (was == GUARD_UNPROTECTED) {
-                pthread_mutex_unlock(&p->mutex);
-                return -EALREADY;
-        }
-        if (was == GUARD_NONE && p->link_up) {
-                /* Protected (or syncing): output follows the standby's ACKs. */
-                pthread_mutex_unlock(&p->mutex);
-                return -EBUSY;
-        }
-        p->guard = GUARD_UNPROTECTED;
-        snprintf(p->detail, sizeof(p->detail),
-                 "resumed by the operator: running UNPROTECTED until a standby at %s syncs",
-                 p->vm->peer.text);
-        pthread_mutex_unlock(&p->mutex);
-        p->split_timer = sd_event_source_disable_unref(p->split_timer);
-        log_error("VM %s: the operator resumed the VM (was %s): held output is released and the VM runs "
-                  "UNPROTECTED; if another host serves this VM now, both answer clients",
-                  p->vm->name,
-                  was == GUARD_SUSPENDED ? "suspended"
-                  : was == GUARD_HOLDING ? "holding output"
-                                         : "waiting for a standby");
-        wake(p->wake_fd);
-        return 0;
-}
-
-void primary_set_promoted(Primary *p, uint64_t from_epoch)
-{
-        pthread_mutex_lock(&p->mutex);
-        p->promoted = true;
-        p->promoted_from = from_epoch;
-        p->guard = GUARD_UNPROTECTED;
-        pthread_mutex_unlock(&p->mutex);
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-        uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
-        return x < y ? -1 : x > y;
-}
-
-void primary_get_status(Primary *p, ReplStatus *ret)
-{
-        uint64_t sorted[PAUSE_WINDOW], vm_sorted[PAUSE_WINDOW], page_in, page_out;
-        size_t n_vm = 0;
-        size_t n;
-        LinkStats ls = {};
-        Link *l;
-
-        *ret = (ReplStatus){.role = "primary"};
-        pthread_mutex_lock(&p->mutex);
-        if (p->failed)
-                ret->state = "failed";
-        else if (!p->attached)
-                ret->state = p->promoted ? "activating" : "attaching";
-        else if (p->guard == GUARD_SUSPENDED)
-                ret->state = p->suspended ? "suspended" : "suspending";
-        else if (p->guard == GUARD_UNPROTECTED)
-                ret->state = "unprotected";
-        else if (!p->link_up)
-                ret->state = "connecting";
-        else if (p->syncing)
-                ret->state = "syncing";
-        else
-                ret->state = "protected";
-        snprintf(ret->detail, sizeof(ret->detail), "%s", p->detail);
-        ret->link_up = p->link_up;
-        snprintf(ret->peer, sizeof(ret->peer), "%s", p->vm->peer.text);
-        ret->last_sealed = p->last_sealed;
-        ret->last_committed = atomic_load_explicit(&p->acked, memory_order_relaxed);
-        ret->epochs_committed = p->epochs_committed;
-        ret->full_syncs = p->full_syncs;
-        ret->incremental_syncs = p->incremental_syncs;
-        n = (size_t) MIN(p->n_pauses, (uint64_t) PAUSE_WINDOW);
-        memcpy(sorted, p->pauses, n * sizeof(uint64_t));
-        for (size_t i = 0; i < n; i++)
-                if (p->vm_pauses[i] > 0)
-                        vm_sorted[n_vm++] = p->vm_pauses[i];
-        ret->pages_last_epoch = p->pages_last_epoch;
-        ret->dirty_pages_per_s = p->dirty_rate;
-        ret->inflight = p->inflight;
-        ret->staging_bytes = p->staging_bytes;
-        ret->ram_bytes = p->total_pages * PAGE_BYTES;
-        ret->last_sync_usec = p->last_sync_usec;
-        ret->last_sync_full = p->last_sync_full;
-        if (p->syncing && p->sync_full && p->link_up) {
-                ret->sync_total_bytes = p->total_pages * PAGE_BYTES;
-                ret->sync_done_bytes = MIN(p->sync_walked_pages, p->total_pages) * PAGE_BYTES;
-                ret->sync_elapsed_usec = now_usec() - p->sync_start_usec;
-        }
-        ret->commit_gap_max_usec = p->commit_gap_max_usec;
-        memcpy(ret->commit_gaps, p->commit_gaps, sizeof(ret->commit_gaps));
-        page_in = p->page_bytes_in;
-        page_out = p->page_bytes_out;
-        l = p->link;
-        if (l)
-                link_get_stats(l, &ls);
-        pthread_mutex_unlock(&p->mutex);
-
-        if (n > 0) {
-                qsort(sorted, n, sizeof(uint64_t), cmp_u64);
-                ret->pause_ns_p50 = sorted[(n - 1) / 2];
-                ret->pause_ns_p99 = sorted[MIN((size_t) ((double) (n - 1) * 0.99 + 0.5), n - 1)];
-                ret->pause_ns_max = sorted[n - 1];
-        }
-        if (n_vm > 0) {
-                qsort(vm_sorted, n_vm, sizeof(uint64_t), cmp_u64);
-                ret->vm_pause_ns_p50 = vm_sorted[(n_vm - 1) / 2];
-                ret->vm_pause_ns_p99 = vm_sorted[MIN((size_t) ((double) (n_vm - 1) * 0.99 + 0.5), n_vm - 1)];
-                ret->vm_pause_ns_max = vm_sorted[n_vm - 1];
-        }
-        ret->bytes_sent = ls.bytes_sent;
-        ret->bytes_received = ls.bytes_received;
-        ret->compression_ratio = page_out > 0 ? (double) page_in / (double) page_out : 0.0;
-}
-
-/* Waits on the condition variable until pred holds, the thread failed, or the timeout. */
-#define WAIT_FOR(p, pred)                                                                                   \
-        ({                                                                                                  \
-                struct timespec _ts;                                                                        \
-                int _r = 0;                                                                                 \
-                clock_gettime(CLOCK_REALTIME, &_ts);                                                        \
-                _ts.tv_sec += REQUEST_TIMEOUT_USEC / USEC_PER_SEC;                                          \
-                while (!(pred)) {                                                                           \
-                        if ((p)->failed || !(p)->attached) {                                                \
-                                _r = -ESTALE;                                                               \
-                                break;                                                                      \
-                        }                                                                                   \
-                        if (pthread_cond_timedwait(&(p)->cond, &(p)->mutex, &_ts) == ETIMEDOUT) {           \
-                                _r = (pred) ? 0 : -ETIMEDOUT;                                               \
-                                break;                                                                      \
-                        }                                                                                   \
-                }                                                                                           \
-                _r;                                                                                         \
-        })
-
-/*
- * Checkpoint and freeze wait on the loop thread for the epoch thread to seal.
- * The loop is what delivers ACKs and link changes, so wait only for what can
- * happen without it: with no link, or with the one extra in-flight epoch a
- * synchronous request may take already used (by an earlier request whose
- * ACKs are still queued on the loop), the seal cannot come; answer at once
- * (-ENOTCONN, -EBUSY) and let the caller retry after the loop ran.
- * Called with p->mutex held.
- */
-static int seal_request_possible_locked(Primary *p)
-{
-        if (!p->link_up)
-                return -ENOTCONN;
-        if (p->inflight >= MAX(p->vm->max_inflight_epochs, 1u) + 1u)
-                return -EBUSY;
-        return 0;
-}
-
-int primary_checkpoint(Primary *p, uint64_t *ret_epoch)
-{
-        uint64_t want;
-        int r;
-
-        pthread_mutex_lock(&p->mutex);
-        if (p->frozen) {
-                pthread_mutex_unlock(&p->mutex);
-                return -EBUSY;
-        }
-        r = seal_request_possible_locked(p);
-        if (r < 0) {
-                pthread_mutex_unlock(&p->mutex);
-                return r;
-        }
-        want = ++p->checkpoint_req;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        pthread_mutex_lock(&p->mutex);
-        r = WAIT_FOR(p, p->checkpoint_done >= want);
-        if (r == 0 && ret_epoch)
-                *ret_epoch = p->checkpoint_epoch;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
-int primary_freeze(Primary *p, uint64_t *ret_epoch)
-{
-        int r;
-
-        pthread_mutex_lock(&p->mutex);
-        if (p->frozen) {
-                if (ret_epoch)
-                        *ret_epoch = p->frozen_epoch;
-                pthread_mutex_unlock(&p->mutex);
-                return 0;
-        }
-        r = seal_request_possible_locked(p);
-        if (r < 0) {
-                pthread_mutex_unlock(&p->mutex);
-                return r;
-        }
-        p->freeze_req = true;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        pthread_mutex_lock(&p->mutex);
-        r = WAIT_FOR(p, p->frozen);
-        if (r == 0 && ret_epoch)
-                *ret_epoch = p->frozen_epoch;
-        if (r < 0)
-                p->freeze_req = false;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
-int primary_reset_pauses(Primary *p)
-{
-        pthread_mutex_lock(&p->mutex);
-        p->n_pauses = 0;
-        pthread_mutex_unlock(&p->mutex);
-        return 0;
-}
-
-int primary_thaw(Primary *p)
-{
-        int r;
-
-        pthread_mutex_lock(&p->mutex);
-        if (!p->frozen) {
-                p->freeze_req = false;
-                pthread_mutex_unlock(&p->mutex);
-                return 0;
-        }
-        p->thaw_req = true;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        pthread_mutex_lock(&p->mutex);
-        r = WAIT_FOR(p, !p->frozen);
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
-int primary_hash_ram(Primary *p, const char *path)
-{
-        char *copy;
-        uint64_t want;
-        int r;
-
-        if (!path)
-                return -EINVAL;
-        copy = strdup(path);
-        if (!copy)
-                return -ENOMEM;
-        pthread_mutex_lock(&p->mutex);
-        if (!p->frozen) {
-                pthread_mutex_unlock(&p->mutex);
-                free(copy);
-                return -EBUSY;
-        }
-        free(p->hash_path);
-        p->hash_path = copy;
-        p->hash_req = true;
-        want = ++p->hash_seq;
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->wake_fd);
-        pthread_mutex_lock(&p->mutex);
-        r = WAIT_FOR(p, p->hash_done >= want);
-        if (r == 0)
-                r = p->hash_result;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
 }
