@@ -402,6 +402,10 @@ class FenceServer:
             return "on" if n.alive() else "off"
         if action in ("off", "reboot"):
             log(f"FENCE: {action} {node} (container alive: {n.alive()})")
+            if n.alive() and not self.events:
+                # The first fencing of a run: what the node said before it dies (why it is fenced).
+                n.sh("grep -E 'Actions:|exit-reason|Result of|unpack_rsc_op|fenced:|pe_fence_node' "
+                     "/var/log/pacemaker/pacemaker.log | grep -v debug | tail -40", timeout=20)
             n.kill()
             self.events.append((time.time(), action, node))
             return "ok"
@@ -425,8 +429,10 @@ class Cluster:
         os.makedirs(fdir)
         self.fence = FenceServer(os.path.join(fdir, "sock"), self)
         for name in NODES:
+            # nspawn keeps CAP_NET_ADMIN only with --private-network, not with a network namespace
+            # of ours: IPaddr2 (the vip) and dirtyrepd's own addresses need it.
             n = Node(tmp, name, cache, b, [f"--network-namespace-path=/run/netns/{self.ns[name]}",
-                                           f"--bind={fdir}:/run/dr-fence"])
+                                           "--capability=CAP_NET_ADMIN", f"--bind={fdir}:/run/dr-fence"])
             self.nodes[name] = n
             self.configure(n)
 
@@ -684,10 +690,13 @@ def failover_once(cl, tmp, primary, standby, key, trial):
     t_kill = time.time()
     log(f"trial {trial}: killing {primary} (its whole container)")
     cl.nodes[primary].kill()
+    # Replies the primary sent while its container was being killed are not the service coming
+    # back: only those acknowledged once it is dead.
+    t_dead = time.time()
     end = time.time() + 120
     back = None
     while time.time() < end:
-        after = [x for x in loop.values() if x[0] > t_kill]
+        after = [x for x in loop.values() if x[0] > t_dead]
         if after:
             back = after[0][0]
             break
