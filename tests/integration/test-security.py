@@ -42,7 +42,6 @@ test's temporary directory (no key is committed). Exit 0 pass, 1 fail,
 77 skip (no /dev/kvm, no openssl or setpriv).
 """
 import argparse
-import importlib.util
 import os
 import random
 import select
@@ -56,26 +55,15 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("repl", os.path.join(HERE, "test-replication.py"))
-repl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(repl)
-_spec = importlib.util.spec_from_file_location("control", os.path.join(HERE, "test-control.py"))
-control = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(control)
-_spec = importlib.util.spec_from_file_location("drtest", os.path.join(HERE, "drtest.py"))
-drtest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(drtest)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import control  # noqa: E402
+import drtest  # noqa: E402
+import loopback as repl  # noqa: E402
 
 ENV = os.environ
-log, fail = repl.log, repl.fail
+log, fail, check = repl.log, repl.fail, repl.check
 FRAME_MAGIC = struct.pack("<I", 0x46505244)
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
-def check(cond, msg):
-    if not cond:
-        fail(msg)
+NOBODY = control.NOBODY
 
 
 # ---- certificates -----------------------------------------------------------------------------
@@ -641,7 +629,7 @@ def main():
                  "debug-socket": test_debug_socket, "preauth-flood": test_preauth_flood,
                  "image-root": test_image_root}[a.test](tmp, a)
         finally:
-            for p in list(repl.LIVE) + list(control.LIVE):
+            for p in list(repl.LIVE):
                 p.kill()
     return 0
 
