@@ -57,6 +57,7 @@ class Proc:
     say = staticmethod(log)
     tail = 25
     group = None
+    stop_s = 15
 
     def logname(self, tag):
         return tag + ".log"
@@ -90,6 +91,9 @@ class Proc:
     def alive(self):
         return self.proc.poll() is None
 
+    def exitcode(self):
+        return self.proc.returncode
+
     def reap(self):
         if self in LIVE:
             LIVE.remove(self)
@@ -104,9 +108,10 @@ class Proc:
             self.proc.kill()
         self.reap()
 
-    def stop(self, timeout=15, sig=signal.SIGTERM):
+    def stop(self, timeout=None, sig=signal.SIGTERM):
         """Signals the process (SIGTERM) and waits; returns its exit status. One that
-        does not exit within timeout seconds is killed, and that fails the test."""
+        does not exit within timeout seconds (stop_s) is killed, and that fails the test."""
+        timeout = timeout or self.stop_s
         if self in LIVE:
             LIVE.remove(self)
         if self.alive():
@@ -152,7 +157,8 @@ def unix_request(path, line, timeout=30):
 
 
 class DebugSocket:
-    """dirtyrepd's debug socket (--debug-socket; self.debug is its path), for a Proc.
+    """dirtyrepd's debug socket (--debug-socket; self.debug is its path), for a Proc (or
+    a class with its tag, fail, alive(), exitcode() and pid).
     connect_s: how long a refused connection is retried (the socket file exists from
     bind(), the daemon listens a moment later); poll_s: how often wait() asks."""
 
@@ -195,7 +201,7 @@ class DebugSocket:
         st = None
         while time.time() < end:
             if not self.alive():
-                self.fail(f"{self.tag} exited with {self.proc.returncode} while waiting for {what}")
+                self.fail(f"{self.tag} exited with {self.exitcode()} while waiting for {what}")
             st = self.status(vm)
             if pred(st):
                 return st
