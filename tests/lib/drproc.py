@@ -49,15 +49,17 @@ class Proc:
 
     A family of processes (drtest.Proc, loopback.Proc) sets the class attributes:
     fail, how a failure is reported; say, the log; group, the process group of
-    its processes (None: the caller's, 0: their own); logname(), its output file
-    in tmp; shown(), what the "+" line logs. pipe: stdout is a pipe (text) for
-    the caller to read, stderr goes to the output file."""
+    its processes (None: the caller's, 0: their own); logmode, how its output file
+    is opened; and may override logname(), its output file in tmp; shown(), what
+    the "+" line logs (None: no line); popen(), how it is started. pipe: stdout is
+    a pipe (text) for the caller to read, stderr goes to the output file."""
 
     fail = staticmethod(fail)
     say = staticmethod(log)
-    tail = 25
+    dump_lines = 25
     group = None
     stop_s = 15
+    logmode = "w"
 
     def logname(self, tag):
         return tag + ".log"
@@ -65,18 +67,22 @@ class Proc:
     def shown(self, tag, cmd):
         return " ".join(cmd)
 
-    def __init__(self, tmp, tag, cmd, env=None, group=None, pipe=False):
-        self.tag = tag
-        self.errlog = os.path.join(tmp, self.logname(tag))
-        self.err = open(self.errlog, "w")
-        self.say("+", self.shown(tag, cmd))
-        group = self.group if group is None else group
+    def popen(self, cmd, env, group, pipe):
         kw = {} if group is None else {"process_group": group}
         if pipe:
             kw.update(stdout=subprocess.PIPE, stderr=self.err, text=True)
         else:
             kw.update(stdout=self.err, stderr=subprocess.STDOUT)
-        self.proc = subprocess.Popen(cmd, env=env, **kw)
+        return subprocess.Popen(cmd, env=env, **kw)
+
+    def __init__(self, tmp, tag, cmd, env=None, group=None, pipe=False):
+        self.tag = tag
+        self.errlog = os.path.join(tmp, self.logname(tag))
+        self.err = open(self.errlog, self.logmode)
+        shown = self.shown(tag, cmd)
+        if shown is not None:
+            self.say("+", shown)
+        self.proc = self.popen(cmd, env, self.group if group is None else group, pipe)
         self.pid = self.proc.pid
         LIVE.append(self)
 
@@ -86,7 +92,7 @@ class Proc:
 
     def dump(self, n=None):
         self.say(f"--- {self.tag} (last lines of {self.errlog}) ---\n" +
-                 "\n".join(self.text().splitlines()[-(n or self.tail):]))
+                 "\n".join(self.text().splitlines()[-(n or self.dump_lines):]))
 
     def alive(self):
         return self.proc.poll() is None

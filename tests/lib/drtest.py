@@ -130,7 +130,7 @@ class Proc(drproc.Proc):
     otherwise); only we stop it, by PID (or that group)."""
 
     say = staticmethod(log)
-    tail = 30
+    dump_lines = 30
     group = 0
 
     def logname(self, tag):
