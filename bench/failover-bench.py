@@ -68,9 +68,7 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--heartbeat-ms", type=int, default=50)
     a = ap.parse_args()
-    os.environ.setdefault("DR_VMM", os.path.join(a.build, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(a.build, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_KV", os.path.join(a.build, "vmm/guests/kv.elf"))
+    fo.build_env(a.build, "kv")
     fo.install_sigterm()
     # Every Daemon the namespaces' scaffolding writes takes its HeartbeatIntervalMs= from there.
     fo.HEARTBEAT_MS = a.heartbeat_ms

@@ -331,12 +331,7 @@ class Bench:
     def __init__(self, a):
         self.a = a
         b = os.path.abspath(a.build)
-        self.env = dict(os.environ)
-        self.env.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-        self.env.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-        self.env.setdefault("DR_DIRTYREPCTL", os.path.join(b, "client/dirtyrepctl"))
-        for g in ("dirtier", "memtouch", "kv"):
-            self.env.setdefault(f"DR_GUEST_{g.upper()}", os.path.join(b, f"vmm/guests/{g}.elf"))
+        self.env = drproc.build_env(b, "dirtier", "memtouch", "kv", ctl=True, env=dict(os.environ))
         if a.asan:
             self.env["ASAN_OPTIONS"] = "detect_leaks=1:abort_on_error=0:halt_on_error=1"
             self.env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"

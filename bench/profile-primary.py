@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import replbench as rb
-from replbench import ROOT
+from replbench import ROOT, repl
 
 
 def main():
@@ -27,14 +27,12 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     a = ap.parse_args()
     b = os.path.abspath(a.build)
-    os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_DIRTIER", os.path.join(b, "vmm/guests/dirtier.elf"))
+    repl.build_env(b, "dirtier")
     out = f"/tmp/perf-{a.memory}.data"
     with tempfile.TemporaryDirectory(prefix="dr-prof-") as tmp:
         vmm = rb.BVmm(tmp, a.memory, "ring", "ws=64M pattern=random rate=25000 report_ms=1000")
         rb.wait_console(vmm.console, "ws_base=")
-        primary, standby = rb.repl.pair(tmp, vmm, "ring")
+        primary, standby = repl.pair(tmp, vmm, "ring")
         try:
             primary.wait(lambda s: s["state"] == "protected", "protected", timeout=300)
             time.sleep(1)

@@ -45,9 +45,7 @@ def main():
     ap.add_argument("--heartbeat-misses", type=int, default=4,
                     help="HeartbeatMisses= (x 50 ms); raise it on a loaded machine")
     a = ap.parse_args()
-    os.environ.setdefault("DR_VMM", os.path.join(a.build, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(a.build, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_KV", os.path.join(a.build, "vmm/guests/kv.elf"))
+    fo.build_env(a.build, "kv")
     fo.install_sigterm()
     tmp = tempfile.mkdtemp(prefix="dr-redis-bench-")
     results = {}

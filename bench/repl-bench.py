@@ -25,7 +25,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from replbench import full_sync, run_one  # noqa: E402
+from replbench import full_sync, repl, run_one  # noqa: E402
 
 
 def main():
@@ -35,9 +35,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
-    os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_DIRTIER", os.path.join(b, "vmm/guests/dirtier.elf"))
+    repl.build_env(b, "dirtier")
     window = 4.0 if a.quick else 8.0
     res = {"host": os.uname().release, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
 

@@ -25,6 +25,9 @@ import subprocess
 import sys
 import time
 
+import qemubench as qb
+import replbench as repl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 
@@ -546,12 +549,7 @@ def main():
                     "and load (only when named: 10 minutes, writes load.{json,md,png})")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
-    os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-    for g in ("dirtier", "memtouch", "kv"):
-        os.environ.setdefault(f"DR_GUEST_{g.upper()}", os.path.join(b, f"vmm/guests/{g}.elf"))
-    import qemubench as qb
-    import replbench as repl
+    repl.build_env(b, "dirtier", "memtouch", "kv")
     rep = Report(a.quick)
     if a.merge:
         # Re-run some sections into an existing report: keep the others' figures and tables.

@@ -62,9 +62,7 @@ def main():
     ap.add_argument("--compression", default="none")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
-    os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_DIRTIER", os.path.join(b, "vmm/guests/dirtier.elf"))
+    repl.build_env(b, "dirtier")
     runs = []
     for _ in range(a.reps):
         for tls in (False, True):

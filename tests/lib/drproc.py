@@ -36,6 +36,20 @@ def fail(msg):
     raise Fail(msg)
 
 
+def build_env(build, *guests, ctl=False, env=None):
+    """The DR_* variables meson gives the tests, for a benchmark run by hand: the executables of
+    the build directory build (dirtyrepctl too with ctl) and the guests named, unless set.
+    Returns env (default os.environ), changed in place."""
+    env = os.environ if env is None else env
+    env.setdefault("DR_VMM", os.path.join(build, "vmm/ref/dirtyrep-vmm"))
+    env.setdefault("DR_DIRTYREPD", os.path.join(build, "daemon/dirtyrepd"))
+    if ctl:
+        env.setdefault("DR_DIRTYREPCTL", os.path.join(build, "client/dirtyrepctl"))
+    for g in guests:
+        env.setdefault(f"DR_GUEST_{g.upper()}", os.path.join(build, f"vmm/guests/{g}.elf"))
+    return env
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from drproc import ENV, LIVE, SLOW, DebugSocket, Fail, fail, free_port  # noqa: F401 (re-exported)
+from drproc import ENV, LIVE, SLOW, DebugSocket, Fail, build_env, fail, free_port  # noqa: F401 (re-exported)
 import drproc
 
 TAG = f"dr{os.getpid() % 100000}"

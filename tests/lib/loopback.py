@@ -13,7 +13,7 @@ import sys
 import time
 
 import drproc
-from drproc import ENV, LIVE, SLOW, DebugSocket, free_port, log  # noqa: F401 (re-exported)
+from drproc import ENV, LIVE, SLOW, DebugSocket, build_env, free_port, log  # noqa: F401 (re-exported)
 
 
 def fail(msg):
@@ -43,16 +43,16 @@ class Bus(Proc, drproc.Bus):
 
 class Vmm(Proc):
     """dirtyrep-vmm running the guest DR_GUEST_<GUEST>, controlled on TMP/vmm.sock, COM1 in
-    TMP/console.log (tracking None: the VMM's default)."""
+    TMP/console.log (cpus, tracking None: the VMM's default)."""
 
     def __init__(self, tmp, guest, tracking, cpus, append, extra=(), memory="256M"):
         self.control = os.path.join(tmp, "vmm.sock")
         self.console = os.path.join(tmp, "console.log")
         kernel = ENV["DR_GUEST_" + guest.upper()]
-        super().__init__(tmp, "vmm", [ENV["DR_VMM"], "--name", "t", "--kernel", kernel, "--cpus", str(cpus),
-                                      "--memory", memory, *(["--tracking", tracking] if tracking else []),
-                                      "--control", self.control, "--console", self.console, "--append", append,
-                                      *extra])
+        super().__init__(tmp, "vmm", [ENV["DR_VMM"], "--name", "t", "--kernel", kernel,
+                                      *(["--cpus", str(cpus)] if cpus else []), "--memory", memory,
+                                      *(["--tracking", tracking] if tracking else []), "--control", self.control,
+                                      "--console", self.console, "--append", append, *extra])
 
     def service_port(self, timeout=30):
         end = time.time() + timeout
