@@ -27,6 +27,7 @@ import time
 
 import qemubench as qb
 import replbench as repl
+from replbench import repl as loopback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -549,7 +550,7 @@ def main():
                     "and load (only when named: 10 minutes, writes load.{json,md,png})")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
-    repl.build_env(b, "dirtier", "memtouch", "kv")
+    loopback.build_env(b, "dirtier", "memtouch", "kv")
     rep = Report(a.quick)
     if a.merge:
         # Re-run some sections into an existing report: keep the others' figures and tables.
