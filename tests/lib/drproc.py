@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""The base of the Python test library (tests/lib/, docs in tests/lib/README.md):
+"""The base of the Python test library (tests/lib/README.md):
 processes a test or a benchmark started, stopped only by their PID (or their
 own process group); dirtyrepd's debug socket; a private system-like
 dbus-daemon.
