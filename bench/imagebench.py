@@ -5,11 +5,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "lib"))
+from drproc import terminate  # noqa: E402
 
 
 def parse_size(s):
@@ -40,13 +42,7 @@ def wait_for(path, pattern, proc, timeout=120):
 
 
 def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate(proc, 20)
 
 
 def restore_time(build, image, tmp, tag):

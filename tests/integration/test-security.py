@@ -69,37 +69,16 @@ NOBODY = control.NOBODY
 
 # ---- a proxy that keeps the first bytes of each direction -------------------------------------
 
-class Sniffer:
+class Sniffer(drtest.Proxy):
     KEEP = 65536
 
     def __init__(self, target):
-        self.target = target
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(4)
-        self.port = self.ls.getsockname()[1]
         self.seen = {"up": b"", "down": b""}  # up: primary -> standby
         self.total = {"up": 0, "down": 0}
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept_loop, daemon=True).start()
+        super().__init__(target)
 
-    def accept_loop(self):
-        while True:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                c.close()
-                continue
-            # One thread per direction: a blocked send one way never stalls the other.
-            threading.Thread(target=self.pump, args=(c, t, "up"), daemon=True).start()
-            threading.Thread(target=self.pump, args=(t, c, "down"), daemon=True).start()
-
-    def pump(self, src, dst, d):
+    def pump(self, src, dst, forward):
+        d = "up" if forward else "down"
         try:
             while True:
                 data = src.recv(262144)
@@ -112,11 +91,7 @@ class Sniffer:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        drtest.close_both(src, dst)
 
 
 # ---- scenarios ----------------------------------------------------------------------------------

@@ -145,6 +145,18 @@ class Proc:
         return self.proc.returncode
 
 
+def terminate(popen, timeout=15):
+    """SIGTERM to a bare subprocess.Popen that still runs, SIGKILL if it has not exited within
+    timeout seconds; waits for it."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+
+
 def wait_path(proc, path, what, timeout=20, poll=0.02, dump=True):
     """Waits until path exists while proc runs (dump: its log if it exited)."""
     end = time.time() + timeout

@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 from drproc import ENV, LIVE, SLOW, DebugSocket, Fail, build_env, fail, free_port  # noqa: F401 (re-exported)
@@ -495,6 +496,19 @@ def page_hash_check(tmp, primary, standby):
 
 # ---- a TCP proxy with fault injection ---------------------------------------------------------
 
+def close_both(*socks):
+    """Shuts down and closes sockets (both ends of a relayed connection), whatever state they are in."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
 class Proxy:
     """TCP proxy listen -> target (host, port), with fault injection on the data
     flowing from the connecting side (the primary) to the target (the standby):
@@ -507,7 +521,6 @@ class Proxy:
     down (both sides see it closed)."""
 
     def __init__(self, target, listen=("127.0.0.1", 0)):
-        import threading
         self.target = target if isinstance(target, tuple) else ("127.0.0.1", target)
         self.ls = socket.socket()
         self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -523,7 +536,6 @@ class Proxy:
         threading.Thread(target=self.accept_loop, daemon=True).start()
 
     def accept_loop(self):
-        import threading
         while not self.stop:
             try:
                 c, _ = self.ls.accept()
@@ -537,10 +549,14 @@ class Proxy:
                 continue
             with self.lock:
                 self.conns.append((c, t))
-            # One thread per direction: a full receive buffer on one side must not hold
-            # back the other direction (heartbeats, ACKs), as it would not on a real link.
-            threading.Thread(target=self.pump, args=(c, t, True), daemon=True).start()
-            threading.Thread(target=self.pump, args=(t, c, False), daemon=True).start()
+            self.relay(c, t)
+
+    def relay(self, c, t):
+        """Relays one accepted connection c and its connection t to the target."""
+        # One thread per direction: a full receive buffer on one side must not hold
+        # back the other direction (heartbeats, ACKs), as it would not on a real link.
+        threading.Thread(target=self.pump, args=(c, t, True), daemon=True).start()
+        threading.Thread(target=self.pump, args=(t, c, False), daemon=True).start()
 
     def pump(self, src, dst, forward):
         def stalled():
@@ -567,15 +583,7 @@ class Proxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_both(src, dst)
 
     def cut(self):
         with self.lock:
@@ -669,25 +677,11 @@ class TamperProxy(Proxy):
         self.tampered = 0
         super().__init__(target, listen)
 
-    def accept_loop(self):
-        import threading
-        while not self.stop:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(self.target, timeout=2)
-                t.settimeout(None)
-            except OSError:
-                c.close()
-                continue
-            with self.lock:
-                self.conns.append((c, t))
-            st = {"c": c, "t": t, "wlock": threading.Lock(), "keyed": {True: False, False: False},
-                  "seq": {True: 0, False: 0}, "relay": False, "saved": None, "done": False}
-            threading.Thread(target=self.fpump, args=(st, True), daemon=True).start()
-            threading.Thread(target=self.fpump, args=(st, False), daemon=True).start()
+    def relay(self, c, t):
+        st = {"c": c, "t": t, "wlock": threading.Lock(), "keyed": {True: False, False: False},
+              "seq": {True: 0, False: 0}, "relay": False, "saved": None, "done": False}
+        threading.Thread(target=self.fpump, args=(st, True), daemon=True).start()
+        threading.Thread(target=self.fpump, args=(st, False), daemon=True).start()
 
     def _one_shot(self, what):
         self.mode = "pass"
@@ -826,15 +820,7 @@ class TamperProxy(Proxy):
             pass
         if not forward and st["relay"]:
             return  # the standby is gone, the relay goes on talking to the primary
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_both(src, dst)
 
 
 def proxy_server(control, pairs):
