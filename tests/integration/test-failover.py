@@ -480,22 +480,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="dr-failover-")
     rc = 1
     try:
-        net_up()
-        write_fence(tmp)
-        {"kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
-         "standby-loss": test_standby_loss, "split-brain": test_split_brain,
-         "manual": test_manual, "vmm-death": test_vmm_death, "stop-suspended": test_stop_suspended,
-         "restart-inflight": test_restart_inflight}[a.mode](tmp, a)
-        stop_all()
-        log("PASS")
-        rc = 0
-    except Fail as e:
-        log("FAIL:", e)
-        for p in LIVE:
-            p.dump()
+        rc = run_in_namespaces(tmp, lambda: {
+            "kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
+            "standby-loss": test_standby_loss, "split-brain": test_split_brain,
+            "manual": test_manual, "vmm-death": test_vmm_death, "stop-suspended": test_stop_suspended,
+            "restart-inflight": test_restart_inflight}[a.mode](tmp, a))
     finally:
-        kill_all()
-        net_down()
         if rc == 0 and not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -41,9 +41,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from drtest import (ENV, LIVE, SLOW, SVC_IP, Bus, Daemon, Fail, IncrLoop, Proc, fail, install_sigterm,  # noqa: E402
-                    kill_all, kill_primary, log, net_down, net_up, ns_exec, redis, setup_pair, stop_all,
-                    wait_file, write_fence)
+from drtest import (ENV, SLOW, SVC_IP, Bus, Daemon, IncrLoop, Proc, fail, install_sigterm, kill_primary,  # noqa: E402
+                    log, ns_exec, redis, run_in_namespaces, setup_pair, wait_file)
 
 def ctl(bus, *args, timeout=120):
     c = subprocess.run([ENV["DR_DIRTYREPCTL"], "--bus-address", bus.address] + list(args), capture_output=True,
@@ -314,25 +313,12 @@ def main():
             return 77
     install_sigterm()
     tmp = tempfile.mkdtemp(prefix="dr-operator-")
-    rc = 1
     try:
-        net_up()
-        write_fence(tmp)
-        bus = Bus(tmp, "dbus", dirname="bus")
-        {"reload-keeps-replica": test_reload_keeps_replica, "failover-retry": test_failover_retry,
-         "maintenance": test_maintenance}[a.mode](tmp, bus)
-        stop_all()
-        log("PASS")
-        rc = 0
-    except Fail as e:
-        log("FAIL:", e)
-        for p in LIVE:
-            p.dump()
+        return run_in_namespaces(tmp, lambda: {
+            "reload-keeps-replica": test_reload_keeps_replica, "failover-retry": test_failover_retry,
+            "maintenance": test_maintenance}[a.mode](tmp, Bus(tmp, "dbus", dirname="bus")))
     finally:
-        kill_all()
-        net_down()
         shutil.rmtree(tmp, ignore_errors=True)
-    return rc
 
 
 if __name__ == "__main__":

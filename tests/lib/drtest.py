@@ -90,6 +90,28 @@ def kill_all():
     kill_live()
 
 
+def run_in_namespaces(tmp, scenario):
+    """Runs scenario() with the namespaces up and the fence scripts in tmp. A pass ends every
+    process cleanly (stop_all()); whatever happens, what is left is killed and the namespaces
+    are deleted. Returns 0 (pass) or 1 (a Fail: its message and the logs were printed)."""
+    rc = 1
+    try:
+        net_up()
+        write_fence(tmp)
+        scenario()
+        stop_all()
+        log("PASS")
+        rc = 0
+    except Fail as e:
+        log("FAIL:", e)
+        for p in LIVE:
+            p.dump()
+    finally:
+        kill_all()
+        net_down()
+    return rc
+
+
 # ---- network ------------------------------------------------------------------------------
 
 def net_up():
