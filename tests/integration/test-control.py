@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -482,14 +481,7 @@ def main():
     for k in ("DR_VMM", "DR_DIRTYREPD", "DR_DIRTYREPCTL", "DR_GUEST_DIRTIER", "DR_SRCDIR"):
         if k not in ENV:
             fail(f"{k} not set")
-    with tempfile.TemporaryDirectory(prefix="dr-ctl-") as tmp:
-        os.chmod(tmp, 0o755)
-        try:
-            {"dbus": test_dbus, "notify": test_notify}[sys.argv[1]](tmp)
-        finally:
-            for p in list(LIVE):
-                p.kill()
-    return 0
+    return control.in_tmp("dr-ctl-", {"dbus": test_dbus, "notify": test_notify}[sys.argv[1]], world=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -613,14 +612,7 @@ def main():
         env = dict(ENV, DR_OP_MOUNT_NS="1")
         os.execvpe("unshare", ["unshare", "--mount", "--propagation", "private", sys.executable,
                                os.path.abspath(__file__), "journal-fields"], env)
-    with tempfile.TemporaryDirectory(prefix="dr-op-") as tmp:
-        os.chmod(tmp, 0o755)
-        try:
-            tests[sys.argv[1]](tmp)
-        finally:
-            for p in list(LIVE):
-                p.kill()
-    return 0
+    return ctlmod.in_tmp("dr-op-", tests[sys.argv[1]], world=True)
 
 
 if __name__ == "__main__":

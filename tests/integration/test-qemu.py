@@ -29,7 +29,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -388,13 +387,7 @@ def main():
     log(f"seed {a.seed}")
     qemu = find_qemu()
     log(f"QEMU: {qemu}")
-    with tempfile.TemporaryDirectory(prefix="dr-qemu-") as tmp:
-        try:
-            globals()["test_" + a.what](tmp, a, qemu)
-        finally:
-            for p in list(tr.LIVE):
-                p.kill()
-    return 0
+    return tr.in_tmp("dr-qemu-", globals()["test_" + a.what], a, qemu)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,11 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from drtest import Proxy  # noqa: E402
-from loopback import ENV, LIVE, SLOW, Proc, Vmm, compare_at_freeze, fail, free_port, log, pair  # noqa: E402
+from loopback import ENV, SLOW, Proc, Vmm, compare_at_freeze, fail, free_port, in_tmp, log, pair  # noqa: E402
 
 
 def dirtier_writes(vmm, cpus):
@@ -461,14 +460,9 @@ def main():
         if k not in ENV:
             fail(f"{k} not set")
     log(f"seed {a.seed}")
-    with tempfile.TemporaryDirectory(prefix="dr-repl-") as tmp:
-        try:
-            {"consistency": test_consistency, "faults": test_faults, "auth": test_auth, "pause-timeout": test_pause_timeout,
-             "badinput": test_badinput, "images": test_images, "commit-ack": test_commit_ack}[a.test](tmp, a)
-        finally:
-            for p in list(LIVE):
-                p.kill()
-    return 0
+    return in_tmp("dr-repl-", {"consistency": test_consistency, "faults": test_faults, "auth": test_auth,
+                               "pause-timeout": test_pause_timeout, "badinput": test_badinput, "images": test_images,
+                               "commit-ack": test_commit_ack}[a.test], a)
 
 
 if __name__ == "__main__":

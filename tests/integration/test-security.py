@@ -51,7 +51,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -550,18 +549,11 @@ def main():
         if k not in ENV:
             fail(f"{k} not set")
     log(f"seed {a.seed}")
-    with tempfile.TemporaryDirectory(prefix="dr-sec-") as tmp:
-        try:
-            if a.test.startswith("tamper-"):
-                test_tamper(tmp, a, a.test[len("tamper-"):])
-            else:
-                {"tls": test_tls, "tls-refused": test_tls_refused, "caps": test_caps,
-                 "debug-socket": test_debug_socket, "preauth-flood": test_preauth_flood,
-                 "image-root": test_image_root}[a.test](tmp, a)
-        finally:
-            for p in list(repl.LIVE):
-                p.kill()
-    return 0
+    if a.test.startswith("tamper-"):
+        return repl.in_tmp("dr-sec-", test_tamper, a, a.test[len("tamper-"):])
+    return repl.in_tmp("dr-sec-", {"tls": test_tls, "tls-refused": test_tls_refused, "caps": test_caps,
+                                   "debug-socket": test_debug_socket, "preauth-flood": test_preauth_flood,
+                                   "image-root": test_image_root}[a.test], a)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ class Standby(DebugSocket):
     def start(self):
         if os.path.exists(self.debug):
             os.unlink(self.debug)
-        self.proc = Proc(self.tmp, "dirtyrepd", drproc.dirtyrepd_cmd(self.tmp, self.debug) + ["--bus-address", self.bus])
+        self.proc = Proc(self.tmp, "dirtyrepd",
+                         drproc.dirtyrepd_cmd(self.tmp, self.debug) + ["--bus-address", self.bus])
         end = time.time() + 20
         while ctl(self.bus, "list", quiet=True)[0] != 0:
             if not self.proc.alive() or time.time() > end:

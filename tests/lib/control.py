@@ -12,7 +12,7 @@ import time
 
 import drproc
 import loopback
-from loopback import ENV, LIVE, DebugSocket, Proc, check, fail, free_port, log  # noqa: F401 (re-exported)
+from loopback import ENV, LIVE, DebugSocket, Proc, check, fail, free_port, in_tmp, log  # noqa: F401 (re-exported)
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 SECRET = b"control-plane-test-secret-0123456789\n"

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import drproc
@@ -29,6 +30,20 @@ def fail(msg):
 def check(cond, msg):
     if not cond:
         fail(msg)
+
+
+def in_tmp(prefix, test, *args, world=False):
+    """Runs test(tmp, *args) in a new temporary directory (world: readable by any uid) and kills
+    every process left, however it ends; returns 0 (a failure exits in fail())."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        if world:
+            os.chmod(tmp, 0o755)
+        try:
+            test(tmp, *args)
+        finally:
+            for p in list(LIVE):
+                p.kill()
+    return 0
 
 
 class Proc(drproc.Proc):
