@@ -199,10 +199,7 @@ def test_consistency(tmp, a, qemu):
         progressing(vmm, "after the checks")
     log(f"primary: {st}")
     log(f"standby: {standby.status()}")
-    for p in (primary, standby, vmm):
-        rc = p.stop()
-        if rc != 0:
-            fail(f"{p.tag} exited {rc} on SIGTERM")
+    tr.stop_clean(primary, standby, vmm)
     log(f"PASS: QEMU, {a.guest}, {a.cpus} vCPU(s), {st['last_committed']} epochs, "
         f"pause p50 {st['pause_ns_p50'] / 1e6:.2f} ms p99 {st['pause_ns_p99'] / 1e6:.2f} ms")
 

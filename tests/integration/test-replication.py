@@ -30,7 +30,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from drtest import Proxy  # noqa: E402
-from loopback import ENV, SLOW, Proc, Vmm, compare_at_freeze, fail, free_port, in_tmp, log, pair  # noqa: E402
+from loopback import (ENV, SLOW, Proc, Vmm, compare_at_freeze, fail, free_port, in_tmp, log, pair,  # noqa: E402
+                      stop_clean)
 
 
 def dirtier_writes(vmm, cpus):
@@ -88,10 +89,7 @@ def test_consistency(tmp, a):
         log(f"memtouch generations: {first_gens} at the first check, {prev_gens} at the last")
     log(f"primary: {st}")
     log(f"standby: {standby.status()}")
-    for p in (primary, standby, vmm):
-        rc = p.stop()
-        if rc != 0:
-            fail(f"{p.tag} exited {rc} on SIGTERM")
+    stop_clean(primary, standby, vmm)
     log(f"PASS: {a.guest}, {a.tracking}, {a.cpus} vCPU(s), {st['last_committed']} epochs, "
         f"pause p50 {st['pause_ns_p50'] / 1e6:.2f} ms p99 {st['pause_ns_p99'] / 1e6:.2f} ms")
 
@@ -182,10 +180,7 @@ def ack_stall_round(tmp, output_commit, rounds):
             f"primary acknowledged up to {after}")
         results.append((bool(during), delay))
     c.close()
-    for p in (primary, standby, vmm):
-        rc = p.stop()
-        if rc != 0:
-            fail(f"{p.tag} exited {rc} on SIGTERM")
+    stop_clean(primary, standby, vmm)
     proxy.stop = True
     proxy.ls.close()
     return results
@@ -309,10 +304,7 @@ def test_pause_timeout(tmp, a):
     st = primary.wait(lambda s: s["last_committed"] >= target, f"epoch {target} after the thaw", timeout=60)
     log(f"after the thaw: {st['state']}, epoch {st['last_committed']} (was {before} before the freeze)")
     compare_at_freeze(tmp, primary, standby, "dirtier", 0)
-    for p in (primary, standby, vmm):
-        rc = p.stop()
-        if rc != 0:
-            fail(f"{p.tag} exited {rc} on SIGTERM")
+    stop_clean(primary, standby, vmm)
     log("PASS: PAUSE timeouts postponed the seal; protection and consistency held")
 
 
@@ -373,11 +365,7 @@ def test_images(tmp, a):
 
     def image(name, parent=None, expect_ok=True):
         args = f"image t {os.path.join(imgs, name)}" + (f" {os.path.join(imgs, parent)}" if parent else "")
-        for _ in range(100):
-            r = primary.req(args, timeout=120)
-            if "busy" not in r and "not connected" not in r.lower():
-                break
-            time.sleep(0.05)
+        r = primary.req_settled(args, timeout=120, connected=True)
         if expect_ok != r.startswith("ok"):
             fail(f"'{args}' answered {r.strip()!r}")
         if not expect_ok:

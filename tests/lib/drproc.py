@@ -214,6 +214,24 @@ class DebugSocket:
                     raise
                 time.sleep(self.poll_s)
 
+    def req_settled(self, line, tries=100, timeout=30, connected=False):
+        """req(line), asked again (tries times, 50 ms apart) while the daemon answers busy
+        (or, with connected, "not connected": a link still being re-established)."""
+        for _ in range(tries):
+            r = self.req(line, timeout)
+            if "busy" not in r and not (connected and "not connected" in r.lower()):
+                break
+            time.sleep(0.05)
+        return r
+
+    def freeze(self, vm="t", tries=200):
+        """Freezes VM vm right after a seal; returns that epoch. The daemon answers busy or not
+        connected at once while it still has ACKs or a reconnect to process: asked again."""
+        r = self.req_settled(f"freeze {vm}", tries, connected=True)
+        if not r.startswith("ok"):
+            self.fail(f"{self.tag}: freeze {vm} answered {r.strip()!r}")
+        return int(r.split()[1])
+
     def ok(self, line, timeout=30):
         r = self.req(line, timeout)
         if not r.startswith("ok"):

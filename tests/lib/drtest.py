@@ -387,36 +387,20 @@ def replica_check(tmp, primary, standby, vm="t", memcheck=False):
     epoch, and compare a CRC32C of every page of the primary's RAM with the same of
     the replica: they must be identical. memcheck: also dump the replica and run
     dirtyrep-memcheck on it (memtouch guest). Returns (epoch, pages, memcheck output)."""
-    for _ in range(400):
-        r = primary.req(f"freeze {vm}")
-        if r.startswith("ok"):
-            e = int(r.split()[1])
-            break
-        if "busy" not in r and "not connected" not in r.lower():
-            fail(f"{primary.tag}: freeze {vm} answered {r.strip()!r}")
-        time.sleep(0.05)
-    else:
-        fail(f"{primary.tag}: freeze {vm} never succeeded")
+    e = primary.freeze(vm, tries=400)
     try:
         standby.wait(lambda s: s["last_committed"] >= e, f"standby commits epoch {e} of {vm}", vm=vm)
         ph, sh = os.path.join(tmp, f"p-{vm}.crc"), os.path.join(tmp, f"s-{vm}.crc")
         primary.ok(f"hash {vm} {ph}")
-        for _ in range(100):  # busy while an epoch is open: the one after the frozen seal may still be in flight
-            r = standby.req(f"hash {vm} {sh}")
-            if "busy" not in r:
-                break
-            time.sleep(0.05)
+        # busy while an epoch is open: the one after the frozen seal may still be in flight
+        r = standby.req_settled(f"hash {vm} {sh}")
         if not r.startswith("ok"):
             fail(f"{standby.tag}: 'hash {vm}' answered {r.strip()!r}")
         se = int(r.split()[1])
         out = ""
         if memcheck:
             ram, state = os.path.join(tmp, f"replica-{vm}.ram"), os.path.join(tmp, f"replica-{vm}.state")
-            for _ in range(100):
-                r = standby.req(f"dump {vm} {ram} {state}")
-                if "busy" not in r:
-                    break
-                time.sleep(0.05)
+            r = standby.req_settled(f"dump {vm} {ram} {state}")
             if not r.startswith("ok"):
                 fail(f"{standby.tag}: 'dump {vm}' answered {r.strip()!r}")
             c = subprocess.run([ENV["DR_MEMCHECK"], ram], capture_output=True, text=True)

@@ -46,6 +46,14 @@ def in_tmp(prefix, test, *args, world=False):
     return 0
 
 
+def stop_clean(*procs):
+    """SIGTERM to each in turn: each must exit 0 (a sanitized build checks for leaks at exit)."""
+    for p in procs:
+        rc = p.stop()
+        if rc != 0:
+            fail(f"{p.tag} exited {rc} on SIGTERM")
+
+
 class Proc(drproc.Proc):
     """A process this test started; only we stop it, by PID."""
 
@@ -122,21 +130,8 @@ def pair(tmp, vmm, tracking, epoch_ms=20, peer_port=None, listen_port=None, secr
     return primary, standby
 
 
-def freeze(primary):
-    """Freeze the primary after a seal; it answers busy/not connected at once while
-    it still has ACKs or a reconnect to process, so retry."""
-    for _ in range(200):
-        r = primary.req("freeze t")
-        if r.startswith("ok"):
-            return int(r.split()[1])
-        if "busy" not in r and "not connected" not in r.lower():
-            fail(f"freeze answered {r.strip()!r}")
-        time.sleep(0.05)
-    fail("the primary stayed busy for 10 s")
-
-
 def compare_at_freeze(tmp, primary, standby, guest, k):
-    e = freeze(primary)
+    e = primary.freeze()
     standby.wait(lambda s: s["last_committed"] >= e, f"standby to commit epoch {e}")
     ph, sh = os.path.join(tmp, f"p{k}.crc"), os.path.join(tmp, f"s{k}.crc")
     primary.ok(f"hash t {ph}")
