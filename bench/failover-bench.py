@@ -4,7 +4,7 @@
 
   bench/failover-bench.py [--build DIR] [--runs N] [--heartbeat-ms MS]
 
-Uses tests/integration/test-failover.py's namespaces (hosts A and B, client
+Uses tests/lib/drtest.py's namespaces (hosts A and B, client
 C, switch S). Each run: the pair is protected (after the first run, the dead
 host has rejoined as standby); a pinger in the client namespace sends PING to
 the service address every 2 ms over a fresh connection per attempt and logs
@@ -36,11 +36,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import importlib.util  # noqa: E402
-
-spec = importlib.util.spec_from_file_location("fo", os.path.join(ROOT, "tests/integration/test-failover.py"))
-fo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fo)
+sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
+import drtest as fo  # noqa: E402
 
 PINGER = r"""
 import socket, sys, time
@@ -71,12 +68,10 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--heartbeat-ms", type=int, default=50)
     a = ap.parse_args()
-    os.environ.setdefault("DR_VMM", os.path.join(a.build, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(a.build, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_KV", os.path.join(a.build, "vmm/guests/kv.elf"))
+    fo.build_env(a.build, "kv")
     fo.install_sigterm()
     # Every Daemon the namespaces' scaffolding writes takes its HeartbeatIntervalMs= from there.
-    sys.modules["drtest"].HEARTBEAT_MS = a.heartbeat_ms
+    fo.HEARTBEAT_MS = a.heartbeat_ms
     tmp = tempfile.mkdtemp(prefix="dr-failover-bench-")
     res = {"silent": {"exec": [], "service": []}, "kill": {"exec": [], "service": []}}
     pinger = None
@@ -141,12 +136,7 @@ def main():
         if pinger:
             os.killpg(pinger.pid, 9)
             pinger.wait()
-        for p in list(fo.LIVE):
-            try:
-                os.killpg(p.pid, 9)
-            except OSError:
-                pass
-            p.kill()
+        fo.kill_live()
         fo.net_down()
 
     print(f"\nFailover time, HeartbeatIntervalMs={interval} x HeartbeatMisses={misses}, kv guest 64 MiB, "

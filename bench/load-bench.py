@@ -69,7 +69,6 @@ import argparse
 import json
 import os
 import random
-import select
 import shutil
 import signal
 import socket
@@ -81,8 +80,12 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
+import drproc  # noqa: E402
+from drproc import LIVE, Fail, fail, free_port  # noqa: E402
+from drtest import Proxy  # noqa: E402
+
 T0 = time.monotonic()
-LIVE = []
 SECRET = b"load-bench-secret-0123456789abcdef\n"
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
                    "SUMMARY: AddressSanitizer", "SUMMARY: UndefinedBehaviorSanitizer", "ERROR: ThreadSanitizer")
@@ -96,53 +99,33 @@ def log(*a):
     print(f"[{now():7.1f}]", *a, flush=True)
 
 
-class Fail(Exception):
-    pass
-
-
-def fail(msg):
-    raise Fail(msg)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def parse_size(s):
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(s[:-1]) * mult[s[-1].upper()] if s[-1].upper() in mult else int(s)
 
 
-class Proc:
+class Proc(drproc.Proc):
     """A process this bench started, in its own process group; stopped only by its PID."""
 
-    def __init__(self, tmp, tag, cmd, env=None):
-        self.tag = tag
-        self.logpath = os.path.join(tmp, f"{tag}.log")
-        self.logf = open(self.logpath, "a")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0, env=env)
-        self.pid = self.proc.pid
+    group = 0
+    logmode = "a"
+    say = staticmethod(log)
+
+    def shown(self, tag, cmd):
+        return None
+
+    def popen(self, cmd, env, group, pipe):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=group, env=env)
         # Every line gets the bench's clock, so the logs line up with the events and samples.
-        self.reader = threading.Thread(target=self.pump, daemon=True)
+        self.reader = threading.Thread(target=self.pump, args=(p,), daemon=True)
         self.reader.start()
-        LIVE.append(self)
+        return p
 
-    def pump(self):
-        for line in iter(self.proc.stdout.readline, b""):
-            self.logf.write(f"[{now():8.3f}] {line.decode(errors='replace')}")
-            self.logf.flush()
-        self.proc.stdout.close()
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def text(self):
-        with open(self.logpath, errors="replace") as f:
-            return f.read()
+    def pump(self, p):
+        for line in iter(p.stdout.readline, b""):
+            self.err.write(f"[{now():8.3f}] {line.decode(errors='replace')}")
+            self.err.flush()
+        p.stdout.close()
 
     def tail(self, n=25):
         return "\n".join(self.text().splitlines()[-n:])
@@ -218,16 +201,11 @@ class Daemon(Proc):
         self.dir = d
         self.debug = os.path.join(d, "debug.sock")
         self.vms = vms
-        with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs={a.heartbeat_ms}\nHeartbeatMisses={a.heartbeat_misses}\n"
-                    f"RuntimeDirectory={d}\nStateDirectory={d}\n")
-        self.secret = os.path.join(d, "secret")
-        with open(os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(SECRET)
+        drproc.write_daemon_conf(d, a.heartbeat_ms, a.heartbeat_misses)
+        self.secret = drproc.write_secret(os.path.join(d, "secret"), SECRET)
         for name, keys in vms.items():
             self.write_vm(name, keys)
-        cmd = [env["DR_DIRTYREPD"], "--config", os.path.join(d, "dirtyrep.conf"), "--config-dir",
-               os.path.join(d, "vm.d"), "--debug-socket", self.debug]
+        cmd = drproc.dirtyrepd_cmd(d, self.debug, env["DR_DIRTYREPD"])
         cmd += ["--bus-address", bus.address] if bus else ["--bus=none"]
         super().__init__(tmp, tag, cmd, env=env)
         end = time.monotonic() + 30
@@ -239,24 +217,10 @@ class Daemon(Proc):
             time.sleep(0.05)
 
     def write_vm(self, name, keys):
-        with open(os.path.join(self.dir, "vm.d", name + ".conf"), "w") as f:
-            f.write("[VM]\n" + "".join(f"{k}={v}\n" for k, v in keys.items()) + f"SecretFile={self.secret}\n")
+        drproc.write_vm_conf(os.path.join(self.dir, "vm.d", name + ".conf"), keys, self.secret)
 
     def req(self, line, timeout=30):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect(self.debug)
-            s.sendall(line.encode() + b"\n")
-            out = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-        finally:
-            s.close()
-        return out.decode()
+        return drproc.unix_request(self.debug, line, timeout)
 
     def status(self):
         out = {}
@@ -286,117 +250,11 @@ class Daemon(Proc):
             return []
 
 
-class Bus(Proc):
-    CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={socket}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
+class Bus(Proc, drproc.Bus):
+    """A private system-like bus with the project's real policy file."""
 
     def __init__(self, tmp):
-        d = os.path.join(tmp, "bus")
-        os.makedirs(d, exist_ok=True)
-        self.socket = os.path.join(d, "bus.sock")
-        self.address = "unix:path=" + self.socket
-        conf = os.path.join(d, "bus.conf")
-        with open(conf, "w") as f:
-            f.write(self.CONF.format(socket=self.socket, policy=os.path.join(ROOT, "systemd", "org.dirtyrep1.conf")))
-        super().__init__(tmp, "dbus-daemon", ["dbus-daemon", "--config-file=" + conf, "--nofork", "--nopidfile"])
-        end = time.monotonic() + 10
-        while True:
-            if not self.alive() or time.monotonic() > end:
-                fail(f"dbus-daemon did not start: {self.tail()}")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(self.socket)
-                break
-            except OSError:
-                time.sleep(0.05)
-            finally:
-                s.close()
-
-
-class Proxy:
-    """TCP proxy 127.0.0.1:port -> 127.0.0.1:target; cut() closes every connection through it."""
-
-    def __init__(self, target):
-        self.target = target
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(8)
-        self.port = self.ls.getsockname()[1]
-        self.conns = []
-        self.lock = threading.Lock()
-        self.stopped = False
-        threading.Thread(target=self.accept_loop, daemon=True).start()
-
-    def accept_loop(self):
-        while not self.stopped:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(("127.0.0.1", self.target), timeout=2)
-                t.settimeout(None)
-            except OSError:
-                c.close()
-                continue
-            with self.lock:
-                self.conns.append((c, t))
-            threading.Thread(target=self.pump, args=(c, t), daemon=True).start()
-
-    def pump(self, c, t):
-        try:
-            while not self.stopped:
-                r, _, _ = select.select([c, t], [], [], 0.2)
-                for s in r:
-                    data = s.recv(262144)
-                    if not data:
-                        raise OSError
-                    (t if s is c else c).sendall(data)
-        except OSError:
-            pass
-        for s in (c, t):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def cut(self):
-        with self.lock:
-            n = len(self.conns)
-            for c, t in self.conns:
-                for s in (c, t):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-            self.conns = []
-        return n
-
-    def close(self):
-        self.stopped = True
-        self.cut()
-        self.ls.close()
+        super().__init__(tmp, "dbus-daemon", dirname="bus")
 
 
 class KvClient:
@@ -473,12 +331,7 @@ class Bench:
     def __init__(self, a):
         self.a = a
         b = os.path.abspath(a.build)
-        self.env = dict(os.environ)
-        self.env.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-        self.env.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-        self.env.setdefault("DR_DIRTYREPCTL", os.path.join(b, "client/dirtyrepctl"))
-        for g in ("dirtier", "memtouch", "kv"):
-            self.env.setdefault(f"DR_GUEST_{g.upper()}", os.path.join(b, f"vmm/guests/{g}.elf"))
+        self.env = drproc.build_env(b, "dirtier", "memtouch", "kv", ctl=True, env=dict(os.environ))
         if a.asan:
             self.env["ASAN_OPTIONS"] = "detect_leaks=1:abort_on_error=0:halt_on_error=1"
             self.env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"

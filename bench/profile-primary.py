@@ -10,14 +10,14 @@ and a primary dirtyrepd on loopback, waits until protected, records
 top symbols. Compare e.g. 1G with 16G to see what grows with RAM size.
 """
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import replbench as rb
+from replbench import ROOT, repl
 
 
 def main():
@@ -27,17 +27,12 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     a = ap.parse_args()
     b = os.path.abspath(a.build)
-    os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_DIRTIER", os.path.join(b, "vmm/guests/dirtier.elf"))
-    spec = importlib.util.spec_from_file_location("rb", os.path.join(ROOT, "bench/repl-bench.py"))
-    rb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rb)
+    repl.build_env(b, "dirtier")
     out = f"/tmp/perf-{a.memory}.data"
     with tempfile.TemporaryDirectory(prefix="dr-prof-") as tmp:
         vmm = rb.BVmm(tmp, a.memory, "ring", "ws=64M pattern=random rate=25000 report_ms=1000")
         rb.wait_console(vmm.console, "ws_base=")
-        primary, standby = rb.repl.pair(tmp, vmm, "ring")
+        primary, standby = repl.pair(tmp, vmm, "ring")
         try:
             primary.wait(lambda s: s["state"] == "protected", "protected", timeout=300)
             time.sleep(1)

@@ -10,7 +10,11 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "lib"))
+from drproc import free_port  # noqa: E402,F401 (the benchmarks' qemu.free_port)
 
 QEMU = shutil.which("qemu-system-x86_64")
 
@@ -107,11 +111,3 @@ class Qemu:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port

@@ -4,7 +4,7 @@
 
   bench/redis-bench.py [--build DIR] [--requests N] [--clients C]
 
-Uses tests/integration/test-failover.py's network namespaces: host A runs
+Uses tests/lib/drtest.py's network namespaces: host A runs
 dirtyrep-vmm with the kv guest; the client namespace runs
 `redis-benchmark -t set,get,incr --csv` against it. Configurations:
   - unreplicated: the VMM alone (no dirtyrepd: output passes straight through);
@@ -24,11 +24,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import importlib.util  # noqa: E402
-
-spec = importlib.util.spec_from_file_location("fo", os.path.join(ROOT, "tests/integration/test-failover.py"))
-fo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fo)
+sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
+import drtest as fo  # noqa: E402
 
 
 def bench(ip, requests, clients):
@@ -48,9 +45,7 @@ def main():
     ap.add_argument("--heartbeat-misses", type=int, default=4,
                     help="HeartbeatMisses= (x 50 ms); raise it on a loaded machine")
     a = ap.parse_args()
-    os.environ.setdefault("DR_VMM", os.path.join(a.build, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(a.build, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_KV", os.path.join(a.build, "vmm/guests/kv.elf"))
+    fo.build_env(a.build, "kv")
     fo.install_sigterm()
     tmp = tempfile.mkdtemp(prefix="dr-redis-bench-")
     results = {}
@@ -77,12 +72,7 @@ def main():
             p.dump()
         return 1
     finally:
-        for p in list(fo.LIVE):
-            try:
-                os.killpg(p.pid, 9)  # a daemon's group holds a VMM it started by a promotion
-            except OSError:
-                pass
-            p.kill()
+        fo.kill_live()  # with their process groups: a daemon's holds a VMM it started by a promotion
         fo.net_down()
 
     print(f"\nredis-benchmark -t set,get,incr -n {a.requests} -c {a.clients} (kv guest, 64 MiB, 1 vCPU; "

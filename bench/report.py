@@ -14,7 +14,6 @@ See docs/performance.md.
 """
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -26,15 +25,12 @@ import subprocess
 import sys
 import time
 
+import qemubench as qb
+import replbench as repl
+from replbench import repl as loopback
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def quiet(fn, *a, **kw):
@@ -242,7 +238,7 @@ def progress_section(rep, repl, window):
 
 
 def images_section(rep, build):
-    ib = load("image_bench", os.path.join(BENCH, "image-bench.py"))
+    import imagebench as ib
     rows = []
     for size in (["1G"] if rep.quick else ["1G", "4G"]):
         r = quiet(ib.bench_size, build, ib.parse_size(size), "/var/tmp", 1000)
@@ -554,12 +550,7 @@ def main():
                     "and load (only when named: 10 minutes, writes load.{json,md,png})")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
-    os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-    for g in ("dirtier", "memtouch", "kv"):
-        os.environ.setdefault(f"DR_GUEST_{g.upper()}", os.path.join(b, f"vmm/guests/{g}.elf"))
-    repl = load("repl_bench", os.path.join(BENCH, "repl-bench.py"))
-    qb = load("qemu_bench", os.path.join(BENCH, "qemu-bench.py"))
+    loopback.build_env(b, "dirtier", "memtouch", "kv")
     rep = Report(a.quick)
     if a.merge:
         # Re-run some sections into an existing report: keep the others' figures and tables.

@@ -18,32 +18,24 @@ import json
 import os
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import importlib.util  # noqa: E402
-
-spec = importlib.util.spec_from_file_location("rb", os.path.join(ROOT, "bench/repl-bench.py"))
-rb = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(rb)
-spec = importlib.util.spec_from_file_location("sec", os.path.join(ROOT, "tests/integration/test-security.py"))
-sec = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sec)
-repl = sec.repl
+import replbench as rb
+from replbench import ROOT, repl
+from pki import Pki, tls_keys  # (tests/lib: on sys.path from replbench)
 
 
 def one(tls, memory, ws, compression):
     with tempfile.TemporaryDirectory(prefix="dr-tls-bench-") as tmp:
-        pki = sec.Pki(tmp)
-        ks = sec.tls_keys(pki, "standby.test") if tls else {}
-        kp = sec.tls_keys(pki, "primary.test") if tls else {}
+        pki = Pki(tmp)
+        ks = tls_keys(pki, "standby.test") if tls else {}
+        kp = tls_keys(pki, "primary.test") if tls else {}
         vmm = rb.BVmm(tmp, memory, "ring", f"ws={ws} pattern=seq rate=0 report_ms=200 passes=1")
         rb.wait_console(vmm.console, r"idle after pass=1")
         port = repl.free_port()
-        standby = sec.daemon(tmp, "standby", {"Role": "standby", "Listen": f"127.0.0.1:{port}", **ks})
-        primary = sec.daemon(tmp, "primary", {"Role": "primary", "ControlSocket": vmm.control,
-                                              "Peer": f"127.0.0.1:{port}", "Tracking": "ring",
-                                              "Compression": compression, **kp})
+        standby = repl.Daemon(tmp, "standby", {"t": {"Role": "standby", "Listen": f"127.0.0.1:{port}", **ks}})
+        primary = repl.Daemon(tmp, "primary", {"t": {"Role": "primary", "ControlSocket": vmm.control,
+                                                     "Peer": f"127.0.0.1:{port}", "Tracking": "ring",
+                                                     "Compression": compression, **kp}})
         try:
             c0 = rb.cpu_s(primary.proc.pid) + rb.cpu_s(standby.proc.pid)
             st = primary.wait(lambda s: s["last_committed"] >= 1 and s["last_sync_usec"] > 0, "the full sync",
@@ -70,9 +62,7 @@ def main():
     ap.add_argument("--compression", default="none")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
-    os.environ.setdefault("DR_VMM", os.path.join(b, "vmm/ref/dirtyrep-vmm"))
-    os.environ.setdefault("DR_DIRTYREPD", os.path.join(b, "daemon/dirtyrepd"))
-    os.environ.setdefault("DR_GUEST_DIRTIER", os.path.join(b, "vmm/guests/dirtier.elf"))
+    repl.build_env(b, "dirtier")
     runs = []
     for _ in range(a.reps):
         for tls in (False, True):

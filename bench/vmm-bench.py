@@ -17,13 +17,14 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
+from drproc import terminate  # noqa: E402
 
 
 def run_vmm(b, tmp, tag, args):
@@ -58,12 +59,7 @@ def guest_rate(console, cpu, since_lines, seconds):
 
 
 def stop(p):
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(15)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+    terminate(p, 15)
 
 
 def harv(b, *args):

@@ -74,88 +74,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from drtest import *  # noqa: E402,F401,F403 (also re-exported to the benchmarks that load this file)
-
-
-def failover_trial(tmp, k, P, S, key, check=True, drain=None):
-    """One kill: returns (lost, last_acked, got, failover_s). drain(), when given, runs
-    once the standby is promoted, before the GET (test-qemu.py: the serial line's stale
-    reply)."""
-    loop = IncrLoop(tmp, f"{key}")
-    run_s = random.uniform(0.3, 1.5) * SLOW
-    time.sleep(run_s)
-    t_kill = time.time()
-    silent = random.random() < 0.5
-    kill_primary(P, silent)
-    # The new primary runs the guest; the client keeps INCRing meanwhile (no answers).
-    st = S.daemon.wait(lambda s: s["role"] == "primary" and s["state"] in ("unprotected", "connecting"),
-                       "promotion", timeout=20)
-    t_up = time.time()
-    acked = loop.stop()
-    if not acked:
-        fail(f"trial {k}: no INCR was acknowledged in {run_s:.2f} s")
-    last = acked[-1]
-    if drain:
-        drain()
-    # The client reconnects to the same service address.
-    end = time.time() + 15
-    got = None
-    while time.time() < end and got is None:
-        got = redis(SVC_IP, "GET", key, timeout=1.0)
-    if got is None:
-        S.daemon.dump()
-        fail(f"trial {k}: GET {key} got no answer from the new primary within 15 s")
-    got = int(got)
-    back = acked_regressions(acked)
-    lost = got < max(acked) or bool(back)
-    log(f"trial {k}: {len(acked)} INCRs acknowledged in {run_s:.2f} s, last {last}; "
-        f"{'silently (ports down first)' if silent else 'SIGKILL'}; "
-        f"new primary {st['state']} after {t_up - t_kill:.2f} s; "
-        f"GET -> {got}{'  LOST ACKNOWLEDGED WRITES' if lost else ''}")
-    if check and lost:
-        fail(f"trial {k}: GET {key} = {got}, highest acknowledged INCR {max(acked)}, acknowledged values that "
-             f"went back {back[:10]}: acknowledged writes lost")
-    return lost
-
-
-def rejoin(tmp, P, S, extra=None):
-    """P (dead) comes back as standby of S; waits for the full resync."""
-    P.daemon = Daemon(tmp, P.name, "standby", extra)
-    P.daemon.wait(lambda s: s["state"] == "listening", "standby listening")
-    ports(P.name, True)
-    st = S.daemon.wait(lambda s: s["state"] == "protected", "new primary protected by the rejoined standby",
-                       timeout=30)
-    log(f"host {P.name} rejoined as standby: full syncs {P.daemon.status()['full_syncs']}, "
-        f"new primary {st['state']}")
-
-
-def page_hash_check(tmp, primary, standby):
-    """The replica in steady-state replication, not right after the resync (which only checks
-    the full sync): 20 epochs past the rejoin, with writes through the service address, twice;
-    the replica equals the primary's RAM both times, the primary's RAM changed in between (the
-    VM ran and its changes were replicated), and no resync happened meanwhile."""
-    st0 = primary.daemon.wait(lambda s: s["state"] == "protected", "the primary protected")
-    base = st0["last_committed"]
-    primary.daemon.wait(lambda s: s["last_committed"] >= base + 20, f"20 epochs past epoch {base}, the resync")
-    hashes = []
-    for k in range(2):
-        acked = incr_until(time.time() + 1.0 * SLOW, f"steady{k}")
-        if not acked:
-            fail(f"no INCR answered through the service address before check {k}")
-        e, pages, _ = replica_check(tmp, primary.daemon, standby.daemon)
-        with open(os.path.join(tmp, "p-t.crc"), "rb") as f:
-            hashes.append(f.read())
-        log(f"page-hash check at epoch {e} ({e - base} after the resync, {len(acked)} INCRs before it): "
-            f"all {pages} pages of the replica equal the primary's RAM")
-    a, b = hashes
-    changed = sum(1 for i in range(0, min(len(a), len(b)), 4) if a[i:i + 4] != b[i:i + 4])
-    st = primary.daemon.status()
-    if changed == 0:
-        fail("the primary's RAM did not change between the two checks: the VM did not run")
-    if st["full_syncs"] + st["incremental_syncs"] != st0["full_syncs"] + st0["incremental_syncs"]:
-        fail(f"a resync happened during the steady-state checks: {st0} -> {st}")
-    log(f"{changed} pages changed between the two checks, no resync in between")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from drtest import *  # noqa: E402,F401,F403
 
 
 def test_kill(tmp, a, nocommit=False):
@@ -352,15 +272,7 @@ def test_restart_inflight(tmp, a):
     saw acknowledged must be in it."""
     misses = 60  # 3 s: the standby is SIGSTOPped for about 2.5 s below
     ctl = os.path.join(tmp, "proxy-a.sock")
-    proxy = Proc(tmp, "proxy-a", ns_exec("a", sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                             "drtest.py"),
-                                         "proxy", ctl, f"7100:{REPL_IP['b']}:{REPL_PORT}"))
-    end = time.time() + 20
-    while not os.path.exists(ctl):
-        if not proxy.alive() or time.time() > end:
-            proxy.dump()
-            fail("the proxy did not start")
-        time.sleep(0.02)
+    start_proxy(tmp, "a", ctl, f"7100:{REPL_IP['b']}:{REPL_PORT}")
     A, B = Host("a"), Host("b")
     ports("a", True)
     ports("b", True)
@@ -568,33 +480,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="dr-failover-")
     rc = 1
     try:
-        net_up()
-        write_fence(tmp)
-        {"kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
-         "standby-loss": test_standby_loss, "split-brain": test_split_brain,
-         "manual": test_manual, "vmm-death": test_vmm_death, "stop-suspended": test_stop_suspended,
-         "restart-inflight": test_restart_inflight}[a.mode](tmp, a)
-        stop_all()
-        log("PASS")
-        rc = 0
-    except Fail as e:
-        log("FAIL:", e)
-        for p in LIVE:
-            p.dump()
+        rc = run_in_namespaces(tmp, lambda: {
+            "kill": test_kill, "nocommit": lambda t, x: test_kill(t, x, True),
+            "standby-loss": test_standby_loss, "split-brain": test_split_brain,
+            "manual": test_manual, "vmm-death": test_vmm_death, "stop-suspended": test_stop_suspended,
+            "restart-inflight": test_restart_inflight}[a.mode](tmp, a))
     finally:
-        for pg in GROUPS:
-            try:
-                os.killpg(pg, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in list(LIVE):
-            try:
-                # A daemon's process group holds the VMM it started, too.
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            p.kill()
-        net_down()
         if rc == 0 and not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

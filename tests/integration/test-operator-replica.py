@@ -40,54 +40,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from drtest import (ENV, GROUPS, LIVE, SLOW, SVC_IP, Daemon, Fail, IncrLoop, Proc, fail, install_sigterm,  # noqa: E402
-                    kill_primary, log, net_down, net_up, ns_exec, redis, setup_pair, stop_all, wait_file,
-                    write_fence)
-
-BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={socket}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
-
-
-class Bus(Proc):
-    """A private system-like bus with the project's real policy file."""
-
-    def __init__(self, tmp):
-        d = os.path.join(tmp, "bus")
-        os.makedirs(d, exist_ok=True)
-        self.socket = os.path.join(d, "bus.sock")
-        self.address = "unix:path=" + self.socket
-        conf = os.path.join(d, "bus.conf")
-        with open(conf, "w") as f:
-            f.write(BUS_CONF.format(socket=self.socket,
-                                    policy=os.path.join(ENV["DR_SRCDIR"], "systemd", "org.dirtyrep1.conf")))
-        super().__init__(tmp, "dbus", ["dbus-daemon", "--config-file=" + conf, "--nofork", "--nopidfile"])
-        end = time.time() + 10
-        while not os.path.exists(self.socket):
-            if not self.alive() or time.time() > end:
-                fail(f"dbus-daemon did not come up: {self.text()}")
-            time.sleep(0.05)
-
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from drtest import (ENV, SLOW, SVC_IP, Bus, Daemon, IncrLoop, Proc, fail, install_sigterm, kill_primary,  # noqa: E402
+                    log, ns_exec, redis, run_in_namespaces, setup_pair, wait_file)
 
 def ctl(bus, *args, timeout=120):
     c = subprocess.run([ENV["DR_DIRTYREPCTL"], "--bus-address", bus.address] + list(args), capture_output=True,
@@ -358,35 +313,12 @@ def main():
             return 77
     install_sigterm()
     tmp = tempfile.mkdtemp(prefix="dr-operator-")
-    rc = 1
     try:
-        net_up()
-        write_fence(tmp)
-        bus = Bus(tmp)
-        {"reload-keeps-replica": test_reload_keeps_replica, "failover-retry": test_failover_retry,
-         "maintenance": test_maintenance}[a.mode](tmp, bus)
-        stop_all()
-        log("PASS")
-        rc = 0
-    except Fail as e:
-        log("FAIL:", e)
-        for p in LIVE:
-            p.dump()
+        return run_in_namespaces(tmp, lambda: {
+            "reload-keeps-replica": test_reload_keeps_replica, "failover-retry": test_failover_retry,
+            "maintenance": test_maintenance}[a.mode](tmp, Bus(tmp, "dbus", dirname="bus")))
     finally:
-        for pg in GROUPS:
-            try:
-                os.killpg(pg, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in list(LIVE):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            p.reap()
-        net_down()
         shutil.rmtree(tmp, ignore_errors=True)
-    return rc
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ dbus-daemons, dirtyrepctl.
 Usage: test-operator.py status-exit-codes|events-json|metrics|single-instance|journal-fields
 """
 import datetime
-import importlib.util
 import json
 import os
 import re
@@ -32,19 +31,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("control", os.path.join(HERE, "test-control.py"))
-ctlmod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ctlmod)
-
-ENV = os.environ
-LIVE = ctlmod.LIVE
-log, fail, check = ctlmod.log, ctlmod.fail, ctlmod.check
-Bus, Vmm, Daemon, Proc = ctlmod.Bus, ctlmod.Vmm, ctlmod.Daemon, ctlmod.Proc
-free_port, ctl = ctlmod.free_port, ctlmod.ctl
+sys.path.insert(0, os.path.join(HERE, "..", "lib"))
+import control as ctlmod  # noqa: E402
+from control import ENV, LIVE, Bus, Daemon, Proc, check, ctl, fail, free_port, log, pair  # noqa: E402
 
 
 def status_rc(bus, vm=None):
@@ -86,17 +78,6 @@ def skip_rest(what):
     for p in list(LIVE):
         p.kill()
     sys.exit(77)
-
-
-def pair(tmp, primary_extra=(), standby_extra=()):
-    bus_p, bus_s = Bus(tmp, "bus-primary"), Bus(tmp, "bus-standby")
-    vmm = Vmm(tmp)
-    port = free_port()
-    standby = Daemon(tmp, "standby", ["--role", "standby", "--listen", f"127.0.0.1:{port}"], bus=bus_s,
-                     extra=standby_extra)
-    primary = Daemon(tmp, "primary", ["--role", "primary", "--control-socket", vmm.control, "--peer",
-                                      f"127.0.0.1:{port}", "--epoch-ms", "20"], bus=bus_p, extra=primary_extra)
-    return bus_p, bus_s, vmm, primary, standby
 
 
 # ---- status exit codes ----------------------------------------------------------------------
@@ -631,14 +612,7 @@ def main():
         env = dict(ENV, DR_OP_MOUNT_NS="1")
         os.execvpe("unshare", ["unshare", "--mount", "--propagation", "private", sys.executable,
                                os.path.abspath(__file__), "journal-fields"], env)
-    with tempfile.TemporaryDirectory(prefix="dr-op-") as tmp:
-        os.chmod(tmp, 0o755)
-        try:
-            tests[sys.argv[1]](tmp)
-        finally:
-            for p in list(LIVE):
-                p.kill()
-    return 0
+    return ctlmod.in_tmp("dr-op-", tests[sys.argv[1]], world=True)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@
                                  stonith_admin --fence n2 kills its container, n2 rejoins;
                                  n1's switch port down: the majority fences it.
 
-The containers' tree is made once per build directory (tests/integration/pmtree.py); each
+The containers' tree is made once per build directory (tests/lib/pmtree.py); each
 run boots fresh overlays of it. Exit 0 pass, 1 fail, 77 skip (says why).
 """
 import glob
@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import pmtree  # noqa: E402
 
 tsd = pmtree.tsd

@@ -24,19 +24,17 @@ when cached; scripts/test builds it before the tests).
 Exit 0 pass, 1 fail, 77 skip (no /dev/kvm).
 """
 import argparse
-import importlib.util
 import os
 import random
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("test_replication", os.path.join(HERE, "test-replication.py"))
-tr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tr)
+sys.path.insert(0, os.path.join(HERE, "..", "lib"))
+import loopback as tr  # noqa: E402
+
 log, fail, Proc, ENV = tr.log, tr.fail, tr.Proc, tr.ENV
 
 RAM = "256M"
@@ -201,10 +199,7 @@ def test_consistency(tmp, a, qemu):
         progressing(vmm, "after the checks")
     log(f"primary: {st}")
     log(f"standby: {standby.status()}")
-    for p in (primary, standby, vmm):
-        rc = p.stop()
-        if rc != 0:
-            fail(f"{p.tag} exited {rc} on SIGTERM")
+    tr.stop_clean(primary, standby, vmm)
     log(f"PASS: QEMU, {a.guest}, {a.cpus} vCPU(s), {st['last_committed']} epochs, "
         f"pause p50 {st['pause_ns_p50'] / 1e6:.2f} ms p99 {st['pause_ns_p99'] / 1e6:.2f} ms")
 
@@ -327,9 +322,6 @@ def test_failover(tmp, a, qemu):
     if os.geteuid() != 0 or not shutil.which("redis-cli") or not shutil.which("ip"):
         log("SKIP: needs root, iproute2 and redis-cli")
         sys.exit(77)
-    spec = importlib.util.spec_from_file_location("test_failover", os.path.join(HERE, "test-failover.py"))
-    tf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tf)
     import drtest as dt
 
     def start_qemu_kv(tmp_, host):
@@ -349,7 +341,7 @@ def test_failover(tmp, a, qemu):
         times = []
         for k in range(a.trials):
             t = time.time()
-            tf.failover_trial(tmp, k, P, S, f"k{k}", drain=drain_service_line)
+            dt.failover_trial(tmp, k, P, S, f"k{k}", drain=drain_service_line)
             times.append(time.time() - t)
             # The promoted QEMU's output is in the log its dirtyrepd names ("output to
             # STATE_DIRECTORY/t.vmm.log"): it restored, it did not boot.
@@ -360,28 +352,19 @@ def test_failover(tmp, a, qemu):
                 vmm_text = f.read()
             if "device state restored" not in vmm_text:
                 fail(f"trial {k}: no 'device state restored' from the QEMU the standby started")
-            tf.rejoin(tmp, P, S, extra)
+            dt.rejoin(tmp, P, S, extra)
             P, S = S, P
         log(f"{a.trials} failovers with QEMU, no acknowledged write lost; trial time mean "
             f"{sum(times) / len(times):.2f} s")
-        tf.page_hash_check(tmp, P, S)
+        dt.page_hash_check(tmp, P, S)
         dt.stop_all()
     except dt.Fail as e:
         for p in dt.LIVE:
             p.dump()
+        dt.kill_all()  # with the process groups (fail() kills by PID only): a daemon's holds its QEMU
         fail(str(e))
     finally:
-        for pg in dt.GROUPS:
-            try:
-                os.killpg(pg, 9)
-            except ProcessLookupError:
-                pass
-        for p in list(dt.LIVE):
-            try:
-                os.killpg(p.pid, 9)
-            except (ProcessLookupError, PermissionError):
-                pass
-            p.kill()
+        dt.kill_all()
         dt.net_down()
     log("PASS: QEMU failed over and back with no acknowledged write lost")
 
@@ -401,13 +384,7 @@ def main():
     log(f"seed {a.seed}")
     qemu = find_qemu()
     log(f"QEMU: {qemu}")
-    with tempfile.TemporaryDirectory(prefix="dr-qemu-") as tmp:
-        try:
-            globals()["test_" + a.what](tmp, a, qemu)
-        finally:
-            for p in list(tr.LIVE):
-                p.kill()
-    return 0
+    return tr.in_tmp("dr-qemu-", globals()["test_" + a.what], a, qemu)
 
 
 if __name__ == "__main__":

@@ -20,243 +20,18 @@ counters advance on every vCPU.
 Exit 0 pass, 1 fail, 77 skip (no /dev/kvm).
 """
 import argparse
-import json
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from drtest import Proxy  # noqa: E402
-
-ENV = os.environ
-LIVE = []
-# scripts/test sets it for the slower sanitized build: more heartbeats may go missing.
-SLOW = float(ENV.get("DR_TEST_SLOWDOWN", "1"))
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def fail(msg):
-    log("FAIL:", msg)
-    for p in LIVE:
-        p.dump()
-    for p in list(LIVE):
-        p.kill()
-    sys.exit(1)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Proc:
-    """A process this test started; only we stop it, by PID."""
-
-    def __init__(self, tmp, tag, cmd):
-        self.tag = tag
-        self.errlog = os.path.join(tmp, tag + ".err")
-        self.err = open(self.errlog, "w")
-        log("+", " ".join(cmd))
-        self.proc = subprocess.Popen(cmd, stdout=self.err, stderr=subprocess.STDOUT)
-        LIVE.append(self)
-
-    def text(self):
-        with open(self.errlog, errors="replace") as f:
-            return f.read()
-
-    def dump(self):
-        log(f"--- {self.tag} (last lines) ---\n" + "\n".join(self.text().splitlines()[-25:]))
-
-    def kill(self):
-        if self in LIVE:
-            LIVE.remove(self)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self, timeout=15):
-        if self in LIVE:
-            LIVE.remove(self)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                fail(f"{self.tag} did not stop on SIGTERM within {timeout}s")
-        return self.proc.returncode
-
-
-class Vmm(Proc):
-    def __init__(self, tmp, guest, tracking, cpus, append, extra=()):
-        self.control = os.path.join(tmp, "vmm.sock")
-        self.console = os.path.join(tmp, "console.log")
-        kernel = ENV["DR_GUEST_" + guest.upper()]
-        super().__init__(tmp, "vmm", [ENV["DR_VMM"], "--name", "t", "--kernel", kernel, "--cpus", str(cpus),
-                                      "--memory", "256M", "--tracking", tracking, "--control", self.control,
-                                      "--console", self.console, "--append", append, *extra])
-
-    def service_port(self, timeout=30):
-        end = time.time() + timeout
-        while time.time() < end:
-            m = re.search(r"service port listening on [^\s]*:(\d+)", self.text())
-            if m:
-                return int(m.group(1))
-            if self.proc.poll() is not None:
-                fail(f"{self.tag} exited with {self.proc.returncode} before its service port listened")
-            time.sleep(0.05)
-        fail(f"{self.tag}: no 'service port listening' line within {timeout}s")
-
-
-class Daemon(Proc):
-    def __init__(self, tmp, tag, vms, secret=b"s3cret-shared-between-the-two-hosts\n", heartbeat=None):
-        d = os.path.join(tmp, tag)
-        os.makedirs(os.path.join(d, "vm.d"), exist_ok=True)
-        self.dir = d
-        self.debug = os.path.join(d, "debug.sock")
-        interval, misses = heartbeat or (50, round(4 * SLOW))
-        with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs={interval}\nHeartbeatMisses={misses}\n"
-                    f"RuntimeDirectory={d}\nStateDirectory={d}\n")
-        for name, keys in vms.items():
-            sf = os.path.join(d, name + ".secret")
-            with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                f.write(secret)
-            with open(os.path.join(d, "vm.d", name + ".conf"), "w") as f:
-                f.write("[VM]\n" + "".join(f"{k}={v}\n" for k, v in keys.items()) + f"SecretFile={sf}\n")
-        super().__init__(tmp, tag, [ENV["DR_DIRTYREPD"], "--config", os.path.join(d, "dirtyrep.conf"),
-                                    "--config-dir", os.path.join(d, "vm.d"), "--debug-socket", self.debug])
-        end = time.time() + 20
-        while not os.path.exists(self.debug):
-            if self.proc.poll() is not None:
-                fail(f"{tag} exited with {self.proc.returncode}")
-            if time.time() > end:
-                fail(f"{tag}: debug socket never appeared")
-            time.sleep(0.005)  # (bench/repl-bench.py times the primary's start from here)
-
-    def req(self, line, timeout=30):
-        # The socket file exists from bind(); the daemon listens a moment later.
-        for attempt in range(100):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(timeout)
-            try:
-                s.connect(self.debug)
-                break
-            except ConnectionRefusedError:
-                s.close()
-                if attempt == 99:
-                    raise
-                time.sleep(0.05)
-        s.sendall(line.encode() + b"\n")
-        out = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-        s.close()
-        return out.decode()
-
-    def ok(self, line, timeout=30):
-        r = self.req(line, timeout)
-        if not r.startswith("ok"):
-            fail(f"{self.tag}: '{line}' answered {r.strip()!r}")
-        return int(r.split()[1])
-
-    def status(self, vm="t"):
-        for line in self.req("status " + vm).splitlines():
-            st = json.loads(line)
-            if st["vm"] == vm:
-                return st
-        fail(f"{self.tag}: no status for VM {vm}")
-
-    def wait(self, pred, what, vm="t", timeout=60):
-        end = time.time() + timeout
-        st = None
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                fail(f"{self.tag} exited with {self.proc.returncode} while waiting for {what}")
-            st = self.status(vm)
-            if pred(st):
-                return st
-            time.sleep(0.05)
-        fail(f"{self.tag}: timed out waiting for {what}; last status {st}")
-
-
-def pair(tmp, vmm, tracking, epoch_ms=20, peer_port=None, listen_port=None, secret_p=None, extra_standby=None,
-         extra_primary=None, primary_keys=None, heartbeat=None):
-    listen_port = listen_port or free_port()
-    peer_port = peer_port or listen_port
-    sb_vms = {"t": {"Role": "standby", "Listen": f"127.0.0.1:{listen_port}"}}
-    sb_vms.update(extra_standby or {})
-    standby = Daemon(tmp, "standby", sb_vms, heartbeat=heartbeat)
-    pr_vms = {"t": {"Role": "primary", "ControlSocket": vmm.control, "Peer": f"127.0.0.1:{peer_port}",
-                    "EpochMs": str(epoch_ms), "Tracking": tracking}}
-    pr_vms["t"].update(primary_keys or {})
-    pr_vms.update(extra_primary or {})
-    kw = {"secret": secret_p} if secret_p else {}
-    kw["heartbeat"] = heartbeat
-    primary = Daemon(tmp, "primary", pr_vms, **kw)
-    return primary, standby
-
-
-def freeze(primary):
-    """Freeze the primary after a seal; it answers busy/not connected at once while
-    it still has ACKs or a reconnect to process, so retry."""
-    for _ in range(200):
-        r = primary.req("freeze t")
-        if r.startswith("ok"):
-            return int(r.split()[1])
-        if "busy" not in r and "not connected" not in r.lower():
-            fail(f"freeze answered {r.strip()!r}")
-        time.sleep(0.05)
-    fail("the primary stayed busy for 10 s")
-
-
-def compare_at_freeze(tmp, primary, standby, guest, k):
-    e = freeze(primary)
-    standby.wait(lambda s: s["last_committed"] >= e, f"standby to commit epoch {e}")
-    ph, sh = os.path.join(tmp, f"p{k}.crc"), os.path.join(tmp, f"s{k}.crc")
-    primary.ok(f"hash t {ph}")
-    se = standby.ok(f"hash t {sh}")
-    if se != e:
-        fail(f"standby hashed epoch {se}, expected the frozen {e}")
-    a, b = open(ph, "rb").read(), open(sh, "rb").read()
-    if len(a) != len(b) or len(a) == 0:
-        fail(f"hash files differ in size: primary {len(a)}, standby {len(b)}")
-    if a != b:
-        bad = [i // 4 for i in range(0, len(a), 4) if a[i:i + 4] != b[i:i + 4]]
-        fail(f"epoch {e}: replica differs from the primary's RAM in {len(bad)} page(s), first {bad[:10]}")
-    msg = f"epoch {e}: all {len(a) // 4} pages identical"
-    gens = None
-    if guest == "memtouch":
-        ram, state = os.path.join(tmp, f"r{k}.img"), os.path.join(tmp, f"r{k}.state")
-        standby.ok(f"dump t {ram} {state}")
-        c = subprocess.run([ENV["DR_MEMCHECK"], ram], capture_output=True, text=True)
-        if c.returncode != 0:
-            fail(f"memtouch checker failed on the replica at epoch {e}: {c.stdout} {c.stderr}")
-        msg += "; " + c.stdout.strip()
-        m = re.search(r"gens=([\d,]+)", c.stdout)
-        if not m:
-            fail(f"no gens= in the memtouch checker's output: {c.stdout!r}")
-        gens = [int(g) for g in m.group(1).split(",")]
-        os.unlink(ram)
-    primary.ok("thaw t")
-    log(msg)
-    return e, a, gens
+from loopback import (ENV, SLOW, Proc, Vmm, compare_at_freeze, fail, free_port, in_tmp, log, pair,  # noqa: E402
+                      stop_clean)
 
 
 def dirtier_writes(vmm, cpus):
@@ -314,10 +89,7 @@ def test_consistency(tmp, a):
         log(f"memtouch generations: {first_gens} at the first check, {prev_gens} at the last")
     log(f"primary: {st}")
     log(f"standby: {standby.status()}")
-    for p in (primary, standby, vmm):
-        rc = p.stop()
-        if rc != 0:
-            fail(f"{p.tag} exited {rc} on SIGTERM")
+    stop_clean(primary, standby, vmm)
     log(f"PASS: {a.guest}, {a.tracking}, {a.cpus} vCPU(s), {st['last_committed']} epochs, "
         f"pause p50 {st['pause_ns_p50'] / 1e6:.2f} ms p99 {st['pause_ns_p99'] / 1e6:.2f} ms")
 
@@ -408,10 +180,7 @@ def ack_stall_round(tmp, output_commit, rounds):
             f"primary acknowledged up to {after}")
         results.append((bool(during), delay))
     c.close()
-    for p in (primary, standby, vmm):
-        rc = p.stop()
-        if rc != 0:
-            fail(f"{p.tag} exited {rc} on SIGTERM")
+    stop_clean(primary, standby, vmm)
     proxy.stop = True
     proxy.ls.close()
     return results
@@ -535,10 +304,7 @@ def test_pause_timeout(tmp, a):
     st = primary.wait(lambda s: s["last_committed"] >= target, f"epoch {target} after the thaw", timeout=60)
     log(f"after the thaw: {st['state']}, epoch {st['last_committed']} (was {before} before the freeze)")
     compare_at_freeze(tmp, primary, standby, "dirtier", 0)
-    for p in (primary, standby, vmm):
-        rc = p.stop()
-        if rc != 0:
-            fail(f"{p.tag} exited {rc} on SIGTERM")
+    stop_clean(primary, standby, vmm)
     log("PASS: PAUSE timeouts postponed the seal; protection and consistency held")
 
 
@@ -599,11 +365,7 @@ def test_images(tmp, a):
 
     def image(name, parent=None, expect_ok=True):
         args = f"image t {os.path.join(imgs, name)}" + (f" {os.path.join(imgs, parent)}" if parent else "")
-        for _ in range(100):
-            r = primary.req(args, timeout=120)
-            if "busy" not in r and "not connected" not in r.lower():
-                break
-            time.sleep(0.05)
+        r = primary.req_settled(args, timeout=120, connected=True)
         if expect_ok != r.startswith("ok"):
             fail(f"'{args}' answered {r.strip()!r}")
         if not expect_ok:
@@ -686,14 +448,9 @@ def main():
         if k not in ENV:
             fail(f"{k} not set")
     log(f"seed {a.seed}")
-    with tempfile.TemporaryDirectory(prefix="dr-repl-") as tmp:
-        try:
-            {"consistency": test_consistency, "faults": test_faults, "auth": test_auth, "pause-timeout": test_pause_timeout,
-             "badinput": test_badinput, "images": test_images, "commit-ack": test_commit_ack}[a.test](tmp, a)
-        finally:
-            for p in list(LIVE):
-                p.kill()
-    return 0
+    return in_tmp("dr-repl-", {"consistency": test_consistency, "faults": test_faults, "auth": test_auth,
+                               "pause-timeout": test_pause_timeout, "badinput": test_badinput, "images": test_images,
+                               "commit-ack": test_commit_ack}[a.test], a)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ test's temporary directory (no key is committed). Exit 0 pass, 1 fail,
 77 skip (no /dev/kvm, no openssl or setpriv).
 """
 import argparse
-import importlib.util
 import os
 import random
 import select
@@ -52,111 +51,33 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("repl", os.path.join(HERE, "test-replication.py"))
-repl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(repl)
-_spec = importlib.util.spec_from_file_location("control", os.path.join(HERE, "test-control.py"))
-control = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(control)
-_spec = importlib.util.spec_from_file_location("drtest", os.path.join(HERE, "drtest.py"))
-drtest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(drtest)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import control  # noqa: E402
+import drtest  # noqa: E402
+import loopback as repl  # noqa: E402
+from pki import Pki, tls_keys  # noqa: E402
 
 ENV = os.environ
-log, fail = repl.log, repl.fail
+log, fail, check = repl.log, repl.fail, repl.check
 FRAME_MAGIC = struct.pack("<I", 0x46505244)
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
-def check(cond, msg):
-    if not cond:
-        fail(msg)
-
-
-# ---- certificates -----------------------------------------------------------------------------
-
-def openssl(*args, cwd):
-    c = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    if c.returncode != 0:
-        fail(f"openssl {' '.join(args)}: {c.stderr}")
-
-
-class Pki:
-    """Two CAs and leaf certificates (EC P-256, SAN = the name, client+server use)."""
-
-    def __init__(self, tmp):
-        self.dir = os.path.join(tmp, "pki")
-        os.makedirs(self.dir)
-        for ca in ("ca1", "ca2"):
-            openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", "2", "-subj", f"/CN=dirtyrep test {ca}",
-                    "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
-                    cwd=self.dir)
-
-    def leaf(self, name, ca="ca1"):
-        d = self.dir
-        ext = os.path.join(d, name + ".ext")
-        with open(ext, "w") as f:
-            f.write(f"subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"
-                    "extendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature\n")
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-                f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", ext, cwd=d)
-        os.chmod(os.path.join(d, f"{name}.key"), 0o600)
-        return os.path.join(d, f"{name}.crt"), os.path.join(d, f"{name}.key")
-
-    def ca(self, ca="ca1"):
-        return os.path.join(self.dir, f"{ca}.crt")
-
-
-def tls_keys(pki, name, ca="ca1", peer=None):
-    crt, key = pki.leaf(name) if not os.path.exists(os.path.join(pki.dir, name + ".crt")) else (
-        os.path.join(pki.dir, name + ".crt"), os.path.join(pki.dir, name + ".key"))
-    k = {"TLS": "yes", "TLSCertificateFile": crt, "TLSKeyFile": key, "TLSCAFile": pki.ca(ca)}
-    if peer:
-        k["TLSPeerName"] = peer
-    return k
+NOBODY = control.NOBODY
 
 
 # ---- a proxy that keeps the first bytes of each direction -------------------------------------
 
-class Sniffer:
+class Sniffer(drtest.Proxy):
     KEEP = 65536
 
     def __init__(self, target):
-        self.target = target
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(4)
-        self.port = self.ls.getsockname()[1]
         self.seen = {"up": b"", "down": b""}  # up: primary -> standby
         self.total = {"up": 0, "down": 0}
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept_loop, daemon=True).start()
+        super().__init__(target)
 
-    def accept_loop(self):
-        while True:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                c.close()
-                continue
-            # One thread per direction: a blocked send one way never stalls the other.
-            threading.Thread(target=self.pump, args=(c, t, "up"), daemon=True).start()
-            threading.Thread(target=self.pump, args=(t, c, "down"), daemon=True).start()
-
-    def pump(self, src, dst, d):
+    def pump(self, src, dst, forward):
+        d = "up" if forward else "down"
         try:
             while True:
                 data = src.recv(262144)
@@ -169,11 +90,7 @@ class Sniffer:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        drtest.close_both(src, dst)
 
 
 # ---- scenarios ----------------------------------------------------------------------------------
@@ -632,18 +549,11 @@ def main():
         if k not in ENV:
             fail(f"{k} not set")
     log(f"seed {a.seed}")
-    with tempfile.TemporaryDirectory(prefix="dr-sec-") as tmp:
-        try:
-            if a.test.startswith("tamper-"):
-                test_tamper(tmp, a, a.test[len("tamper-"):])
-            else:
-                {"tls": test_tls, "tls-refused": test_tls_refused, "caps": test_caps,
-                 "debug-socket": test_debug_socket, "preauth-flood": test_preauth_flood,
-                 "image-root": test_image_root}[a.test](tmp, a)
-        finally:
-            for p in list(repl.LIVE) + list(control.LIVE):
-                p.kill()
-    return 0
+    if a.test.startswith("tamper-"):
+        return repl.in_tmp("dr-sec-", test_tamper, a, a.test[len("tamper-"):])
+    return repl.in_tmp("dr-sec-", {"tls": test_tls, "tls-refused": test_tls_refused, "caps": test_caps,
+                                   "debug-socket": test_debug_socket, "preauth-flood": test_preauth_flood,
+                                   "image-root": test_image_root}[a.test], a)
 
 
 if __name__ == "__main__":

@@ -29,53 +29,24 @@ Usage: test-standby-lifecycle.py PATH-TO-dr-linkprimary. Exit 0 pass, 1 fail, 77
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-ENV = os.environ
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import drproc  # noqa: E402
+from drproc import ENV, LIVE, Bus, DebugSocket, Fail, fail, free_port, log  # noqa: E402
+
 SECRET = b"standby-lifecycle-secret-0123456789\n"
-LIVE = []
 
 
-def log(*a):
-    print(*a, flush=True)
+class Proc(drproc.Proc):
+    stop_s = 20
 
-
-class Fail(Exception):
-    pass
-
-
-def fail(msg):
-    raise Fail(msg)
-
-
-class Proc:
-    def __init__(self, tmp, tag, cmd, pipe=False):
-        self.tag = tag
-        self.logpath = os.path.join(tmp, f"{tag}.{len(LIVE)}.log")
-        self.f = open(self.logpath, "w")
-        log("+", " ".join(cmd))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if pipe else self.f, stderr=self.f, text=True)
-        self.pid = self.proc.pid
-        LIVE.append(self)
-
-    def text(self):
-        return open(self.logpath, errors="replace").read()
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self, sig=signal.SIGTERM, timeout=20):
-        if self.alive():
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout)
-        if self in LIVE:
-            LIVE.remove(self)
-        return self.proc.returncode
+    def logname(self, tag):
+        return f"{tag}.{len(LIVE)}.log"  # one per start of the daemon
 
 
 class LinkPrimary(Proc):
@@ -135,31 +106,12 @@ class LinkPrimary(Proc):
         return acks[-1] if acks else 0
 
 
-BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={socket}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
+class Standby(DebugSocket):
+    """The standby dirtyrepd, restarted as the test goes (self.proc: the running one)."""
 
+    tag = "dirtyrepd"
+    fail = staticmethod(fail)
 
-class Standby:
     def __init__(self, tmp, bus, port):
         self.tmp, self.bus, self.port = tmp, bus, port
         self.state = os.path.join(tmp, "state")
@@ -168,27 +120,21 @@ class Standby:
         self.proc = None
         os.makedirs(os.path.join(tmp, "vm.d"), exist_ok=True)
         os.makedirs(os.path.join(tmp, "run"), exist_ok=True)
-        with open(os.path.join(tmp, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs=50\nHeartbeatMisses=10\nRuntimeDirectory={tmp}/run\n"
-                    f"StateDirectory={self.state}\n")
-        self.secret = os.path.join(tmp, "secret")
-        with open(os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(SECRET)
+        drproc.write_daemon_conf(tmp, 50, 10, runtime=f"{tmp}/run", state=self.state)
+        self.secret = drproc.write_secret(os.path.join(tmp, "secret"), SECRET)
         self.keys = {"Role": "standby", "Listen": f"127.0.0.1:{port}", "SecretFile": self.secret,
                      "FailoverPolicy": "manual", "Vmm": "/bin/false"}
         self.write()
 
     def write(self, **changes):
         self.keys.update(changes)
-        with open(self.conf, "w") as f:
-            f.write("[VM]\n" + "".join(f"{k}={v}\n" for k, v in self.keys.items() if v is not None))
+        drproc.write_vm_conf(self.conf, self.keys)
 
     def start(self):
         if os.path.exists(self.debug):
             os.unlink(self.debug)
-        self.proc = Proc(self.tmp, "dirtyrepd", [ENV["DR_DIRTYREPD"], "--config", os.path.join(self.tmp, "dirtyrep.conf"),
-                                                 "--config-dir", os.path.join(self.tmp, "vm.d"), "--debug-socket",
-                                                 self.debug, "--bus-address", self.bus])
+        self.proc = Proc(self.tmp, "dirtyrepd",
+                         drproc.dirtyrepd_cmd(self.tmp, self.debug) + ["--bus-address", self.bus])
         end = time.time() + 20
         while ctl(self.bus, "list", quiet=True)[0] != 0:
             if not self.proc.alive() or time.time() > end:
@@ -200,33 +146,15 @@ class Standby:
         if rc != 0:
             fail(f"dirtyrepd exited {rc} on SIGTERM: {self.proc.text()[-2000:]}")
 
-    def req(self, line):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(30)
-        s.connect(self.debug)
-        s.sendall(line.encode() + b"\n")
-        out = b""
-        while True:
-            c = s.recv(65536)
-            if not c:
-                break
-            out += c
-        s.close()
-        return out.decode()
+    @property
+    def pid(self):
+        return self.proc.pid
 
-    def status(self):
-        import json
-        return json.loads(self.req("status t").splitlines()[0])
+    def alive(self):
+        return self.proc.alive()
 
-    def wait(self, pred, what, timeout=30):
-        end = time.time() + timeout
-        st = None
-        while time.time() < end:
-            st = self.status()
-            if pred(st):
-                return st
-            time.sleep(0.02)
-        fail(f"timed out waiting for {what}; status {st}")
+    def exitcode(self):
+        return self.proc.exitcode()
 
 
 def ctl(bus, *args, quiet=False):
@@ -274,17 +202,8 @@ def hashes_equal(S, P, what):
 
 
 def run(tmp, exe):
-    policy = os.path.join(ENV["DR_SRCDIR"], "systemd", "org.dirtyrep1.conf")
-    sock = os.path.join(tmp, "bus.sock")
-    with open(os.path.join(tmp, "bus.conf"), "w") as f:
-        f.write(BUS_CONF.format(socket=sock, policy=policy))
-    Proc(tmp, "dbus", ["dbus-daemon", "--config-file=" + os.path.join(tmp, "bus.conf"), "--nofork", "--nopidfile"])
-    while not os.path.exists(sock):
-        time.sleep(0.05)
-    bus = "unix:path=" + sock
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    bus = Bus(tmp, "dbus", dirname=".").address
+    port = free_port()
     S = Standby(tmp, bus, port)
     S.start()
     P = LinkPrimary(tmp, exe, port, S.secret)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Shared scaffolding of the namespace-based integration tests, the fault
-campaign (tests/faults/) and the benchmarks that reuse them: network
+"""Scaffolding of the namespace-based integration tests (test-failover.py,
+test-operator-replica.py, test-qemu.py's failover), the fault campaign
+(tests/faults/) and the failover benchmarks: network
 namespaces for hosts A and B, a client C and a switch S; processes started
 and stopped only by PID (or their own process group); dirtyrepd instances
 driven through their debug socket; redis-cli clients of the kv guest.
@@ -10,17 +11,19 @@ Every namespace name carries the importing process's PID; net_down() deletes
 them all, and callers run it in a finally block (install_sigterm() turns
 meson's SIGTERM into an exception so that still happens).
 """
-import json
 import os
+import random
 import signal
 import socket
 import struct
 import subprocess
+import sys
+import threading
 import time
 
-ENV = os.environ
-# scripts/test sets it for the slower sanitized build: heartbeats, client timeouts and run times stretch.
-SLOW = float(ENV.get("DR_TEST_SLOWDOWN", "1"))
+from drproc import ENV, LIVE, SLOW, DebugSocket, Fail, build_env, fail, free_port  # noqa: F401 (re-exported)
+import drproc
+
 TAG = f"dr{os.getpid() % 100000}"
 NS = {h: f"{TAG}{h}" for h in ("a", "b", "c", "s")}
 SVC_IP = "10.77.0.100"
@@ -31,21 +34,14 @@ KV_PORT = 6379
 SECRET = b"failover-test-secret-0123456789\n"
 # HeartbeatIntervalMs= of every Daemon; bench/failover-bench.py --heartbeat-ms sets it.
 HEARTBEAT_MS = 50
-LIVE = []
 GROUPS = []  # process groups of helpers (client loops) to kill at the end
 T0 = time.time()
+# This file run as a program: the proxy of a host (proxy_server()).
+PROXY_CMD = [sys.executable, os.path.abspath(__file__), "proxy"]
 
 
 def log(*a):
     print(f"[{time.time() - T0:7.2f}]", *a, flush=True)
-
-
-class Fail(Exception):
-    pass
-
-
-def fail(msg):
-    raise Fail(msg)
 
 
 def run(*cmd, check=True, timeout=30):
@@ -66,6 +62,54 @@ def install_sigterm():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Fail("terminated by SIGTERM")
     signal.signal(signal.SIGTERM, on_term)
+
+
+def kill_groups():
+    """SIGKILL the process groups of the helpers (client loops)."""
+    for pg in GROUPS:
+        try:
+            os.killpg(pg, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def kill_live():
+    """SIGKILL every process left in LIVE with its process group (a daemon's holds the
+    VMM it started, too)."""
+    for p in list(LIVE):
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.kill()
+
+
+def kill_all():
+    """The cleanup of a test, passed or not (then net_down())."""
+    kill_groups()
+    kill_live()
+
+
+def run_in_namespaces(tmp, scenario):
+    """Runs scenario() with the namespaces up and the fence scripts in tmp. A pass ends every
+    process cleanly (stop_all()); whatever happens, what is left is killed and the namespaces
+    are deleted. Returns 0 (pass) or 1 (a Fail: its message and the logs were printed)."""
+    rc = 1
+    try:
+        net_up()
+        write_fence(tmp)
+        scenario()
+        stop_all()
+        log("PASS")
+        rc = 0
+    except Fail as e:
+        log("FAIL:", e)
+        for p in LIVE:
+            p.dump()
+    finally:
+        kill_all()
+        net_down()
+    return rc
 
 
 # ---- network ------------------------------------------------------------------------------
@@ -104,45 +148,26 @@ def ports(host, up):
 
 # ---- processes ----------------------------------------------------------------------------
 
-class Proc:
-    """A process this test started; only we stop it, by PID (or its own process group)."""
+class Proc(drproc.Proc):
+    """A process this test started, in its own process group (unless group says
+    otherwise); only we stop it, by PID (or that group)."""
 
-    def __init__(self, tmp, tag, cmd, group=None):
-        self.tag = tag
-        self.errlog = os.path.join(tmp, f"{tag}.{int((time.time() - T0) * 1000)}.log")
-        self.err = open(self.errlog, "w")
-        log("+", tag, " ".join(cmd[3:] if cmd[0] == "ip" else cmd)[:200])
-        self.proc = subprocess.Popen(cmd, stdout=self.err, stderr=subprocess.STDOUT,
-                                     process_group=0 if group is None else group)
-        self.pid = self.proc.pid
-        LIVE.append(self)
+    say = staticmethod(log)
+    dump_lines = 30
+    group = 0
 
-    def text(self):
-        with open(self.errlog, errors="replace") as f:
-            return f.read()
+    def logname(self, tag):
+        return f"{tag}.{int((time.time() - T0) * 1000)}.log"
 
-    def dump(self, n=30):
-        log(f"--- {self.tag} (last lines of {self.errlog}) ---\n" + "\n".join(self.text().splitlines()[-n:]))
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def reap(self):
-        if self in LIVE:
-            LIVE.remove(self)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def kill(self):
-        if self.alive():
-            self.proc.kill()
-        self.reap()
+    def shown(self, tag, cmd):
+        return f"{tag} " + " ".join(cmd[3:] if cmd[0] == "ip" else cmd)[:200]
 
 
-class Daemon(Proc):
+class Bus(Proc, drproc.Bus):
+    pass
+
+
+class Daemon(Proc, DebugSocket):
     """dirtyrepd on a host. vms: VM name -> keys of that VM over the defaults and
     extra (default: one VM "t"); a key "_port" gives a VM other than "t" its own
     replication port (Listen and Peer); None drops a key."""
@@ -157,12 +182,8 @@ class Daemon(Proc):
         if os.path.exists(self.debug):
             os.unlink(self.debug)
         self.control = os.path.join(d, "vm.sock")
-        with open(os.path.join(d, "dirtyrep.conf"), "w") as f:
-            f.write(f"[Daemon]\nHeartbeatIntervalMs={HEARTBEAT_MS}\nHeartbeatMisses={min(100, round(misses * SLOW))}\n"
-                    f"RuntimeDirectory={d}\nStateDirectory={d}\n")
-        sf = os.path.join(d, "t.secret")
-        with open(os.open(sf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(SECRET)
+        drproc.write_daemon_conf(d, HEARTBEAT_MS, min(100, round(misses * SLOW)))
+        sf = drproc.write_secret(os.path.join(d, "t.secret"), SECRET)
         for name, own in (vms or {"t": {}}).items():
             own = dict(own)
             port = own.pop("_port", REPL_PORT)
@@ -184,77 +205,11 @@ class Daemon(Proc):
             }
             keys.update(extra or {})
             keys.update(own)
-            with open(os.path.join(d, "vm.d", f"{name}.conf"), "w") as f:
-                f.write("[VM]\n" + "".join(f"{k}={v}\n" for k, v in keys.items() if v is not None))
-        super().__init__(tmp, f"dirtyrepd-{host}", ns_exec(host, ENV["DR_DIRTYREPD"], "--config",
-                                                            os.path.join(d, "dirtyrep.conf"), "--config-dir",
-                                                            os.path.join(d, "vm.d"), "--debug-socket",
-                                                            self.debug,
-                                                            # the fence script's `ip -n` needs CAP_SYS_ADMIN
+            drproc.write_vm_conf(os.path.join(d, "vm.d", f"{name}.conf"), keys)
+        # the fence script's `ip -n` needs CAP_SYS_ADMIN
+        super().__init__(tmp, f"dirtyrepd-{host}", ns_exec(host, *drproc.dirtyrepd_cmd(d, self.debug),
                                                             "--keep-capabilities"))
-        end = time.time() + 20
-        while not os.path.exists(self.debug):
-            if not self.alive():
-                self.dump()
-                fail(f"{self.tag} exited with {self.proc.returncode}")
-            if time.time() > end:
-                fail(f"{self.tag}: debug socket never appeared")
-            time.sleep(0.02)
-
-    def req(self, line, timeout=30):
-        for attempt in range(200):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(timeout)
-            try:
-                s.connect(self.debug)
-                break
-            except (ConnectionRefusedError, FileNotFoundError):
-                s.close()
-                if attempt == 199:
-                    raise
-                time.sleep(0.02)
-        s.sendall(line.encode() + b"\n")
-        out = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-        s.close()
-        return out.decode()
-
-    def ok(self, line, timeout=30):
-        r = self.req(line, timeout)
-        if not r.startswith("ok"):
-            fail(f"{self.tag}: '{line}' answered {r.strip()!r}")
-        return int(r.split()[1])
-
-    def status(self, vm="t"):
-        for line in self.req(f"status {vm}").splitlines():
-            st = json.loads(line)
-            if st.get("vm", vm) == vm:
-                return st
-        fail(f"{self.tag}: no status for VM {vm}")
-
-    def wait(self, pred, what, timeout=30, vm="t"):
-        end = time.time() + timeout
-        st = None
-        while time.time() < end:
-            if not self.alive():
-                fail(f"{self.tag} exited with {self.proc.returncode} while waiting for {what}")
-            st = self.status(vm)
-            if pred(st):
-                return st
-            time.sleep(0.02)
-        fail(f"{self.tag}: timed out after {timeout} s waiting for {what}; last status {st}")
-
-    def vmm_pids(self):
-        """The VMM(s) this daemon started (its children)."""
-        try:
-            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
-                return [int(x) for x in f.read().split()]
-        except OSError:
-            return []
+        drproc.wait_path(self, self.debug, "debug socket")
 
 
 class Host:
@@ -432,36 +387,20 @@ def replica_check(tmp, primary, standby, vm="t", memcheck=False):
     epoch, and compare a CRC32C of every page of the primary's RAM with the same of
     the replica: they must be identical. memcheck: also dump the replica and run
     dirtyrep-memcheck on it (memtouch guest). Returns (epoch, pages, memcheck output)."""
-    for _ in range(400):
-        r = primary.req(f"freeze {vm}")
-        if r.startswith("ok"):
-            e = int(r.split()[1])
-            break
-        if "busy" not in r and "not connected" not in r.lower():
-            fail(f"{primary.tag}: freeze {vm} answered {r.strip()!r}")
-        time.sleep(0.05)
-    else:
-        fail(f"{primary.tag}: freeze {vm} never succeeded")
+    e = primary.freeze(vm, tries=400)
     try:
         standby.wait(lambda s: s["last_committed"] >= e, f"standby commits epoch {e} of {vm}", vm=vm)
         ph, sh = os.path.join(tmp, f"p-{vm}.crc"), os.path.join(tmp, f"s-{vm}.crc")
         primary.ok(f"hash {vm} {ph}")
-        for _ in range(100):  # busy while an epoch is open: the one after the frozen seal may still be in flight
-            r = standby.req(f"hash {vm} {sh}")
-            if "busy" not in r:
-                break
-            time.sleep(0.05)
+        # busy while an epoch is open: the one after the frozen seal may still be in flight
+        r = standby.req_settled(f"hash {vm} {sh}")
         if not r.startswith("ok"):
             fail(f"{standby.tag}: 'hash {vm}' answered {r.strip()!r}")
         se = int(r.split()[1])
         out = ""
         if memcheck:
             ram, state = os.path.join(tmp, f"replica-{vm}.ram"), os.path.join(tmp, f"replica-{vm}.state")
-            for _ in range(100):
-                r = standby.req(f"dump {vm} {ram} {state}")
-                if "busy" not in r:
-                    break
-                time.sleep(0.05)
+            r = standby.req_settled(f"dump {vm} {ram} {state}")
             if not r.startswith("ok"):
                 fail(f"{standby.tag}: 'dump {vm}' answered {r.strip()!r}")
             c = subprocess.run([ENV["DR_MEMCHECK"], ram], capture_output=True, text=True)
@@ -481,7 +420,100 @@ def replica_check(tmp, primary, standby, vm="t", memcheck=False):
     return e, len(a) // 4, out
 
 
+def failover_trial(tmp, k, P, S, key, check=True, drain=None):
+    """One kill: returns (lost, last_acked, got, failover_s). drain(), when given, runs
+    once the standby is promoted, before the GET (test-qemu.py: the serial line's stale
+    reply)."""
+    loop = IncrLoop(tmp, f"{key}")
+    run_s = random.uniform(0.3, 1.5) * SLOW
+    time.sleep(run_s)
+    t_kill = time.time()
+    silent = random.random() < 0.5
+    kill_primary(P, silent)
+    # The new primary runs the guest; the client keeps INCRing meanwhile (no answers).
+    st = S.daemon.wait(lambda s: s["role"] == "primary" and s["state"] in ("unprotected", "connecting"),
+                       "promotion", timeout=20)
+    t_up = time.time()
+    acked = loop.stop()
+    if not acked:
+        fail(f"trial {k}: no INCR was acknowledged in {run_s:.2f} s")
+    last = acked[-1]
+    if drain:
+        drain()
+    # The client reconnects to the same service address.
+    end = time.time() + 15
+    got = None
+    while time.time() < end and got is None:
+        got = redis(SVC_IP, "GET", key, timeout=1.0)
+    if got is None:
+        S.daemon.dump()
+        fail(f"trial {k}: GET {key} got no answer from the new primary within 15 s")
+    got = int(got)
+    back = acked_regressions(acked)
+    lost = got < max(acked) or bool(back)
+    log(f"trial {k}: {len(acked)} INCRs acknowledged in {run_s:.2f} s, last {last}; "
+        f"{'silently (ports down first)' if silent else 'SIGKILL'}; "
+        f"new primary {st['state']} after {t_up - t_kill:.2f} s; "
+        f"GET -> {got}{'  LOST ACKNOWLEDGED WRITES' if lost else ''}")
+    if check and lost:
+        fail(f"trial {k}: GET {key} = {got}, highest acknowledged INCR {max(acked)}, acknowledged values that "
+             f"went back {back[:10]}: acknowledged writes lost")
+    return lost
+
+
+def rejoin(tmp, P, S, extra=None):
+    """P (dead) comes back as standby of S; waits for the full resync."""
+    P.daemon = Daemon(tmp, P.name, "standby", extra)
+    P.daemon.wait(lambda s: s["state"] == "listening", "standby listening")
+    ports(P.name, True)
+    st = S.daemon.wait(lambda s: s["state"] == "protected", "new primary protected by the rejoined standby",
+                       timeout=30)
+    log(f"host {P.name} rejoined as standby: full syncs {P.daemon.status()['full_syncs']}, "
+        f"new primary {st['state']}")
+
+
+def page_hash_check(tmp, primary, standby):
+    """The replica in steady-state replication, not right after the resync (which only checks
+    the full sync): 20 epochs past the rejoin, with writes through the service address, twice;
+    the replica equals the primary's RAM both times, the primary's RAM changed in between (the
+    VM ran and its changes were replicated), and no resync happened meanwhile."""
+    st0 = primary.daemon.wait(lambda s: s["state"] == "protected", "the primary protected")
+    base = st0["last_committed"]
+    primary.daemon.wait(lambda s: s["last_committed"] >= base + 20, f"20 epochs past epoch {base}, the resync")
+    hashes = []
+    for k in range(2):
+        acked = incr_until(time.time() + 1.0 * SLOW, f"steady{k}")
+        if not acked:
+            fail(f"no INCR answered through the service address before check {k}")
+        e, pages, _ = replica_check(tmp, primary.daemon, standby.daemon)
+        with open(os.path.join(tmp, "p-t.crc"), "rb") as f:
+            hashes.append(f.read())
+        log(f"page-hash check at epoch {e} ({e - base} after the resync, {len(acked)} INCRs before it): "
+            f"all {pages} pages of the replica equal the primary's RAM")
+    a, b = hashes
+    changed = sum(1 for i in range(0, min(len(a), len(b)), 4) if a[i:i + 4] != b[i:i + 4])
+    st = primary.daemon.status()
+    if changed == 0:
+        fail("the primary's RAM did not change between the two checks: the VM did not run")
+    if st["full_syncs"] + st["incremental_syncs"] != st0["full_syncs"] + st0["incremental_syncs"]:
+        fail(f"a resync happened during the steady-state checks: {st0} -> {st}")
+    log(f"{changed} pages changed between the two checks, no resync in between")
+
+
 # ---- a TCP proxy with fault injection ---------------------------------------------------------
+
+def close_both(*socks):
+    """Shuts down and closes sockets (both ends of a relayed connection), whatever state they are in."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            s.close()
+        except OSError:
+            pass
+
 
 class Proxy:
     """TCP proxy listen -> target (host, port), with fault injection on the data
@@ -495,7 +527,6 @@ class Proxy:
     down (both sides see it closed)."""
 
     def __init__(self, target, listen=("127.0.0.1", 0)):
-        import threading
         self.target = target if isinstance(target, tuple) else ("127.0.0.1", target)
         self.ls = socket.socket()
         self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -511,7 +542,6 @@ class Proxy:
         threading.Thread(target=self.accept_loop, daemon=True).start()
 
     def accept_loop(self):
-        import threading
         while not self.stop:
             try:
                 c, _ = self.ls.accept()
@@ -525,10 +555,14 @@ class Proxy:
                 continue
             with self.lock:
                 self.conns.append((c, t))
-            # One thread per direction: a full receive buffer on one side must not hold
-            # back the other direction (heartbeats, ACKs), as it would not on a real link.
-            threading.Thread(target=self.pump, args=(c, t, True), daemon=True).start()
-            threading.Thread(target=self.pump, args=(t, c, False), daemon=True).start()
+            self.relay(c, t)
+
+    def relay(self, c, t):
+        """Relays one accepted connection c and its connection t to the target."""
+        # One thread per direction: a full receive buffer on one side must not hold
+        # back the other direction (heartbeats, ACKs), as it would not on a real link.
+        threading.Thread(target=self.pump, args=(c, t, True), daemon=True).start()
+        threading.Thread(target=self.pump, args=(t, c, False), daemon=True).start()
 
     def pump(self, src, dst, forward):
         def stalled():
@@ -555,15 +589,7 @@ class Proxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_both(src, dst)
 
     def cut(self):
         with self.lock:
@@ -577,6 +603,11 @@ class Proxy:
             self.conns = []
         log(f"proxy: cut {n} connection(s)")
         return n
+
+    def close(self):
+        self.stop = True
+        self.cut()
+        self.ls.close()
 
 
 # ---- a frame-aware tampering relay (docs/security.md) ------------------------------------------
@@ -652,25 +683,11 @@ class TamperProxy(Proxy):
         self.tampered = 0
         super().__init__(target, listen)
 
-    def accept_loop(self):
-        import threading
-        while not self.stop:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(self.target, timeout=2)
-                t.settimeout(None)
-            except OSError:
-                c.close()
-                continue
-            with self.lock:
-                self.conns.append((c, t))
-            st = {"c": c, "t": t, "wlock": threading.Lock(), "keyed": {True: False, False: False},
-                  "seq": {True: 0, False: 0}, "relay": False, "saved": None, "done": False}
-            threading.Thread(target=self.fpump, args=(st, True), daemon=True).start()
-            threading.Thread(target=self.fpump, args=(st, False), daemon=True).start()
+    def relay(self, c, t):
+        st = {"c": c, "t": t, "wlock": threading.Lock(), "keyed": {True: False, False: False},
+              "seq": {True: 0, False: 0}, "relay": False, "saved": None, "done": False}
+        threading.Thread(target=self.fpump, args=(st, True), daemon=True).start()
+        threading.Thread(target=self.fpump, args=(st, False), daemon=True).start()
 
     def _one_shot(self, what):
         self.mode = "pass"
@@ -809,15 +826,7 @@ class TamperProxy(Proxy):
             pass
         if not forward and st["relay"]:
             return  # the standby is gone, the relay goes on talking to the primary
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_both(src, dst)
 
 
 def proxy_server(control, pairs):
@@ -848,6 +857,19 @@ def proxy_server(control, pairs):
         s.close()
 
 
+def start_proxy(tmp, host, control, *pairs):
+    """This file's proxy_server() in host's namespace: pairs "LISTEN_PORT:TARGET_HOST:TARGET_PORT",
+    commands on the unix socket control (proxy_cmd()). Returns its Proc once it listens."""
+    p = Proc(tmp, f"proxy-{host}", ns_exec(host, *PROXY_CMD, control, *pairs))
+    end = time.time() + 20
+    while not os.path.exists(control):
+        if not p.alive() or time.time() > end:
+            p.dump()
+            fail(f"proxy on {host} did not start")
+        time.sleep(0.02)
+    return p
+
+
 def proxy_cmd(control, cmd):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
@@ -861,7 +883,6 @@ def proxy_cmd(control, cmd):
 
 
 if __name__ == "__main__":
-    import sys
     # drtest.py proxy CONTROL LISTEN_PORT:TARGET_HOST:TARGET_PORT...
     if len(sys.argv) >= 4 and sys.argv[1] == "proxy":
         proxy_server(sys.argv[2], [(int(a.split(":")[0]), a.split(":")[1], int(a.split(":")[2]))

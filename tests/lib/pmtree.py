@@ -1,22 +1,18 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The Debian 12 tree of the Pacemaker tests' containers, cached in the build directory.
 
-test-systemd.py's tree (systemd, dbus, the runtime libraries of the installed executables) plus the cluster
+nspawn.py's tree (test-systemd.py's: systemd, dbus, the runtime libraries of the installed executables) plus the cluster
 stack, installed with apt-get inside the tree (`systemd-nspawn --pipe`, the host's network):
 pacemaker, corosync, crmsh, resource-agents (ocf-tester), fence-agents, libxml2-utils. Made once per build directory
 (BUILDDIR/pacemaker-nspawn-tree, remade when the recipe or the package list changes); each container boots a
-fresh overlay of it. Reuses test-systemd.py's helpers (debootstrap, mirror, runtime packages) unchanged.
+fresh overlay of it. Reuses nspawn.py's helpers (debootstrap, mirror, runtime packages) unchanged.
 """
 import fcntl
-import importlib.util
 import os
 import subprocess
 import time
 
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("dr_test_systemd", os.path.join(_here, "test-systemd.py"))
-tsd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tsd)
+import nspawn as tsd
 
 log, fail, check, run = tsd.log, tsd.fail, tsd.check, tsd.run
 # test-systemd's limit (420 s) is too short on a loaded host: measured 383 s at load average 12 on 2 CPUs.
