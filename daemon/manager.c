@@ -166,8 +166,10 @@ static int vm_role_save(Vm *vm)
         }
         (void) mkdir(vm_state_dir(vm), 0700);
         if (vm->promoted)
-                n = snprintf(buf, sizeof(buf), "role=primary\nfrom_epoch=%" PRIu64 "\nunit=%s\n%s",
-                             vm->promoted_from, vm->vmm_unit,
+                n = snprintf(buf, sizeof(buf),
+                             "role=primary\nfrom_epoch=%" PRIu64 "\nunit=%s\nvmm_pid=%d\nvmm_start=%" PRIu64
+                             "\n%s",
+                             vm->promoted_from, vm->vmm_unit, (int) vm->vmm_pid, vm->vmm_start,
                              vm->promoted_synced ? "standby_synced=1\n" : "");
         else
                 n = snprintf(buf, sizeof(buf), "maintenance=1\n");
@@ -193,7 +195,7 @@ static void vm_role_load(Vm *vm)
         char path[PATH_MAX], buf[512], unit[sizeof(vm->vmm_unit)] = "";
         _cleanup_close_ int fd = -EBADF;
         bool primary = false, maint = false, synced = false;
-        uint64_t from = 0;
+        uint64_t from = 0, vmm_pid = 0, vmm_start = 0;
         ssize_t n;
         char *save = NULL;
 
@@ -222,6 +224,12 @@ static void vm_role_load(Vm *vm)
                 else if (has_prefix(l, "from_epoch=")) {
                         if (parse_u64(l + strlen("from_epoch="), &from) < 0)
                                 goto bad;
+                } else if (has_prefix(l, "vmm_pid=")) {
+                        if (parse_u64(l + strlen("vmm_pid="), &vmm_pid) < 0 || vmm_pid > INT_MAX)
+                                goto bad;
+                } else if (has_prefix(l, "vmm_start=")) {
+                        if (parse_u64(l + strlen("vmm_start="), &vmm_start) < 0)
+                                goto bad;
                 } else if (has_prefix(l, "unit=")) {
                         const char *u = l + strlen("unit=");
                         if (strlen(u) >= sizeof(unit) || strpbrk(u, "/ "))
@@ -237,6 +245,8 @@ static void vm_role_load(Vm *vm)
         vm->promoted_synced = primary && synced;
         vm->maintenance = maint;
         memcpy(vm->vmm_unit, unit, sizeof(unit));
+        vm->vmm_pid = (pid_t) vmm_pid;
+        vm->vmm_start = vmm_start;
         return;
 bad:
         log_error("VM %s: %s has unexpected content; ignored, Role= from the configuration applies",
@@ -357,6 +367,43 @@ fail:
 
 /* ---- the VMM's own systemd unit ------------------------------------------------------------ */
 
+/* The start time of pid in clock ticks since boot (/proc/PID/stat, field 22), or 0. */
+static uint64_t proc_start_time(pid_t pid)
+{
+        char path[64], buf[1024], *p;
+        _cleanup_close_ int fd = -EBADF;
+        unsigned long long start;
+        ssize_t n;
+
+        if (pid <= 0)
+                return 0;
+        snprintf(path, sizeof(path), "/proc/%d/stat", (int) pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return 0;
+        n = loop_read_upto(fd, buf, sizeof(buf) - 1);
+        if (n <= 0)
+                return 0;
+        buf[n] = 0;
+        p = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
+        /* After ")": state (field 3), fields 4..21, then starttime (22). */
+        if (!p || sscanf(p + 1,
+                         " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+                         &start) != 1)
+                return 0;
+        return start;
+}
+
+/* Whether the VMM a failover started here still runs: it listens on its control socket, or the
+ * process the role file names is still that process (a VMM that does not listen yet, or any
+ * more, but runs). */
+static bool vm_promoted_vmm_alive(Vm *vm)
+{
+        if (vmm_link_listening(vm->cfg->control_socket))
+                return true;
+        return vm->vmm_pid > 0 && vm->vmm_start != 0 && proc_start_time(vm->vmm_pid) == vm->vmm_start;
+}
+
 /*
  * Moves the VMM a promotion started into a transient scope unit of its own,
  * dirtyrep-vmm-NAME.scope, so that stopping or restarting dirtyrep.service
@@ -374,6 +421,8 @@ static int vm_vmm_to_scope(Vm *vm, pid_t pid)
         int r;
 
         vm->vmm_unit[0] = 0;
+        vm->vmm_pid = pid;
+        vm->vmm_start = proc_start_time(pid);
         if (!bus)
                 return -ENOTCONN;
         snprintf(unit, sizeof(unit), "dirtyrep-vmm-%s.scope", vm->cfg->name);
@@ -994,14 +1043,14 @@ static void vm_start(Vm *vm)
 {
         vm_role_load(vm);
         /* (A VMM handed over by a reload is this daemon's own child, whatever its socket says.) */
-        if (vm->promoted && failover_vmm_pid(vm->failover) == 0 &&
-            !vmm_link_listening(vm->cfg->control_socket)) {
+        if (vm->promoted && failover_vmm_pid(vm->failover) == 0 && !vm_promoted_vmm_alive(vm)) {
                 /* The VMM the failover started is gone with this host's last life (a crash, a
                  * reboot, a kill of its unit): there is nothing here to reattach to, and the
                  * peer may have failed over since. Claiming the primary role (and the service
                  * address) now could make two hosts answer; Role= decides instead. */
                 log_warning("VM %s: %s/%s.role says this host is primary since the failover from epoch "
-                            "%" PRIu64 ", but no VMM listens on %s any more: the promotion is void, "
+                            "%" PRIu64
+                            ", but its VMM is gone (nothing listens on %s): the promotion is void, "
                             "Role= from the configuration applies",
                             vm->cfg->name, vm_state_dir(vm), vm->cfg->name, vm->promoted_from,
                             vm->cfg->control_socket);

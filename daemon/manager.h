@@ -65,6 +65,8 @@ typedef struct Vm {
         uint64_t promoted_from; /* the replica's epoch it started from */
         bool promoted_synced;   /* a standby has acked an epoch of it since (persisted too) */
         char vmm_unit[128];     /* the failover VMM's own systemd unit, or "" */
+        pid_t vmm_pid;          /* that VMM's pid and start time (/proc/PID/stat), persisted too: */
+        uint64_t vmm_start;     /* a restarted daemon tells a live VMM from a reused pid */
 } Vm;
 
 /* One --vm NAME block of the command line: settings as "Key=Value". */
