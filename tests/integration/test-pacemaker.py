@@ -112,7 +112,7 @@ class Node:
                                      start_new_session=True)
         self.leader = None
 
-    def wait_booted(self, timeout=120):
+    def wait_booted(self, timeout=240):
         end = time.time() + timeout
         while time.time() < end:
             kids = tsd.children(self.proc.pid)
