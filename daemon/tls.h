@@ -3,7 +3,7 @@
 
 /*
  * TLS for the replication link (OpenSSL libssl): the per-VM context. The
- * per-connection part (handshake, records) is in daemon/link.c.
+ * per-connection part (handshake, records) is in daemon/link-transport.c.
  *
  * Policy, the same on both sides: TLS 1.3 only; the peer must present a
  * certificate that chains to the configured CA (mutual TLS: the standby
