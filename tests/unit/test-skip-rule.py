@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""tests/skip-rule.py, scripts/test's summary and skip rule, on crafted and on
+"""tests/lib/skiprule.py, scripts/test's summary and skip rule, on crafted and on
 real meson test logs.
 
 1. Crafted testlog.json lines (the fields meson 1.0 writes: name, result,
@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 SRC = os.environ["DR_SRCDIR"]
-RULE = os.path.join(SRC, "tests", "skip-rule.py")
+RULE = os.path.join(SRC, "tests", "lib", "skiprule.py")
 failed = []
 
 
@@ -177,9 +177,8 @@ def build_metadata():
     if not build or not os.path.exists(path):
         check(False, f"this build's test metadata {path} (DR_BUILDDIR)")
         return
-    sys.path.insert(0, os.path.dirname(RULE))
-    import importlib
-    sr = importlib.import_module("skip-rule")
+    sys.path.insert(0, os.path.dirname(RULE))  # tests/lib, as every test imports it
+    import skiprule as sr
     tests = json.load(open(path))
     seen = {pat: 0 for pat, _ in REQUIRED}
     unmarked = []

@@ -3,7 +3,7 @@
 """The summary and the skip rule of scripts/test, from meson's machine-readable
 test logs (meson-logs/testlog.json, one JSON object per line and test run).
 
-  skip-rule.py [--have kvm,root] TESTLOG.json...
+  skiprule.py [--have kvm,root] TESTLOG.json...
 
 Prints "N passed, N failed, N skipped". A test that needs KVM or root must
 run where they are, not skip: it is listed and the exit status is 1. What a
