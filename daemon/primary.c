@@ -53,15 +53,20 @@ void primary_set_failed_locked(Primary *p, const char *fmt, ...)
         va_end(ap);
 }
 
+static void primary_vfail(Primary *p, const char *fmt, va_list ap)
+{
+        pthread_mutex_lock(&p->mutex);
+        primary_vset_failed_locked(p, fmt, ap);
+        pthread_mutex_unlock(&p->mutex);
+}
+
 void primary_fail(Primary *p, const char *fmt, ...)
 {
         va_list ap;
 
-        pthread_mutex_lock(&p->mutex);
         va_start(ap, fmt);
-        primary_vset_failed_locked(p, fmt, ap);
+        primary_vfail(p, fmt, ap);
         va_end(ap);
-        pthread_mutex_unlock(&p->mutex);
 }
 
 /*
@@ -71,15 +76,12 @@ void primary_fail(Primary *p, const char *fmt, ...)
 static int epoch_fail(Epoch *e, int r, const char *fmt, ...) _printf_(3, 4);
 static int epoch_fail(Epoch *e, int r, const char *fmt, ...)
 {
-        Primary *p = e->p;
         va_list ap;
 
-        pthread_mutex_lock(&p->mutex);
         va_start(ap, fmt);
-        primary_vset_failed_locked(p, fmt, ap);
+        primary_vfail(e->p, fmt, ap);
         va_end(ap);
-        pthread_mutex_unlock(&p->mutex);
-        wake(p->notify_fd);
+        wake(e->p->notify_fd);
         return r;
 }
 
