@@ -367,10 +367,12 @@ fail:
 
 /* ---- the VMM's own systemd unit ------------------------------------------------------------ */
 
-/* The start time of pid in clock ticks since boot (/proc/PID/stat, field 22), or 0. */
+/* The start time of pid in clock ticks since boot (/proc/PID/stat, field 22), or 0 when it is
+ * gone: no such process, or a zombie (a killed VMM whose parent died is reaped by whoever
+ * adopted it, maybe late, and keeps its pid and start time until then). */
 static uint64_t proc_start_time(pid_t pid)
 {
-        char path[64], buf[1024], *p;
+        char path[64], buf[1024], *p, state;
         _cleanup_close_ int fd = -EBADF;
         unsigned long long start;
         ssize_t n;
@@ -387,11 +389,11 @@ static uint64_t proc_start_time(pid_t pid)
         buf[n] = 0;
         p = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
         /* After ")": state (field 3), fields 4..21, then starttime (22). */
-        if (!p || sscanf(p + 1,
-                         " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
-                         &start) != 1)
+        if (!p ||
+            sscanf(p + 1, " %c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+                   &state, &start) != 2)
                 return 0;
-        return start;
+        return state == 'Z' || state == 'X' ? 0 : start;
 }
 
 /* Whether the VMM a failover started here still runs: it listens on its control socket, or the
