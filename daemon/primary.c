@@ -53,6 +53,7 @@ void primary_set_failed_locked(Primary *p, const char *fmt, ...)
         va_end(ap);
 }
 
+static void primary_vfail(Primary *p, const char *fmt, va_list ap) _printf_(2, 0);
 static void primary_vfail(Primary *p, const char *fmt, va_list ap)
 {
         pthread_mutex_lock(&p->mutex);
