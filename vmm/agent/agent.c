@@ -148,6 +148,22 @@ static void close_regions(AgentRegion *regions, size_t n)
                 regions[i].r.memfd = safe_close(regions[i].r.memfd);
 }
 
+/* A memfd of size bytes, mapped shared read-write: 0 and both set, or a negative errno and neither. */
+static int shared_memfd_new(const char *name, uint64_t size, int *ret_fd, uint8_t **ret_map)
+{
+        _cleanup_close_ int fd = memfd_new_sized(name, size);
+        void *map;
+
+        if (fd < 0)
+                return fd;
+        map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (map == MAP_FAILED)
+                return -errno;
+        *ret_fd = TAKE_FD(fd);
+        *ret_map = map;
+        return 0;
+}
+
 /*
  * Takes a validated region list: dups the memfds, lays out one 64-bit
  * aligned bitmap per region in the shared bitmaps, and creates the
@@ -184,29 +200,13 @@ static int regions_install(DrAgent *a, const DrAgentRegion *regions, size_t n)
         bm_size = ALIGN_TO(bm_size, (uint64_t) a->page_size);
 
         if (a->mode == DR_TRACKING_BITMAP) {
-                bm_fd = memfd_new_sized("dirtyrep-bitmap", bm_size);
-                if (bm_fd < 0) {
-                        r = bm_fd;
+                r = shared_memfd_new("dirtyrep-bitmap", bm_size, &bm_fd, &bm_map);
+                if (r < 0)
                         goto fail;
-                }
-                bm_map = mmap(NULL, bm_size, PROT_READ | PROT_WRITE, MAP_SHARED, bm_fd, 0);
-                if (bm_map == MAP_FAILED) {
-                        bm_map = NULL;
-                        r = -errno;
-                        goto fail;
-                }
         }
-        vd_fd = memfd_new_sized("dirtyrep-vmm-dirty", vd_size);
-        if (vd_fd < 0) {
-                r = vd_fd;
+        r = shared_memfd_new("dirtyrep-vmm-dirty", vd_size, &vd_fd, &vd_map);
+        if (r < 0)
                 goto fail;
-        }
-        vd_map = mmap(NULL, vd_size, PROT_READ | PROT_WRITE, MAP_SHARED, vd_fd, 0);
-        if (vd_map == MAP_FAILED) {
-                vd_map = NULL;
-                r = -errno;
-                goto fail;
-        }
         /* Header: magic bytes, then le64 sequence (x86-64 is little-endian: native atomics are le). */
         memcpy(vd_map, AGENT_VMM_DIRTY_MAGIC, 8);
         ((uint64_t *) vd_map)[1] = 0;
