@@ -634,6 +634,10 @@ static int method_attach(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         if (r < 0)
                 return sd_bus_error_setf(error, BUS_ERROR("AttachFailed"), "Attaching VM '%s' failed: %s",
                                          vm->cfg->name, vm->error);
+        /* A primary attaches on a worker: with its VMM listening, the answer waits for the outcome
+         * (vm_attach_answer()); with none yet, it retries and the call returns now. */
+        if (vm_attach_call(vm, msg) >= 0)
+                return 1;
         return sd_bus_reply_method_return(msg, NULL);
 }
 

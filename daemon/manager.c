@@ -42,6 +42,86 @@ bool vm_is_attached(Vm *vm)
         return vm->primary || vm->standby;
 }
 
+/* Answers an Attach() call waiting for the primary's attach: r = 0 attached, else why. */
+static void vm_attach_answer(Vm *vm, int r, const char *why)
+{
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *call = TAKE_PTR(vm->attach_call);
+
+        if (!call)
+                return;
+        if (r >= 0)
+                (void) sd_bus_reply_method_return(call, NULL);
+        else
+                (void) sd_bus_reply_method_errorf(call, "org.dirtyrep1.Error.AttachFailed",
+                                                  "Attaching VM '%s' failed: %s", vm->cfg->name, why);
+}
+
+int vm_attach_call(Vm *vm, sd_bus_message *call)
+{
+        if (vm->attach_call || !vm->primary || !vm->address_waits_attach)
+                return -EALREADY; /* nothing to wait for: answer now */
+        vm->attach_call = sd_bus_message_ref(call);
+        return 0;
+}
+
+/* Frees the primary role, and with it a pending free of a primary whose attach failed. */
+static void vm_drop_primary(Vm *vm)
+{
+        vm->attach_failed_defer = sd_event_source_disable_unref(vm->attach_failed_defer);
+        vm->primary = primary_free(vm->primary);
+        vm_attach_answer(vm, -ECANCELED, "the primary role stopped before its attach ended");
+}
+
+static int on_attach_failed_defer(sd_event_source *src, void *userdata)
+{
+        Vm *vm = userdata;
+
+        /* As when setting the role up fails: no role, status failed with vm->error, and
+         * `dirtyrepctl attach` tries again. */
+        vm_drop_primary(vm);
+        return 0;
+}
+
+/*
+ * The primary's attach ended (it runs on a worker: primary_start() returns at once). Decides the
+ * service address where vm_attach() left it to the attach, takes it away from a VM the VMM says
+ * is suspended (another host may serve it), and turns a final failure into the Vm's error.
+ */
+static void on_primary_attached(Primary *p, int r, bool suspended, void *userdata)
+{
+        Vm *vm = userdata;
+        bool waited = vm->address_waits_attach;
+
+        if (r < 0) {
+                ReplStatus st;
+
+                /* The address stays as it is: down if it waited for this attach. */
+                primary_get_status(p, &st);
+                snprintf(vm->error, sizeof(vm->error), "%s", st.detail);
+                vm_attach_answer(vm, r, vm->error);
+                if (!vm->attach_failed_defer &&
+                    sd_event_add_defer(vm->manager->event, &vm->attach_failed_defer, on_attach_failed_defer,
+                                       vm) < 0)
+                        log_error("VM %s: cannot schedule freeing the failed primary", vm->cfg->name);
+                return;
+        }
+        vm->address_waits_attach = false;
+        vm_attach_answer(vm, 0, NULL);
+        if (suspended) {
+                if (vm->cfg->service_address.family != AF_UNSPEC)
+                        log_notice("VM %s: attached to a suspended VM: the service address %s until the "
+                                   "suspension ends",
+                                   vm->cfg->name,
+                                   waited || vm->service_address_deferred ? "waits" : "is removed");
+                if (!waited && !vm->service_address_deferred)
+                        (void) failover_service_address(vm->failover, false);
+                vm->service_address_deferred = true;
+        } else if (waited) {
+                vm->service_address_deferred = false;
+                (void) failover_service_address(vm->failover, true);
+        }
+}
+
 void vm_get_status(Vm *vm, ReplStatus *st)
 {
         memset(st, 0, sizeof(*st));
@@ -736,10 +816,13 @@ static void on_vmm_ready(Failover *f, void *userdata)
                 r = primary_set_tls(vm->primary, tls);
         if (r >= 0) {
                 primary_set_promoted(vm->primary, vm->promote_epoch);
+                /* The address is up already (vm_start_activation()). */
+                vm->address_waits_attach = false;
+                primary_set_attach_callback(vm->primary, on_primary_attached, vm);
                 r = primary_start(vm->primary);
         }
         if (r < 0) {
-                vm->primary = primary_free(vm->primary);
+                vm_drop_primary(vm);
                 snprintf(vm->error, sizeof(vm->error), "promoted, but the primary role failed: %s",
                          strerror(-r));
                 log_error("VM %s: %s", vm->cfg->name, vm->error);
@@ -790,7 +873,7 @@ int vm_demote(Vm *vm, char *why, size_t why_size)
                 failover_stop_vmm(vm->failover);
         else if (vm->vmm_unit[0])
                 (void) vm_stop_vmm_unit(vm); /* started before a restart of this daemon */
-        vm->primary = primary_free(vm->primary);
+        vm_drop_primary(vm);
         (void) failover_service_address(vm->failover, false);
         vm->promoted = vm->promoted_synced = false;
         vm->vmm_unit[0] = 0;
@@ -868,15 +951,17 @@ int vm_attach(Vm *vm)
                         if (!vm->promoted_synced)
                                 primary_set_promoted(vm->primary, vm->promoted_from);
                 }
-                if (r >= 0)
+                if (r >= 0) {
+                        /* A VMM that listens answers the attach in moments, and what it says
+                         * decides the address: a VM it calls suspended may be served by the
+                         * other host. One that does not listen yet gets the address now (its
+                         * service port may bind to it); a suspension found later takes it away. */
+                        primary_set_attach_callback(vm->primary, on_primary_attached, vm);
+                        vm->address_waits_attach = vmm_link_listening(cfg->control_socket);
                         r = primary_start(vm->primary);
-                vm->service_address_deferred = r >= 0 && primary_suspended(vm->primary);
-                if (r >= 0)
-                        (void) primary_take_attach_suspended(vm->primary); /* decided here */
-                if (vm->service_address_deferred && cfg->service_address.family != AF_UNSPEC)
-                        log_notice("VM %s: suspended: the service address waits until the suspension ends",
-                                   cfg->name);
-                else if (r >= 0)
+                }
+                vm->service_address_deferred = r >= 0 && vm->address_waits_attach;
+                if (r >= 0 && !vm->address_waits_attach)
                         (void) failover_service_address(vm->failover, true);
                 if (r >= 0)
                         vm_forget_saved_replica(vm, "this host is the VM's primary now (Role=primary)");
@@ -890,7 +975,7 @@ int vm_attach(Vm *vm)
                         snprintf(vm->error, sizeof(vm->error), "setting up the %s role failed: %s",
                                  as_primary ? "primary" : "standby", strerror(-r));
                 log_error("VM %s: %s", cfg->name, vm->error);
-                vm->primary = primary_free(vm->primary);
+                vm_drop_primary(vm);
                 vm->standby = standby_free(vm->standby);
                 return r;
         }
@@ -916,7 +1001,7 @@ int vm_detach(Vm *vm)
         vm_promotion_answer(vm, -ECANCELED, "detached");
         if (vm->primary && vm->failover)
                 (void) failover_service_address(vm->failover, false);
-        vm->primary = primary_free(vm->primary);
+        vm_drop_primary(vm);
         /* A detached standby keeps its replica: Attach() starts from it again. */
         vm_keep_replica(vm, -ECANCELED, "standby detached on request");
         vm->standby = standby_free(vm->standby);
@@ -997,7 +1082,9 @@ static Vm *vm_free(Vm *vm)
         if (!vm)
                 return NULL;
         sd_event_source_disable_unref(vm->promote_defer);
+        sd_event_source_disable_unref(vm->attach_failed_defer);
         vm_promotion_answer(vm, -ECANCELED, "dirtyrepd is stopping or the VM was reconfigured");
+        vm_attach_answer(vm, -ECANCELED, "dirtyrepd is stopping or the VM was reconfigured");
         vmm_survives = vm->promoted && (failover_vmm_pid(vm->failover) == 0 || vm->vmm_unit[0]);
         if (vm->primary && vm->failover && !vmm_survives)
                 (void) failover_service_address(vm->failover, false);
@@ -1347,20 +1434,9 @@ static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata)
         for (size_t i = 0; i < m->n_vms; i++) {
                 Vm *vm = m->vms[i];
 
-                /* The VMM was not reachable at vm_attach() (not started yet, another client still
-                 * attached, ...): the address went up then, and the attach that followed found
-                 * the VM suspended. Another host may serve it: the address goes. */
-                if (vm->primary && primary_take_attach_suspended(vm->primary) &&
-                    !vm->service_address_deferred && primary_suspended(vm->primary)) {
-                        if (vm->cfg->service_address.family != AF_UNSPEC)
-                                log_notice(
-                                        "VM %s: attached to a suspended VM: the service address is removed "
-                                        "until the suspension ends",
-                                        vm->cfg->name);
-                        (void) failover_service_address(vm->failover, false);
-                        vm->service_address_deferred = true;
-                }
-                if (vm->service_address_deferred && vm->primary && !primary_suspended(vm->primary)) {
+                /* A suspension the attach found (on_primary_attached()) ended: the address comes. */
+                if (vm->service_address_deferred && !vm->address_waits_attach && vm->primary &&
+                    !primary_suspended(vm->primary)) {
                         vm->service_address_deferred = false;
                         (void) failover_service_address(vm->failover, true);
                 }

@@ -54,6 +54,11 @@ typedef struct Vm {
         /* The primary came back suspended (the VMM says so): another host may hold the
          * service address; it is added only once the suspension ends (status timer). */
         bool service_address_deferred;
+        /* The VMM listened when the primary started: its attach (on a worker, see
+         * on_primary_attached()) decides whether the address goes up. */
+        bool address_waits_attach;
+        sd_event_source *attach_failed_defer; /* frees a primary whose attach failed for good */
+        sd_bus_message *attach_call;          /* an Attach() call, answered when that attach ends */
         uint64_t failovers; /* promotions that got the guest running here, since the Vm was created */
         sd_bus_message *failover_call; /* a Failover() call, answered when the promotion ends */
         /* The replica while no Standby holds it: during an activation (until the guest
@@ -140,6 +145,10 @@ int vm_promote(Vm *vm, bool force, char *why, size_t why_size);
 /* Keeps a D-Bus Failover() call (referenced) to answer once the promotion vm_promote() started
  * ends: the guest runs, or the real error. -EBUSY when one is kept already. */
 int vm_promote_call(Vm *vm, sd_bus_message *call);
+/* Keeps a D-Bus Attach() call (referenced) to answer once the primary's attach, which runs on a
+ * worker, ends: attached, or why not. -EALREADY when there is nothing to wait for (a standby, or
+ * a primary whose VMM did not listen yet and which retries): answer at once. */
+int vm_attach_call(Vm *vm, sd_bus_message *call);
 /* Primary -> standby: stops the VMM dirtyrepd started, drops the service address, listens. */
 int vm_demote(Vm *vm, char *why, size_t why_size);
 

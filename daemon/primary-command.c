@@ -125,7 +125,7 @@ int primary_seal_request_possible_locked(Primary *p)
 {
         if (!p->link_up)
                 return -ENOTCONN;
-        if (p->inflight >= MAX(p->vm->max_inflight_epochs, 1u) + 1u)
+        if (p->pub.inflight >= MAX(p->vm->max_inflight_epochs, 1u) + 1u)
                 return -EBUSY;
         return 0;
 }

@@ -218,17 +218,6 @@ bool primary_suspended(Primary *p)
         return r;
 }
 
-bool primary_take_attach_suspended(Primary *p)
-{
-        bool r;
-
-        pthread_mutex_lock(&p->mutex);
-        r = p->attach_suspended;
-        p->attach_suspended = false;
-        pthread_mutex_unlock(&p->mutex);
-        return r;
-}
-
 int primary_resume_unprotected(Primary *p)
 {
         Guard was;

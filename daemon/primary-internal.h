@@ -11,7 +11,8 @@
  * taken at a seal. primary-guard.c: the split-brain guard and how a primary
  * stops its VMM. primary-link.c: the replication Link's callbacks,
  * reconnects and telling the standby why replication stopped.
- * primary-attach.c: attaching to the VMM and starting the epoch thread.
+ * primary-attach.c: attaching to the VMM (on a worker thread of its own)
+ * and starting the epoch thread.
  * primary-status.c: the status snapshot.
  *
  * The boundary. Two threads per VM:
@@ -37,9 +38,11 @@
  * Out, under p->mutex: the completions (checkpoint_done/epoch, frozen,
  * hash_done/result, the image result) with a broadcast on p->cond, which
  * the synchronous requests wait on (at most REQUEST_TIMEOUT_USEC); the
- * image result and a failure also wake the loop through notify_fd. The
- * status fields the epoch thread publishes (counters, pauses, inflight,
- * sync progress) are read by primary_get_status() as one snapshot.
+ * image result and a failure also wake the loop through notify_fd. Status
+ * out: the epoch thread publishes its counters, pauses, in-flight count and
+ * sync progress in one struct, p->pub (EpochStats), which
+ * primary_get_status() copies whole under the mutex: a snapshot, never
+ * fields of two different seals.
  *
  * Shared state that is neither: `stop` (the loop sets it once, in
  * primary_free()); `link`, `link_up`, `link_gen` and `link_users` (the
@@ -157,6 +160,27 @@ typedef struct CommandQueue {
         size_t head, n;
 } CommandQueue;
 
+/*
+ * Status out: the epoch thread's side of primary_get_status(). Written by the epoch thread
+ * only (the loop resets n_pauses), under p->mutex, at its publish points: each seal (seal_publish),
+ * each ACK it processes (inflight), the start of a resync and the walk of a full one. The loop
+ * copies it whole under the mutex and derives the status from the copy, outside the lock.
+ */
+typedef struct EpochStats {
+        uint64_t last_sealed;
+        uint64_t full_syncs, incremental_syncs;
+        uint64_t pauses[PAUSE_WINDOW];    /* seal pauses as dirtyrepd measured them, ns */
+        uint64_t vm_pauses[PAUSE_WINDOW]; /* the agent's view of the same seals; 0: not reported */
+        uint64_t n_pauses;
+        uint64_t pages_last_epoch;
+        double dirty_rate;
+        uint64_t inflight, staging_bytes;
+        uint64_t page_bytes_in, page_bytes_out;
+        bool sync_full;             /* the running resync is a full one */
+        uint64_t sync_start_usec;   /* when it began */
+        uint64_t sync_walked_pages; /* full sync: pages of RAM walked and handed to the link */
+} EpochStats;
+
 struct Primary {
         sd_event *event;
         const DaemonConfig *dcfg;
@@ -170,6 +194,15 @@ struct Primary {
 
         /* Loop thread only. */
         sd_event_source *attach_timer, *reconnect_timer, *notify_source, *split_timer, *gone_timer;
+        /* The attach worker (primary-attach.c): at most one runs; it owns job until it
+         * signals attach_fd, then the loop joins it and takes job back. */
+        sd_event_source *attach_source;
+        int attach_fd; /* attach worker -> loop */
+        pthread_t attach_thread;
+        bool attach_running;
+        struct AttachJob *attach_job;
+        primary_attach_done_t attach_cb;
+        void *attach_userdata;
         unsigned gone_checks; /* vmm_link_listening() re-checks after the epoch thread stopped */
         unsigned backoff_ms;
         bool started;
@@ -207,30 +240,18 @@ struct Primary {
         char detail[256]; /* (L,E) */
         Guard guard;      /* (L) decided by the loop, applied by the epoch thread */
         bool suspended;   /* (E; L at attach) the VM is paused for GUARD_SUSPENDED */
-        /* (L) primary_attach() found the VM suspended (HelloReply.suspended); taken by the manager,
-         * which keeps the service address away meanwhile (primary_take_attach_suspended()). */
-        bool attach_suspended;
         bool had_standby; /* (L) a standby committed an epoch of this primary */
         bool promoted;    /* (L) */
         uint64_t promoted_from;
         /* Resyncs: started by the epoch thread, completed by the loop on their ACK. */
-        uint64_t sync_epoch;        /* (L,E) epoch of the running resync; protected once acked */
-        bool syncing;               /* (L,E) */
-        bool sync_full;             /* (E) the running resync is a full one */
-        uint64_t sync_start_usec;   /* (E) when it began */
-        uint64_t sync_walked_pages; /* (E) full sync: pages of RAM walked and handed to the link */
-        uint64_t last_sync_usec;    /* (L) how long the last completed one took, to its ACK */
-        bool last_sync_full;        /* (L) */
-        /* Status the epoch thread publishes at each seal (E), and the loop's ACK counters (L). */
-        uint64_t last_sealed;                                     /* (E) */
-        uint64_t epochs_committed, full_syncs, incremental_syncs; /* (L), (E), (E) */
-        uint64_t pauses[PAUSE_WINDOW];                            /* (E; L resets n_pauses) */
-        uint64_t vm_pauses[PAUSE_WINDOW]; /* the agent's view of the same seals; 0: not reported */
-        uint64_t n_pauses;
-        uint64_t pages_last_epoch;
-        double dirty_rate;
-        uint64_t inflight, staging_bytes;
-        uint64_t page_bytes_in, page_bytes_out;
+        uint64_t sync_epoch;     /* (L,E) epoch of the running resync; protected once acked */
+        bool syncing;            /* (L,E) */
+        uint64_t last_sync_usec; /* (L) how long the last completed one took, to its ACK */
+        bool last_sync_full;     /* (L) */
+        /* Status out: what the epoch thread publishes (E; L only resets pub.n_pauses), read by
+         * primary_get_status() as one copy; and the loop's own ACK counters (L). */
+        EpochStats pub;
+        uint64_t epochs_committed; /* (L) */
         uint64_t last_commit_usec; /* (L) when an ACK last advanced the committed epoch */
         uint64_t commit_gap_max_usec;
         uint64_t commit_gaps[COMMIT_GAP_BUCKETS];
@@ -385,4 +406,7 @@ void primary_guard_arm(Primary *p);
 int primary_connect(Primary *p);
 void primary_drop_link(Primary *p);
 int primary_on_notify(sd_event_source *s, int fd, uint32_t revents, void *userdata);
+/* Starts an attach worker (none may run); its result comes back on the loop through attach_fd. */
 int primary_attach(Primary *p);
+/* primary_free(): waits for a running attach worker and frees what it built. */
+void primary_attach_cancel(Primary *p);

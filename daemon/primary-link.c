@@ -77,7 +77,7 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
         p->sync_epoch = UINT64_MAX;
         /* The standby committed that epoch of ours: its output may go (an ACK may have
          * been lost with the old link). Release pairs with epoch_handle_acks(). */
-        if (ours && c.link.last <= p->last_sealed &&
+        if (ours && c.link.last <= p->pub.last_sealed &&
             c.link.last > atomic_load_explicit(&p->acked, memory_order_relaxed))
                 atomic_store_explicit(&p->acked, c.link.last, memory_order_release);
         snprintf(p->detail, sizeof(p->detail), "connected to %s", link_peer_name(l));
@@ -129,7 +129,7 @@ static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, 
                 return -EBADMSG;
         }
         pthread_mutex_lock(&p->mutex);
-        sealed = p->last_sealed;
+        sealed = p->pub.last_sealed;
         pthread_mutex_unlock(&p->mutex);
         if (a->epoch > sealed || a->epoch < atomic_load_explicit(&p->acked, memory_order_relaxed)) {
                 link_fail(l, -EPROTO, "ACK for epoch %" PRIu64 " (last sealed %" PRIu64 ")", a->epoch,
@@ -145,8 +145,8 @@ static int on_frame(Link *l, uint16_t type, const uint8_t *payload, size_t len, 
         if (p->syncing && a->epoch >= p->sync_epoch) {
                 link_set_patience(l, 0);
                 p->syncing = false;
-                p->last_sync_usec = now_usec() - p->sync_start_usec;
-                p->last_sync_full = p->sync_full;
+                p->last_sync_usec = now_usec() - p->pub.sync_start_usec;
+                p->last_sync_full = p->pub.sync_full;
         }
         p->had_standby = true;
         pthread_mutex_unlock(&p->mutex);
@@ -163,7 +163,7 @@ static void fill_heartbeat(Link *l, Dr__Repl__Heartbeat *hb, void *userdata)
 
         pthread_mutex_lock(&p->mutex);
         hb->has_last_sealed = true;
-        hb->last_sealed = p->last_sealed;
+        hb->last_sealed = p->pub.last_sealed;
         pthread_mutex_unlock(&p->mutex);
 }
 

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * The primary's status, as a snapshot taken under the mutex (role.h's ReplStatus).
+ * The primary's status (role.h's ReplStatus): the epoch thread's EpochStats copied whole under
+ * the mutex with the loop's own fields, then derived outside it.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -31,16 +32,28 @@ static int cmp_u64(const void *a, const void *b)
         return x < y ? -1 : x > y;
 }
 
+/* The percentiles of the first n of v (sorted in place). */
+static void pause_percentiles(uint64_t *v, size_t n, uint64_t *p50, uint64_t *p99, uint64_t *max)
+{
+        if (n == 0)
+                return;
+        qsort(v, n, sizeof(uint64_t), cmp_u64);
+        *p50 = v[(n - 1) / 2];
+        *p99 = v[MIN((size_t) ((double) (n - 1) * 0.99 + 0.5), n - 1)];
+        *max = v[n - 1];
+}
+
 void primary_get_status(Primary *p, ReplStatus *ret)
 {
-        uint64_t sorted[PAUSE_WINDOW], vm_sorted[PAUSE_WINDOW], page_in, page_out;
-        size_t n_vm = 0;
-        size_t n;
+        EpochStats pub; /* 16 KiB of pauses: as much stack as the sort buffers took before */
+        size_t n, n_vm = 0;
         LinkStats ls = {};
         Link *l;
 
         *ret = (ReplStatus){.role = "primary"};
         pthread_mutex_lock(&p->mutex);
+        /* The epoch thread's side, as one copy (EpochStats); the rest is the loop's own. */
+        pub = p->pub;
         if (p->failed)
                 ret->state = "failed";
         else if (!p->attached)
@@ -58,58 +71,47 @@ void primary_get_status(Primary *p, ReplStatus *ret)
         snprintf(ret->detail, sizeof(ret->detail), "%s", p->detail);
         ret->link_up = p->link_up;
         snprintf(ret->peer, sizeof(ret->peer), "%s", p->vm->peer.text);
-        ret->last_sealed = p->last_sealed;
         ret->last_committed = atomic_load_explicit(&p->acked, memory_order_relaxed);
         ret->epochs_committed = p->epochs_committed;
-        ret->full_syncs = p->full_syncs;
-        ret->incremental_syncs = p->incremental_syncs;
-        n = (size_t) MIN(p->n_pauses, (uint64_t) PAUSE_WINDOW);
-        memcpy(sorted, p->pauses, n * sizeof(uint64_t));
-        for (size_t i = 0; i < n; i++)
-                if (p->vm_pauses[i] > 0)
-                        vm_sorted[n_vm++] = p->vm_pauses[i];
-        ret->pages_last_epoch = p->pages_last_epoch;
-        ret->dirty_pages_per_s = p->dirty_rate;
-        ret->inflight = p->inflight;
-        ret->staging_bytes = p->staging_bytes;
-        ret->ram_bytes = p->total_pages * PAGE_BYTES;
         ret->last_sync_usec = p->last_sync_usec;
         ret->last_sync_full = p->last_sync_full;
-        if (p->syncing && p->sync_full && p->link_up) {
+        ret->ram_bytes = p->total_pages * PAGE_BYTES;
+        if (p->syncing && pub.sync_full && p->link_up) {
                 ret->sync_total_bytes = p->total_pages * PAGE_BYTES;
-                ret->sync_done_bytes = MIN(p->sync_walked_pages, p->total_pages) * PAGE_BYTES;
-                ret->sync_elapsed_usec = now_usec() - p->sync_start_usec;
+                ret->sync_done_bytes = MIN(pub.sync_walked_pages, p->total_pages) * PAGE_BYTES;
+                ret->sync_elapsed_usec = now_usec() - pub.sync_start_usec;
         }
         ret->commit_gap_max_usec = p->commit_gap_max_usec;
         memcpy(ret->commit_gaps, p->commit_gaps, sizeof(ret->commit_gaps));
-        page_in = p->page_bytes_in;
-        page_out = p->page_bytes_out;
         l = p->link;
         if (l)
                 link_get_stats(l, &ls);
         pthread_mutex_unlock(&p->mutex);
 
-        if (n > 0) {
-                qsort(sorted, n, sizeof(uint64_t), cmp_u64);
-                ret->pause_ns_p50 = sorted[(n - 1) / 2];
-                ret->pause_ns_p99 = sorted[MIN((size_t) ((double) (n - 1) * 0.99 + 0.5), n - 1)];
-                ret->pause_ns_max = sorted[n - 1];
-        }
-        if (n_vm > 0) {
-                qsort(vm_sorted, n_vm, sizeof(uint64_t), cmp_u64);
-                ret->vm_pause_ns_p50 = vm_sorted[(n_vm - 1) / 2];
-                ret->vm_pause_ns_p99 = vm_sorted[MIN((size_t) ((double) (n_vm - 1) * 0.99 + 0.5), n_vm - 1)];
-                ret->vm_pause_ns_max = vm_sorted[n_vm - 1];
-        }
+        ret->last_sealed = pub.last_sealed;
+        ret->full_syncs = pub.full_syncs;
+        ret->incremental_syncs = pub.incremental_syncs;
+        ret->pages_last_epoch = pub.pages_last_epoch;
+        ret->dirty_pages_per_s = pub.dirty_rate;
+        ret->inflight = pub.inflight;
+        ret->staging_bytes = pub.staging_bytes;
+        n = (size_t) MIN(pub.n_pauses, (uint64_t) PAUSE_WINDOW);
+        for (size_t i = 0; i < n; i++) /* the seals the agent reported, to the front */
+                if (pub.vm_pauses[i] > 0)
+                        pub.vm_pauses[n_vm++] = pub.vm_pauses[i];
+        pause_percentiles(pub.pauses, n, &ret->pause_ns_p50, &ret->pause_ns_p99, &ret->pause_ns_max);
+        pause_percentiles(pub.vm_pauses, n_vm, &ret->vm_pause_ns_p50, &ret->vm_pause_ns_p99,
+                          &ret->vm_pause_ns_max);
         ret->bytes_sent = ls.bytes_sent;
         ret->bytes_received = ls.bytes_received;
-        ret->compression_ratio = page_out > 0 ? (double) page_in / (double) page_out : 0.0;
+        ret->compression_ratio =
+                pub.page_bytes_out > 0 ? (double) pub.page_bytes_in / (double) pub.page_bytes_out : 0.0;
 }
 
 int primary_reset_pauses(Primary *p)
 {
         pthread_mutex_lock(&p->mutex);
-        p->n_pauses = 0;
+        p->pub.n_pauses = 0;
         pthread_mutex_unlock(&p->mutex);
         return 0;
 }

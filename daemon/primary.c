@@ -292,7 +292,7 @@ int epoch_handle_acks(Epoch *e)
         }
         e->released = acked;
         pthread_mutex_lock(&p->mutex);
-        p->inflight = e->n_hist;
+        p->pub.inflight = e->n_hist;
         pthread_mutex_unlock(&p->mutex);
         return 0;
 }
@@ -337,7 +337,7 @@ static int full_walk(Epoch *e)
                         if (r < 0)
                                 return r;
                         pthread_mutex_lock(&e->p->mutex);
-                        e->p->sync_walked_pages = page;
+                        e->p->pub.sync_walked_pages = page;
                         pthread_mutex_unlock(&e->p->mutex);
                         r = harvest_tick(e, false);
                         if (r < 0)
@@ -352,7 +352,7 @@ static int full_walk(Epoch *e)
         if (r < 0)
                 return r;
         pthread_mutex_lock(&e->p->mutex);
-        e->p->sync_walked_pages = e->lay->total_pages;
+        e->p->pub.sync_walked_pages = e->lay->total_pages;
         pthread_mutex_unlock(&e->p->mutex);
         return 0;
 }
@@ -396,12 +396,12 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
                          " pages",
                          p->vm->name, e->cur, L, e->fresh.n);
                 pthread_mutex_lock(&p->mutex);
-                p->incremental_syncs++;
+                p->pub.incremental_syncs++;
                 p->sync_epoch = e->cur;
                 p->syncing = true;
-                p->sync_full = false;
-                p->sync_start_usec = now_usec();
-                p->inflight = 0;
+                p->pub.sync_full = false;
+                p->pub.sync_start_usec = now_usec();
+                p->pub.inflight = 0;
                 pthread_mutex_unlock(&p->mutex);
                 return send_begin(e, false, L);
         }
@@ -411,13 +411,13 @@ static int session_start(Epoch *e, bool ours, uint64_t L)
         hist_drop_upto(e, UINT64_MAX);
         e->cur_full = true;
         pthread_mutex_lock(&p->mutex);
-        p->full_syncs++;
+        p->pub.full_syncs++;
         p->sync_epoch = e->cur;
         p->syncing = true;
-        p->sync_full = true;
-        p->sync_start_usec = now_usec();
-        p->sync_walked_pages = 0;
-        p->inflight = 0;
+        p->pub.sync_full = true;
+        p->pub.sync_start_usec = now_usec();
+        p->pub.sync_walked_pages = 0;
+        p->pub.inflight = 0;
         /* The standby is busy applying it (and has nothing to fail over to
          * meanwhile): tolerate a longer silence than the heartbeat window, so
          * a loaded host does not restart the full sync again and again.
@@ -514,9 +514,9 @@ static int ship_staging(Epoch *e, uint64_t epoch)
 
 static void record_pause(Primary *p, uint64_t ns, uint64_t vm_ns)
 {
-        p->pauses[p->n_pauses % PAUSE_WINDOW] = ns;
-        p->vm_pauses[p->n_pauses % PAUSE_WINDOW] = vm_ns;
-        p->n_pauses++;
+        p->pub.pauses[p->pub.n_pauses % PAUSE_WINDOW] = ns;
+        p->pub.vm_pauses[p->pub.n_pauses % PAUSE_WINDOW] = vm_ns;
+        p->pub.n_pauses++;
 }
 
 /* One seal's working state, shared by its steps. */
@@ -689,13 +689,13 @@ static void seal_account(Epoch *e, Seal *s)
         pthread_mutex_lock(&p->mutex);
         /* A freezing seal counts up to where RESUME would have been. */
         record_pause(p, s->pause_ns, s->vm_pause_ns);
-        p->page_bytes_in = e->pstats.bytes_in;
-        p->page_bytes_out = e->pstats.bytes_out;
-        p->last_sealed = s->epoch;
-        p->pages_last_epoch = s->distinct;
-        p->dirty_rate = (double) dirty_pages * 1e6 / (double) span_us;
-        p->inflight = e->n_hist;
-        p->staging_bytes = (uint64_t) e->stage_n * PAGE_BYTES;
+        p->pub.page_bytes_in = e->pstats.bytes_in;
+        p->pub.page_bytes_out = e->pstats.bytes_out;
+        p->pub.last_sealed = s->epoch;
+        p->pub.pages_last_epoch = s->distinct;
+        p->pub.dirty_rate = (double) dirty_pages * 1e6 / (double) span_us;
+        p->pub.inflight = e->n_hist;
+        p->pub.staging_bytes = (uint64_t) e->stage_n * PAGE_BYTES;
         pthread_mutex_unlock(&p->mutex);
 }
 
@@ -731,7 +731,7 @@ static int seal_ship(Epoch *e, Seal *s)
         if (r == 0)
                 r = send_begin(e, false, s->epoch);
         pthread_mutex_lock(&p->mutex);
-        p->staging_bytes = 0;
+        p->pub.staging_bytes = 0;
         pthread_mutex_unlock(&p->mutex);
         return r == -ENOTCONN ? 0 : r;
 }
@@ -1155,7 +1155,7 @@ int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
         p = calloc(1, sizeof(*p));
         if (!p)
                 return -ENOMEM;
-        p->wake_fd = p->notify_fd = -EBADF;
+        p->wake_fd = p->notify_fd = p->attach_fd = -EBADF;
         pthread_mutex_init(&p->mutex, NULL);
         pthread_cond_init(&p->cond, NULL);
         command_queue_init(&p->commands);
@@ -1189,7 +1189,8 @@ int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const ui
 
         p->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         p->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (p->wake_fd < 0 || p->notify_fd < 0)
+        p->attach_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (p->wake_fd < 0 || p->notify_fd < 0 || p->attach_fd < 0)
                 return -errno;
         *ret = TAKE_PTR(p);
         return 0;
@@ -1221,9 +1222,8 @@ int primary_start(Primary *p)
         pthread_mutex_lock(&p->mutex);
         snprintf(p->detail, sizeof(p->detail), "waiting for the VMM at %s", p->vm->control_socket);
         pthread_mutex_unlock(&p->mutex);
-        r = primary_attach(p);
-        /* A wrong tracking mode is final (status failed); everything else retries. */
-        return r == -EINVAL ? r : 0;
+        /* Its outcome comes later, on the loop (on_attach_done(), the attach callback). */
+        return primary_attach(p);
 }
 
 Primary *primary_free(Primary *p)
@@ -1234,6 +1234,8 @@ Primary *primary_free(Primary *p)
         p->stop = true;
         pthread_cond_broadcast(&p->cond);
         pthread_mutex_unlock(&p->mutex);
+        /* An attach still running: its VmmLink and Epoch were never the epoch thread's. */
+        primary_attach_cancel(p);
         if (p->link)
                 /* Tells the standby why, and makes any send in progress return. */
                 link_fail(p->link, -ECANCELED, "primary stopping");
@@ -1255,6 +1257,7 @@ Primary *primary_free(Primary *p)
         p->gone_timer = sd_event_source_disable_unref(p->gone_timer);
         safe_close(p->wake_fd);
         safe_close(p->notify_fd);
+        safe_close(p->attach_fd);
         SSL_CTX_free(p->tls);
         if (p->secret) {
                 explicit_bzero(p->secret, p->secret_len);
@@ -1272,7 +1275,7 @@ Primary *primary_free(Primary *p)
 void primary_drain(Primary *p)
 {
         pthread_mutex_lock(&p->mutex);
-        p->drain_target = p->last_sealed;
+        p->drain_target = p->pub.last_sealed;
         pthread_mutex_unlock(&p->mutex);
         atomic_store_explicit(&p->draining, true, memory_order_relaxed);
         wake(p->wake_fd);

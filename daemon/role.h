@@ -76,8 +76,22 @@ typedef struct Primary Primary;
 /* Borrowed: d, vm (for the Primary's life); secret is copied. */
 int primary_new(sd_event *e, const DaemonConfig *d, const VmConfig *vm, const uint8_t *secret,
                 size_t secret_len, Primary **ret);
-/* Starts attaching to the VMM (retrying while its socket is absent) and connecting to the peer. */
+/*
+ * Starts attaching to the VMM and returns at once: the attach (connect, Hello, mapping the
+ * layout, StartTracking) runs on a worker thread, so a slow or hung VMM never stalls the loop.
+ * It retries every second while nothing can be attached; once attached, the primary connects to
+ * the peer. The attach callback, if set, learns each attach's outcome.
+ */
 int primary_start(Primary *p);
+/*
+ * Runs on the loop thread when an attach ends: r = 0 attached (suspended: the VMM said the VM is
+ * SUSPENDED by the split-brain guard, so another host may serve it), or a final failure (-EINVAL
+ * for a tracking mode other than Tracking=, other -errno for a VMM that failed during setup; the
+ * status is then "failed" and says why). Not called for attempts that will be retried (no VMM
+ * yet, a refused socket). Set before primary_start(); must not free p.
+ */
+typedef void (*primary_attach_done_t)(Primary *p, int r, bool suspended, void *userdata);
+void primary_set_attach_callback(Primary *p, primary_attach_done_t done, void *userdata);
 /* TLS on the replication link (daemon/tls.h), before primary_start(); takes its own reference.
  * NULL: plaintext (the default). */
 int primary_set_tls(Primary *p, SSL_CTX *tls);
@@ -93,12 +107,6 @@ void primary_get_status(Primary *p, ReplStatus *ret);
 void primary_drain(Primary *p);
 /* The split-brain guard suspends the VM (also: it came back suspended at attach). */
 bool primary_suspended(Primary *p);
-/*
- * Whether an attach found the VM suspended (the VMM said so in its Hello) since the last call:
- * the attach may come from a retry long after primary_start(), when the manager already added
- * the service address.
- */
-bool primary_take_attach_suspended(Primary *p);
 bool primary_drained(Primary *p);
 /*
  * The operator's way out of the split-brain guard (`dirtyrepctl resume`): a

@@ -5,12 +5,14 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include "fdpass.h"
 #include "log.h"
 #include "macros.h"
+#include "util.h"
 #include "vmm-link.h"
 
 #define VMM_DIRTY_MAGIC       "DRVMDIRT"
@@ -99,6 +101,19 @@ VmmLink *vmm_link_free(VmmLink *l)
         return NULL;
 }
 
+/* SO_RCVTIMEO of usec (0: none). */
+static int sock_set_rcvtimeo(int fd, uint64_t usec)
+{
+        struct timeval tv = {
+                .tv_sec = (time_t) (usec / USEC_PER_SEC),
+                .tv_usec = (suseconds_t) (usec % USEC_PER_SEC),
+        };
+
+        if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0)
+                return -errno;
+        return 0;
+}
+
 /*
  * Sends req and waits for its reply. Fds that arrive with the reply are
  * returned through fds/ret_n_fds (owned by the caller) or closed.
@@ -127,6 +142,13 @@ static int link_call(VmmLink *l, Dr__Control__Request *req, Dr__Control__Reply *
         }
 
         n = fdpass_recv(l->sock, buf, sizeof(buf), fds, max_fds, &n_fds);
+        if (n == -EAGAIN || n == -EWOULDBLOCK) {
+                /* Only while opening: SO_RCVTIMEO bounds the Hello and the layout. */
+                snprintf(l->last_error, sizeof(l->last_error),
+                         "the VMM's agent did not answer within %llu s",
+                         (unsigned long long) (VMM_LINK_HELLO_TIMEOUT_USEC / USEC_PER_SEC));
+                return -ETIMEDOUT;
+        }
         if (n < 0) {
                 snprintf(l->last_error, sizeof(l->last_error), "receiving from the VMM's agent failed: %s",
                          strerror((int) -n));
@@ -493,6 +515,8 @@ bool vmm_link_listening(const char *path)
         return true;
 }
 
+static int open_fd(int fd, const char *client, char *why, size_t why_size, VmmLink **ret);
+
 int vmm_link_open_checked(const char *path, const char *client, char *why, size_t why_size, VmmLink **ret)
 {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -528,7 +552,7 @@ int vmm_link_open_checked(const char *path, const char *client, char *why, size_
                          path, (int) cred.pid, (unsigned) cred.uid, (unsigned) st.st_uid);
                 return -EPERM;
         }
-        return vmm_link_open_fd(TAKE_FD(fd), client, ret);
+        return open_fd(TAKE_FD(fd), client, why, why_size, ret);
 }
 
 int vmm_link_open(const char *path, const char *client, VmmLink **ret)
@@ -538,8 +562,41 @@ int vmm_link_open(const char *path, const char *client, VmmLink **ret)
 
 int vmm_link_open_fd(int fd, const char *client, VmmLink **ret)
 {
-        _cleanup_(vmm_link_freep) VmmLink *l = NULL;
+        return open_fd(fd, client, NULL, 0, ret);
+}
+
+static int open_fd_exchange(VmmLink *l, const char *client);
+
+/* The same; on failure, what the exchange said goes to why (if any). */
+static int open_fd(int fd, const char *client, char *why, size_t why_size, VmmLink **ret)
+{
         _cleanup_close_ int owned = fd;
+        VmmLink *l;
+        int r;
+
+        l = calloc(1, sizeof(*l));
+        if (!l)
+                return -ENOMEM;
+        l->layout.ring_full_fd = l->layout.bitmap_fd = l->layout.vmm_dirty_fd = l->layout.state_fd = -EBADF;
+        for (size_t i = 0; i < VMM_LINK_MAX_REGIONS; i++)
+                l->layout.regions[i].fd = -EBADF;
+        for (size_t i = 0; i < VMM_LINK_MAX_VCPUS; i++)
+                l->layout.vcpus[i].fd = -EBADF;
+        l->sock = TAKE_FD(owned);
+        r = open_fd_exchange(l, client);
+        if (r < 0) {
+                if (why && why_size > 0)
+                        snprintf(why, why_size, "%s", l->last_error);
+                vmm_link_free(l);
+                return r;
+        }
+        *ret = l;
+        return 0;
+}
+
+/* Hello and layout over l->sock. */
+static int open_fd_exchange(VmmLink *l, const char *client)
+{
         Dr__Control__Request req = DR__CONTROL__REQUEST__INIT;
         Dr__Control__Hello hello = DR__CONTROL__HELLO__INIT;
         Dr__Control__GetLayout gl = DR__CONTROL__GET_LAYOUT__INIT;
@@ -548,17 +605,12 @@ int vmm_link_open_fd(int fd, const char *client, VmmLink **ret)
         size_t n_fds = 0;
         int r;
 
-        l = calloc(1, sizeof(*l));
-        if (!l)
-                return -ENOMEM;
-        l->sock = -EBADF;
-        l->layout.ring_full_fd = l->layout.bitmap_fd = l->layout.vmm_dirty_fd = l->layout.state_fd = -EBADF;
-        for (size_t i = 0; i < VMM_LINK_MAX_REGIONS; i++)
-                l->layout.regions[i].fd = -EBADF;
-        for (size_t i = 0; i < VMM_LINK_MAX_VCPUS; i++)
-                l->layout.vcpus[i].fd = -EBADF;
-
-        l->sock = TAKE_FD(owned);
+        /* A VMM that accepts but never answers must not hold its caller (an attach worker that
+         * primary_free() waits for) for ever: the Hello and the layout are bounded, later
+         * requests are not (a pause may legitimately take its own timeout). */
+        r = sock_set_rcvtimeo(l->sock, VMM_LINK_HELLO_TIMEOUT_USEC);
+        if (r < 0)
+                return r;
 
         hello.version = DR__CONTROL__CONTROL_VERSION__CONTROL_VERSION_CURRENT;
         hello.client = (char *) client;
@@ -593,8 +645,7 @@ int vmm_link_open_fd(int fd, const char *client, VmmLink **ret)
                         snprintf(l->last_error, sizeof(l->last_error), "agent sent an invalid layout");
                 return r;
         }
-        *ret = TAKE_PTR(l);
-        return 0;
+        return sock_set_rcvtimeo(l->sock, 0);
 }
 
 #define SIMPLE_REQUEST(l, field, CASE, msgtype, INIT)                                                       \

@@ -66,14 +66,21 @@ typedef struct VmmLayout {
 
 typedef struct VmmLink VmmLink;
 
+/* How long the agent has to answer the Hello and the layout request (-ETIMEDOUT after). */
+#define VMM_LINK_HELLO_TIMEOUT_USEC (10ULL * 1000 * 1000)
+
 /*
  * Connects to the agent socket at path, says Hello (client names itself
  * `client`), fetches and maps the layout. Returns 0 and a VmmLink the
- * caller owns, or a negative errno (logged by the caller).
+ * caller owns, or a negative errno (logged by the caller). Blocks for at most
+ * VMM_LINK_HELLO_TIMEOUT_USEC per answer; later requests wait as long as the
+ * agent takes.
  */
 int vmm_link_open(const char *path, const char *client, VmmLink **ret);
 /*
- * The same, and on -EPERM says in why[why_size] who serves the socket and why that is refused:
+ * The same, and on failure says in why[why_size] what went wrong once connected (the agent's
+ * answer, or that it did not answer in time), or "" before that; on -EPERM who serves the socket
+ * and why that is refused:
  * the socket file must be owned by root, by this process's euid, or by the owner of a directory
  * only that owner can write (every directory above it owned by root, this euid or that owner and
  * writable by nobody else); the connected peer (SO_PEERCRED) must be root or the file's owner.

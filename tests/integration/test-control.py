@@ -9,6 +9,10 @@ reference VMM running the dirtier guest, dirtyrepctl and busctl.
                            named errors, events, reload, the policy (root vs. nobody)
   test-control.py notify   sd_notify: READY=1, STATUS= with role/epoch/lag, periodic
                            WATCHDOG=1 that stops while the loop is stalled
+  test-control.py attach   attach runs off the event loop: a VMM socket that never answers
+                           leaves the D-Bus API answering, its Hello times out and is retried,
+                           a stop during it is bounded; a VMM tracking otherwise than
+                           Tracking= fails the primary, named, and Attach() says why
 
 Exit 0 pass, 1 fail, 77 skip (no /dev/kvm, or no dbus-daemon/busctl/setpriv).
 """
@@ -27,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from control import (ENV, LIVE, SECRET, Bus, Daemon, Popened, busctl, busctl_ok, check, ctl, ctl_fails,  # noqa: E402
                      ctl_ok, fail, free_port, log, status, wait_for)
 import control  # noqa: E402
+import loopback  # noqa: E402
 
 
 VM_PATH = "/org/dirtyrep1/vm/t"
@@ -467,8 +472,111 @@ def test_notify(tmp):
     log("PASS: READY=1 after the bus name, STATUS= with role/epoch/lag, WATCHDOG=1 stops while stalled")
 
 
+def hung_vmm_socket(path):
+    """A control socket that accepts connections and never answers: returns the list of accept
+    times, appended to by a thread (the socket lives as long as the test)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    srv.listen(8)
+    accepted, conns = [], []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(c)  # kept open: the daemon's Hello waits for an answer that never comes
+            accepted.append(time.time())
+
+    threading.Thread(target=serve, daemon=True).start()
+    return accepted
+
+
+def on_bus(bus, d):
+    end = time.time() + 20
+    while busctl(bus, "status", "org.dirtyrep1")[0] != 0:
+        check(d.alive(), f"{d.tag} exited before taking its bus name")
+        check(time.time() < end, "org.dirtyrep1 never appeared on the bus")
+        time.sleep(0.1)
+
+
+def test_attach(tmp):
+    bus = Bus(tmp, "bus")
+    port = free_port()
+
+    # --- a VMM that accepts and never answers ---
+    hung = os.path.join(tmp, "hung.sock")
+    accepted = hung_vmm_socket(hung)
+    d = Daemon(tmp, "primary", ["--role", "primary", "--control-socket", hung, "--peer", f"127.0.0.1:{port}"],
+               bus=bus)
+    end = time.time() + 30
+    while not accepted and time.time() < end:
+        time.sleep(0.05)
+    check(accepted, "dirtyrepd never connected to the control socket")
+    # The attach hangs in the Hello; the loop must not: status answers at once, repeatedly.
+    slowest = 0.0
+    for _ in range(10):
+        t = time.time()
+        st = status(bus)
+        slowest = max(slowest, time.time() - t)
+        check(st["State"] == "attaching", f"state {st['State']} while the VMM does not answer: {st}")
+        time.sleep(0.3)
+    check(slowest < 2.0, f"a status call took {slowest:.2f} s while an attach hung: the attach blocks the loop")
+    log(f"status answered in at most {slowest * 1000:.0f} ms while the attach hung")
+    # The Hello is bounded: the status names the timeout, and the attach is retried.
+    st = wait_for(bus, lambda st: "did not answer within 10 s" in st["Detail"], "the Hello timeout in Detail",
+                  timeout=30)
+    # (The first connection may be the manager's probe whether anything listens, closed at once.)
+    n = len(accepted)
+    end = time.time() + 15
+    while len(accepted) <= n and time.time() < end:
+        time.sleep(0.05)
+    check(len(accepted) > n, "no second attach after the Hello timed out")
+    gap = accepted[n] - accepted[n - 1]
+    check(9.0 <= gap <= 14.0, f"the second attach came {gap:.1f} s after the first, expected the 10 s bound "
+          f"plus the 1 s retry")
+    log(f"Hello timed out and the attach was retried {gap:.1f} s after the first ({st['Detail']})")
+    # A stop while the attach hangs: bounded by the Hello's timeout (and exit 0: nothing leaks).
+    t = time.time()
+    rc = d.stop(timeout=20)
+    took = time.time() - t
+    check(rc == 0, f"dirtyrepd exited {rc} when stopped during a hung attach")
+    check(took < 13.0, f"stopping during a hung attach took {took:.1f} s")
+    log(f"stopped during a hung attach in {took:.1f} s")
+
+    # --- a VMM that tracks with a bitmap, and Tracking=ring ---
+    vmm = loopback.Vmm(tmp, "dirtier", "bitmap", 1, "ws=4M rate=5000 report_ms=1000", memory="128M")
+    end = time.time() + 30
+    while not os.path.exists(vmm.control) and time.time() < end:
+        time.sleep(0.05)
+    check(os.path.exists(vmm.control), "the VMM's control socket never appeared")
+    d = Daemon(tmp, "primary2", ["--role", "primary", "--control-socket", vmm.control, "--tracking", "ring",
+                                 "--peer", f"127.0.0.1:{port}"], bus=bus)
+    on_bus(bus, d)
+    want = "Tracking=ring but the VMM tracks with a bitmap"
+    st = wait_for(bus, lambda st: st["State"] == "failed", "the primary to fail on the tracking mode")
+    check(want in st["Detail"], f"the failure does not name the tracking mode: {st}")
+    rc, out, err = ctl(bus, "status", "t")
+    check(rc == 12, f"dirtyrepctl status of a failed VM exited {rc}, expected 12: {out} {err}")
+    # Attach() waits for the worker's outcome and says why it failed.
+    ctl_fails(bus, 4, want, "attach", "t")
+    st = status(bus)
+    check(st["State"] == "failed" and want in st["Detail"], f"after a refused attach: {st}")
+    # The VMM was left running, untracked: a primary of the right mode attaches to it.
+    check(vmm.alive(), "the VMM died when the primary refused its tracking mode")
+    loopback.stop_clean(d)
+    d = Daemon(tmp, "primary3", ["--role", "primary", "--control-socket", vmm.control, "--tracking", "bitmap",
+                                 "--peer", f"127.0.0.1:{port}"], bus=bus)
+    on_bus(bus, d)
+    st = wait_for(bus, lambda st: st["State"] == "connecting", "Tracking=bitmap to attach")
+    log(f"Tracking=bitmap attached: {st['State']}: {st['Detail']}")
+    loopback.stop_clean(d)
+    vmm.stop()
+
+
 def main():
-    if len(sys.argv) != 2 or sys.argv[1] not in ("dbus", "notify"):
+    if len(sys.argv) != 2 or sys.argv[1] not in ("dbus", "notify", "attach"):
         print(__doc__)
         return 2
     if not os.path.exists("/dev/kvm"):
@@ -481,7 +589,8 @@ def main():
     for k in ("DR_VMM", "DR_DIRTYREPD", "DR_DIRTYREPCTL", "DR_GUEST_DIRTIER", "DR_SRCDIR"):
         if k not in ENV:
             fail(f"{k} not set")
-    return control.in_tmp("dr-ctl-", {"dbus": test_dbus, "notify": test_notify}[sys.argv[1]], world=True)
+    return control.in_tmp("dr-ctl-", {"dbus": test_dbus, "notify": test_notify, "attach": test_attach}[sys.argv[1]],
+                          world=True)
 
 
 if __name__ == "__main__":
