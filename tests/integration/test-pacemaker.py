@@ -113,21 +113,39 @@ class Node:
         self.leader = None
 
     def wait_booted(self, timeout=240):
+        """Until `systemctl is-system-running` in the container says running or degraded (a failed unit is
+        for the test to judge). On a timeout, fails with what it last said and systemd's jobs and failed units."""
         end = time.time() + timeout
         while time.time() < end:
-            kids = tsd.children(self.proc.pid)
-            if kids:
-                self.leader = kids[0]
+            # The container's init, not nspawn's first child: that one can be its short-lived outer child,
+            # and every nsenter into it after it exits fails ("stat of /proc/PID/ns/user failed").
+            self.leader = tsd.container_init(self.proc.pid)
+            if self.leader:
                 break
             check(self.proc.poll() is None, f"{self.name}: systemd-nspawn exited: {self.log_tail()}")
             time.sleep(0.1)
-        check(self.leader, f"{self.name}: no container init")
+        check(self.leader, f"{self.name}: no container init within {timeout} s: {self.log_tail()}")
+        c = subprocess.CompletedProcess([], None, "", "not run: no time left")
         while time.time() < end:
+            check(self.proc.poll() is None,
+                  f"{self.name}: systemd-nspawn exited ({self.proc.returncode}) while booting: {self.log_tail()}")
             c = self.sh("systemctl is-system-running", timeout=10, quiet=True)
             if c.stdout.strip() in ("running", "degraded"):
                 return
             time.sleep(0.5)
-        fail(f"{self.name} did not boot within {timeout} s: {self.log_tail()}")
+        fail(f"{self.name} did not boot within {timeout} s: {self.boot_diagnosis(c)}\n"
+             f"console (tail):\n{self.log_tail()}")
+
+    def boot_diagnosis(self, last):
+        """What the container's systemd says about a boot that did not finish: the last is-system-running
+        (output, errors, exit status), its queued jobs and its failed units."""
+        alive = os.path.exists(f"/proc/{self.leader}")
+        text = [f"init PID {self.leader} ({'alive' if alive else 'gone'}); systemctl is-system-running: "
+                f"exit {last.returncode}, stdout {last.stdout.strip()!r}, stderr {last.stderr.strip()!r}"]
+        for cmd in ("systemctl list-jobs --no-pager", "systemctl --failed --no-pager"):
+            c = self.sh(cmd, timeout=20, quiet=True)
+            text.append(f"$ {cmd} (exit {c.returncode})\n{(c.stdout + c.stderr).rstrip()}")
+        return "\n".join(text)
 
     def log_tail(self):
         return open(os.path.join(self.dir, "nspawn.log"), errors="replace").read()[-3000:]
