@@ -9,6 +9,7 @@
  * SIGCHLD handling and never reaps a child that is not its own.
  */
 #include <errno.h>
+#include <poll.h>
 #include <limits.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -168,12 +169,16 @@ static void child_stop(Child *c, uint64_t grace_usec)
         (void) kill(c->pid, SIGTERM);
         end = now_usec() + grace_usec;
         while (!child_reap(c, &si)) {
-                if (now_usec() >= end) {
+                uint64_t now = now_usec();
+                struct pollfd pfd = {.fd = c->pidfd, .events = POLLIN};
+
+                if (now >= end) {
                         (void) kill(c->pid, SIGKILL);
                         (void) waitid(P_PIDFD, (id_t) c->pidfd, &si, WEXITED);
                         break;
                 }
-                (void) usleep(10000);
+                /* The pidfd becomes readable when the child exits: sleep until then, not in steps. */
+                (void) poll(&pfd, 1, (int) DIV_ROUND_UP(end - now, USEC_PER_MSEC));
         }
         child_release(c);
 }

@@ -1249,18 +1249,12 @@ static void close_everything(Standby *s, int code, const char *reason)
 {
         if (code != 0 && s->active && !s->active->dead) {
                 Link *l = s->active->link;
-                uint64_t end = now_usec() + 200 * USEC_PER_MSEC;
-                LinkStats ls;
 
                 /* on_down runs inside; code is not a loss, so no lost callback. */
                 link_fail(l, code, "%s", reason);
-                /* link_free() drops what is still queued: let the ERROR leave (bounded). */
-                for (;;) {
-                        link_get_stats(l, &ls);
-                        if (ls.queued_bytes == 0 || now_usec() >= end)
-                                break;
-                        (void) usleep(1000);
-                }
+                /* link_free() drops what is still queued: let the ERROR leave (bounded; the
+                 * writer signals each frame that leaves, no polling). */
+                (void) link_wait_sent(l, 200 * USEC_PER_MSEC);
         }
         while (s->conns)
                 conn_free(s, s->conns);
