@@ -29,6 +29,7 @@ import argparse
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -138,6 +139,7 @@ def main():
             pinger.wait()
         fo.kill_live()
         fo.net_down()
+        shutil.rmtree(tmp, ignore_errors=True)  # its logs were dumped above on a failure
 
     print(f"\nFailover time, HeartbeatIntervalMs={interval} x HeartbeatMisses={misses}, kv guest 64 MiB, "
           f"{a.runs} runs (ms from death)\n")

@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def main():
     finally:
         fo.kill_live()  # with their process groups: a daemon's holds a VMM it started by a promotion
         fo.net_down()
+        shutil.rmtree(tmp, ignore_errors=True)  # its logs were dumped above on a failure
 
     print(f"\nredis-benchmark -t set,get,incr -n {a.requests} -c {a.clients} (kv guest, 64 MiB, 1 vCPU; "
           "latency in ms)\n")

@@ -41,6 +41,7 @@ def build_env(build, *guests, ctl=False, env=None):
     the build directory build (dirtyrepctl too with ctl) and the guests named, unless set.
     Returns env (default os.environ), changed in place."""
     env = os.environ if env is None else env
+    build = os.path.abspath(build)  # daemons are handed these paths (Vmm= must be absolute)
     env.setdefault("DR_VMM", os.path.join(build, "vmm/ref/dirtyrep-vmm"))
     env.setdefault("DR_DIRTYREPD", os.path.join(build, "daemon/dirtyrepd"))
     if ctl:
