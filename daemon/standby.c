@@ -1098,7 +1098,14 @@ void standby_get_status(Standby *s, ReplStatus *ret)
                 ret->state = s->active->commits > 0 ? "protected" : "syncing";
         else
                 ret->state = s->failed ? "failed" : "listening";
-        snprintf(ret->detail, sizeof(ret->detail), "%s", s->note[0] ? s->note : s->detail);
+        if (s->note[0])
+                snprintf(ret->detail, sizeof(ret->detail), "%s", s->note);
+        else if (s->active && s->active->commits > 0 && s->replica.valid)
+                /* s->detail says how this session began ("full sync", "resyncing from ..."). */
+                snprintf(ret->detail, sizeof(ret->detail), "replica of epoch %" PRIu64 " from %s",
+                         s->replica.epoch, s->active->peer);
+        else
+                snprintf(ret->detail, sizeof(ret->detail), "%s", s->detail);
         if (s->active) {
                 ret->link_up = link_state(s->active->link) == LINK_UP;
                 snprintf(ret->peer, sizeof(ret->peer), "%s", s->active->peer);

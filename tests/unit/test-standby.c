@@ -409,7 +409,7 @@ TEST(full_then_incremental)
 
         epoch_full(&f, &p, 1);
         assert_replica(&f, 1);
-        assert_status(&f, "protected", NULL);
+        assert_status(&f, "protected", "replica of epoch ");
 
         for (uint64_t e = 2; e <= 6; e++) {
                 size_t n = model_dirty(&f, (uint32_t) e, pages, ELEMENTSOF(pages));
@@ -577,7 +577,7 @@ TEST(partial_epoch_then_reconnect)
         model_dirty(&f, 3, pages, ELEMENTSOF(pages));
         epoch_send(&f, &p, 3, false, 2, pages, ELEMENTSOF(pages), "s3");
         assert_replica(&f, 3);
-        assert_status(&f, "protected", NULL);
+        assert_status(&f, "protected", "replica of epoch ");
         prim_free(&p);
         fixture_done(&f);
 }
@@ -909,7 +909,7 @@ TEST(new_connection_replaces_old)
 
         epoch_send(&f, &b, 2, false, 1, pages, model_dirty(&f, 2, pages, 16), "b2");
         assert_replica(&f, 2);
-        assert_status(&f, "protected", NULL);
+        assert_status(&f, "protected", "replica of epoch ");
         prim_free(&a);
         prim_free(&b);
         fixture_done(&f);
