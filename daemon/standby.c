@@ -133,8 +133,10 @@ struct Standby {
         int reported_error;
         char reported_reason[256];
 
-        /* Status. */
-        bool failed;
+        /* Status. failed: replication ended and this side does not fail over (also the lost
+         * callback's guard); stopped: because the primary said it stops on purpose
+         * (-ECANCELED: its daemon stopping, a detach), shown as listening, not failed. */
+        bool failed, stopped;
         char detail[256];
         uint64_t epochs_committed, full_syncs, incremental_syncs, pages_last_epoch;
         double dirty_pages_per_s;
@@ -260,6 +262,7 @@ static int fail(Conn *c, int code, const char *fmt, ...)
         vsnprintf(msg, sizeof(msg), fmt, ap);
         va_end(ap);
         c->s->failed = true; /* the standby decided: "failed", not merely "lost" */
+        c->s->stopped = false;
         link_fail(c->link, code, "%s", msg);
         return code;
 }
@@ -754,7 +757,7 @@ static int on_up(Link *l, const Dr__Repl__Welcome *w, void *userdata)
                 conn_free(s, s->active);
         }
         s->active = c;
-        s->failed = false;
+        s->failed = s->stopped = false;
         s->reported_due = 0;
         /* A primary is back: whatever a lost one left in the status is over. */
         if (!s->note_state)
@@ -865,15 +868,23 @@ static void on_down(Link *l, int error, const char *reason, void *userdata)
                 schedule_gc(s, s->reported_due);
                 return;
         }
-        if (!s->failed && !error_is_loss(error))
+        if (!s->failed && !error_is_loss(error)) {
                 s->failed = true;
-        snprintf(s->detail, sizeof(s->detail), "%s: %s", s->failed ? "replication failed" : "primary lost",
+                s->stopped = error == -ECANCELED;
+        }
+        snprintf(s->detail, sizeof(s->detail), "%s: %s",
+                 s->stopped  ? "primary stopped replicating"
+                 : s->failed ? "replication failed"
+                             : "primary lost",
                  reason);
         if (s->replica.valid)
                 snprintf(kept, sizeof(kept), "replica stays at epoch %" PRIu64, s->replica.epoch);
         else
                 snprintf(kept, sizeof(kept), "no replica yet");
-        if (s->failed)
+        if (s->stopped)
+                log_notice("VM %s: primary %s stopped replicating on purpose, %s: %s", s->vm->name, c->peer,
+                           kept, reason);
+        else if (s->failed)
                 log_error_errno(error, "VM %s: replication from %s failed, %s: %s", s->vm->name, c->peer,
                                 kept, reason);
         else
@@ -1054,7 +1065,7 @@ int standby_start(Standby *s)
                          strerror(-r));
                 return r;
         }
-        s->failed = false;
+        s->failed = s->stopped = false;
         snprintf(s->detail, sizeof(s->detail), "waiting for the primary");
         return 0;
 }
@@ -1097,7 +1108,7 @@ void standby_get_status(Standby *s, ReplStatus *ret)
         else if (s->active)
                 ret->state = s->active->commits > 0 ? "protected" : "syncing";
         else
-                ret->state = s->failed ? "failed" : "listening";
+                ret->state = s->failed && !s->stopped ? "failed" : "listening";
         if (s->note[0])
                 snprintf(ret->detail, sizeof(ret->detail), "%s", s->note);
         else if (s->active && s->active->commits > 0 && s->replica.valid)
