@@ -7,6 +7,7 @@ DR_DEPS=(
   libnl-3-dev libnl-route-3-dev libssl-dev openssl
   python3 python3-prometheus-client iproute2 redis-tools qemu-system-x86 clang clang-format
   dbus-daemon systemd systemd-container util-linux debootstrap debian-archive-keyring
+  universal-ctags
 )
 
 dr_install_deps() {
