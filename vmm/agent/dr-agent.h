@@ -130,6 +130,10 @@ int dr_agent_vcpu_thread_init(DrAgent *a, unsigned index);
  * vCPU waits for its dirty ring to be reset. Returns 0 to go on running,
  * -ESHUTDOWN when the VMM is stopping, -EDEADLK when the vCPU's dirty ring
  * jammed ("ring full, nothing to harvest"; the error was logged).
+ * On 0 it has cleared run->immediate_exit (the agent's own kick): a VMM that
+ * kicks its vCPUs through immediate_exit too must set it again after this
+ * call when one of its kicks is still outstanding (QEMU's patch does, from
+ * cpu->thread_kicked), or that kick is lost.
  */
 int dr_agent_vcpu_before_run(DrAgent *a, unsigned index);
 
