@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Failover time: from the primary host's death to the guest executing on the standby.
 
-  bench/failover-bench.py [--build DIR] [--runs N] [--heartbeat-ms MS]
+  bench/failover-bench.py [--build DIR] [--runs N] [--heartbeat-ms MS] [--qemu PATH]
 
 Uses tests/lib/drtest.py's namespaces (hosts A and B, client
 C, switch S). Each run: the pair is protected (after the first run, the dead
@@ -24,6 +24,11 @@ Measured from the death (port down / kill, CLOCK_MONOTONIC):
 Prints min/p50/p90/max per mode. --heartbeat-ms: HeartbeatIntervalMs= of
 both daemons (the misses stay 4); the setting is read back from their
 configuration files and printed ("heartbeat: MS ms x MISSES").
+--qemu PATH: the VM is the kv guest under that QEMU with the dirtyrep-agent
+device on both hosts (tests/lib/qemuvm.py; VmmType=qemu: the standby starts
+QEMU on its replica with restore=), its service a serial line on TCP 6379;
+each run also checks that the promoted QEMU restored the device state
+rather than booting.
 """
 import argparse
 import os
@@ -39,6 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 import drtest as fo  # noqa: E402
+import qemuvm  # noqa: E402
 
 PINGER = r"""
 import socket, sys, time
@@ -63,23 +69,40 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def restored_qemu(S):
+    """The QEMU the promoted standby started (its output in the log its dirtyrepd names)
+    restored the replica's device state: it did not boot the guest again."""
+    logs = re.findall(r"output to (\S+\.vmm\.log)", S.daemon.text())
+    if not logs:
+        raise fo.Fail("the standby's dirtyrepd did not say where its QEMU's output goes")
+    with open(logs[-1], errors="replace") as f:
+        if "device state restored" not in f.read():
+            raise fo.Fail(f"no 'device state restored' in {logs[-1]}: the promoted QEMU did not restore")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--heartbeat-ms", type=int, default=50)
+    ap.add_argument("--qemu", help="QEMU with the dirtyrep-agent device (scripts/build-qemu prints it)")
     a = ap.parse_args()
     fo.build_env(a.build, "kv")
     fo.install_sigterm()
     # Every Daemon the namespaces' scaffolding writes takes its HeartbeatIntervalMs= from there.
     fo.HEARTBEAT_MS = a.heartbeat_ms
     tmp = tempfile.mkdtemp(prefix="dr-failover-bench-")
+    extra = None
+    if a.qemu:
+        fo.start_kv = qemuvm.kv_starter(a.qemu)  # setup_pair() starts the first primary's VM with it
+        extra = qemuvm.failover_keys(a.qemu, tmp)
+        print(f"vmm: {a.qemu} (VmmType=qemu on both hosts)", flush=True)
     res = {"silent": {"exec": [], "service": []}, "kill": {"exec": [], "service": []}}
     pinger = None
     try:
         fo.net_up()
         fo.write_fence(tmp)
-        A, B = fo.setup_pair(tmp)
+        A, B = fo.setup_pair(tmp, extra)
         P, S = A, B
         # The label below states what the daemons were configured with, read back from their files.
         hb = {}
@@ -121,12 +144,14 @@ def main():
             if t_exec is None or not after:
                 raise fo.Fail(f"run {k}: no failover seen (exec {t_exec}, {len(after)} PONGs after)")
             e_ms, s_ms = (t_exec - t_death) * 1000, (after[0] - t_death) * 1000
+            if a.qemu:
+                restored_qemu(S)
             res[mode]["exec"].append(e_ms)
             res[mode]["service"].append(s_ms)
             print(f"run {k:2d} {mode:6s}: guest executing after {e_ms:6.1f} ms, service back after {s_ms:6.1f} ms",
                   flush=True)
             if k + 1 < a.runs:
-                fo.rejoin(tmp, P, S)
+                fo.rejoin(tmp, P, S, extra)
             P, S = S, P
     except fo.Fail as e:
         print("FAIL:", e)
@@ -141,7 +166,8 @@ def main():
         fo.net_down()
         shutil.rmtree(tmp, ignore_errors=True)  # its logs were dumped above on a failure
 
-    print(f"\nFailover time, HeartbeatIntervalMs={interval} x HeartbeatMisses={misses}, kv guest 64 MiB, "
+    vmm = "QEMU with the agent" if a.qemu else "dirtyrep-vmm"
+    print(f"\nFailover time, HeartbeatIntervalMs={interval} x HeartbeatMisses={misses}, kv guest 64 MiB ({vmm}), "
           f"{a.runs} runs (ms from death)\n")
     print("| death | measure | n | min | p50 | p90 | max |")
     print("|---|---|---|---|---|---|---|")

@@ -41,19 +41,26 @@ def run_one(memory="1G", tracking="ring", rate=25000, epoch_ms=20, window=6.0, w
     with tempfile.TemporaryDirectory(prefix="dr-bench-") as tmp:
         vmm = BVmm(tmp, memory, tracking, f"ws={ws} pattern=random rate={rate} report_ms=1000")
         wait_console(vmm.console, "ws_base=")
-        primary, standby = repl.pair(tmp, vmm, tracking, epoch_ms=epoch_ms)
-        try:
-            primary.wait(lambda s: s["state"] == "protected", "protected", timeout=300)
-            time.sleep(1.0)
-            # The window starts here: the pause percentiles the status reports afterwards cover only
-            # its seals (without the reset, the daemon's last 1024 seals: warm-up and full sync too).
-            primary.ok("reset-pauses t")
-            s0, c0, t0 = primary.status(), cpu_s(primary.proc.pid), time.time()
-            time.sleep(window)
-            s1, c1, t1 = primary.status(), cpu_s(primary.proc.pid), time.time()
-        finally:
-            for p in (primary, standby, vmm):
-                p.kill()
+        return pause_window(tmp, vmm, memory=memory, tracking=tracking, rate=rate, epoch_ms=epoch_ms, window=window)
+
+
+def pause_window(tmp, vmm, memory, tracking, rate, epoch_ms, window):
+    """A standby and a primary of vmm (a VMM with an agent on vmm.control running the dirtier
+    at rate; bench/qemuagentbench.py's QEMU too) until protected, then `window` seconds of
+    epochs measured; kills all three. The figures of run_one()."""
+    primary, standby = repl.pair(tmp, vmm, tracking, epoch_ms=epoch_ms)
+    try:
+        primary.wait(lambda s: s["state"] == "protected", "protected", timeout=300)
+        time.sleep(1.0)
+        # The window starts here: the pause percentiles the status reports afterwards cover only
+        # its seals (without the reset, the daemon's last 1024 seals: warm-up and full sync too).
+        primary.ok("reset-pauses t")
+        s0, c0, t0 = primary.status(), cpu_s(primary.proc.pid), time.time()
+        time.sleep(window)
+        s1, c1, t1 = primary.status(), cpu_s(primary.proc.pid), time.time()
+    finally:
+        for p in (primary, standby, vmm):
+            p.kill()
     epochs = max(1, s1["last_sealed"] - s0["last_sealed"])
     mb = (s1["bytes_sent"] - s0["bytes_sent"]) / 1e6
     return {

@@ -263,23 +263,33 @@ def images_section(rep, build):
             rep.fig(f"image_pause_ms_incr_{g}", r["pause_ms_incr"], **common)
 
 
-def failover_section(rep, build):
-    """bench/failover-bench.py (network namespaces, kv guest): per-run times, parsed from its output."""
-    runs = 4 if rep.quick else 20
+def run_failover_bench(rep, build, runs, *extra):
+    """bench/failover-bench.py's per-run times and its heartbeat line; None (and a note) when it failed."""
     c = subprocess.run([sys.executable, os.path.join(BENCH, "failover-bench.py"), "--build", build, "--runs",
-                        str(runs)], capture_output=True, text=True, timeout=1800)
+                        str(runs), *extra], capture_output=True, text=True, timeout=1800)
     rows = []
     for m in re.finditer(r"^run +(\d+) (\w+) *: guest executing after +([\d.]+) ms, service back after +([\d.]+) ms",
                          c.stdout, re.M):
         rows.append({"run": int(m.group(1)), "death": m.group(2), "guest_executing_ms": float(m.group(3)),
                      "service_back_ms": float(m.group(4))})
+    what = " ".join(["failover-bench", *extra])
     if c.returncode != 0 or not rows:
-        rep.notes.append(f"failover-bench failed (exit {c.returncode}): {(c.stdout + c.stderr)[-600:]}")
-        return
+        rep.notes.append(f"{what} failed (exit {c.returncode}): {(c.stdout + c.stderr)[-600:]}")
+        return None
     hb = re.search(r"^heartbeat: (\d+) ms x (\d+)$", c.stdout, re.M)
     if not hb:
-        rep.notes.append("failover-bench printed no heartbeat line: the figures are left out")
+        rep.notes.append(f"{what} printed no heartbeat line: the figures are left out")
+        return None
+    return rows, hb
+
+
+def failover_section(rep, build):
+    """bench/failover-bench.py (network namespaces, kv guest): per-run times, parsed from its output."""
+    runs = 4 if rep.quick else 20
+    got = run_failover_bench(rep, build, runs)
+    if not got:
         return
+    rows, hb = got
     rep.table("failover", rows)
     ex = [r["guest_executing_ms"] for r in rows]
     sv = [r["service_back_ms"] for r in rows]
@@ -292,10 +302,10 @@ def failover_section(rep, build):
     rep.extra_plot_data["failover"] = rows
 
 
-def redis_section(rep, build):
-    """bench/redis-bench.py: redis-benchmark through the kv guest, unreplicated vs 20/50 ms epochs."""
+def run_redis_bench(rep, build, requests, *extra):
+    """bench/redis-bench.py's rows (configuration, test, latencies); None (and a note) when it failed."""
     c = subprocess.run([sys.executable, os.path.join(BENCH, "redis-bench.py"), "--build", build, "--requests",
-                        "100" if rep.quick else "1000"], capture_output=True, text=True, timeout=1800)
+                        str(requests), *extra], capture_output=True, text=True, timeout=1800)
     rows = []
     for m in re.finditer(r"^\| (unreplicated|replicated \d+ ms) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
                          r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", c.stdout, re.M):
@@ -303,7 +313,16 @@ def redis_section(rep, build):
                      "avg_ms": float(m.group(4)), "p50_ms": float(m.group(5)), "p95_ms": float(m.group(6)),
                      "p99_ms": float(m.group(7)), "max_ms": float(m.group(8))})
     if c.returncode != 0 or not rows:
-        rep.notes.append(f"redis-bench failed (exit {c.returncode}): {(c.stdout + c.stderr)[-600:]}")
+        rep.notes.append(f"{' '.join(['redis-bench', *extra])} failed (exit {c.returncode}): "
+                         f"{(c.stdout + c.stderr)[-600:]}")
+        return None
+    return rows
+
+
+def redis_section(rep, build):
+    """bench/redis-bench.py: redis-benchmark through the kv guest, unreplicated vs 20/50 ms epochs."""
+    rows = run_redis_bench(rep, build, 100 if rep.quick else 1000)
+    if not rows:
         return
     rep.table("redis", rows)
     for conf, key in (("unreplicated", "redis_p50_ms_unreplicated"), ("replicated 20 ms", "redis_p50_ms_replicated")):
@@ -351,6 +370,87 @@ def load_section(rep, build, out_dir):
             "VM running on the standby host (includes the kernel's teardown of the killed VMM)", **st)
     if c.returncode != 0:
         rep.notes.append(f"load-bench verdicts: {json.dumps(r['verdicts'])}")
+
+QEMU_AGENT_PAUSE_RUNS = 3
+QEMU_AGENT_DEATHS = 20
+
+
+def loadavg():
+    return float(open("/proc/loadavg").read().split()[0])
+
+
+def qemu_agent_section(rep, build):
+    """dirtyrep + QEMU: the VM under QEMU with the dirtyrep-agent device (vmm/qemu/, scripts/build-qemu), the
+    same guests and daemons as the dirtyrep-vmm figures. Pause: QEMU_AGENT_PAUSE_RUNS runs of the dirtier at
+    25k pages/s, 20 ms epochs, the median of the runs' p50s and p99s; failover: QEMU_AGENT_DEATHS deaths of the
+    primary host (bench/failover-bench.py --qemu); redis: bench/redis-bench.py --qemu."""
+    import qemuagentbench as qa
+    qemu = qa.find_qemu()
+    print(f"  QEMU: {qemu}", flush=True)
+    window = 6.0
+    runs = []
+    for k in range(QEMU_AGENT_PAUSE_RUNS):
+        la0 = loadavg()
+        r = quiet(qa.pause, qemu, rate=25000, epoch_ms=20, window=window)
+        r["loadavg"] = [la0, loadavg()]
+        print("  run", json.dumps(r), flush=True)
+        runs.append(r)
+    rep.table("qemu_agent_pause", runs)
+    loads = [x for r in runs for x in r["loadavg"]]
+    common = dict(vmm="QEMU 7.2 (Debian 1:7.2+dfsg-7+deb12u18) + vmm/qemu/patches, -device dirtyrep-agent",
+                  tracking="ring (dirty-ring-size=4096)", dirty_pages_per_s=25000, epoch_ms=20,
+                  guest="dirtier ws=64M pattern=random", memory="1G (memory-backend-memfd, share=on)", vcpus=1,
+                  window_s=window, trials=len(runs), loadavg=f"{min(loads):.2f}-{max(loads):.2f}")
+    rep.fig("qemu_agent_pause_p50_ms", round(med([r["pause_p50_ms"] for r in runs]), 3),
+            measure=f"VM stopped, as the agent in QEMU saw it (PAUSE arrival to vCPU release, after reset-pauses), "
+                    f"as pause_p50_ms for dirtyrep-vmm; median of the {len(runs)} runs' p50s",
+            runs_ms=[r["pause_p50_ms"] for r in runs], **common)
+    rep.fig("qemu_agent_pause_p99_ms", round(med([r["pause_p99_ms"] for r in runs]), 3),
+            measure=f"the same pauses' p99, median of the {len(runs)} runs' p99s",
+            runs_ms=[r["pause_p99_ms"] for r in runs], **common)
+    rep.fig("qemu_agent_seal_p99_ms", round(med([r["seal_p99_ms"] for r in runs]), 3),
+            measure="the daemon's view of the same seals (PAUSE sent to RESUME answered), median of the runs' p99s",
+            **common)
+    rep.fig("qemu_agent_guest_progress_ratio_at_25k", round(med([r["dirty_pages_per_s"] for r in runs]) / 25000, 3),
+            measure="dirty pages/s the primary saw / 25000 requested, median of the runs", **common)
+    colo = rep.figures.get("qemu_colo_pause_p50_ms")
+    if colo:
+        rep.fig("qemu_colo_pause_p50_over_qemu_agent_pause_p99",
+                round(colo / max(rep.figures["qemu_agent_pause_p99_ms"], 1e-9), 1),
+                measure="how many times shorter dirtyrep + QEMU's p99 pause is than QEMU COLO's median, both on "
+                        "QEMU 7.2 (COLO: Debian's qemu-system-x86_64, bench/qemubench.py), same guest and rate")
+
+    got = run_failover_bench(rep, build, QEMU_AGENT_DEATHS, "--qemu", qemu)
+    if got:
+        rows, hb = got
+        rep.table("qemu_agent_failover", rows)
+        ex = [r["guest_executing_ms"] for r in rows]
+        st = dict(vmm="QEMU + agent on both hosts (VmmType=qemu: the standby starts QEMU with restore= on its "
+                  "replica; each run checked 'device state restored')", heartbeat=f"{hb.group(1)} ms x {hb.group(2)}",
+                  guest="kv, 64 MiB, 1 vCPU", deaths="alternating: silent (switch ports down, then SIGKILL) and "
+                  "SIGKILL", trials=len(rows), measure="primary death -> standby's QEMU running on the replica "
+                  "(its status out of activating, polled every 2 ms)")
+        rep.fig("qemu_agent_failover_p50_ms", round(med(ex), 1), **st)
+        rep.fig("qemu_agent_failover_p99_ms", round(pct(ex, 0.99), 1),
+                note=f"p99 of {len(rows)} deaths is their maximum", **st)
+        rep.fig("qemu_agent_failover_service_back_p50_ms", round(med([r["service_back_ms"] for r in rows]), 1),
+                measure="death -> first PONG through the service address on a connection opened after the death "
+                        "(the service is a serial line: a PONG may answer an earlier PING of the same pinger)")
+
+    rows = run_redis_bench(rep, build, 100 if rep.quick else 1000, "--qemu", qemu)
+    if rows:
+        rep.table("qemu_agent_redis", rows)
+        svc = ("kv guest's RESP on COM2, a QEMU socket chardev on TCP 6379 (a serial line: one byte stream, no "
+               "connection boundaries), redis-benchmark in the client namespace")
+        for conf, key in (("unreplicated", "qemu_agent_redis_p50_ms_unreplicated"),
+                          ("replicated 20 ms", "qemu_agent_redis_p50_ms")):
+            xs = [r["p50_ms"] for r in rows if r["configuration"] == conf]
+            if xs:
+                rep.fig(key, round(med(xs), 3), tests="set,get,incr (median of the three p50s)", clients=1,
+                        requests=100 if rep.quick else 1000, epoch_ms=20 if "20" in conf else None,
+                        vmm="QEMU + agent" + ("" if "20" in conf else " (no dirtyrepd attached)"), service=svc,
+                        reached="the service address (primary A, standby B)" if "20" in conf else "host A's address",
+                        trials=1)
 
 
 def pct(xs, q):
@@ -495,6 +595,28 @@ plot {cols.replace('""', '"' + data + '/redis.dat"', 1)}
     return made
 
 
+def vmm_comparison(f):
+    """The same measures for the three ways of replicating a VM, from the report's figures (markdown lines)."""
+    cols = [("dirtyrep-vmm", "pause_p50_ms", "pause_p99_ms", "failover_p50_ms", "failover_p99_ms",
+             "redis_p50_ms_replicated"),
+            ("dirtyrep + QEMU", "qemu_agent_pause_p50_ms", "qemu_agent_pause_p99_ms", "qemu_agent_failover_p50_ms",
+             "qemu_agent_failover_p99_ms", "qemu_agent_redis_p50_ms"),
+            ("QEMU COLO", "qemu_colo_pause_p50_ms", None, None, None, None)]
+    if not any(f.get(c[1]) is not None for c in cols[1:]):
+        return []
+    rows = [("pause p50 (ms), 25k pages/s, 20 ms", 1), ("pause p99 (ms)", 2), ("failover p50 (ms)", 3),
+            ("failover p99 (ms)", 4), ("redis p50 replicated (ms)", 5)]
+    cell = lambda c, i: "no automatic failover" if c[0] == "QEMU COLO" and i in (3, 4) else (  # noqa: E731
+        "—" if c[i] is None or f.get(c[i]) is None else str(f[c[i]]))
+    md = ["", "## dirtyrep-vmm, dirtyrep + QEMU, QEMU COLO", "",
+          "Settings of each cell: the figure of the same name under Headline figures (`qemu_agent_redis_p50_ms`: "
+          "the kv service on a serial line).", "",
+          "| measure | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, i in rows:
+        md.append(f"| {name} | " + " | ".join(cell(c, i) for c in cols) + " |")
+    return md
+
+
 def write(rep, out_dir, made):
     os.makedirs(out_dir, exist_ok=True)
     out = dict(rep.figures)
@@ -519,6 +641,7 @@ def write(rep, out_dir, made):
     for t in rep.targets:
         md.append(f"| {t['target']} | {t['measured']}{t['unit']} | {t['op']} {t['limit']}{t['unit']} | "
                   f"{t['margin']}{(' — ' + t['bound_by']) if t['bound_by'] else ''} |")
+    md += vmm_comparison(rep.figures)
     md += ["", "## Headline figures", "", "| figure | value | measured at |", "|---|---|---|"]
     for k, v in rep.figures.items():
         s = ", ".join(f"{a}={b}" for a, b in rep.settings.get(k, {}).items())
@@ -546,7 +669,8 @@ def main():
     ap.add_argument("--out-dir", default=os.path.join(BENCH, "results"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--merge", action="store_true", help="with --only: merge into the existing latest.json")
-    ap.add_argument("--only", help="comma-separated sections: dirtyrep,sync,colo,progress,images,failover,redis "
+    ap.add_argument("--only", help="comma-separated sections: dirtyrep,sync,colo,progress,images,failover,redis,"
+                    "qemu_agent (dirtyrep + QEMU: pause, failover and redis with the VM under QEMU with the agent) "
                     "and load (only when named: 10 minutes, writes load.{json,md,png})")
     a = ap.parse_args()
     b = os.path.abspath(a.build)
@@ -610,6 +734,9 @@ def main():
     if want("redis"):
         print("== redis-benchmark through the kv guest", flush=True)
         section("redis", redis_section, rep, b)
+    if want("qemu_agent"):
+        print("== dirtyrep + QEMU: pause, failover, redis with the VM under QEMU with the agent", flush=True)
+        section("qemu_agent", qemu_agent_section, rep, b)
     if only is not None and "load" in only:
         # Opt-in: 10 minutes (--quick: 2) of 8 VMs under one daemon; see load.md.
         print("== load: 8 VMs under one dirtyrepd, one fails over", flush=True)
@@ -620,6 +747,12 @@ def main():
                bound="scheduling of the VMM's vCPU and agent threads on a 2-CPU shared machine")
     if "qemu_colo_pause_p50_ms" in f:
         rep.target("QEMU COLO pause p50 / dirtyrep pause p99", f.get("colo_pause_p50_over_dirtyrep_pause_p99"),
+                   ">=", 20.0, "x")
+    if "qemu_agent_pause_p99_ms" in f:
+        rep.target("dirtyrep + QEMU: pause p99 at 25k pages/s, 20 ms epochs (ms)", f.get("qemu_agent_pause_p99_ms"),
+                   "<=", 3.0, " ms", bound="scheduling of QEMU's vCPU and agent threads on a 2-CPU shared machine")
+    if "qemu_colo_pause_p50_over_qemu_agent_pause_p99" in f:
+        rep.target("QEMU COLO pause p50 / dirtyrep + QEMU pause p99", f.get("qemu_colo_pause_p50_over_qemu_agent_pause_p99"),
                    ">=", 20.0, "x")
     if "full_sync_ratio_vs_qemu_from_connect" in f:
         rep.target("full sync / QEMU migration throughput (both from the connect, median of interleaved pairs)",

@@ -38,76 +38,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "lib"))
 import loopback as tr  # noqa: E402
+from qemuvm import RAM, Qemu, drain_service_line, failover_keys, find_qemu, kv_starter  # noqa: E402
 
-log, fail, Proc, ENV = tr.log, tr.fail, tr.Proc, tr.ENV
-
-RAM = "256M"
-
-
-def find_qemu():
-    if ENV.get("DR_QEMU"):
-        return ENV["DR_QEMU"]
-    build = ENV.get("DR_BUILDDIR")
-    script = os.path.join(ENV.get("DR_SRCDIR", os.path.join(HERE, "..", "..")), "scripts", "build-qemu")
-    r = subprocess.run([script] + ([build] if build else []), capture_output=True, text=True, timeout=3000)
-    if r.returncode != 0:
-        fail(f"scripts/build-qemu failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r.stdout.strip().splitlines()[-1]
-
-
-def qemu_args(qemu, guest, append, cpus=1, control=None, console=None, memory=None, agent_extra="",
-              accel="kvm,dirty-ring-size=4096", machine="pc,memory-backend=m0,smm=off", extra=()):
-    kernel = ENV["DR_GUEST_" + guest.upper()]
-    memory = memory or f"memory-backend-memfd,id=m0,size={RAM},share=on"
-    a = [qemu, "-name", "t", "-machine", machine, "-accel", accel, "-smp", str(cpus), "-m", RAM,
-         "-object", memory, "-L", "/usr/share/seabios", "-L", "/usr/share/qemu",
-         "-kernel", kernel, "-append", append, "-display", "none", "-nodefaults", "-no-user-config",
-         "-serial", "file:" + console, "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-no-reboot"]
-    if control:
-        a += ["-device", f"dirtyrep-agent,path={control},name=t" + agent_extra]
-    return a + list(extra)
-
-
-class Qemu(Proc):
-    runs = 0
-
-    def __init__(self, tmp, qemu, guest, append, cpus=1, tag=None, **kw):
-        Qemu.runs += 1
-        tag = tag or f"qemu{Qemu.runs}"
-        self.control = os.path.join(tmp, tag + ".sock")
-        self.console = os.path.join(tmp, tag + ".com1")
-        super().__init__(tmp, tag, qemu_args(qemu, guest, append, cpus, self.control, self.console, **kw))
-
-    def lines(self):
-        try:
-            with open(self.console, errors="replace") as f:
-                return f.read().splitlines()
-        except FileNotFoundError:
-            return []
-
-    def dump(self):
-        super().dump()
-        log(f"--- {self.tag} COM1 ---\n" + "\n".join(self.lines()[-15:]))
-
-    def wait_line(self, regex, timeout=60, after=0):
-        end = time.time() + timeout
-        while time.time() < end:
-            found = [m for m in (re.search(regex, l) for l in self.lines()[after:]) if m]
-            if found:
-                return found[-1]
-            if self.proc.poll() is not None:
-                fail(f"{self.tag} exited with {self.proc.returncode} before COM1 showed {regex!r}")
-            time.sleep(0.05)
-        fail(f"{self.tag}: timed out waiting for {regex!r} on COM1")
-
-    def wait_socket(self, timeout=60):
-        end = time.time() + timeout
-        while not os.path.exists(self.control):
-            if self.proc.poll() is not None:
-                fail(f"{self.tag} exited with {self.proc.returncode} before creating {self.control}")
-            if time.time() > end:
-                fail(f"{self.tag}: no control socket after {timeout}s")
-            time.sleep(0.05)
+log, fail, ENV = tr.log, tr.fail, tr.ENV
 
 
 def writes_of(q, after=0):
@@ -143,41 +76,6 @@ def expect_refusal(tmp, qemu, tag, words, **kw):
     if rc == 0 or missing:
         fail(f"{tag}: exit {rc}, error does not mention {missing}: {text.strip()[-500:]!r}")
     log(f"{tag}: refused (exit {rc}): {text.strip().splitlines()[-1]}")
-
-
-DRAIN = """
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-s.sendall(b"PING\\r\\n")
-buf, end = b"", time.time() + 5
-while not buf.endswith(b"+PONG\\r\\n") and time.time() < end:
-    d = s.recv(4096)
-    if not d:
-        break
-    buf += d
-sys.stdout.write(repr(buf))
-sys.exit(0 if buf.endswith(b"+PONG\\r\\n") else 1)
-"""
-
-
-def drain_service_line():
-    """Under QEMU the kv guest's service port is a serial line without connection
-    boundaries (the reference VMM multiplexes clients with a turnaround marker,
-    docs/guest-abi.md). A command in flight when the primary died is in the replica's
-    epoch, so the promoted guest answers it, and that stale reply would reach the next
-    client, shifting every later reply by one. One PING read up to its PONG consumes it
-    (docs/qemu.md, "Limits")."""
-    import drtest as dt
-    end = time.time() + 15 * dt.SLOW
-    while time.time() < end:
-        r = subprocess.run(dt.ns_exec("c", sys.executable, "-c", DRAIN, dt.SVC_IP, str(dt.KV_PORT)),
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            if r.stdout != repr(b"+PONG\r\n"):
-                log(f"service line drained: {r.stdout}")
-            return
-        time.sleep(0.1)
-    fail("the promoted guest's service port never answered PING")
 
 
 def test_consistency(tmp, a, qemu):
@@ -304,23 +202,6 @@ def test_restore(tmp, a, qemu):
     log(f"PASS: restored from the snapshot: writes {w_before} -> {w_after} -> {w2}, no reboot")
 
 
-def qemu_kv_args(qemu, hostdir, control=None):
-    """The kv guest under QEMU, RESP on COM2 (TCP 6379) through the agent's output
-    commit. control=None: the failover template of VmmType=qemu (placeholders)."""
-    promoted = control is None
-    mem = ("memory-backend-file,id=m0,size=64M,mem-path=%r,share=on" if promoted
-           else "memory-backend-memfd,id=m0,size=64M,share=on")
-    agent = "path=%c,name=%n,restore=%s,ready-fd=%f" if promoted else f"path={control},name=t"
-    console = os.path.join(hostdir, "console-promoted.log" if promoted else "console.log")
-    return ((["-S"] if promoted else []) +
-            ["-name", "t", "-machine", "pc,memory-backend=m0,smm=off", "-accel", "kvm,dirty-ring-size=4096",
-             "-m", "64M", "-object", mem, "-L", "/usr/share/seabios", "-L", "/usr/share/qemu",
-             "-kernel", ENV["DR_GUEST_KV"], "-display", "none", "-nodefaults", "-no-user-config",
-             "-serial", "file:" + console, "-chardev", "socket,id=svc,host=0.0.0.0,port=6379,server=on,wait=off",
-             "-device", "isa-serial,chardev=svc", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-no-reboot",
-             "-device", "dirtyrep-agent,chardev=svc," + agent])
-
-
 def test_failover(tmp, a, qemu):
     import shutil
     if os.geteuid() != 0 or not shutil.which("redis-cli") or not shutil.which("ip"):
@@ -328,14 +209,9 @@ def test_failover(tmp, a, qemu):
         sys.exit(77)
     import drtest as dt
 
-    def start_qemu_kv(tmp_, host):
-        h = os.path.join(tmp_, host)
-        os.makedirs(h, exist_ok=True)
-        return dt.Proc(tmp_, f"vmm-{host}", dt.ns_exec(host, qemu, *qemu_kv_args(qemu, h, os.path.join(h, "vm.sock"))))
-
-    dt.start_kv = start_qemu_kv  # setup_pair() starts the first primary's VM with it
+    dt.start_kv = kv_starter(qemu)  # setup_pair() starts the first primary's VM with it
     # Both hosts' standbys start QEMU on the replica; the template is the same for both.
-    extra = {"VmmType": "qemu", "Vmm": qemu, "VmmArgs": " ".join(qemu_kv_args(qemu, tmp))}
+    extra = failover_keys(qemu, tmp)
     dt.install_sigterm()
     try:
         dt.net_up()

@@ -298,7 +298,7 @@ def test_kv(tmp):
         # pipelined, mixed inline and multibulk
         c.send(b"GET k\r\nINCR c\r\n*2\r\n$4\r\nincr\r\n$1\r\nc\r\nEXISTS k c nope k\r\n"
                b"DEL k nope\r\nDBSIZE\r\nGET k\r\nECHO hi\r\nCOMMAND\r\nCONFIG GET save\r\n", chunk=7)
-        c.expect(b"$5\r\nhello\r\n:1\r\n:2\r\n:3\r\n:1\r\n:1\r\n$-1\r\n$2\r\nhi\r\n*0\r\n*0\r\n")
+        c.expect(b"$5\r\nhello\r\n:1\r\n:2\r\n:3\r\n:1\r\n:1\r\n$-1\r\n$2\r\nhi\r\n*0\r\n*2\r\n$4\r\nsave\r\n$0\r\n\r\n")
         # errors and garbage: an -ERR each, and the server keeps serving
         c.send(b"SET c notanumber\r\nINCR c\r\nNOSUCH a b\r\nGET\r\n")
         c.expect(b"+OK\r\n-ERR value is not an integer or out of range\r\n"
