@@ -539,7 +539,8 @@ static int vm_vmm_to_scope(Vm *vm, pid_t pid)
         return 0;
 }
 
-/* Stops the VMM's unit after a restart (it is not our child any more). */
+/* Stops the VMM's unit after a restart (it is not our child any more), or the scope of a VMM
+ * that failed to start. A unit already gone (CollectMode=inactive-or-failed) counts as stopped. */
 static int vm_stop_vmm_unit(Vm *vm)
 {
         _cleanup_(sd_bus_error_free) sd_bus_error e = SD_BUS_ERROR_NULL;
@@ -550,6 +551,8 @@ static int vm_stop_vmm_unit(Vm *vm)
         r = sd_bus_call_method(vm->manager->bus, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
                                "org.freedesktop.systemd1.Manager", "StopUnit", &e, NULL, "ss", vm->vmm_unit,
                                "replace");
+        if (r < 0 && sd_bus_error_has_name(&e, "org.freedesktop.systemd1.NoSuchUnit"))
+                return 0;
         if (r < 0)
                 return log_error_errno(r, "VM %s: cannot stop %s: %s", vm->cfg->name, vm->vmm_unit,
                                        e.message ? e.message : strerror(-r));
@@ -592,7 +595,12 @@ static void vm_activation_failed(Vm *vm, const char *reason)
         int r;
 
         vm->promoting = false;
-        vm->vmm_unit[0] = 0; /* its scope went with the VMM */
+        /* Its scope normally goes with the VMM, but not when the VMM had exited before systemd
+         * moved it there (a zombie does not move): the scope then stays active and empty, and
+         * the retried failover's VMM could not have a scope of its own. */
+        if (vm->vmm_unit[0])
+                (void) vm_stop_vmm_unit(vm);
+        vm->vmm_unit[0] = 0;
         if (vm->failover)
                 (void) failover_service_address(vm->failover, false);
         snprintf(why, sizeof(why), "activation failed: %s", reason);

@@ -29,6 +29,20 @@
                            dirtyrep-vmm-t.scope; `systemctl restart dirtyrep` and `stop`/`start`
                            keep the same VMM serving (INCR keeps counting), the role is in
                            /var/lib/dirtyrep/t.role and the daemon reattaches as primary.
+  test-systemd.py scenarios
+                           operator-nspawn-scenarios, the pair of restart-promoted, under
+                           dirtyrep.service with systemctl and dirtyrepctl, in one container:
+                           a second `dirtyrepd --bus=system` exits naming the lock (main PID,
+                           lock, bus name owner, /run/dirtyrep unchanged, replication goes on);
+                           Peer= added and `systemctl reload`: LastCommitted never 0 (polled
+                           through it), the role restarted, protected again with no full sync;
+                           `dirtyrepctl maintenance t on`: the guest answers every INCR for 5 s
+                           (the old primary's SplitBrainTimeoutMs=2000, policy suspend), `off`
+                           resyncs; the primary dies with another process on the VMM's service
+                           port: `dirtyrepctl failover` exits non-zero with "Address already in
+                           use", the standby keeps its committed epoch and no VMM runs; the port
+                           freed, the retry returns once the guest answers INCR above the last
+                           acknowledged value.
   test-systemd.py failover-scope
                            systemd-failover-scope, the same container without /dev/kvm: the
                            primary is dr-linkprimary, the failover "VMM" a program that reports
@@ -177,10 +191,10 @@ echo done > $R/done
 systemctl poweroff
 """
 
-# operator-restart-promoted: the standby host's dirtyrep.service fails over, and a restart of it
-# must not touch the guest (its VMM runs in dirtyrep-vmm-t.scope). The old primary "host" is a
-# second dirtyrepd and its VMM as transient units, killed with SIGKILL (a dead host).
-INSIDE_RESTART = r"""#!/bin/bash
+# The old primary "host" of operator-restart-promoted and operator-nspawn-scenarios: a second
+# dirtyrepd (/etc/dirtyrep-old, its VMM running the kv guest) as transient units, with
+# dirtyrep.service as its standby. Leaves the pair protected and the guest answering (v1).
+PRIMARY_HOST = r"""#!/bin/bash
 R=/run/dr-results
 exec > $R/log 2>&1
 set -x
@@ -197,17 +211,25 @@ incr() {
 incr_retry() { for i in $(seq 100); do v=$(incr) && [ -n "$v" ] && { echo "$v"; return 0; }; sleep 0.1; done; return 1; }
 # The processes in the VMM's scope, from /proc (no procps in the container).
 vmm_pids() { grep -l 'dirtyrep-vmm-t\.scope' /proc/[0-9]*/cgroup 2>/dev/null | cut -d/ -f3 | sort -n | tr '\n' ' '; }
+# Waits up to 60 s for `dirtyrepctl status t` to show $1.
+wait_status() { for i in $(seq 300); do dirtyrepctl status t | grep -q "$1" && return 0; sleep 0.2; done; return 1; }
 
-systemd-analyze verify --man=no dirtyrep-vmm@t.service 2> $R/verify-vmm.err; echo $? > $R/verify-vmm.rc
 mkdir -p /run/dirtyrep-old
 systemd-run --unit=dr-oldvmm --property=Type=exec /usr/bin/dirtyrep-vmm --name t --kernel /run/dr/kv.elf \
     --memory 64M --control /run/dirtyrep-old/t.sock --console /run/dr-results/old-console.log \
     --service-listen 127.0.0.1:6380
 systemd-run --unit=dr-oldprimary --property=Type=exec /usr/sbin/dirtyrepd --bus=none --config /etc/dirtyrep-old/dirtyrep.conf --config-dir /etc/dirtyrep-old/vm.d
 systemctl start dirtyrep; echo $? > $R/start.rc
-for i in $(seq 300); do dirtyrepctl status t | grep -q "standby, protected" && break; sleep 0.2; done
+wait_status "standby, protected"
 dirtyrepctl status t > $R/status-standby.txt
 v1=$(incr_retry); echo "$v1" > $R/v1
+"""
+
+# operator-restart-promoted: the standby host's dirtyrep.service fails over, and a restart of it
+# must not touch the guest (its VMM runs in dirtyrep-vmm-t.scope). The old primary host is
+# SIGKILLed (a dead host).
+INSIDE_RESTART = PRIMARY_HOST + r"""
+systemd-analyze verify --man=no dirtyrep-vmm@t.service 2> $R/verify-vmm.err; echo $? > $R/verify-vmm.rc
 
 # The primary host dies.
 systemctl kill -s KILL dr-oldprimary dr-oldvmm
@@ -222,14 +244,14 @@ cat /var/lib/dirtyrep/t.role > $R/role 2>&1
 systemctl restart dirtyrep; echo $? > $R/restart.rc
 v3=$(incr_retry); echo "$v3" > $R/v3
 vmm_pids > $R/pids-after-restart
-for i in $(seq 150); do dirtyrepctl status t | grep -q "t: primary, unprotected" && break; sleep 0.2; done
+wait_status "t: primary, unprotected"
 dirtyrepctl status t > $R/status-restarted.txt; echo $? > $R/status-restarted.rc
 # Stopped altogether, the guest still answers; started again, the daemon reattaches.
 systemctl stop dirtyrep; echo $? > $R/stop.rc
 v4=$(incr_retry); echo "$v4" > $R/v4
 vmm_pids > $R/pids-after-stop
 systemctl start dirtyrep
-for i in $(seq 150); do dirtyrepctl status t | grep -q "t: primary, unprotected" && break; sleep 0.2; done
+wait_status "t: primary, unprotected"
 dirtyrepctl status t > $R/status-again.txt
 v5=$(incr_retry); echo "$v5" > $R/v5
 journalctl -u dirtyrep --no-pager > $R/journal.txt
@@ -247,46 +269,53 @@ ExecStart=/bin/bash /run/dr/inside.sh
 """
 
 
-def restart_promoted_setup(root, etc, drdir):
-    """Configuration of the scenario above: dirtyrep.service is the standby, /etc/dirtyrep-old the primary."""
+def restart_promoted_setup(root, etc, drdir, script=INSIDE_RESTART, standby="Peer=127.0.0.1:7742\n", primary=""):
+    """Configuration of PRIMARY_HOST: dirtyrep.service is the standby (its t.conf gets the
+    standby lines), /etc/dirtyrep-old the primary (its t.conf gets the primary lines); script runs inside."""
     with open(os.path.join(etc, "vm.d/t.conf"), "w") as f:
-        f.write("[VM]\nRole=standby\nListen=127.0.0.1:7741\nPeer=127.0.0.1:7742\nSecretFile=/etc/dirtyrep/secret\n"
+        f.write("[VM]\nRole=standby\nListen=127.0.0.1:7741\nSecretFile=/etc/dirtyrep/secret\n"
                 "FailoverPolicy=manual\nVmm=/usr/bin/dirtyrep-vmm\n"
-                "VmmArgs=--service-listen 127.0.0.1:6380 --console /run/dirtyrep/t-console.log\n")
+                "VmmArgs=--service-listen 127.0.0.1:6380 --console /run/dirtyrep/t-console.log\n" + standby)
     old = os.path.join(root, "etc/dirtyrep-old")
     os.makedirs(os.path.join(old, "vm.d"))
     with open(os.path.join(old, "dirtyrep.conf"), "w") as f:
         f.write("[Daemon]\nRuntimeDirectory=/run/dirtyrep-old\nStateDirectory=/var/lib/dirtyrep-old\n")
     with open(os.path.join(old, "vm.d/t.conf"), "w") as f:
-        f.write("[VM]\nRole=primary\nPeer=127.0.0.1:7741\nSecretFile=/etc/dirtyrep/secret\n")
+        f.write("[VM]\nRole=primary\nPeer=127.0.0.1:7741\nSecretFile=/etc/dirtyrep/secret\n" + primary)
     os.makedirs(os.path.join(root, "etc/dirtyrep/vmm"), exist_ok=True)
     with open(os.path.join(root, "etc/dirtyrep/vmm/t.conf"), "w") as f:
         f.write("VMM_ARGS=--kernel /run/dr/kv.elf --memory 64M\n")
     with open(os.path.join(drdir, "inside.sh"), "w") as f:
-        f.write(INSIDE_RESTART)
+        f.write(script)
     shutil.copy(ENV["DR_GUEST_KV"], os.path.join(drdir, "kv.elf"))
     with open(os.path.join(root, "etc/systemd/system/dr-test.service"), "w") as f:
         f.write(TEST_UNIT_BASH)
 
 
-def restart_promoted_check(res):
-    def num(name):
-        v = read(res, name).strip()
-        return int(v) if v.isdigit() else None
+def num(res, name):
+    v = read(res, name).strip()
+    return int(v) if v.isdigit() else None
 
+
+def primary_host_check(res, journal):
+    """PRIMARY_HOST's part: dirtyrep.service started and protects the old primary, whose guest answered (v1)."""
+    check(read(res, "start.rc").strip() == "0", f"systemctl start dirtyrep failed:\n{journal[-3000:]}")
+    log("standby before the scenarios:\n" + read(res, "status-standby.txt"))
+    check("standby, protected" in read(res, "status-standby.txt"), "the standby never got protected")
+    check(num(res, "v1") is not None, "the guest never answered through the old primary")
+
+
+def restart_promoted_check(res):
     journal = read(res, "journal.txt")
     check(read(res, "verify-vmm.rc").strip() == "0" and read(res, "verify-vmm.err") == "",
           f"systemd-analyze verify dirtyrep-vmm@t.service: {read(res, 'verify-vmm.err')!r}")
-    check(read(res, "start.rc").strip() == "0", f"systemctl start dirtyrep failed:\n{journal[-3000:]}")
-    log("standby before the failover:\n" + read(res, "status-standby.txt"))
-    check("standby, protected" in read(res, "status-standby.txt"), "the standby never got protected")
-    v = [num(f"v{i}") for i in range(1, 6)]
+    primary_host_check(res, journal)
+    v = [num(res, f"v{i}") for i in range(1, 6)]
     log(f"INCR k: before the failover {v[0]}, after it {v[1]}, after `systemctl restart dirtyrep` {v[2]}, "
         f"with the daemon stopped {v[3]}, after it started again {v[4]}")
     check(read(res, "failover.rc").strip() == "0" and "now primary" in read(res, "failover.txt"),
           f"dirtyrepctl failover: {read(res, 'failover.rc')} {read(res, 'failover.txt')} {read(res, 'failover.err')}"
           f"\n{journal[-3000:]}")
-    check(v[0] is not None, "the guest never answered before the failover")
     check(v[1] is not None and v[1] > v[0],
           f"the guest did not answer at once after `dirtyrepctl failover` returned (v2={v[1]}, v1={v[0]})")
     check(read(res, "scope-active").strip() == "active", "the failover VMM is not in dirtyrep-vmm-t.scope")
@@ -308,6 +337,185 @@ def restart_promoted_check(res):
     check("reattaching to its VMM in dirtyrep-vmm-t.scope" in journal, "the journal does not show the reattach")
     log("PASS: failover answered once the guest ran; the VMM in its own scope kept serving across "
         "`systemctl restart` and `stop`/`start` of dirtyrep; the role was persisted and reattached")
+    return 0
+
+
+# operator-nspawn-scenarios: issue 19's operator scenarios on one PRIMARY_HOST pair, in this order
+# (the failover kills the old primary, so it comes last): a second dirtyrepd started as the unit
+# would; `systemctl reload` with Peer= added to the standby's t.conf; `dirtyrepctl maintenance`
+# on and off; a failover that fails (the VMM's service port held), then succeeds on retry.
+INSIDE_SCENARIOS = PRIMARY_HOST + r"""
+committed() { busctl get-property org.dirtyrep1 /org/dirtyrep1/vm/t org.dirtyrep1.VM LastCommitted | cut -d' ' -f2; }
+# Waits up to 60 s for the replica's committed epoch to pass $1; prints it.
+committed_past() { local c; for i in $(seq 300); do c=$(committed); [ "${c:-0}" -gt "$1" ] && break; sleep 0.2; done; echo "$c"; }
+mark() { echo "$1 $(date +%s.%N)" >> $R/times; }
+
+mark second-daemon
+main=$(systemctl show -p MainPID --value dirtyrep)
+c=$(committed); echo "$main $(cat /run/dirtyrep/dirtyrepd.lock) $c" > $R/second-before
+ls -l /run/dirtyrep > $R/rundir-before
+timeout 20 /usr/sbin/dirtyrepd --bus=system > $R/second.out 2> $R/second.err; echo $? > $R/second.rc
+ls -l /run/dirtyrep > $R/rundir-after
+owner=$(busctl status org.dirtyrep1 | sed -n 's/^PID=//p')
+echo "$(systemctl show -p MainPID --value dirtyrep) $(cat /run/dirtyrep/dirtyrepd.lock) $owner $(committed_past $c)" \
+    > $R/second-after
+dirtyrepctl status t > $R/status-second.txt
+v=$(incr); echo "$v" > $R/v-second
+
+mark reload
+c=$(committed); echo "$c" > $R/committed-before-reload
+# LastCommitted, as fast as busctl reads it, through the reload and 1 s after.
+( set +x; while [ ! -e $R/reload.rc ]; do committed; done
+  for i in $(seq 20); do committed; sleep 0.05; done ) > $R/reload-committed 2>&1 &
+poller=$!
+echo "Peer=127.0.0.1:7742" >> /etc/dirtyrep/vm.d/t.conf
+systemctl reload dirtyrep > $R/reload.txt 2>&1; echo $? > $R/reload.rc
+wait $poller
+committed_past "$c" > /dev/null
+wait_status "standby, protected"
+dirtyrepctl status t > $R/status-reloaded.txt
+
+mark maintenance
+c=$(committed); echo "$c" > $R/committed-before-maintenance
+dirtyrepctl maintenance t on > $R/maint-on.txt 2>&1; echo $? > $R/maint-on.rc
+dirtyrepctl status t > $R/status-maint.txt
+# INCRs for 5 s, more than twice the old primary's SplitBrainTimeoutMs=2000: "MS VALUE" per try.
+t0=$(date +%s%N)
+while ms=$(( ($(date +%s%N) - t0) / 1000000 )); [ $ms -lt 5000 ]; do echo "$ms $(incr)" >> $R/maint-incr; sleep 0.1; done
+dirtyrepctl maintenance t off > $R/maint-off.txt 2>&1; echo $? > $R/maint-off.rc
+committed_past "$c" > /dev/null
+wait_status "standby, protected"
+dirtyrepctl status t > $R/status-maint-off.txt
+
+mark failover-retry
+v=$(incr_retry); echo "$v" > $R/v-before-kill
+# The primary host dies; then another process holds the service port the failover VMM must listen on.
+systemctl kill -s KILL dr-oldprimary dr-oldvmm
+for i in $(seq 50); do systemctl -q is-active dr-oldvmm || break; sleep 0.1; done
+systemd-run --unit=dr-blocker --property=Type=exec systemd-socket-activate -l 127.0.0.1:6380 sleep infinity
+for i in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/6380) && break; sleep 0.1; done
+wait_status "waiting for promote"
+c=$(committed)
+dirtyrepctl failover t > $R/failover1.txt 2> $R/failover1.err; echo $? > $R/failover1.rc
+dirtyrepctl status t > $R/status-failed-activation.txt
+echo "$c $(committed)" > $R/committed-failed-activation
+vmm_pids > $R/pids-failed-activation
+# The VMM has exited (and been reaped); systemd notices the scope's empty cgroup a moment later.
+systemctl is-active dirtyrep-vmm-t.scope > $R/scope-at-once
+for i in $(seq 50); do [ "$(systemctl is-active dirtyrep-vmm-t.scope)" != active ] && break; sleep 0.1; done
+systemctl is-active dirtyrep-vmm-t.scope > $R/scope-failed-activation
+systemctl stop dr-blocker
+dirtyrepctl failover t > $R/failover2.txt 2> $R/failover2.err; echo $? > $R/failover2.rc
+v=$(incr); echo "$v" > $R/v-after-failover
+systemctl is-active dirtyrep-vmm-t.scope > $R/scope-promoted
+vmm_pids > $R/pids-promoted
+dirtyrepctl status t > $R/status-promoted.txt
+mark end
+
+journalctl -u dirtyrep --no-pager > $R/journal.txt
+systemctl stop dirtyrep dirtyrep-vmm-t.scope
+echo done > $R/done
+systemctl poweroff
+"""
+SCENARIOS_SPLIT_MS = 2000
+
+
+def scenarios_setup(root, etc, drdir):
+    restart_promoted_setup(root, etc, drdir, INSIDE_SCENARIOS, standby="",
+                           primary=f"SplitBrainPolicy=suspend\nSplitBrainTimeoutMs={SCENARIOS_SPLIT_MS}\n")
+
+
+def status_num(text, pattern):
+    m = re.search(pattern, text)
+    return int(m.group(1)) if m else None
+
+
+def scenarios_check(res):
+    journal = read(res, "journal.txt")
+    primary_host_check(res, journal)
+    marks = [line.split() for line in read(res, "times").splitlines()]
+    log("scenario times: " + ", ".join(f"{a[0]} {float(b[1]) - float(a[1]):.1f} s" for a, b in zip(marks, marks[1:])))
+
+    # A second daemon, same configuration: exits naming the lock, the first keeps everything.
+    before, after = read(res, "second-before").split(), read(res, "second-after").split()
+    err = read(res, "second.err")
+    log(f"second dirtyrepd: exit {read(res, 'second.rc').strip()}: {err.strip()[:300]}")
+    check(read(res, "second.rc").strip() == "1", f"the second dirtyrepd exited {read(res, 'second.rc').strip()}")
+    check(len(before) == 3 and f"Another dirtyrepd (PID {before[0]}) is running" in err and
+          "/run/dirtyrep/dirtyrepd.lock" in err and "exits without touching anything" in err, f"unclear error: {err}")
+    check("D-Bus API" not in err and "role started" not in err, f"the second daemon got further than the lock: {err}")
+    check(len(after) == 4 and after[:3] == [before[0]] * 3 and before[1] == before[0],
+          f"main PID, lock and bus name owner before {before[:2]}, after {after[:3]}")
+    check(int(after[3]) > int(before[2]), f"replication stopped after the second daemon: committed {before[2]} -> "
+          f"{after[3]}")
+    check(read(res, "rundir-after") == read(res, "rundir-before"),
+          f"/run/dirtyrep changed:\n{read(res, 'rundir-before')}->\n{read(res, 'rundir-after')}")
+    check("t: standby, protected" in read(res, "status-second.txt"), "the standby is not protected after it")
+    check((num(res, "v-second") or 0) > num(res, "v1"), "the guest stopped answering after the second daemon")
+    log(f"the first (PID {before[0]}) kept its lock, bus name and runtime directory; committed {before[2]} -> "
+        f"{after[3]}")
+
+    # systemctl reload with Peer= added: the standby's role restarts on the same replica.
+    polled = [int(x) for x in re.findall(r"^(\d+)$", read(res, "reload-committed"), re.M)]
+    reloaded = read(res, "status-reloaded.txt")
+    log(f"systemctl reload: exit {read(res, 'reload.rc').strip()}; LastCommitted polled {len(polled)} times "
+        f"through it, lowest {min(polled) if polled else None}; after it:\n{reloaded}")
+    check(read(res, "reload.rc").strip() == "0", f"systemctl reload dirtyrep failed: {read(res, 'reload.txt')}")
+    check(re.search(r"VM t: configuration changed, restarting its role", journal) and
+          re.search(r"Reloaded: 0 VM\(s\) added, 0 removed, 1 restarted", journal),
+          "the reload did not restart the VM's role with the new configuration")
+    check(len(polled) > 0 and min(polled) > 0, f"LastCommitted dropped to 0 during the reload: {polled}")
+    check("t: standby, protected" in reloaded and
+          status_num(reloaded, r"Epoch: committed (\d+)") > num(res, "committed-before-reload"),
+          "the standby did not resume replicating after the reload")
+    check(status_num(reloaded, r"Syncs: (\d+) full") == 0,
+          "the primary full-synced the restarted standby: the reload dropped the replica")
+
+    # Maintenance: the primary keeps serving past its split-brain timeout; off resyncs.
+    maint = read(res, "status-maint.txt")
+    check(read(res, "maint-on.rc").strip() == "0" and "t: standby, maintenance" in maint,
+          f"maintenance on: {read(res, 'maint-on.txt')}\n{maint}")
+    tries = [line.split() for line in read(res, "maint-incr").splitlines()]
+    answered = [(int(t[0]), int(t[1])) for t in tries if len(t) == 2]
+    log(f"maintenance: {len(answered)} of {len(tries)} INCRs answered over "
+        f"{tries[-1][0] if tries else 0} ms (SplitBrainTimeoutMs={SCENARIOS_SPLIT_MS}); "
+        f"values {answered[0][1] if answered else None}..{answered[-1][1] if answered else None}")
+    check(tries and len(answered) == len(tries), f"INCRs went unanswered during maintenance: {tries}")
+    check(all(b[1] > a[1] for a, b in zip(answered, answered[1:])), f"INCR did not count up: {answered}")
+    check(answered[-1][0] > 2 * SCENARIOS_SPLIT_MS, "maintenance was not held past the split-brain timeout")
+    off = read(res, "status-maint-off.txt")
+    check(read(res, "maint-off.rc").strip() == "0" and "t: standby, protected" in off and
+          status_num(off, r"Epoch: committed (\d+)") > num(res, "committed-before-maintenance"),
+          f"maintenance off did not resync: {read(res, 'maint-off.txt')}\n{off}")
+
+    # A failover whose VMM cannot start fails with the VMM's error, keeps the replica; the retry works.
+    e1 = read(res, "failover1.err")
+    log(f"failover with the port held: exit {read(res, 'failover1.rc').strip()}: {e1.strip()[:300]}")
+    check(read(res, "failover1.rc").strip() not in ("", "0"), f"failover succeeded with the port held: "
+          f"{read(res, 'failover1.txt')}")
+    check("Address already in use" in e1, f"the failover did not report the VMM's own error: {e1!r}")
+    kept = read(res, "committed-failed-activation").split()
+    check("t: standby" in read(res, "status-failed-activation.txt") and len(kept) == 2 and kept[0] == kept[1] and
+          int(kept[0]) > 0, f"the failed activation did not leave the standby on its replica: committed {kept}\n"
+          f"{read(res, 'status-failed-activation.txt')}")
+    log(f"dirtyrep-vmm-t.scope right after the failed activation: {read(res, 'scope-at-once').strip()}, "
+        f"then {read(res, 'scope-failed-activation').strip()}")
+    check(read(res, "scope-failed-activation").strip() != "active" and not read(res, "pids-failed-activation").split(),
+          f"a VMM still runs after the failed activation: dirtyrep-vmm-t.scope "
+          f"{read(res, 'scope-failed-activation').strip()}, pids {read(res, 'pids-failed-activation')!r}")
+    check(read(res, "failover2.rc").strip() == "0" and "now primary" in read(res, "failover2.txt"),
+          f"the retried failover: {read(res, 'failover2.txt')} {read(res, 'failover2.err')}\n{journal[-3000:]}")
+    va, vb = num(res, "v-before-kill"), num(res, "v-after-failover")
+    log(f"INCR k: {va} acknowledged before the primary died, {vb} right after the retried failover")
+    check(va is not None and vb is not None and vb > va, f"the guest lost state or did not answer: {va} -> {vb}")
+    check("t: primary" in read(res, "status-promoted.txt"), "not primary after the failover")
+    scope_log = "\n".join(line for line in journal.splitlines() if "dirtyrep-vmm-t.scope" in line or "unit of its own" in line)
+    check(read(res, "scope-promoted").strip() == "active" and read(res, "pids-promoted").split(),
+          f"the retried failover's VMM is not in dirtyrep-vmm-t.scope (scope {read(res, 'scope-promoted').strip()}, "
+          f"pids {read(res, 'pids-promoted')!r}):\n{scope_log}")
+    log("PASS: under systemd, a second dirtyrepd touched nothing, `systemctl reload` kept the replica, "
+        "maintenance kept the primary serving and resynced, a failed activation kept the replica and the retry "
+        "served the guest's state")
     return 0
 
 
@@ -484,6 +692,8 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree, mode="nspawn"):
         restart_promoted_setup(root, etc, drdir)
     elif mode == "failover-scope":
         failover_scope_setup(root, etc, drdir, b)
+    elif mode == "scenarios":
+        scenarios_setup(root, etc, drdir)
     res = os.path.join(tmp, "res")
     os.makedirs(res)
 
@@ -514,6 +724,8 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree, mode="nspawn"):
         return restart_promoted_check(res)
     if mode == "failover-scope":
         return failover_scope_check(res)
+    if mode == "scenarios":
+        return scenarios_check(res)
     check("dirtyrep:" in read(res, "group"), f"sysusers.d did not create group dirtyrep: {read(res, 'group')!r}")
     check(read(res, "verify.rc").strip() == "0" and read(res, "verify.err") == "",
           f"systemd-analyze verify in the container: {read(res, 'verify.err')!r}")
@@ -566,7 +778,7 @@ def nspawn_in(tmp, root, cache, b, t_start, t_built, t_tree, mode="nspawn"):
 
 
 def main():
-    if len(sys.argv) != 2 or sys.argv[1] not in ("units", "nspawn", "restart-promoted", "failover-scope"):
+    if len(sys.argv) != 2 or sys.argv[1] not in ("units", "nspawn", "restart-promoted", "failover-scope", "scenarios"):
         print(__doc__)
         return 2
     if os.geteuid() != 0:
@@ -575,10 +787,10 @@ def main():
     if not shutil.which("systemd-analyze"):
         print("SKIP: systemd-analyze is not installed")
         return 77
-    if sys.argv[1] in ("nspawn", "restart-promoted") and not os.path.exists("/dev/kvm"):
+    if sys.argv[1] in ("nspawn", "restart-promoted", "scenarios") and not os.path.exists("/dev/kvm"):
         print("SKIP: /dev/kvm missing")
         return 77
-    if sys.argv[1] in ("nspawn", "restart-promoted", "failover-scope"):
+    if sys.argv[1] in ("nspawn", "restart-promoted", "failover-scope", "scenarios"):
         return test_nspawn(sys.argv[1])
     with tempfile.TemporaryDirectory(prefix="dr-systemd-") as tmp:
         test_units(tmp)
