@@ -38,7 +38,8 @@ def dirtier_writes(vmm, cpus):
     """The last write counter the dirtier reported on each vCPU ("dirtier: cpu=K pass=P writes=W")."""
     last = {}
     with open(vmm.console, errors="replace") as f:
-        for m in re.finditer(r"^dirtier: cpu=(\d+) pass=\d+ writes=(\d+)", f.read(), re.M):
+        # " rate=": whole lines only (a number still being written would read smaller).
+        for m in re.finditer(r"^dirtier: cpu=(\d+) pass=\d+ writes=(\d+) rate=", f.read(), re.M):
             last[int(m.group(1))] = int(m.group(2))
     if sorted(last) != list(range(cpus)):
         fail(f"dirtier progress lines for vCPUs {sorted(last)}, expected 0..{cpus - 1}")
